@@ -1,0 +1,102 @@
+"""The AudioLDM-compatible log-mel front-end and waveform I/O."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+SAMPLE_RATE = 16000
+N_FFT = 1024
+HOP_LENGTH = 160
+WIN_LENGTH = 1024
+N_MELS = 64
+F_MIN = 0.0
+F_MAX = 8000.0
+LOG_FLOOR = 1e-5
+
+
+class LogMelSpectrogram(nn.Module):
+    """Waveform `(..., samples)` at 16 kHz → log-mel `(..., frames, 64)`, as AudioLDM's front-end.
+
+    STFT n_fft 1024 / hop 160 / Hann 1024 with `(n_fft - hop) / 2` reflect padding on both sides
+    (10.24 s → 1024 frames), magnitude, Slaney mel filters 0–8 kHz, natural log floored at 1e-5.
+    Works batched on any device; the filterbank and window follow `.to(device)`.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = SAMPLE_RATE,
+        n_fft: int = N_FFT,
+        hop_length: int = HOP_LENGTH,
+        win_length: int = WIN_LENGTH,
+        n_mels: int = N_MELS,
+        f_min: float = F_MIN,
+        f_max: float = F_MAX,
+    ):
+        super().__init__()
+        import librosa
+
+        self.sample_rate, self.n_fft, self.hop_length, self.win_length, self.n_mels = sample_rate, n_fft, hop_length, win_length, n_mels
+        mel_basis = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max)
+        self.register_buffer("mel_basis", torch.from_numpy(mel_basis).float(), persistent=False)
+        self.register_buffer("window", torch.hann_window(win_length), persistent=False)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for `num_samples` samples (1024 for 10.24 s at 16 kHz)."""
+        return (num_samples + (self.n_fft - self.hop_length) - self.n_fft) // self.hop_length + 1
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if waveform.shape[-1] < self.n_fft:
+            raise ValueError(f"waveform has {waveform.shape[-1]} samples; the mel front-end needs at least {self.n_fft}.")
+        batch_shape = waveform.shape[:-1]
+        flat = waveform.reshape(-1, 1, waveform.shape[-1]).float()
+        padding = (self.n_fft - self.hop_length) // 2
+        flat = nn.functional.pad(flat, (padding, padding), mode="reflect").squeeze(1)
+        spectrum = torch.stft(
+            flat, self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
+            window=self.window, center=False, return_complex=True,
+        ).abs()
+        mel = torch.matmul(self.mel_basis, spectrum)
+        log_mel = torch.log(torch.clamp(mel, min=LOG_FLOOR)).transpose(-1, -2)
+        return log_mel.reshape(*batch_shape, *log_mel.shape[-2:])
+
+
+def load_audio(source: str | os.PathLike | bytes, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read an audio file (path or encoded bytes) as mono float32 at `sample_rate` (soundfile, soxr)."""
+    import soundfile
+
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source)
+    try:
+        data, file_rate = soundfile.read(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else name,
+                                         dtype="float32", always_2d=True)
+    except Exception as error:
+        raise ValueError(f"Unreadable audio {name!r}: {error}") from error
+    if data.shape[0] == 0:
+        raise ValueError(f"Unreadable audio {name!r}: the file has no samples.")
+    waveform = data.mean(axis=1)
+    if file_rate != sample_rate:
+        import librosa
+
+        waveform = librosa.resample(waveform, orig_sr=file_rate, target_sr=sample_rate)
+    return waveform.astype(np.float32)
+
+
+def save_audio(path: str | os.PathLike, waveform, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write a mono waveform (numpy or torch, values in [-1, 1]); the format follows the extension."""
+    import soundfile
+
+    waveform = waveform.detach().cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
+    soundfile.write(os.fspath(path), waveform.astype(np.float32).reshape(-1), sample_rate)
+
+
+def encode_flac(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """Mono float waveform → FLAC bytes (16-bit), the dataset's audio storage."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.clip(waveform, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()

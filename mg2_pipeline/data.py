@@ -1,0 +1,183 @@
+"""The MG2 dataset format and its streaming loader, shared by every training script.
+
+A dataset is sharded Parquet (`data/{split}-NNNNN-of-NNNNN.parquet`) with the columns of
+`MG2_FEATURES`; audio is stored as FLAC bytes and decoded with soundfile (no torchcodec/ffmpeg).
+The same loader reads any local or Hub dataset with these columns.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .audio import SAMPLE_RATE, LogMelSpectrogram, load_audio
+from .melody import MAX_MELODY_TOKENS, encode_melody_tokens
+
+SPLITS = ("train", "validation", "test")
+
+
+def mg2_features():
+    """The 🤗 `datasets.Features` of an MG2 dataset (the audio column shows as Audio on the Hub)."""
+    from datasets import Audio, Features, List, Value
+
+    return Features(
+        {
+            "clip_id": Value("string"),
+            "audio": Audio(sampling_rate=SAMPLE_RATE, decode=False),
+            "caption": Value("string"),
+            "melody_tokens": Value("string"),
+            "melody_notes": List(List(Value("float64"))),
+            "tune_id": Value("string"),
+            "title": Value("string"),
+            "source": Value("string"),
+            "key": Value("string"),
+            "tempo_bpm": Value("float32"),
+            "programs": List(Value("int32")),
+        }
+    )
+
+
+def shard_path(output_dir: str, split: str, index: int, count: int) -> str:
+    return os.path.join(output_dir, "data", f"{split}-{index:05d}-of-{count:05d}.parquet")
+
+
+def write_shard(rows: list[dict], path: str) -> None:
+    """Write rows as one Parquet shard with the datasets features metadata, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=mg2_features().arrow_schema)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = path + ".tmp"
+    pq.write_table(table, temporary)
+    os.replace(temporary, path)
+
+
+def data_files(dataset_dir: str) -> dict[str, list[str]]:
+    """`{split: [shard paths]}` of a local MG2 dataset folder."""
+    files = {split: sorted(glob.glob(os.path.join(dataset_dir, "data", f"{split}-*.parquet"))) for split in SPLITS}
+    files = {split: paths for split, paths in files.items() if paths}
+    if not files:
+        raise ValueError(f"No MG2 dataset in {dataset_dir!r}: expected data/{{train,validation,test}}-*.parquet.")
+    return files
+
+
+def load_mg2_dataset(path: str, split: str = "train", streaming: bool = True):
+    """Open split `split` of an MG2 dataset: a local folder built by `prepare_data.py` or a Hub dataset id."""
+    from datasets import Audio, load_dataset
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+    if os.path.isdir(path):
+        files = data_files(path)
+        if split not in files:
+            raise ValueError(f"The dataset in {path!r} has no {split!r} split (it has {sorted(files)}).")
+        dataset = load_dataset("parquet", data_files={split: files[split]}, split=split, streaming=streaming)
+    else:
+        dataset = load_dataset(path, split=split, streaming=streaming)
+    return dataset.cast_column("audio", Audio(sampling_rate=SAMPLE_RATE, decode=False))
+
+
+class MG2Example:
+    """Turns one dataset row into model inputs: waveform, log-mel, melody ids/mask and (optional) text ids.
+
+    Waveforms are cropped or zero-padded to `clip_samples`; captions are tokenized by `tokenizer`
+    (any transformers tokenizer) when given.
+    """
+
+    def __init__(self, clip_seconds: float = 10.24, tokenizer=None, max_text_length: int = 77,
+                 max_melody_length: int = MAX_MELODY_TOKENS, mel: LogMelSpectrogram | None = None):
+        self.clip_samples = int(round(clip_seconds * SAMPLE_RATE))
+        self.tokenizer = tokenizer
+        self.max_text_length = max_text_length
+        self.max_melody_length = max_melody_length
+        self.mel = mel or LogMelSpectrogram()
+
+    def __call__(self, row: dict) -> dict:
+        waveform = load_audio(row["audio"]["bytes"] if row["audio"].get("bytes") else row["audio"]["path"])
+        waveform = np.pad(waveform[: self.clip_samples], (0, max(0, self.clip_samples - len(waveform))))
+        waveform = torch.from_numpy(waveform)
+        with torch.no_grad():
+            log_mel = self.mel(waveform)
+        melody = encode_melody_tokens(row["melody_tokens"], max_length=self.max_melody_length)
+        example = {
+            "clip_id": row.get("clip_id", ""),
+            "caption": row["caption"],
+            "waveform": waveform,
+            "log_mel": log_mel,
+            "melody_input_ids": torch.from_numpy(melody["input_ids"]),
+            "melody_attention_mask": torch.from_numpy(melody["attention_mask"]),
+        }
+        if self.tokenizer is not None:
+            text = self.tokenizer(row["caption"], max_length=self.max_text_length, truncation=True,
+                                  padding="max_length", return_tensors="pt")
+            example["input_ids"] = text["input_ids"][0]
+            example["attention_mask"] = text["attention_mask"][0]
+        return example
+
+
+def collate_examples(examples: list[dict]) -> dict:
+    """Stack tensors; keep strings (captions, clip ids) as lists."""
+    return {
+        key: torch.stack([example[key] for example in examples]) if isinstance(examples[0][key], torch.Tensor)
+        else [example[key] for example in examples]
+        for key in examples[0]
+    }
+
+
+def streaming_dataloader(
+    dataset,
+    batch_size: int,
+    example_transform: Callable[[dict], dict],
+    shuffle_buffer_size: int = 1000,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+):
+    """Streamed dataset → shuffle buffer → this process's part (`split_dataset_by_node`) → examples → batches.
+
+    Each of the `world_size` processes reads a disjoint part of the data (whole shards when the shard
+    count divides evenly, else every `world_size`-th row), so use it with
+    `Accelerator(dispatch_batches=False)` or `accelerator.prepare` skipped for this loader.
+    Rows that fail to decode are skipped and counted in `dataloader.dataset.skipped` (per worker).
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if shuffle_buffer_size > 0:
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    if world_size > 1:
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    examples = _SkippingExamples(dataset, example_transform)
+    return torch.utils.data.DataLoader(examples, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers)
+
+
+class _SkippingExamples(torch.utils.data.IterableDataset):
+    """Applies the example transform lazily; a corrupt row is skipped and counted, never fatal."""
+
+    def __init__(self, dataset, transform: Callable[[dict], dict]):
+        self.dataset, self.transform, self.skipped = dataset, transform, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        dataset = self.dataset
+        if worker is not None and worker.num_workers > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=worker.id, world_size=worker.num_workers)
+        for row in dataset:
+            try:
+                example = self.transform(row)
+            except ValueError:
+                self.skipped += 1
+                continue
+            yield example

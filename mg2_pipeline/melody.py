@@ -1,0 +1,476 @@
+"""Melodies as note events, and the MG2 triplet token scheme.
+
+A `Melody` is a sequence of notes `(midi_pitch, onset_s, offset_s)`. It converts to and from the
+original MG2 interchange format, where every note becomes `<Pitch>,<dur_bin>,<gap_bin>` and notes are
+joined by `|` (e.g. `<G4>,<114>,<79>|<A4>,<119>,<81>`), and reads MIDI, MusicXML/ABC (music21),
+compact note strings and audio (basic-pitch transcription).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+PITCH_CLASS_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+FLAT_ALIASES = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#"}
+SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", ",", "|")
+UNUSED_TOKENS = ("<bol>", "<bom>", "<bop>", "<eol>", "<eom>", "<eop>")
+NUM_TIME_BINS = 512
+MIN_TIME_S = -0.3
+MAX_TIME_S = 6.0
+MAX_MELODY_TOKENS = 1000
+# Octaves -1..9 give 132 pitch tokens (C-1 = MIDI 0 ... B9 = 131); only 0..127 are playable MIDI pitches.
+NUM_PITCH_TOKENS = 132
+MAX_MIDI_PITCH = 127
+
+_LOG_MIN = math.log(MIN_TIME_S + 1)  # log 0.7
+_LOG_MAX = math.log(MAX_TIME_S + 1)  # log 7
+ZERO_SECONDS_BIN = 79
+
+BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, FIELD_SEPARATOR, NOTE_SEPARATOR = SPECIAL_TOKENS
+PAD_TOKEN = EOS_TOKEN  # the original vocabulary has no pad token; padding is masked out anyway
+
+
+def pitch_to_name(pitch: int) -> str:
+    """MIDI pitch → note name with sharps, MIDI 60 → `C4`."""
+    return f"{PITCH_CLASS_NAMES[pitch % 12]}{pitch // 12 - 1}"
+
+
+_NAME_PATTERN = re.compile(r"^([A-Ga-g])([#b]?)(-?\d+)$")
+
+
+def name_to_pitch(name: str) -> int:
+    """Note name (`C#4`, `Db4`, `G-1`) → MIDI pitch. Raises `ValueError` for unknown names."""
+    match = _NAME_PATTERN.match(name)
+    if match is None:
+        raise ValueError(f"Unknown pitch name {name!r}: expected a note letter A-G, optional # or b, and an octave, e.g. 'C#4'.")
+    letter, accidental, octave = match.group(1).upper(), match.group(2), int(match.group(3))
+    pitch_class = FLAT_ALIASES.get(letter + accidental, letter + accidental)
+    if pitch_class not in PITCH_CLASS_NAMES:  # Cb, Fb, E#, B#
+        pitch_class_index = (PITCH_CLASS_NAMES.index(letter) + (1 if accidental == "#" else -1)) % 12
+    else:
+        pitch_class_index = PITCH_CLASS_NAMES.index(pitch_class)
+    pitch = (octave + 1) * 12 + pitch_class_index
+    if not 0 <= pitch <= MAX_MIDI_PITCH:
+        raise ValueError(f"Pitch name {name!r} is MIDI {pitch}, outside the MIDI range 0-{MAX_MIDI_PITCH}.")
+    return pitch
+
+
+def seconds_to_bin(seconds: float | np.ndarray) -> np.ndarray:
+    """Clip to [-0.3, 6] s and log-bin into 512 bins (0 s → bin 79), the original MG2 formula."""
+    clipped = np.clip(np.asarray(seconds, dtype=np.float64), MIN_TIME_S, MAX_TIME_S)
+    scaled = (np.log(clipped + 1) - _LOG_MIN) / (_LOG_MAX - _LOG_MIN) * (NUM_TIME_BINS - 1)
+    return np.round(scaled).astype(np.int64)
+
+
+def bin_to_seconds(time_bin: int | np.ndarray) -> np.ndarray:
+    """Inverse of `seconds_to_bin` (bin centres); bin 79 decodes to exactly 0 s."""
+    time_bin = np.asarray(time_bin, dtype=np.int64)
+    seconds = np.exp(time_bin * (_LOG_MAX - _LOG_MIN) / (NUM_TIME_BINS - 1) + _LOG_MIN) - 1
+    return np.where(time_bin == ZERO_SECONDS_BIN, 0.0, seconds)
+
+
+def build_melody_vocab() -> dict[str, int]:
+    """The 655-token vocabulary of the original MG2: specials, then all others in string order, then unused."""
+    time_tokens = [f"<{i}>" for i in range(NUM_TIME_BINS)]
+    pitch_tokens = [f"<{name}{octave}>" for octave in range(-1, 10) for name in PITCH_CLASS_NAMES]
+    ordered = list(SPECIAL_TOKENS) + sorted(time_tokens + pitch_tokens) + list(UNUSED_TOKENS)
+    return {token: index for index, token in enumerate(ordered)}
+
+
+MELODY_VOCAB = build_melody_vocab()
+MELODY_VOCAB_SIZE = len(MELODY_VOCAB)
+
+
+class Melody:
+    """A monophonic melody: notes `(midi_pitch, onset_s, offset_s)` sorted by onset.
+
+    Build one with `from_notes`, `from_tokens`, `from_string`, `from_midi`, `from_music21` or
+    `from_audio`; convert with `to_tokens`, `encode`, `to_midi`, `to_piano_roll`.
+    """
+
+    def __init__(self, notes: np.ndarray):
+        notes = np.asarray(notes, dtype=np.float64).reshape(-1, 3)
+        if len(notes) == 0:
+            raise ValueError("Empty melody: a melody needs at least one note.")
+        pitches, onsets, offsets = notes.T
+        if not np.all(np.isfinite(notes)):
+            raise ValueError("Melody notes must be finite numbers.")
+        if np.any(pitches != np.round(pitches)) or np.any((pitches < 0) | (pitches > MAX_MIDI_PITCH)):
+            bad = pitches[(pitches != np.round(pitches)) | (pitches < 0) | (pitches > MAX_MIDI_PITCH)][0]
+            raise ValueError(f"Pitch {bad} is not an integer MIDI pitch in 0-{MAX_MIDI_PITCH}.")
+        if np.any(onsets < 0):
+            raise ValueError(f"Negative onset {onsets[onsets < 0][0]} s: onsets must be >= 0.")
+        durations = offsets - onsets
+        if np.any(durations <= 0):
+            index = int(np.argmax(durations <= 0))
+            raise ValueError(
+                f"Negative or zero duration at note {index}: onset {onsets[index]} s, offset {offsets[index]} s "
+                "(offset must be after onset)."
+            )
+        order = np.lexsort((-pitches, onsets))
+        self.notes = notes[order]
+        self.notes.setflags(write=False)
+
+    # ----- constructors -----
+
+    @classmethod
+    def from_notes(cls, notes: Iterable[Sequence[float]]) -> "Melody":
+        """From `[(midi_pitch, onset_s, offset_s), ...]`."""
+        return cls(np.array([tuple(note) for note in notes], dtype=np.float64))
+
+    @classmethod
+    def from_tokens(cls, tokens: str) -> "Melody":
+        """From a triplet token string such as `<G4>,<114>,<79>|<A4>,<119>,<81>`."""
+        if not isinstance(tokens, str) or not tokens.strip():
+            raise ValueError("Empty melody: the token string has no notes.")
+        notes, previous_offset, position = [], 0.0, 0
+        for index, triplet in enumerate(tokens.strip().split(NOTE_SEPARATOR)):
+            fields = triplet.split(FIELD_SEPARATOR)
+            if len(fields) != 3:
+                raise ValueError(
+                    f"Malformed melody tokens at character {position} (note {index}): expected "
+                    f"'<Pitch>,<dur_bin>,<gap_bin>', got {triplet!r}."
+                )
+            pitch_token, duration_token, gap_token = (field.strip() for field in fields)
+            pitch = _parse_pitch_token(pitch_token, position)
+            duration = float(bin_to_seconds(_parse_bin_token(duration_token, position)))
+            gap = float(bin_to_seconds(_parse_bin_token(gap_token, position)))
+            if index == 0 and gap != 0.0:
+                raise ValueError(f"Malformed melody tokens at character {position}: the first note's gap must be <79> (0 s), got {gap_token}.")
+            if duration <= 0:
+                raise ValueError(
+                    f"Negative or zero duration at character {position} (note {index}): {duration_token} decodes to "
+                    f"{duration:.4f} s; duration bins must be > {ZERO_SECONDS_BIN}."
+                )
+            onset = max(previous_offset + gap, 0.0)
+            notes.append((pitch, onset, onset + duration))
+            previous_offset = onset + duration
+            position += len(triplet) + 1
+        return cls(np.array(notes))
+
+    @classmethod
+    def from_string(cls, text: str) -> "Melody":
+        """From `"G4:0.5 A4:0.5 R:0.5 B4:1"`: pitch:duration in seconds, back to back; `R` is a rest."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("Empty melody: the note string has no notes.")
+        notes, time = [], 0.0
+        for item in text.split():
+            name, separator, duration_text = item.partition(":")
+            if not separator:
+                raise ValueError(f"Malformed note {item!r}: expected 'Pitch:seconds', e.g. 'G4:0.5' or 'R:0.5'.")
+            try:
+                duration = float(duration_text)
+            except ValueError:
+                raise ValueError(f"Malformed duration in {item!r}: {duration_text!r} is not a number of seconds.") from None
+            if not duration > 0 or not math.isfinite(duration):
+                raise ValueError(f"Negative or zero duration in {item!r}: durations must be > 0 seconds.")
+            if name.upper() != "R":
+                notes.append((name_to_pitch(name), time, time + duration))
+            time += duration
+        if not notes:
+            raise ValueError("Empty melody: the note string has only rests.")
+        return cls(np.array(notes))
+
+    @classmethod
+    def from_midi(cls, path: str | os.PathLike) -> "Melody":
+        """From a MIDI file (pretty_midi): all non-drum notes, reduced to one line by `skyline`."""
+        import pretty_midi
+
+        try:
+            midi = pretty_midi.PrettyMIDI(os.fspath(path))
+        except Exception as error:
+            raise ValueError(f"Unreadable MIDI file {os.fspath(path)!r}: {error}") from error
+        notes = [
+            (note.pitch, note.start, note.end)
+            for instrument in midi.instruments
+            if not instrument.is_drum
+            for note in instrument.notes
+            if note.end > note.start
+        ]
+        if not notes:
+            raise ValueError(f"Empty melody: the MIDI file {os.fspath(path)!r} has no pitched notes.")
+        return cls(skyline(notes))
+
+    @classmethod
+    def from_music21(cls, stream_or_path, part: int = 0, bpm: float | None = None) -> "Melody":
+        """From a music21 stream or a MusicXML / ABC / Humdrum / MIDI file music21 can parse.
+
+        Uses `part` (default the first, e.g. the soprano of a chorale), follows ties, takes the top
+        note of chords, and converts beats to seconds with the score's tempo marks (or `bpm` when given;
+        120 quarter notes per minute when the score has none).
+        """
+        import music21
+
+        stream = stream_or_path
+        if isinstance(stream_or_path, (str, os.PathLike)):
+            try:
+                stream = music21.converter.parse(os.fspath(stream_or_path))
+            except Exception as error:
+                raise ValueError(f"Unreadable score {os.fspath(stream_or_path)!r}: {error}") from error
+        if not isinstance(stream, music21.stream.Stream):
+            raise TypeError(f"stream_or_path must be a music21 Stream or a file path, got {type(stream_or_path).__name__}.")
+        if isinstance(stream, music21.stream.Opus):
+            stream = stream.scores[0]
+        parts = stream.parts if isinstance(stream, music21.stream.Score) else []
+        if len(parts) > 0:
+            if not 0 <= part < len(parts):
+                raise ValueError(f"part={part} is out of range: the score has {len(parts)} parts.")
+            stream = parts[part]
+        flat = stream.stripTies().flatten()
+        if bpm is not None:
+            if not bpm > 0:
+                raise ValueError(f"bpm must be > 0, got {bpm}.")
+            seconds_per_quarter = 60.0 / bpm
+            events = [(element, float(element.offset) * seconds_per_quarter, float(element.quarterLength) * seconds_per_quarter)
+                      for element in flat.notes]
+        else:
+            events = [(entry["element"], entry["offsetSeconds"], entry["durationSeconds"])
+                      for entry in flat.secondsMap if isinstance(entry["element"], music21.note.NotRest)]
+        notes = []
+        for element, onset, duration in events:
+            pitches = [p.midi for p in getattr(element, "pitches", ())]
+            if pitches and duration > 0:
+                notes.append((max(pitches), onset, onset + duration))
+        if not notes:
+            raise ValueError("Empty melody: the score has no pitched notes.")
+        return cls(skyline(notes))
+
+    @classmethod
+    def from_audio(cls, waveform: np.ndarray, sample_rate: int, min_note_seconds: float = 0.05) -> "Melody":
+        """Transcribe audio with basic-pitch (its ONNX model on onnxruntime) and keep the `skyline`.
+
+        Notes starting within 50 ms of each other count as a chord (the highest is kept); every note is
+        then cut at the next note's onset.
+        """
+        import librosa
+
+        model = _basic_pitch_model()
+        from basic_pitch import note_creation
+        from basic_pitch.constants import AUDIO_N_SAMPLES, AUDIO_SAMPLE_RATE, FFT_HOP
+        from basic_pitch.inference import unwrap_output, window_audio_file
+
+        waveform = np.asarray(waveform, dtype=np.float32)
+        if waveform.ndim == 2:
+            waveform = waveform.mean(axis=0 if waveform.shape[0] < waveform.shape[1] else 1)
+        if waveform.ndim != 1 or waveform.size == 0:
+            raise ValueError(f"waveform must be a non-empty mono or stereo array, got shape {waveform.shape}.")
+        if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}.")
+        if not np.any(np.abs(waveform) > 1e-4):
+            raise ValueError("Empty melody: the audio is silent.")
+        audio = librosa.resample(waveform, orig_sr=int(sample_rate), target_sr=AUDIO_SAMPLE_RATE)
+
+        # basic-pitch's own windowing (30 overlapping frames), run on its ONNX model.
+        overlapping_frames = 30
+        overlap = overlapping_frames * FFT_HOP
+        padded = np.concatenate([np.zeros(overlap // 2, dtype=np.float32), audio])
+        outputs = {"note": [], "onset": [], "contour": []}
+        for window, _ in window_audio_file(padded, AUDIO_N_SAMPLES - overlap):
+            for key, value in model.predict(window[None]).items():
+                outputs[key].append(value)
+        model_output = {key: unwrap_output(np.concatenate(value), len(audio), overlapping_frames) for key, value in outputs.items()}
+        _, note_events = note_creation.model_output_to_notes(
+            model_output,
+            onset_thresh=0.5,
+            frame_thresh=0.3,
+            min_note_len=max(1, int(round(min_note_seconds * AUDIO_SAMPLE_RATE / FFT_HOP))),
+            melodia_trick=True,
+        )
+        notes = [(int(pitch), float(start), float(end)) for start, end, pitch, *_ in note_events if end > start]
+        if not notes:
+            raise ValueError("Empty melody: basic-pitch found no notes in the audio.")
+        return cls(skyline(notes, chord_tolerance_s=0.05))
+
+    # ----- views and conversions -----
+
+    @property
+    def pitches(self) -> np.ndarray:
+        return self.notes[:, 0].astype(np.int64)
+
+    @property
+    def onsets(self) -> np.ndarray:
+        return self.notes[:, 1]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.notes[:, 2]
+
+    @property
+    def duration(self) -> float:
+        """End of the last note, in seconds."""
+        return float(self.offsets.max())
+
+    def __len__(self) -> int:
+        return len(self.notes)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Melody) and np.array_equal(self.notes, other.notes)
+
+    def __repr__(self) -> str:
+        return f"Melody({len(self)} notes, {self.duration:.2f} s: {self.to_string(max_notes=6)})"
+
+    def to_list(self) -> list[list[float]]:
+        """`[[pitch, onset_s, offset_s], ...]` with int pitches, the dataset's `melody_notes` column."""
+        return [[int(p), float(on), float(off)] for p, on, off in self.notes]
+
+    def to_string(self, max_notes: int | None = None) -> str:
+        """Readable note names with onsets, e.g. `G4@0.00 A4@0.50 …`."""
+        shown = self.notes if max_notes is None else self.notes[:max_notes]
+        text = " ".join(f"{pitch_to_name(int(p))}@{on:.2f}" for p, on, _ in shown)
+        return text + (" …" if max_notes is not None and len(self) > max_notes else "")
+
+    def to_tokens(self) -> str:
+        """The MG2 triplet string `<Pitch>,<dur_bin>,<gap_bin>|…` (first gap is 0 s → `<79>`)."""
+        durations = seconds_to_bin(self.offsets - self.onsets)
+        gaps = seconds_to_bin(np.concatenate([[0.0], self.onsets[1:] - self.offsets[:-1]]))
+        return NOTE_SEPARATOR.join(
+            f"<{pitch_to_name(int(p))}>{FIELD_SEPARATOR}<{d}>{FIELD_SEPARATOR}<{g}>"
+            for p, d, g in zip(self.pitches, durations, gaps)
+        )
+
+    def encode(self, max_length: int = MAX_MELODY_TOKENS) -> dict[str, np.ndarray]:
+        """Token ids `<s> p , d , g | … </s>` padded to `max_length`, with an attention mask.
+
+        Melodies longer than `max_length` are cut after the last whole note that fits.
+        """
+        return encode_melody_tokens(self.to_tokens(), max_length=max_length)
+
+    def to_pretty_midi(self, program: int = 0, velocity: int = 100):
+        """A `pretty_midi.PrettyMIDI` with one instrument playing the melody."""
+        import pretty_midi
+
+        midi = pretty_midi.PrettyMIDI()
+        instrument = pretty_midi.Instrument(program=program)
+        instrument.notes = [pretty_midi.Note(velocity, int(p), float(on), float(off)) for p, on, off in self.notes]
+        midi.instruments.append(instrument)
+        return midi
+
+    def to_midi(self, path: str | os.PathLike, program: int = 0, velocity: int = 100) -> None:
+        """Write a standard MIDI file."""
+        self.to_pretty_midi(program=program, velocity=velocity).write(os.fspath(path))
+
+    def to_piano_roll(self, frames_per_second: float = 100) -> np.ndarray:
+        """Binary piano roll, shape `(128, ceil(duration × fps))`, float32."""
+        if not frames_per_second > 0:
+            raise ValueError(f"frames_per_second must be > 0, got {frames_per_second}.")
+        roll = np.zeros((MAX_MIDI_PITCH + 1, int(math.ceil(self.duration * frames_per_second))), dtype=np.float32)
+        for pitch, onset, offset in self.notes:
+            start = int(round(onset * frames_per_second))
+            end = max(start + 1, int(round(offset * frames_per_second)))
+            roll[int(pitch), start:end] = 1.0
+        return roll
+
+    def transpose(self, semitones: int) -> "Melody":
+        """Shift every pitch; raises `ValueError` if a note would leave the MIDI range."""
+        if int(semitones) != semitones:
+            raise ValueError(f"semitones must be an integer, got {semitones}.")
+        notes = self.notes.copy()
+        notes[:, 0] += int(semitones)
+        if notes[:, 0].min() < 0 or notes[:, 0].max() > MAX_MIDI_PITCH:
+            raise ValueError(
+                f"Transposing by {semitones} semitones moves pitches to {int(notes[:, 0].min())}-{int(notes[:, 0].max())}, "
+                f"outside the MIDI range 0-{MAX_MIDI_PITCH}."
+            )
+        return Melody(notes)
+
+    def shift(self, seconds: float) -> "Melody":
+        """Move every note by `seconds` (the result must not start before 0 s)."""
+        notes = self.notes.copy()
+        notes[:, 1:] += seconds
+        return Melody(notes)
+
+    def slice(self, start_s: float, end_s: float) -> "Melody":
+        """Notes sounding in `[start_s, end_s)`, cut to the window and re-timed so it starts at 0 s."""
+        if not 0 <= start_s < end_s:
+            raise ValueError(f"slice needs 0 <= start_s < end_s, got start_s={start_s}, end_s={end_s}.")
+        onsets = np.maximum(self.onsets, start_s)
+        offsets = np.minimum(self.offsets, end_s)
+        keep = offsets > onsets
+        if not np.any(keep):
+            raise ValueError(f"Empty melody: no note sounds between {start_s} s and {end_s} s.")
+        return Melody(np.stack([self.notes[keep, 0], onsets[keep] - start_s, offsets[keep] - start_s], axis=1))
+
+
+def encode_melody_tokens(tokens: str, max_length: int = MAX_MELODY_TOKENS) -> dict[str, np.ndarray]:
+    """Token string → `{"input_ids", "attention_mask"}` of length `max_length` (see `Melody.encode`)."""
+    if max_length < 8:
+        raise ValueError(f"max_length must be >= 8 (room for <s>, one note and </s>), got {max_length}.")
+    token_list = [BOS_TOKEN]
+    for triplet in tokens.split(NOTE_SEPARATOR):
+        note_tokens = triplet.replace(FIELD_SEPARATOR, f" {FIELD_SEPARATOR} ").split()
+        needed = len(note_tokens) + (1 if len(token_list) > 1 else 0)
+        if len(token_list) + needed + 1 > max_length:
+            break
+        if len(token_list) > 1:
+            token_list.append(NOTE_SEPARATOR)
+        token_list.extend(note_tokens)
+    token_list.append(EOS_TOKEN)
+    unknown = [token for token in token_list if token not in MELODY_VOCAB]
+    if unknown:
+        raise ValueError(f"Malformed melody tokens: {unknown[0]!r} is not in the melody vocabulary.")
+    input_ids = np.full(max_length, MELODY_VOCAB[PAD_TOKEN], dtype=np.int64)
+    attention_mask = np.zeros(max_length, dtype=np.int64)
+    input_ids[: len(token_list)] = [MELODY_VOCAB[token] for token in token_list]
+    attention_mask[: len(token_list)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def skyline(notes: Sequence[Sequence[float]], chord_tolerance_s: float = 0.0) -> np.ndarray:
+    """Reduce overlapping notes to one line: the highest-pitch skyline.
+
+    Notes whose onsets lie within `chord_tolerance_s` of the first note of a group are a chord and
+    only the highest is kept; then every kept note is cut at the next kept note's onset.
+    """
+    notes = sorted((float(on), -int(p), float(off)) for p, on, off in notes)
+    kept: list[list[float]] = []
+    group_onset = -math.inf
+    for onset, negative_pitch, offset in notes:
+        if onset - group_onset <= chord_tolerance_s and kept:
+            if -negative_pitch > kept[-1][0]:
+                kept[-1] = [-negative_pitch, kept[-1][1], offset]
+            continue
+        group_onset = onset
+        kept.append([-negative_pitch, onset, offset])
+    for previous, following in zip(kept, kept[1:]):
+        previous[2] = min(previous[2], following[1])
+    return np.array([note for note in kept if note[2] > note[1]], dtype=np.float64).reshape(-1, 3)
+
+
+def _parse_pitch_token(token: str, position: int) -> int:
+    if not (token.startswith("<") and token.endswith(">")):
+        raise ValueError(f"Malformed melody tokens at character {position}: expected a pitch token like '<G4>', got {token!r}.")
+    name = token[1:-1]
+    if token not in MELODY_VOCAB or _NAME_PATTERN.match(name) is None:
+        raise ValueError(f"Unknown pitch name {name!r} at character {position}.")
+    return name_to_pitch(name)
+
+
+def _parse_bin_token(token: str, position: int) -> int:
+    match = re.fullmatch(r"<(\d+)>", token)
+    if match is None or int(match.group(1)) >= NUM_TIME_BINS:
+        raise ValueError(
+            f"Malformed melody tokens at character {position}: expected a time bin '<0>'..'<{NUM_TIME_BINS - 1}>', got {token!r}."
+        )
+    return int(match.group(1))
+
+
+@functools.lru_cache(maxsize=1)
+def _basic_pitch_model():
+    import logging
+
+    # basic-pitch logs a warning at import for every backend it cannot find (TF, CoreML, TFLite); we use ONNX.
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)
+    try:
+        from basic_pitch import ICASSP_2022_MODEL_PATH
+        from basic_pitch.inference import Model
+    finally:
+        root_logger.setLevel(level)
+    return Model(ICASSP_2022_MODEL_PATH)
