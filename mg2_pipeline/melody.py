@@ -242,11 +242,12 @@ class Melody:
         return cls(skyline(notes))
 
     @classmethod
-    def from_audio(cls, waveform: np.ndarray, sample_rate: int, min_note_seconds: float = 0.05) -> "Melody":
-        """Transcribe audio with basic-pitch (its ONNX model on onnxruntime) and keep the `skyline`.
+    def from_audio(cls, waveform: np.ndarray, sample_rate: int, min_note_seconds: float = 0.12) -> "Melody":
+        """Transcribe audio with basic-pitch (its ONNX model on onnxruntime) and reduce it to one line.
 
-        Notes starting within 50 ms of each other count as a chord (the highest is kept); every note is
-        then cut at the next note's onset.
+        Notes shorter than `min_note_seconds` or quieter than 0.6 × the median note amplitude (ghost
+        notes, overtones) are dropped; then `onset_priority_line`: notes starting within 30 ms form a
+        chord whose highest note is kept, and every note ends where the next one starts.
         """
         import librosa
 
@@ -282,10 +283,12 @@ class Melody:
             min_note_len=max(1, int(round(min_note_seconds * AUDIO_SAMPLE_RATE / FFT_HOP))),
             melodia_trick=True,
         )
-        notes = [(int(pitch), float(start), float(end)) for start, end, pitch, *_ in note_events if end > start]
-        if not notes:
+        if not note_events:
             raise ValueError("Empty melody: basic-pitch found no notes in the audio.")
-        return cls(skyline(notes, chord_tolerance_s=0.05))
+        loudness_floor = 0.6 * float(np.median([amplitude for _, _, _, amplitude, _ in note_events]))
+        notes = [(int(pitch), float(start), float(end)) for start, end, pitch, amplitude, _ in note_events
+                 if end > start and amplitude >= loudness_floor]
+        return cls(onset_priority_line(notes, chord_tolerance_s=0.03))
 
     # ----- views and conversions -----
 
@@ -421,21 +424,47 @@ def encode_melody_tokens(tokens: str, max_length: int = MAX_MELODY_TOKENS) -> di
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def skyline(notes: Sequence[Sequence[float]], chord_tolerance_s: float = 0.0) -> np.ndarray:
-    """Reduce overlapping notes to one line: the highest-pitch skyline.
+def skyline(notes: Sequence[Sequence[float]]) -> np.ndarray:
+    """Reduce overlapping notes to one line: at every instant the highest sounding note wins.
 
-    Notes whose onsets lie within `chord_tolerance_s` of the first note of a group are a chord and
-    only the highest is kept; then every kept note is cut at the next kept note's onset.
+    A note hidden under a higher one is dropped; a note that starts under a higher one begins when
+    that note ends; a note interrupted by a higher one is cut there and does not resume.
     """
-    notes = sorted((float(on), -int(p), float(off)) for p, on, off in notes)
+    notes = [(int(p), float(on), float(off)) for p, on, off in notes if off > on]
+    boundaries = sorted({time for _, on, off in notes for time in (on, off)})
+    starts = sorted(range(len(notes)), key=lambda i: notes[i][1])
+    active, next_start, winners = set(), 0, []
+    for left, right in zip(boundaries, boundaries[1:]):
+        while next_start < len(starts) and notes[starts[next_start]][1] <= left:
+            active.add(starts[next_start])
+            next_start += 1
+        active = {i for i in active if notes[i][2] > left}
+        winner = max(active, key=lambda i: (notes[i][0], notes[i][1]), default=None)
+        if winners and winners[-1][0] == winner:
+            winners[-1][2] = right
+        else:
+            winners.append([winner, left, right])
+    kept, seen = [], set()
+    for index, start, end in winners:
+        if index is not None and index not in seen:
+            seen.add(index)
+            kept.append((notes[index][0], start, end))
+    return np.array(kept, dtype=np.float64).reshape(-1, 3)
+
+
+def onset_priority_line(notes: Sequence[Sequence[float]], chord_tolerance_s: float) -> np.ndarray:
+    """Reduce transcribed notes to one line: notes starting within `chord_tolerance_s` of each other
+    are a chord (the highest is kept), and every note ends where the next one starts.
+
+    Used for transcriptions, whose release tails overlap the next note: a true `skyline` would hold a
+    high note over the lower note that follows it.
+    """
     kept: list[list[float]] = []
-    group_onset = -math.inf
-    for onset, negative_pitch, offset in notes:
-        if onset - group_onset <= chord_tolerance_s and kept:
+    for onset, negative_pitch, offset in sorted((float(on), -int(p), float(off)) for p, on, off in notes):
+        if kept and onset - kept[-1][1] <= chord_tolerance_s:
             if -negative_pitch > kept[-1][0]:
                 kept[-1] = [-negative_pitch, kept[-1][1], offset]
             continue
-        group_onset = onset
         kept.append([-negative_pitch, onset, offset])
     for previous, following in zip(kept, kept[1:]):
         previous[2] = min(previous[2], following[1])

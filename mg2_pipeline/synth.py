@@ -47,8 +47,7 @@ class SoundFontSynth:
         """Mix the tracks over `num_samples` samples; notes are cut at the end. Not normalised."""
         if len(tracks) > 15:
             raise ValueError(f"At most 15 tracks can be rendered together (MIDI channel 9 is drums), got {len(tracks)}.")
-        self._synth.notes_off()
-        self._synth.sounds_off()
+        self._reset()
         events = []
         for index, track in enumerate(tracks):
             channel = index if index < 9 else index + 1
@@ -73,6 +72,12 @@ class SoundFontSynth:
                 self._synth.noteoff(channel, pitch)
         if position < num_samples:
             stereo[position:] = np.frombuffer(self._synth.generate(num_samples - position), dtype=np.float32).reshape(-1, 2)
+        self._reset()
+        return stereo.mean(axis=1)
+
+    def _reset(self) -> None:
+        # sounds_off only starts a quick release; render it away so the next render starts from silence
+        # and the output depends on its own tracks alone (deterministic builds).
         self._synth.notes_off()
         self._synth.sounds_off()
-        return stereo.mean(axis=1)
+        self._synth.generate(self.sample_rate // 10)

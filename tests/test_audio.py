@@ -1,0 +1,53 @@
+import librosa
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from mg2_pipeline.audio import LogMelSpectrogram, encode_flac, load_audio, save_audio
+
+
+def test_log_mel_matches_audioldm_front_end_reference():
+    waveform = np.random.default_rng(0).standard_normal(163840).astype(np.float32) * 0.1
+    log_mel = LogMelSpectrogram()(torch.from_numpy(waveform))
+    assert log_mel.shape == (1024, 64)  # 10.24 s → 1024 frames of 64 mel bins
+    # Reference: reflect-pad (n_fft - hop) / 2, magnitude STFT without centering, Slaney mel 0-8 kHz, log.
+    padded = np.pad(waveform, (432, 432), mode="reflect")
+    mel = librosa.feature.melspectrogram(y=padded, sr=16000, n_fft=1024, hop_length=160, win_length=1024,
+                                         center=False, power=1.0, n_mels=64, fmin=0, fmax=8000)
+    np.testing.assert_allclose(log_mel.numpy(), np.log(np.maximum(mel, 1e-5)).T, atol=1e-4)
+
+
+def test_log_mel_is_batched_and_floors_silence():
+    front_end = LogMelSpectrogram()
+    batch = torch.randn(3, 2, 16000)
+    out = front_end(batch)
+    assert out.shape == (3, 2, 100, 64)
+    torch.testing.assert_close(out[1, 0], front_end(batch[1, 0]), atol=1e-5, rtol=1e-5)
+    assert torch.all(front_end(torch.zeros(16000)) == np.log(1e-5).astype(np.float32))
+    assert front_end.num_frames(163840) == 1024
+    with pytest.raises(ValueError, match="at least 1024"):
+        front_end(torch.zeros(100))
+
+
+def test_load_resamples_to_16k_mono_and_save_round_trips(tmp_path):
+    t = np.arange(44100) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t)], axis=1) * 0.5
+    soundfile.write(tmp_path / "tone.wav", stereo, 44100)
+    waveform = load_audio(tmp_path / "tone.wav")
+    assert waveform.dtype == np.float32 and waveform.shape == (16000,)
+    spectrum = np.abs(np.fft.rfft(waveform))
+    assert abs(np.argmax(spectrum) * 16000 / len(waveform) - 440) < 2
+
+    save_audio(tmp_path / "copy.flac", torch.from_numpy(waveform))
+    again = load_audio(tmp_path / "copy.flac")
+    np.testing.assert_allclose(again, waveform, atol=1e-4)
+    np.testing.assert_allclose(load_audio(encode_flac(waveform)), waveform, atol=1e-4)
+
+
+def test_unreadable_audio_raises_value_error(tmp_path):
+    (tmp_path / "noise.wav").write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(ValueError, match="Unreadable audio"):
+        load_audio(tmp_path / "noise.wav")
+    with pytest.raises(ValueError, match="Unreadable audio"):
+        load_audio(b"\x00\x01garbage")

@@ -1,0 +1,165 @@
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import soundfile
+import torch
+
+from conftest import PREPARE_DATA, TINY_BUILD_ARGS, run_prepare_data
+from mg2_pipeline.audio import load_audio
+from mg2_pipeline.data import (
+    MG2Example,
+    SPLITS,
+    data_files,
+    load_mg2_dataset,
+    mg2_features,
+    streaming_dataloader,
+    write_shard,
+)
+from mg2_pipeline.melody import Melody
+from mg2_pipeline.synth import SoundFontSynth, Track
+
+
+def read_split(dataset_dir: str, split: str) -> list[dict]:
+    rows = []
+    for path in data_files(dataset_dir).get(split, []):
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+def test_tiny_build_has_disjoint_splits_and_consistent_rows(tiny_dataset):
+    files = data_files(tiny_dataset)
+    assert set(files) == set(SPLITS)
+    assert all(os.path.basename(path).split("-")[0] in SPLITS for paths in files.values() for path in paths)
+    tunes = {split: {row["tune_id"] for row in read_split(tiny_dataset, split)} for split in SPLITS}
+    assert not (tunes["train"] & tunes["validation"]) and not (tunes["train"] & tunes["test"])
+    assert not (tunes["validation"] & tunes["test"])
+
+    rows = [row for split in SPLITS for row in read_split(tiny_dataset, split)]
+    for row in rows:
+        waveform, sample_rate = soundfile.read(io.BytesIO(row["audio"]["bytes"]))
+        assert sample_rate == 16000 and waveform.shape == (64000,)  # --clip_seconds 4
+        assert 0.5 < np.abs(waveform).max() <= 0.91  # peak-normalised to 0.9
+        melody = Melody.from_notes(row["melody_notes"])
+        assert melody.to_tokens() == row["melody_tokens"]
+        assert melody.duration <= 4.0 + 1e-9
+        assert str(int(round(row["tempo_bpm"]))) in row["caption"]
+        assert row["key"] in row["caption"]
+        assert row["programs"] and all(0 <= p < 128 for p in row["programs"])
+
+    summary = json.load(open(os.path.join(tiny_dataset, "summary.json")))
+    assert summary["clips"] == len(rows)
+    assert summary["tunes"] == sum(len(ids) for ids in tunes.values())
+    assert summary["skipped"] == 0
+    card = open(os.path.join(tiny_dataset, "README.md")).read()
+    assert card.startswith("---\n") and "configs:" in card and "path: data/train-*.parquet" in card
+    # The features metadata makes the audio column an Audio feature for 🤗 datasets and the Hub.
+    from datasets import Features
+
+    schema = pq.read_schema(files["train"][0])
+    assert Features.from_arrow_schema(schema) == mg2_features()
+
+
+def test_build_is_deterministic_and_resumable(tiny_dataset, tmp_path):
+    output_dir = str(tmp_path / "again")
+    run_prepare_data("--output_dir", output_dir, *TINY_BUILD_ARGS)
+    shards = sorted(glob.glob(os.path.join(output_dir, "data", "*.parquet")))
+    assert [os.path.basename(p) for p in shards] == [
+        os.path.basename(p) for p in sorted(glob.glob(os.path.join(tiny_dataset, "data", "*.parquet")))
+    ]
+    for mine, theirs in zip(shards, sorted(glob.glob(os.path.join(tiny_dataset, "data", "*.parquet")))):
+        assert pq.read_table(mine).equals(pq.read_table(theirs))
+
+    # Interrupted build: one shard lost. A rerun rebuilds exactly that shard and touches no other.
+    lost = shards[1]
+    reference = pq.read_table(lost)
+    os.remove(lost)
+    kept_times = {p: os.path.getmtime(p) for p in shards if p != lost}
+    result = run_prepare_data("--output_dir", output_dir, *TINY_BUILD_ARGS)
+    assert f"{len(shards) - 1} already built, 1 to build" in result.stdout
+    assert pq.read_table(lost).equals(reference)
+    assert all(os.path.getmtime(p) == t for p, t in kept_times.items())
+
+    # Other settings into the same folder are refused instead of mixing two datasets.
+    refused = subprocess.run([sys.executable, PREPARE_DATA, "--output_dir", output_dir, *TINY_BUILD_ARGS, "--clips_per_tune", "1"],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "clips_per_tune" in refused.stderr
+
+
+def test_streamed_dataset_returns_identical_content(tiny_dataset):
+    for split in SPLITS:
+        streamed = list(load_mg2_dataset(tiny_dataset, split=split, streaming=True))
+        on_disk = read_split(tiny_dataset, split)
+        assert streamed == on_disk
+
+
+def test_streaming_dataloader_collates_tensors_and_splits_by_node(tiny_dataset):
+    from transformers import BertTokenizerFast
+
+    dataset = load_mg2_dataset(tiny_dataset, split="train")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "on", "in", "major", "minor", "bpm"]
+    tokenizer = BertTokenizerFast(vocab_file=_write_vocab(vocab, tiny_dataset), do_lower_case=True)
+    transform = MG2Example(clip_seconds=4, tokenizer=tokenizer, max_text_length=16)
+    loader = streaming_dataloader(dataset, batch_size=4, example_transform=transform, shuffle_buffer_size=8, seed=0)
+    batch = next(iter(loader))
+    assert batch["waveform"].shape == (4, 64000)
+    assert batch["log_mel"].shape == (4, 400, 64) and batch["log_mel"].dtype == torch.float32
+    assert batch["melody_input_ids"].shape == batch["melody_attention_mask"].shape == (4, 1000)
+    assert batch["input_ids"].shape == (4, 16) and len(batch["caption"]) == 4
+    assert torch.all(batch["melody_input_ids"][:, 0] == 0)  # <s>
+
+    everything = sorted(row["clip_id"] for row in read_split(tiny_dataset, "train"))
+    parts = []
+    for rank in range(2):
+        node_loader = streaming_dataloader(dataset, batch_size=3, example_transform=MG2Example(clip_seconds=4),
+                                           shuffle_buffer_size=8, seed=0, rank=rank, world_size=2)
+        parts.append([clip for batch in node_loader for clip in batch["clip_id"]])
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == everything
+
+
+def test_loader_skips_and_counts_corrupt_rows(tiny_dataset, tmp_path):
+    rows = read_split(tiny_dataset, "validation")
+    rows[0] = dict(rows[0], audio={"bytes": b"not audio at all", "path": "broken.flac"})
+    write_shard(rows, str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    loader = streaming_dataloader(load_mg2_dataset(str(tmp_path), split="train"), batch_size=2,
+                                  example_transform=MG2Example(clip_seconds=4), shuffle_buffer_size=0)
+    clips = [clip for batch in loader for clip in batch["clip_id"]]
+    assert len(clips) == len(rows) - 1 and rows[0]["clip_id"] not in clips
+    assert loader.dataset.skipped == 1
+
+
+def test_from_audio_folder_transcribes_and_counts_bad_files(tmp_path):
+    source = tmp_path / "my_clips"
+    source.mkdir()
+    synth = SoundFontSynth()
+    for name, text in [("tune_a", "C4:0.4 E4:0.4 G4:0.4 C5:0.8"), ("tune_b", "A4:0.5 G4:0.5 F4:0.5 E4:1")]:
+        melody = Melody.from_string(" ".join([text] * 3))
+        soundfile.write(source / f"{name}.wav", synth.render([Track(melody.notes, 71)], 6 * 16000), 16000)
+    (source / "broken.wav").write_bytes(b"RIFF....WAVE garbage")
+    (source / "captions.csv").write_text(
+        "file_name,caption\ntune_a.wav,a clarinet arpeggio\ntune_b.wav,a descending clarinet line\nbroken.wav,lost\n"
+    )
+    output_dir = str(tmp_path / "mine")
+    run_prepare_data("--output_dir", output_dir, "--from_audio", str(source), "--clip_seconds", "3",
+                     "--validation_fraction", "0", "--test_fraction", "0", "--num_workers", "1")
+    summary = json.load(open(os.path.join(output_dir, "summary.json")))
+    assert summary["skipped"] == 1 and "broken.wav" in summary["skipped_files"][0]["path"]
+    rows = read_split(output_dir, "train")
+    assert summary["clips"] == len(rows) == 4  # two 6-second recordings → two 3-second clips each
+    first = next(row for row in rows if row["clip_id"] == "tune_a#0")
+    assert first["caption"] == "a clarinet arpeggio" and first["source"] == "user"
+    assert Melody.from_tokens(first["melody_tokens"]).pitches[:4].tolist() == [60, 64, 67, 72]
+    assert load_audio(first["audio"]["bytes"]).shape == (48000,)
+
+
+def _write_vocab(tokens, directory) -> str:
+    path = os.path.join(directory, "..", "vocab.txt")
+    with open(path, "w") as handle:
+        handle.write("\n".join(tokens))
+    return path
