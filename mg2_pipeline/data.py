@@ -144,7 +144,9 @@ def streaming_dataloader(
     Each of the `world_size` processes reads a disjoint part of the data (whole shards when the shard
     count divides evenly, else every `world_size`-th row), so use it with
     `Accelerator(dispatch_batches=False)` or `accelerator.prepare` skipped for this loader.
-    Rows that fail to decode are skipped and counted in `dataloader.dataset.skipped` (per worker).
+    With `num_workers` > 0, each worker reads whole shards (workers beyond the shard count idle).
+    Rows that fail to decode are skipped and counted in `dataloader.dataset.skipped` (in the main
+    process, i.e. with `num_workers=0`; workers count their own copies).
     """
     from datasets.distributed import split_dataset_by_node
 
@@ -168,13 +170,8 @@ class _SkippingExamples(torch.utils.data.IterableDataset):
         self.dataset.set_epoch(epoch)
 
     def __iter__(self):
-        worker = torch.utils.data.get_worker_info()
-        dataset = self.dataset
-        if worker is not None and worker.num_workers > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            dataset = split_dataset_by_node(dataset, rank=worker.id, world_size=worker.num_workers)
-        for row in dataset:
+        # Inside a DataLoader worker, the 🤗 IterableDataset gives each worker its own shards by itself.
+        for row in self.dataset:
             try:
                 example = self.transform(row)
             except ValueError:

@@ -11,7 +11,7 @@ import soundfile
 import torch
 
 from conftest import PREPARE_DATA, TINY_BUILD_ARGS, run_prepare_data
-from mg2_pipeline.audio import load_audio
+from mg2_pipeline.audio import encode_flac, load_audio
 from mg2_pipeline.data import (
     MG2Example,
     SPLITS,
@@ -122,6 +122,11 @@ def test_streaming_dataloader_collates_tensors_and_splits_by_node(tiny_dataset):
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == everything
 
+    # DataLoader workers read whole shards each: together they still see every clip exactly once.
+    with_workers = streaming_dataloader(dataset, batch_size=3, example_transform=MG2Example(clip_seconds=4),
+                                        shuffle_buffer_size=8, num_workers=2)
+    assert sorted(clip for batch in with_workers for clip in batch["clip_id"]) == everything
+
 
 def test_loader_skips_and_counts_corrupt_rows(tiny_dataset, tmp_path):
     rows = read_split(tiny_dataset, "validation")
@@ -156,6 +161,22 @@ def test_from_audio_folder_transcribes_and_counts_bad_files(tmp_path):
     assert first["caption"] == "a clarinet arpeggio" and first["source"] == "user"
     assert Melody.from_tokens(first["melody_tokens"]).pitches[:4].tolist() == [60, 64, 67, 72]
     assert load_audio(first["audio"]["bytes"]).shape == (48000,)
+
+
+def test_from_audio_reads_a_saved_datasets_folder(tmp_path):
+    from datasets import Dataset
+
+    melody = Melody.from_string("D4:0.5 F#4:0.5 A4:0.5 D5:1 A4:0.5")
+    waveform = SoundFontSynth().render([Track(melody.notes, 71)], 4 * 16000)
+    source = Dataset.from_dict({"sound": [{"bytes": encode_flac(waveform), "path": "reel.flac"}], "text": ["a reel"]})
+    source.save_to_disk(str(tmp_path / "hf"))
+    output_dir = str(tmp_path / "from_hf")
+    run_prepare_data("--output_dir", output_dir, "--from_audio", str(tmp_path / "hf"), "--audio_column", "sound",
+                     "--text_column", "text", "--clip_seconds", "4", "--validation_fraction", "0", "--test_fraction", "0",
+                     "--num_workers", "1")
+    (row,) = read_split(output_dir, "train")
+    assert row["caption"] == "a reel" and row["title"] == "reel"
+    assert Melody.from_tokens(row["melody_tokens"]).pitches.tolist() == melody.pitches.tolist()
 
 
 def _write_vocab(tokens, directory) -> str:

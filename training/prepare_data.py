@@ -669,9 +669,10 @@ train = load_mg2_dataset("{output_dir}", split="train")  # streaming
 def main(argv=None):
     args = parse_args(argv)
     summary = build(args)
-    shown = {key: value for key, value in summary.items() if key != "skipped_files"}
-    print(json.dumps(shown, indent=2))
-    print(f"Dataset written to {args.output_dir} (summary: {os.path.join(args.output_dir, 'summary.json')}).")
+    splits = " / ".join(f"{split} {count}" for split, count in summary["clips_per_split"].items())
+    print(f"{summary['clips']} clips ({splits}), {summary['hours']} hours, {summary['tunes']} tunes, "
+          f"{len(summary['instruments'])} GM programs, {summary['skipped']} inputs skipped.")
+    print(f"Dataset written to {args.output_dir}; details in {os.path.join(args.output_dir, 'summary.json')}.")
     return summary
 
 
