@@ -1,8 +1,22 @@
 """MG2: melody-guided text-to-music generation, Hugging Face Hub-native."""
 
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor
+
 from .audio import LogMelSpectrogram, load_audio, save_audio
+from .configuration_clmp import CLMPConfig, CLMPMelodyConfig
+from .feature_extraction_clmp import CLMPFeatureExtractor
 from .melody import MELODY_VOCAB, Melody
+from .modeling_clmp import CLMPModel, CLMPOutput
+from .processing_clmp import CLMPProcessor
 
 __version__ = "0.1.0"
 
-__all__ = ["LogMelSpectrogram", "MELODY_VOCAB", "Melody", "load_audio", "save_audio"]
+AutoConfig.register("clmp", CLMPConfig)
+AutoModel.register(CLMPConfig, CLMPModel)
+AutoFeatureExtractor.register(CLMPConfig, CLMPFeatureExtractor)
+AutoProcessor.register(CLMPConfig, CLMPProcessor)
+
+__all__ = [
+    "CLMPConfig", "CLMPFeatureExtractor", "CLMPMelodyConfig", "CLMPModel", "CLMPOutput", "CLMPProcessor",
+    "LogMelSpectrogram", "MELODY_VOCAB", "Melody", "load_audio", "save_audio",
+]

@@ -83,3 +83,6 @@ class CLMPConfig(PreTrainedConfig):
             raise ValueError(f"modalities must be two or three of 'text', 'audio', 'melody', got {self.modalities}.")
         self.audio_config.projection_dim = self.projection_dim
         self.audio_config.projection_hidden_act = self.projection_hidden_act
+
+
+CLMPConfig.register_for_auto_class()

@@ -138,6 +138,7 @@ def streaming_dataloader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    skip_examples: int = 0,
 ):
     """Streamed dataset → shuffle buffer → this process's part (`split_dataset_by_node`) → examples → batches.
 
@@ -145,6 +146,7 @@ def streaming_dataloader(
     count divides evenly, else every `world_size`-th row), so use it with
     `Accelerator(dispatch_batches=False)` or `accelerator.prepare` skipped for this loader.
     With `num_workers` > 0, each worker reads whole shards (workers beyond the shard count idle).
+    `skip_examples` drops that many rows of this process's stream first (resuming mid-epoch).
     Rows that fail to decode are skipped and counted in `dataloader.dataset.skipped` (in the main
     process, i.e. with `num_workers=0`; workers count their own copies).
     """
@@ -156,6 +158,8 @@ def streaming_dataloader(
         dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    if skip_examples:
+        dataset = dataset.skip(skip_examples)
     examples = _SkippingExamples(dataset, example_transform)
     return torch.utils.data.DataLoader(examples, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers)
 

