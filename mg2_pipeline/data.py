@@ -139,6 +139,7 @@ def streaming_dataloader(
     world_size: int = 1,
     num_workers: int = 0,
     skip_examples: int = 0,
+    drop_last: bool = False,
 ):
     """Streamed dataset → shuffle buffer → this process's part (`split_dataset_by_node`) → examples → batches.
 
@@ -146,7 +147,8 @@ def streaming_dataloader(
     count divides evenly, else every `world_size`-th row), so use it with
     `Accelerator(dispatch_batches=False)` or `accelerator.prepare` skipped for this loader.
     With `num_workers` > 0, each worker reads whole shards (workers beyond the shard count idle).
-    `skip_examples` drops that many rows of this process's stream first (resuming mid-epoch).
+    `skip_examples` drops that many rows of this process's stream first (resuming mid-epoch);
+    `drop_last` keeps every batch full, which collectives across processes need.
     Rows that fail to decode are skipped and counted in `dataloader.dataset.skipped` (in the main
     process, i.e. with `num_workers=0`; workers count their own copies).
     """
@@ -161,7 +163,8 @@ def streaming_dataloader(
     if skip_examples:
         dataset = dataset.skip(skip_examples)
     examples = _SkippingExamples(dataset, example_transform)
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers)
+    return torch.utils.data.DataLoader(examples, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers,
+                                       drop_last=drop_last)
 
 
 class _SkippingExamples(torch.utils.data.IterableDataset):

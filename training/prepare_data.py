@@ -352,11 +352,9 @@ def render_tune(tune: TuneRef, args, synth: SoundFontSynth) -> list[dict]:
         tracks = [Track(melody.notes, program, velocity)]
         programs, instruments = [program], [MELODY_PROGRAMS[program]]
         if rng.random() < args.accompaniment_prob:
-            bass_beats, chord_beats = [], []
-            for r in range(repeats):
-                bass, chords = accompaniment(parsed, parsed.notes + np.array([transpose, 0, 0]), transpose)
-                bass_beats += [(p, on + r * parsed.length_beats, off + r * parsed.length_beats) for p, on, off in bass]
-                chord_beats += [(p, on + r * parsed.length_beats, off + r * parsed.length_beats) for p, on, off in chords]
+            bass, chords = accompaniment(parsed, parsed.notes + np.array([transpose, 0, 0]), transpose)
+            bass_beats, chord_beats = ([(p, on + r * parsed.length_beats, off + r * parsed.length_beats)
+                                        for r in range(repeats) for p, on, off in part] for part in (bass, chords))
             chord_program = int(rng.choice(list(CHORD_PROGRAMS)))
             bass_program = int(rng.choice(list(BASS_PROGRAMS)))
             for notes, track_program, names, loudness in (

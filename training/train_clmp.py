@@ -67,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--report_to", default="tensorboard")
     parser.add_argument("--logging_dir", default="logs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record_data_order", action="store_true",
+                        help="Write the clip ids each process trained on to output_dir/data_order/rank{N}.txt.")
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None)
     parser.add_argument("--hub_token", default=None)
@@ -120,7 +122,8 @@ def main(argv=None):
     def make_dataloader(epoch: int, skip_batches: int = 0):
         loader = streaming_dataloader(dataset, args.train_batch_size, transform, args.shuffle_buffer_size,
                                       seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                      num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size)
+                                      num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size,
+                                      drop_last=True)
         loader.dataset.set_epoch(epoch)
         return loader
 
@@ -167,6 +170,11 @@ def main(argv=None):
         model.train()
         for batch in make_dataloader(epoch, skip_batches=batches_in_epoch):
             batches_in_epoch += 1
+            if args.record_data_order:
+                order_dir = os.path.join(args.output_dir, "data_order")
+                os.makedirs(order_dir, exist_ok=True)
+                with open(os.path.join(order_dir, f"rank{accelerator.process_index}.txt"), "a") as handle:
+                    handle.write("".join(f"{clip_id}\n" for clip_id in batch["clip_id"]))
             with accelerator.accumulate(model):
                 outputs = model(
                     input_ids=batch["input_ids"].to(accelerator.device),
@@ -203,6 +211,10 @@ def main(argv=None):
         else:
             epoch, batches_in_epoch = epoch + 1, 0
 
+    # Every process must end with the same parameters (buffers such as BatchNorm statistics are rank 0's
+    # by DDP's broadcast); record each process's fingerprint next to the model.
+    fingerprint = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters()]).sum()
+    fingerprints = accelerator.gather(fingerprint.reshape(1).to(accelerator.device)).tolist()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
@@ -212,7 +224,8 @@ def main(argv=None):
         with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
             json.dump({"steps": global_step, "epochs_completed": epoch, "samples": samples_seen, "seconds": round(elapsed, 1),
                        "samples_per_second": round(samples_seen / elapsed, 2), "modalities": args.modalities,
-                       "preset": args.preset, "processes": accelerator.num_processes}, handle, indent=2)
+                       "preset": args.preset, "processes": accelerator.num_processes,
+                       "weight_fingerprint_per_process": fingerprints}, handle, indent=2)
         logger.info(f"Saved {args.output_dir} ({samples_seen / elapsed:.1f} samples/s)")
         if args.push_to_hub:
             model.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)

@@ -1,0 +1,96 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from mg2_pipeline import CLMPModel
+
+sys.path.insert(0, os.path.join(ROOT, "training"))
+from evaluate_clmp import retrieval_metrics  # noqa: E402
+
+TRAIN = os.path.join(ROOT, "training", "train_clmp.py")
+EVALUATE = os.path.join(ROOT, "training", "evaluate_clmp.py")
+TINY_ARGS = ["--preset", "tiny", "--clip_seconds", "4", "--max_text_length", "16", "--init_text_encoder", "none",
+             "--train_batch_size", "2", "--report_to", "tensorboard"]
+
+
+def run(command: list[str], **env) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def accelerate(*arguments: str, processes: int = 1, **env) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes > 1:
+        launcher += ["--multi_gpu", "--num_processes", str(processes)]
+        env["ACCELERATE_USE_CPU"] = "true"
+    else:
+        launcher += ["--cpu", "--num_processes", "1"]
+    return run(launcher + [TRAIN, *arguments], **env)
+
+
+def test_retrieval_metrics():
+    queries = torch.eye(4)
+    targets = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    # Queries 0 and 3 find their positive first; 1 and 2 rank it second (behind the other's target).
+    metrics = retrieval_metrics(queries, targets)
+    assert metrics["R@1"] == 0.5 and metrics["R@5"] == 1.0 and metrics["mAP@10"] == pytest.approx((1 + 0.5 + 0.5 + 1) / 4)
+
+
+def test_train_checkpoint_resume_and_evaluate(tiny_dataset, tmp_path):
+    output_dir = str(tmp_path / "clmp")
+    common = ["--dataset", tiny_dataset, "--output_dir", output_dir, *TINY_ARGS, "--checkpointing_steps", "2",
+              "--checkpoints_total_limit", "2"]
+    accelerate(*common, "--max_train_steps", "4")
+    assert sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    first_weights = load_file(os.path.join(output_dir, "model.safetensors"))
+
+    resumed = accelerate(*common, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    assert "Resumed from" in resumed.stdout + resumed.stderr
+    assert sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+    summary = json.load(open(os.path.join(output_dir, "training_summary.json")))
+    assert summary["steps"] == 6
+    assert any(not torch.equal(first_weights[k], v) for k, v in load_file(os.path.join(output_dir, "model.safetensors")).items())
+    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(output_dir, "logs")) for name in files)
+
+    results_path = str(tmp_path / "results.json")
+    printed = run([sys.executable, EVALUATE, "--model", output_dir, "--dataset", tiny_dataset, "--batch_size", "4",
+                   "--output_json", results_path]).stdout
+    results = json.load(open(results_path))
+    assert list(results) == ["W2T", "T2W", "W2M", "M2W", "T2M", "M2T"]
+    for metrics in results.values():
+        assert set(metrics) == {"R@1", "R@5", "R@10", "mAP@10"}
+        assert 0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 1
+    assert "W2T" in printed and "mAP@10" in printed
+
+
+def test_two_processes_read_disjoint_data_and_end_with_rank_zero_weights(tiny_dataset, tmp_path):
+    output_dir = str(tmp_path / "ddp")
+    accelerate("--dataset", tiny_dataset, "--output_dir", output_dir, *TINY_ARGS, "--max_train_steps", "2",
+               "--checkpointing_steps", "2", "--record_data_order", processes=2)
+    order = {rank: open(os.path.join(output_dir, "data_order", f"rank{rank}.txt")).read().split() for rank in (0, 1)}
+    assert len(order[0]) == len(order[1]) == 4
+    assert not set(order[0]) & set(order[1])
+    summary = json.load(open(os.path.join(output_dir, "training_summary.json")))
+    assert summary["processes"] == 2
+    rank0, rank1 = summary["weight_fingerprint_per_process"]
+    saved = sum(p.double().sum().item() for p in CLMPModel.from_pretrained(output_dir).parameters())
+    assert rank0 == rank1 and saved == pytest.approx(rank0, rel=1e-9)
+
+
+def test_clap_baseline_trains_with_the_same_script(tiny_dataset, tmp_path):
+    output_dir = str(tmp_path / "clap")
+    accelerate("--dataset", tiny_dataset, "--output_dir", output_dir, *TINY_ARGS, "--max_train_steps", "2",
+               "--checkpointing_steps", "2", "--modalities", "text,audio")
+    config = json.load(open(os.path.join(output_dir, "config.json")))
+    assert config["modalities"] == ["text", "audio"]
+    assert not any(key.startswith("melody") for key in load_file(os.path.join(output_dir, "model.safetensors")))
+    results_path = str(tmp_path / "results.json")
+    run([sys.executable, EVALUATE, "--model", output_dir, "--dataset", tiny_dataset, "--output_json", results_path])
+    assert list(json.load(open(results_path))) == ["W2T", "T2W"]

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Cross-modal retrieval of a trained CLMP (or CLAP baseline) on an MG2 split, as the paper's Table 2.
+
+    python training/evaluate_clmp.py --model checkpoints/clmp-small --dataset data/mg2-folk --output_json results.json
+
+Every clip of the split is one query in each direction, with its own caption / audio / melody as
+the single positive among all clips: R@1, R@5, R@10 and mAP@10 (mean of 1/rank when rank <= 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from mg2_pipeline import CLMPModel, CLMPProcessor
+from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
+
+# direction → (query modality, target modality), in the paper's order
+DIRECTIONS = {"W2T": ("audio", "text"), "T2W": ("text", "audio"), "W2M": ("audio", "melody"),
+              "M2W": ("melody", "audio"), "T2M": ("text", "melody"), "M2T": ("melody", "text")}
+
+
+def retrieval_metrics(queries: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Row i of `queries` has row i of `targets` as its only positive; embeddings are L2-normalised."""
+    similarity = queries @ targets.t()
+    positive = similarity.diagonal().unsqueeze(1)
+    ranks = (similarity > positive).sum(dim=1) + 1  # 1 = the positive is the nearest target
+    metrics = {f"R@{k}": (ranks <= k).float().mean().item() for k in (1, 5, 10)}
+    metrics["mAP@10"] = torch.where(ranks <= 10, 1.0 / ranks.float(), torch.zeros_like(ranks, dtype=torch.float)).mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def embed_split(model: CLMPModel, processor: CLMPProcessor, dataset_path: str, split: str, batch_size: int,
+                max_clips: int | None) -> dict[str, torch.Tensor]:
+    transform = MG2Example(clip_seconds=processor.feature_extractor.max_length_s, tokenizer=processor.tokenizer,
+                           max_text_length=processor.max_text_length, max_melody_length=processor.melody_max_length)
+    loader = streaming_dataloader(load_mg2_dataset(dataset_path, split=split), batch_size, transform, shuffle_buffer_size=0)
+    embeds = {name: [] for name in model.config.modalities}
+    seen = 0
+    for batch in tqdm(loader, desc=f"Embedding {split}", unit="batch"):
+        embeds["text"].append(model.get_text_features(batch["input_ids"], batch["attention_mask"]))
+        embeds["audio"].append(model.get_audio_features(batch["log_mel"]))
+        if "melody" in embeds:
+            embeds["melody"].append(model.get_melody_features(batch["melody_input_ids"], batch["melody_attention_mask"]))
+        seen += len(batch["clip_id"])
+        if max_clips and seen >= max_clips:
+            break
+    return {name: torch.cat(values)[:max_clips] if max_clips else torch.cat(values) for name, values in embeds.items()}
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'direction':<10} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'mAP@10':>7}"]
+    for direction, metrics in results.items():
+        lines.append(f"{direction:<10} " + " ".join(f"{metrics[key]:>7.4f}" for key in ("R@1", "R@5", "R@10", "mAP@10")))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="A folder saved by train_clmp.py (model + processor).")
+    parser.add_argument("--dataset", default="data/mg2-folk")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_clips", type=int, default=None)
+    parser.add_argument("--output_json", default=None)
+    args = parser.parse_args(argv)
+
+    model = CLMPModel.from_pretrained(args.model).eval()
+    processor = CLMPProcessor.from_pretrained(args.model)
+    embeds = embed_split(model, processor, args.dataset, args.split, args.batch_size, args.max_clips)
+    results = {direction: retrieval_metrics(embeds[query], embeds[target])
+               for direction, (query, target) in DIRECTIONS.items() if query in embeds and target in embeds}
+    print(f"{os.path.basename(os.path.normpath(args.model))} on {args.split} ({len(embeds['text'])} clips)")
+    print(format_table(results))
+    if args.output_json:
+        with open(args.output_json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
