@@ -17,15 +17,13 @@ from typing import Iterable, Sequence
 import numpy as np
 
 PITCH_CLASS_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
-FLAT_ALIASES = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#"}
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", ",", "|")
 UNUSED_TOKENS = ("<bol>", "<bom>", "<bop>", "<eol>", "<eom>", "<eop>")
 NUM_TIME_BINS = 512
 MIN_TIME_S = -0.3
 MAX_TIME_S = 6.0
 MAX_MELODY_TOKENS = 1000
-# Octaves -1..9 give 132 pitch tokens (C-1 = MIDI 0 ... B9 = 131); only 0..127 are playable MIDI pitches.
-NUM_PITCH_TOKENS = 132
+# The vocabulary has pitch tokens for octaves -1..9 (C-1 = MIDI 0 ... B9 = 131); only 0..127 are MIDI pitches.
 MAX_MIDI_PITCH = 127
 
 _LOG_MIN = math.log(MIN_TIME_S + 1)  # log 0.7
@@ -45,17 +43,12 @@ _NAME_PATTERN = re.compile(r"^([A-Ga-g])([#b]?)(-?\d+)$")
 
 
 def name_to_pitch(name: str) -> int:
-    """Note name (`C#4`, `Db4`, `G-1`) → MIDI pitch. Raises `ValueError` for unknown names."""
+    """Note name (`C#4`, `Db4`, `Cb4`, `G-1`) → MIDI pitch. Raises `ValueError` for unknown names."""
     match = _NAME_PATTERN.match(name)
     if match is None:
         raise ValueError(f"Unknown pitch name {name!r}: expected a note letter A-G, optional # or b, and an octave, e.g. 'C#4'.")
     letter, accidental, octave = match.group(1).upper(), match.group(2), int(match.group(3))
-    pitch_class = FLAT_ALIASES.get(letter + accidental, letter + accidental)
-    if pitch_class not in PITCH_CLASS_NAMES:  # Cb, Fb, E#, B#
-        pitch_class_index = (PITCH_CLASS_NAMES.index(letter) + (1 if accidental == "#" else -1)) % 12
-    else:
-        pitch_class_index = PITCH_CLASS_NAMES.index(pitch_class)
-    pitch = (octave + 1) * 12 + pitch_class_index
+    pitch = (octave + 1) * 12 + PITCH_CLASS_NAMES.index(letter) + {"#": 1, "b": -1, "": 0}[accidental]
     if not 0 <= pitch <= MAX_MIDI_PITCH:
         raise ValueError(f"Pitch name {name!r} is MIDI {pitch}, outside the MIDI range 0-{MAX_MIDI_PITCH}.")
     return pitch
@@ -380,12 +373,6 @@ class Melody:
                 f"Transposing by {semitones} semitones moves pitches to {int(notes[:, 0].min())}-{int(notes[:, 0].max())}, "
                 f"outside the MIDI range 0-{MAX_MIDI_PITCH}."
             )
-        return Melody(notes)
-
-    def shift(self, seconds: float) -> "Melody":
-        """Move every note by `seconds` (the result must not start before 0 s)."""
-        notes = self.notes.copy()
-        notes[:, 1:] += seconds
         return Melody(notes)
 
     def slice(self, start_s: float, end_s: float) -> "Melody":

@@ -52,6 +52,7 @@ def test_pitch_names_use_sharps_and_midi_60_is_c4():
     assert pitch_to_name(0) == "C-1" and pitch_to_name(127) == "G9"
     assert all(name_to_pitch(pitch_to_name(p)) == p for p in range(128))
     assert name_to_pitch("Db4") == 61 and name_to_pitch("Bb3") == 58
+    assert name_to_pitch("Cb4") == 59 and name_to_pitch("B#3") == 60
 
 
 def test_known_token_string():
