@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -48,9 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--freeze_text_encoder", action="store_true", help="Train only the text projection, not the text tower.")
     parser.add_argument("--output_dir", default="checkpoints/clmp-small")
     parser.add_argument("--clip_seconds", type=float, default=10.24)
-    parser.add_argument("--max_text_length", type=int, default=64)
+    parser.add_argument("--max_text_length", type=int, default=48)
     parser.add_argument("--train_batch_size", type=int, default=32, help="Per process.")
-    parser.add_argument("--max_train_steps", type=int, default=1000)
+    parser.add_argument("--max_train_steps", type=int, default=500, help="500 × 32 clips: the 15-minute small run.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--text_learning_rate", type=float, default=3e-5, help="For the pretrained text tower.")
