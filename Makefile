@@ -25,7 +25,9 @@ test: install
 	$(PY) -m pytest tests
 
 bench: install demo
+	$(PIP) install -e ".[bench]"
 	$(PY) benchmarks/bench_data.py --dataset_dir data/mg2-folk
+	$(PY) benchmarks/bench_retrieval.py --index checkpoints/melody-index-small --clmp checkpoints/clmp-small
 
 clean:
 	rm -rf $(VENV) data checkpoints samples

@@ -8,6 +8,7 @@ from .feature_extraction_clmp import CLMPFeatureExtractor
 from .melody import MELODY_VOCAB, Melody
 from .modeling_clmp import CLMPModel, CLMPOutput
 from .processing_clmp import CLMPProcessor
+from .retrieval import MelodyRetriever, RetrievalOutput, RetrievedMelody
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ AutoProcessor.register(CLMPConfig, CLMPProcessor)
 
 __all__ = [
     "CLMPConfig", "CLMPFeatureExtractor", "CLMPMelodyConfig", "CLMPModel", "CLMPOutput", "CLMPProcessor",
-    "LogMelSpectrogram", "MELODY_VOCAB", "Melody", "load_audio", "save_audio",
+    "LogMelSpectrogram", "MELODY_VOCAB", "Melody", "MelodyRetriever", "RetrievalOutput", "RetrievedMelody",
+    "load_audio", "save_audio",
 ]

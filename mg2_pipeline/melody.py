@@ -110,6 +110,14 @@ class Melody:
         self.notes = notes[order]
         self.notes.setflags(write=False)
 
+    @classmethod
+    def _from_validated(cls, notes: np.ndarray) -> "Melody":
+        """Wrap notes that already passed `__init__` (e.g. read back from a melody store) without re-checking."""
+        melody = cls.__new__(cls)
+        melody.notes = notes
+        melody.notes.setflags(write=False)
+        return melody
+
     # ----- constructors -----
 
     @classmethod

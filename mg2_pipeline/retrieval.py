@@ -1,0 +1,380 @@
+"""`MelodyRetriever`: the melody database of MG2 as a saveable pipeline component.
+
+An hnswlib HNSW index over L2-normalised CLMP melody embeddings (cosine space) plus the melody
+store: every melody's notes and metadata (title, source, key, tempo, tune id, …). It subclasses
+diffusers' `ModelMixin`/`ConfigMixin` so that `DiffusionPipeline.save_pretrained` keeps it, and
+overrides `save_pretrained`/`from_pretrained` to write and read its own files:
+
+    retriever/config.json       dims, HNSW settings, count, CLMP fingerprint, file checksums
+    retriever/index.bin         the hnswlib index
+    retriever/embeddings.safetensors  the normalised embeddings (hnswlib's `get_items` costs ~20 µs per vector)
+    retriever/melodies.parquet  id, notes, metadata columns
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import diffusers
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from safetensors.numpy import load_file, save_file
+
+from .melody import Melody
+
+INDEX_NAME = "index.bin"
+EMBEDDINGS_NAME = "embeddings.safetensors"
+STORE_NAME = "melodies.parquet"
+CONFIG_NAME = "config.json"
+# Filtered searches whose eligible set is at most this large are answered exactly by brute force:
+# cheaper than walking the graph with a Python filter, and never short of results.
+EXACT_SEARCH_MAX_CANDIDATES = 4096
+
+
+def clmp_fingerprint(clmp: torch.nn.Module) -> dict[str, str]:
+    """SHA-256 (16 hex digits) of a CLMP model's weights rounded to float16 and to bfloat16.
+
+    Rounding makes the fingerprint independent of the precision the model was loaded in:
+    float32 or float16 weights give the same `float16` digest, float32 or bfloat16 the same `bfloat16` one.
+    """
+    digests = {}
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        sha = hashlib.sha256()
+        for key, tensor in sorted(clmp.state_dict().items()):
+            if tensor.is_floating_point():
+                sha.update(key.encode())
+                sha.update(tensor.detach().to("cpu", dtype).contiguous().view(torch.int16).numpy().tobytes())
+        digests[name] = sha.hexdigest()[:16]
+    return digests
+
+
+def _sha256_file(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+@dataclass
+class RetrievedMelody:
+    """One search hit: the melody, its id in the retriever, cosine similarity to the query, metadata."""
+
+    melody: Melody
+    id: int
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RetrievalOutput:
+    """`search` results for a batch of `B` queries and `k` hits each, best first."""
+
+    ids: np.ndarray  # (B, k) int64
+    scores: np.ndarray  # (B, k) float32 cosine similarities
+    embeddings: np.ndarray  # (B, k, dim) float32, L2-normalised stored melody embeddings
+    melodies: list[list[RetrievedMelody]]
+
+
+class _ReadWriteLock:
+    """Many concurrent searches, or one writer (`add` may resize the index; saving reads it whole)."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._readers = 0
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self._condition:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self):
+        with self._condition:  # holding the condition's lock keeps new readers out
+            self._condition.wait_for(lambda: self._readers == 0)
+            yield
+
+
+class MelodyRetriever(ModelMixin, ConfigMixin):
+    """HNSW melody database: `add` melodies with their CLMP embeddings, `search` with query embeddings.
+
+    Args:
+        dim: embedding size (the CLMP `projection_dim`).
+        M, ef_construction, ef_search: HNSW settings (the original: 32, 2048, 128).
+        clmp_fingerprint: `clmp_fingerprint(clmp)` of the CLMP that made the embeddings; queries must
+            come from the same model (see `check_clmp`).
+        initial_capacity: index slots reserved up front; the index grows as needed.
+    """
+
+    config_name = CONFIG_NAME
+
+    @register_to_config
+    def __init__(self, dim: int = 512, M: int = 32, ef_construction: int = 2048, ef_search: int = 128,
+                 clmp_fingerprint: dict[str, str] | None = None, initial_capacity: int = 1024):
+        super().__init__()
+        import hnswlib
+
+        for name, value, low in (("dim", dim, 1), ("M", M, 2), ("ef_construction", ef_construction, 1),
+                                 ("ef_search", ef_search, 1), ("initial_capacity", initial_capacity, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        self._index = hnswlib.Index(space="cosine", dim=dim)
+        self._index.init_index(max_elements=initial_capacity, M=M, ef_construction=ef_construction)
+        self._index.set_ef(ef_search)
+        self._embeddings = np.zeros((initial_capacity, dim), dtype=np.float32)
+        self._notes: list[np.ndarray] = []
+        self._metadata: list[dict[str, Any]] = []
+        self._id_by_tokens: dict[str, int] = {}
+        self._column_cache: dict[str, np.ndarray] = {}
+        self._lock = _ReadWriteLock()
+
+    # The index lives in host memory whatever device the pipeline is on.
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def __len__(self) -> int:
+        return len(self._notes)
+
+    # ----- building -----
+
+    def add(self, embeddings: np.ndarray | torch.Tensor, melodies: Sequence[Melody],
+            metadata: Sequence[dict[str, Any]] | None = None) -> np.ndarray:
+        """Add melodies with their `(n, dim)` CLMP melody embeddings; returns their new ids."""
+        embeddings = self._as_queries(embeddings, "embeddings")
+        if len(melodies) != len(embeddings):
+            raise ValueError(f"Got {len(embeddings)} embeddings for {len(melodies)} melodies.")
+        if metadata is not None and len(metadata) != len(melodies):
+            raise ValueError(f"Got {len(metadata)} metadata records for {len(melodies)} melodies.")
+        if not all(isinstance(melody, Melody) for melody in melodies):
+            raise TypeError("melodies must be `Melody` objects.")
+        with self._lock.writing():
+            start = len(self)
+            ids = np.arange(start, start + len(melodies), dtype=np.int64)
+            if start + len(melodies) > len(self._embeddings):
+                capacity = max(2 * len(self._embeddings), start + len(melodies))
+                self._index.resize_index(capacity)
+                self._embeddings = np.concatenate([self._embeddings[:start], np.zeros((capacity - start, self.config.dim), np.float32)])
+            self._index.add_items(embeddings, ids)
+            self._embeddings[start:start + len(melodies)] = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+            for offset, melody in enumerate(melodies):
+                self._notes.append(melody.notes)
+                self._metadata.append(dict(metadata[offset]) if metadata is not None else {})
+                self._id_by_tokens.setdefault(melody.to_tokens(), start + offset)
+            self._column_cache.clear()
+        return ids
+
+    def id_of(self, melody: Melody | str) -> int | None:
+        """The id of a stored melody (a `Melody` or its token string), or None if it is not stored."""
+        tokens = melody.to_tokens() if isinstance(melody, Melody) else melody
+        return self._id_by_tokens.get(tokens)
+
+    def get(self, melody_id: int) -> tuple[Melody, dict[str, Any]]:
+        """The melody and metadata stored under `melody_id`."""
+        if not 0 <= melody_id < len(self):
+            raise ValueError(f"melody_id must be in [0, {len(self)}), got {melody_id}.")
+        return Melody._from_validated(self._notes[melody_id]), dict(self._metadata[melody_id])
+
+    def check_clmp(self, clmp: torch.nn.Module) -> None:
+        """Refuse a CLMP other than the one whose embeddings fill this index."""
+        stored = self.config.clmp_fingerprint
+        if not stored:
+            return
+        precision = "bfloat16" if next(clmp.parameters()).dtype == torch.bfloat16 else "float16"
+        actual = clmp_fingerprint(clmp)[precision]
+        if actual != stored[precision]:
+            raise ValueError(
+                f"This melody index was built with the CLMP whose fingerprint is {stored[precision]}, but the "
+                f"pipeline's CLMP has fingerprint {actual}: embeddings of another model retrieve garbage. "
+                "Rebuild the index with `training/build_index.py` for this CLMP."
+            )
+
+    # ----- searching -----
+
+    def search(self, query_embeddings: np.ndarray | torch.Tensor, k: int = 1,
+               exclude_ids: Iterable[int] | Sequence[Iterable[int]] | None = None,
+               where: dict[str, Any] | None = None) -> RetrievalOutput:
+        """The `k` nearest melodies of each query (cosine similarity), best first.
+
+        Args:
+            query_embeddings: `(dim,)` or `(B, dim)` CLMP text (or audio) embeddings.
+            k: hits per query, 1 to the number of eligible melodies.
+            exclude_ids: ids never returned — one collection for every query, or a list with one
+                collection per query (training excludes each clip's own melody).
+            where: metadata equality filter, e.g. `{"source": "essen"}`; a list value means "any of".
+        Safe to call from many threads at once.
+        """
+        queries = self._as_queries(query_embeddings, "query_embeddings")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}.")
+        if where is not None and not isinstance(where, dict):
+            raise TypeError(f"where must be a dict of metadata values, got {type(where).__name__}.")
+        exclusions = self._per_query_exclusions(exclude_ids, len(queries))
+        with self._lock.reading():
+            if len(self) == 0:
+                raise ValueError("The melody index is empty: add melodies before searching.")
+            allowed = self._where_mask(where)
+            if exclusions is None and allowed is None:
+                if k > len(self):
+                    raise ValueError(f"k={k} but the index holds only {len(self)} melodies.")
+                ids, distances = self._index.knn_query(queries, k=k)
+            else:
+                rows = [self._filtered_knn(query, k, allowed, excluded)
+                        for query, excluded in zip(queries, exclusions or [()] * len(queries))]
+                ids = np.stack([row[0] for row in rows])
+                distances = np.stack([row[1] for row in rows])
+            embeddings = self._embeddings[ids.reshape(-1)]
+            metadata = [[dict(self._metadata[i]) for i in row] for row in ids]
+            notes = [[self._notes[i] for i in row] for row in ids]
+        scores = (1.0 - distances).astype(np.float32)
+        melodies = [
+            [RetrievedMelody(Melody._from_validated(n), int(i), float(s), m) for n, i, s, m in zip(*row)]
+            for row in zip(notes, ids, scores, metadata)
+        ]
+        return RetrievalOutput(ids=ids.astype(np.int64), scores=scores,
+                               embeddings=embeddings.reshape(len(queries), k, -1), melodies=melodies)
+
+    def _as_queries(self, embeddings, name: str) -> np.ndarray:
+        if isinstance(embeddings, torch.Tensor):
+            embeddings = embeddings.detach().to("cpu", torch.float32).numpy()
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim == 1:
+            embeddings = embeddings[None]
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.config.dim:
+            raise ValueError(f"{name} must have shape (batch, {self.config.dim}), got {embeddings.shape}.")
+        if not np.all(np.isfinite(embeddings)) or np.any(np.linalg.norm(embeddings, axis=1) == 0):
+            raise ValueError(f"{name} must be finite and non-zero.")
+        return np.ascontiguousarray(embeddings)
+
+    def _per_query_exclusions(self, exclude_ids, batch: int) -> list[set[int]] | None:
+        if exclude_ids is None:
+            return None
+        exclude_ids = list(exclude_ids)
+        if exclude_ids and all(isinstance(item, Iterable) for item in exclude_ids):
+            if len(exclude_ids) != batch:
+                raise ValueError(f"exclude_ids has {len(exclude_ids)} per-query collections for {batch} queries.")
+            return [{int(i) for i in item} for item in exclude_ids]
+        return [{int(i) for i in exclude_ids}] * batch
+
+    def _where_mask(self, where: dict[str, Any] | None) -> np.ndarray | None:
+        if not where:
+            return None
+        mask = np.ones(len(self), dtype=bool)
+        for key, wanted in where.items():
+            if key not in self._column_cache:
+                self._column_cache[key] = np.array([m.get(key) for m in self._metadata], dtype=object)
+            values = self._column_cache[key]
+            mask &= np.isin(values, list(wanted)) if isinstance(wanted, (list, tuple, set)) else values == wanted
+        return mask
+
+    def _filtered_knn(self, query: np.ndarray, k: int, allowed: np.ndarray | None, excluded: set[int]):
+        mask = np.ones(len(self), dtype=bool) if allowed is None else allowed.copy()
+        mask[[i for i in excluded if 0 <= i < len(self)]] = False
+        eligible = np.flatnonzero(mask)
+        if k > len(eligible):
+            raise ValueError(f"k={k} but only {len(eligible)} melodies are eligible for this query.")
+        if len(eligible) > EXACT_SEARCH_MAX_CANDIDATES:
+            try:
+                ids, distances = self._index.knn_query(query[None], k=k, num_threads=1,
+                                                       filter=lambda label: bool(mask[label]))
+                return ids[0].astype(np.int64), distances[0]
+            except RuntimeError:  # the filtered graph walk found fewer than k: answer exactly below
+                pass
+        similarities = self._embeddings[eligible] @ (query / np.linalg.norm(query))
+        best = np.argsort(-similarities, kind="stable")[:k]
+        return eligible[best], 1.0 - similarities[best]
+
+    # ----- saving and loading -----
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write config (with count and checksums), the hnswlib index and the melody store.
+
+        Each file is written under a temporary name and renamed, config last, so a folder is never
+        left looking complete when it is not. Extra keyword arguments (from `DiffusionPipeline`) are ignored.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        os.makedirs(save_directory, exist_ok=True)
+        with self._lock.writing():
+            index_path = os.path.join(save_directory, INDEX_NAME)
+            self._index.save_index(index_path + ".tmp")
+            os.replace(index_path + ".tmp", index_path)
+            store_path = os.path.join(save_directory, STORE_NAME)
+            rows = [{"id": i, "melody_notes": notes.tolist(), **meta}
+                    for i, (notes, meta) in enumerate(zip(self._notes, self._metadata))]
+            table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.int64())})
+            pq.write_table(table, store_path + ".tmp")
+            os.replace(store_path + ".tmp", store_path)
+            embeddings_path = os.path.join(save_directory, EMBEDDINGS_NAME)
+            save_file({"embeddings": self._embeddings[:len(self)]}, embeddings_path + ".tmp")
+            os.replace(embeddings_path + ".tmp", embeddings_path)
+            config = {**dict(self.config), "_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__,
+                      "count": len(self),
+                      "checksums": {name: _sha256_file(os.path.join(save_directory, name))
+                                    for name in (INDEX_NAME, EMBEDDINGS_NAME, STORE_NAME)}}
+        config_path = os.path.join(save_directory, CONFIG_NAME)
+        with open(config_path + ".tmp", "w") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True)
+        os.replace(config_path + ".tmp", config_path)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **kwargs) -> "MelodyRetriever":
+        """Load a saved retriever (a folder, or a Hub repo id with `subfolder`), verifying checksums and count."""
+        import hnswlib
+        import pyarrow.parquet as pq
+
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if not os.path.isdir(folder):
+            from huggingface_hub import snapshot_download
+
+            hub_kwargs = {key: kwargs[key] for key in ("revision", "cache_dir", "token", "local_files_only") if key in kwargs}
+            pattern = f"{subfolder}/*" if subfolder else "*"
+            folder = os.path.join(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=[pattern],
+                                                    **hub_kwargs), subfolder or "")
+        with open(os.path.join(folder, CONFIG_NAME)) as handle:
+            config = json.load(handle)
+        count = config.pop("count")
+        checksums = config.pop("checksums")
+        for name, expected in checksums.items():
+            if _sha256_file(os.path.join(folder, name)) != expected:
+                raise ValueError(f"{os.path.join(folder, name)} fails its checksum: the file is corrupt or was changed.")
+        init_kwargs = {key: value for key, value in config.items() if not key.startswith("_")}
+        retriever = cls(**init_kwargs)
+        retriever._index = hnswlib.Index(space="cosine", dim=retriever.config.dim)
+        retriever._index.load_index(os.path.join(folder, INDEX_NAME), max_elements=max(count, 1))
+        retriever._index.set_ef(retriever.config.ef_search)
+        retriever._embeddings = load_file(os.path.join(folder, EMBEDDINGS_NAME))["embeddings"]
+        table = pq.read_table(os.path.join(folder, STORE_NAME)).to_pylist()
+        counts = (retriever._index.get_current_count(), len(retriever._embeddings), len(table))
+        if counts != (count,) * 3:
+            raise ValueError(
+                f"Inconsistent retriever in {folder}: config says {count} melodies, but the index holds {counts[0]}, "
+                f"the embeddings file {counts[1]} and the melody store {counts[2]}."
+            )
+        for row in table:
+            notes = np.asarray(row.pop("melody_notes"), dtype=np.float64).reshape(-1, 3)
+            row.pop("id")
+            retriever._notes.append(notes)
+            retriever._metadata.append({key: value for key, value in row.items() if value is not None})
+            retriever._id_by_tokens.setdefault(Melody(notes).to_tokens(), len(retriever._notes) - 1)  # validates too
+        return retriever
