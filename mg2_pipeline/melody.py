@@ -121,6 +121,36 @@ class Melody:
     # ----- constructors -----
 
     @classmethod
+    def load(cls, source, sample_rate: int = 16000) -> "Melody":
+        """Any melody a user may hand over: a `Melody`; a path to MIDI (.mid/.midi), MusicXML/ABC/Humdrum
+        (read by music21) or audio (.wav/.flac/.ogg/.mp3, transcribed); a token string (`<G4>,<114>,<79>|…`);
+        a note string (`"G4:0.5 A4:0.5"`); or a mono waveform array at `sample_rate` (transcribed).
+        """
+        if isinstance(source, Melody):
+            return source
+        if isinstance(source, np.ndarray) or type(source).__name__ == "Tensor":
+            waveform = np.asarray(source.detach().cpu() if hasattr(source, "detach") else source, dtype=np.float32)
+            if waveform.ndim != 1 or waveform.size == 0 or not np.any(np.abs(waveform) > 1e-4):
+                raise ValueError("A melody waveform must be a non-empty, non-silent mono 1-D array.")
+            return cls.from_audio(waveform, sample_rate)
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"Cannot read a melody from {type(source).__name__}: pass a Melody, a file path, "
+                            "a token or note string, or a waveform.")
+        text = os.fspath(source)
+        extension = os.path.splitext(text)[1].lower() if len(text) < 4096 else ""
+        if extension in (".mid", ".midi"):
+            return cls.from_midi(text)
+        if extension in (".wav", ".flac", ".ogg", ".mp3"):
+            import librosa
+
+            return cls.from_audio(librosa.load(text, sr=sample_rate, mono=True)[0], sample_rate)
+        if extension in (".xml", ".musicxml", ".mxl", ".abc", ".krn"):
+            return cls.from_music21(text)
+        if os.path.isfile(text):
+            raise ValueError(f"Unsupported melody file {text!r}: use MIDI, MusicXML, ABC, Humdrum or audio.")
+        return cls.from_tokens(text) if text.lstrip().startswith("<") else cls.from_string(text)
+
+    @classmethod
     def from_notes(cls, notes: Iterable[Sequence[float]]) -> "Melody":
         """From `[(midi_pitch, onset_s, offset_s), ...]`."""
         return cls(np.array([tuple(note) for note in notes], dtype=np.float64))

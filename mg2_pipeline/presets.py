@@ -67,3 +67,101 @@ def load_minilm_weights(model) -> None:
     missing, unexpected = model.text_model.load_state_dict(pretrained.state_dict(), strict=False)
     if missing:
         raise ValueError(f"The text tower does not match all-MiniLM-L6-v2: missing {missing[:5]}.")
+
+
+# ----- the generator: UNet, VAE, vocoder and a whole pipeline -----
+
+PIPELINE_PRESETS = ("tiny", "small", "paper")
+
+# A few public-domain tunes (opening phrases) so that a freshly built pipeline has melodies to retrieve.
+PRESET_MELODIES = {
+    "The Irish Washerwoman (jig)": "G4:0.25 B4:0.125 G4:0.125 D4:0.25 G4:0.125 B4:0.125 D5:0.25 B4:0.125 G4:0.375",
+    "Scarborough Fair (air)": "D4:0.6 D4:0.3 A4:0.6 A4:0.3 E4:0.6 F4:0.3 E4:0.3 D4:0.9",
+    "Ode to Joy (anthem)": "E4:0.4 E4:0.4 F4:0.4 G4:0.4 G4:0.4 F4:0.4 E4:0.4 D4:0.4 C4:0.4 C4:0.4 D4:0.4 E4:0.4 E4:0.6 D4:0.2 D4:0.8",
+    "Greensleeves (ballad)": "A4:0.4 C5:0.8 D5:0.4 E5:0.6 F5:0.2 E5:0.4 D5:0.8 B4:0.4 G4:0.6 A4:0.2 B4:0.4 C5:0.8",
+    "Drunken Sailor (shanty)": "A4:0.25 A4:0.125 A4:0.125 A4:0.25 A4:0.125 A4:0.125 A4:0.25 D4:0.25 F4:0.25 A4:0.25",
+    "Bach chorale (hymn)": "G4:0.75 G4:0.75 D5:0.75 B4:0.75 C5:0.75 B4:0.75 A4:1.5",
+}
+
+
+def unet_config(name: str, projection_dim: int) -> dict:
+    """`UNet2DConditionModel` kwargs: FiLM on [text ‖ melody] through `class_labels` (AudioLDM's wiring), no cross-attention.
+
+    Attention blocks get `cross_attention_dim` equal to their own width and are called with
+    `encoder_hidden_states=None`, so both attention layers attend over the latent itself.
+    - `tiny`: 2 levels (16, 32), attention at the coarsest; seconds on CPU.
+    - `small`: 3 levels (64, 128, 192), one ResBlock per level, attention only at the coarsest; trainable on 2 CPU cores.
+    - `paper`: AudioLDM-M (DESIGN.md §6): 192 × (1, 2, 3, 5), 2 ResBlocks, attention at ×2/×4/×8, 32 channels per head: 416 M.
+    """
+    channels, layers, attention_levels, sample_size, groups = {
+        "tiny": ((16, 32), 1, (1,), (32, 32), 8),
+        "small": ((64, 128, 192), 1, (2,), (128, 8), 32),
+        "paper": ((192, 384, 576, 960), 2, (1, 2, 3), (256, 16), 32),
+    }[name]
+    down = tuple("CrossAttnDownBlock2D" if level in attention_levels else "DownBlock2D" for level in range(len(channels)))
+    up = tuple("CrossAttnUpBlock2D" if block == "CrossAttnDownBlock2D" else "UpBlock2D" for block in reversed(down))
+    return dict(
+        sample_size=sample_size, in_channels=8 if name != "tiny" else 4, out_channels=8 if name != "tiny" else 4,
+        down_block_types=down, up_block_types=up, block_out_channels=channels, layers_per_block=layers,
+        norm_num_groups=groups, cross_attention_dim=channels, attention_head_dim=tuple(max(1, c // 32) for c in channels),
+        class_embed_type="simple_projection", projection_class_embeddings_input_dim=2 * projection_dim,
+        class_embeddings_concat=True,
+    )
+
+
+def vae_config(name: str) -> dict:
+    """`AutoencoderKL` kwargs on 1-channel log-mel images `(1, frames, 64)`.
+
+    - `tiny`: ×2 (4 latent channels). - `small`: ×8 (8 channels): 10.24 s → 8 × 128 × 8, so the UNet works on 16× fewer
+      positions than AudioLDM's ×4. - `paper`: AudioLDM's VAE (128, 256, 512), ×4, 8 channels.
+    """
+    channels, latent_channels = {"tiny": ((8, 16), 4), "small": ((32, 64, 128, 128), 8), "paper": ((128, 256, 512), 8)}[name]
+    return dict(
+        in_channels=1, out_channels=1, latent_channels=latent_channels, block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1 if name != "paper" else 2, norm_num_groups=min(32, channels[0]), sample_size=1024,
+    )
+
+
+def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None):
+    """A randomly initialised `MG2Pipeline` of a preset, its retriever filled with `PRESET_MELODIES`.
+
+    `tiny` is for tests (builds in about a second); `small` is the CPU-trainable default that the
+    training scripts start from; `paper` has the original dimensions (build it on the meta device,
+    `with torch.device("meta")`, to count parameters). The vocoder is Griffin-Lim unless given.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer
+
+    from .feature_extraction_clmp import CLMPFeatureExtractor
+    from .melody import Melody
+    from .modeling_clmp import CLMPModel
+    from .pipeline_mg2 import MG2Pipeline
+    from .processing_clmp import CLMPProcessor
+    from .retrieval import MelodyRetriever, clmp_fingerprint
+    from .vocoder import GriffinLimVocoder
+
+    if preset not in PIPELINE_PRESETS:
+        raise ValueError(f"Unknown pipeline preset {preset!r}; choose one of {PIPELINE_PRESETS}.")
+    torch.manual_seed(seed)
+    clmp = CLMPModel(clmp_config(preset)).eval()
+    if preset == "small":
+        load_minilm_weights(clmp)
+    max_length_s = {"tiny": 4.0, "small": 10.24, "paper": 10.24}[preset]
+    processor = CLMPProcessor(CLMPFeatureExtractor(max_length_s=max_length_s), AutoTokenizer.from_pretrained(minilm_path()),
+                              max_text_length=16 if preset == "tiny" else 48)
+    unet = UNet2DConditionModel(**unet_config(preset, clmp.config.projection_dim))
+    vae = AutoencoderKL(**vae_config(preset))
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
+                                            beta_schedule="scaled_linear", prediction_type="epsilon")
+    retriever = MelodyRetriever(dim=clmp.config.projection_dim, M=16, ef_construction=64, ef_search=32,
+                                clmp_fingerprint=clmp_fingerprint(clmp))
+    melodies = [Melody.from_string(notes) for notes in PRESET_MELODIES.values()]
+    if clmp.device.type != "meta":
+        encoded = processor(melody=melodies, return_tensors="pt")
+        with torch.no_grad():
+            embeddings = clmp.get_melody_features(encoded["melody_input_ids"], encoded["melody_attention_mask"])
+        retriever.add(embeddings, melodies, [{"title": title, "source": "preset"} for title in PRESET_MELODIES])
+    return MG2Pipeline(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler, vae=vae,
+                       vocoder=vocoder if vocoder is not None else GriffinLimVocoder())

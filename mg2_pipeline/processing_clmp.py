@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 from transformers import BatchFeature, ProcessorMixin
 
+# audio is imported directly (not only through feature_extraction_clmp): diffusers' remote-code loader
+# copies only the modules a file imports itself.
+from .audio import SAMPLE_RATE  # noqa: F401
+from .feature_extraction_clmp import CLMPFeatureExtractor
 from .melody import MAX_MELODY_TOKENS, Melody, encode_melody_tokens
 
 
@@ -45,6 +49,16 @@ class CLMPProcessor(ProcessorMixin):
         if len(set(sizes.values())) > 1:
             raise ValueError(f"text, audio and melody must have the same batch size, got {sizes}.")
         return BatchFeature(dict(data), tensor_type=return_tensors)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # The feature extractor is this module's own class: load it directly. Through AutoFeatureExtractor,
+        # a processor loaded as remote code (e.g. inside a DiffusionPipeline) would need trust_remote_code twice.
+        from transformers import AutoTokenizer
+
+        kwargs.pop("trust_remote_code", None)
+        return [CLMPFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs),
+                AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)]
 
     def encode_melody(self, melody: Melody | str) -> dict[str, np.ndarray]:
         if isinstance(melody, Melody):

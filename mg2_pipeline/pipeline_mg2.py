@@ -1,0 +1,421 @@
+"""MG2Pipeline: text → retrieved melody → music.
+
+prompt ──CLMP text tower──► text embedding ──HNSW──► nearest melody embedding (or the user's melody)
+                                  └──────── [text ‖ melody] condition ────────┘
+noise ──UNet (FiLM on the condition, classifier-free guidance)──► latents ──VAE──► log-mel ──vocoder──► waveform
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .melody import Melody
+from .retrieval import RetrievedMelody
+
+OUTPUT_TYPES = ("np", "pt", "latent")
+# Lengths beyond this many times the training length are refused: the UNet has never seen them.
+MAX_LENGTH_FACTOR = 3
+
+
+def _copy_module_with_imports(module: str, target_dir: str) -> None:
+    """Copy `{module}.py` of this package and every module it imports relatively into `target_dir`."""
+    from diffusers.utils.dynamic_modules_utils import get_relative_import_files, get_relative_imports
+
+    source = os.path.join(os.path.dirname(__file__), f"{module}.py")
+    needed = sorted(set(get_relative_import_files(source)))
+    # diffusers' loader copies only the modules a remote-code file imports itself, not their imports.
+    indirect = {os.path.basename(path)[:-3] for path in needed} - set(get_relative_imports(source))
+    if indirect:
+        raise RuntimeError(f"{module}.py must import {sorted(indirect)} directly to load as remote code.")
+    os.makedirs(target_dir, exist_ok=True)
+    for path in [source, *needed]:
+        shutil.copy(path, os.path.join(target_dir, os.path.basename(path)))
+
+
+@dataclass
+class MG2PipelineOutput(BaseOutput):
+    """Generated audio and the melody that guided each waveform.
+
+    Args:
+        audios: `(batch, samples)` waveforms (numpy or torch), or latents for `output_type="latent"`.
+        melodies: per waveform, a `RetrievedMelody` — from the index (id, score, metadata) or the user's
+            melody (`id=None`, `metadata={"source": "user"}`); None where `melody_embeds` were passed.
+        sampling_rate: samples per second of `audios`.
+    """
+
+    audios: np.ndarray | torch.Tensor
+    melodies: list[RetrievedMelody | None]
+    sampling_rate: int
+
+
+class MG2Pipeline(DiffusionPipeline):
+    """Melody-guided text-to-music generation (MG2).
+
+    Components:
+        clmp (`CLMPModel`): text, audio and melody towers in one embedding space.
+        processor (`CLMPProcessor`): tokenizer + log-mel feature extractor + melody tokenizer for `clmp`.
+        retriever (`MelodyRetriever`): HNSW index of CLMP melody embeddings and the melodies themselves.
+        unet (`UNet2DConditionModel`): denoiser conditioned by FiLM on [text ‖ melody] (`class_labels`), no cross-attention.
+        scheduler: any diffusers scheduler (default `DPMSolverMultistepScheduler`).
+        vae (`AutoencoderKL`): 1-channel log-mel images ↔ latents.
+        vocoder (`SpeechT5HifiGan` or `GriffinLimVocoder`): log-mel → waveform.
+    """
+
+    model_cpu_offload_seq = "clmp->unet->vae->vocoder"
+    _exclude_from_cpu_offload = ["retriever"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "melody_embeds"]
+
+    def __init__(self, clmp, processor, retriever, unet, scheduler, vae, vocoder):
+        super().__init__()
+        if retriever is not None and clmp is not None:
+            retriever.check_clmp(clmp)
+        self.register_modules(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler,
+                              vae=vae, vocoder=vocoder)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ----- saving and loading -----
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
+        """Save every component (safetensors) plus the code that loads them without this package.
+
+        The folder loads with `MG2Pipeline.from_pretrained(dir)`, and with
+        `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` where `mg2_pipeline` is not
+        installed: `pipeline_mg2.py` and its imports sit at the root, each custom component's module in
+        its folder, and `model_index.json` names them (DESIGN.md §8).
+        """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False is not supported: MG2 checkpoints are safetensors only.")
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path) as handle:
+            model_index = json.load(handle)
+        _copy_module_with_imports("pipeline_mg2", save_directory)
+        model_index["_class_name"] = ["pipeline_mg2", type(self).__name__]
+        for name, value in model_index.items():
+            if isinstance(value, list) and value[0] and value[0].startswith(f"{__package__}."):
+                module = value[0].rsplit(".", 1)[1]
+                _copy_module_with_imports(module, os.path.join(save_directory, name))
+                model_index[name] = [module, value[1]]
+        with open(index_path + ".tmp", "w") as handle:
+            json.dump(model_index, handle, indent=2, sort_keys=True)
+        os.replace(index_path + ".tmp", index_path)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                        **kwargs) -> "MG2Pipeline":
+        """Load a saved pipeline (folder or Hub repo id) with this package's classes: no remote code runs.
+
+        Components passed as keyword arguments replace the saved ones (e.g. `vocoder=SpeechT5HifiGan...`).
+        Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed to `snapshot_download`.
+        """
+        hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
+        folder = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(folder, **hub_kwargs)
+        with open(os.path.join(folder, "model_index.json")) as handle:
+            model_index = json.load(handle)
+        components = {}
+        for name in inspect.signature(cls.__init__).parameters:
+            if name == "self":
+                continue
+            if name in kwargs:
+                components[name] = kwargs.pop(name)
+                continue
+            library, class_name = model_index[name]
+            if library is None:
+                components[name] = None
+                continue
+            own_module = os.path.isfile(os.path.join(os.path.dirname(__file__), f"{library}.py"))
+            module = importlib.import_module(f"{__package__}.{library}" if own_module else library)
+            component_class = getattr(module, class_name)
+            load_kwargs = {}
+            if torch_dtype is not None and name not in ("retriever", "processor", "scheduler"):
+                load_kwargs["torch_dtype" if library == "diffusers" or own_module and name == "vocoder" else "dtype"] = torch_dtype
+            components[name] = component_class.from_pretrained(os.path.join(folder, name), **load_kwargs)
+        if kwargs:
+            raise TypeError(f"Unexpected arguments for MG2Pipeline.from_pretrained: {sorted(kwargs)}.")
+        pipeline = cls(**components)
+        pipeline.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
+        return pipeline
+
+    # ----- shapes -----
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.vocoder.config.sampling_rate)
+
+    @property
+    def hop_length(self) -> int:
+        """Waveform samples per mel frame (a HiFi-GAN's upsampling product, or the Griffin-Lim hop)."""
+        config = self.vocoder.config
+        return int(config.hop_length if hasattr(config, "hop_length") else np.prod(config.upsample_rates))
+
+    @property
+    def frames_multiple(self) -> int:
+        """Mel frames must be a multiple of this for the VAE and every UNet downsampling to divide evenly."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def default_audio_length_in_s(self) -> float:
+        """The training length: the UNet's `sample_size` latent frames."""
+        sample_size = self.unet.config.sample_size
+        latent_frames = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        return latent_frames * self.vae_scale_factor * self.hop_length / self.sampling_rate
+
+    # ----- steps of __call__ -----
+
+    def check_inputs(self, prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps, guidance_scale,
+                     num_waveforms_per_prompt, retrieval_top_k, prompt_embeds, melody_embeds, output_type,
+                     callback_on_step_end_tensor_inputs) -> int:
+        """Validate every argument before any compute; returns the batch size."""
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("prompt is None: pass a text prompt (or prompt_embeds).")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either prompt or prompt_embeds, not both.")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
+            if any(not p.strip() for p in prompts):
+                raise ValueError("prompt is empty: describe the music to generate.")
+            batch_size = len(prompts)
+        else:
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 2 or prompt_embeds.shape[1] != self.clmp.config.projection_dim:
+                raise ValueError(f"prompt_embeds must be a (batch, {self.clmp.config.projection_dim}) tensor of CLMP text embeddings.")
+            batch_size = prompt_embeds.shape[0]
+        if negative_prompt is not None:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            if not isinstance(negatives, (list, tuple)) or not all(isinstance(n, str) for n in negatives):
+                raise TypeError("negative_prompt must be a string or a list of strings.")
+            if not isinstance(negative_prompt, str) and len(negatives) != batch_size:
+                raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {batch_size}; they must match.")
+        if melody is not None and melody_embeds is not None:
+            raise ValueError("Pass either melody or melody_embeds, not both.")
+        if isinstance(melody, (list, tuple)) and len(melody) != batch_size:
+            raise ValueError(f"melody has {len(melody)} entries but prompt has {batch_size}; pass one melody, or one per prompt.")
+        if melody_embeds is not None and (not isinstance(melody_embeds, torch.Tensor) or melody_embeds.shape != (batch_size, self.clmp.config.projection_dim)):
+            raise ValueError(f"melody_embeds must be a ({batch_size}, {self.clmp.config.projection_dim}) tensor of CLMP melody embeddings.")
+        if melody is None and melody_embeds is None and self.retriever is None:
+            raise ValueError("This pipeline has no retriever: pass melody= (or melody_embeds=).")
+        max_length = MAX_LENGTH_FACTOR * self.default_audio_length_in_s
+        min_length = self.frames_multiple * self.hop_length / self.sampling_rate
+        if audio_length_in_s is not None and not (isinstance(audio_length_in_s, (int, float)) and min_length <= audio_length_in_s <= max_length):
+            raise ValueError(f"audio_length_in_s must be between {min_length:.2f} and {max_length:.2f} seconds for this model, got {audio_length_in_s!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}.")
+        if not isinstance(num_waveforms_per_prompt, int) or num_waveforms_per_prompt < 1:
+            raise ValueError(f"num_waveforms_per_prompt must be an integer >= 1, got {num_waveforms_per_prompt!r}.")
+        if not isinstance(retrieval_top_k, int) or retrieval_top_k < 1 or (self.retriever is not None and retrieval_top_k > len(self.retriever)):
+            size = len(self.retriever) if self.retriever is not None else 0
+            raise ValueError(f"retrieval_top_k must be an integer between 1 and {size} (the melodies in the index), got {retrieval_top_k!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [name for name in callback_on_step_end_tensor_inputs or [] if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not in {self._callback_tensor_inputs}.")
+        return batch_size
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        """CLMP text embeddings `(len(texts), projection_dim)`; the empty string is allowed (the unconditional input)."""
+        tokens = self.processor.tokenizer(texts, padding="max_length", truncation=True,
+                                          max_length=self.processor.max_text_length, return_tensors="pt")
+        return self.clmp.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+
+    @torch.no_grad()
+    def encode_melody(self, melodies: list[Melody], device: torch.device) -> torch.Tensor:
+        """CLMP melody embeddings `(len(melodies), projection_dim)`."""
+        encoded = self.processor(melody=melodies, return_tensors="pt")
+        return self.clmp.get_melody_features(encoded["melody_input_ids"].to(device), encoded["melody_attention_mask"].to(device))
+
+    def read_melodies(self, melody, batch_size: int) -> list[Melody]:
+        """One `Melody` per prompt from the `melody` argument (see `Melody.load`), as a ValueError naming it when unreadable."""
+        sources = list(melody) if isinstance(melody, (list, tuple)) else [melody] * batch_size
+        try:
+            return [Melody.load(source, sample_rate=self.sampling_rate) for source in sources]
+        except (ValueError, TypeError, OSError) as error:
+            raise ValueError(f"melody could not be read: {error}") from error
+
+    def prepare_latents(self, batch_size: int, height: int, dtype, device, generator, latents=None) -> torch.Tensor:
+        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 int(self.vocoder.config.model_in_dim) // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"generator is a list of {len(generator)} generators but {batch_size} waveforms are generated.")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif latents.shape != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+        return latents.to(device) * self.scheduler.init_noise_sigma
+
+    def prepare_extra_step_kwargs(self, generator) -> dict:
+        # Stochastic schedulers (DDPM, SDE-DPM-Solver, DDIM with eta) draw noise: give them the generator.
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        return {"generator": generator} if "generator" in accepted else {}
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → log-mel `(batch, frames, mels)`."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.squeeze(1)
+
+    @torch.no_grad()
+    def score_waveforms(self, waveforms: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """CLMP cosine similarity of each waveform `(batch, samples)` to its text embedding `(batch, dim)`."""
+        features = self.processor.feature_extractor(list(waveforms.float().cpu().numpy()), return_tensors="pt")
+        audio_embeds = self.clmp.get_audio_features(features["input_features"].to(text_embeds.device, self.clmp.dtype))
+        return (audio_embeds * text_embeds).sum(-1).float()
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        melody: Any = None,
+        audio_length_in_s: float | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        num_waveforms_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        retrieval_top_k: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        melody_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> MG2PipelineOutput | tuple:
+        """Generate music for `prompt`, guided by the nearest melody in the index or by `melody`.
+
+        Args:
+            prompt: text or list of texts.
+            negative_prompt: replaces the empty text as the unconditional input of classifier-free guidance.
+            melody: guide with this melody instead of retrieving one: a `Melody`, a MIDI/MusicXML/ABC/audio path,
+                a token or note string ("G4:0.5 A4:0.5"), or a 16 kHz waveform to transcribe; one for every prompt
+                or a list with one per prompt.
+            audio_length_in_s: seconds of audio (default: the training length); rounded up to whole latent frames.
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance scale; <= 1 disables guidance.
+            num_waveforms_per_prompt: candidates per prompt, re-ranked best first by CLMP text–audio similarity;
+                with `retrieval_top_k` > 1 the candidates cycle through the top-k retrieved melodies.
+            generator, latents: seeding as in diffusers; the same generator gives identical output.
+            retrieval_top_k: retrieved melodies per prompt.
+            prompt_embeds, melody_embeds: precomputed CLMP text / melody embeddings `(batch, projection_dim)`.
+            output_type: "np" or "pt" waveforms, or "latent".
+            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step; returned tensors replace ours.
+        """
+        # 1. Check inputs
+        batch_size = self.check_inputs(prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps,
+                                       guidance_scale, num_waveforms_per_prompt, retrieval_top_k, prompt_embeds,
+                                       melody_embeds, output_type, callback_on_step_end_tensor_inputs)
+        user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
+        audio_length_in_s = audio_length_in_s or self.default_audio_length_in_s
+        height = int(np.ceil(audio_length_in_s * self.sampling_rate / self.hop_length / self.frames_multiple)) * self.frames_multiple
+        num_samples = int(round(audio_length_in_s * self.sampling_rate))
+        self._guidance_scale = guidance_scale
+        device = self._execution_device
+        num_waveforms = batch_size * num_waveforms_per_prompt
+
+        # 2. Encode the prompt with CLMP's text tower
+        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_text(prompts, device)
+        prompt_embeds = prompt_embeds.to(device)
+
+        # 3. Retrieve a melody per waveform (or embed the user's)
+        if melody_embeds is not None:
+            guiding = [None] * num_waveforms
+            melody_embeds = melody_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+        elif user_melodies is not None:
+            guiding = [RetrievedMelody(m, id=None, score=None, metadata={"source": "user"})
+                       for m in user_melodies for _ in range(num_waveforms_per_prompt)]
+            melody_embeds = self.encode_melody(user_melodies, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+        else:
+            hits = self.retriever.search(prompt_embeds, k=retrieval_top_k)
+            choice = [(row, candidate % retrieval_top_k) for row in range(batch_size) for candidate in range(num_waveforms_per_prompt)]
+            guiding = [hits.melodies[row][rank] for row, rank in choice]
+            melody_embeds = torch.from_numpy(np.stack([hits.embeddings[row, rank] for row, rank in choice])).to(device)
+        text_embeds = prompt_embeds.repeat_interleave(num_waveforms_per_prompt, dim=0)
+        condition = torch.cat([text_embeds, melody_embeds.to(text_embeds.dtype)], dim=-1)
+        if self.do_classifier_free_guidance:
+            # Unconditional: the empty text's embedding in both halves (or the negative prompt's).
+            negatives = [""] * batch_size if negative_prompt is None else (
+                [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt))
+            negative_embeds = self.encode_text(negatives, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+            condition = torch.cat([torch.cat([negative_embeds, negative_embeds], dim=-1), condition])
+        condition = condition.to(self.unet.dtype)
+
+        # 4. Prepare timesteps and latents
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        latents = self.prepare_latents(num_waveforms, height, self.unet.dtype, device, generator, latents)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+
+        # 5. Denoise
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=None, class_labels=condition).sample
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_cond = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "melody_embeds": melody_embeds}
+                    outputs = callback_on_step_end(self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return MG2PipelineOutput(audios=latents, melodies=guiding, sampling_rate=self.sampling_rate) if return_dict else (latents, guiding)
+
+        # 6. Decode latents to log-mel, 7. vocode to waveforms
+        mel = self.decode_latents(latents)
+        audio = self.vocoder(mel.to(self.vocoder.dtype)).float()[:, :num_samples]
+
+        # Re-rank each prompt's candidates by CLMP text–audio similarity, best first.
+        if num_waveforms_per_prompt > 1:
+            scores = self.score_waveforms(audio, text_embeds).view(batch_size, num_waveforms_per_prompt)
+            order = (torch.argsort(scores, dim=1, descending=True) + num_waveforms_per_prompt
+                     * torch.arange(batch_size, device=scores.device)[:, None]).reshape(-1).cpu()
+            audio = audio[order.to(audio.device)]
+            guiding = [guiding[i] for i in order.tolist()]
+        self.maybe_free_model_hooks()
+
+        audio = audio.cpu()
+        if output_type == "np":
+            audio = audio.numpy()
+        if not return_dict:
+            return audio, guiding
+        return MG2PipelineOutput(audios=audio, melodies=guiding, sampling_rate=self.sampling_rate)
