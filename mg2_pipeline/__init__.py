@@ -7,8 +7,10 @@ from .configuration_clmp import CLMPConfig, CLMPMelodyConfig
 from .feature_extraction_clmp import CLMPFeatureExtractor
 from .melody import MELODY_VOCAB, Melody
 from .modeling_clmp import CLMPModel, CLMPOutput
+from .pipeline_mg2 import MG2Pipeline, MG2PipelineOutput
 from .processing_clmp import CLMPProcessor
 from .retrieval import MelodyRetriever, RetrievalOutput, RetrievedMelody
+from .vocoder import GriffinLimVocoder
 
 __version__ = "0.1.0"
 
@@ -18,7 +20,7 @@ AutoFeatureExtractor.register(CLMPConfig, CLMPFeatureExtractor)
 AutoProcessor.register(CLMPConfig, CLMPProcessor)
 
 __all__ = [
-    "CLMPConfig", "CLMPFeatureExtractor", "CLMPMelodyConfig", "CLMPModel", "CLMPOutput", "CLMPProcessor",
+    "CLMPConfig", "CLMPFeatureExtractor", "GriffinLimVocoder", "MG2Pipeline", "MG2PipelineOutput", "CLMPMelodyConfig", "CLMPModel", "CLMPOutput", "CLMPProcessor",
     "LogMelSpectrogram", "MELODY_VOCAB", "Melody", "MelodyRetriever", "RetrievalOutput", "RetrievedMelody",
     "load_audio", "save_audio",
 ]

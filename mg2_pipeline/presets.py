@@ -165,3 +165,12 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None):
         retriever.add(embeddings, melodies, [{"title": title, "source": "preset"} for title in PRESET_MELODIES])
     return MG2Pipeline(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler, vae=vae,
                        vocoder=vocoder if vocoder is not None else GriffinLimVocoder())
+
+
+def load_pipeline(model: str, **kwargs):
+    """`preset:NAME` → `build_pipeline(NAME)`; anything else (a folder or Hub repo id) → `MG2Pipeline.from_pretrained`."""
+    from .pipeline_mg2 import MG2Pipeline
+
+    if model.startswith("preset:"):
+        return build_pipeline(model.split(":", 1)[1])
+    return MG2Pipeline.from_pretrained(model, **kwargs)

@@ -1,0 +1,250 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline
+from mg2_pipeline.presets import build_pipeline, unet_config
+
+from conftest import ROOT
+
+PROMPT = "a lively Irish jig on fiddle"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipeline = build_pipeline("tiny", seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def generate(pipe, seed=0, **kwargs):
+    kwargs = {"num_inference_steps": 3, "audio_length_in_s": 1.0, **kwargs}
+    return pipe(kwargs.pop("prompt", PROMPT), generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_generates_finite_audio_of_the_requested_length_deterministically(pipe):
+    out = generate(pipe, audio_length_in_s=1.3)
+    assert out.sampling_rate == 16000
+    assert out.audios.shape == (1, 20800) and out.audios.dtype == np.float32
+    assert np.all(np.isfinite(out.audios)) and np.abs(out.audios).max() > 0
+    np.testing.assert_array_equal(out.audios, generate(pipe, audio_length_in_s=1.3).audios)
+    assert not np.allclose(out.audios, generate(pipe, seed=1, audio_length_in_s=1.3).audios)
+    # a batch of prompts, torch output, and latents
+    batch = generate(pipe, prompt=[PROMPT, "a slow air on flute"], output_type="pt")
+    assert isinstance(batch.audios, torch.Tensor) and batch.audios.shape == (2, 16000)
+    latents = generate(pipe, output_type="latent").audios
+    assert latents.shape == (1, 4, 50, 32)  # 1.0 s → 100 mel frames (a multiple of 4 = VAE ×2 · UNet ×2), ÷2 by the VAE
+
+
+def test_retrieval_guides_by_default_and_a_user_melody_replaces_it(pipe, tmp_path):
+    retrieved = generate(pipe)
+    guide = retrieved.melodies[0]
+    assert guide.id is not None and guide.metadata["source"] == "preset" and -1 <= guide.score <= 1
+    expected_id = pipe.retriever.search(pipe.encode_text([PROMPT], pipe.device), k=1).ids[0, 0]
+    assert guide.id == expected_id
+
+    user = Melody.from_string("G4:0.5 A4:0.5 B4:1")
+    from_melody = generate(pipe, melody=user)
+    assert from_melody.melodies[0].id is None and from_melody.melodies[0].melody == user
+    assert from_melody.melodies[0].metadata == {"source": "user"}
+    assert not np.allclose(from_melody.audios, retrieved.audios)
+    # the same melody as a note string, a token string and a MIDI file gives the same music
+    np.testing.assert_array_equal(generate(pipe, melody="G4:0.5 A4:0.5 B4:1").audios, from_melody.audios)
+    np.testing.assert_array_equal(generate(pipe, melody=user.to_tokens()).audios, from_melody.audios)
+    user.to_midi(tmp_path / "tune.mid")
+    from_midi = generate(pipe, melody=str(tmp_path / "tune.mid"))
+    assert from_midi.melodies[0].melody.pitches.tolist() == [67, 69, 71]
+    # precomputed melody embeddings skip retrieval
+    embeds = pipe.encode_melody([user], pipe.device)
+    np.testing.assert_allclose(generate(pipe, melody_embeds=embeds).audios, from_melody.audios, atol=1e-6)
+
+
+def test_a_waveform_melody_is_transcribed(pipe):
+    t = np.arange(16000 * 2) / 16000
+    notes = [(69, 0.0, 0.5), (72, 0.5, 1.0), (76, 1.0, 1.5)]
+    waveform = sum(np.where((t >= on) & (t < off), 0.4 * np.sin(2 * np.pi * 440 * 2 ** ((p - 69) / 12) * t), 0.0)
+                   for p, on, off in notes).astype(np.float32)
+    out = generate(pipe, melody=waveform)
+    assert out.melodies[0].melody.pitches.tolist() == [69, 72, 76]
+
+
+def test_classifier_free_guidance_doubles_the_batch_and_changes_the_output(pipe):
+    batches = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    try:
+        guided = generate(pipe, guidance_scale=3.0)
+        unguided = generate(pipe, guidance_scale=1.0)
+        negative = generate(pipe, guidance_scale=3.0, negative_prompt="noise")
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 2, 1, 1, 1, 2, 2, 2]
+    assert not np.allclose(guided.audios, unguided.audios)
+    assert not np.allclose(guided.audios, negative.audios)
+
+
+def test_candidates_are_reranked_by_clmp_text_audio_similarity(pipe):
+    out = generate(pipe, prompt=[PROMPT, "a chorale"], num_waveforms_per_prompt=3, retrieval_top_k=3)
+    assert out.audios.shape == (6, 16000) and len(out.melodies) == 6
+    text = pipe.encode_text([PROMPT] * 3 + ["a chorale"] * 3, pipe.device)
+    scores = pipe.score_waveforms(torch.from_numpy(out.audios), text).view(2, 3)
+    assert torch.all(scores[:, :-1] >= scores[:, 1:] - 1e-6)
+    top3 = pipe.retriever.search(pipe.encode_text([PROMPT], pipe.device), k=3).ids[0]
+    assert sorted(m.id for m in out.melodies[:3]) == sorted(top3.tolist())  # one candidate per retrieved melody
+
+
+def test_callback_on_step_end_sees_and_replaces_latents(pipe):
+    seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.append((step, tuple(tensors["latents"].shape), tuple(tensors["melody_embeds"].shape)))
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    out = generate(pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "melody_embeds"],
+                   output_type="latent")
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 32)
+    assert torch.count_nonzero(out.audios) == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompt": None}, "prompt is None"),
+    ({"prompt": "  "}, "prompt is empty"),
+    ({"prompt": ["a", ""]}, "prompt is empty"),
+    ({"prompt": 3}, "prompt must be a string"),
+    ({"prompt": ["a", "b"], "negative_prompt": ["x"]}, "negative_prompt has 1 entries but prompt has 2"),
+    ({"audio_length_in_s": 0}, "audio_length_in_s must be between"),
+    ({"audio_length_in_s": 100.0}, "audio_length_in_s must be between"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+    ({"guidance_scale": -1}, "guidance_scale must be a number >= 0"),
+    ({"num_waveforms_per_prompt": 0}, "num_waveforms_per_prompt must be an integer >= 1"),
+    ({"retrieval_top_k": 99}, "retrieval_top_k must be an integer between 1 and 6"),
+    ({"melody": "H9:1"}, "melody could not be read"),
+    ({"melody": "missing.mid"}, "melody could not be read: Unreadable MIDI file"),
+    ({"melody": np.zeros(16000, np.float32)}, "melody could not be read: .*silent"),
+    ({"melody": ["G4:1"] * 2}, "melody has 2 entries but prompt has 1"),
+    ({"output_type": "wav"}, "output_type must be one of"),
+    ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback_on_step_end_tensor_inputs"),
+])
+def test_bad_arguments_raise_before_any_compute(pipe, kwargs, message):
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises((ValueError, TypeError), match=message):
+            pipe(**{"prompt": PROMPT, "num_inference_steps": 2, **kwargs})
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_save_and_reload_is_bit_identical_and_safetensors_only(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "mg2")
+    files = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "mg2") for name in names]
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")) and not f.endswith("index.bin")]
+    for path in ("pipeline_mg2.py", "clmp/modeling_clmp.py", "retriever/retrieval.py", "vocoder/vocoder.py",
+                 "processor/processing_clmp.py", "unet/diffusion_pytorch_model.safetensors"):
+        assert os.path.isfile(tmp_path / "mg2" / path), path
+    loaded = MG2Pipeline.from_pretrained(tmp_path / "mg2")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(generate(loaded).audios, generate(pipe).audios)
+    # refuses to run the folder's code without trust_remote_code
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(tmp_path / "mg2")
+    with pytest.raises(ValueError, match="safetensors only"):
+        pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+
+
+def test_remote_code_loads_without_the_package(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "mg2")
+    np.save(tmp_path / "expected.npy", generate(pipe).audios)
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "mg2_pipeline" or name.startswith("mg2_pipeline."):
+                    raise ImportError("mg2_pipeline is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import numpy as np, torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "mg2")!r}, trust_remote_code=True)
+        out = pipe({PROMPT!r}, num_inference_steps=3, audio_length_in_s=1.0, generator=torch.Generator().manual_seed(0))
+        assert "mg2_pipeline" not in sys.modules
+        assert np.array_equal(out.audios, np.load({str(tmp_path / "expected.npy")!r}))
+        print("remote-code", type(pipe).__module__, type(pipe.retriever).__module__, out.melodies[0].metadata["title"])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote-code diffusers_modules.local.pipeline_mg2 diffusers_modules.local.retrieval" in result.stdout
+
+
+def test_audioldm_format_vae_vocoder_and_other_schedulers_plug_in(pipe, tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=8, block_out_channels=(8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8)  # AudioLDM's VAE shape: 1 channel in, 8 latent, ×4
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=64, sampling_rate=16000, upsample_initial_channel=64, upsample_rates=[5, 4, 2, 2, 2],
+        upsample_kernel_sizes=[10, 8, 4, 4, 4], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
+        normalize_before=False)).eval()  # AudioLDM's vocoder shape: 64 mels in, ×160 up, 16 kHz
+    unet = UNet2DConditionModel(**{**unet_config("tiny", 32), "in_channels": 8, "out_channels": 8})
+    audioldm = MG2Pipeline(clmp=pipe.clmp, processor=pipe.processor, retriever=pipe.retriever, unet=unet,
+                           scheduler=DDIMScheduler.from_config(pipe.scheduler.config), vae=vae, vocoder=vocoder)
+    audioldm.set_progress_bar_config(disable=True)
+    out = generate(audioldm, audio_length_in_s=1.0)
+    assert out.audios.shape == (1, 16000) and np.all(np.isfinite(out.audios))
+    audioldm.save_pretrained(tmp_path / "audioldm")
+    reloaded = MG2Pipeline.from_pretrained(tmp_path / "audioldm")
+    reloaded.set_progress_bar_config(disable=True)
+    assert isinstance(reloaded.vocoder, SpeechT5HifiGan) and isinstance(reloaded.scheduler, DDIMScheduler)
+    np.testing.assert_array_equal(generate(reloaded).audios, out.audios)
+
+
+def test_a_fingerprint_mismatch_between_clmp_and_index_is_refused(pipe):
+    other = build_pipeline("tiny", seed=1)
+    with pytest.raises(ValueError, match="fingerprint"):
+        MG2Pipeline(clmp=other.clmp, processor=pipe.processor, retriever=pipe.retriever, unet=pipe.unet,
+                    scheduler=pipe.scheduler, vae=pipe.vae, vocoder=pipe.vocoder)
+
+
+def test_griffin_lim_vocoder_keeps_the_pitch():
+    t = np.arange(16000) / 16000
+    tone = torch.from_numpy((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+    log_mel = LogMelSpectrogram()(tone)[:100]
+    waveform = GriffinLimVocoder()(log_mel)
+    assert waveform.shape == (16000,)
+    # the tone's energy lands in the same mel band, within that band's width (~60 Hz at 440 Hz)
+    rebuilt = LogMelSpectrogram()(waveform)
+    assert rebuilt.mean(0).argmax() == log_mel.mean(0).argmax()
+    spectrum = np.abs(np.fft.rfft(waveform.numpy()))
+    assert abs(np.argmax(spectrum) - 440) < 40  # 1 Hz per bin for one second
+
+
+def test_paper_preset_unet_has_416m_parameters():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config("paper", 512))
+    parameters = sum(p.numel() for p in unet.parameters())
+    assert abs(parameters - 416e6) / 416e6 < 0.01
+    assert unet.config.class_embed_type == "simple_projection" and unet.config.projection_class_embeddings_input_dim == 1024
+
+
+def test_cli_writes_a_playable_wav(tmp_path):
+    output = tmp_path / "jig.wav"
+    result = subprocess.run(
+        [sys.executable, "-m", "mg2_pipeline", "generate", PROMPT, "--output", str(output), "--model", "preset:tiny",
+         "--steps", "2", "--duration", "1.5", "--melody", "G4:0.5 A4:0.5"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Melody: yours" in result.stdout and "Wrote" in result.stdout
+    audio, sample_rate = soundfile.read(output)
+    assert sample_rate == 16000 and audio.shape == (24000,) and np.abs(audio).max() > 0
+    bad = subprocess.run([sys.executable, "-m", "mg2_pipeline", "generate", " ", "--output", str(output),
+                          "--model", "preset:tiny"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "prompt is empty" in bad.stderr
