@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Inference cost of MG2Pipeline per stage, against a bare diffusers denoising loop with the same UNet and scheduler.
+
+    python benchmarks/bench_inference.py                         # the `small` preset, random weights
+    python benchmarks/bench_inference.py --model checkpoints/mg2-small
+
+For 10.24 s of audio (25 DPM-Solver steps, guidance 3): wall time of CLMP text encoding, retrieval, the
+denoising loop, VAE decoding and the vocoder; the real-time factor; MG2's prompt → latents time over a
+bare loop (precomputed condition, same latents, same scheduler) — the overhead the pipeline adds; and
+the UNet's achieved FLOP/s against this machine's fp32 matmul peak, measured in the same run.
+Medians over --repeats runs, the two contenders interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mg2_pipeline.presets import load_pipeline
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+class StageTimer:
+    """Wraps callables of the pipeline to add up their wall time per stage."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            return result
+
+        return timed
+
+
+@torch.no_grad()
+def bare_loop(pipe, condition: torch.Tensor, latents: torch.Tensor, steps: int, guidance_scale: float) -> torch.Tensor:
+    """The textbook diffusers loop: what any pipeline must at least do."""
+    pipe.scheduler.set_timesteps(steps)
+    latents = latents * pipe.scheduler.init_noise_sigma
+    for t in pipe.scheduler.timesteps:
+        model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        uncond, cond = pipe.unet(model_input, t, encoder_hidden_states=None, class_labels=condition).sample.chunk(2)
+        latents = pipe.scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+    return latents
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="preset:small")
+    parser.add_argument("--seconds", type=float, default=10.24)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default="benchmarks/results/inference.json")
+    args = parser.parse_args(argv)
+
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a lively Irish jig on fiddle, 120 BPM"
+    timer = StageTimer()
+    pipe.encode_text = timer.wrap("CLMP text encoding", pipe.encode_text)
+    pipe.retriever.search = timer.wrap("retrieval", pipe.retriever.search)
+    pipe.decode_latents = timer.wrap("VAE decode", pipe.decode_latents)
+    vocoder_forward = pipe.vocoder.forward
+    pipe.vocoder.forward = timer.wrap("vocoder", vocoder_forward)
+
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    pipe(prompt, num_inference_steps=2, audio_length_in_s=args.seconds, generator=generator())  # warm-up
+    full, to_latents, bare, stages = [], [], [], []
+    for _ in range(args.repeats):
+        timer.seconds = {}
+        start = time.perf_counter()
+        audio = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                     audio_length_in_s=args.seconds, generator=generator()).audios
+        full.append(time.perf_counter() - start)
+        stages.append(dict(timer.seconds))
+
+        start = time.perf_counter()
+        latents = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                       audio_length_in_s=args.seconds, generator=generator(), output_type="latent").audios
+        to_latents.append(time.perf_counter() - start)
+
+        # the bare loop gets the condition and the initial noise for free
+        text = pipe.encode_text([prompt, ""], pipe.device)
+        melody = torch.from_numpy(pipe.retriever.search(text[:1], k=1).embeddings[:, 0])
+        condition = torch.cat([torch.cat([text[1:], text[1:]], -1), torch.cat([text[:1], melody], -1)])
+        noise = torch.randn(latents.shape, generator=generator())
+        start = time.perf_counter()
+        bare_latents = bare_loop(pipe, condition, noise, args.steps, args.guidance_scale)
+        bare.append(time.perf_counter() - start)
+    # same computation up to float rounding (the pipeline encodes prompt and empty text in separate batches)
+    assert (bare_latents - latents).abs().max() <= 1e-4 * latents.abs().max(), "the bare loop must compute what the pipeline computes"
+
+    with FlopCounterMode(display=False) as counter:
+        pipe.unet(torch.cat([latents] * 2), pipe.scheduler.timesteps[0], encoder_hidden_states=None, class_labels=condition)
+    unet_flops = counter.get_total_flops() * args.steps
+    peak = matmul_peak_flops()
+
+    stage_medians = {name: statistics.median(s[name] for s in stages) for name in stages[0]}
+    full_s, latents_s, bare_s = statistics.median(full), statistics.median(to_latents), statistics.median(bare)
+    denoise_s = latents_s - stage_medians["CLMP text encoding"] - stage_medians["retrieval"]
+    results = {
+        "model": args.model, "audio_seconds": args.seconds, "steps": args.steps, "threads": torch.get_num_threads(),
+        "unet_parameters_M": sum(p.numel() for p in pipe.unet.parameters()) / 1e6,
+        "latent_shape": list(latents.shape), "samples": int(audio.shape[-1]),
+        "stages_s": {**stage_medians, "denoising loop (incl. scheduler)": denoise_s},
+        "total_s": full_s, "real_time_factor": full_s / args.seconds,
+        "prompt_to_latents_s": latents_s, "bare_loop_s": bare_s, "overhead_vs_bare_loop": latents_s / bare_s - 1,
+        "unet_gflops_per_run": unet_flops / 1e9, "achieved_gflop_per_s": unet_flops / bare_s / 1e9,
+        "fp32_matmul_peak_gflop_per_s": peak / 1e9, "fraction_of_peak": unet_flops / bare_s / peak,
+    }
+    print(f"{args.model}: {args.seconds} s of audio, {args.steps} steps, {results['threads']} threads, "
+          f"UNet {results['unet_parameters_M']:.1f} M on latents {results['latent_shape']}")
+    print("| stage | seconds |\n|---|---|")
+    for name, seconds in results["stages_s"].items():
+        print(f"| {name} | {seconds:.3f} |")
+    print(f"| **total** | **{full_s:.3f}** (real-time factor {results['real_time_factor']:.3f}) |")
+    print(f"prompt → latents {latents_s:.3f} s vs bare loop {bare_s:.3f} s: overhead {100 * results['overhead_vs_bare_loop']:+.1f} %")
+    print(f"UNet {results['achieved_gflop_per_s']:.1f} GFLOP/s achieved vs fp32 matmul peak "
+          f"{results['fp32_matmul_peak_gflop_per_s']:.1f} GFLOP/s ({100 * results['fraction_of_peak']:.0f} %)")
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
