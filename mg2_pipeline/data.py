@@ -107,6 +107,7 @@ class MG2Example:
         example = {
             "clip_id": row.get("clip_id", ""),
             "caption": row["caption"],
+            "melody_tokens": row["melody_tokens"],
             "waveform": waveform,
             "log_mel": log_mel,
             "melody_input_ids": torch.from_numpy(melody["input_ids"]),

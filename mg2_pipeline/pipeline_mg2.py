@@ -25,6 +25,8 @@ from .melody import Melody
 from .retrieval import RetrievedMelody
 
 OUTPUT_TYPES = ("np", "pt", "latent")
+# "text_melody": MG2's [text ‖ melody] condition; "text": the text-only ablation, [text ‖ text], same UNet shape.
+CONDITIONS = ("text_melody", "text")
 # Lengths beyond this many times the training length are refused: the UNet has never seen them.
 MAX_LENGTH_FACTOR = 3
 
@@ -67,6 +69,7 @@ class MG2Pipeline(DiffusionPipeline):
         clmp (`CLMPModel`): text, audio and melody towers in one embedding space.
         processor (`CLMPProcessor`): tokenizer + log-mel feature extractor + melody tokenizer for `clmp`.
         retriever (`MelodyRetriever`): HNSW index of CLMP melody embeddings and the melodies themselves.
+    `condition="text"` marks a text-only ablation model: its melody half is the text embedding again.
         unet (`UNet2DConditionModel`): denoiser conditioned by FiLM on [text ‖ melody] (`class_labels`), no cross-attention.
         scheduler: any diffusers scheduler (default `DPMSolverMultistepScheduler`).
         vae (`AutoencoderKL`): 1-channel log-mel images ↔ latents.
@@ -77,12 +80,15 @@ class MG2Pipeline(DiffusionPipeline):
     _exclude_from_cpu_offload = ["retriever"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "melody_embeds"]
 
-    def __init__(self, clmp, processor, retriever, unet, scheduler, vae, vocoder):
+    def __init__(self, clmp, processor, retriever, unet, scheduler, vae, vocoder, condition: str = "text_melody"):
         super().__init__()
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
         if retriever is not None and clmp is not None:
             retriever.check_clmp(clmp)
         self.register_modules(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler,
                               vae=vae, vocoder=vocoder)
+        self.register_to_config(condition=condition)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # ----- saving and loading -----
@@ -130,8 +136,11 @@ class MG2Pipeline(DiffusionPipeline):
         with open(os.path.join(folder, "model_index.json")) as handle:
             model_index = json.load(handle)
         components = {}
-        for name in inspect.signature(cls.__init__).parameters:
+        for name, parameter in inspect.signature(cls.__init__).parameters.items():
             if name == "self":
+                continue
+            if parameter.default is not inspect.Parameter.empty:  # a setting, not a component
+                components[name] = kwargs.pop(name, model_index.get(name, parameter.default))
                 continue
             if name in kwargs:
                 components[name] = kwargs.pop(name)
@@ -210,7 +219,9 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError(f"melody has {len(melody)} entries but prompt has {batch_size}; pass one melody, or one per prompt.")
         if melody_embeds is not None and (not isinstance(melody_embeds, torch.Tensor) or melody_embeds.shape != (batch_size, self.clmp.config.projection_dim)):
             raise ValueError(f"melody_embeds must be a ({batch_size}, {self.clmp.config.projection_dim}) tensor of CLMP melody embeddings.")
-        if melody is None and melody_embeds is None and self.retriever is None:
+        if self.config.condition == "text" and (melody is not None or melody_embeds is not None):
+            raise ValueError("This is a text-only model (condition='text'): it takes no melody or melody_embeds.")
+        if melody is None and melody_embeds is None and self.retriever is None and self.config.condition != "text":
             raise ValueError("This pipeline has no retriever: pass melody= (or melody_embeds=).")
         max_length = MAX_LENGTH_FACTOR * self.default_audio_length_in_s
         min_length = self.frames_multiple * self.hop_length / self.sampling_rate
@@ -351,7 +362,10 @@ class MG2Pipeline(DiffusionPipeline):
         prompt_embeds = prompt_embeds.to(device)
 
         # 3. Retrieve a melody per waveform (or embed the user's)
-        if melody_embeds is not None:
+        if self.config.condition == "text":
+            guiding = [None] * num_waveforms
+            melody_embeds = prompt_embeds.repeat_interleave(num_waveforms_per_prompt, dim=0)
+        elif melody_embeds is not None:
             guiding = [None] * num_waveforms
             melody_embeds = melody_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
         elif user_melodies is not None:

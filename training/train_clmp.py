@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
 
 import torch
@@ -32,6 +31,7 @@ from mg2_pipeline.feature_extraction_clmp import CLMPFeatureExtractor
 from mg2_pipeline.modeling_clmp import MAX_LOGIT_SCALE, CLMPModel, contrastive_loss
 from mg2_pipeline.presets import CLMP_PRESETS, clmp_config, load_minilm_weights, minilm_path
 from mg2_pipeline.processing_clmp import CLMPProcessor
+from training_utils import resume, save_checkpoint
 
 logger = get_logger(__name__)
 
@@ -140,21 +140,10 @@ def main(argv=None):
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
     # Checkpoints hold the accelerate state plus where the data stream was.
-    global_step, epoch, batches_in_epoch = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            checkpoints = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
-                                 key=lambda d: int(d.split("-")[1])) if os.path.isdir(args.output_dir) else []
-            path = os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
-        if path is None:
-            logger.info("No checkpoint found; starting a new run.")
-        else:
-            accelerator.load_state(path)
-            with open(os.path.join(path, "training_state.json")) as handle:
-                state = json.load(handle)
-            global_step, epoch, batches_in_epoch = state["global_step"], state["epoch"], state["batches_in_epoch"]
-            logger.info(f"Resumed from {path} at step {global_step}")
+    state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    global_step, epoch, batches_in_epoch = (state.get(key, 0) for key in ("global_step", "epoch", "batches_in_epoch"))
+    if state:
+        logger.info(f"Resumed at step {global_step}")
 
     if accelerator.is_main_process:
         accelerator.init_trackers("train_clmp", config={k: v if not isinstance(v, list) else ",".join(v) for k, v in vars(args).items()
@@ -204,7 +193,8 @@ def main(argv=None):
                 progress_bar.set_postfix(loss=f"{logs['loss']:.3f}", samples_s=f"{logs['samples_per_second']:.1f}")
                 accelerator.log(logs, step=global_step)
                 if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                    save_checkpoint(accelerator, args, global_step, epoch, batches_in_epoch)
+                    save_checkpoint(accelerator, args.output_dir, args.checkpoints_total_limit, global_step,
+                                    epoch=epoch, batches_in_epoch=batches_in_epoch)
                 if global_step >= args.max_train_steps:
                     break
         else:
@@ -230,23 +220,6 @@ def main(argv=None):
             model.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
             processor.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
     accelerator.end_training()
-
-
-def save_checkpoint(accelerator: Accelerator, args, global_step: int, epoch: int, batches_in_epoch: int) -> None:
-    """`save_state` into checkpoint-N (written to a temporary folder, then renamed), pruning old ones."""
-    if accelerator.is_main_process and args.checkpoints_total_limit:
-        checkpoints = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()),
-                             key=lambda d: int(d.split("-")[1]))
-        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, old))
-    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    temporary = final + ".tmp"
-    accelerator.save_state(temporary)
-    if accelerator.is_main_process:
-        with open(os.path.join(temporary, "training_state.json"), "w") as handle:
-            json.dump({"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}, handle)
-        os.replace(temporary, final)
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

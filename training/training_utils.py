@@ -1,0 +1,80 @@
+"""Training code shared by the recipes in this folder: checkpoints, resuming, and the non-finite-loss guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from accelerate import Accelerator
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Complete checkpoint folders (`checkpoint-N`, never a `.tmp` being written), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
+    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, total_limit: int | None, global_step: int,
+                    **training_state) -> str:
+    """`accelerator.save_state` into `checkpoint-N`: written to `checkpoint-N.tmp` and renamed when complete,
+    so a run killed mid-write never leaves a folder that `latest` would pick. Keeps the newest `total_limit`."""
+    if accelerator.is_main_process and total_limit:
+        existing = checkpoint_dirs(output_dir)
+        for old in existing[: max(0, len(existing) - total_limit + 1)]:
+            shutil.rmtree(old)
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    temporary = final + ".tmp"
+    accelerator.save_state(temporary)
+    if accelerator.is_main_process:
+        with open(os.path.join(temporary, "training_state.json"), "w") as handle:
+            json.dump({"global_step": global_step, **training_state}, handle)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None) -> dict:
+    """Load `resume_from_checkpoint` (a folder, or `latest` in `output_dir`) and return its training state
+    (`{}` when there is nothing to resume)."""
+    if not resume_from_checkpoint:
+        return {}
+    path = resume_from_checkpoint
+    if path == "latest":
+        existing = checkpoint_dirs(output_dir)
+        if not existing:
+            return {}
+        path = existing[-1]
+    accelerator.load_state(path)
+    with open(os.path.join(path, "training_state.json")) as handle:
+        return json.load(handle)
+
+
+class NonFiniteLossGuard:
+    """Skips steps whose loss is NaN/inf on any process, and aborts after `patience` in a row."""
+
+    def __init__(self, accelerator: Accelerator, patience: int):
+        self.accelerator, self.patience = accelerator, patience
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def should_skip(self, loss: torch.Tensor) -> bool:
+        bad = self.accelerator.gather((~torch.isfinite(loss.detach())).float().reshape(1)).sum().item() > 0
+        if not bad:
+            self.in_a_row = 0
+            return False
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.patience:
+            raise RuntimeError(
+                f"The loss was NaN or infinite for {self.in_a_row} steps in a row ({self.skipped} skipped in all); "
+                "stopping with the weights of the last good step. Lower --learning_rate or check the data."
+            )
+        return True
