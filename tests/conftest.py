@@ -19,6 +19,26 @@ def run_prepare_data(*arguments: str) -> subprocess.CompletedProcess:
     return result
 
 
+def run(command: list[str], **env) -> subprocess.CompletedProcess:
+    """Run a command from the repository root; fails the test with its output on error."""
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def accelerate_command(script: str, *arguments: str, processes: int = 1) -> tuple[list[str], dict]:
+    """`accelerate launch` on CPU with 1 or N processes (N > 1: `--multi_gpu` with ACCELERATE_USE_CPU)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes > 1:
+        return launcher + ["--multi_gpu", "--num_processes", str(processes), script, *arguments], {"ACCELERATE_USE_CPU": "true"}
+    return launcher + ["--cpu", "--num_processes", "1", script, *arguments], {}
+
+
+def accelerate(script: str, *arguments: str, processes: int = 1, **env) -> subprocess.CompletedProcess:
+    command, launch_env = accelerate_command(script, *arguments, processes=processes)
+    return run(command, **launch_env, **env)
+
+
 TINY_BUILD_ARGS = (
     "--max_tunes", "12", "--clips_per_tune", "2", "--clip_seconds", "4", "--tunes_per_shard", "3",
     "--validation_fraction", "0.25", "--test_fraction", "0.25", "--seed", "2", "--num_workers", "2",
@@ -31,3 +51,22 @@ def tiny_dataset(tmp_path_factory) -> str:
     output_dir = str(tmp_path_factory.mktemp("datasets") / "tiny-folk")
     run_prepare_data("--output_dir", output_dir, *TINY_BUILD_ARGS)
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_parts(tiny_dataset, tmp_path_factory) -> dict[str, str]:
+    """A tiny random CLMP (with processor) and the melody index it builds over the tiny dataset."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mg2_pipeline import CLMPFeatureExtractor, CLMPModel, CLMPProcessor
+    from mg2_pipeline.presets import clmp_config, minilm_path
+
+    folder = tmp_path_factory.mktemp("generator-parts")
+    torch.manual_seed(0)
+    CLMPModel(clmp_config("tiny")).save_pretrained(folder / "clmp")
+    CLMPProcessor(CLMPFeatureExtractor(max_length_s=4.0), AutoTokenizer.from_pretrained(minilm_path()),
+                  max_text_length=16).save_pretrained(folder / "clmp")
+    run([sys.executable, os.path.join(ROOT, "training", "build_index.py"), "--clmp", str(folder / "clmp"),
+         "--dataset", tiny_dataset, "--output_dir", str(folder / "index"), "--M", "8", "--ef_construction", "50"])
+    return {"clmp": str(folder / "clmp"), "retriever": str(folder / "index")}

@@ -1,13 +1,13 @@
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, run
+from conftest import accelerate as accelerate_script
 from mg2_pipeline import CLMPModel
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
@@ -15,24 +15,12 @@ from evaluate_clmp import retrieval_metrics  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "training", "train_clmp.py")
 EVALUATE = os.path.join(ROOT, "training", "evaluate_clmp.py")
+def accelerate(*arguments: str, processes: int = 1, **env):
+    return accelerate_script(TRAIN, *arguments, processes=processes, **env)
+
+
 TINY_ARGS = ["--preset", "tiny", "--clip_seconds", "4", "--max_text_length", "16", "--init_text_encoder", "none",
              "--train_batch_size", "2", "--report_to", "tensorboard"]
-
-
-def run(command: list[str], **env) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
-
-
-def accelerate(*arguments: str, processes: int = 1, **env) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    if processes > 1:
-        launcher += ["--multi_gpu", "--num_processes", str(processes)]
-        env["ACCELERATE_USE_CPU"] = "true"
-    else:
-        launcher += ["--cpu", "--num_processes", "1"]
-    return run(launcher + [TRAIN, *arguments], **env)
 
 
 def test_retrieval_metrics():

@@ -143,7 +143,7 @@ def main(argv=None):
     state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
     global_step, epoch, batches_in_epoch = (state.get(key, 0) for key in ("global_step", "epoch", "batches_in_epoch"))
     if state:
-        logger.info(f"Resumed at step {global_step}")
+        logger.info(f"Resumed from {state['checkpoint']} at step {global_step}")
 
     if accelerator.is_main_process:
         accelerator.init_trackers("train_clmp", config={k: v if not isinstance(v, list) else ",".join(v) for k, v in vars(args).items()

@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from mg2_pipeline.audio import save_audio
 from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
+from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.pipeline_mg2 import CONDITIONS
 from mg2_pipeline.presets import load_pipeline
 from training_utils import NonFiniteLossGuard, resume, save_checkpoint
@@ -45,6 +46,9 @@ logger = get_logger(__name__)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default="preset:small", help="A saved MG2Pipeline folder, or preset:tiny|small.")
+    parser.add_argument("--clmp", default=None, help="Replace the pipeline's CLMP (and processor) with this train_clmp.py folder.")
+    parser.add_argument("--retriever", default=None, help="Replace the pipeline's retriever with this build_index.py folder.")
+    parser.add_argument("--vae", default=None, help="Replace the pipeline's VAE with this train_vae.py folder.")
     parser.add_argument("--dataset", default="data/mg2-folk", help="An MG2 dataset folder or Hub dataset id.")
     parser.add_argument("--output_dir", default="checkpoints/mg2-small")
     parser.add_argument("--condition", default="text_melody", choices=CONDITIONS)
@@ -121,6 +125,15 @@ def main(argv=None):
 
     # Frozen CLMP, retriever and VAE; the UNet trains.
     pipe = load_pipeline(args.pipeline)
+    if args.clmp or args.retriever or args.vae:
+        parts = dict(pipe.components)
+        if args.clmp:
+            parts.update(clmp=CLMPModel.from_pretrained(args.clmp).eval(), processor=CLMPProcessor.from_pretrained(args.clmp))
+        if args.retriever:
+            parts["retriever"] = MelodyRetriever.from_pretrained(args.retriever)
+        if args.vae:
+            parts["vae"] = AutoencoderKL.from_pretrained(args.vae)
+        pipe = MG2Pipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     pipe.register_to_config(condition=args.condition)
     for frozen in (pipe.clmp, pipe.vae, pipe.vocoder):
@@ -158,7 +171,7 @@ def main(argv=None):
     state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
     global_step, epoch, batches_in_epoch = (state.get(key, 0) for key in ("global_step", "epoch", "batches_in_epoch"))
     if state:
-        logger.info(f"Resumed at step {global_step}")
+        logger.info(f"Resumed from {state['checkpoint']} at step {global_step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("train_mg2", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
@@ -169,14 +182,15 @@ def main(argv=None):
     # (seed, process, step), so a resumed run draws exactly what the uninterrupted one would have.
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
-    start_time, samples_seen, losses = time.perf_counter(), 0, []
+    start_time, samples_seen, losses, skipped_rows = time.perf_counter(), 0, [], 0
     while global_step < args.max_train_steps:
-        for batch in make_dataloader(epoch, batches_in_epoch):
+        loader = make_dataloader(epoch, batches_in_epoch)
+        for batch in loader:
             batches_in_epoch += 1
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + accelerator.process_index * 7919 + global_step)
             with torch.no_grad():
                 mel = batch["log_mel"][:, :frames].unsqueeze(1).to(accelerator.device)
-                latents = pipe.vae.encode(mel).latent_dist.sample(generator=None) * pipe.vae.config.scaling_factor
+                latents = pipe.vae.encode(mel).latent_dist.sample(generator=generator) * pipe.vae.config.scaling_factor
                 condition = build_condition(pipe, batch, args, generator, accelerator.device)
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
@@ -214,6 +228,9 @@ def main(argv=None):
                 break
         else:
             epoch, batches_in_epoch = epoch + 1, 0
+        skipped_rows += loader.dataset.skipped
+        if loader.dataset.skipped:
+            logger.warning(f"{loader.dataset.skipped} corrupt rows skipped (process {accelerator.process_index}).", main_process_only=False)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -224,6 +241,7 @@ def main(argv=None):
         summary = {"steps": global_step, "samples": samples_seen, "seconds": round(elapsed, 1),
                    "samples_per_second": round(samples_seen / elapsed, 2), "steps_per_second": round(len(losses) / elapsed, 3),
                    "processes": accelerator.num_processes, "condition": args.condition, "skipped_steps": guard.skipped,
+                   "skipped_rows_main_process": skipped_rows,
                    "loss_first_10": float(np.mean(losses[:10])) if losses else None,
                    "loss_last_10": float(np.mean(losses[-10:])) if losses else None}
         with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:

@@ -43,7 +43,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, total_limit: int 
 
 def resume(accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None) -> dict:
     """Load `resume_from_checkpoint` (a folder, or `latest` in `output_dir`) and return its training state
-    (`{}` when there is nothing to resume)."""
+    plus `checkpoint` (its path); `{}` when there is nothing to resume."""
     if not resume_from_checkpoint:
         return {}
     path = resume_from_checkpoint
@@ -54,7 +54,7 @@ def resume(accelerator: Accelerator, output_dir: str, resume_from_checkpoint: st
         path = existing[-1]
     accelerator.load_state(path)
     with open(os.path.join(path, "training_state.json")) as handle:
-        return json.load(handle)
+        return {**json.load(handle), "checkpoint": path}
 
 
 class NonFiniteLossGuard:

@@ -1,0 +1,132 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from conftest import ROOT, accelerate, accelerate_command
+from mg2_pipeline import MG2Pipeline
+
+sys.path.insert(0, os.path.join(ROOT, "training"))
+from training_utils import NonFiniteLossGuard, checkpoint_dirs  # noqa: E402
+
+TRAIN = os.path.join(ROOT, "training", "train_mg2.py")
+
+
+def tiny_args(dataset: str, parts: dict, output_dir, *extra: str) -> list[str]:
+    return ["--pipeline", "preset:tiny", "--clmp", parts["clmp"], "--retriever", parts["retriever"], "--dataset", dataset,
+            "--output_dir", str(output_dir), "--clip_seconds", "1.28", "--train_batch_size", "2", "--shuffle_buffer_size", "8",
+            "--validation_inference_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "1", *extra]
+
+
+def unet_weights(folder) -> dict:
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_training_learns_checkpoints_validates_and_saves_a_loadable_pipeline(tiny_dataset, tiny_generator_parts, tmp_path):
+    output_dir = tmp_path / "mg2"
+    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, output_dir, "--max_train_steps", "12",
+                                 "--checkpointing_steps", "4", "--checkpoints_total_limit", "2", "--validation_steps", "6"))
+    assert [os.path.basename(d) for d in checkpoint_dirs(str(output_dir))] == ["checkpoint-8", "checkpoint-12"]
+    assert sorted(os.listdir(output_dir / "validation")) == ["step-12.wav", "step-6.wav"]
+    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(output_dir / "logs") for name in files)
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["skipped_steps"] == 0
+    assert summary["loss_last_10"] < summary["loss_first_10"]
+
+    pipe = MG2Pipeline.from_pretrained(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.condition == "text_melody" and len(pipe.retriever) > 1
+    out = pipe("a jig on fiddle", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0))
+    assert out.audios.shape == (1, 20480) and np.all(np.isfinite(out.audios)) and out.melodies[0].metadata["title"]
+
+
+def test_text_only_ablation_trains_with_the_same_script(tiny_dataset, tiny_generator_parts, tmp_path):
+    output_dir = tmp_path / "text-only"
+    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, output_dir, "--max_train_steps", "2",
+                                 "--condition", "text", "--validation_steps", "2", "--checkpointing_steps", "2"))
+    pipe = MG2Pipeline.from_pretrained(output_dir)
+    assert pipe.config.condition == "text"
+    out = pipe("a jig", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0))
+    assert out.melodies == [None]
+    with pytest.raises(ValueError, match="text-only model"):
+        pipe("a jig", melody="G4:1")
+
+
+def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identical_state(tiny_dataset, tiny_generator_parts, tmp_path):
+    common = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "10", "--validation_steps", "100"]
+    reference = tmp_path / "uninterrupted"
+    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, reference, *common))
+
+    killed = tmp_path / "killed"
+    command, env = accelerate_command(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, killed, *common))
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not os.path.isdir(killed / "checkpoint-4") and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert os.path.isdir(killed / "checkpoint-4") and not os.path.isfile(killed / "training_summary.json")
+    # a checkpoint interrupted while being written is never taken for the latest
+    os.makedirs(killed / "checkpoint-7.tmp")
+    last_complete = checkpoint_dirs(str(killed))[-1]
+
+    resumed = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, killed, *common, "--resume_from_checkpoint", "latest"))
+    assert f"Resumed from {last_complete} at step {int(last_complete.rsplit('-', 1)[1])}" in resumed.stdout + resumed.stderr
+    assert json.loads((killed / "training_summary.json").read_text())["steps"] == 8
+    # same weights, optimizer and EMA as the run that was never interrupted
+    for name in ("model.safetensors",):
+        a, b = load_file(reference / "checkpoint-8" / name), load_file(killed / "checkpoint-8" / name)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    for name in ("optimizer.bin", "custom_checkpoint_0.pkl"):
+        a = torch.load(reference / "checkpoint-8" / name, weights_only=False)
+        b = torch.load(killed / "checkpoint-8" / name, weights_only=False)
+        flat_a, flat_b = _tensors(a), _tensors(b)
+        assert len(flat_a) == len(flat_b) > 0 and all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), name
+    a, b = unet_weights(reference), unet_weights(killed)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in _tensors(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in _tensors(item)]
+    return []
+
+
+def test_non_finite_losses_are_skipped_and_abort_after_k_in_a_row():
+    guard = NonFiniteLossGuard(Accelerator(cpu=True), patience=3)
+    assert not guard.should_skip(torch.tensor(1.0))
+    assert guard.should_skip(torch.tensor(float("nan")))
+    assert guard.should_skip(torch.tensor(float("inf")))
+    assert not guard.should_skip(torch.tensor(0.5))
+    assert guard.skipped == 2 and guard.in_a_row == 0
+    guard.should_skip(torch.tensor(float("nan")))
+    guard.should_skip(torch.tensor(float("nan")))
+    with pytest.raises(RuntimeError, match="NaN or infinite for 3 steps in a row"):
+        guard.should_skip(torch.tensor(float("nan")))
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_finite_checkpoints(tiny_dataset, tiny_generator_parts, tmp_path):
+    output_dir = tmp_path / "diverged"
+    command, env = accelerate_command(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, output_dir, "--max_train_steps", "30",
+                                                        "--checkpointing_steps", "1", "--validation_steps", "100",
+                                                        "--max_nonfinite_steps", "2", "--max_grad_norm", "1e30"))
+    command[command.index("--learning_rate") + 1] = "1e30"
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
+    assert result.returncode != 0
+    assert "NaN or infinite for 2 steps in a row" in result.stderr
+    for checkpoint in checkpoint_dirs(str(output_dir)):
+        weights = load_file(os.path.join(checkpoint, "model.safetensors"))
+        assert all(torch.isfinite(w).all() for w in weights.values())
