@@ -174,3 +174,16 @@ def load_pipeline(model: str, **kwargs):
     if model.startswith("preset:"):
         return build_pipeline(model.split(":", 1)[1])
     return MG2Pipeline.from_pretrained(model, **kwargs)
+
+
+def vocoder_config(name: str) -> dict:
+    """`SpeechT5HifiGanConfig` kwargs: 64 log-mel bins in, ×160 up (10 ms hop), 16 kHz out — AudioLDM's vocoder
+    interface. `small` is a CPU-trainable HiFi-GAN (128 initial channels); `paper` is AudioLDM's (1024)."""
+    widths = {"tiny": (32, [3], [[1, 3]]), "small": (128, [3, 7], [[1, 3, 5], [1, 3, 5]]),
+              "paper": (1024, [3, 7, 11], [[1, 3, 5]] * 3)}
+    if name not in widths:
+        raise ValueError(f"Unknown vocoder preset {name!r}; choose one of {tuple(widths)}.")
+    channels, kernels, dilations = widths[name]
+    return dict(model_in_dim=64, sampling_rate=16000, upsample_initial_channel=channels, upsample_rates=[5, 4, 2, 2, 2],
+                upsample_kernel_sizes=[16, 16, 8, 4, 4], resblock_kernel_sizes=kernels, resblock_dilation_sizes=dilations,
+                normalize_before=False)

@@ -249,6 +249,8 @@ def main(argv=None):
         logger.info(f"Saved the pipeline to {args.output_dir}: {summary}")
         if args.push_to_hub:
             pipe.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+    # every process leaves together: ending while the main process still saves can hang the process group
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

@@ -7,9 +7,25 @@ import os
 import shutil
 
 import torch
+import yaml
 from accelerate import Accelerator
 
 CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def load_config_defaults(parser, argv=None):
+    """`--config FILE`: the section of a preset file (`training/configs/*.yaml`) named after this script
+    becomes the parser's defaults; flags on the command line still win. Returns `argv` for `parse_args`."""
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        script = os.path.splitext(os.path.basename(parser.prog))[0]
+        with open(known.config) as handle:
+            values = (yaml.safe_load(handle) or {}).get(script, {})
+        unknown = sorted(set(values) - {action.dest for action in parser._actions})
+        if unknown:
+            parser.error(f"{known.config}: unknown settings for {script}: {unknown}")
+        parser.set_defaults(**values)
+    return argv
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:

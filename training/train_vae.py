@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Train MG2's mel VAE: `AutoencoderKL` on 1-channel log-mel images, as AudioLDM's.
+
+    accelerate launch training/train_vae.py --preset small --dataset data/mg2-folk --output_dir checkpoints/vae-small
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 training/train_vae.py ...
+
+Loss: L1 reconstruction of the log-mel + `--kl_weight` × KL to N(0, I); from `--disc_start` on, a
+PatchGAN discriminator on the mel adds a hinge adversarial term (`--disc_weight`), as AudioLDM's
+VAE recipe does (it also uses LPIPS, whose weights cannot be fetched here). At the end the latent
+scaling factor (1 / std of the latents over `--scaling_batches` batches) is stored in the VAE config,
+so diffusion sees unit-variance latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from torch import nn
+from tqdm.auto import tqdm
+
+from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
+from mg2_pipeline.presets import PIPELINE_PRESETS, vae_config
+from training_utils import NonFiniteLossGuard, load_config_defaults, resume, save_checkpoint
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="A JSON/YAML file of defaults (training/configs/*.yaml).")
+    parser.add_argument("--preset", default="small", choices=PIPELINE_PRESETS)
+    parser.add_argument("--dataset", default="data/mg2-folk")
+    parser.add_argument("--output_dir", default="checkpoints/vae-small")
+    parser.add_argument("--clip_seconds", type=float, default=2.56, help="Training crop (the VAE is convolutional).")
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
+    parser.add_argument("--max_train_steps", type=int, default=400)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=4.5e-4)
+    parser.add_argument("--lr_warmup_steps", type=int, default=20)
+    parser.add_argument("--kl_weight", type=float, default=1e-6)
+    parser.add_argument("--disc_start", type=int, default=0, help="Step at which the adversarial term starts; 0 = never.")
+    parser.add_argument("--disc_weight", type=float, default=0.1)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--shuffle_buffer_size", type=int, default=1000)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--checkpointing_steps", type=int, default=100)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    parser.add_argument("--scaling_batches", type=int, default=8)
+    parser.add_argument("--max_nonfinite_steps", type=int, default=5)
+    parser.add_argument("--report_to", default="tensorboard")
+    parser.add_argument("--logging_dir", default="logs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--hub_token", default=None)
+    args = parser.parse_args(load_config_defaults(parser, argv))
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps", "scaling_batches"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+class VAEWithLosses(nn.Module):
+    """The VAE's training forward (reconstruction and KL) as one module, so DDP wraps and syncs it."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(mel).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        return reconstruction, posterior.kl().mean() / mel[0].numel()
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN on log-mel images `(batch, 1, frames, mels)`: one real/fake logit per patch."""
+
+    def __init__(self, channels: int = 32, layers: int = 3):
+        super().__init__()
+        blocks, width = [nn.Conv2d(1, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)], channels
+        for _ in range(layers - 1):
+            blocks += [nn.Conv2d(width, width * 2, 4, stride=2, padding=1), nn.GroupNorm(8, width * 2), nn.LeakyReLU(0.2)]
+            width *= 2
+        blocks.append(nn.Conv2d(width, 1, 3, padding=1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.net(mel)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.report_to != "none" else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    vae = AutoencoderKL(**vae_config(args.preset))
+    model = VAEWithLosses(vae)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    frames = int(round(args.clip_seconds * 100))
+    if frames % scale:
+        raise SystemExit(f"--clip_seconds gives {frames} mel frames; the VAE needs a multiple of {scale}.")
+    discriminator = PatchDiscriminator()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
+    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes)
+    model, discriminator, optimizer, disc_optimizer, lr_scheduler = accelerator.prepare(model, discriminator, optimizer, disc_optimizer, lr_scheduler)
+
+    dataset = load_mg2_dataset(args.dataset, split="train")
+    transform = MG2Example(clip_seconds=args.clip_seconds)
+
+    def make_dataloader(epoch: int, skip_batches: int):
+        loader = streaming_dataloader(dataset, args.train_batch_size, transform, args.shuffle_buffer_size, seed=args.seed,
+                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                      num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size,
+                                      drop_last=True)
+        loader.dataset.set_epoch(epoch)
+        return loader
+
+    state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    global_step, epoch, batches_in_epoch = (state.get(key, 0) for key in ("global_step", "epoch", "batches_in_epoch"))
+    if state:
+        logger.info(f"Resumed from {state['checkpoint']} at step {global_step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_vae", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    logger.info(f"***** Training the {args.preset} mel VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
+                f"×{scale}, {vae.config.latent_channels} latent channels *****")
+
+    guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    start_time, samples_seen, losses = time.perf_counter(), 0, []
+    while global_step < args.max_train_steps:
+        for batch in make_dataloader(epoch, batches_in_epoch):
+            batches_in_epoch += 1
+            mel = batch["log_mel"][:, :frames].unsqueeze(1).to(accelerator.device)
+            adversarial = bool(args.disc_start) and global_step >= args.disc_start
+            with accelerator.accumulate(model):
+                reconstruction, kl = model(mel)
+                l1 = F.l1_loss(reconstruction, mel)
+                loss = l1 + args.kl_weight * kl
+                if adversarial:
+                    loss = loss - args.disc_weight * discriminator(reconstruction).mean()
+                if guard.should_skip(loss):
+                    optimizer.zero_grad()
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            disc_loss = torch.zeros(())
+            if adversarial:
+                disc_optimizer.zero_grad()
+                disc_loss = (F.relu(1 - discriminator(mel)).mean() + F.relu(1 + discriminator(reconstruction.detach())).mean()) / 2
+                accelerator.backward(disc_loss)
+                disc_optimizer.step()
+                disc_optimizer.zero_grad()
+            samples_seen += len(mel) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            losses.append(l1.item())
+            logs = {"l1": l1.item(), "kl": kl.item(), "disc_loss": disc_loss.item(), "lr": lr_scheduler.get_last_lr()[0],
+                    "samples_per_second": samples_seen / (time.perf_counter() - start_time)}
+            progress_bar.set_postfix(l1=f"{logs['l1']:.4f}", samples_s=f"{logs['samples_per_second']:.1f}")
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                save_checkpoint(accelerator, args.output_dir, args.checkpoints_total_limit, global_step,
+                                epoch=epoch, batches_in_epoch=batches_in_epoch)
+            if global_step >= args.max_train_steps:
+                break
+        else:
+            epoch, batches_in_epoch = epoch + 1, 0
+
+    accelerator.wait_for_everyone()
+    vae = accelerator.unwrap_model(model).vae.eval()
+    scaling_factor = latent_scaling_factor(vae, make_dataloader(epoch + 1, 0), frames, args.scaling_batches, accelerator)
+    if accelerator.is_main_process:
+        vae.register_to_config(scaling_factor=scaling_factor)
+        vae.save_pretrained(args.output_dir)
+        elapsed = time.perf_counter() - start_time
+        summary = {"steps": global_step, "samples": samples_seen, "seconds": round(elapsed, 1),
+                   "samples_per_second": round(samples_seen / elapsed, 2), "processes": accelerator.num_processes,
+                   "scaling_factor": scaling_factor, "skipped_steps": guard.skipped,
+                   "l1_first_10": float(np.mean(losses[:10])) if losses else None,
+                   "l1_last_10": float(np.mean(losses[-10:])) if losses else None}
+        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
+        logger.info(f"Saved the VAE to {args.output_dir}: {summary}")
+        if args.push_to_hub:
+            vae.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+    # every process leaves together: ending while the main process still saves can hang the process group
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, loader, frames: int, batches: int, accelerator) -> float:
+    """1 / std of the latents over a few batches (all processes), as Stable Diffusion and AudioLDM set it."""
+    samples = []
+    for index, batch in enumerate(loader):
+        if index >= batches:
+            break
+        samples.append(vae.encode(batch["log_mel"][:, :frames].unsqueeze(1).to(accelerator.device)).latent_dist.sample().flatten())
+    std = accelerator.gather(torch.cat(samples)).float().std().item()
+    return 1.0 / std
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Train a HiFi-GAN vocoder (transformers' `SpeechT5HifiGan`, AudioLDM's vocoder class) from MG2 log-mels to 16 kHz audio.
+
+    accelerate launch training/train_vocoder.py --preset small --dataset data/mg2-folk --output_dir checkpoints/vocoder-small
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 training/train_vocoder.py ...
+
+The HiFi-GAN recipe: multi-period (periods 2, 3, 5, 7, 11) and multi-scale (3 scales) discriminators,
+least-squares adversarial losses, feature matching (×2) and mel L1 (×45); AdamW 2e-4, betas (0.8, 0.99).
+The CPU presets prove the loop and its resumability; a vocoder that beats Griffin-Lim needs GPU hours
+(the original HiFi-GAN trains for 2.5 M steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+from tqdm.auto import tqdm
+from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+from mg2_pipeline.audio import HOP_LENGTH, LogMelSpectrogram
+from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
+from mg2_pipeline.presets import PIPELINE_PRESETS, vocoder_config
+from training_utils import NonFiniteLossGuard, load_config_defaults, resume, save_checkpoint
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="A JSON/YAML file of defaults (training/configs/*.yaml).")
+    parser.add_argument("--preset", default="small", choices=PIPELINE_PRESETS)
+    parser.add_argument("--dataset", default="data/mg2-folk")
+    parser.add_argument("--output_dir", default="checkpoints/vocoder-small")
+    parser.add_argument("--segment_seconds", type=float, default=0.64, help="Training crop.")
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
+    parser.add_argument("--max_train_steps", type=int, default=200)
+    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--mel_weight", type=float, default=45.0)
+    parser.add_argument("--feature_matching_weight", type=float, default=2.0)
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--shuffle_buffer_size", type=int, default=1000)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--checkpointing_steps", type=int, default=100)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    parser.add_argument("--max_nonfinite_steps", type=int, default=5)
+    parser.add_argument("--report_to", default="tensorboard")
+    parser.add_argument("--logging_dir", default="logs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--hub_token", default=None)
+    args = parser.parse_args(load_config_defaults(parser, argv))
+    for name in ("train_batch_size", "max_train_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+class PeriodDiscriminator(nn.Module):
+    """HiFi-GAN's MPD member: the waveform folded into `period` columns, 2-D convolutions over time."""
+
+    def __init__(self, period: int):
+        super().__init__()
+        self.period = period
+        widths = [1, 32, 128, 256, 512]
+        self.convs = nn.ModuleList(weight_norm(nn.Conv2d(a, b, (5, 1), (3, 1), padding=(2, 0))) for a, b in zip(widths, widths[1:]))
+        self.output = weight_norm(nn.Conv2d(512, 1, (3, 1), padding=(1, 0)))
+
+    def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        padding = (-waveform.shape[-1]) % self.period
+        x = F.pad(waveform, (0, padding), mode="reflect").view(waveform.shape[0], 1, -1, self.period)
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            features.append(x)
+        x = self.output(x)
+        return x.flatten(1), features + [x]
+
+
+class ScaleDiscriminator(nn.Module):
+    """HiFi-GAN's MSD member: grouped 1-D convolutions over the (average-pooled) waveform."""
+
+    def __init__(self):
+        super().__init__()
+        layers = [(1, 16, 15, 1, 1), (16, 64, 41, 4, 4), (64, 256, 41, 4, 16), (256, 512, 41, 4, 16), (512, 512, 5, 1, 1)]
+        self.convs = nn.ModuleList(weight_norm(nn.Conv1d(i, o, k, s, padding=k // 2, groups=g)) for i, o, k, s, g in layers)
+        self.output = weight_norm(nn.Conv1d(512, 1, 3, padding=1))
+
+    def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, features = waveform.unsqueeze(1), []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            features.append(x)
+        x = self.output(x)
+        return x.flatten(1), features + [x]
+
+
+class HiFiGANDiscriminators(nn.Module):
+    """Multi-period (2, 3, 5, 7, 11) and multi-scale (×1, ×2, ×4) discriminators as one module."""
+
+    def __init__(self):
+        super().__init__()
+        self.periods = nn.ModuleList(PeriodDiscriminator(p) for p in (2, 3, 5, 7, 11))
+        self.scales = nn.ModuleList(ScaleDiscriminator() for _ in range(3))
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor):
+        """Both waveforms in one pass (one forward per backward, as DDP wants); per discriminator
+        `(real_logits, real_features), (fake_logits, fake_features)`."""
+        waveform = torch.cat([real, fake])
+        outputs = [d(waveform) for d in self.periods]
+        for index, discriminator in enumerate(self.scales):
+            pooled = waveform if index == 0 else F.avg_pool1d(waveform.unsqueeze(1), 4 ** index, 2 ** index, padding=2 ** index).squeeze(1)
+            outputs.append(discriminator(pooled))
+        half = len(real)
+        return [((logits[:half], [f[:half] for f in features]), (logits[half:], [f[half:] for f in features]))
+                for logits, features in outputs]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=args.report_to if args.report_to != "none" else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    generator = SpeechT5HifiGan(SpeechT5HifiGanConfig(**vocoder_config(args.preset)))
+    discriminators = HiFiGANDiscriminators()
+    mel_transform = LogMelSpectrogram().to(accelerator.device)
+    frames = int(round(args.segment_seconds * 100))
+    samples = frames * HOP_LENGTH
+    g_optimizer = torch.optim.AdamW(generator.parameters(), lr=args.learning_rate, betas=(0.8, 0.99))
+    d_optimizer = torch.optim.AdamW(discriminators.parameters(), lr=args.learning_rate, betas=(0.8, 0.99))
+    generator, discriminators, g_optimizer, d_optimizer = accelerator.prepare(generator, discriminators, g_optimizer, d_optimizer)
+
+    dataset = load_mg2_dataset(args.dataset, split="train")
+    transform = MG2Example(clip_seconds=args.segment_seconds)
+
+    def make_dataloader(epoch: int, skip_batches: int):
+        loader = streaming_dataloader(dataset, args.train_batch_size, transform, args.shuffle_buffer_size, seed=args.seed,
+                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                      num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size,
+                                      drop_last=True)
+        loader.dataset.set_epoch(epoch)
+        return loader
+
+    state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    global_step, epoch, batches_in_epoch = (state.get(key, 0) for key in ("global_step", "epoch", "batches_in_epoch"))
+    if state:
+        logger.info(f"Resumed from {state['checkpoint']} at step {global_step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_vocoder", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    logger.info(f"***** Training the {args.preset} HiFi-GAN: generator "
+                f"{sum(p.numel() for p in generator.parameters()) / 1e6:.2f} M, discriminators "
+                f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f} M parameters *****")
+
+    guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    start_time, samples_seen, mel_losses = time.perf_counter(), 0, []
+    while global_step < args.max_train_steps:
+        for batch in make_dataloader(epoch, batches_in_epoch):
+            batches_in_epoch += 1
+            real = batch["waveform"][:, :samples].to(accelerator.device)
+            mel = batch["log_mel"][:, :frames].to(accelerator.device)
+            fake = generator(mel)[:, :samples]
+
+            # Discriminators: real → 1, generated → 0 (least squares).
+            d_loss = sum(((1 - real_out) ** 2).mean() + (fake_out ** 2).mean()
+                         for (real_out, _), (fake_out, _) in discriminators(real, fake.detach()))
+            if guard.should_skip(d_loss):
+                continue
+            d_optimizer.zero_grad()
+            accelerator.backward(d_loss)
+            d_optimizer.step()
+
+            # Generator: fool the discriminators, match their features on real audio, match the mel.
+            mel_loss = F.l1_loss(mel_transform(fake), mel)
+            outputs = discriminators(real, fake)
+            adversarial = sum(((1 - fake_out) ** 2).mean() for _, (fake_out, _) in outputs)
+            feature_matching = sum(F.l1_loss(f, r.detach()) for (_, rf), (_, ff) in outputs for r, f in zip(rf, ff))
+            g_loss = adversarial + args.feature_matching_weight * feature_matching + args.mel_weight * mel_loss
+            if guard.should_skip(g_loss):
+                continue
+            g_optimizer.zero_grad()
+            accelerator.backward(g_loss)
+            g_optimizer.step()
+
+            samples_seen += len(real) * accelerator.num_processes
+            global_step += 1
+            progress_bar.update(1)
+            mel_losses.append(mel_loss.item())
+            logs = {"mel_l1": mel_loss.item(), "generator_loss": g_loss.item(), "discriminator_loss": d_loss.item(),
+                    "samples_per_second": samples_seen / (time.perf_counter() - start_time)}
+            progress_bar.set_postfix(mel_l1=f"{logs['mel_l1']:.3f}", samples_s=f"{logs['samples_per_second']:.1f}")
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                save_checkpoint(accelerator, args.output_dir, args.checkpoints_total_limit, global_step,
+                                epoch=epoch, batches_in_epoch=batches_in_epoch)
+            if global_step >= args.max_train_steps:
+                break
+        else:
+            epoch, batches_in_epoch = epoch + 1, 0
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        vocoder = accelerator.unwrap_model(generator).eval()
+        vocoder.save_pretrained(args.output_dir)
+        elapsed = time.perf_counter() - start_time
+        summary = {"steps": global_step, "samples": samples_seen, "seconds": round(elapsed, 1),
+                   "samples_per_second": round(samples_seen / elapsed, 2), "processes": accelerator.num_processes,
+                   "skipped_steps": guard.skipped,
+                   "mel_l1_first_10": float(np.mean(mel_losses[:10])) if mel_losses else None,
+                   "mel_l1_last_10": float(np.mean(mel_losses[-10:])) if mel_losses else None}
+        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
+        logger.info(f"Saved the vocoder to {args.output_dir}: {summary}")
+        if args.push_to_hub:
+            vocoder.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+    # every process leaves together: ending while the main process still saves can hang the process group
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
