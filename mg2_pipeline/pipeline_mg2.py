@@ -162,6 +162,11 @@ class MG2Pipeline(DiffusionPipeline):
         pipeline.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
         return pipeline
 
+    def load_lora_weights(self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default", **kwargs) -> None:
+        """Apply a UNet LoRA adapter saved by `train_mg2.py --use_lora` (diffusers' PEFT format, safetensors)."""
+        self.unet.load_lora_adapter(pretrained_model_name_or_path, prefix=None, adapter_name=adapter_name,
+                                    use_safetensors=True, **kwargs)
+
     # ----- shapes -----
 
     @property

@@ -130,3 +130,101 @@ def test_a_diverging_run_stops_with_a_clear_message_and_finite_checkpoints(tiny_
     for checkpoint in checkpoint_dirs(str(output_dir)):
         weights = load_file(os.path.join(checkpoint, "model.safetensors"))
         assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_two_processes_train_and_save_the_same_pipeline(tiny_dataset, tiny_generator_parts, tmp_path):
+    output_dir = tmp_path / "ddp"
+    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, output_dir, "--max_train_steps", "2",
+                                 "--checkpointing_steps", "2", "--validation_steps", "2"), processes=2)
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2 and summary["samples"] == 8
+    assert MG2Pipeline.from_pretrained(output_dir).unet is not None
+
+
+def test_a_corrupt_row_is_skipped_and_counted(tiny_dataset, tiny_generator_parts, tmp_path):
+    from mg2_pipeline.data import load_mg2_dataset, write_shard
+
+    rows = list(load_mg2_dataset(tiny_dataset, "train", streaming=False))
+    rows[0] = dict(rows[0], audio={"bytes": b"not audio at all", "path": "broken.flac"})
+    write_shard(rows, str(tmp_path / "corrupt" / "data" / "train-00000-of-00001.parquet"))
+    output_dir = tmp_path / "mg2"
+    result = accelerate(TRAIN, *tiny_args(str(tmp_path / "corrupt"), tiny_generator_parts, output_dir, "--max_train_steps", "3",
+                                          "--train_batch_size", "4", "--shuffle_buffer_size", "0", "--validation_steps", "100"))
+    assert "corrupt rows skipped" in result.stderr
+    assert json.loads((output_dir / "training_summary.json").read_text())["skipped_rows_main_process"] >= 1
+
+
+def test_lora_adapter_changes_the_output_and_reloads_exactly(tiny_dataset, tiny_generator_parts, tmp_path):
+    from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever
+    from mg2_pipeline.presets import build_pipeline
+
+    base = build_pipeline("tiny")
+    base = MG2Pipeline(**{**base.components, "clmp": CLMPModel.from_pretrained(tiny_generator_parts["clmp"]),
+                          "processor": CLMPProcessor.from_pretrained(tiny_generator_parts["clmp"]),
+                          "retriever": MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"])})
+    base.save_pretrained(tmp_path / "base")
+    adapter_dir = tmp_path / "lora"
+    args = tiny_args(tiny_dataset, tiny_generator_parts, adapter_dir, "--max_train_steps", "3", "--use_lora", "--rank", "4",
+                     "--validation_steps", "100", "--learning_rate", "1e-2")
+    args[args.index("--pipeline") + 1] = str(tmp_path / "base")
+    accelerate(TRAIN, *args)
+    assert os.path.isfile(adapter_dir / "pytorch_lora_weights.safetensors")
+    assert not os.path.isdir(adapter_dir / "unet")  # only the adapter is saved
+    adapter = load_file(adapter_dir / "pytorch_lora_weights.safetensors")
+    assert adapter and all("lora" in key for key in adapter)
+
+    def sample(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a jig", num_inference_steps=3, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0)).audios
+
+    pipe = MG2Pipeline.from_pretrained(tmp_path / "base")
+    before = sample(pipe)
+    pipe.load_lora_weights(adapter_dir)
+    after = sample(pipe)
+    assert not np.allclose(before, after)
+    again = MG2Pipeline.from_pretrained(tmp_path / "base")
+    again.load_lora_weights(adapter_dir)
+    np.testing.assert_array_equal(sample(again), after)
+
+
+def test_vae_training_learns_stores_its_scaling_factor_and_plugs_in(tiny_dataset, tmp_path):
+    from diffusers import AutoencoderKL
+
+    output_dir = tmp_path / "vae"
+    accelerate(os.path.join(ROOT, "training", "train_vae.py"), "--preset", "tiny", "--dataset", tiny_dataset,
+               "--output_dir", str(output_dir), "--clip_seconds", "1.28", "--train_batch_size", "4", "--max_train_steps", "16",
+               "--learning_rate", "3e-3", "--disc_start", "8", "--checkpointing_steps", "8", "--scaling_batches", "2",
+               "--shuffle_buffer_size", "8")
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["l1_last_10"] < summary["l1_first_10"]
+    vae = AutoencoderKL.from_pretrained(output_dir)
+    assert vae.config.scaling_factor == pytest.approx(summary["scaling_factor"]) and vae.config.scaling_factor != 1.0
+    assert [os.path.basename(d) for d in checkpoint_dirs(str(output_dir))] == ["checkpoint-8", "checkpoint-16"]
+
+
+def test_vocoder_training_resumes_and_the_result_is_a_pipeline_vocoder(tiny_dataset, tmp_path):
+    from transformers import SpeechT5HifiGan
+
+    script = os.path.join(ROOT, "training", "train_vocoder.py")
+    output_dir = tmp_path / "vocoder"
+    common = ["--preset", "tiny", "--dataset", tiny_dataset, "--output_dir", str(output_dir), "--segment_seconds", "0.32",
+              "--train_batch_size", "2", "--checkpointing_steps", "2", "--shuffle_buffer_size", "8"]
+    accelerate(script, *common, "--max_train_steps", "2")
+    resumed = accelerate(script, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert "Resumed from" in resumed.stderr and json.loads((output_dir / "training_summary.json").read_text())["steps"] == 4
+    vocoder = SpeechT5HifiGan.from_pretrained(output_dir)
+    assert vocoder.config.model_in_dim == 64 and vocoder.config.sampling_rate == 16000
+    with torch.no_grad():
+        assert vocoder(torch.randn(1, 32, 64)).shape[-1] >= 32 * 160
+
+
+def test_preset_config_files_set_defaults_and_flags_win(tmp_path):
+    config = tmp_path / "preset.yaml"
+    config.write_text("train_vae:\n  max_train_steps: 7\n  kl_weight: 0.5\ntrain_mg2:\n  max_train_steps: 9\n")
+    import train_vae
+
+    args = train_vae.parse_args(["--config", str(config), "--kl_weight", "0.25"])
+    assert args.max_train_steps == 7 and args.kl_weight == 0.25
+    config.write_text("train_vae:\n  no_such_setting: 1\n")
+    with pytest.raises(SystemExit):
+        train_vae.parse_args(["--config", str(config)])

@@ -31,13 +31,14 @@ from mg2_pipeline.feature_extraction_clmp import CLMPFeatureExtractor
 from mg2_pipeline.modeling_clmp import MAX_LOGIT_SCALE, CLMPModel, contrastive_loss
 from mg2_pipeline.presets import CLMP_PRESETS, clmp_config, load_minilm_weights, minilm_path
 from mg2_pipeline.processing_clmp import CLMPProcessor
-from training_utils import resume, save_checkpoint
+from training_utils import load_config_defaults, resume, save_checkpoint
 
 logger = get_logger(__name__)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="A JSON/YAML file of defaults (training/configs/*.yaml).")
     parser.add_argument("--dataset", default="data/mg2-folk", help="An MG2 dataset folder or Hub dataset id.")
     parser.add_argument("--preset", default="small", choices=CLMP_PRESETS)
     parser.add_argument("--modalities", default="text,audio,melody", help="'text,audio,melody' (CLMP) or 'text,audio' (CLAP).")
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None)
     parser.add_argument("--hub_token", default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(load_config_defaults(parser, argv, __file__))
     args.modalities = [name.strip() for name in args.modalities.split(",") if name.strip()]
     if sorted(args.modalities) not in (["audio", "melody", "text"], ["audio", "text"]):
         parser.error(f"--modalities must be text,audio,melody or text,audio; got {args.modalities}")
@@ -219,6 +220,8 @@ def main(argv=None):
         if args.push_to_hub:
             model.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
             processor.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+    # every process leaves together: ending while the main process still saves can hang the process group
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

@@ -38,13 +38,14 @@ from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
 from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.pipeline_mg2 import CONDITIONS
 from mg2_pipeline.presets import load_pipeline
-from training_utils import NonFiniteLossGuard, resume, save_checkpoint
+from training_utils import NonFiniteLossGuard, load_config_defaults, resume, save_checkpoint
 
 logger = get_logger(__name__)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="A JSON/YAML file of defaults (training/configs/*.yaml).")
     parser.add_argument("--pipeline", default="preset:small", help="A saved MG2Pipeline folder, or preset:tiny|small.")
     parser.add_argument("--clmp", default=None, help="Replace the pipeline's CLMP (and processor) with this train_clmp.py folder.")
     parser.add_argument("--retriever", default=None, help="Replace the pipeline's retriever with this build_index.py folder.")
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--ema_decay", type=float, default=0.999)
+    parser.add_argument("--use_lora", action="store_true", help="Fine-tune a saved pipeline with a LoRA adapter on its UNet.")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--shuffle_buffer_size", type=int, default=1000)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -80,11 +83,13 @@ def parse_args(argv=None):
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None)
     parser.add_argument("--hub_token", default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(load_config_defaults(parser, argv, __file__))
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.use_lora and (args.pipeline.startswith("preset:") or args.rank < 1):
+        parser.error("--use_lora fine-tunes a saved pipeline: pass --pipeline DIR and --rank >= 1")
     for name in ("gt_melody_prob", "condition_dropout"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
@@ -139,6 +144,13 @@ def main(argv=None):
     for frozen in (pipe.clmp, pipe.vae, pipe.vocoder):
         frozen.requires_grad_(False).eval().to(accelerator.device)
     unet = pipe.unet
+    if args.use_lora:
+        from peft import LoraConfig
+
+        # Attention projections and the ResBlocks' convolutions and FiLM (time + condition) projections.
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]))
     unet.train()
     frames_multiple = pipe.frames_multiple
     frames = int(round(args.clip_seconds * pipe.sampling_rate / pipe.hop_length))
@@ -147,14 +159,17 @@ def main(argv=None):
                          f"frames ({frames_multiple * pipe.hop_length / pipe.sampling_rate:.2f} s).")
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
                                     prediction_type="epsilon")
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
-    accelerator.register_for_checkpointing(ema)
+    # EMA of the full UNet; a LoRA run trains a small adapter and keeps none (as diffusers' LoRA examples).
+    ema = None if args.use_lora else EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    ema.to(accelerator.device)
+    if ema is not None:
+        ema.to(accelerator.device)
 
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.clip_seconds, tokenizer=pipe.processor.tokenizer,
@@ -211,7 +226,8 @@ def main(argv=None):
             samples_seen += len(latents) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
             global_step += 1
             progress_bar.update(1)
             losses.append(loss.item())
@@ -234,9 +250,12 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ema.copy_to(pipe.unet.parameters())
         pipe.unet.eval()
-        pipe.save_pretrained(args.output_dir)
+        if args.use_lora:
+            pipe.unet.save_lora_adapter(args.output_dir)  # the adapter only; apply with MG2Pipeline.load_lora_weights
+        else:
+            ema.copy_to(pipe.unet.parameters())
+            pipe.save_pretrained(args.output_dir)
         elapsed = time.perf_counter() - start_time
         summary = {"steps": global_step, "samples": samples_seen, "seconds": round(elapsed, 1),
                    "samples_per_second": round(samples_seen / elapsed, 2), "steps_per_second": round(len(losses) / elapsed, 3),
@@ -256,16 +275,19 @@ def main(argv=None):
 
 @torch.no_grad()
 def validate(pipe, accelerator, ema, args, global_step: int) -> None:
-    """Generate the validation prompt with the EMA weights; WAV under output_dir/validation/, audio in tensorboard."""
+    """Generate the validation prompt with the EMA weights (or the LoRA adapter); WAV under output_dir/validation/,
+    audio in tensorboard."""
     trained = pipe.unet  # the module the prepared (possibly DDP-wrapped) UNet trains
-    ema.store(trained.parameters())
-    ema.copy_to(trained.parameters())
+    if ema is not None:
+        ema.store(trained.parameters())
+        ema.copy_to(trained.parameters())
     trained.eval()
     try:
         output = pipe(args.validation_prompt, num_inference_steps=args.validation_inference_steps,
                       audio_length_in_s=args.clip_seconds, generator=torch.Generator().manual_seed(args.seed))
     finally:
-        ema.restore(trained.parameters())
+        if ema is not None:
+            ema.restore(trained.parameters())
         trained.train()
     path = os.path.join(args.output_dir, "validation", f"step-{global_step}.wav")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -67,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None)
     parser.add_argument("--hub_token", default=None)
-    args = parser.parse_args(load_config_defaults(parser, argv))
+    args = parser.parse_args(load_config_defaults(parser, argv, __file__))
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps", "scaling_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")

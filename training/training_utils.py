@@ -13,12 +13,12 @@ from accelerate import Accelerator
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-def load_config_defaults(parser, argv=None):
-    """`--config FILE`: the section of a preset file (`training/configs/*.yaml`) named after this script
-    becomes the parser's defaults; flags on the command line still win. Returns `argv` for `parse_args`."""
+def load_config_defaults(parser, argv, script_file: str):
+    """`--config FILE`: the section of a preset file (`training/configs/*.yaml`) named after the script
+    (`train_vae`, …) becomes the parser's defaults; flags on the command line still win. Returns `argv`."""
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        script = os.path.splitext(os.path.basename(parser.prog))[0]
+        script = os.path.splitext(os.path.basename(script_file))[0]
         with open(known.config) as handle:
             values = (yaml.safe_load(handle) or {}).get(script, {})
         unknown = sorted(set(values) - {action.dest for action in parser._actions})
