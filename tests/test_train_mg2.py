@@ -228,3 +228,25 @@ def test_preset_config_files_set_defaults_and_flags_win(tmp_path):
     config.write_text("train_vae:\n  no_such_setting: 1\n")
     with pytest.raises(SystemExit):
         train_vae.parse_args(["--config", str(config)])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
+def test_every_preset_file_is_valid_for_every_script(preset):
+    import train_clmp
+    import train_mg2
+    import train_vae
+    import train_vocoder
+
+    config = os.path.join(ROOT, "training", "configs", f"{preset}.yaml")
+    for script in (train_clmp, train_vae, train_vocoder, train_mg2):
+        args = script.parse_args(["--config", config])
+        assert args.config == config
+    assert train_mg2.parse_args(["--config", config]).pipeline == f"preset:{preset}"
+
+
+def test_accelerate_config_files_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {name: load_config_from_file(os.path.join(ROOT, "training", "configs", "accelerate", f"{name}.yaml")).distributed_type
+             for name in ("cpu", "multi_gpu", "fsdp")}
+    assert {name: kind.value for name, kind in kinds.items()} == {"cpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP"}
