@@ -86,6 +86,10 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
         if retriever is not None and clmp is not None:
             retriever.check_clmp(clmp)
+        condition_dim = unet.config.projection_class_embeddings_input_dim
+        if clmp is not None and condition_dim != 2 * clmp.config.projection_dim:
+            raise ValueError(f"The UNet takes a {condition_dim}-d condition but [text ‖ melody] from this CLMP is "
+                             f"{2 * clmp.config.projection_dim}-d (2 × projection_dim).")
         self.register_modules(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler,
                               vae=vae, vocoder=vocoder)
         self.register_to_config(condition=condition)

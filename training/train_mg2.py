@@ -38,7 +38,7 @@ from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
 from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.pipeline_mg2 import CONDITIONS
 from mg2_pipeline.presets import load_pipeline
-from training_utils import NonFiniteLossGuard, load_config_defaults, resume, save_checkpoint
+from training_utils import NonFiniteLossGuard, describe_dataset, load_config_defaults, resume, save_checkpoint, write_model_card
 
 logger = get_logger(__name__)
 
@@ -265,6 +265,13 @@ def main(argv=None):
                    "loss_last_10": float(np.mean(losses[-10:])) if losses else None}
         with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
+        if not args.use_lora:
+            unet_parameters = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+            write_model_card(args.output_dir, datasets=[os.path.basename(os.path.normpath(args.dataset))],
+                             dataset_description=describe_dataset(args.dataset), repo_id=args.hub_model_id,
+                             model_description=f"UNet {unet_parameters:.1f} M parameters ({args.condition} condition), "
+                                               f"trained {global_step} steps × {args.train_batch_size * accelerator.num_processes} "
+                                               f"clips of {args.clip_seconds} s; frozen CLMP, melody index and VAE.")
         logger.info(f"Saved the pipeline to {args.output_dir}: {summary}")
         if args.push_to_hub:
             pipe.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)

@@ -11,6 +11,12 @@ import yaml
 from accelerate import Accelerator
 
 CHECKPOINT_PREFIX = "checkpoint-"
+MODEL_CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_card.md")
+DEFAULT_LIMITATIONS = (
+    "Trained on a few hours of SoundFont-rendered folk tunes (mg2-folk) on CPU: expect simple timbres, "
+    "General-MIDI instruments and a Griffin-Lim vocoder's phasiness, not studio audio. Captions are "
+    "templated, so free-form prompts far from them retrieve and generate less reliably."
+)
 
 
 def load_config_defaults(parser, argv, script_file: str):
@@ -26,6 +32,39 @@ def load_config_defaults(parser, argv, script_file: str):
             parser.error(f"{known.config}: unknown settings for {script}: {unknown}")
         parser.set_defaults(**values)
     return argv
+
+
+def write_model_card(model_dir: str, evaluation: str = "Not evaluated yet: run `training/evaluate.py`.",
+                     dataset_description: str | None = None, model_description: str | None = None,
+                     datasets: list[str] | None = None, repo_id: str | None = None) -> str:
+    """Render `model_card.md` (huggingface_hub `ModelCard` Jinja template) into `model_dir/README.md`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-audio", license="apache-2.0",
+                              tags=["music", "text-to-music", "melody", "mg2", "audio"], datasets=datasets or None)
+    card = ModelCard.from_template(
+        card_data, template_path=MODEL_CARD_TEMPLATE, model_name=os.path.basename(os.path.normpath(model_dir)),
+        repo_id=repo_id or os.path.basename(os.path.normpath(model_dir)), evaluation=evaluation,
+        dataset_description=dataset_description or "See the dataset card of the training data.",
+        model_description=model_description or "See `model_index.json` and the component configs.",
+        limitations=DEFAULT_LIMITATIONS,
+    )
+    path = os.path.join(model_dir, "README.md")
+    card.save(path)
+    return path
+
+
+def describe_dataset(dataset: str) -> str:
+    """One paragraph about an MG2 dataset for a model card (from its summary.json when it is a local folder)."""
+    summary_path = os.path.join(dataset, "summary.json")
+    if not os.path.isfile(summary_path):
+        return f"The MG2-format dataset `{dataset}`."
+    with open(summary_path) as handle:
+        summary = json.load(handle)
+    sources = ", ".join(f"{name} {count}" for name, count in summary.get("sources", {}).items())
+    return (f"`{os.path.basename(os.path.normpath(dataset))}`: {summary['clips']} clips, {summary['hours']} hours, "
+            f"{summary['tunes']} tunes from music21's corpus ({sources}), rendered with a General-MIDI SoundFont; "
+            f"splits by tune: {summary.get('clips_per_split')}.")
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:

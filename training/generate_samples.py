@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Generate a handful of demo clips with a trained pipeline: `samples/NN-name.wav` with a spectrogram PNG beside each.
+
+    python training/generate_samples.py --model checkpoints/mg2-small --output_dir samples
+
+The prompts vary instrument, tempo and tune type; the last one is guided by a user melody instead
+of retrieval. Each PNG shows the log-mel spectrogram of the clip above the piano roll of the
+melody that guided it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from mg2_pipeline import LogMelSpectrogram, Melody, save_audio  # noqa: E402
+from mg2_pipeline.presets import load_pipeline  # noqa: E402
+
+DEMO_PROMPTS = [
+    ("jig-fiddle", "A lively Irish jig played on fiddle at 120 BPM in D major, in 6/8 time", None),
+    ("waltz-accordion", "A gentle waltz on accordion with bass and chords at 90 BPM, in 3/4 time", None),
+    ("reel-flute", "A fast reel on flute at 140 BPM in G major", None),
+    ("chorale-organ", "A slow chorale on church organ at 70 BPM, solemn and calm", None),
+    ("march-trumpet", "A bright march on trumpet at 110 BPM in 2/4 time", None),
+    ("user-melody-piano", "A simple folk song on piano at 100 BPM",
+     "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6 D4:0.6 G4:0.3 B4:0.3 D5:0.9 B4:0.3 A4:0.9"),
+]
+
+
+def spectrogram_png(path: str, waveform, sampling_rate: int, melody: Melody | None, title: str) -> None:
+    """Log-mel spectrogram (and the guiding melody's piano roll) of a clip, as a PNG."""
+    log_mel = LogMelSpectrogram()(torch.as_tensor(waveform)).numpy()
+    rows = 2 if melody is not None else 1
+    figure, axes = plt.subplots(rows, 1, figsize=(10, 2.6 * rows), squeeze=False)
+    axes[0, 0].imshow(log_mel.T, origin="lower", aspect="auto", cmap="magma",
+                      extent=(0, len(waveform) / sampling_rate, 0, log_mel.shape[1]))
+    axes[0, 0].set(title=title, ylabel="mel bin")
+    if melody is not None:
+        roll = melody.to_piano_roll(frames_per_second=100)
+        pitches = melody.pitches
+        low, high = int(pitches.min()) - 2, int(pitches.max()) + 3
+        axes[1, 0].imshow(roll[low:high], origin="lower", aspect="auto", cmap="Greys",
+                          extent=(0, roll.shape[1] / 100, low, high))
+        axes[1, 0].set(xlim=(0, len(waveform) / sampling_rate), ylabel="MIDI pitch", title="guiding melody")
+    axes[-1, 0].set_xlabel("seconds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="checkpoints/mg2-small")
+    parser.add_argument("--output_dir", default="samples")
+    parser.add_argument("--seconds", type=float, default=10.24)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    pipe = load_pipeline(args.model)
+    os.makedirs(args.output_dir, exist_ok=True)
+    for index, (name, prompt, melody) in enumerate(DEMO_PROMPTS):
+        output = pipe(prompt, melody=melody, audio_length_in_s=args.seconds, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
+        stem = os.path.join(args.output_dir, f"{index:02d}-{name}")
+        save_audio(f"{stem}.wav", output.audios[0], output.sampling_rate)
+        guide = output.melodies[0]
+        source = "your melody" if guide is None or guide.id is None else f"retrieved: {guide.metadata.get('title', '?')} ({guide.score:.2f})"
+        spectrogram_png(f"{stem}.png", output.audios[0], output.sampling_rate, guide.melody if guide else None, f"{prompt} — {source}")
+        print(f"{stem}.wav  {stem}.png  ← {prompt!r}, melody {source}")
+    print(f"Samples are in {os.path.abspath(args.output_dir)}")
+
+
+if __name__ == "__main__":
+    main()
