@@ -1,4 +1,4 @@
-# Two commands for a new user: `make demo` (build the default dataset) and `make test`.
+# Two commands for a new user: `make demo` (build the data, train the small MG2 end to end, evaluate it, generate samples) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,16 +18,59 @@ $(INSTALLED): pyproject.toml Makefile
 
 install: $(INSTALLED)
 
-demo: install
-	$(PY) training/prepare_data.py --output_dir data/mg2-folk
+# `make demo`: every stage writes its output once and is skipped when it exists (order-only
+# prerequisites, so timestamps never trigger retraining); an interrupted training stage resumes from
+# its last checkpoint. A second `make demo` goes straight to generating the samples.
+DATASET := data/mg2-folk
+SMALL := training/configs/small.yaml
+LAUNCH := ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --cpu --num_processes 1
+DATA_DONE := $(DATASET)/summary.json
+CLMP_DONE := checkpoints/clmp-small/model.safetensors
+INDEX_DONE := checkpoints/melody-index/config.json
+VAE_DONE := checkpoints/vae-small/config.json
+MG2_DONE := checkpoints/mg2-small/model_index.json
+TEXT_DONE := checkpoints/mg2-small-text/model_index.json
+EVAL_DONE := checkpoints/mg2-small/eval/eval_results.json
+MG2_ARGS := --config $(SMALL) --dataset $(DATASET) --clmp checkpoints/clmp-small --retriever checkpoints/melody-index \
+	--vae checkpoints/vae-small --resume_from_checkpoint latest
+
+demo: install | $(EVAL_DONE)
+	$(PY) training/generate_samples.py --model checkpoints/mg2-small --output_dir samples
+	@echo "Evaluation: checkpoints/mg2-small/eval/eval_results.md"
+
+$(DATA_DONE): | $(INSTALLED)
+	$(PY) training/prepare_data.py --output_dir $(DATASET)
+
+$(CLMP_DONE): | $(DATA_DONE)
+	$(LAUNCH) training/train_clmp.py --config $(SMALL) --dataset $(DATASET) --output_dir checkpoints/clmp-small \
+		--resume_from_checkpoint latest
+
+$(INDEX_DONE): | $(CLMP_DONE)
+	$(PY) training/build_index.py --clmp checkpoints/clmp-small --dataset $(DATASET) --output_dir checkpoints/melody-index
+
+$(VAE_DONE): | $(DATA_DONE)
+	$(LAUNCH) training/train_vae.py --config $(SMALL) --dataset $(DATASET) --output_dir checkpoints/vae-small \
+		--resume_from_checkpoint latest
+
+$(MG2_DONE): | $(INDEX_DONE) $(VAE_DONE)
+	$(LAUNCH) training/train_mg2.py $(MG2_ARGS) --output_dir checkpoints/mg2-small
+
+$(TEXT_DONE): | $(INDEX_DONE) $(VAE_DONE)
+	$(LAUNCH) training/train_mg2.py $(MG2_ARGS) --condition text --output_dir checkpoints/mg2-small-text
+
+$(EVAL_DONE): | $(MG2_DONE) $(TEXT_DONE)
+	$(PY) training/evaluate.py --model checkpoints/mg2-small --ablation checkpoints/mg2-small-text --dataset $(DATASET) \
+		--output_dir checkpoints/mg2-small/eval
 
 test: install
 	$(PY) -m pytest tests
 
-bench: install demo
+bench: install | $(INDEX_DONE) $(MG2_DONE)
 	$(PIP) install -e ".[bench]"
-	$(PY) benchmarks/bench_data.py --dataset_dir data/mg2-folk
-	$(PY) benchmarks/bench_retrieval.py --index checkpoints/melody-index-small --clmp checkpoints/clmp-small
+	$(PY) benchmarks/bench_data.py --dataset_dir $(DATASET)
+	$(PY) benchmarks/bench_retrieval.py --index checkpoints/melody-index --clmp checkpoints/clmp-small
+	$(PY) benchmarks/bench_inference.py --model checkpoints/mg2-small
+	$(PY) benchmarks/bench_training.py --clmp checkpoints/clmp-small --retriever checkpoints/melody-index
 
 clean:
 	rm -rf $(VENV) data checkpoints samples

@@ -197,6 +197,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     if args.save_audio:
         for name, waveforms in audio.items():
+            os.makedirs(os.path.join(args.output_dir, "audio", name), exist_ok=True)
             for index, waveform in enumerate(waveforms):
                 save_audio(os.path.join(args.output_dir, "audio", name, f"{index:03d}.wav"), waveform)
     table = format_table(results)
