@@ -60,7 +60,7 @@ $(TEXT_DONE): | $(INDEX_DONE) $(VAE_DONE)
 
 $(EVAL_DONE): | $(MG2_DONE) $(TEXT_DONE)
 	$(PY) training/evaluate.py --model checkpoints/mg2-small --ablation checkpoints/mg2-small-text --dataset $(DATASET) \
-		--output_dir checkpoints/mg2-small/eval
+		--num_clips 32 --ddim_clips 8 --output_dir checkpoints/mg2-small/eval
 
 test: install
 	$(PY) -m pytest tests
