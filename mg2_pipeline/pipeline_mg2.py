@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel
 
 from .melody import Melody
 from .retrieval import RetrievedMelody
@@ -69,11 +70,12 @@ class MG2Pipeline(DiffusionPipeline):
         clmp (`CLMPModel`): text, audio and melody towers in one embedding space.
         processor (`CLMPProcessor`): tokenizer + log-mel feature extractor + melody tokenizer for `clmp`.
         retriever (`MelodyRetriever`): HNSW index of CLMP melody embeddings and the melodies themselves.
-    `condition="text"` marks a text-only ablation model: its melody half is the text embedding again.
         unet (`UNet2DConditionModel`): denoiser conditioned by FiLM on [text ‖ melody] (`class_labels`), no cross-attention.
         scheduler: any diffusers scheduler (default `DPMSolverMultistepScheduler`).
         vae (`AutoencoderKL`): 1-channel log-mel images ↔ latents.
         vocoder (`SpeechT5HifiGan` or `GriffinLimVocoder`): log-mel → waveform.
+    Setting:
+        condition: "text_melody" (MG2), or "text" for the text-only ablation, whose melody half is the text embedding again.
     """
 
     model_cpu_offload_seq = "clmp->unet->vae->vocoder"
@@ -157,8 +159,11 @@ class MG2Pipeline(DiffusionPipeline):
             module = importlib.import_module(f"{__package__}.{library}" if own_module else library)
             component_class = getattr(module, class_name)
             load_kwargs = {}
-            if torch_dtype is not None and name not in ("retriever", "processor", "scheduler"):
-                load_kwargs["torch_dtype" if library == "diffusers" or own_module and name == "vocoder" else "dtype"] = torch_dtype
+            if torch_dtype is not None and name != "retriever":  # the index stays float32
+                if issubclass(component_class, ModelMixin):
+                    load_kwargs["torch_dtype"] = torch_dtype
+                elif issubclass(component_class, PreTrainedModel):
+                    load_kwargs["dtype"] = torch_dtype
             components[name] = component_class.from_pretrained(os.path.join(folder, name), **load_kwargs)
         if kwargs:
             raise TypeError(f"Unexpected arguments for MG2Pipeline.from_pretrained: {sorted(kwargs)}.")
@@ -198,7 +203,7 @@ class MG2Pipeline(DiffusionPipeline):
     # ----- steps of __call__ -----
 
     def check_inputs(self, prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps, guidance_scale,
-                     num_waveforms_per_prompt, retrieval_top_k, prompt_embeds, melody_embeds, output_type,
+                     num_waveforms_per_prompt, retrieval_top_k, generator, prompt_embeds, melody_embeds, output_type,
                      callback_on_step_end_tensor_inputs) -> int:
         """Validate every argument before any compute; returns the batch size."""
         if prompt is None and prompt_embeds is None:
@@ -245,6 +250,9 @@ class MG2Pipeline(DiffusionPipeline):
         if not isinstance(retrieval_top_k, int) or retrieval_top_k < 1 or (self.retriever is not None and retrieval_top_k > len(self.retriever)):
             size = len(self.retriever) if self.retriever is not None else 0
             raise ValueError(f"retrieval_top_k must be an integer between 1 and {size} (the melodies in the index), got {retrieval_top_k!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size * num_waveforms_per_prompt:
+            raise ValueError(f"generator is a list of {len(generator)} generators but {batch_size * num_waveforms_per_prompt} "
+                             "waveforms are generated; pass one generator, or one per waveform.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         unknown = [name for name in callback_on_step_end_tensor_inputs or [] if name not in self._callback_tensor_inputs]
@@ -276,8 +284,6 @@ class MG2Pipeline(DiffusionPipeline):
     def prepare_latents(self, batch_size: int, height: int, dtype, device, generator, latents=None) -> torch.Tensor:
         shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
                  int(self.vocoder.config.model_in_dim) // self.vae_scale_factor)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"generator is a list of {len(generator)} generators but {batch_size} waveforms are generated.")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif latents.shape != shape:
@@ -354,7 +360,7 @@ class MG2Pipeline(DiffusionPipeline):
         """
         # 1. Check inputs
         batch_size = self.check_inputs(prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps,
-                                       guidance_scale, num_waveforms_per_prompt, retrieval_top_k, prompt_embeds,
+                                       guidance_scale, num_waveforms_per_prompt, retrieval_top_k, generator, prompt_embeds,
                                        melody_embeds, output_type, callback_on_step_end_tensor_inputs)
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
         audio_length_in_s = audio_length_in_s or self.default_audio_length_in_s

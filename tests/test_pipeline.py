@@ -130,6 +130,7 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
     ({"melody": np.zeros(16000, np.float32)}, "melody could not be read: .*silent"),
     ({"melody": ["G4:1"] * 2}, "melody has 2 entries but prompt has 1"),
     ({"output_type": "wav"}, "output_type must be one of"),
+    ({"generator": [torch.Generator()] * 3}, "generator is a list of 3 generators but 1 waveforms"),
     ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback_on_step_end_tensor_inputs"),
 ])
 def test_bad_arguments_raise_before_any_compute(pipe, kwargs, message):
