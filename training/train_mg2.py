@@ -17,41 +17,35 @@ matches the audio), ground-truth-only teaches exact adherence but never sees wha
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from mg2_pipeline.audio import save_audio
-from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
+from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.pipeline_mg2 import CONDITIONS
 from mg2_pipeline.presets import load_pipeline
-from training_utils import NonFiniteLossGuard, describe_dataset, load_config_defaults, resume, save_checkpoint, write_model_card
+from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, describe_dataset, epoch_dataloader,
+                            finish_run, parse_arguments, save_checkpoint, start_run, write_model_card, write_training_summary)
 
 logger = get_logger(__name__)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="A JSON/YAML file of defaults (training/configs/*.yaml).")
+    add_common_arguments(parser, default_output_dir="checkpoints/mg2-small")
     parser.add_argument("--pipeline", default="preset:small", help="A saved MG2Pipeline folder, or preset:tiny|small.")
     parser.add_argument("--clmp", default=None, help="Replace the pipeline's CLMP (and processor) with this train_clmp.py folder.")
     parser.add_argument("--retriever", default=None, help="Replace the pipeline's retriever with this build_index.py folder.")
     parser.add_argument("--vae", default=None, help="Replace the pipeline's VAE with this train_vae.py folder.")
-    parser.add_argument("--dataset", default="data/mg2-folk", help="An MG2 dataset folder or Hub dataset id.")
-    parser.add_argument("--output_dir", default="checkpoints/mg2-small")
     parser.add_argument("--condition", default="text_melody", choices=CONDITIONS)
     parser.add_argument("--gt_melody_prob", type=float, default=0.5, help="Use the clip's own melody instead of a retrieved one.")
     parser.add_argument("--condition_dropout", type=float, default=0.1)
@@ -67,27 +61,11 @@ def parse_args(argv=None):
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--use_lora", action="store_true", help="Fine-tune a saved pipeline with a LoRA adapter on its UNet.")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
-    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--shuffle_buffer_size", type=int, default=1000)
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    parser.add_argument("--checkpointing_steps", type=int, default=100)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
     parser.add_argument("--validation_steps", type=int, default=100)
     parser.add_argument("--validation_prompt", default="a lively Irish jig on fiddle, 120 BPM")
     parser.add_argument("--validation_inference_steps", type=int, default=25)
-    parser.add_argument("--max_nonfinite_steps", type=int, default=5, help="Abort after this many NaN/inf losses in a row.")
-    parser.add_argument("--report_to", default="tensorboard")
-    parser.add_argument("--logging_dir", default="logs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_token", default=None)
-    args = parser.parse_args(load_config_defaults(parser, argv, __file__))
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "max_nonfinite_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    args = parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+                                                             "validation_steps", "max_nonfinite_steps"))
     if args.use_lora and (args.pipeline.startswith("preset:") or args.rank < 1):
         parser.error("--use_lora fine-tunes a saved pipeline: pass --pipeline DIR and --rank >= 1")
     for name in ("gt_melody_prob", "condition_dropout"):
@@ -118,15 +96,7 @@ def build_condition(pipe, batch: dict, args, generator: torch.Generator, device)
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.report_to != "none" else None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = create_accelerator(args, args.gradient_accumulation_steps)
 
     # Frozen CLMP, retriever and VAE; the UNet trains.
     pipe = load_pipeline(args.pipeline)
@@ -175,20 +145,7 @@ def main(argv=None):
     transform = MG2Example(clip_seconds=args.clip_seconds, tokenizer=pipe.processor.tokenizer,
                            max_text_length=pipe.processor.max_text_length, max_melody_length=pipe.processor.melody_max_length)
 
-    def make_dataloader(epoch: int, skip_batches: int):
-        loader = streaming_dataloader(dataset, args.train_batch_size, transform, args.shuffle_buffer_size, seed=args.seed,
-                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                      num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size,
-                                      drop_last=True)
-        loader.dataset.set_epoch(epoch)
-        return loader
-
-    state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-    global_step, epoch, batches_in_epoch = (state.get(key, 0) for key in ("global_step", "epoch", "batches_in_epoch"))
-    if state:
-        logger.info(f"Resumed from {state['checkpoint']} at step {global_step}")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_mg2", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger)
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
     logger.info(f"  UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters; global batch "
                 f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; steps {args.max_train_steps}")
@@ -199,7 +156,7 @@ def main(argv=None):
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     start_time, samples_seen, losses, skipped_rows = time.perf_counter(), 0, [], 0
     while global_step < args.max_train_steps:
-        loader = make_dataloader(epoch, batches_in_epoch)
+        loader = epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch)
         for batch in loader:
             batches_in_epoch += 1
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + accelerator.process_index * 7919 + global_step)
@@ -257,14 +214,11 @@ def main(argv=None):
             ema.copy_to(pipe.unet.parameters())
             pipe.save_pretrained(args.output_dir)
         elapsed = time.perf_counter() - start_time
-        summary = {"steps": global_step, "samples": samples_seen, "seconds": round(elapsed, 1),
-                   "samples_per_second": round(samples_seen / elapsed, 2), "steps_per_second": round(len(losses) / elapsed, 3),
-                   "processes": accelerator.num_processes, "condition": args.condition, "skipped_steps": guard.skipped,
-                   "skipped_rows_main_process": skipped_rows,
-                   "loss_first_10": float(np.mean(losses[:10])) if losses else None,
-                   "loss_last_10": float(np.mean(losses[-10:])) if losses else None}
-        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
+        summary = write_training_summary(
+            args.output_dir, {"loss": losses}, steps=global_step, samples=samples_seen, seconds=round(elapsed, 1),
+            samples_per_second=round(samples_seen / elapsed, 2), steps_per_second=round(len(losses) / elapsed, 3),
+            processes=accelerator.num_processes, condition=args.condition, skipped_steps=guard.skipped,
+            skipped_rows_main_process=skipped_rows)
         if not args.use_lora:
             unet_parameters = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
             write_model_card(args.output_dir, datasets=[os.path.basename(os.path.normpath(args.dataset))],
@@ -275,9 +229,7 @@ def main(argv=None):
         logger.info(f"Saved the pipeline to {args.output_dir}: {summary}")
         if args.push_to_hub:
             pipe.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
-    # every process leaves together: ending while the main process still saves can hang the process group
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_run(accelerator)
 
 
 @torch.no_grad()

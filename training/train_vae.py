@@ -14,35 +14,29 @@ so diffusion sees unit-variance latents.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from torch import nn
 from tqdm.auto import tqdm
 
-from mg2_pipeline.data import MG2Example, load_mg2_dataset, streaming_dataloader
+from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline.presets import PIPELINE_PRESETS, vae_config
-from training_utils import NonFiniteLossGuard, load_config_defaults, resume, save_checkpoint
+from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, epoch_dataloader, finish_run,
+                            parse_arguments, save_checkpoint, start_run, write_training_summary)
 
 logger = get_logger(__name__)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="A JSON/YAML file of defaults (training/configs/*.yaml).")
+    add_common_arguments(parser, default_output_dir="checkpoints/vae-small")
     parser.add_argument("--preset", default="small", choices=PIPELINE_PRESETS)
-    parser.add_argument("--dataset", default="data/mg2-folk")
-    parser.add_argument("--output_dir", default="checkpoints/vae-small")
     parser.add_argument("--clip_seconds", type=float, default=2.56, help="Training crop (the VAE is convolutional).")
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
     parser.add_argument("--max_train_steps", type=int, default=400)
@@ -53,25 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--disc_start", type=int, default=0, help="Step at which the adversarial term starts; 0 = never.")
     parser.add_argument("--disc_weight", type=float, default=0.1)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--shuffle_buffer_size", type=int, default=1000)
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    parser.add_argument("--checkpointing_steps", type=int, default=100)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
     parser.add_argument("--scaling_batches", type=int, default=8)
-    parser.add_argument("--max_nonfinite_steps", type=int, default=5)
-    parser.add_argument("--report_to", default="tensorboard")
-    parser.add_argument("--logging_dir", default="logs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_token", default=None)
-    args = parser.parse_args(load_config_defaults(parser, argv, __file__))
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps", "scaling_batches"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    return args
+    return parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps",
+                                                             "gradient_accumulation_steps", "scaling_batches"))
 
 
 class VAEWithLosses(nn.Module):
@@ -105,15 +83,7 @@ class PatchDiscriminator(nn.Module):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.report_to != "none" else None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = create_accelerator(args, args.gradient_accumulation_steps)
 
     vae = AutoencoderKL(**vae_config(args.preset))
     model = VAEWithLosses(vae)
@@ -129,21 +99,7 @@ def main(argv=None):
 
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.clip_seconds)
-
-    def make_dataloader(epoch: int, skip_batches: int):
-        loader = streaming_dataloader(dataset, args.train_batch_size, transform, args.shuffle_buffer_size, seed=args.seed,
-                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                      num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size,
-                                      drop_last=True)
-        loader.dataset.set_epoch(epoch)
-        return loader
-
-    state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-    global_step, epoch, batches_in_epoch = (state.get(key, 0) for key in ("global_step", "epoch", "batches_in_epoch"))
-    if state:
-        logger.info(f"Resumed from {state['checkpoint']} at step {global_step}")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_vae", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vae", logger)
     logger.info(f"***** Training the {args.preset} mel VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
                 f"×{scale}, {vae.config.latent_channels} latent channels *****")
 
@@ -151,7 +107,7 @@ def main(argv=None):
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     start_time, samples_seen, losses = time.perf_counter(), 0, []
     while global_step < args.max_train_steps:
-        for batch in make_dataloader(epoch, batches_in_epoch):
+        for batch in epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch):
             batches_in_epoch += 1
             mel = batch["log_mel"][:, :frames].unsqueeze(1).to(accelerator.device)
             adversarial = bool(args.disc_start) and global_step >= args.disc_start
@@ -197,24 +153,20 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     vae = accelerator.unwrap_model(model).vae.eval()
-    scaling_factor = latent_scaling_factor(vae, make_dataloader(epoch + 1, 0), frames, args.scaling_batches, accelerator)
+    loader = epoch_dataloader(dataset, transform, args, accelerator, epoch + 1, 0)
+    scaling_factor = latent_scaling_factor(vae, loader, frames, args.scaling_batches, accelerator)
     if accelerator.is_main_process:
         vae.register_to_config(scaling_factor=scaling_factor)
         vae.save_pretrained(args.output_dir)
         elapsed = time.perf_counter() - start_time
-        summary = {"steps": global_step, "samples": samples_seen, "seconds": round(elapsed, 1),
-                   "samples_per_second": round(samples_seen / elapsed, 2), "processes": accelerator.num_processes,
-                   "scaling_factor": scaling_factor, "skipped_steps": guard.skipped,
-                   "l1_first_10": float(np.mean(losses[:10])) if losses else None,
-                   "l1_last_10": float(np.mean(losses[-10:])) if losses else None}
-        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
+        summary = write_training_summary(
+            args.output_dir, {"l1": losses}, steps=global_step, samples=samples_seen, seconds=round(elapsed, 1),
+            samples_per_second=round(samples_seen / elapsed, 2), processes=accelerator.num_processes,
+            scaling_factor=scaling_factor, skipped_steps=guard.skipped)
         logger.info(f"Saved the VAE to {args.output_dir}: {summary}")
         if args.push_to_hub:
             vae.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
-    # every process leaves together: ending while the main process still saves can hang the process group
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_run(accelerator)
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
-"""Training code shared by the recipes in this folder: checkpoints, resuming, and the non-finite-loss guard."""
+"""Training code shared by the recipes in this folder: arguments, the Accelerator, streamed epochs, checkpoints and
+resuming, the non-finite-loss guard, summaries and model cards."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -133,3 +135,88 @@ class NonFiniteLossGuard:
                 "stopping with the weights of the last good step. Lower --learning_rate or check the data."
             )
         return True
+
+
+def add_common_arguments(parser, default_output_dir: str) -> None:
+    """The flags every recipe shares: data, output, precision, checkpoints, logging, seed and the Hub."""
+    parser.add_argument("--config", default=None, help="A preset file of defaults (training/configs/*.yaml); flags win.")
+    parser.add_argument("--dataset", default="data/mg2-folk", help="An MG2 dataset folder or Hub dataset id.")
+    parser.add_argument("--output_dir", default=default_output_dir)
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--shuffle_buffer_size", type=int, default=1000)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--checkpointing_steps", type=int, default=100)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    parser.add_argument("--max_nonfinite_steps", type=int, default=5, help="Abort after this many NaN/inf losses in a row.")
+    parser.add_argument("--report_to", default="tensorboard")
+    parser.add_argument("--logging_dir", default="logs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--hub_token", default=None)
+
+
+def parse_arguments(parser, argv, script_file: str, positive: tuple[str, ...] = ()):
+    """`parse_args` with `--config` defaults; every name in `positive` must be >= 1."""
+    args = parser.parse_args(load_config_defaults(parser, argv, script_file))
+    for name in ("checkpointing_steps", *positive):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def create_accelerator(args, gradient_accumulation_steps: int = 1) -> Accelerator:
+    """An Accelerator logging to `output_dir/logs` (tensorboard unless `--report_to none`), seeded, output folder made."""
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.report_to != "none" else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def start_run(accelerator: Accelerator, args, name: str, logger) -> tuple[int, int, int]:
+    """Resume if asked, start the trackers; returns `(global_step, epoch, batches_in_epoch)`."""
+    state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if state:
+        logger.info(f"Resumed from {state['checkpoint']} at step {state['global_step']}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers(name, config={key: value for key, value in vars(args).items()
+                                                if isinstance(value, (int, float, str, bool))})
+    return state.get("global_step", 0), state.get("epoch", 0), state.get("batches_in_epoch", 0)
+
+
+def epoch_dataloader(dataset, transform, args, accelerator: Accelerator, epoch: int, skip_batches: int):
+    """This process's streamed batches for `epoch`, skipping the first `skip_batches` (resuming mid-epoch)."""
+    from mg2_pipeline.data import streaming_dataloader
+
+    loader = streaming_dataloader(dataset, args.train_batch_size, transform, args.shuffle_buffer_size, seed=args.seed,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                  num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size,
+                                  drop_last=True)
+    loader.dataset.set_epoch(epoch)
+    return loader
+
+
+def finish_run(accelerator: Accelerator) -> None:
+    # Every process leaves together: ending while the main process still saves can hang the process group.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def write_training_summary(output_dir: str, losses: dict[str, list[float]], **values) -> dict:
+    """`training_summary.json`: the given figures plus the mean of the first and last 10 values of each loss."""
+    summary = dict(values)
+    for name, history in losses.items():
+        summary[f"{name}_first_10"] = float(sum(history[:10]) / len(history[:10])) if history else None
+        summary[f"{name}_last_10"] = float(sum(history[-10:]) / len(history[-10:])) if history else None
+    with open(os.path.join(output_dir, "training_summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
