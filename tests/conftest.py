@@ -19,6 +19,16 @@ def run_prepare_data(*arguments: str) -> subprocess.CompletedProcess:
     return result
 
 
+# Prepended to a `python -c` script: makes `import mg2_pipeline` fail, as on a machine without the package.
+BLOCK_MG2_PIPELINE = """import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mg2_pipeline" or name.startswith("mg2_pipeline."):
+            raise ImportError("mg2_pipeline is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
 def run(command: list[str], **env) -> subprocess.CompletedProcess:
     """Run a command from the repository root; fails the test with its output on error."""
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})

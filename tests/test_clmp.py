@@ -12,6 +12,8 @@ from transformers import AutoModel, AutoProcessor, AutoTokenizer, ClapAudioConfi
 from mg2_pipeline import CLMPConfig, CLMPFeatureExtractor, CLMPModel, CLMPProcessor, Melody
 from mg2_pipeline.presets import clmp_config, minilm_path
 
+from conftest import BLOCK_MG2_PIPELINE
+
 TEXTS = ["a lively jig on fiddle", "a slow air on flute", "a chorale on organ"]
 
 
@@ -102,13 +104,7 @@ def test_saved_folder_loads_with_remote_code_without_the_package(tmp_path):
         tokens = AutoTokenizer.from_pretrained(minilm_path())(["a jig"], padding="max_length", max_length=16, return_tensors="pt")
         expected = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
     np.save(tmp_path / "expected.npy", expected.numpy())
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "mg2_pipeline" or name.startswith("mg2_pipeline."):
-                    raise ImportError("mg2_pipeline is blocked in this test")
-        sys.meta_path.insert(0, Block())
+    script = BLOCK_MG2_PIPELINE + textwrap.dedent(f"""
         import numpy as np, torch
         from transformers import AutoModel, AutoProcessor
         model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()

@@ -5,7 +5,6 @@ import sys
 import numpy as np
 import pytest
 import soundfile
-import torch
 
 from conftest import ROOT, run
 from mg2_pipeline import CLMPModel, CLMPProcessor, Melody, MelodyRetriever, MG2Pipeline

@@ -13,7 +13,7 @@ from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline
 from mg2_pipeline.presets import build_pipeline, unet_config
 
-from conftest import ROOT
+from conftest import BLOCK_MG2_PIPELINE, ROOT
 
 PROMPT = "a lively Irish jig on fiddle"
 
@@ -164,13 +164,7 @@ def test_save_and_reload_is_bit_identical_and_safetensors_only(pipe, tmp_path):
 def test_remote_code_loads_without_the_package(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "mg2")
     np.save(tmp_path / "expected.npy", generate(pipe).audios)
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "mg2_pipeline" or name.startswith("mg2_pipeline."):
-                    raise ImportError("mg2_pipeline is blocked in this test")
-        sys.meta_path.insert(0, Block())
+    script = BLOCK_MG2_PIPELINE + textwrap.dedent(f"""
         import numpy as np, torch
         from diffusers import DiffusionPipeline
         pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "mg2")!r}, trust_remote_code=True)

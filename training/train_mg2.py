@@ -150,8 +150,8 @@ def main(argv=None):
     logger.info(f"  UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters; global batch "
                 f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; steps {args.max_train_steps}")
 
-    # Per-step randomness (noise, timesteps, melody choice, dropout) comes from a generator seeded by
-    # (seed, process, step), so a resumed run draws exactly what the uninterrupted one would have.
+    # Per-batch randomness (noise, timesteps, melody choice, dropout) comes from a generator seeded by
+    # (seed, process, epoch, batch), so a resumed run draws exactly what the uninterrupted one would have.
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     start_time, samples_seen, losses, skipped_rows = time.perf_counter(), 0, [], 0
@@ -159,7 +159,8 @@ def main(argv=None):
         loader = epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch)
         for batch in loader:
             batches_in_epoch += 1
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + accelerator.process_index * 7919 + global_step)
+            generator = torch.Generator().manual_seed(
+                args.seed * 1_000_003 + accelerator.process_index * 7919 + epoch * 100_003 + batches_in_epoch)
             with torch.no_grad():
                 mel = batch["log_mel"][:, :frames].unsqueeze(1).to(accelerator.device)
                 latents = pipe.vae.encode(mel).latent_dist.sample(generator=generator) * pipe.vae.config.scaling_factor
