@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench space clean
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,7 +63,16 @@ $(EVAL_DONE): | $(MG2_DONE) $(TEXT_DONE)
 		--num_clips 32 --ddim_clips 8 --output_dir checkpoints/mg2-small/eval
 
 test: install
+	# The Space's browser test drives Debian's Chromium (never a downloaded browser); it skips if this fails.
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "chromium could not be installed: the browser test will skip"
 	$(PY) -m pytest tests
+
+# `make space`: the Space folder, ready to run or upload, with this package as a wheel in space/wheels/.
+space: install
+	rm -rf space/wheels
+	$(PIP) wheel --no-deps --wheel-dir space/wheels .
+	@echo "Run: MG2_MODEL=checkpoints/mg2-small $(PY) space/app.py    Upload: hf upload --repo-type space OWNER/NAME space ."
 
 bench: install | $(INDEX_DONE) $(MG2_DONE)
 	$(PIP) install -e ".[bench]"
@@ -73,4 +82,4 @@ bench: install | $(INDEX_DONE) $(MG2_DONE)
 	$(PY) benchmarks/bench_training.py --clmp checkpoints/clmp-small --retriever checkpoints/melody-index
 
 clean:
-	rm -rf $(VENV) data checkpoints samples
+	rm -rf $(VENV) data checkpoints samples space/wheels

@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from mg2_pipeline import LogMelSpectrogram, Melody, save_audio  # noqa: E402
-from mg2_pipeline.presets import load_pipeline  # noqa: E402
+from mg2_pipeline import save_audio
+from mg2_pipeline.plotting import figure_to_png, plot_spectrogram
+from mg2_pipeline.presets import load_pipeline
 
 DEMO_PROMPTS = [
     ("jig-fiddle", "A lively Irish jig played on fiddle at 120 BPM in D major, in 6/8 time", None),
@@ -31,27 +28,6 @@ DEMO_PROMPTS = [
     ("user-melody-piano", "A simple folk song on piano at 100 BPM",
      "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6 D4:0.6 G4:0.3 B4:0.3 D5:0.9 B4:0.3 A4:0.9"),
 ]
-
-
-def spectrogram_png(path: str, waveform, sampling_rate: int, melody: Melody | None, title: str) -> None:
-    """Log-mel spectrogram (and the guiding melody's piano roll) of a clip, as a PNG."""
-    log_mel = LogMelSpectrogram()(torch.as_tensor(waveform)).numpy()
-    rows = 2 if melody is not None else 1
-    figure, axes = plt.subplots(rows, 1, figsize=(10, 2.6 * rows), squeeze=False)
-    axes[0, 0].imshow(log_mel.T, origin="lower", aspect="auto", cmap="magma",
-                      extent=(0, len(waveform) / sampling_rate, 0, log_mel.shape[1]))
-    axes[0, 0].set(title=title, ylabel="mel bin")
-    if melody is not None:
-        roll = melody.to_piano_roll(frames_per_second=100)
-        pitches = melody.pitches
-        low, high = int(pitches.min()) - 2, int(pitches.max()) + 3
-        axes[1, 0].imshow(roll[low:high], origin="lower", aspect="auto", cmap="Greys",
-                          extent=(0, roll.shape[1] / 100, low, high))
-        axes[1, 0].set(xlim=(0, len(waveform) / sampling_rate), ylabel="MIDI pitch", title="guiding melody")
-    axes[-1, 0].set_xlabel("seconds")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
 
 
 def main(argv=None):
@@ -73,7 +49,8 @@ def main(argv=None):
         save_audio(f"{stem}.wav", output.audios[0], output.sampling_rate)
         guide = output.melodies[0]
         source = "your melody" if guide is None or guide.id is None else f"retrieved: {guide.metadata.get('title', '?')} ({guide.score:.2f})"
-        spectrogram_png(f"{stem}.png", output.audios[0], output.sampling_rate, guide.melody if guide else None, f"{prompt} — {source}")
+        figure = plot_spectrogram(output.audios[0], output.sampling_rate, guide.melody if guide else None, f"{prompt} — {source}")
+        figure_to_png(figure, f"{stem}.png")
         print(f"{stem}.wav  {stem}.png  ← {prompt!r}, melody {source}")
     print(f"Samples are in {os.path.abspath(args.output_dir)}")
 

@@ -1,0 +1,67 @@
+"""Pictures of generated music: the log-mel spectrogram of a clip and the piano roll of its melody.
+
+Figures are built with matplotlib's object API (no pyplot state), so a server may draw from many threads.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .audio import LogMelSpectrogram
+from .melody import Melody
+
+PIANO_ROLL_FPS = 100
+
+
+def _draw_piano_roll(axes, melody: Melody, duration: float | None) -> None:
+    roll = melody.to_piano_roll(frames_per_second=PIANO_ROLL_FPS)
+    low, high = int(melody.pitches.min()) - 2, int(melody.pitches.max()) + 3
+    axes.imshow(roll[low:high], origin="lower", aspect="auto", cmap="Greys",
+                extent=(0, roll.shape[1] / PIANO_ROLL_FPS, low, high), interpolation="nearest")
+    axes.set(xlim=(0, duration or melody.duration), ylabel="MIDI pitch")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_spectrogram(waveform, sampling_rate: int, melody: Melody | None = None, title: str | None = None) -> Figure:
+    """Log-mel spectrogram of a mono waveform; with `melody`, its piano roll below on the same time axis."""
+    waveform = np.asarray(waveform, dtype=np.float32)
+    log_mel = LogMelSpectrogram(sample_rate=sampling_rate)(torch.from_numpy(waveform)).numpy()
+    duration = len(waveform) / sampling_rate
+    rows = 2 if melody is not None else 1
+    figure = Figure(figsize=(10, 2.6 * rows), layout="tight")
+    FigureCanvasAgg(figure)
+    spectrogram_axes, *roll_axes = figure.subplots(rows, 1, squeeze=False)[:, 0]
+    spectrogram_axes.imshow(log_mel.T, origin="lower", aspect="auto", cmap="magma",
+                            extent=(0, duration, 0, log_mel.shape[1]))
+    spectrogram_axes.set(title=title, ylabel="mel bin")
+    if melody is not None:
+        _draw_piano_roll(roll_axes[0], melody, duration)
+        roll_axes[0].set_title("guiding melody")
+    figure.axes[-1].set_xlabel("seconds")
+    return figure
+
+
+def plot_piano_roll(melody: Melody, title: str | None = None) -> Figure:
+    """Piano roll of a melody (pitch against seconds)."""
+    figure = Figure(figsize=(10, 2.4), layout="tight")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    _draw_piano_roll(axes, melody, None)
+    axes.set(title=title, xlabel="seconds")
+    return figure
+
+
+def figure_to_png(figure: Figure, path: str | None = None, dpi: int = 80) -> bytes:
+    """Render a figure as PNG bytes (also written to `path` when given)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    if path is not None:
+        with open(path, "wb") as handle:
+            handle.write(buffer.getvalue())
+    return buffer.getvalue()

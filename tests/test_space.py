@@ -1,0 +1,181 @@
+"""The Gradio Space (space/app.py), served as a user would run it and driven through gradio_client and Chromium."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from conftest import ROOT
+
+from mg2_pipeline import Melody
+from mg2_pipeline.presets import PRESET_MELODIES
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+NOTES = "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def space_url(tmp_path_factory):
+    """`python space/app.py` with a random tiny pipeline on a free loopback port; two generations at once."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("space") / "app.log", "w+")
+    env = {**os.environ, "MG2_MODEL": "preset:tiny", "MG2_CONCURRENCY": "2", "GRADIO_SERVER_NAME": "127.0.0.1",
+           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "space", "app.py")], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            break
+        except OSError:
+            log.seek(0)
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"The Space did not start:\n{log.read()[-4000:]}")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(space_url):
+    return Client(space_url, verbose=False)
+
+
+def generate(client, prompt="A lively Irish jig on fiddle", melody_file=None, melody_audio=None, notes="", duration=1.0,
+             seed=0, candidates=1, top_k=3):
+    return client.predict(prompt, "", melody_file, melody_audio, notes, duration, 2, 3.0, seed, candidates, top_k,
+                          api_name="/generate")
+
+
+def read_wav(path: str) -> np.ndarray:
+    waveform, sampling_rate = sf.read(path)
+    assert sampling_rate == 16000
+    return waveform
+
+
+def test_endpoints_are_named_after_their_functions(client):
+    assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {"/generate", "/retrieve"}
+
+
+def test_generate_returns_audio_pictures_and_the_retrieved_melody(client):
+    audio, spectrogram, info, piano_roll, midi, retrieved = generate(client, duration=1.2, top_k=4)
+    assert len(read_wav(audio)) == round(1.2 * 16000)
+    for picture in (spectrogram, piano_roll):
+        with Image.open(picture) as image:
+            assert image.format == "PNG" and image.width > 300
+    assert retrieved["headers"] == ["rank", "id", "title", "source", "similarity", "first notes"]
+    rows = retrieved["data"]
+    assert [row[0] for row in rows] == [1, 2, 3, 4]
+    assert [row[4] for row in rows] == sorted((row[4] for row in rows), reverse=True)
+    title = rows[0][2]  # one candidate: guided by the top retrieved melody
+    assert title in PRESET_MELODIES and title in info and "retrieved melody" in info
+    assert Melody.load(midi).pitches.tolist() == Melody.from_string(PRESET_MELODIES[title]).pitches.tolist()
+
+
+def test_generate_is_deterministic_under_a_seed(client):
+    first, second, other = (read_wav(generate(client, seed=seed)[0]) for seed in (7, 7, 8))
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other)
+
+
+def test_generate_follows_a_typed_or_uploaded_melody(client, tmp_path):
+    _, _, info, _, midi, _ = generate(client, notes=NOTES, candidates=2)
+    assert info.startswith("**Your melody**")
+    assert Melody.load(midi).pitches.tolist() == Melody.from_string(NOTES).pitches.tolist()
+    upload = str(tmp_path / "tune.mid")
+    Melody.from_string("C5:0.5 E5:0.5 G5:1").to_midi(upload)
+    audio, _, info, _, midi, _ = generate(client, melody_file=handle_file(upload), duration=0.5)
+    assert info.startswith("**Your melody**") and len(read_wav(audio)) == 8000
+    assert Melody.load(midi).pitches.tolist() == [72, 76, 79]
+
+
+def test_retrieve_lists_the_top_k_melodies(client):
+    rows = client.predict("A slow chorale on church organ", 5, api_name="/retrieve")["data"]
+    assert len(rows) == 5 and {row[2] for row in rows} <= set(PRESET_MELODIES)
+    assert [row[4] for row in rows] == sorted((row[4] for row in rows), reverse=True)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"notes": "G4:0.5 Q9:1"}, "Could not read your melody (notes)"),
+    ({"notes": NOTES, "melody_file": "tune.mid"}, "Give one melody, not several"),
+    ({"duration": 60.0}, "greater than maximum value"),
+    ({"seed": -1}, "less than minimum value"),
+])
+def test_bad_input_shows_an_error(client, tmp_path, arguments, message):
+    if "melody_file" in arguments:
+        Melody.from_string(NOTES).to_midi(tmp_path / "tune.mid")
+        arguments["melody_file"] = handle_file(str(tmp_path / "tune.mid"))
+    with pytest.raises(AppError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        generate(client, **arguments)
+
+
+def test_malformed_midi_and_silent_recording_fail_clearly_and_the_next_request_succeeds(client, tmp_path):
+    broken = tmp_path / "broken.mid"
+    broken.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01 this is not a MIDI file")
+    with pytest.raises(AppError, match="Unreadable MIDI file"):
+        generate(client, melody_file=handle_file(str(broken)))
+    silence = tmp_path / "silence.wav"
+    sf.write(silence, np.zeros(16000, dtype=np.float32), 16000)
+    with pytest.raises(AppError, match="silent"):
+        generate(client, melody_audio=handle_file(str(silence)))
+    assert len(read_wav(generate(client, duration=0.5)[0])) == 8000
+
+
+def test_twenty_concurrent_requests_all_return_their_audio(space_url):
+    seeds = [index % 4 for index in range(20)]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(lambda seed: generate(Client(space_url, verbose=False), seed=seed, duration=0.8), seeds))
+    waveforms = [read_wav(result[0]) for result in results]
+    assert all(len(waveform) == 12800 for waveform in waveforms)
+    for seed, waveform in zip(seeds, waveforms):  # two pipelines ran side by side without disturbing each other
+        np.testing.assert_array_equal(waveform, waveforms[seeds.index(seed)])
+
+
+def test_a_browser_fills_the_prompt_and_gets_audio(space_url, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed and apt-get could not install it (`make test` tries)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(space_url)
+        page.get_by_label("Prompt", exact=True).fill("A lively Irish jig on fiddle")
+        page.get_by_role("button", name="Generate").click()
+        download = page.locator("a[download='audio.wav']")
+        download.wait_for(timeout=120_000)
+        page.get_by_text("retrieved melody #").wait_for(timeout=30_000)
+        screenshot = tmp_path / "space.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        with urllib.request.urlopen(download.get_attribute("href")) as response:
+            (tmp_path / "audio.wav").write_bytes(response.read())
+        browser.close()
+    print(f"screenshot: {screenshot}")
+    assert len(read_wav(str(tmp_path / "audio.wav"))) > 0
+    with Image.open(screenshot) as image:
+        assert image.width == 1280 and image.height > 1000
