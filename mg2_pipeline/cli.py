@@ -1,7 +1,9 @@
-"""`mg2` command line: generate music from a prompt.
+"""`mg2` command line: generate music from a prompt; push a checkpoint to the Hub and pull one from it.
 
     mg2 generate "a lively Irish jig on fiddle" --output jig.wav [--melody tune.mid | --melody "G4:0.5 A4:0.5"]
                  [--seed 0] [--steps 25] [--duration 10.24] [--guidance 3.0] [--model checkpoints/mg2-small]
+    mg2 push checkpoints/mg2-small org/mg2-small [--private] [--revision BRANCH]
+    mg2 pull org/mg2-small [--revision REV]
 """
 
 from __future__ import annotations
@@ -41,6 +43,23 @@ def generate(args) -> None:
     print(f"Wrote {args.output} ({len(output.audios[0]) / output.sampling_rate:.2f} s at {output.sampling_rate} Hz)")
 
 
+def push(args) -> None:
+    from .hub import push_folder
+
+    try:
+        commit = push_folder(args.folder, args.repo_id, private=args.private or None, revision=args.revision)
+    except (ValueError, PermissionError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"Pushed {args.folder} to {args.repo_id}: revision {commit.oid}")
+    print(commit.commit_url)
+
+
+def pull(args) -> None:
+    from huggingface_hub import snapshot_download
+
+    print(snapshot_download(args.repo_id, revision=args.revision))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="mg2", description="MG2: melody-guided text-to-music generation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +74,16 @@ def main(argv=None) -> None:
     gen.add_argument("--guidance", type=float, default=3.0)
     gen.add_argument("--model", default=DEFAULT_MODEL, help="A pipeline folder, a Hub repo id, or preset:tiny|small.")
     gen.set_defaults(run=generate)
+    push_parser = commands.add_parser("push", help="Upload a saved pipeline or model folder to a Hub model repo.")
+    push_parser.add_argument("folder")
+    push_parser.add_argument("repo_id", help="'org/name' (created when missing).")
+    push_parser.add_argument("--private", action="store_true", help="Create the repo private.")
+    push_parser.add_argument("--revision", default=None, help="A branch to push to (created when missing; default main).")
+    push_parser.set_defaults(run=push)
+    pull_parser = commands.add_parser("pull", help="Download a Hub repo into the HF cache; prints its local folder.")
+    pull_parser.add_argument("repo_id")
+    pull_parser.add_argument("--revision", default=None, help="A branch, tag or commit (default main).")
+    pull_parser.set_defaults(run=pull)
     args = parser.parse_args(argv)
     args.run(args)
 

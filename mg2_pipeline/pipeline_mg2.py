@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
+from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
 from .retrieval import RetrievedMelody
 
@@ -99,14 +101,21 @@ class MG2Pipeline(DiffusionPipeline):
 
     # ----- saving and loading -----
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
-        """Save every component (safetensors) plus the code that loads them without this package.
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, push_to_hub: bool = False,
+                        **kwargs) -> None:
+        """Save every component (safetensors), the code that loads them without this package, and a model card.
 
         The folder loads with `MG2Pipeline.from_pretrained(dir)`, and with
         `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` where `mg2_pipeline` is not
         installed: `pipeline_mg2.py` and its imports sit at the root, each custom component's module in
-        its folder, and `model_index.json` names them (DESIGN.md §8).
+        its folder, and `model_index.json` names them (DESIGN.md §8). `README.md` is the model card of the
+        folder this pipeline was loaded from, or else one describing the components.
+
+        With `push_to_hub=True` the folder is then uploaded to `repo_id` (default: the folder's name); `token`,
+        `private`, `revision`, `commit_message` and `create_pr` are passed on (see `mg2_pipeline.hub.push_folder`).
         """
+        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "revision", "commit_message", "create_pr")
+                      if key in kwargs}
         if not safe_serialization:
             raise ValueError("safe_serialization=False is not supported: MG2 checkpoints are safetensors only.")
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
@@ -123,6 +132,28 @@ class MG2Pipeline(DiffusionPipeline):
         with open(index_path + ".tmp", "w") as handle:
             json.dump(model_index, handle, indent=2, sort_keys=True)
         os.replace(index_path + ".tmp", index_path)
+        self._write_model_card(save_directory, hub_kwargs.get("repo_id"))
+        if push_to_hub:
+            push_folder(save_directory, hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory))), **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, revision: str | None = None, **kwargs):
+        """Upload the pipeline (weights, remote code, model card, melody index) to the model repo `repo_id`;
+        returns the `CommitInfo` (its `oid` is the new revision)."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **kwargs)
+            return push_folder(folder, repo_id, token=token, private=private, revision=revision,
+                               commit_message=commit_message, create_pr=create_pr)
+
+    def _write_model_card(self, save_directory: str | os.PathLike, repo_id: str | None) -> None:
+        card_path = os.path.join(save_directory, "README.md")
+        source_card = os.path.join(getattr(self, "_source_folder", ""), "README.md")
+        if os.path.isfile(card_path):
+            return
+        if os.path.isfile(source_card):
+            shutil.copy(source_card, card_path)
+        else:
+            write_model_card(save_directory, model_description=describe_pipeline(self), repo_id=repo_id)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
@@ -169,6 +200,7 @@ class MG2Pipeline(DiffusionPipeline):
             raise TypeError(f"Unexpected arguments for MG2Pipeline.from_pretrained: {sorted(kwargs)}.")
         pipeline = cls(**components)
         pipeline.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
+        pipeline._source_folder = folder  # its model card travels with the pipeline when saved or pushed
         return pipeline
 
     def load_lora_weights(self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default", **kwargs) -> None:

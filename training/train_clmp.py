@@ -29,7 +29,7 @@ from mg2_pipeline.modeling_clmp import MAX_LOGIT_SCALE, CLMPModel, contrastive_l
 from mg2_pipeline.presets import CLMP_PRESETS, clmp_config, load_minilm_weights, minilm_path
 from mg2_pipeline.processing_clmp import CLMPProcessor
 from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, epoch_dataloader, finish_run,
-                            parse_arguments, save_checkpoint, start_run, write_training_summary)
+                            parse_arguments, push_output_dir, save_checkpoint, start_run, write_training_summary)
 
 logger = get_logger(__name__)
 
@@ -179,9 +179,7 @@ def main(argv=None):
                                modalities=args.modalities, preset=args.preset, processes=accelerator.num_processes,
                                skipped_steps=guard.skipped, weight_fingerprint_per_process=fingerprints)
         logger.info(f"Saved {args.output_dir} ({samples_seen / elapsed:.1f} samples/s)")
-        if args.push_to_hub:
-            model.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
-            processor.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+        push_output_dir(args)
     finish_run(accelerator)
 
 

@@ -33,8 +33,10 @@ from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.pipeline_mg2 import CONDITIONS
 from mg2_pipeline.presets import load_pipeline
-from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, describe_dataset, epoch_dataloader,
-                            finish_run, parse_arguments, save_checkpoint, start_run, write_model_card, write_training_summary)
+from mg2_pipeline.hub import describe_pipeline, write_model_card
+from training_utils import (MG2_FOLK_LIMITATIONS, NonFiniteLossGuard, add_common_arguments, create_accelerator, describe_dataset,
+                            epoch_dataloader, finish_run, parse_arguments, push_output_dir, save_checkpoint, start_run,
+                            write_training_summary)
 
 logger = get_logger(__name__)
 
@@ -224,12 +226,13 @@ def main(argv=None):
             unet_parameters = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
             write_model_card(args.output_dir, datasets=[os.path.basename(os.path.normpath(args.dataset))],
                              dataset_description=describe_dataset(args.dataset), repo_id=args.hub_model_id,
+                             limitations=MG2_FOLK_LIMITATIONS,
                              model_description=f"UNet {unet_parameters:.1f} M parameters ({args.condition} condition), "
                                                f"trained {global_step} steps × {args.train_batch_size * accelerator.num_processes} "
-                                               f"clips of {args.clip_seconds} s; frozen CLMP, melody index and VAE.")
+                                               f"clips of {args.clip_seconds} s; frozen CLMP, melody index and VAE.\n\n"
+                                               + describe_pipeline(pipe))
         logger.info(f"Saved the pipeline to {args.output_dir}: {summary}")
-        if args.push_to_hub:
-            pipe.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+        push_output_dir(args)
     finish_run(accelerator)
 
 

@@ -14,7 +14,6 @@ so diffusion sees unit-variance latents.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline.presets import PIPELINE_PRESETS, vae_config
 from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, epoch_dataloader, finish_run,
-                            parse_arguments, save_checkpoint, start_run, write_training_summary)
+                            parse_arguments, push_output_dir, save_checkpoint, start_run, write_training_summary)
 
 logger = get_logger(__name__)
 
@@ -164,8 +163,7 @@ def main(argv=None):
             samples_per_second=round(samples_seen / elapsed, 2), processes=accelerator.num_processes,
             scaling_factor=scaling_factor, skipped_steps=guard.skipped)
         logger.info(f"Saved the VAE to {args.output_dir}: {summary}")
-        if args.push_to_hub:
-            vae.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+        push_output_dir(args)
     finish_run(accelerator)
 
 

@@ -13,7 +13,6 @@ The CPU presets prove the loop and its resumability; a vocoder that beats Griffi
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -28,7 +27,7 @@ from mg2_pipeline.audio import HOP_LENGTH, LogMelSpectrogram
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline.presets import PIPELINE_PRESETS, vocoder_config
 from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, epoch_dataloader, finish_run,
-                            parse_arguments, save_checkpoint, start_run, write_training_summary)
+                            parse_arguments, push_output_dir, save_checkpoint, start_run, write_training_summary)
 
 logger = get_logger(__name__)
 
@@ -182,8 +181,7 @@ def main(argv=None):
             args.output_dir, {"mel_l1": mel_losses}, steps=global_step, samples=samples_seen, seconds=round(elapsed, 1),
             samples_per_second=round(samples_seen / elapsed, 2), processes=accelerator.num_processes, skipped_steps=guard.skipped)
         logger.info(f"Saved the vocoder to {args.output_dir}: {summary}")
-        if args.push_to_hub:
-            vocoder.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), token=args.hub_token)
+        push_output_dir(args)
     finish_run(accelerator)
 
 

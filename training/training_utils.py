@@ -12,9 +12,10 @@ import torch
 import yaml
 from accelerate import Accelerator
 
+from mg2_pipeline.hub import push_folder
+
 CHECKPOINT_PREFIX = "checkpoint-"
-MODEL_CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_card.md")
-DEFAULT_LIMITATIONS = (
+MG2_FOLK_LIMITATIONS = (
     "Trained on a few hours of SoundFont-rendered folk tunes (mg2-folk) on CPU: expect simple timbres, "
     "General-MIDI instruments and a Griffin-Lim vocoder's phasiness, not studio audio. Captions are "
     "templated, so free-form prompts far from them retrieve and generate less reliably."
@@ -36,24 +37,12 @@ def load_config_defaults(parser, argv, script_file: str):
     return argv
 
 
-def write_model_card(model_dir: str, evaluation: str = "Not evaluated yet: run `training/evaluate.py`.",
-                     dataset_description: str | None = None, model_description: str | None = None,
-                     datasets: list[str] | None = None, repo_id: str | None = None) -> str:
-    """Render `model_card.md` (huggingface_hub `ModelCard` Jinja template) into `model_dir/README.md`."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    card_data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-audio", license="apache-2.0",
-                              tags=["music", "text-to-music", "melody", "mg2", "audio"], datasets=datasets or None)
-    card = ModelCard.from_template(
-        card_data, template_path=MODEL_CARD_TEMPLATE, model_name=os.path.basename(os.path.normpath(model_dir)),
-        repo_id=repo_id or os.path.basename(os.path.normpath(model_dir)), evaluation=evaluation,
-        dataset_description=dataset_description or "See the dataset card of the training data.",
-        model_description=model_description or "See `model_index.json` and the component configs.",
-        limitations=DEFAULT_LIMITATIONS,
-    )
-    path = os.path.join(model_dir, "README.md")
-    card.save(path)
-    return path
+def push_output_dir(args) -> None:
+    """With `--push_to_hub`: upload the saved output_dir to `--hub_model_id`, leaving out checkpoints and logs."""
+    if args.push_to_hub:
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        commit = push_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training")
+        logging.getLogger(__name__).info(f"Pushed {args.output_dir} to {repo_id} at revision {commit.oid}")
 
 
 def describe_dataset(dataset: str) -> str:
@@ -152,9 +141,10 @@ def add_common_arguments(parser, default_output_dir: str) -> None:
     parser.add_argument("--report_to", default="tensorboard")
     parser.add_argument("--logging_dir", default="logs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_token", default=None)
+    parser.add_argument("--push_to_hub", action="store_true",
+                        help="At the end, upload output_dir (without checkpoints and logs) to the Hub.")
+    parser.add_argument("--hub_model_id", default=None, help="The repo to push to (default: output_dir's name).")
+    parser.add_argument("--hub_token", default=None, help="A write token (default: HF_TOKEN or the saved login).")
 
 
 def parse_arguments(parser, argv, script_file: str, positive: tuple[str, ...] = ()):
