@@ -56,8 +56,12 @@ def push(args) -> None:
 
 def pull(args) -> None:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    print(snapshot_download(args.repo_id, revision=args.revision))
+    try:
+        print(snapshot_download(args.repo_id, revision=args.revision))
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+        raise SystemExit(f"error: could not pull {args.repo_id}: {error}") from None
 
 
 def main(argv=None) -> None:

@@ -54,9 +54,9 @@ class Repo:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None, **body):
         super().__init__(message)
-        self.status, self.message, self.code, self.commit = status, message, code, commit
+        self.status, self.message, self.code, self.commit, self.body = status, message, code, commit, body
 
 
 class MiniHub:
@@ -91,7 +91,7 @@ class MiniHub:
                 try:
                     status, payload, headers = hub.route(method, url.path, parse_qs(url.query), body, self.headers)
                 except HubError as error:
-                    status, payload = error.status, json.dumps({"error": error.message}).encode()
+                    status, payload = error.status, json.dumps({"error": error.message, **error.body}).encode()
                     headers = {"Content-Type": "application/json", "X-Error-Message": error.message}
                     headers.update({"X-Error-Code": error.code} if error.code else {})
                     headers.update({"X-Repo-Commit": error.commit} if error.commit else {})
@@ -187,7 +187,7 @@ class MiniHub:
         repo_id = f"{payload.get('organization') or 'tester'}/{payload['name']}"
         with self.lock:
             if repo_id in self.repos:
-                raise HubError(409, "You already created this model repo")
+                raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
             repo = Repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
             self._add_commit(repo, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
                              "initial commit")
