@@ -50,7 +50,8 @@ def describe_pipeline(pipe) -> str:
         if name == "retriever":
             detail += f", {len(component)} melodies"
         elif hasattr(component, "parameters"):
-            detail += f", {sum(p.numel() for p in component.parameters()) / 1e6:.2f} M parameters"
+            count = sum(p.numel() for p in component.parameters())
+            detail += f", {count / 1e6:.2f} M parameters" if count else ", no trained parameters"
         lines.append(f"- `{name}`: {detail}")
     return "\n".join(lines)
 

@@ -141,17 +141,17 @@ class MG2Pipeline(DiffusionPipeline):
         """Upload the pipeline (weights, remote code, model card, melody index) to the model repo `repo_id`;
         returns the `CommitInfo` (its `oid` is the new revision)."""
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, **kwargs)
+            self.save_pretrained(folder, repo_id=repo_id, **kwargs)  # repo_id: the model card's usage snippet
             return push_folder(folder, repo_id, token=token, private=private, revision=revision,
                                commit_message=commit_message, create_pr=create_pr)
 
     def _write_model_card(self, save_directory: str | os.PathLike, repo_id: str | None) -> None:
         card_path = os.path.join(save_directory, "README.md")
-        source_card = os.path.join(getattr(self, "_source_folder", ""), "README.md")
+        source_folder = getattr(self, "_source_folder", None)
         if os.path.isfile(card_path):
             return
-        if os.path.isfile(source_card):
-            shutil.copy(source_card, card_path)
+        if source_folder is not None and os.path.isfile(os.path.join(source_folder, "README.md")):
+            shutil.copy(os.path.join(source_folder, "README.md"), card_path)
         else:
             write_model_card(save_directory, model_description=describe_pipeline(self), repo_id=repo_id)
 

@@ -180,3 +180,16 @@ expected = np.load({str(expected)!r})
 ids = torch.from_numpy(expected["ids"])
 np.testing.assert_allclose(model.get_melody_features(ids, torch.ones_like(ids)).detach().numpy(), expected["embeds"], atol=1e-6)
 """], **env)
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_folder_and_a_card_naming_the_repo(tmp_path):
+    with MiniHub(token=TOKEN) as hub:
+        run([sys.executable, "-c", f"""
+from mg2_pipeline.presets import build_pipeline
+build_pipeline("tiny").save_pretrained({str(tmp_path / "saved")!r}, push_to_hub=True, repo_id="tester/saved", private=True)
+"""], **hub_env(hub, tmp_path / "hf_home"))
+        repo = hub.repos["tester/saved"]
+        files = repo.commits[repo.branches["main"]].files
+        assert repo.private and files["README.md"] == (tmp_path / "saved" / "README.md").read_bytes()
+        assert 'from_pretrained("tester/saved", trust_remote_code=True)' in files["README.md"].decode()
+        assert files["retriever/index.bin"] == (tmp_path / "saved" / "retriever" / "index.bin").read_bytes()
