@@ -359,6 +359,20 @@ class Melody:
         text = " ".join(f"{pitch_to_name(int(p))}@{on:.2f}" for p, on, _ in shown)
         return text + (" …" if max_notes is not None and len(self) > max_notes else "")
 
+    def to_note_string(self, max_notes: int | None = None) -> str:
+        """The form `from_string` reads, e.g. `"G4:0.5 R:0.25 A4:0.5"` (seconds, to the millisecond), so a melody
+        can be copied and edited. A note that overlaps the next one is cut where the next one starts."""
+        items, time = [], 0.0
+        shown = len(self) if max_notes is None else min(max_notes, len(self))
+        for index in range(shown):
+            pitch, onset, offset = self.notes[index]
+            if onset - time >= 0.0005:
+                items.append(f"R:{round(onset - time, 3):g}")
+            end = min(offset, self.notes[index + 1, 1]) if index + 1 < len(self) else offset
+            items.append(f"{pitch_to_name(int(pitch))}:{max(round(end - onset, 3), 0.001):g}")
+            time = end
+        return " ".join(items) + (" …" if shown < len(self) else "")
+
     def to_tokens(self) -> str:
         """The MG2 triplet string `<Pitch>,<dur_bin>,<gap_bin>|…` (first gap is 0 s → `<79>`)."""
         durations = seconds_to_bin(self.offsets - self.onsets)

@@ -34,7 +34,7 @@ MAX_CANDIDATES = 4
 MAX_TOP_K = 10
 SCORE_FILE_TYPES = [".mid", ".midi", ".xml", ".musicxml", ".mxl", ".abc", ".krn"]
 AUDIO_FILE_TYPES = (".wav", ".flac", ".ogg", ".mp3")
-RETRIEVED_COLUMNS = ["rank", "id", "title", "source", "similarity", "first notes"]
+RETRIEVED_COLUMNS = ["rank", "id", "title", "source", "similarity", "first notes (paste into Notes to edit)"]
 EXAMPLES = [
     ["A lively Irish jig played on fiddle at 120 BPM in D major", ""],
     ["A gentle waltz on accordion with bass and chords at 90 BPM", ""],
@@ -54,10 +54,11 @@ def load_model(model: str) -> MG2Pipeline:
 # Loaded once. A pipeline keeps per-call state (the scheduler's step counter, the guidance scale), so each
 # concurrent generation borrows its own pipeline object; they share every model and the index.
 PIPE = load_model(MODEL)
-PIPE.set_progress_bar_config(desc="denoising")
 WORKERS: queue.Queue[MG2Pipeline] = queue.Queue()
 for _ in range(CONCURRENCY):
-    WORKERS.put(MG2Pipeline(**{**PIPE.components, "scheduler": copy.deepcopy(PIPE.scheduler)}, condition=PIPE.config.condition))
+    worker = MG2Pipeline(**{**PIPE.components, "scheduler": copy.deepcopy(PIPE.scheduler)}, condition=PIPE.config.condition)
+    worker.set_progress_bar_config(desc="denoising")
+    WORKERS.put(worker)
 MIDI_DIR = tempfile.mkdtemp(prefix="mg2-space-midi-")
 
 
@@ -83,7 +84,7 @@ def retrieved_table(prompt_embeds: torch.Tensor, top_k: int) -> list[list]:
         return []
     hits = PIPE.retriever.search(prompt_embeds, k=min(top_k, len(PIPE.retriever)))
     return [[rank, hit.id, hit.metadata.get("title", ""), hit.metadata.get("source", ""), round(hit.score, 3),
-             hit.melody.to_string(max_notes=8)] for rank, hit in enumerate(hits.melodies[0], start=1)]
+             hit.melody.to_note_string(max_notes=8)] for rank, hit in enumerate(hits.melodies[0], start=1)]
 
 
 def check_prompt(prompt: str | None) -> str:

@@ -133,6 +133,13 @@ def test_from_string_with_rests_and_flats():
     assert melody.to_list() == [[67, 0.0, 0.5], [70, 1.0, 2.0]]
 
 
+def test_note_string_round_trips_and_cuts_overlaps():
+    text = "R:0.25 G4:0.5 A4:0.5 R:0.125 A#4:1 C5:0.3"
+    assert Melody.from_string(text).to_note_string() == text
+    assert Melody.from_string(text).to_note_string(max_notes=2) == "R:0.25 G4:0.5 A4:0.5 …"
+    assert Melody.from_notes([[60, 0.0, 1.0], [62, 0.5, 1.0]]).to_note_string() == "C4:0.5 D4:0.5"
+
+
 def test_from_midi_reads_a_polyphonic_file_as_its_skyline(tmp_path):
     midi = pretty_midi.PrettyMIDI()
     melody_track, bass_track, drums = pretty_midi.Instrument(73), pretty_midi.Instrument(32), pretty_midi.Instrument(0, is_drum=True)
