@@ -68,10 +68,9 @@ test: install
 		|| echo "chromium could not be installed: the browser test will skip"
 	$(PY) -m pytest tests
 
-# `make space`: the Space folder, ready to run or upload, with this package as a wheel in space/wheels/.
+# `make space`: the Space folder, ready to run or upload, with the wheels its requirements.txt installs.
 space: install
-	rm -rf space/wheels
-	$(PIP) wheel --no-deps --wheel-dir space/wheels .
+	$(PY) space/build_wheels.py
 	@echo "Run: MG2_MODEL=checkpoints/mg2-small $(PY) space/app.py    Upload: hf upload --repo-type space OWNER/NAME space ."
 
 bench: install | $(INDEX_DONE) $(MG2_DONE)
@@ -80,6 +79,7 @@ bench: install | $(INDEX_DONE) $(MG2_DONE)
 	$(PY) benchmarks/bench_retrieval.py --index checkpoints/melody-index --clmp checkpoints/clmp-small
 	$(PY) benchmarks/bench_inference.py --model checkpoints/mg2-small
 	$(PY) benchmarks/bench_training.py --clmp checkpoints/clmp-small --retriever checkpoints/melody-index
+	$(PY) benchmarks/bench_space.py --model checkpoints/mg2-small
 
 clean:
 	rm -rf $(VENV) data checkpoints samples space/wheels

@@ -181,3 +181,31 @@ def test_a_browser_fills_the_prompt_and_gets_audio(space_url, tmp_path):
     assert len(read_wav(str(tmp_path / "audio.wav"))) > 0
     with Image.open(screenshot) as image:
         assert image.width == 1280 and image.height > 1000
+
+
+def test_the_space_gets_basic_pitch_without_its_tensorflow_requirement(tmp_path):
+    import base64
+    import hashlib
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.spec_from_file_location("build_wheels", os.path.join(ROOT, "space", "build_wheels.py"))
+    build_wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_wheels)
+    source = tmp_path / "basic_pitch-0.4.0-py2.py3-none-any.whl"
+    with zipfile.ZipFile(source, "w") as wheel:
+        wheel.writestr("basic_pitch/__init__.py", "")
+        wheel.writestr("basic_pitch-0.4.0.dist-info/METADATA", "Name: basic-pitch\nVersion: 0.4.0\n"
+                       "Requires-Dist: tensorflow<2.15.1\nRequires-Dist: resampy<0.4.3\n")
+        wheel.writestr("basic_pitch-0.4.0.dist-info/RECORD", "")
+    (tmp_path / "out").mkdir()
+    built = build_wheels.without_requirements(str(source), str(tmp_path / "out"))
+    assert os.path.basename(built) == "basic_pitch-0.4.0+nodeps-py2.py3-none-any.whl"
+    with zipfile.ZipFile(built) as wheel:
+        assert wheel.read("basic_pitch-0.4.0+nodeps.dist-info/METADATA").decode() == "Name: basic-pitch\nVersion: 0.4.0+nodeps\n"
+        for line in wheel.read("basic_pitch-0.4.0+nodeps.dist-info/RECORD").decode().split():
+            path, digest, size = line.split(",")
+            if digest:
+                data = wheel.read(path)
+                assert digest == "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                assert int(size) == len(data)
