@@ -193,3 +193,29 @@ build_pipeline("tiny").save_pretrained({str(tmp_path / "saved")!r}, push_to_hub=
         assert repo.private and files["README.md"] == (tmp_path / "saved" / "README.md").read_bytes()
         assert 'from_pretrained("tester/saved", trust_remote_code=True)' in files["README.md"].decode()
         assert files["retriever/index.bin"] == (tmp_path / "saved" / "retriever" / "index.bin").read_bytes()
+
+
+def test_the_test_hub_answers_huggingface_hub_as_the_hub_does(monkeypatch, tmp_path):
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest makes this process offline
+    with MiniHub(token=TOKEN) as hub:
+        api = HfApi(endpoint=hub.url, token=TOKEN)
+        api.create_repo("tester/files")
+        first = api.upload_file(path_or_fileobj=b"{}", path_in_repo="a/config.json", repo_id="tester/files").oid
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="b.txt", repo_id="tester/files")
+        assert sorted(f.path for f in api.list_repo_tree("tester/files", recursive=True)) == [
+            ".gitattributes", "a", "a/config.json", "b.txt"]
+        assert sorted(f.path for f in api.list_repo_tree("tester/files")) == [".gitattributes", "a", "b.txt"]
+        assert [e.path for e in api.get_paths_info("tester/files", ["a", "b.txt", "nothing"], revision=first)] == ["a"]
+        assert api.model_info("tester/files", revision=first).sha == first != api.model_info("tester/files").sha
+        assert [branch.name for branch in api.list_repo_refs("tester/files").branches] == ["main"]
+        path = hf_hub_download("tester/files", "a/config.json", revision=first, cache_dir=tmp_path, endpoint=hub.url)
+        assert open(path).read() == "{}" and first in path
+        with pytest.raises(RepositoryNotFoundError):
+            api.model_info("tester/nothing")
+        with pytest.raises(RevisionNotFoundError):
+            api.model_info("tester/files", revision="no-such-branch")
+        with pytest.raises(RemoteEntryNotFoundError):
+            hf_hub_download("tester/files", "nothing.txt", cache_dir=tmp_path, endpoint=hub.url)
