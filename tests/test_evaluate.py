@@ -61,7 +61,7 @@ def test_evaluate_writes_results_and_fills_the_model_card(tiny_dataset, tiny_gen
     assert "| MG2 (DPM-Solver 2) |" in (output_dir / "eval_results.md").read_text() and "FAD CLMP" in printed
     card = (tmp_path / "mg2" / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "pipeline_tag: text-to-audio" in card
-    assert "| text-only ablation (DPM-Solver 2) |" in card and "tiny-folk" in card
+    assert "| text-only ablation (DPM-Solver 2) |" in card and "tiny-folk" in card and "- `unet`: UNet2DConditionModel" in card
     audio, rate = soundfile.read(output_dir / "audio" / "mg2" / "000.wav")
     assert rate == 16000 and len(audio) == 20480
 

@@ -88,6 +88,7 @@ def test_push_pull_and_load_by_repo_id_with_revisions_and_offline(tiny_dataset, 
         assert not [path for path in files if path.startswith(("checkpoint-", "logs/"))]
         card = repo.commits[first].files["README.md"].decode()
         assert card.startswith("---\n") and "library_name: diffusers" in card and "## Training data" in card
+        assert "trained 4 steps on 8 clips of 1.28 s" in card and f'from_pretrained("{REPO}"' in card
 
         # 2. Loaded by repo id through the HF cache, it generates what the trained folder generates.
         original = generate(tmp_path, [["local", "mg2", str(output_dir), None], ["hub", "mg2", REPO, None]], env)

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from mg2_pipeline import LogMelSpectrogram, Melody, MG2Pipeline, load_audio, save_audio
 from mg2_pipeline.data import load_mg2_dataset
-from mg2_pipeline.hub import describe_pipeline, write_model_card
-from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset
+from mg2_pipeline.hub import write_model_card
+from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_model
 
 CHROMA_FPS = 10
 TEMPO_TOLERANCE = 0.15
@@ -212,7 +212,7 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "eval_results.md"), "w") as handle:
         handle.write(markdown)
     write_model_card(args.model, evaluation=markdown, datasets=[os.path.basename(os.path.normpath(args.dataset))],
-                     dataset_description=describe_dataset(args.dataset), model_description=describe_pipeline(pipe),
+                     dataset_description=describe_dataset(args.dataset), model_description=describe_mg2_model(args.model, pipe),
                      limitations=MG2_FOLK_LIMITATIONS)
     print(table)
     print(f"Wrote {os.path.join(args.output_dir, 'eval_results.json')} and eval_results.md; model card {args.model}/README.md")

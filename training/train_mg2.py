@@ -33,9 +33,9 @@ from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.pipeline_mg2 import CONDITIONS
 from mg2_pipeline.presets import load_pipeline
-from mg2_pipeline.hub import describe_pipeline, write_model_card
+from mg2_pipeline.hub import write_model_card
 from training_utils import (MG2_FOLK_LIMITATIONS, NonFiniteLossGuard, add_common_arguments, create_accelerator, describe_dataset,
-                            epoch_dataloader, finish_run, parse_arguments, push_output_dir, save_checkpoint, start_run,
+                            describe_mg2_model, epoch_dataloader, finish_run, parse_arguments, push_output_dir, save_checkpoint, start_run,
                             write_training_summary)
 
 logger = get_logger(__name__)
@@ -220,17 +220,12 @@ def main(argv=None):
         summary = write_training_summary(
             args.output_dir, {"loss": losses}, steps=global_step, samples=samples_seen, seconds=round(elapsed, 1),
             samples_per_second=round(samples_seen / elapsed, 2), steps_per_second=round(len(losses) / elapsed, 3),
-            processes=accelerator.num_processes, condition=args.condition, skipped_steps=guard.skipped,
-            skipped_rows_main_process=skipped_rows)
+            processes=accelerator.num_processes, condition=args.condition, clip_seconds=args.clip_seconds,
+            skipped_steps=guard.skipped, skipped_rows_main_process=skipped_rows)
         if not args.use_lora:
-            unet_parameters = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
             write_model_card(args.output_dir, datasets=[os.path.basename(os.path.normpath(args.dataset))],
                              dataset_description=describe_dataset(args.dataset), repo_id=args.hub_model_id,
-                             limitations=MG2_FOLK_LIMITATIONS,
-                             model_description=f"UNet {unet_parameters:.1f} M parameters ({args.condition} condition), "
-                                               f"trained {global_step} steps × {args.train_batch_size * accelerator.num_processes} "
-                                               f"clips of {args.clip_seconds} s; frozen CLMP, melody index and VAE.\n\n"
-                                               + describe_pipeline(pipe))
+                             limitations=MG2_FOLK_LIMITATIONS, model_description=describe_mg2_model(args.output_dir, pipe))
         logger.info(f"Saved the pipeline to {args.output_dir}: {summary}")
         push_output_dir(args)
     finish_run(accelerator)

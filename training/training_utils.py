@@ -12,7 +12,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from mg2_pipeline.hub import push_folder
+from mg2_pipeline.hub import describe_pipeline, push_folder
 
 CHECKPOINT_PREFIX = "checkpoint-"
 MG2_FOLK_LIMITATIONS = (
@@ -43,6 +43,21 @@ def push_output_dir(args) -> None:
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
         commit = push_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training")
         logging.getLogger(__name__).info(f"Pushed {args.output_dir} to {repo_id} at revision {commit.oid}")
+
+
+def describe_mg2_model(model_dir: str, pipe) -> str:
+    """The model card's model paragraph for a pipeline trained by train_mg2.py (from its training_summary.json)."""
+    summary_path = os.path.join(model_dir, "training_summary.json")
+    training = ""
+    if os.path.isfile(summary_path):
+        with open(summary_path) as handle:
+            summary = json.load(handle)
+        unet_parameters = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+        clips = f"{summary['samples']} clips" + (f" of {summary['clip_seconds']} s" if "clip_seconds" in summary else "")
+        training = (f"UNet {unet_parameters:.1f} M parameters ({summary['condition']} condition), trained "
+                    f"{summary['steps']} steps on {clips} ({summary['processes']} process(es), "
+                    f"{summary['seconds'] / 60:.1f} min); frozen CLMP, melody index and VAE.\n\n")
+    return training + describe_pipeline(pipe)
 
 
 def describe_dataset(dataset: str) -> str:
