@@ -132,12 +132,13 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     candidates = int(candidates)
     pipe = WORKERS.get()
     try:
-        output = pipe(prompt, negative_prompt=(negative_prompt or "").strip() or None, melody=melody,
+        prompt_embeds = pipe.encode_text([prompt], pipe.device)  # once: for generation and for the retrieval table
+        output = pipe(prompt_embeds=prompt_embeds, negative_prompt=(negative_prompt or "").strip() or None, melody=melody,
                       audio_length_in_s=float(duration), num_inference_steps=int(steps), guidance_scale=float(guidance),
                       num_waveforms_per_prompt=candidates,
                       retrieval_top_k=min(candidates, len(pipe.retriever)) if pipe.retriever is not None else 1,
                       generator=torch.Generator().manual_seed(int(seed)))
-        table = retrieved_table(pipe.encode_text([prompt], pipe.device), int(top_k))
+        table = retrieved_table(prompt_embeds, int(top_k))
     except (ValueError, TypeError) as error:
         raise gr.Error(str(error)) from None
     finally:

@@ -17,7 +17,10 @@ from hub_server import MiniHub
 from test_train_mg2 import TRAIN, tiny_args
 
 TOKEN = "hf_test_write_token"
+# Repos on the loopback test Hub (hub_env points HF_ENDPOINT there; nothing reaches huggingface.co).
 REPO = "tester/mg2-tiny"
+CLMP_REPO = "tester/clmp-tiny"
+SAVED_REPO = "tester/saved"
 
 # Loads each (name, route, model, revision) and saves what it generates for one seed into an .npz file.
 GENERATE = """
@@ -46,6 +49,7 @@ def hub_env(hub: MiniHub | None, home, token: str | None = TOKEN, offline: bool 
     env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_TOKEN": token or ""}
     if hub is not None:
+        assert hub.url.startswith("http://127.0.0.1:")
         env["HF_ENDPOINT"] = hub.url
     return env
 
@@ -165,17 +169,17 @@ from mg2_pipeline import CLMPModel, Melody
 from mg2_pipeline.presets import clmp_config
 torch.manual_seed(0)
 model = CLMPModel(clmp_config("tiny")).eval()
-model.push_to_hub("tester/clmp-tiny")
+model.push_to_hub({CLMP_REPO!r})
 ids = torch.tensor(Melody.from_string("G4:0.5 A4:0.5 B4:1").encode(max_length=16)["input_ids"])[None]
 np.savez({str(expected)!r}, ids=ids.numpy(), embeds=model.get_melody_features(ids, torch.ones_like(ids)).detach().numpy())
 """], **env)
-        repo = hub.repos["tester/clmp-tiny"]
+        repo = hub.repos[CLMP_REPO]
         assert {"config.json", "model.safetensors", "modeling_clmp.py", "configuration_clmp.py", "melody.py"} <= set(
             repo.commits[repo.branches["main"]].files)
         run([sys.executable, "-c", BLOCK_MG2_PIPELINE + f"""
 import numpy as np, torch
 from transformers import AutoModel
-model = AutoModel.from_pretrained("tester/clmp-tiny", trust_remote_code=True).eval()
+model = AutoModel.from_pretrained({CLMP_REPO!r}, trust_remote_code=True).eval()
 assert type(model).__name__ == "CLMPModel" and not type(model).__module__.startswith("mg2_pipeline")
 expected = np.load({str(expected)!r})
 ids = torch.from_numpy(expected["ids"])
@@ -187,12 +191,12 @@ def test_save_pretrained_with_push_to_hub_uploads_the_folder_and_a_card_naming_t
     with MiniHub(token=TOKEN) as hub:
         run([sys.executable, "-c", f"""
 from mg2_pipeline.presets import build_pipeline
-build_pipeline("tiny").save_pretrained({str(tmp_path / "saved")!r}, push_to_hub=True, repo_id="tester/saved", private=True)
+build_pipeline("tiny").save_pretrained({str(tmp_path / "saved")!r}, push_to_hub=True, repo_id={SAVED_REPO!r}, private=True)
 """], **hub_env(hub, tmp_path / "hf_home"))
-        repo = hub.repos["tester/saved"]
+        repo = hub.repos[SAVED_REPO]
         files = repo.commits[repo.branches["main"]].files
         assert repo.private and files["README.md"] == (tmp_path / "saved" / "README.md").read_bytes()
-        assert 'from_pretrained("tester/saved", trust_remote_code=True)' in files["README.md"].decode()
+        assert f'from_pretrained("{SAVED_REPO}", trust_remote_code=True)' in files["README.md"].decode()
         assert files["retriever/index.bin"] == (tmp_path / "saved" / "retriever" / "index.bin").read_bytes()
 
 

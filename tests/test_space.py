@@ -4,7 +4,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,24 +36,21 @@ def free_port() -> int:
 def space_url(tmp_path_factory):
     """`python space/app.py` with a random tiny pipeline on a free loopback port; two generations at once."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("space") / "app.log", "w+")
     env = {**os.environ, "MG2_MODEL": "preset:tiny", "MG2_CONCURRENCY": "2", "GRADIO_SERVER_NAME": "127.0.0.1",
-           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "space", "app.py")], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "space", "app.py")], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    started = []
+    for line in server.stdout:  # Gradio prints the URL once it serves; the loop ends early only if the app exits
+        started.append(line)
+        if "Running on local URL" in line:
             break
-        except OSError:
-            log.seek(0)
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"The Space did not start:\n{log.read()[-4000:]}")
-            time.sleep(0.5)
+    else:
+        pytest.fail("The Space exited before serving:\n" + "".join(started)[-4000:])
+    log = open(tmp_path_factory.mktemp("space") / "app.log", "w")
+    threading.Thread(target=log.writelines, args=(server.stdout,), daemon=True).start()  # keep the pipe drained
+    url = f"http://127.0.0.1:{port}/"
     yield url
     server.terminate()
     server.wait(timeout=30)
