@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import glob
 import os
+import zlib
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, LogMelSpectrogram, load_audio
-from .melody import MAX_MELODY_TOKENS, encode_melody_tokens
+from .audio import HOP_LENGTH, SAMPLE_RATE, LogMelSpectrogram, load_audio
+from .melody import MAX_MELODY_TOKENS, Melody, encode_melody_tokens
 
 SPLITS = ("train", "validation", "test")
 
@@ -85,29 +86,60 @@ def load_mg2_dataset(path: str, split: str = "train", streaming: bool = True):
 class MG2Example:
     """Turns one dataset row into model inputs: waveform, log-mel, melody ids/mask and (optional) text ids.
 
-    Waveforms are cropped or zero-padded to `clip_samples`; captions are tokenized by `tokenizer`
-    (any transformers tokenizer) when given.
+    Each example is a `clip_seconds` window of the clip (zero-padded when the clip is shorter): the
+    first one, or with `random_crop` one drawn from `(seed, epoch, clip_id)` on the mel hop grid, so a
+    resumed run crops exactly as the uninterrupted one. The melody is cut to the same window and
+    shifted to start at 0 s (`Melody.slice`), so every melody input matches the audio it comes with;
+    `clip_melody_tokens` keeps the whole clip's melody (the one a melody index stores).
+    Captions are tokenized by `tokenizer` (any transformers tokenizer) when given.
     """
 
     def __init__(self, clip_seconds: float = 10.24, tokenizer=None, max_text_length: int = 77,
-                 max_melody_length: int = MAX_MELODY_TOKENS, mel: LogMelSpectrogram | None = None):
+                 max_melody_length: int = MAX_MELODY_TOKENS, mel: LogMelSpectrogram | None = None,
+                 random_crop: bool = False, seed: int = 0):
         self.clip_samples = int(round(clip_seconds * SAMPLE_RATE))
         self.tokenizer = tokenizer
         self.max_text_length = max_text_length
         self.max_melody_length = max_melody_length
         self.mel = mel or LogMelSpectrogram()
+        self.random_crop, self.seed, self.epoch = random_crop, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def crop_start(self, clip_id: str, num_samples: int, melody: Melody) -> int:
+        """First sample of this row's window: 0, or (`random_crop`) a seeded hop-aligned start whose window
+        holds a note; a window without one falls back to the start of the melody's first note."""
+        last_hop = max(0, num_samples - self.clip_samples) // HOP_LENGTH
+        if not self.random_crop or last_hop == 0:
+            return 0
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(clip_id.encode())])
+        start = int(rng.integers(0, last_hop + 1)) * HOP_LENGTH
+        window = (start / SAMPLE_RATE, (start + self.clip_samples) / SAMPLE_RATE)
+        if np.any((melody.onsets < window[1]) & (melody.offsets > window[0])):
+            return start
+        return min(int(melody.onsets[0] * SAMPLE_RATE) // HOP_LENGTH, last_hop) * HOP_LENGTH
 
     def __call__(self, row: dict) -> dict:
         waveform = load_audio(row["audio"]["bytes"] if row["audio"].get("bytes") else row["audio"]["path"])
-        waveform = np.pad(waveform[: self.clip_samples], (0, max(0, self.clip_samples - len(waveform))))
-        waveform = torch.from_numpy(waveform)
+        clip_melody = Melody.from_notes(row["melody_notes"]) if row.get("melody_notes") else Melody.from_tokens(row["melody_tokens"])
+        start = self.crop_start(row.get("clip_id", ""), len(waveform), clip_melody)
+        waveform = waveform[start: start + self.clip_samples]
+        waveform = torch.from_numpy(np.pad(waveform, (0, self.clip_samples - len(waveform))))
         with torch.no_grad():
             log_mel = self.mel(waveform)
-        melody = encode_melody_tokens(row["melody_tokens"], max_length=self.max_melody_length)
+        window_seconds = (start / SAMPLE_RATE, (start + self.clip_samples) / SAMPLE_RATE)
+        if window_seconds[0] == 0 and clip_melody.duration <= window_seconds[1]:
+            melody_tokens = row["melody_tokens"]  # the window holds the whole melody
+        else:
+            melody_tokens = clip_melody.slice(*window_seconds).to_tokens()
+        melody = encode_melody_tokens(melody_tokens, max_length=self.max_melody_length)
         example = {
             "clip_id": row.get("clip_id", ""),
             "caption": row["caption"],
-            "melody_tokens": row["melody_tokens"],
+            "melody_tokens": melody_tokens,
+            "clip_melody_tokens": row["melody_tokens"],
+            "crop_start_s": window_seconds[0],
             "waveform": waveform,
             "log_mel": log_mel,
             "melody_input_ids": torch.from_numpy(melody["input_ids"]),
@@ -176,6 +208,8 @@ class _SkippingExamples(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+        if hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch)
 
     def __iter__(self):
         # Inside a DataLoader worker, the 🤗 IterableDataset gives each worker its own shards by itself.

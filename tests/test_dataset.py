@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import soundfile
 import torch
 
-from conftest import PREPARE_DATA, TINY_BUILD_ARGS, run_prepare_data
-from mg2_pipeline.audio import encode_flac, load_audio
+from conftest import PREPARE_DATA, ROOT, TINY_BUILD_ARGS, run_prepare_data
+from mg2_pipeline.audio import HOP_LENGTH, encode_flac, load_audio
 from mg2_pipeline.data import (
     MG2Example,
     SPLITS,
@@ -126,6 +126,53 @@ def test_streaming_dataloader_collates_tensors_and_splits_by_node(tiny_dataset):
     with_workers = streaming_dataloader(dataset, batch_size=3, example_transform=MG2Example(clip_seconds=4),
                                         shuffle_buffer_size=8, num_workers=2)
     assert sorted(clip for batch in with_workers for clip in batch["clip_id"]) == everything
+
+
+def test_random_crops_carry_exactly_the_notes_of_their_window_and_repeat_per_seed_and_epoch(tiny_dataset):
+    row = read_split(tiny_dataset, "train")[0]
+    clip = load_audio(row["audio"]["bytes"])
+    notes = np.array(row["melody_notes"])
+    starts = set()
+    for epoch in range(6):
+        transform = MG2Example(clip_seconds=1.28, random_crop=True, seed=3)
+        transform.set_epoch(epoch)
+        example = transform(row)
+        start = example["crop_start_s"]
+        first = int(round(start * 16000))
+        assert first % HOP_LENGTH == 0 and 0 <= first <= len(clip) - 20480
+        assert torch.equal(example["waveform"], torch.from_numpy(clip[first:first + 20480]))
+        # the window's notes, written out by hand: every note sounding in [start, start + 1.28), cut and shifted
+        inside = notes[(notes[:, 1] < start + 1.28) & (notes[:, 2] > start)]
+        expected = np.stack([inside[:, 0], np.maximum(inside[:, 1], start) - start, np.minimum(inside[:, 2], start + 1.28) - start], 1)
+        assert example["melody_tokens"] == Melody(expected).to_tokens()
+        assert example["clip_melody_tokens"] == row["melody_tokens"]
+        again = MG2Example(clip_seconds=1.28, random_crop=True, seed=3)
+        again.set_epoch(epoch)
+        assert again(row)["crop_start_s"] == start  # a resumed run crops the same window
+        starts.add(start)
+    assert len(starts) > 1  # epochs see different parts of the clip
+
+    whole = MG2Example(clip_seconds=4, random_crop=True, seed=3)(row)  # the window is the clip: nothing is cut
+    assert whole["crop_start_s"] == 0 and whole["melody_tokens"] == row["melody_tokens"]
+    first_window = MG2Example(clip_seconds=1.28)(row)
+    assert first_window["crop_start_s"] == 0 and first_window["melody_tokens"] == Melody(notes).slice(0, 1.28).to_tokens()
+
+
+def test_corpus_titles_print_as_their_sources_do():
+    sys.path.insert(0, os.path.join(ROOT, "training"))
+    from prepare_data import list_corpus_tunes, normalise_title
+
+    titles = {tune.tune_id: tune.title for tune in list_corpus_tunes()}
+    assert titles["essen/lux/238"] == "Die Königskinder (16a)"  # CP437 umlauts, no longer "Kâ\x94Nigskinder (16A)"
+    assert "Da unser Herr Jesus am Tischlein saß (Band 1), S. 26" in titles.values()
+    assert "A Bhruinnillin Bhéasach, S. 36" in titles.values()  # a Latin-1 file stays as it is
+    assert "Thompson's Reel" in titles.values() and "French Marine's March." in titles.values()
+    assert "Lanigan's Ball -- Jig" in titles.values()  # "LANIGAN'S BALL -- JIG" in Ryan's Mammoth
+    assert not [title for title in titles.values() if "'S " in title or title.endswith("'S")]
+    assert "McLean's Lamentation" in titles.values() and "Col. McBain's -- Reel." in titles.values()
+    assert normalise_title("O'NEILL'S MARCH") == "O'Neill's March"
+    assert normalise_title("WEDDING RING -- REEL., THE") == "Wedding Ring -- Reel., The"
+    assert normalise_title("Jock o' the Syde") == "Jock o' the Syde"
 
 
 def test_loader_skips_and_counts_corrupt_rows(tiny_dataset, tmp_path):

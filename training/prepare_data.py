@@ -137,6 +137,41 @@ def _abc_field(text: str, field: str) -> str:
     return match.group(1).strip() if match else ""
 
 
+def read_corpus_text(path: str) -> str:
+    """A corpus ABC file as text. The files are UTF-8, but some Essen files were once CP437 (DOS) text
+    re-encoded byte for byte as Latin-1 → UTF-8: their umlauts arrive as C1 control characters
+    (`K\x94nigskinder`). A file holding any C1 character is decoded back through CP437 (`Königskinder`)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if re.search("[\x80-\x9f]", text):
+        text = text.encode("latin-1").decode("cp437")
+    return text
+
+
+_LOWERCASE_WORDS = {"a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"}
+
+
+def normalise_title(title: str) -> str:
+    """Titles as the source prints them; only ALL-CAPS or all-lowercase ones are title-cased, keeping
+    names whole: `LANIGAN'S BALL -- JIG` → `Lanigan's Ball -- Jig`, `McLEAN'S LAMENTATION` → `McLean's Lamentation`."""
+    title = " ".join(title.split())
+    if not (re.sub(r"\bMc", "MC", title).isupper() or title.islower()):
+        return title
+
+    def capitalise(match: re.Match) -> str:
+        word, before = match.group(0).lower(), match.string[: match.start()]
+        if before.endswith("'") and len(word) == 1:
+            return word  # 's Morgens (German "es")
+        if word in _LOWERCASE_WORDS and before.rstrip()[-1:].isalnum():
+            return word
+        word = word[:1].upper() + word[1:]
+        # Names: O'Neill, D'Arcy, McLean; an apostrophe before "s" or "t" starts no name.
+        word = re.sub(r"^(\w)'(\w)", lambda m: f"{m.group(1)}'{m.group(2).upper()}", word)
+        return re.sub(r"^Mc(\w)", lambda m: f"Mc{m.group(1).upper()}", word)
+
+    return re.sub(r"[^\W\d_][\w']*", capitalise, title)
+
+
 def _tune_type(rhythm: str, default: str) -> str:
     for pattern, name in TUNE_TYPES:
         if re.search(pattern, rhythm, re.IGNORECASE):
@@ -154,13 +189,12 @@ def list_corpus_tunes() -> list[TuneRef]:
                 if not name.endswith(".abc") or name.startswith("test"):
                     continue
                 path = os.path.join(directory, name)
-                with open(path, encoding="latin-1") as handle:
-                    text = handle.read()
+                text = read_corpus_text(path)
                 for block in re.split(r"(?m)^(?=X:)", text):
                     if not block.startswith("X:"):
                         continue
                     number = _abc_field(block, "X")
-                    title = _abc_field(block, "T").title() if _abc_field(block, "T") else ""
+                    title = normalise_title(_abc_field(block, "T"))
                     tune_type = _tune_type(_abc_field(block, "R"), default_type)
                     if source == "essen" and name.startswith("kinder"):
                         tune_type = "children's song"

@@ -90,7 +90,7 @@ def main(argv=None):
     # Data: each process streams its own part of the shards.
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.clip_seconds, tokenizer=tokenizer, max_text_length=args.max_text_length,
-                           max_melody_length=config.melody_config.max_length)
+                           max_melody_length=config.melody_config.max_length, random_crop=True, seed=args.seed)
 
     # Optimizer: the pretrained text tower learns slower than the towers trained from scratch.
     text_parameters = [p for p in model.text_model.parameters() if p.requires_grad]

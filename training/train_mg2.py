@@ -51,7 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--condition", default="text_melody", choices=CONDITIONS)
     parser.add_argument("--gt_melody_prob", type=float, default=0.5, help="Use the clip's own melody instead of a retrieved one.")
     parser.add_argument("--condition_dropout", type=float, default=0.1)
-    parser.add_argument("--clip_seconds", type=float, default=10.24, help="Training crop; must be a whole number of latent frames.")
+    parser.add_argument("--clip_seconds", type=float, default=10.24, help="Training crop, drawn at random inside each clip with its melody cut to match; "
+                        "a whole number of latent frames.")
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -78,14 +79,14 @@ def parse_args(argv=None):
 
 @torch.no_grad()
 def build_condition(pipe, batch: dict, args, generator: torch.Generator, device) -> torch.Tensor:
-    """[text ‖ melody] per clip: own or retrieved melody (own excluded), or [text ‖ text] for the ablation;
-    a random `condition_dropout` share replaced by [empty ‖ empty]."""
+    """[text ‖ melody] per clip: the crop's own melody or a retrieved one (the clip's excluded), or [text ‖ text]
+    for the ablation; a random `condition_dropout` share replaced by [empty ‖ empty]."""
     text = pipe.clmp.get_text_features(batch["input_ids"].to(device), batch["attention_mask"].to(device))
     if args.condition == "text":
         melody = text
     else:
         own = pipe.clmp.get_melody_features(batch["melody_input_ids"].to(device), batch["melody_attention_mask"].to(device))
-        own_ids = [pipe.retriever.id_of(tokens) for tokens in batch["melody_tokens"]]
+        own_ids = [pipe.retriever.id_of(tokens) for tokens in batch["clip_melody_tokens"]]
         exclude = [[i] if i is not None else [] for i in own_ids]
         retrieved = torch.from_numpy(pipe.retriever.search(text, k=1, exclude_ids=exclude).embeddings[:, 0]).to(device)
         use_own = torch.rand(len(text), generator=generator) < args.gt_melody_prob
@@ -145,7 +146,8 @@ def main(argv=None):
 
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.clip_seconds, tokenizer=pipe.processor.tokenizer,
-                           max_text_length=pipe.processor.max_text_length, max_melody_length=pipe.processor.melody_max_length)
+                           max_text_length=pipe.processor.max_text_length, max_melody_length=pipe.processor.melody_max_length,
+                           random_crop=True, seed=args.seed)
 
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger)
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, default_output_dir="checkpoints/vae-small")
     parser.add_argument("--preset", default="small", choices=PIPELINE_PRESETS)
-    parser.add_argument("--clip_seconds", type=float, default=2.56, help="Training crop (the VAE is convolutional).")
+    parser.add_argument("--clip_seconds", type=float, default=2.56, help="Training crop, drawn at random inside each clip (the VAE is convolutional).")
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
     parser.add_argument("--max_train_steps", type=int, default=400)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -97,7 +97,7 @@ def main(argv=None):
     model, discriminator, optimizer, disc_optimizer, lr_scheduler = accelerator.prepare(model, discriminator, optimizer, disc_optimizer, lr_scheduler)
 
     dataset = load_mg2_dataset(args.dataset, split="train")
-    transform = MG2Example(clip_seconds=args.clip_seconds)
+    transform = MG2Example(clip_seconds=args.clip_seconds, random_crop=True, seed=args.seed)
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vae", logger)
     logger.info(f"***** Training the {args.preset} mel VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
                 f"×{scale}, {vae.config.latent_channels} latent channels *****")

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, default_output_dir="checkpoints/vocoder-small")
     parser.add_argument("--preset", default="small", choices=PIPELINE_PRESETS)
-    parser.add_argument("--segment_seconds", type=float, default=0.64, help="Training crop.")
+    parser.add_argument("--segment_seconds", type=float, default=0.64, help="Training crop, drawn at random inside each clip.")
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
     parser.add_argument("--max_train_steps", type=int, default=200)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
@@ -119,7 +119,7 @@ def main(argv=None):
     generator, discriminators, g_optimizer, d_optimizer = accelerator.prepare(generator, discriminators, g_optimizer, d_optimizer)
 
     dataset = load_mg2_dataset(args.dataset, split="train")
-    transform = MG2Example(clip_seconds=args.segment_seconds)
+    transform = MG2Example(clip_seconds=args.segment_seconds, random_crop=True, seed=args.seed)
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vocoder", logger)
     logger.info(f"***** Training the {args.preset} HiFi-GAN: generator "
                 f"{sum(p.numel() for p in generator.parameters()) / 1e6:.2f} M, discriminators "
