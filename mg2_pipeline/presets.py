@@ -98,10 +98,11 @@ def unet_config(name: str, projection_dim: int) -> dict:
         "small": ((64, 128, 192), 1, (2,), (128, 8), 32),
         "paper": ((192, 384, 576, 960), 2, (1, 2, 3), (256, 16), 32),
     }[name]
+    latent_channels = vae_config(name)["latent_channels"]
     down = tuple("CrossAttnDownBlock2D" if level in attention_levels else "DownBlock2D" for level in range(len(channels)))
     up = tuple("CrossAttnUpBlock2D" if block == "CrossAttnDownBlock2D" else "UpBlock2D" for block in reversed(down))
     return dict(
-        sample_size=sample_size, in_channels=8 if name != "tiny" else 4, out_channels=8 if name != "tiny" else 4,
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
         down_block_types=down, up_block_types=up, block_out_channels=channels, layers_per_block=layers,
         norm_num_groups=groups, cross_attention_dim=channels, attention_head_dim=tuple(max(1, c // 32) for c in channels),
         class_embed_type="simple_projection", projection_class_embeddings_input_dim=2 * projection_dim,

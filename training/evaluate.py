@@ -1,21 +1,28 @@
 #!/usr/bin/env python
-"""Evaluate an MG2 pipeline on the test split, re-measuring the paper's relative claims at small scale.
+"""Evaluate MG2 on the test split between its bounds: every figure beside its ceiling and its floor, same clips, one run.
 
     python training/evaluate.py --model checkpoints/mg2-small --ablation checkpoints/mg2-small-text --output_dir checkpoints/mg2-small/eval
+    python training/evaluate.py --codec_only --vae checkpoints/vae-small --output_dir /tmp/codec   # the codec rows alone
 
-For the first `--num_clips` test clips, every model generates audio for the clip's caption, and:
-- FAD (Fréchet distance between Gaussians fitted to embeddings of real test audio and of generated
-  audio) on two backbones: the CLMP audio tower (default) and a training-free spectral feature
-  (mean and std of each log-mel bin and chroma bin). VGGish/PANNs FAD as in the paper needs their
-  weights: with them installed, run `fadtk` or `audioldm_eval` on the WAVs this script writes (`--save_audio`).
-- CLMP score: cosine similarity of the generated audio's CLMP embedding to its caption's.
-- Melody adherence: frame-wise cosine similarity (10 frames/s, frames where the melody sounds) of the
-  generated audio's chroma to the pitch class of the melody that guided it; the floor is the same
-  measure against a random other melody of the index. The text-only ablation is scored against the
-  melody MG2 retrieved for the same caption.
-- Tempo: librosa's tempo estimate vs the caption's BPM (±15 %; also counting half/double tempo).
-The table follows the paper's Table 1: MG2 vs the text-only ablation (same preset, data and steps),
-and DPM-Solver 25 steps vs DDIM 200 steps. Small N makes FAD biased upward: compare rows, not papers.
+Melody adherence, three ways (each row says against what):
+- **Mel acc** as Music ControlNet and MuseControlLite report it: both signals high-passed at 261.2 Hz
+  (2nd-order Butterworth), `librosa.feature.chroma_stft` (n_fft 2048, hop 256), per-frame argmax; the share
+  of frames where the two agree. Chance ≈ 1/12.
+- **chroma-vs-notes**: on the same chroma, the share of frames where a melody note sounds whose chroma
+  peak is that note's pitch class.
+- **chroma cosine**: frame-wise cosine of the (unfiltered, 10 frames/s) chroma to the sounding pitch class.
+
+Rows, for the first `--num_clips` test clips:
+- ceilings: the real clip (FAD: test against as many validation clips, the best a model can reach at this
+  N); its log-mel through the vocoder; through VAE (encode, decode) + vocoder.
+- floor: the real clip against another test clip's melody (and, for Mel acc, another clip's audio).
+- **given melody**: each clip's own melody passed as `melody=` with its caption; Mel acc against the real
+  clip. Floors: the same model given another clip's melody; the caption-only model (`--ablation`).
+- **retrieved melody**: caption only; chroma-vs-notes against the melody that guided it. Floors: the same
+  audio against another clip's melody; the caption-only model against the melody MG2 retrieved.
+FAD is computed on the CLMP audio tower and on a training-free spectral feature; VGGish/PANNs FAD as in the
+paper needs their weights (run `fadtk`/`audioldm_eval` on the WAVs `--save_audio` writes). Small N biases
+FAD upward: compare rows, not papers.
 """
 
 from __future__ import annotations
@@ -28,17 +35,22 @@ import time
 import librosa
 import numpy as np
 import scipy.linalg
+import scipy.signal
 import torch
-from diffusers import DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler
 from tqdm.auto import tqdm
 
-from mg2_pipeline import LogMelSpectrogram, Melody, MG2Pipeline, load_audio, save_audio
+from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline, load_audio, save_audio
+from mg2_pipeline.audio import SAMPLE_RATE
 from mg2_pipeline.data import load_mg2_dataset
 from mg2_pipeline.hub import write_model_card
 from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_model
 
 CHROMA_FPS = 10
 TEMPO_TOLERANCE = 0.15
+MEL_ACC_HOP = 256
+_HIGHPASS = scipy.signal.butter(2, 261.2, btype="highpass", fs=SAMPLE_RATE, output="sos")
+_MEL = LogMelSpectrogram()
 
 
 def frechet_distance(real: np.ndarray, generated: np.ndarray) -> float:
@@ -49,13 +61,10 @@ def frechet_distance(real: np.ndarray, generated: np.ndarray) -> float:
     return float(((mu_r - mu_g) ** 2).sum() + np.trace(sigma_r + sigma_g - 2 * covariance_mean))
 
 
-_MEL = LogMelSpectrogram()
-
-
 def spectral_features(waveform: np.ndarray) -> np.ndarray:
     """Training-free embedding: mean and std over time of each log-mel bin and each chroma bin."""
     log_mel = _MEL(torch.from_numpy(waveform)).numpy()
-    chroma = librosa.feature.chroma_stft(y=waveform, sr=16000, n_fft=2048, hop_length=1600)
+    chroma = librosa.feature.chroma_stft(y=waveform, sr=SAMPLE_RATE, n_fft=2048, hop_length=1600)
     return np.concatenate([log_mel.mean(0), log_mel.std(0), chroma.mean(1), chroma.std(1)])
 
 
@@ -65,90 +74,198 @@ def clmp_audio_embeddings(pipe: MG2Pipeline, waveforms: list[np.ndarray]) -> np.
     return pipe.clmp.get_audio_features(features.to(pipe.device)).cpu().numpy()
 
 
-def melody_adherence(waveform: np.ndarray, melody: Melody) -> float:
-    """Mean cosine similarity of audio chroma to the melody's pitch class, over frames where the melody sounds."""
-    chroma = librosa.feature.chroma_stft(y=waveform, sr=16000, n_fft=2048, hop_length=16000 // CHROMA_FPS)
-    roll = melody.to_piano_roll(frames_per_second=CHROMA_FPS)
-    frames = min(chroma.shape[1], roll.shape[1])
-    target = np.zeros((12, frames), dtype=np.float32)
-    for pitch in range(128):
-        target[pitch % 12] += roll[pitch, :frames]
-    sounding = target.sum(0) > 0
+def chroma_peaks(waveform: np.ndarray) -> np.ndarray:
+    """Mel acc's per-frame pitch class: 261.2 Hz Butterworth high-pass (order 2), chroma_stft (2048 / 256), argmax."""
+    filtered = scipy.signal.sosfilt(_HIGHPASS, waveform).astype(np.float32)
+    return librosa.feature.chroma_stft(y=filtered, sr=SAMPLE_RATE, n_fft=2048, hop_length=MEL_ACC_HOP).argmax(0)
+
+
+def mel_accuracy(peaks: np.ndarray, reference_peaks: np.ndarray) -> float:
+    """Share of frames whose chroma peaks agree (both from `chroma_peaks`)."""
+    frames = min(len(peaks), len(reference_peaks))
+    return float(np.mean(peaks[:frames] == reference_peaks[:frames]))
+
+
+def melody_pitch_classes(melody: Melody, frames_per_second: float, frames: int) -> np.ndarray:
+    """`(12, frames)` booleans: which pitch classes the melody sounds in each frame."""
+    roll = melody.to_piano_roll(frames_per_second=frames_per_second)[:, :frames]
+    classes = np.zeros((12, frames), dtype=bool)
+    for pitch in np.flatnonzero(roll.any(1)):
+        classes[pitch % 12, : roll.shape[1]] |= roll[pitch] > 0
+    return classes
+
+
+def chroma_note_share(peaks: np.ndarray, melody: Melody) -> float:
+    """Share of the frames where the melody sounds whose chroma peak is a pitch class of the sounding note."""
+    classes = melody_pitch_classes(melody, SAMPLE_RATE / MEL_ACC_HOP, len(peaks))
+    sounding = classes.any(0)
     if not sounding.any():
         return 0.0
-    a, b = chroma[:, :frames][:, sounding], target[:, sounding]
+    return float(np.mean(classes[peaks, np.arange(len(peaks))][sounding]))
+
+
+def melody_adherence(waveform: np.ndarray, melody: Melody) -> float:
+    """Mean cosine similarity of audio chroma to the melody's pitch class, over frames where the melody sounds."""
+    chroma = librosa.feature.chroma_stft(y=waveform, sr=SAMPLE_RATE, n_fft=2048, hop_length=SAMPLE_RATE // CHROMA_FPS)
+    target = melody_pitch_classes(melody, CHROMA_FPS, chroma.shape[1]).astype(np.float32)
+    sounding = target.any(0)
+    if not sounding.any():
+        return 0.0
+    a, b = chroma[:, sounding], target[:, sounding]
     return float(np.mean((a * b).sum(0) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0) + 1e-8)))
 
 
 def tempo_matches(waveform: np.ndarray, bpm: float) -> tuple[float, bool, bool]:
-    estimate = float(librosa.feature.tempo(y=waveform, sr=16000)[0])
+    estimate = float(librosa.feature.tempo(y=waveform, sr=SAMPLE_RATE)[0])
     strict = abs(estimate - bpm) <= TEMPO_TOLERANCE * bpm
     octave = any(abs(estimate * factor - bpm) <= TEMPO_TOLERANCE * bpm for factor in (0.5, 1.0, 2.0))
     return estimate, strict, octave
 
 
-def generate(pipe: MG2Pipeline, captions: list[str], args, steps: int, desc: str):
-    """Waveforms and guiding melodies for every caption, batched, one seeded generator per clip."""
+class Bench:
+    """The clips under test and everything measured against them: real audio, melodies, reference embeddings."""
+
+    def __init__(self, rows: list[dict], seconds: float, validation_audio: list[np.ndarray], pipe: MG2Pipeline | None, seed: int):
+        self.rows, self.pipe = rows, pipe
+        self.samples = int(round(seconds * SAMPLE_RATE))
+        self.captions = [row["caption"] for row in rows]
+        self.real = [self._fit(load_audio(row["audio"]["bytes"])) for row in rows]
+        self.melodies = [Melody.from_notes(row["melody_notes"]).slice(0, seconds) for row in rows]
+        # "another clip's melody": a seeded shift, so no clip is paired with itself
+        shift = int(np.random.default_rng(seed).integers(1, len(rows)))
+        self.other = [(index + shift) % len(rows) for index in range(len(rows))]
+        self.real_peaks = [chroma_peaks(w) for w in self.real]
+        self.real_spectral = np.stack([spectral_features(w) for w in self.real])
+        self.real_clmp = clmp_audio_embeddings(pipe, self.real) if pipe is not None else None
+        self.validation = [self._fit(w) for w in validation_audio]
+
+    def _fit(self, waveform: np.ndarray) -> np.ndarray:
+        return np.pad(waveform[: self.samples], (0, max(0, self.samples - len(waveform)))).astype(np.float32)
+
+    def row(self, protocol: str, audio: str, kind: str, waveforms: list[np.ndarray], melodies: list[Melody] | None,
+            mel_acc_against: list[int] | None = None, fad: bool = True, **extra) -> dict:
+        """One table row: adherence of `waveforms` to `melodies` (chroma) and to the real clips `mel_acc_against`
+        (indices; None = each its own clip), FAD to the real test clips, CLMP score against the captions."""
+        peaks = [chroma_peaks(w) for w in waveforms]
+        against = mel_acc_against if mel_acc_against is not None else range(len(waveforms))
+        result = {"protocol": protocol, "audio": audio, "kind": kind, "clips": len(waveforms),
+                  "mel_acc": float(np.mean([mel_accuracy(p, self.real_peaks[i]) for p, i in zip(peaks, against)]))}
+        if melodies is not None:
+            result["chroma_vs_notes"] = float(np.mean([chroma_note_share(p, m) for p, m in zip(peaks, melodies)]))
+            result["chroma_cosine"] = float(np.mean([melody_adherence(w, m) for w, m in zip(waveforms, melodies)]))
+        if fad:
+            result["fad_spectral"] = frechet_distance(self.real_spectral, np.stack([spectral_features(w) for w in waveforms]))
+            if self.pipe is not None:
+                embeddings = clmp_audio_embeddings(self.pipe, waveforms)
+                text = self.pipe.encode_text(self.captions[: len(waveforms)], self.pipe.device).cpu().numpy()
+                result["fad_clmp"] = frechet_distance(self.real_clmp, embeddings)
+                result["clmp_score"] = float(np.mean((embeddings * text).sum(1)))
+        return {**result, **extra}
+
+
+@torch.no_grad()
+def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> list[dict]:
+    """Ceilings and floor that need no generator: real clips, through the vocoder, through VAE + vocoder."""
+    real_mels = torch.stack([_MEL(torch.from_numpy(w)) for w in bench.real])  # (clips, frames, 64)
+    multiple = 2 ** (len(vae.config.block_out_channels) - 1)
+    if real_mels.shape[1] % multiple:
+        raise SystemExit(f"--seconds gives {real_mels.shape[1]} mel frames; the VAE needs a multiple of {multiple}.")
+    vocoded = [vocoder(mel.unsqueeze(0))[0].cpu().numpy()[: bench.samples] for mel in real_mels]
+    reconstructed = torch.cat([vae.decode(vae.encode(mel[None, None]).latent_dist.mode()).sample for mel in real_mels])[:, 0]
+    through_vae = [vocoder(mel.unsqueeze(0))[0].cpu().numpy()[: bench.samples] for mel in reconstructed]
+    validation = bench.validation
+    real = bench.row("codec", "real clip (FAD: test vs validation clips)", "ceiling", bench.real, bench.melodies, fad=False)
+    real["fad_spectral"] = frechet_distance(bench.real_spectral, np.stack([spectral_features(w) for w in validation]))
+    if bench.pipe is not None:
+        real["fad_clmp"] = frechet_distance(bench.real_clmp, clmp_audio_embeddings(bench.pipe, validation))
+    return [
+        real,
+        bench.row("codec", "log-mel → vocoder", "ceiling", vocoded, bench.melodies),
+        bench.row("codec", "log-mel → VAE → vocoder", "ceiling", through_vae, bench.melodies,
+                  mel_l1=float((reconstructed - real_mels).abs().mean())),
+        bench.row("codec", "real clip vs another clip's melody / audio", "floor", bench.real,
+                  [bench.melodies[i] for i in bench.other], mel_acc_against=bench.other, fad=False),
+    ]
+
+
+def generate(pipe: MG2Pipeline, bench: Bench, args, melodies: list[Melody] | None = None, steps: int | None = None,
+             clips: int | None = None, desc: str = "") -> tuple[list[np.ndarray], list]:
+    """Waveforms and guiding melodies for the captions (with `melodies` given, or retrieved), one seeded generator per clip."""
+    captions = bench.captions[:clips]
     waveforms, guides = [], []
     for start in tqdm(range(0, len(captions), args.batch_size), desc=desc, unit="batch"):
         batch = captions[start:start + args.batch_size]
-        output = pipe(batch, num_inference_steps=steps, guidance_scale=args.guidance_scale, audio_length_in_s=args.seconds,
+        output = pipe(batch, melody=melodies[start:start + len(batch)] if melodies is not None else None,
+                      num_inference_steps=steps or args.steps, guidance_scale=args.guidance_scale, audio_length_in_s=args.seconds,
                       generator=[torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))])
-        waveforms += list(output.audios)
+        waveforms += [bench._fit(w) for w in output.audios]
         guides += output.melodies
     return waveforms, guides
 
 
-def score(name: str, pipe: MG2Pipeline, waveforms, guides, reference_melodies, rows, real, rng, model_dir: str) -> dict:
-    captions = [row["caption"] for row in rows]
-    text = pipe.encode_text(captions, pipe.device).cpu().numpy()
-    generated_clmp = clmp_audio_embeddings(pipe, waveforms)
-    generated_spectral = np.stack([spectral_features(w) for w in waveforms])
-    melodies = [g.melody if g is not None else reference for g, reference in zip(guides, reference_melodies)]
-    random_ids = rng.integers(0, len(pipe.retriever), len(waveforms))
-    random_melodies = [pipe.retriever.get(int(i))[0] for i in random_ids]
-    tempos = [tempo_matches(w, row["tempo_bpm"]) for w, row in zip(waveforms, rows)]
-    rms = np.array([np.sqrt(np.mean(w ** 2)) for w in waveforms])
-    flatness = np.array([librosa.feature.spectral_flatness(y=w).mean() for w in waveforms])
-    summary_path = os.path.join(model_dir, "training_summary.json")
-    hours = json.load(open(summary_path))["seconds"] / 3600 if os.path.isfile(summary_path) else None
-    return {
-        "model": name,
-        "parameters_M": sum(p.numel() for m in (pipe.clmp, pipe.unet, pipe.vae, pipe.vocoder) for p in m.parameters()) / 1e6,
-        "unet_training_hours": hours,
-        "fad_clmp": frechet_distance(real["clmp"], generated_clmp),
-        "fad_spectral": frechet_distance(real["spectral"], generated_spectral),
-        "clmp_score": float(np.mean((generated_clmp * text).sum(1))),
-        "melody_adherence": float(np.mean([melody_adherence(w, m) for w, m in zip(waveforms, melodies)])),
-        "random_melody_floor": float(np.mean([melody_adherence(w, m) for w, m in zip(waveforms, random_melodies)])),
-        "tempo_within_15pct": float(np.mean([t[1] for t in tempos])),
-        "tempo_within_15pct_or_half_double": float(np.mean([t[2] for t in tempos])),
-        "non_silent": float(np.mean(rms > 1e-3)),
-        "spectral_flatness": float(flatness.mean()),
-        "clips": len(waveforms),
-    }
+def model_rows(bench: Bench, pipe: MG2Pipeline, ablation: MG2Pipeline | None, args) -> tuple[list[dict], dict]:
+    """The two protocols (given melody, retrieved melody) for MG2, each beside its floors."""
+    others = [bench.melodies[i] for i in bench.other]
+    rows, audio = [], {}
+    tempo = lambda waveforms: float(np.mean([tempo_matches(w, row["tempo_bpm"])[2] for w, row in zip(waveforms, bench.rows)]))
+
+    given, _ = generate(pipe, bench, args, melodies=bench.melodies, desc="MG2, given melody")
+    rows.append(bench.row("given melody", "MG2, given the clip's melody", "model", given, bench.melodies,
+                          tempo_half_double=tempo(given)))
+    given_other, _ = generate(pipe, bench, args, melodies=others, desc="MG2, another clip's melody")
+    rows.append(bench.row("given melody", "MG2, given another clip's melody", "floor", given_other, others))
+    audio.update({"given": given, "given-other": given_other})
+
+    retrieved, guides = generate(pipe, bench, args, desc="MG2, retrieved melody")
+    guiding = [guide.melody.slice(0, args.seconds) if guide.melody.onsets[0] < args.seconds else guide.melody for guide in guides]
+    rows.append(bench.row("retrieved melody", "MG2 vs the melody that guided it", "model", retrieved, guiding,
+                          tempo_half_double=tempo(retrieved)))
+    rows.append(bench.row("retrieved melody", "MG2 vs another clip's melody", "floor", retrieved, others, fad=False))
+    audio["retrieved"] = retrieved
+    if ablation is not None:
+        caption_only, _ = generate(ablation, bench, args, desc="caption-only model")
+        rows.append(bench.row("given melody", "caption-only model (Mel acc vs the real clip)", "floor", caption_only, bench.melodies,
+                              tempo_half_double=tempo(caption_only)))
+        rows.append(bench.row("retrieved melody", "caption-only model vs the melody MG2 retrieved", "floor", caption_only, guiding,
+                              fad=False))
+        audio["caption-only"] = caption_only
+    if args.ddim_clips:
+        subset = min(args.ddim_clips, len(bench.rows))
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        ddim, ddim_guides = generate(pipe, bench, args, steps=args.ddim_steps, clips=subset, desc=f"MG2, DDIM {args.ddim_steps}")
+        rows.append(bench.row("retrieved melody", f"MG2, DDIM {args.ddim_steps} steps (first {subset} clips; no FAD)", "model", ddim,
+                              [guide.melody for guide in ddim_guides], fad=False))
+        audio["retrieved-ddim"] = ddim
+    return rows, audio
 
 
-def format_table(results: list[dict]) -> str:
-    lines = ["| model | params (M) | UNet training h | FAD CLMP ↓ | FAD spectral ↓ | CLMP score ↑ | melody adherence ↑ | "
-             "random-melody floor | tempo ±15 % (½×/2× too) | non-silent | clips |", "|" + "---|" * 11]
-    for r in results:
-        hours = f"{r['unet_training_hours']:.2f}" if r["unet_training_hours"] is not None else "–"
-        lines.append(f"| {r['model']} | {r['parameters_M']:.1f} | {hours} | {r['fad_clmp']:.4f} | {r['fad_spectral']:.2f} | "
-                     f"{r['clmp_score']:.4f} | {r['melody_adherence']:.4f} | {r['random_melody_floor']:.4f} | "
-                     f"{r['tempo_within_15pct']:.2f} ({r['tempo_within_15pct_or_half_double']:.2f}) | {r['non_silent']:.2f} | {r['clips']} |")
+def format_table(rows: list[dict]) -> str:
+    columns = [("mel_acc", "Mel acc ↑", "{:.3f}"), ("chroma_vs_notes", "chroma-vs-notes ↑", "{:.3f}"),
+               ("chroma_cosine", "chroma cosine ↑", "{:.3f}"), ("fad_clmp", "FAD CLMP ↓", "{:.4f}"),
+               ("fad_spectral", "FAD spectral ↓", "{:.2f}"), ("clmp_score", "CLMP score ↑", "{:.3f}"),
+               ("mel_l1", "mel L1 ↓", "{:.3f}"), ("tempo_half_double", "tempo ±15 % (½×/2×)", "{:.2f}")]
+    columns = [column for column in columns if any(column[0] in row for row in rows)]
+    lines = ["| protocol | audio | bound | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|" + "---|" * (3 + len(columns))]
+    for row in rows:
+        cells = [form.format(row[key]) if key in row else "–" for key, _, form in columns]
+        bound = {"ceiling": "ceiling", "floor": "floor", "model": "**model**"}[row["kind"]]
+        lines.append(f"| {row['protocol']} | {row['audio']} | {bound} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="A saved MG2 pipeline (text + melody condition).")
-    parser.add_argument("--ablation", default=None, help="The text-only pipeline trained with the same preset, data and steps.")
+    parser.add_argument("--model", default=None, help="A saved MG2 pipeline (text + melody condition).")
+    parser.add_argument("--ablation", default=None, help="The caption-only pipeline trained with the same preset, data and steps.")
+    parser.add_argument("--codec_only", action="store_true", help="Only the codec rows (real, vocoder, VAE + vocoder, floor).")
+    parser.add_argument("--vae", default=None, help="Evaluate this VAE folder instead of the model's (codec rows).")
+    parser.add_argument("--vocoder", default=None, help="A SpeechT5HifiGan folder instead of the model's vocoder (default Griffin-Lim).")
     parser.add_argument("--dataset", default="data/mg2-folk")
     parser.add_argument("--split", default="test")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_clips", type=int, default=48)
-    parser.add_argument("--ddim_clips", type=int, default=16, help="Clips for the DDIM-200 row (0 = skip it).")
+    parser.add_argument("--num_clips", type=int, default=32)
+    parser.add_argument("--ddim_clips", type=int, default=0, help="Clips for an extra DDIM row (0 = none).")
     parser.add_argument("--seconds", type=float, default=10.24)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--ddim_steps", type=int, default=200)
@@ -158,42 +275,40 @@ def main(argv=None):
     parser.add_argument("--save_audio", action="store_true", help="Write every generated clip under OUTPUT/audio/.")
     args = parser.parse_args(argv)
     if args.num_clips < 2:
-        parser.error("--num_clips must be >= 2 (FAD needs a covariance)")
+        parser.error("--num_clips must be >= 2 (FAD needs a covariance, the floor another clip)")
+    if not args.model and not (args.codec_only and args.vae):
+        parser.error("pass --model, or --codec_only with --vae")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     start = time.perf_counter()
-    rows = [row for row, _ in zip(load_mg2_dataset(args.dataset, args.split), range(args.num_clips))]
-    pipe = MG2Pipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    real_audio = [load_audio(row["audio"]["bytes"])[: int(args.seconds * 16000)] for row in rows]
-    real = {"clmp": clmp_audio_embeddings(pipe, real_audio), "spectral": np.stack([spectral_features(w) for w in real_audio])}
-    captions = [row["caption"] for row in rows]
-    rng = np.random.default_rng(args.seed)
-    results, audio = [], {}
+    pipe = MG2Pipeline.from_pretrained(args.model) if args.model else None
+    if pipe is not None:
+        pipe.set_progress_bar_config(disable=True)
+    vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else pipe.vae
+    if args.vocoder:
+        from transformers import SpeechT5HifiGan
 
-    waveforms, guides = generate(pipe, captions, args, args.steps, f"MG2, DPM-Solver {args.steps}")
-    retrieved = [g.melody for g in guides]
-    results.append(score(f"MG2 (DPM-Solver {args.steps})", pipe, waveforms, guides, retrieved, rows, real, rng, args.model))
-    audio["mg2"] = waveforms
-    if args.ablation:
-        ablation = MG2Pipeline.from_pretrained(args.ablation)
-        ablation.set_progress_bar_config(disable=True)
-        if ablation.config.condition != "text":
-            raise SystemExit(f"--ablation {args.ablation} is not a text-only model (condition={ablation.config.condition!r}).")
-        ablation_waveforms, ablation_guides = generate(ablation, captions, args, args.steps, f"text-only, DPM-Solver {args.steps}")
-        # scored with MG2's CLMP and index so both rows share one yardstick
-        results.append(score(f"text-only ablation (DPM-Solver {args.steps})", pipe, ablation_waveforms, ablation_guides, retrieved,
-                             rows, real, rng, args.ablation))
-        results[-1]["parameters_M"] = sum(p.numel() for m in (ablation.clmp, ablation.unet, ablation.vae, ablation.vocoder)
-                                          for p in m.parameters()) / 1e6
-        audio["text-only"] = ablation_waveforms
-    if args.ddim_clips:
-        subset = min(args.ddim_clips, len(rows))
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        ddim_waveforms, ddim_guides = generate(pipe, captions[:subset], args, args.ddim_steps, f"MG2, DDIM {args.ddim_steps}")
-        ddim_real = {key: value[:subset] for key, value in real.items()}
-        results.append(score(f"MG2 (DDIM {args.ddim_steps}, first {subset} clips)", pipe, ddim_waveforms, ddim_guides,
-                             retrieved[:subset], rows[:subset], ddim_real, rng, args.model))
-        audio["mg2-ddim"] = ddim_waveforms
+        vocoder = SpeechT5HifiGan.from_pretrained(args.vocoder)
+    else:
+        vocoder = pipe.vocoder if pipe is not None else GriffinLimVocoder()
+    rows = [row for row, _ in zip(load_mg2_dataset(args.dataset, args.split), range(args.num_clips))]
+    validation = [load_audio(row["audio"]["bytes"]) for row, _ in zip(load_mg2_dataset(args.dataset, "validation"), range(len(rows)))]
+    bench = Bench(rows, args.seconds, validation, pipe, args.seed)
+
+    results = codec_rows(bench, vae.eval(), vocoder.eval())
+    audio = {}
+    if not args.codec_only:
+        ablation = None
+        if args.ablation:
+            ablation = MG2Pipeline.from_pretrained(args.ablation)
+            ablation.set_progress_bar_config(disable=True)
+            if ablation.config.condition != "text":
+                raise SystemExit(f"--ablation {args.ablation} is not a caption-only model (condition={ablation.config.condition!r}).")
+        generated_rows, audio = model_rows(bench, pipe, ablation, args)
+        results += generated_rows
 
     os.makedirs(args.output_dir, exist_ok=True)
     if args.save_audio:
@@ -206,16 +321,21 @@ def main(argv=None):
                "settings": {k: v for k, v in vars(args).items() if k != "output_dir"}}
     with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
         json.dump(payload, handle, indent=2)
-    markdown = (f"Test split of `{args.dataset}`, first {len(rows)} clips, {args.seconds} s each, guidance {args.guidance_scale}.\n\n"
-                f"{table}\n\nFAD on {len(rows)} clips is biased upward; compare rows with each other. Adherence is the "
-                f"chroma–melody cosine (chance level is the random-melody floor).\n")
+    markdown = (f"Test split of `{args.dataset}`, first {len(rows)} clips, {args.seconds} s each, "
+                f"{args.steps} DPM-Solver steps, guidance {args.guidance_scale}; every row in one run on the same clips.\n\n"
+                f"{table}\n\nMel acc: chroma peaks (261.2 Hz high-pass, chroma_stft) agreeing with the real clip's; chance ≈ 0.08. "
+                "chroma-vs-notes: frames whose chroma peak is the sounding melody note's pitch class. Ceilings are real audio "
+                "and real audio through this model's codec; floors are another clip's melody and the caption-only model. "
+                f"FAD on {len(rows)} clips is biased upward: compare rows with each other.\n")
     with open(os.path.join(args.output_dir, "eval_results.md"), "w") as handle:
         handle.write(markdown)
-    write_model_card(args.model, evaluation=markdown, datasets=[os.path.basename(os.path.normpath(args.dataset))],
-                     dataset_description=describe_dataset(args.dataset), model_description=describe_mg2_model(args.model, pipe),
-                     limitations=MG2_FOLK_LIMITATIONS)
+    if not args.codec_only:
+        write_model_card(args.model, evaluation=markdown, datasets=[os.path.basename(os.path.normpath(args.dataset))],
+                         dataset_description=describe_dataset(args.dataset), model_description=describe_mg2_model(args.model, pipe),
+                         limitations=MG2_FOLK_LIMITATIONS)
     print(table)
-    print(f"Wrote {os.path.join(args.output_dir, 'eval_results.json')} and eval_results.md; model card {args.model}/README.md")
+    print(f"Wrote {os.path.join(args.output_dir, 'eval_results.json')} and eval_results.md"
+          + ("" if args.codec_only else f"; model card {args.model}/README.md"))
     return payload
 
 

@@ -4,7 +4,10 @@
     accelerate launch training/train_vae.py --preset small --dataset data/mg2-folk --output_dir checkpoints/vae-small
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 training/train_vae.py ...
 
-Loss: L1 reconstruction of the log-mel + `--kl_weight` × KL to N(0, I); from `--disc_start` on, a
+Loss: L1 reconstruction of the log-mel + `--kl_weight` × KL to N(0, I) + `--spectral_weight` × the spectral
+convergence of the linear mel magnitudes (‖M − M̂‖_F / ‖M‖_F, as in multi-resolution STFT losses): the log-domain
+L1 weighs every bin alike, the noise floor as much as the loud partials that carry the melody's pitch, while
+spectral convergence weighs bins by their energy. From `--disc_start` on, a
 PatchGAN discriminator on the mel adds a hinge adversarial term (`--disc_weight`), as AudioLDM's
 VAE recipe does (it also uses LPIPS, whose weights cannot be fetched here). At the end the latent
 scaling factor (1 / std of the latents over `--scaling_batches` batches) is stored in the VAE config,
@@ -43,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=4.5e-4)
     parser.add_argument("--lr_warmup_steps", type=int, default=20)
     parser.add_argument("--kl_weight", type=float, default=1e-6)
+    parser.add_argument("--spectral_weight", type=float, default=0.0, help="Weight of the linear-magnitude spectral convergence term.")
+    parser.add_argument("--latent_channels", type=int, default=None, help="Override the preset's latent channels.")
     parser.add_argument("--disc_start", type=int, default=0, help="Step at which the adversarial term starts; 0 = never.")
     parser.add_argument("--disc_weight", type=float, default=0.1)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -84,7 +89,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = create_accelerator(args, args.gradient_accumulation_steps)
 
-    vae = AutoencoderKL(**vae_config(args.preset))
+    vae = AutoencoderKL(**{**vae_config(args.preset), **({"latent_channels": args.latent_channels} if args.latent_channels else {})})
     model = VAEWithLosses(vae)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     frames = int(round(args.clip_seconds * 100))
@@ -113,7 +118,8 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 reconstruction, kl = model(mel)
                 l1 = F.l1_loss(reconstruction, mel)
-                loss = l1 + args.kl_weight * kl
+                convergence = spectral_convergence(reconstruction, mel)
+                loss = l1 + args.kl_weight * kl + args.spectral_weight * convergence
                 if adversarial:
                     loss = loss - args.disc_weight * discriminator(reconstruction).mean()
                 if guard.should_skip(loss):
@@ -138,7 +144,7 @@ def main(argv=None):
             global_step += 1
             progress_bar.update(1)
             losses.append(l1.item())
-            logs = {"l1": l1.item(), "kl": kl.item(), "disc_loss": disc_loss.item(), "lr": lr_scheduler.get_last_lr()[0],
+            logs = {"l1": l1.item(), "kl": kl.item(), "spectral_convergence": convergence.item(), "disc_loss": disc_loss.item(), "lr": lr_scheduler.get_last_lr()[0],
                     "samples_per_second": samples_seen / (time.perf_counter() - start_time)}
             progress_bar.set_postfix(l1=f"{logs['l1']:.4f}", samples_s=f"{logs['samples_per_second']:.1f}")
             accelerator.log(logs, step=global_step)
@@ -165,6 +171,12 @@ def main(argv=None):
         logger.info(f"Saved the VAE to {args.output_dir}: {summary}")
         push_output_dir(args)
     finish_run(accelerator)
+
+
+def spectral_convergence(reconstruction: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+    """‖exp(mel) − exp(reconstruction)‖_F / ‖exp(mel)‖_F per example, averaged (log-mels in, linear magnitudes compared)."""
+    target, estimate = mel.exp(), reconstruction.clamp(max=mel.max().item() + 2).exp()
+    return ((target - estimate).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp(min=1e-5)).mean()
 
 
 @torch.no_grad()
