@@ -129,7 +129,7 @@ class Bench:
         self.rows, self.pipe = rows, pipe
         self.samples = int(round(seconds * SAMPLE_RATE))
         self.captions = [row["caption"] for row in rows]
-        self.real = [self._fit(load_audio(row["audio"]["bytes"])) for row in rows]
+        self.real = [self.fit(load_audio(row["audio"]["bytes"])) for row in rows]
         self.melodies = [Melody.from_notes(row["melody_notes"]).slice(0, seconds) for row in rows]
         # "another clip's melody": a seeded shift, so no clip is paired with itself
         shift = int(np.random.default_rng(seed).integers(1, len(rows)))
@@ -137,9 +137,10 @@ class Bench:
         self.real_peaks = [chroma_peaks(w) for w in self.real]
         self.real_spectral = np.stack([spectral_features(w) for w in self.real])
         self.real_clmp = clmp_audio_embeddings(pipe, self.real) if pipe is not None else None
-        self.validation = [self._fit(w) for w in validation_audio]
+        self.validation = [self.fit(w) for w in validation_audio]
 
-    def _fit(self, waveform: np.ndarray) -> np.ndarray:
+    def fit(self, waveform: np.ndarray) -> np.ndarray:
+        """Cut or zero-pad to the evaluated length."""
         return np.pad(waveform[: self.samples], (0, max(0, self.samples - len(waveform)))).astype(np.float32)
 
     def row(self, protocol: str, audio: str, kind: str, waveforms: list[np.ndarray], melodies: list[Melody] | None,
@@ -173,11 +174,10 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> list[dict]:
     vocoded = [vocoder(mel.unsqueeze(0))[0].cpu().numpy()[: bench.samples] for mel in real_mels]
     reconstructed = torch.cat([vae.decode(vae.encode(mel[None, None]).latent_dist.mode()).sample for mel in real_mels])[:, 0]
     through_vae = [vocoder(mel.unsqueeze(0))[0].cpu().numpy()[: bench.samples] for mel in reconstructed]
-    validation = bench.validation
     real = bench.row("codec", "real clip (FAD: test vs validation clips)", "ceiling", bench.real, bench.melodies, fad=False)
-    real["fad_spectral"] = frechet_distance(bench.real_spectral, np.stack([spectral_features(w) for w in validation]))
+    real["fad_spectral"] = frechet_distance(bench.real_spectral, np.stack([spectral_features(w) for w in bench.validation]))
     if bench.pipe is not None:
-        real["fad_clmp"] = frechet_distance(bench.real_clmp, clmp_audio_embeddings(bench.pipe, validation))
+        real["fad_clmp"] = frechet_distance(bench.real_clmp, clmp_audio_embeddings(bench.pipe, bench.validation))
     return [
         real,
         bench.row("codec", "log-mel → vocoder", "ceiling", vocoded, bench.melodies),
@@ -198,7 +198,7 @@ def generate(pipe: MG2Pipeline, bench: Bench, args, melodies: list[Melody] | Non
         output = pipe(batch, melody=melodies[start:start + len(batch)] if melodies is not None else None,
                       num_inference_steps=steps or args.steps, guidance_scale=args.guidance_scale, audio_length_in_s=args.seconds,
                       generator=[torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))])
-        waveforms += [bench._fit(w) for w in output.audios]
+        waveforms += [bench.fit(w) for w in output.audios]
         guides += output.melodies
     return waveforms, guides
 
@@ -207,13 +207,15 @@ def model_rows(bench: Bench, pipe: MG2Pipeline, ablation: MG2Pipeline | None, ar
     """The two protocols (given melody, retrieved melody) for MG2, each beside its floors."""
     others = [bench.melodies[i] for i in bench.other]
     rows, audio = [], {}
-    tempo = lambda waveforms: float(np.mean([tempo_matches(w, row["tempo_bpm"])[2] for w, row in zip(waveforms, bench.rows)]))
+
+    def tempo(waveforms):
+        return float(np.mean([tempo_matches(w, row["tempo_bpm"])[2] for w, row in zip(waveforms, bench.rows)]))
 
     given, _ = generate(pipe, bench, args, melodies=bench.melodies, desc="MG2, given melody")
     rows.append(bench.row("given melody", "MG2, given the clip's melody", "model", given, bench.melodies,
                           tempo_half_double=tempo(given)))
     given_other, _ = generate(pipe, bench, args, melodies=others, desc="MG2, another clip's melody")
-    rows.append(bench.row("given melody", "MG2, given another clip's melody", "floor", given_other, others))
+    rows.append(bench.row("given melody", "MG2 given another clip's melody, vs this clip's", "floor", given_other, bench.melodies))
     audio.update({"given": given, "given-other": given_other})
 
     retrieved, guides = generate(pipe, bench, args, desc="MG2, retrieved melody")
