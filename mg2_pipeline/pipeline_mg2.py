@@ -94,6 +94,9 @@ class MG2Pipeline(DiffusionPipeline):
         if clmp is not None and condition_dim != 2 * clmp.config.projection_dim:
             raise ValueError(f"The UNet takes a {condition_dim}-d condition but [text ‖ melody] from this CLMP is "
                              f"{2 * clmp.config.projection_dim}-d (2 × projection_dim).")
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(f"The UNet takes {unet.config.in_channels} latent channels but the VAE's latent has "
+                             f"{vae.config.latent_channels}: train the UNet on this VAE (train_mg2.py --vae).")
         self.register_modules(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler,
                               vae=vae, vocoder=vocoder)
         self.register_to_config(condition=condition)

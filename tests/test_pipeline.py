@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline
-from mg2_pipeline.presets import build_pipeline, unet_config
+from mg2_pipeline.presets import build_pipeline, unet_config, vae_config
 
 from conftest import BLOCK_MG2_PIPELINE, ROOT
 
@@ -206,6 +206,12 @@ def test_a_fingerprint_mismatch_between_clmp_and_index_is_refused(pipe):
     with pytest.raises(ValueError, match="fingerprint"):
         MG2Pipeline(clmp=other.clmp, processor=pipe.processor, retriever=pipe.retriever, unet=pipe.unet,
                     scheduler=pipe.scheduler, vae=pipe.vae, vocoder=pipe.vocoder)
+
+
+def test_a_vae_whose_latent_the_unet_does_not_take_is_refused(pipe):
+    other_vae = AutoencoderKL(**{**vae_config("tiny"), "latent_channels": 8})
+    with pytest.raises(ValueError, match="UNet takes 4 latent channels but the VAE's latent has 8"):
+        MG2Pipeline(**{**pipe.components, "vae": other_vae})
 
 
 def test_griffin_lim_vocoder_keeps_the_pitch():

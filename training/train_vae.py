@@ -47,7 +47,6 @@ def parse_args(argv=None):
     parser.add_argument("--lr_warmup_steps", type=int, default=20)
     parser.add_argument("--kl_weight", type=float, default=1e-6)
     parser.add_argument("--spectral_weight", type=float, default=0.0, help="Weight of the linear-magnitude spectral convergence term.")
-    parser.add_argument("--latent_channels", type=int, default=None, help="Override the preset's latent channels.")
     parser.add_argument("--disc_start", type=int, default=0, help="Step at which the adversarial term starts; 0 = never.")
     parser.add_argument("--disc_weight", type=float, default=0.1)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -89,7 +88,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = create_accelerator(args, args.gradient_accumulation_steps)
 
-    vae = AutoencoderKL(**{**vae_config(args.preset), **({"latent_channels": args.latent_channels} if args.latent_channels else {})})
+    vae = AutoencoderKL(**vae_config(args.preset))
     model = VAEWithLosses(vae)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     frames = int(round(args.clip_seconds * 100))
