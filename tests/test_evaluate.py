@@ -65,8 +65,8 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
     results = json.loads((output_dir / "eval_results.json").read_text())["results"]
     assert [(r["protocol"], r["kind"]) for r in results] == [
         ("codec", "ceiling"), ("codec", "ceiling"), ("codec", "ceiling"), ("codec", "floor"),
-        ("given melody", "model"), ("given melody", "floor"), ("retrieved melody", "model"), ("retrieved melody", "floor"),
-        ("given melody", "floor"), ("retrieved melody", "floor"), ("retrieved melody", "model")]
+        ("given melody", "model"), ("given melody", "floor"), ("given melody", "floor"),
+        ("retrieved melody", "model"), ("retrieved melody", "floor"), ("retrieved melody", "floor"), ("retrieved melody", "model")]
     real, vocoded, through_vae, floor = results[:4]
     assert real["mel_acc"] == 1.0 and real["fad_clmp"] >= 0 and real["fad_spectral"] >= 0  # test vs validation clips
     assert 0 < through_vae["mel_l1"] and "fad_clmp" in vocoded and "fad_clmp" not in floor
@@ -80,7 +80,7 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
     assert "| codec | log-mel → VAE → vocoder | ceiling |" in table and "Mel acc" in printed
     card = (tmp_path / "mg2" / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "pipeline_tag: text-to-audio" in card
-    assert "| given melody | caption-only model" in card and "tiny-folk" in card and "- `unet`: UNet2DConditionModel" in card
+    assert "| given melody | caption-only model | floor |" in card and "tiny-folk" in card and "- `unet`: UNet2DConditionModel" in card
     audio, rate = soundfile.read(output_dir / "audio" / "given" / "000.wav")
     assert rate == 16000 and len(audio) == 20480
 

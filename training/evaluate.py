@@ -204,41 +204,44 @@ def generate(pipe: MG2Pipeline, bench: Bench, args, melodies: list[Melody] | Non
 
 
 def model_rows(bench: Bench, pipe: MG2Pipeline, ablation: MG2Pipeline | None, args) -> tuple[list[dict], dict]:
-    """The two protocols (given melody, retrieved melody) for MG2, each beside its floors."""
+    """The two protocols (given melody, then retrieved melody) for MG2, each beside its floors."""
     others = [bench.melodies[i] for i in bench.other]
-    rows, audio = [], {}
+    audio = {}
 
     def tempo(waveforms):
         return float(np.mean([tempo_matches(w, row["tempo_bpm"])[2] for w, row in zip(waveforms, bench.rows)]))
 
-    given, _ = generate(pipe, bench, args, melodies=bench.melodies, desc="MG2, given melody")
-    rows.append(bench.row("given melody", "MG2, given the clip's melody", "model", given, bench.melodies,
-                          tempo_half_double=tempo(given)))
-    given_other, _ = generate(pipe, bench, args, melodies=others, desc="MG2, another clip's melody")
-    rows.append(bench.row("given melody", "MG2 given another clip's melody, vs this clip's", "floor", given_other, bench.melodies))
-    audio.update({"given": given, "given-other": given_other})
+    def heard(melodies):  # the part of each guiding melody that the evaluated seconds can play
+        return [melody.slice(0, args.seconds) if melody.onsets[0] < args.seconds else melody for melody in melodies]
 
-    retrieved, guides = generate(pipe, bench, args, desc="MG2, retrieved melody")
-    guiding = [guide.melody.slice(0, args.seconds) if guide.melody.onsets[0] < args.seconds else guide.melody for guide in guides]
-    rows.append(bench.row("retrieved melody", "MG2 vs the melody that guided it", "model", retrieved, guiding,
-                          tempo_half_double=tempo(retrieved)))
-    rows.append(bench.row("retrieved melody", "MG2 vs another clip's melody", "floor", retrieved, others, fad=False))
-    audio["retrieved"] = retrieved
+    audio["given"], _ = generate(pipe, bench, args, melodies=bench.melodies, desc="MG2, given melody")
+    audio["given-other"], _ = generate(pipe, bench, args, melodies=others, desc="MG2, another clip's melody")
+    audio["retrieved"], guides = generate(pipe, bench, args, desc="MG2, retrieved melody")
+    guiding = heard([guide.melody for guide in guides])
+    given = [
+        bench.row("given melody", "MG2, given the clip's melody", "model", audio["given"], bench.melodies,
+                  tempo_half_double=tempo(audio["given"])),
+        bench.row("given melody", "MG2 given another clip's melody, vs this clip's", "floor", audio["given-other"], bench.melodies),
+    ]
+    retrieved = [
+        bench.row("retrieved melody", "MG2 vs the melody that guided it", "model", audio["retrieved"], guiding,
+                  tempo_half_double=tempo(audio["retrieved"])),
+        bench.row("retrieved melody", "MG2 vs another clip's melody", "floor", audio["retrieved"], others, fad=False),
+    ]
     if ablation is not None:
-        caption_only, _ = generate(ablation, bench, args, desc="caption-only model")
-        rows.append(bench.row("given melody", "caption-only model (Mel acc vs the real clip)", "floor", caption_only, bench.melodies,
-                              tempo_half_double=tempo(caption_only)))
-        rows.append(bench.row("retrieved melody", "caption-only model vs the melody MG2 retrieved", "floor", caption_only, guiding,
-                              fad=False))
-        audio["caption-only"] = caption_only
+        audio["caption-only"], _ = generate(ablation, bench, args, desc="caption-only model")
+        given.append(bench.row("given melody", "caption-only model", "floor", audio["caption-only"], bench.melodies,
+                               tempo_half_double=tempo(audio["caption-only"])))
+        retrieved.append(bench.row("retrieved melody", "caption-only model vs the melody MG2 retrieved", "floor",
+                                   audio["caption-only"], guiding, fad=False))
     if args.ddim_clips:
         subset = min(args.ddim_clips, len(bench.rows))
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        ddim, ddim_guides = generate(pipe, bench, args, steps=args.ddim_steps, clips=subset, desc=f"MG2, DDIM {args.ddim_steps}")
-        rows.append(bench.row("retrieved melody", f"MG2, DDIM {args.ddim_steps} steps (first {subset} clips; no FAD)", "model", ddim,
-                              [guide.melody for guide in ddim_guides], fad=False))
-        audio["retrieved-ddim"] = ddim
-    return rows, audio
+        audio["retrieved-ddim"], ddim_guides = generate(pipe, bench, args, steps=args.ddim_steps, clips=subset,
+                                                        desc=f"MG2, DDIM {args.ddim_steps}")
+        retrieved.append(bench.row("retrieved melody", f"MG2, DDIM {args.ddim_steps} steps (first {subset} clips; no FAD)", "model",
+                                   audio["retrieved-ddim"], heard([guide.melody for guide in ddim_guides]), fad=False))
+    return given + retrieved, audio
 
 
 def format_table(rows: list[dict]) -> str:
