@@ -142,7 +142,8 @@ def test_malformed_midi_and_silent_recording_fail_clearly_and_the_next_request_s
     sf.write(silence, np.zeros(16000, dtype=np.float32), 16000)
     with pytest.raises(AppError, match="silent"):
         generate(client, melody_audio=handle_file(str(silence)))
-    assert len(read_wav(generate(client, duration=0.5)[0])) == 8000
+    half_second = read_wav(generate(client, duration=0.5)[0])  # the server still serves after the errors
+    assert len(half_second) == 8000
 
 
 def test_twenty_concurrent_requests_all_return_their_audio(space_url):
