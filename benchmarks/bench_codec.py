@@ -25,8 +25,9 @@ CANDIDATES = [
     ("small preset now", {}),
     ("×8, 16 latent channels", {"latent_channels": 16}),
     ("×8, 32 latent channels", {"latent_channels": 32}),
-    # AutoencoderKL downsamples both axes alike; this row only prices the UNet on a 16-bin latent.
-    ("×8 time, ×4 frequency (UNet only)", {"latent_channels": 8, "frequency_bins": 16}),
+    # AutoencoderKL downsamples both axes alike: these rows only price the UNet on other latent grids.
+    ("×8 time, ×4 frequency (UNet only)", {"latent_channels": 8, "latent_grid": (1 / 8, 1 / 4)}),
+    ("×4 time and frequency (UNet only)", {"latent_channels": 8, "latent_grid": (1 / 4, 1 / 4)}),
 ]
 
 
@@ -43,20 +44,20 @@ def median_step_seconds(model: torch.nn.Module, make_loss, steps: int) -> float:
 
 
 def measure(overrides: dict, batch: int, frames: int, steps: int) -> tuple[float | None, float]:
-    frequency_bins = overrides.pop("frequency_bins", None)
+    latent_grid = overrides.pop("latent_grid", None)
     vae = AutoencoderKL(**{**vae_config("small"), **overrides})
     mel = torch.randn(batch, 1, frames, 64)
     vae_seconds = median_step_seconds(vae, lambda: (vae(mel).sample - mel).abs().mean(), steps)
     with torch.no_grad():
         latents = vae.encode(mel).latent_dist.mode()
-    if frequency_bins:
-        latents = torch.randn(*latents.shape[:3], frequency_bins)
+    if latent_grid:
+        latents = torch.randn(batch, latents.shape[1], int(frames * latent_grid[0]), int(64 * latent_grid[1]))
     channels = latents.shape[1]
     unet = UNet2DConditionModel(**{**unet_config("small", 512), "in_channels": channels, "out_channels": channels})
     condition, timesteps = torch.randn(batch, 1024), torch.randint(0, 1000, (batch,))
     unet_seconds = median_step_seconds(
         unet, lambda: (unet(latents, timesteps, encoder_hidden_states=None, class_labels=condition).sample - latents).pow(2).mean(), steps)
-    return (None if frequency_bins else vae_seconds), unet_seconds
+    return (None if latent_grid else vae_seconds), unet_seconds
 
 
 def main(argv=None):
