@@ -137,6 +137,7 @@ class Bench:
         self.real_peaks = [chroma_peaks(w) for w in self.real]
         self.real_spectral = np.stack([spectral_features(w) for w in self.real])
         self.real_clmp = clmp_audio_embeddings(pipe, self.real) if pipe is not None else None
+        self.caption_embeds = pipe.encode_text(self.captions, pipe.device).cpu().numpy() if pipe is not None else None
         self.validation = [self.fit(w) for w in validation_audio]
 
     def fit(self, waveform: np.ndarray) -> np.ndarray:
@@ -158,9 +159,8 @@ class Bench:
             result["fad_spectral"] = frechet_distance(self.real_spectral, np.stack([spectral_features(w) for w in waveforms]))
             if self.pipe is not None:
                 embeddings = clmp_audio_embeddings(self.pipe, waveforms)
-                text = self.pipe.encode_text(self.captions[: len(waveforms)], self.pipe.device).cpu().numpy()
                 result["fad_clmp"] = frechet_distance(self.real_clmp, embeddings)
-                result["clmp_score"] = float(np.mean((embeddings * text).sum(1)))
+                result["clmp_score"] = float(np.mean((embeddings * self.caption_embeds[: len(waveforms)]).sum(1)))
         return {**result, **extra}
 
 
