@@ -46,12 +46,12 @@ def shard_path(output_dir: str, split: str, index: int, count: int) -> str:
     return os.path.join(output_dir, "data", f"{split}-{index:05d}-of-{count:05d}.parquet")
 
 
-def write_shard(rows: list[dict], path: str) -> None:
-    """Write rows as one Parquet shard with the datasets features metadata, atomically."""
+def write_shard(rows: list[dict], path: str, schema=None) -> None:
+    """Write rows as one Parquet shard, atomically: by default with the MG2 features (their metadata included)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=mg2_features().arrow_schema)
+    table = pa.Table.from_pylist(rows, schema=schema if schema is not None else mg2_features().arrow_schema)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = path + ".tmp"
     pq.write_table(table, temporary)
@@ -83,6 +83,20 @@ def load_mg2_dataset(path: str, split: str = "train", streaming: bool = True):
     return dataset.cast_column("audio", Audio(sampling_rate=SAMPLE_RATE, decode=False))
 
 
+def window_start(clip_id: str, seed: int, epoch: int, total_frames: int, window_frames: int, frame_seconds: float,
+                 melody: Melody) -> int:
+    """A seeded random window start (in frames) drawn from `(seed, epoch, clip_id)`, so a resumed run crops exactly as
+    the uninterrupted one. The window holds a note of `melody`; one that would not starts at the first note instead."""
+    last = max(0, total_frames - window_frames)
+    if last == 0:
+        return 0
+    start = int(np.random.default_rng([seed, epoch, zlib.crc32(clip_id.encode())]).integers(0, last + 1))
+    window = (start * frame_seconds, (start + window_frames) * frame_seconds)
+    if np.any((melody.onsets < window[1]) & (melody.offsets > window[0])):
+        return start
+    return min(int(melody.onsets[0] / frame_seconds), last)
+
+
 class MG2Example:
     """Turns one dataset row into model inputs: waveform, log-mel, melody ids/mask and (optional) text ids.
 
@@ -108,17 +122,12 @@ class MG2Example:
         self.epoch = epoch
 
     def crop_start(self, clip_id: str, num_samples: int, melody: Melody) -> int:
-        """First sample of this row's window: 0, or (`random_crop`) a seeded hop-aligned start whose window
-        holds a note; a window without one falls back to the start of the melody's first note."""
-        last_hop = max(0, num_samples - self.clip_samples) // HOP_LENGTH
-        if not self.random_crop or last_hop == 0:
+        """First sample of this row's window (see `window_start`; in mel hops)."""
+        if not self.random_crop:
             return 0
-        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(clip_id.encode())])
-        start = int(rng.integers(0, last_hop + 1)) * HOP_LENGTH
-        window = (start / SAMPLE_RATE, (start + self.clip_samples) / SAMPLE_RATE)
-        if np.any((melody.onsets < window[1]) & (melody.offsets > window[0])):
-            return start
-        return min(int(melody.onsets[0] * SAMPLE_RATE) // HOP_LENGTH, last_hop) * HOP_LENGTH
+        hops = window_start(clip_id, self.seed, self.epoch, num_samples // HOP_LENGTH, self.clip_samples // HOP_LENGTH,
+                            HOP_LENGTH / SAMPLE_RATE, melody)
+        return hops * HOP_LENGTH
 
     def __call__(self, row: dict) -> dict:
         waveform = load_audio(row["audio"]["bytes"] if row["audio"].get("bytes") else row["audio"]["path"])
@@ -150,6 +159,42 @@ class MG2Example:
                                   padding="max_length", return_tensors="pt")
             example["input_ids"] = text["input_ids"][0]
             example["attention_mask"] = text["attention_mask"][0]
+        return example
+
+
+class LatentCrop:
+    """Turns one row of a latent cache (`train_mg2.py` writes it: the whole clip's VAE latents and melody frames, its
+    CLMP text and retrieved-melody embeddings) into a random `crop_frames`-frame training example, as `MG2Example`
+    crops audio: same seeded windows, the melody sliced to the window for the pooled condition."""
+
+    def __init__(self, crop_frames: int, frame_seconds: float, seed: int = 0, max_melody_length: int = MAX_MELODY_TOKENS):
+        self.crop_frames, self.frame_seconds, self.seed, self.epoch = crop_frames, frame_seconds, seed, 0
+        self.max_melody_length = max_melody_length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _crop(self, row: dict, name: str, start: int) -> torch.Tensor:
+        array = np.frombuffer(row[name], dtype=np.float16).reshape(row[f"{name}_shape"])[:, start: start + self.crop_frames]
+        return torch.from_numpy(np.pad(array.astype(np.float32), ((0, 0), (0, self.crop_frames - array.shape[1]), (0, 0))))
+
+    def __call__(self, row: dict) -> dict:
+        melody = Melody.from_notes(row["melody_notes"])
+        start = window_start(row["clip_id"], self.seed, self.epoch, row["latents_shape"][1], self.crop_frames,
+                             self.frame_seconds, melody)
+        window = melody.slice(start * self.frame_seconds, (start + self.crop_frames) * self.frame_seconds)
+        tokens = encode_melody_tokens(window.to_tokens(), max_length=self.max_melody_length)
+        example = {
+            "clip_id": row["clip_id"],
+            "melody": window,
+            "latents": self._crop(row, "latents", start),
+            "text_embeds": torch.tensor(row["text_embeds"]),
+            "retrieved_embeds": torch.tensor(row["retrieved_embeds"]),
+            "melody_input_ids": torch.from_numpy(tokens["input_ids"]),
+            "melody_attention_mask": torch.from_numpy(tokens["attention_mask"]),
+        }
+        if row.get("melody_frames"):
+            example["melody_frames"] = self._crop(row, "melody_frames", start)
         return example
 
 

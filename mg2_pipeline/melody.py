@@ -414,6 +414,18 @@ class Melody:
             roll[int(pitch), start:end] = 1.0
         return roll
 
+    def to_pitch_class_roll(self, num_frames: int, frames_per_second: float) -> np.ndarray:
+        """`(13, num_frames)` float32: a one-hot pitch class per sounding frame (12 channels) and the pitch height
+        `(pitch - 60) / 24` (channel 12); all zero where no note sounds. Notes past the last frame are cut."""
+        roll = np.zeros((13, num_frames), dtype=np.float32)
+        for pitch, onset, offset in self.notes:
+            start = int(round(onset * frames_per_second))
+            end = min(num_frames, max(start + 1, int(round(offset * frames_per_second))))
+            roll[:12, start:end] = 0.0
+            roll[int(pitch) % 12, start:end] = 1.0
+            roll[12, start:end] = (pitch - 60) / 24
+        return roll
+
     def transpose(self, semitones: int) -> "Melody":
         """Shift every pitch; raises `ValueError` if a note would leave the MIDI range."""
         if int(semitones) != semitones:
@@ -426,6 +438,42 @@ class Melody:
                 f"outside the MIDI range 0-{MAX_MIDI_PITCH}."
             )
         return Melody(notes)
+
+    def stretch(self, factor: float) -> "Melody":
+        """Every onset and offset times `factor` (2.0 plays at half the tempo)."""
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise ValueError(f"factor must be a finite number > 0, got {factor!r}.")
+        notes = self.notes.copy()
+        notes[:, 1:] *= factor
+        return Melody(notes)
+
+    def fit_to(self, seconds: float) -> "Melody":
+        """Exactly `seconds` long: repeated whole (the melody is the phrase; each repeat starts where the last note
+        of the previous one ends) until it covers `seconds`, then cut there."""
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}.")
+        period = self.duration
+        repeats = int(math.ceil(seconds / period))
+        looped = np.concatenate([self.notes + np.array([0.0, r * period, r * period]) for r in range(repeats)])
+        return Melody(looped).slice(0.0, seconds)
+
+    def render_tones(self, num_samples: int, sample_rate: int = 16000, harmonics: int = 6) -> np.ndarray:
+        """The melody as plain harmonic tones (partial k at amplitude 1/k, 10 ms fades), `num_samples` float32 samples;
+        notes past the end are cut. This is the "melody sketch" MG2's aligned condition is made from."""
+        audio = np.zeros(num_samples, dtype=np.float64)
+        fade = max(1, int(0.01 * sample_rate))
+        partials = np.arange(1, harmonics + 1)
+        for pitch, onset, offset in self.notes:
+            start, end = int(round(onset * sample_rate)), min(num_samples, int(round(offset * sample_rate)))
+            if end <= start:
+                continue
+            frequency = 440.0 * 2 ** ((pitch - 69) / 12)
+            audible = partials[partials * frequency < sample_rate / 2]
+            t = np.arange(end - start) / sample_rate
+            tone = (np.sin(2 * np.pi * frequency * audible[:, None] * t) / audible[:, None]).sum(0)
+            envelope = np.minimum(1.0, np.minimum(np.arange(1, end - start + 1), np.arange(end - start, 0, -1)) / fade)
+            audio[start:end] += 0.2 * tone * envelope
+        return audio.astype(np.float32)
 
     def slice(self, start_s: float, end_s: float) -> "Melody":
         """Notes sounding in `[start_s, end_s)`, cut to the window and re-timed so it starts at 0 s."""

@@ -1,8 +1,11 @@
 """MG2Pipeline: text → retrieved melody → music.
 
-prompt ──CLMP text tower──► text embedding ──HNSW──► nearest melody embedding (or the user's melody)
-                                  └──────── [text ‖ melody] condition ────────┘
-noise ──UNet (FiLM on the condition, classifier-free guidance)──► latents ──VAE──► log-mel ──vocoder──► waveform
+prompt ──CLMP text tower──► text embedding ──HNSW──► nearest melody (or the user's) ──► its notes, fitted to the length
+                                  └──────── [text ‖ melody] condition ────────┘                 │
+                                                                     melody sketch frames (time-aligned)
+                                                                                                │
+noise ──UNet (FiLM on the condition, sketch as extra input channels, text and melody guidance)──► latents
+      ──VAE──► log-mel ──vocoder──► waveform
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
+from .audio import LogMelSpectrogram
 from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
 from .retrieval import RetrievedMelody
@@ -30,8 +35,22 @@ from .retrieval import RetrievedMelody
 OUTPUT_TYPES = ("np", "pt", "latent")
 # "text_melody": MG2's [text ‖ melody] condition; "text": the text-only ablation, [text ‖ text], same UNet shape.
 CONDITIONS = ("text_melody", "text")
+# How the guiding melody reaches the UNet beside the pooled [text ‖ melody] FiLM condition (None: pooled only, the paper's
+# model). "sketch": the melody as plain harmonic tones → log-mel → the frozen VAE encoder, concatenated with the latents
+# (as diffusers' inpainting UNets take their masked-image latents). "roll": 12 pitch-class channels + pitch height.
+ALIGNED_MELODY = (None, "sketch", "roll")
+ROLL_CHANNELS = 13
 # Lengths beyond this many times the training length are refused: the UNet has never seen them.
 MAX_LENGTH_FACTOR = 3
+MAX_GUIDANCE_SCALE = 100.0
+DEFAULT_MELODY_GUIDANCE_SCALE = 2.0
+BPM_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*bpm\b", re.IGNORECASE)
+
+
+def prompt_bpm(prompt: str) -> float | None:
+    """The tempo a prompt names ("… 120 BPM"), or None."""
+    match = BPM_PATTERN.search(prompt)
+    return float(match.group(1)) if match and 20 <= float(match.group(1)) <= 400 else None
 
 
 def _copy_module_with_imports(module: str, target_dir: str) -> None:
@@ -84,23 +103,31 @@ class MG2Pipeline(DiffusionPipeline):
     _exclude_from_cpu_offload = ["retriever"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "melody_embeds"]
 
-    def __init__(self, clmp, processor, retriever, unet, scheduler, vae, vocoder, condition: str = "text_melody"):
+    def __init__(self, clmp, processor, retriever, unet, scheduler, vae, vocoder, condition: str = "text_melody",
+                 aligned_melody: str | None = None):
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
+        if aligned_melody not in ALIGNED_MELODY:
+            raise ValueError(f"aligned_melody must be one of {ALIGNED_MELODY}, got {aligned_melody!r}.")
+        if condition == "text" and aligned_melody is not None:
+            raise ValueError("A text-only model (condition='text') takes no aligned melody: use aligned_melody=None.")
         if retriever is not None and clmp is not None:
             retriever.check_clmp(clmp)
         condition_dim = unet.config.projection_class_embeddings_input_dim
         if clmp is not None and condition_dim != 2 * clmp.config.projection_dim:
             raise ValueError(f"The UNet takes a {condition_dim}-d condition but [text ‖ melody] from this CLMP is "
                              f"{2 * clmp.config.projection_dim}-d (2 × projection_dim).")
-        if unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(f"The UNet takes {unet.config.in_channels} latent channels but the VAE's latent has "
-                             f"{vae.config.latent_channels}: train the UNet on this VAE (train_mg2.py --vae).")
+        melody_channels = {None: 0, "sketch": vae.config.latent_channels, "roll": ROLL_CHANNELS}[aligned_melody]
+        if unet.config.in_channels != vae.config.latent_channels + melody_channels or unet.config.out_channels != vae.config.latent_channels:
+            raise ValueError(f"The UNet takes {unet.config.in_channels} input and {unet.config.out_channels} output channels; this VAE's "
+                             f"latent has {vae.config.latent_channels} and aligned_melody={aligned_melody!r} adds {melody_channels}: "
+                             "train the UNet on this VAE and setting (train_mg2.py --vae, --aligned_melody).")
         self.register_modules(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler,
                               vae=vae, vocoder=vocoder)
-        self.register_to_config(condition=condition)
+        self.register_to_config(condition=condition, aligned_melody=aligned_melody)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.mel = LogMelSpectrogram()
 
     # ----- saving and loading -----
 
@@ -238,7 +265,7 @@ class MG2Pipeline(DiffusionPipeline):
     # ----- steps of __call__ -----
 
     def check_inputs(self, prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps, guidance_scale,
-                     num_waveforms_per_prompt, retrieval_top_k, generator, prompt_embeds, melody_embeds, output_type,
+                     melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, generator, prompt_embeds, melody_embeds, output_type,
                      callback_on_step_end_tensor_inputs) -> int:
         """Validate every argument before any compute; returns the batch size."""
         if prompt is None and prompt_embeds is None:
@@ -268,6 +295,8 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError(f"melody has {len(melody)} entries but prompt has {batch_size}; pass one melody, or one per prompt.")
         if melody_embeds is not None and (not isinstance(melody_embeds, torch.Tensor) or melody_embeds.shape != (batch_size, self.clmp.config.projection_dim)):
             raise ValueError(f"melody_embeds must be a ({batch_size}, {self.clmp.config.projection_dim}) tensor of CLMP melody embeddings.")
+        if melody_embeds is not None and self.config.aligned_melody is not None:
+            raise ValueError("This model follows the melody's notes in time and melody_embeds carry no timing: pass melody=.")
         if self.config.condition == "text" and (melody is not None or melody_embeds is not None):
             raise ValueError("This is a text-only model (condition='text'): it takes no melody or melody_embeds.")
         if melody is None and melody_embeds is None and self.retriever is None and self.config.condition != "text":
@@ -278,8 +307,9 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError(f"audio_length_in_s must be between {min_length:.2f} and {max_length:.2f} seconds for this model, got {audio_length_in_s!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}.")
+        for name, scale in (("guidance_scale", guidance_scale), ("melody_guidance_scale", melody_guidance_scale)):
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= MAX_GUIDANCE_SCALE:
+                raise ValueError(f"{name} must be a number between 0 and {MAX_GUIDANCE_SCALE}, got {scale!r}.")
         if not isinstance(num_waveforms_per_prompt, int) or num_waveforms_per_prompt < 1:
             raise ValueError(f"num_waveforms_per_prompt must be an integer >= 1, got {num_waveforms_per_prompt!r}.")
         if not isinstance(retrieval_top_k, int) or retrieval_top_k < 1 or (self.retriever is not None and retrieval_top_k > len(self.retriever)):
@@ -317,13 +347,38 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError(f"melody could not be read: {error}") from error
 
     def prepare_latents(self, batch_size: int, height: int, dtype, device, generator, latents=None) -> torch.Tensor:
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
+        shape = (batch_size, self.vae.config.latent_channels, height // self.vae_scale_factor,
                  int(self.vocoder.config.model_in_dim) // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif latents.shape != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
         return latents.to(device) * self.scheduler.init_noise_sigma
+
+    def follow_prompt_tempo(self, hit: RetrievedMelody, prompt: str | None) -> RetrievedMelody:
+        """A retrieved melody re-timed to the tempo its prompt names ("… 120 BPM") when its own tempo is known;
+        the metadata then says both (`tempo_bpm`, `stretched_from_bpm`)."""
+        bpm = prompt_bpm(prompt) if prompt else None
+        melody_bpm = hit.metadata.get("tempo_bpm")
+        if bpm is None or not melody_bpm or bpm == melody_bpm:
+            return hit
+        metadata = {**hit.metadata, "tempo_bpm": bpm, "stretched_from_bpm": melody_bpm}
+        return RetrievedMelody(hit.melody.stretch(melody_bpm / bpm), hit.id, hit.score, metadata)
+
+    @torch.no_grad()
+    def prepare_melody_frames(self, melodies: list[Melody], latent_frames: int, device, dtype) -> torch.Tensor:
+        """The time-aligned melody condition `(len(melodies), channels, latent_frames, latent_bins)`, melody time 0 at
+        latent frame 0 (notes past the end are cut): the "sketch" (plain harmonic tones → log-mel → VAE encoder
+        mode, scaled as latents) or the pitch-class "roll" (12 one-hot channels + pitch height, on every bin)."""
+        latent_bins = int(self.vocoder.config.model_in_dim) // self.vae_scale_factor
+        num_samples = latent_frames * self.vae_scale_factor * self.hop_length
+        if self.config.aligned_melody == "sketch":
+            tones = torch.from_numpy(np.stack([m.render_tones(num_samples, self.sampling_rate) for m in melodies]))
+            log_mel = self.mel(tones).unsqueeze(1).to(device, self.vae.dtype)
+            return (self.vae.encode(log_mel).latent_dist.mode() * self.vae.config.scaling_factor).to(dtype)
+        frames_per_second = latent_frames * self.sampling_rate / num_samples
+        rolls = np.stack([m.to_pitch_class_roll(latent_frames, frames_per_second) for m in melodies])
+        return torch.from_numpy(rolls)[..., None].expand(-1, -1, -1, latent_bins).to(device, dtype)
 
     def prepare_extra_step_kwargs(self, generator) -> dict:
         # Stochastic schedulers (DDPM, SDE-DPM-Solver, DDIM with eta) draw noise: give them the generator.
@@ -351,6 +406,14 @@ class MG2Pipeline(DiffusionPipeline):
         return self._guidance_scale > 1.0
 
     @property
+    def melody_guidance_scale(self) -> float:
+        return self._melody_guidance_scale
+
+    @property
+    def do_melody_guidance(self) -> bool:
+        return self.config.condition != "text" and self._melody_guidance_scale != 1.0
+
+    @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
@@ -363,6 +426,7 @@ class MG2Pipeline(DiffusionPipeline):
         audio_length_in_s: float | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 3.0,
+        melody_guidance_scale: float = DEFAULT_MELODY_GUIDANCE_SCALE,
         num_waveforms_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -384,7 +448,9 @@ class MG2Pipeline(DiffusionPipeline):
                 or a list with one per prompt.
             audio_length_in_s: seconds of audio (default: the training length); rounded up to whole latent frames.
             num_inference_steps: denoising steps.
-            guidance_scale: classifier-free guidance scale; <= 1 disables guidance.
+            guidance_scale: text guidance scale (classifier-free); <= 1 disables it.
+            melody_guidance_scale: melody guidance scale, independent of the text's: 0 ignores the melody, 1 takes it
+                without guidance, larger follows it more tightly (the melody term of InstructPix2Pix-style guidance).
             num_waveforms_per_prompt: candidates per prompt, re-ranked best first by CLMP text–audio similarity;
                 with `retrieval_top_k` > 1 the candidates cycle through the top-k retrieved melodies.
             generator, latents: seeding as in diffusers; the same generator gives identical output.
@@ -395,13 +461,14 @@ class MG2Pipeline(DiffusionPipeline):
         """
         # 1. Check inputs
         batch_size = self.check_inputs(prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps,
-                                       guidance_scale, num_waveforms_per_prompt, retrieval_top_k, generator, prompt_embeds,
+                                       guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, generator, prompt_embeds,
                                        melody_embeds, output_type, callback_on_step_end_tensor_inputs)
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
         audio_length_in_s = audio_length_in_s or self.default_audio_length_in_s
         height = int(np.ceil(audio_length_in_s * self.sampling_rate / self.hop_length / self.frames_multiple)) * self.frames_multiple
         num_samples = int(round(audio_length_in_s * self.sampling_rate))
         self._guidance_scale = guidance_scale
+        self._melody_guidance_scale = melody_guidance_scale
         device = self._execution_device
         num_waveforms = batch_size * num_waveforms_per_prompt
 
@@ -411,7 +478,7 @@ class MG2Pipeline(DiffusionPipeline):
             prompt_embeds = self.encode_text(prompts, device)
         prompt_embeds = prompt_embeds.to(device)
 
-        # 3. Retrieve a melody per waveform (or embed the user's)
+        # 3. Retrieve a melody per waveform (or take the user's); retrieved ones follow the tempo the prompt names
         if self.config.condition == "text":
             guiding = [None] * num_waveforms
             melody_embeds = prompt_embeds.repeat_interleave(num_waveforms_per_prompt, dim=0)
@@ -425,34 +492,51 @@ class MG2Pipeline(DiffusionPipeline):
         else:
             hits = self.retriever.search(prompt_embeds, k=retrieval_top_k)
             choice = [(row, candidate % retrieval_top_k) for row in range(batch_size) for candidate in range(num_waveforms_per_prompt)]
-            guiding = [hits.melodies[row][rank] for row, rank in choice]
+            guiding = [self.follow_prompt_tempo(hits.melodies[row][rank], prompts[row] if prompts else None) for row, rank in choice]
             melody_embeds = torch.from_numpy(np.stack([hits.embeddings[row, rank] for row, rank in choice])).to(device)
         text_embeds = prompt_embeds.repeat_interleave(num_waveforms_per_prompt, dim=0)
-        condition = torch.cat([text_embeds, melody_embeds.to(text_embeds.dtype)], dim=-1)
+        empty_embeds = self.encode_text([""], device).expand_as(text_embeds)
+        negative_embeds = empty_embeds if negative_prompt is None else self.encode_text(
+            [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt), device
+        ).repeat_interleave(num_waveforms_per_prompt, dim=0)
+        # Up to three predictions per step: text and melody; text without melody (melody guidance); neither (text guidance).
+        conditions = [torch.cat([text_embeds, melody_embeds.to(text_embeds.dtype)], dim=-1)]
+        if self.do_melody_guidance:
+            conditions.append(torch.cat([text_embeds, empty_embeds], dim=-1))
         if self.do_classifier_free_guidance:
-            # Unconditional: the empty text's embedding in both halves (or the negative prompt's).
-            negatives = [""] * batch_size if negative_prompt is None else (
-                [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt))
-            negative_embeds = self.encode_text(negatives, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
-            condition = torch.cat([torch.cat([negative_embeds, negative_embeds], dim=-1), condition])
-        condition = condition.to(self.unet.dtype)
+            conditions.append(torch.cat([negative_embeds, negative_embeds], dim=-1))
+        condition = torch.cat(conditions).to(self.unet.dtype)
 
-        # 4. Prepare timesteps and latents
+        # 4. Prepare timesteps, latents and the melody frames (each melody looped by whole repeats or cut to the length)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(num_waveforms, height, self.unet.dtype, device, generator, latents)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        melody_frames = None
+        if self.config.aligned_melody is not None:
+            seconds = height * self.hop_length / self.sampling_rate
+            melody_frames = self.prepare_melody_frames([hit.melody.fit_to(seconds) for hit in guiding], latents.shape[2],
+                                                       device, self.unet.dtype)
+            # Without the melody, its frames are zeros (as in training).
+            melody_frames = torch.cat([melody_frames] + [torch.zeros_like(melody_frames)] * (len(conditions) - 1))
 
         # 5. Denoise
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * len(conditions)), t)
+                if melody_frames is not None:
+                    latent_model_input = torch.cat([latent_model_input, melody_frames], dim=1)
                 noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=None, class_labels=condition).sample
+                predictions = list(noise_pred.chunk(len(conditions)))
+                noise_pred = with_melody = predictions.pop(0)
+                if self.do_melody_guidance:
+                    without_melody = predictions.pop(0)
+                    noise_pred = without_melody + melody_guidance_scale * (with_melody - without_melody)
+                else:
+                    without_melody = with_melody
                 if self.do_classifier_free_guidance:
-                    noise_pred_uncond, noise_pred_cond = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
+                    noise_pred = noise_pred + (guidance_scale - 1) * (without_melody - predictions.pop(0))
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "melody_embeds": melody_embeds}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, ClapAudioConfig, ClapTextConfig
 
 from .configuration_clmp import CLMPConfig, CLMPMelodyConfig
+from .pipeline_mg2 import ROLL_CHANNELS
 
 CLMP_PRESETS = ("tiny", "small", "paper")
 
@@ -84,8 +85,9 @@ PRESET_MELODIES = {
 }
 
 
-def unet_config(name: str, projection_dim: int) -> dict:
-    """`UNet2DConditionModel` kwargs: FiLM on [text ‖ melody] through `class_labels` (AudioLDM's wiring), no cross-attention.
+def unet_config(name: str, projection_dim: int, aligned_melody: str | None = None) -> dict:
+    """`UNet2DConditionModel` kwargs: FiLM on [text ‖ melody] through `class_labels` (AudioLDM's wiring), no cross-attention;
+    with `aligned_melody` ("sketch" or "roll", see `MG2Pipeline`) the melody frames are extra input channels.
 
     Attention blocks get `cross_attention_dim` equal to their own width and are called with
     `encoder_hidden_states=None`, so both attention layers attend over the latent itself.
@@ -99,10 +101,11 @@ def unet_config(name: str, projection_dim: int) -> dict:
         "paper": ((192, 384, 576, 960), 2, (1, 2, 3), (256, 16), 32),
     }[name]
     latent_channels = vae_config(name)["latent_channels"]
+    melody_channels = {None: 0, "sketch": latent_channels, "roll": ROLL_CHANNELS}[aligned_melody]
     down = tuple("CrossAttnDownBlock2D" if level in attention_levels else "DownBlock2D" for level in range(len(channels)))
     up = tuple("CrossAttnUpBlock2D" if block == "CrossAttnDownBlock2D" else "UpBlock2D" for block in reversed(down))
     return dict(
-        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+        sample_size=sample_size, in_channels=latent_channels + melody_channels, out_channels=latent_channels,
         down_block_types=down, up_block_types=up, block_out_channels=channels, layers_per_block=layers,
         norm_num_groups=groups, cross_attention_dim=channels, attention_head_dim=tuple(max(1, c // 32) for c in channels),
         class_embed_type="simple_projection", projection_class_embeddings_input_dim=2 * projection_dim,
@@ -128,7 +131,11 @@ def vae_config(name: str) -> dict:
     )
 
 
-def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None):
+# The paper's model has the pooled condition only; the others also take the melody sketch, time-aligned.
+DEFAULT_ALIGNED_MELODY = {"tiny": "sketch", "small": "sketch", "paper": None}
+
+
+def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_melody: str | None = "default"):
     """A randomly initialised `MG2Pipeline` of a preset, its retriever filled with `PRESET_MELODIES`.
 
     `tiny` is for tests (builds in about a second); `small` is the CPU-trainable default that the
@@ -149,6 +156,8 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None):
 
     if preset not in PIPELINE_PRESETS:
         raise ValueError(f"Unknown pipeline preset {preset!r}; choose one of {PIPELINE_PRESETS}.")
+    if aligned_melody == "default":
+        aligned_melody = DEFAULT_ALIGNED_MELODY[preset]
     torch.manual_seed(seed)
     clmp = CLMPModel(clmp_config(preset)).eval()
     if preset == "small":
@@ -156,7 +165,7 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None):
     max_length_s = {"tiny": 4.0, "small": 10.24, "paper": 10.24}[preset]
     processor = CLMPProcessor(CLMPFeatureExtractor(max_length_s=max_length_s), AutoTokenizer.from_pretrained(minilm_path()),
                               max_text_length=16 if preset == "tiny" else 48)
-    unet = UNet2DConditionModel(**unet_config(preset, clmp.config.projection_dim))
+    unet = UNet2DConditionModel(**unet_config(preset, clmp.config.projection_dim, aligned_melody))
     vae = AutoencoderKL(**vae_config(preset))
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
                                             beta_schedule="scaled_linear", prediction_type="epsilon")
@@ -169,7 +178,7 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None):
             embeddings = clmp.get_melody_features(encoded["melody_input_ids"], encoded["melody_attention_mask"])
         retriever.add(embeddings, melodies, [{"title": title, "source": "preset"} for title in PRESET_MELODIES])
     return MG2Pipeline(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler, vae=vae,
-                       vocoder=vocoder if vocoder is not None else GriffinLimVocoder())
+                       vocoder=vocoder if vocoder is not None else GriffinLimVocoder(), aligned_melody=aligned_melody)
 
 
 def load_pipeline(model: str, **kwargs):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ConfigMixin, DDIMScheduler, DiffusionPipeline, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline
@@ -56,15 +58,21 @@ def test_retrieval_guides_by_default_and_a_user_melody_replaces_it(pipe, tmp_pat
     assert from_melody.melodies[0].id is None and from_melody.melodies[0].melody == user
     assert from_melody.melodies[0].metadata == {"source": "user"}
     assert not np.allclose(from_melody.audios, retrieved.audios)
-    # the same melody as a note string, a token string and a MIDI file gives the same music
+    # the same melody as a note string gives the same music; as tokens, the same notes up to the tokens' time bins
     np.testing.assert_array_equal(generate(pipe, melody="G4:0.5 A4:0.5 B4:1").audios, from_melody.audios)
-    np.testing.assert_array_equal(generate(pipe, melody=user.to_tokens()).audios, from_melody.audios)
+    from_tokens = generate(pipe, melody=user.to_tokens()).melodies[0].melody
+    assert from_tokens.pitches.tolist() == user.pitches.tolist()
+    np.testing.assert_allclose(from_tokens.notes[:, 1:], user.notes[:, 1:], atol=0.02)
     user.to_midi(tmp_path / "tune.mid")
     from_midi = generate(pipe, melody=str(tmp_path / "tune.mid"))
     assert from_midi.melodies[0].melody.pitches.tolist() == [67, 69, 71]
-    # precomputed melody embeddings skip retrieval
+    # the aligned path needs the notes; a pooled-only model takes precomputed melody embeddings instead of retrieval
     embeds = pipe.encode_melody([user], pipe.device)
-    np.testing.assert_allclose(generate(pipe, melody_embeds=embeds).audios, from_melody.audios, atol=1e-6)
+    with pytest.raises(ValueError, match="melody_embeds carry no timing"):
+        generate(pipe, melody_embeds=embeds)
+    pooled = build_pipeline("tiny", seed=0, aligned_melody=None)
+    pooled.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(generate(pooled, melody_embeds=embeds).audios, generate(pooled, melody=user).audios, atol=1e-6)
 
 
 def test_a_waveform_melody_is_transcribed(pipe):
@@ -76,18 +84,51 @@ def test_a_waveform_melody_is_transcribed(pipe):
     assert out.melodies[0].melody.pitches.tolist() == [69, 72, 76]
 
 
-def test_classifier_free_guidance_doubles_the_batch_and_changes_the_output(pipe):
+def test_text_and_melody_guidance_each_add_a_prediction_and_change_the_output(pipe):
     batches = []
     hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
     try:
-        guided = generate(pipe, guidance_scale=3.0)
-        unguided = generate(pipe, guidance_scale=1.0)
-        negative = generate(pipe, guidance_scale=3.0, negative_prompt="noise")
+        outputs = [generate(pipe, guidance_scale=text, melody_guidance_scale=melody, num_inference_steps=1, negative_prompt=negative)
+                   for text, melody, negative in [(3.0, 1.0, None), (1.0, 1.0, None), (3.0, 1.0, "noise"), (1.0, 0.0, None),
+                                                  (3.0, 2.0, None), (1.0, 2.0, None)]]
     finally:
         hook.remove()
-    assert batches == [2, 2, 2, 1, 1, 1, 2, 2, 2]
-    assert not np.allclose(guided.audios, unguided.audios)
-    assert not np.allclose(guided.audios, negative.audios)
+    assert batches == [2, 1, 2, 2, 3, 2]
+    audios = [out.audios for out in outputs]
+    assert all(not np.allclose(audios[i], audios[j]) for i in range(len(audios)) for j in range(i))
+
+
+class MelodyOracleUNet(ModelMixin, ConfigMixin):
+    """A denoiser that knows the answer: clean latents equal to the melody frames when it is given them, zeros otherwise.
+    With it, the final latents show exactly how much of the melody each guidance setting lets through."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 8, out_channels: int = 4, sample_size=(32, 32), block_out_channels=(16, 32),
+                 projection_class_embeddings_input_dim: int = 64):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000) ** 2, 0))
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, class_labels=None):
+        latents, frames = sample[:, : self.config.out_channels], sample[:, self.config.out_channels:]
+        alpha = self.alphas_cumprod[int(timestep)]
+        return UNet2DConditionOutput(sample=(latents - alpha.sqrt() * frames) / (1 - alpha).sqrt())
+
+
+def test_melody_guidance_zero_ignores_the_melody_and_larger_follows_it(pipe):
+    oracle = MG2Pipeline(**{**pipe.components, "unet": MelodyOracleUNet(), "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)},
+                         aligned_melody="sketch")
+    oracle.set_progress_bar_config(disable=True)
+    melody = Melody.from_string("C5:0.25 E5:0.25 G5:0.25 R:0.25")
+    frames = oracle.prepare_melody_frames([melody.fit_to(1.0)], 50, "cpu", torch.float32)
+
+    def adherence(scale):
+        latents = generate(oracle, melody=melody, melody_guidance_scale=scale, guidance_scale=1.0, num_inference_steps=20,
+                           output_type="latent").audios
+        return torch.nn.functional.cosine_similarity(latents.flatten(), frames.flatten(), dim=0).item()
+
+    ignored, followed, tighter = adherence(0.0), adherence(1.0), adherence(2.0)
+    assert abs(ignored) < 0.2 < 0.9 < followed
+    assert tighter > 0.9
 
 
 def test_candidates_are_reranked_by_clmp_text_audio_similarity(pipe):
@@ -122,7 +163,11 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
     ({"audio_length_in_s": 0}, "audio_length_in_s must be between"),
     ({"audio_length_in_s": 100.0}, "audio_length_in_s must be between"),
     ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
-    ({"guidance_scale": -1}, "guidance_scale must be a number >= 0"),
+    ({"guidance_scale": -1}, "guidance_scale must be a number between 0 and 100"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a number between 0 and 100"),
+    ({"melody_guidance_scale": -0.5}, "melody_guidance_scale must be a number between 0 and 100"),
+    ({"melody_guidance_scale": float("inf")}, "melody_guidance_scale must be a number between 0 and 100"),
+    ({"melody_guidance_scale": "2"}, "melody_guidance_scale must be a number between 0 and 100"),
     ({"num_waveforms_per_prompt": 0}, "num_waveforms_per_prompt must be an integer >= 1"),
     ({"retrieval_top_k": 99}, "retrieval_top_k must be an integer between 1 and 6"),
     ({"melody": "H9:1"}, "melody could not be read"),
@@ -210,7 +255,7 @@ def test_a_fingerprint_mismatch_between_clmp_and_index_is_refused(pipe):
 
 def test_a_vae_whose_latent_the_unet_does_not_take_is_refused(pipe):
     other_vae = AutoencoderKL(**{**vae_config("tiny"), "latent_channels": 8})
-    with pytest.raises(ValueError, match="UNet takes 4 latent channels but the VAE's latent has 8"):
+    with pytest.raises(ValueError, match="UNet takes 8 input and 4 output channels; this VAE's latent has 8"):
         MG2Pipeline(**{**pipe.components, "vae": other_vae})
 
 

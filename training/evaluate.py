@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline, load_audio, save_audio
 from mg2_pipeline.audio import SAMPLE_RATE
 from mg2_pipeline.data import load_mg2_dataset
+from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.hub import write_model_card
 from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_model
 
@@ -189,7 +190,7 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> list[dict]:
 
 
 def generate(pipe: MG2Pipeline, bench: Bench, args, melodies: list[Melody] | None = None, steps: int | None = None,
-             clips: int | None = None, desc: str = "") -> tuple[list[np.ndarray], list]:
+             clips: int | None = None, melody_guidance_scale: float | None = None, desc: str = "") -> tuple[list[np.ndarray], list]:
     """Waveforms and guiding melodies for the captions (with `melodies` given, or retrieved), one seeded generator per clip."""
     captions = bench.captions[:clips]
     waveforms, guides = [], []
@@ -197,14 +198,16 @@ def generate(pipe: MG2Pipeline, bench: Bench, args, melodies: list[Melody] | Non
         batch = captions[start:start + args.batch_size]
         output = pipe(batch, melody=melodies[start:start + len(batch)] if melodies is not None else None,
                       num_inference_steps=steps or args.steps, guidance_scale=args.guidance_scale, audio_length_in_s=args.seconds,
+                      melody_guidance_scale=args.melody_guidance_scale if melody_guidance_scale is None else melody_guidance_scale,
                       generator=[torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))])
         waveforms += [bench.fit(w) for w in output.audios]
         guides += output.melodies
     return waveforms, guides
 
 
-def model_rows(bench: Bench, pipe: MG2Pipeline, ablation: MG2Pipeline | None, args) -> tuple[list[dict], dict]:
-    """The two protocols (given melody, then retrieved melody) for MG2, each beside its floors."""
+def model_rows(bench: Bench, pipe: MG2Pipeline, pooled: MG2Pipeline | None, ablation: MG2Pipeline | None, args) -> tuple[list[dict], dict]:
+    """The two protocols (given melody, then retrieved melody) for MG2, each beside its floors: another clip's melody,
+    melody guidance 0, and (when given) the pooled-only and caption-only models."""
     others = [bench.melodies[i] for i in bench.other]
     audio = {}
 
@@ -216,18 +219,29 @@ def model_rows(bench: Bench, pipe: MG2Pipeline, ablation: MG2Pipeline | None, ar
 
     audio["given"], _ = generate(pipe, bench, args, melodies=bench.melodies, desc="MG2, given melody")
     audio["given-other"], _ = generate(pipe, bench, args, melodies=others, desc="MG2, another clip's melody")
+    audio["given-no-guidance"], _ = generate(pipe, bench, args, melodies=bench.melodies, melody_guidance_scale=0.0,
+                                             desc="MG2, given melody, melody guidance 0")
     audio["retrieved"], guides = generate(pipe, bench, args, desc="MG2, retrieved melody")
     guiding = heard([guide.melody for guide in guides])
     given = [
-        bench.row("given melody", "MG2, given the clip's melody", "model", audio["given"], bench.melodies,
-                  tempo_half_double=tempo(audio["given"])),
+        bench.row("given melody", f"MG2, given the clip's melody (melody guidance {args.melody_guidance_scale:g})", "model",
+                  audio["given"], bench.melodies, tempo_half_double=tempo(audio["given"])),
         bench.row("given melody", "MG2 given another clip's melody, vs this clip's", "floor", audio["given-other"], bench.melodies),
+        bench.row("given melody", "MG2, given the clip's melody, melody guidance 0", "floor", audio["given-no-guidance"],
+                  bench.melodies, fad=False),
     ]
     retrieved = [
         bench.row("retrieved melody", "MG2 vs the melody that guided it", "model", audio["retrieved"], guiding,
                   tempo_half_double=tempo(audio["retrieved"])),
         bench.row("retrieved melody", "MG2 vs another clip's melody", "floor", audio["retrieved"], others, fad=False),
     ]
+    if pooled is not None:
+        audio["pooled-given"], _ = generate(pooled, bench, args, melodies=bench.melodies, desc="pooled-only model, given melody")
+        audio["pooled-retrieved"], pooled_guides = generate(pooled, bench, args, desc="pooled-only model, retrieved melody")
+        given.append(bench.row("given melody", "pooled-only model (the paper's condition), given the clip's melody", "floor",
+                               audio["pooled-given"], bench.melodies, tempo_half_double=tempo(audio["pooled-given"])))
+        retrieved.append(bench.row("retrieved melody", "pooled-only model vs the melody that guided it", "floor",
+                                   audio["pooled-retrieved"], heard([guide.melody for guide in pooled_guides])))
     if ablation is not None:
         audio["caption-only"], _ = generate(ablation, bench, args, desc="caption-only model")
         given.append(bench.row("given melody", "caption-only model", "floor", audio["caption-only"], bench.melodies,
@@ -262,6 +276,7 @@ def format_table(rows: list[dict]) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="A saved MG2 pipeline (text + melody condition).")
+    parser.add_argument("--pooled", default=None, help="The pooled-only pipeline (no aligned melody) trained with the same preset and data.")
     parser.add_argument("--ablation", default=None, help="The caption-only pipeline trained with the same preset, data and steps.")
     parser.add_argument("--codec_only", action="store_true", help="Only the codec rows (real, vocoder, VAE + vocoder, floor).")
     parser.add_argument("--vae", default=None, help="Evaluate this VAE folder instead of the model's (codec rows).")
@@ -275,6 +290,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--ddim_steps", type=int, default=200)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--melody_guidance_scale", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_audio", action="store_true", help="Write every generated clip under OUTPUT/audio/.")
@@ -306,13 +322,18 @@ def main(argv=None):
     results = codec_rows(bench, vae.eval(), vocoder.eval())
     audio = {}
     if not args.codec_only:
-        ablation = None
+        ablation = pooled = None
+        if args.pooled:
+            pooled = MG2Pipeline.from_pretrained(args.pooled)
+            pooled.set_progress_bar_config(disable=True)
+            if pooled.config.aligned_melody is not None or pooled.config.condition != "text_melody":
+                raise SystemExit(f"--pooled {args.pooled} is not a pooled-only model (aligned_melody={pooled.config.aligned_melody!r}).")
         if args.ablation:
             ablation = MG2Pipeline.from_pretrained(args.ablation)
             ablation.set_progress_bar_config(disable=True)
             if ablation.config.condition != "text":
                 raise SystemExit(f"--ablation {args.ablation} is not a caption-only model (condition={ablation.config.condition!r}).")
-        generated_rows, audio = model_rows(bench, pipe, ablation, args)
+        generated_rows, audio = model_rows(bench, pipe, pooled, ablation, args)
         results += generated_rows
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -327,10 +348,12 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
         json.dump(payload, handle, indent=2)
     markdown = (f"Test split of `{args.dataset}`, first {len(rows)} clips, {args.seconds} s each, "
-                f"{args.steps} DPM-Solver steps, guidance {args.guidance_scale}; every row in one run on the same clips.\n\n"
+                f"{args.steps} DPM-Solver steps, guidance {args.guidance_scale} (text) and {args.melody_guidance_scale} (melody); "
+                "every row in one run on the same clips.\n\n"
                 f"{table}\n\nMel acc: chroma peaks (261.2 Hz high-pass, chroma_stft) agreeing with the real clip's; chance ≈ 0.08. "
                 "chroma-vs-notes: frames whose chroma peak is the sounding melody note's pitch class. Ceilings are real audio "
-                "and real audio through this model's codec; floors are another clip's melody and the caption-only model. "
+                "and real audio through this model's codec; floors are another clip's melody, melody guidance 0, and the pooled-only "
+                "and caption-only models where given. "
                 f"FAD on {len(rows)} clips is biased upward: compare rows with each other.\n")
     with open(os.path.join(args.output_dir, "eval_results.md"), "w") as handle:
         handle.write(markdown)

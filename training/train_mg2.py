@@ -6,33 +6,45 @@
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 training/train_mg2.py ...
 
 `--pipeline` is a saved MG2Pipeline (its trained CLMP, retriever and VAE are used frozen; its UNet is
-trained) or `preset:NAME` for a fresh one. The melody half of the condition is, per clip, the clip's
+trained) or `preset:NAME` for a fresh one. The melody half of the pooled condition is, per clip, the crop's
 own melody with probability `--gt_melody_prob`, otherwise the nearest *other* melody in the index
-(the clip's own is excluded), retrieved with the clip's CLMP text embedding as at inference.
-Default 0.5: retrieved-only training teaches the model to treat the melody as a loose hint (it rarely
-matches the audio), ground-truth-only teaches exact adherence but never sees what inference feeds it.
-10 % of conditions are dropped to the empty-text embedding in both halves for classifier-free guidance.
+(the clip's own is excluded), retrieved with the clip's CLMP text embedding as at inference. The
+time-aligned melody frames (`--aligned_melody`) are always the crop's own melody: they must match the audio.
+For text and melody guidance, the text alone (`--text_dropout`), the melody alone (`--melody_dropout`: its
+pooled half becomes the empty text's embedding, its frames zeros) and both (`--condition_dropout`) are dropped.
+
+Everything that does not change between epochs (audio decoding, log-mel, VAE encoding, the melody frames,
+CLMP text embeddings and retrieval) is computed once into a latent cache under `--latent_cache`, keyed by the
+VAE, CLMP, index, setting and dataset, so a changed one builds a new cache; training streams random crops of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
+import json
 import os
+import shutil
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
+from datasets import load_dataset
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from mg2_pipeline.audio import save_audio
-from mg2_pipeline.data import MG2Example, load_mg2_dataset
+from mg2_pipeline.audio import load_audio, save_audio
+from mg2_pipeline.data import LatentCrop, data_files, load_mg2_dataset, write_shard
 from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
-from mg2_pipeline.pipeline_mg2 import CONDITIONS
-from mg2_pipeline.presets import load_pipeline
+from mg2_pipeline.melody import Melody
+from mg2_pipeline.pipeline_mg2 import ALIGNED_MELODY, CONDITIONS
+from mg2_pipeline.retrieval import clmp_fingerprint
+from mg2_pipeline.presets import build_pipeline
 from mg2_pipeline.hub import write_model_card
 from training_utils import (MG2_FOLK_LIMITATIONS, NonFiniteLossGuard, add_common_arguments, create_accelerator, describe_dataset,
                             describe_mg2_model, epoch_dataloader, finish_run, parse_arguments, push_output_dir, save_checkpoint, start_run,
@@ -49,8 +61,14 @@ def parse_args(argv=None):
     parser.add_argument("--retriever", default=None, help="Replace the pipeline's retriever with this build_index.py folder.")
     parser.add_argument("--vae", default=None, help="Replace the pipeline's VAE with this train_vae.py folder.")
     parser.add_argument("--condition", default="text_melody", choices=CONDITIONS)
+    parser.add_argument("--aligned_melody", default="keep", choices=["keep", "none", "sketch", "roll"],
+                        help="The time-aligned melody input: keep the pipeline's setting, none (pooled only), sketch or roll.")
     parser.add_argument("--gt_melody_prob", type=float, default=0.5, help="Use the clip's own melody instead of a retrieved one.")
-    parser.add_argument("--condition_dropout", type=float, default=0.1)
+    parser.add_argument("--condition_dropout", type=float, default=0.1, help="Drop text and melody together.")
+    parser.add_argument("--text_dropout", type=float, default=0.1, help="Drop the text alone.")
+    parser.add_argument("--melody_dropout", type=float, default=0.1, help="Drop the melody alone.")
+    parser.add_argument("--latent_cache", default=None, help="Folder of latent caches, one per key (default: DATASET/latent-cache "
+                        "for a local dataset, else HF_HOME/mg2-latent-cache).")
     parser.add_argument("--clip_seconds", type=float, default=10.24, help="Training crop, drawn at random inside each clip with its melody cut to match; "
                         "a whole number of latent frames.")
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
@@ -71,30 +89,136 @@ def parse_args(argv=None):
                                                              "validation_steps", "max_nonfinite_steps"))
     if args.use_lora and (args.pipeline.startswith("preset:") or args.rank < 1):
         parser.error("--use_lora fine-tunes a saved pipeline: pass --pipeline DIR and --rank >= 1")
-    for name in ("gt_melody_prob", "condition_dropout"):
+    for name in ("gt_melody_prob", "condition_dropout", "text_dropout", "melody_dropout"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    if args.condition_dropout + args.text_dropout + args.melody_dropout > 1:
+        parser.error("--condition_dropout + --text_dropout + --melody_dropout must be at most 1")
     return args
 
 
+def latent_cache_dir(pipe, args) -> str:
+    """`--latent_cache/KEY`: KEY hashes the VAE and CLMP weights, the index, the aligned-melody setting and the dataset."""
+    files = data_files(args.dataset).get("train", []) if os.path.isdir(args.dataset) else []
+    identity = {
+        "vae": clmp_fingerprint(pipe.vae)["float16"], "clmp": clmp_fingerprint(pipe.clmp)["float16"],
+        "index": [len(pipe.retriever), pipe.retriever.config.clmp_fingerprint], "aligned_melody": pipe.config.aligned_melody,
+        "max_text_length": pipe.processor.max_text_length,
+        "dataset": [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files] or args.dataset,
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    if args.latent_cache:
+        return os.path.join(args.latent_cache, key)
+    if os.path.isdir(args.dataset):
+        return os.path.join(args.dataset, "latent-cache", key)
+    from huggingface_hub.constants import HF_HOME
+
+    return os.path.join(HF_HOME, "mg2-latent-cache", key)
+
+
 @torch.no_grad()
-def build_condition(pipe, batch: dict, args, generator: torch.Generator, device) -> torch.Tensor:
-    """[text ‖ melody] per clip: the crop's own melody or a retrieved one (the clip's excluded), or [text ‖ text]
-    for the ablation; a random `condition_dropout` share replaced by [empty ‖ empty]."""
-    text = pipe.clmp.get_text_features(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+def cache_rows(pipe, rows: list[dict], device) -> list[dict]:
+    """Cache rows for dataset rows: the whole clip's VAE latents (posterior mode, scaled) and melody frames as float16,
+    its CLMP text embedding, and the embedding of the nearest other melody in the index."""
+    tokens = pipe.processor.tokenizer([row["caption"] for row in rows], padding="max_length", truncation=True,
+                                      max_length=pipe.processor.max_text_length, return_tensors="pt")
+    text = pipe.clmp.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    own_ids = [pipe.retriever.id_of(row["melody_tokens"]) for row in rows]
+    retrieved = pipe.retriever.search(text, k=1, exclude_ids=[[i] if i is not None else [] for i in own_ids]).embeddings[:, 0]
+    unit = pipe.vae_scale_factor * pipe.hop_length
+    cached = []
+    for row, text_embeds, retrieved_embeds in zip(rows, text.cpu().numpy(), retrieved):
+        waveform = load_audio(row["audio"]["bytes"] if row["audio"].get("bytes") else row["audio"]["path"])
+        waveform = torch.from_numpy(np.pad(waveform, (0, -len(waveform) % unit)))
+        log_mel = pipe.mel(waveform)[None, None].to(device, pipe.vae.dtype)
+        latents = pipe.vae.encode(log_mel).latent_dist.mode()[0] * pipe.vae.config.scaling_factor
+        melody = Melody.from_notes(row["melody_notes"]) if row.get("melody_notes") else Melody.from_tokens(row["melody_tokens"])
+        entry = {"clip_id": row["clip_id"], "latents": latents.half().cpu().numpy().tobytes(), "latents_shape": list(latents.shape),
+                 "melody_notes": melody.to_list(), "text_embeds": text_embeds.tolist(), "retrieved_embeds": retrieved_embeds.tolist(),
+                 "melody_frames": None, "melody_frames_shape": None}
+        if pipe.config.aligned_melody is not None:
+            frames = pipe.prepare_melody_frames([melody], latents.shape[1], device, torch.float16)[0]
+            entry.update(melody_frames=frames.cpu().numpy().tobytes(), melody_frames_shape=list(frames.shape))
+        cached.append(entry)
+    return cached
+
+
+def build_latent_cache(pipe, args, folder: str, device, rows_per_shard: int = 512, batch_size: int = 32) -> None:
+    """Write the train split's cache rows as Parquet shards into `folder`, atomically (built in a temporary folder,
+    renamed when complete; a concurrent builder of the same key may win). A batch that fails to decode is redone row
+    by row: bad rows are skipped and counted in `cache_info.json`."""
+    import pyarrow as pa
+
+    schema = pa.schema([("clip_id", pa.string()), ("latents", pa.binary()), ("latents_shape", pa.list_(pa.int32())),
+                        ("melody_notes", pa.list_(pa.list_(pa.float64()))), ("text_embeds", pa.list_(pa.float32())),
+                        ("retrieved_embeds", pa.list_(pa.float32())), ("melody_frames", pa.binary()),
+                        ("melody_frames_shape", pa.list_(pa.int32()))])
+    temporary = f"{folder}.tmp-{os.getpid()}"
+    start_time, shard, shards, counts = time.perf_counter(), [], 0, {"rows": 0, "skipped_rows": 0}
+
+    def add(batch: list[dict]) -> None:
+        try:
+            shard.extend(cache_rows(pipe, batch, device))
+        except ValueError:
+            if len(batch) == 1:
+                counts["skipped_rows"] += 1
+                return
+            for row in batch:
+                add([row])
+
+    def flush() -> None:
+        nonlocal shard, shards
+        write_shard(shard, os.path.join(temporary, f"train-{shards:05d}.parquet"), schema)
+        counts["rows"] += len(shard)
+        shard, shards = [], shards + 1
+
+    batch = []
+    for row in tqdm(load_mg2_dataset(args.dataset, split="train"), desc="Latent cache (once per VAE, CLMP, index and dataset)"):
+        batch.append(row)
+        if len(batch) == batch_size:
+            add(batch)
+            batch = []
+            if len(shard) >= rows_per_shard:
+                flush()
+    if batch:
+        add(batch)
+    if shard:
+        flush()
+    with open(os.path.join(temporary, "cache_info.json"), "w") as handle:
+        json.dump({**counts, "shards": shards, "seconds": round(time.perf_counter() - start_time, 1)}, handle, indent=2)
+    try:
+        os.replace(temporary, folder)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(temporary)
+    if counts["skipped_rows"]:
+        logger.warning(f"{counts['skipped_rows']} corrupt rows skipped while building the latent cache.")
+    logger.info(f"Latent cache {folder}: {counts['rows']} rows.")
+
+
+@torch.no_grad()
+def build_condition(pipe, batch: dict, args, empty: torch.Tensor, generator: torch.Generator, device):
+    """The pooled [text ‖ melody] condition and the melody frames (None without an aligned melody) of a batch of
+    crops, with the text, the melody or both dropped for guidance."""
+    text = batch["text_embeds"].to(device)
+    frames = batch["melody_frames"].to(device) if "melody_frames" in batch else None
     if args.condition == "text":
         melody = text
     else:
         own = pipe.clmp.get_melody_features(batch["melody_input_ids"].to(device), batch["melody_attention_mask"].to(device))
-        own_ids = [pipe.retriever.id_of(tokens) for tokens in batch["clip_melody_tokens"]]
-        exclude = [[i] if i is not None else [] for i in own_ids]
-        retrieved = torch.from_numpy(pipe.retriever.search(text, k=1, exclude_ids=exclude).embeddings[:, 0]).to(device)
-        use_own = torch.rand(len(text), generator=generator) < args.gt_melody_prob
-        melody = torch.where(use_own[:, None].to(device), own, retrieved)
-    condition = torch.cat([text, melody], dim=-1)
-    empty = pipe.encode_text([""], device)
-    dropped = (torch.rand(len(text), generator=generator) < args.condition_dropout)[:, None].to(device)
-    return torch.where(dropped, torch.cat([empty, empty], dim=-1).expand_as(condition), condition)
+        use_own = (torch.rand(len(text), generator=generator) < args.gt_melody_prob)[:, None].to(device)
+        melody = torch.where(use_own, own, batch["retrieved_embeds"].to(device))
+    draw = torch.rand(len(text), generator=generator)[:, None].to(device)
+    drop_both = draw < args.condition_dropout
+    drop_text, drop_melody = drop_both, drop_both
+    if args.condition != "text":  # the ablation's melody half is its text: only both can be dropped
+        drop_text = drop_both | ((draw >= args.condition_dropout) & (draw < args.condition_dropout + args.text_dropout))
+        drop_melody = drop_both | ((draw >= args.condition_dropout + args.text_dropout)
+                                   & (draw < args.condition_dropout + args.text_dropout + args.melody_dropout))
+    empty = empty.expand_as(text)
+    condition = torch.cat([torch.where(drop_text, empty, text), torch.where(drop_melody, empty, melody)], dim=-1)
+    if frames is not None:
+        frames = torch.where(drop_melody[:, :, None, None], torch.zeros_like(frames), frames)
+    return condition, frames
 
 
 def main(argv=None):
@@ -102,18 +226,25 @@ def main(argv=None):
     accelerator = create_accelerator(args, args.gradient_accumulation_steps)
 
     # Frozen CLMP, retriever and VAE; the UNet trains.
-    pipe = load_pipeline(args.pipeline)
-    if args.clmp or args.retriever or args.vae:
-        parts = dict(pipe.components)
-        if args.clmp:
-            parts.update(clmp=CLMPModel.from_pretrained(args.clmp).eval(), processor=CLMPProcessor.from_pretrained(args.clmp))
-        if args.retriever:
-            parts["retriever"] = MelodyRetriever.from_pretrained(args.retriever)
-        if args.vae:
-            parts["vae"] = AutoencoderKL.from_pretrained(args.vae)
-        pipe = MG2Pipeline(**parts)
+    aligned_melody = {"keep": "default", "none": None}.get(args.aligned_melody, args.aligned_melody)
+    if args.condition == "text":
+        aligned_melody = None
+    if args.pipeline.startswith("preset:"):
+        pipe = build_pipeline(args.pipeline.split(":", 1)[1], aligned_melody=aligned_melody)
+    else:
+        pipe = MG2Pipeline.from_pretrained(args.pipeline)
+        if aligned_melody not in ("default", pipe.config.aligned_melody):
+            raise SystemExit(f"{args.pipeline} has aligned_melody={pipe.config.aligned_melody!r}; its UNet cannot change to "
+                             f"{aligned_melody!r}: start from a preset (--pipeline preset:NAME).")
+    parts = dict(pipe.components)
+    if args.clmp:
+        parts.update(clmp=CLMPModel.from_pretrained(args.clmp).eval(), processor=CLMPProcessor.from_pretrained(args.clmp))
+    if args.retriever:
+        parts["retriever"] = MelodyRetriever.from_pretrained(args.retriever)
+    if args.vae:
+        parts["vae"] = AutoencoderKL.from_pretrained(args.vae)
+    pipe = MG2Pipeline(**parts, condition=args.condition, aligned_melody=pipe.config.aligned_melody)
     pipe.set_progress_bar_config(disable=True)
-    pipe.register_to_config(condition=args.condition)
     for frozen in (pipe.clmp, pipe.vae, pipe.vocoder):
         frozen.requires_grad_(False).eval().to(accelerator.device)
     unet = pipe.unet
@@ -144,10 +275,17 @@ def main(argv=None):
     if ema is not None:
         ema.to(accelerator.device)
 
-    dataset = load_mg2_dataset(args.dataset, split="train")
-    transform = MG2Example(clip_seconds=args.clip_seconds, tokenizer=pipe.processor.tokenizer,
-                           max_text_length=pipe.processor.max_text_length, max_melody_length=pipe.processor.melody_max_length,
-                           random_crop=True, seed=args.seed)
+    cache = latent_cache_dir(pipe, args)
+    with accelerator.main_process_first():
+        if not os.path.isdir(cache):
+            build_latent_cache(pipe, args, cache, accelerator.device)
+    with open(os.path.join(cache, "cache_info.json")) as handle:
+        cache_info = json.load(handle)
+    dataset = load_dataset("parquet", data_files=sorted(glob.glob(os.path.join(cache, "*.parquet"))), split="train", streaming=True)
+    frame_seconds = pipe.vae_scale_factor * pipe.hop_length / pipe.sampling_rate
+    transform = LatentCrop(frames // pipe.vae_scale_factor, frame_seconds, seed=args.seed,
+                           max_melody_length=pipe.processor.melody_max_length)
+    empty = pipe.encode_text([""], accelerator.device)
 
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger)
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
@@ -165,13 +303,13 @@ def main(argv=None):
             batches_in_epoch += 1
             generator = torch.Generator().manual_seed(
                 args.seed * 1_000_003 + accelerator.process_index * 7919 + epoch * 100_003 + batches_in_epoch)
-            with torch.no_grad():
-                mel = batch["log_mel"][:, :frames].unsqueeze(1).to(accelerator.device)
-                latents = pipe.vae.encode(mel).latent_dist.sample(generator=generator) * pipe.vae.config.scaling_factor
-                condition = build_condition(pipe, batch, args, generator, accelerator.device)
+            latents = batch["latents"].to(accelerator.device)
+            condition, melody_frames = build_condition(pipe, batch, args, empty, generator, accelerator.device)
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            if melody_frames is not None:
+                noisy = torch.cat([noisy, melody_frames], dim=1)
             with accelerator.accumulate(unet):
                 prediction = unet(noisy, timesteps, encoder_hidden_states=None, class_labels=condition).sample
                 loss = F.mse_loss(prediction.float(), noise.float())
@@ -222,8 +360,9 @@ def main(argv=None):
         summary = write_training_summary(
             args.output_dir, {"loss": losses}, steps=global_step, samples=samples_seen, seconds=round(elapsed, 1),
             samples_per_second=round(samples_seen / elapsed, 2), steps_per_second=round(len(losses) / elapsed, 3),
-            processes=accelerator.num_processes, condition=args.condition, clip_seconds=args.clip_seconds,
-            skipped_steps=guard.skipped, skipped_rows_main_process=skipped_rows)
+            processes=accelerator.num_processes, condition=args.condition, aligned_melody=pipe.config.aligned_melody,
+            clip_seconds=args.clip_seconds, skipped_steps=guard.skipped, skipped_rows_main_process=skipped_rows,
+            skipped_rows_latent_cache=cache_info["skipped_rows"], latent_cache=cache)
         if not args.use_lora:
             write_model_card(args.output_dir, datasets=[os.path.basename(os.path.normpath(args.dataset))],
                              dataset_description=describe_dataset(args.dataset), repo_id=args.hub_model_id,
