@@ -75,7 +75,7 @@ def main(argv=None):
 
     def request(client: Client, seed: int) -> float:
         start = time.perf_counter()
-        client.predict(PROMPT, "", None, None, "", seconds, args.steps, 3.0, seed, 1, 5, api_name="/generate")
+        client.predict(PROMPT, "", None, None, "", seconds, args.steps, 3.0, 2.0, seed, 1, 5, api_name="/generate")
         return time.perf_counter() - start
 
     results = {"model": args.model, "audio_seconds": seconds, "steps": args.steps, "requests": args.requests,

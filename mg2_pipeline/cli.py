@@ -1,7 +1,8 @@
 """`mg2` command line: generate music from a prompt; push a checkpoint to the Hub and pull one from it.
 
     mg2 generate "a lively Irish jig on fiddle" --output jig.wav [--melody tune.mid | --melody "G4:0.5 A4:0.5"]
-                 [--seed 0] [--steps 25] [--duration 10.24] [--guidance 3.0] [--model checkpoints/mg2-small]
+                 [--seed 0] [--steps 25] [--duration 10.24] [--guidance 3.0] [--melody-guidance 2.0]
+                 [--model checkpoints/mg2-small]
     mg2 push checkpoints/mg2-small org/mg2-small [--private] [--revision BRANCH]
     mg2 pull org/mg2-small [--revision REV]
 """
@@ -13,6 +14,7 @@ import os
 import sys
 
 DEFAULT_MODEL = "checkpoints/mg2-small"
+DEFAULT_MELODY_GUIDANCE_SCALE = 2.0  # MG2Pipeline's; not imported from it so that `mg2 --help` stays fast
 
 
 def generate(args) -> None:
@@ -29,6 +31,7 @@ def generate(args) -> None:
     try:
         output = pipe(args.prompt, negative_prompt=args.negative_prompt, melody=args.melody, audio_length_in_s=args.duration,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      melody_guidance_scale=args.melody_guidance,
                       generator=torch.Generator().manual_seed(args.seed))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
@@ -75,7 +78,9 @@ def main(argv=None) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=25)
     gen.add_argument("--duration", type=float, default=None, help="Seconds (default: the model's training length).")
-    gen.add_argument("--guidance", type=float, default=3.0)
+    gen.add_argument("--guidance", type=float, default=3.0, help="Text guidance scale.")
+    gen.add_argument("--melody-guidance", dest="melody_guidance", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE,
+                     help="Melody guidance scale: 0 ignores the melody, larger follows it more tightly.")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="A pipeline folder, a Hub repo id, or preset:tiny|small.")
     gen.set_defaults(run=generate)
     push_parser = commands.add_parser("push", help="Upload a saved pipeline or model folder to a Hub model repo.")

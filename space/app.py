@@ -24,6 +24,7 @@ from PIL import Image
 
 from mg2_pipeline import MG2Pipeline, Melody
 from mg2_pipeline.plotting import figure_to_png, plot_piano_roll, plot_spectrogram
+from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.presets import load_pipeline
 
 DEFAULT_MODEL = "checkpoints/mg2-small"
@@ -124,7 +125,7 @@ def retrieve(prompt: str, top_k: float):
 
 
 def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_audio: str | None, melody_notes: str,
-             duration: float, steps: float, guidance: float, seed: float, candidates: float, top_k: float,
+             duration: float, steps: float, guidance: float, melody_guidance: float, seed: float, candidates: float, top_k: float,
              progress=gr.Progress(track_tqdm=True)):
     """Music for a prompt, guided by the best retrieved melody or by yours; the best of `candidates` by CLMP score."""
     prompt = check_prompt(prompt)
@@ -135,6 +136,7 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
         prompt_embeds = pipe.encode_text([prompt], pipe.device)  # once: for generation and for the retrieval table
         output = pipe(prompt_embeds=prompt_embeds, negative_prompt=(negative_prompt or "").strip() or None, melody=melody,
                       audio_length_in_s=float(duration), num_inference_steps=int(steps), guidance_scale=float(guidance),
+                      melody_guidance_scale=float(melody_guidance),
                       num_waveforms_per_prompt=candidates,
                       retrieval_top_k=min(candidates, len(pipe.retriever)) if pipe.retriever is not None else 1,
                       generator=torch.Generator().manual_seed(int(seed)))
@@ -176,7 +178,9 @@ def build_demo() -> gr.Blocks:
                     duration = gr.Slider(min_seconds, 3 * PIPE.default_audio_length_in_s, value=PIPE.default_audio_length_in_s,
                                          step=min_seconds, label="Duration (seconds)")
                     steps = gr.Slider(1, 100, value=25, step=1, label="Denoising steps")
-                    guidance = gr.Slider(0, 10, value=3.0, step=0.1, label="Guidance scale")
+                    guidance = gr.Slider(0, 10, value=3.0, step=0.1, label="Text guidance scale")
+                    melody_guidance = gr.Slider(0, 10, value=DEFAULT_MELODY_GUIDANCE_SCALE, step=0.1,
+                                                label="Melody strength (0 ignores the melody; higher follows it more tightly)")
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                     candidates = gr.Slider(1, MAX_CANDIDATES, value=1, step=1,
                                            label="Candidates (generated, best kept by CLMP text–audio score)")
@@ -194,7 +198,7 @@ def build_demo() -> gr.Blocks:
         gr.Examples(EXAMPLES, inputs=[prompt, melody_notes])
 
         generate_button.click(generate, [prompt, negative_prompt, melody_file, melody_audio, melody_notes, duration, steps,
-                                         guidance, seed, candidates, top_k],
+                                         guidance, melody_guidance, seed, candidates, top_k],
                               [audio, spectrogram, melody_info, piano_roll, midi, retrieved],
                               api_name="generate", concurrency_limit=CONCURRENCY)
         retrieve_button.click(retrieve, [prompt, top_k], retrieved, api_name="retrieve", concurrency_limit=4)

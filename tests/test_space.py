@@ -63,8 +63,8 @@ def client(space_url):
 
 
 def generate(client, prompt="A lively Irish jig on fiddle", melody_file=None, melody_audio=None, notes="", duration=1.0,
-             seed=0, candidates=1, top_k=3):
-    return client.predict(prompt, "", melody_file, melody_audio, notes, duration, 2, 3.0, seed, candidates, top_k,
+             seed=0, candidates=1, top_k=3, melody_guidance=2.0):
+    return client.predict(prompt, "", melody_file, melody_audio, notes, duration, 2, 3.0, melody_guidance, seed, candidates, top_k,
                           api_name="/generate")
 
 
@@ -124,6 +124,8 @@ def test_retrieve_lists_the_top_k_melodies(client):
     ({"notes": NOTES, "melody_file": "tune.mid"}, "Give one melody, not several"),
     ({"duration": 60.0}, "greater than maximum value"),
     ({"seed": -1}, "less than minimum value"),
+    ({"melody_guidance": -1.0}, "less than minimum value"),
+    ({"melody_guidance": 11.0}, "greater than maximum value"),
 ])
 def test_bad_input_shows_an_error(client, tmp_path, arguments, message):
     if "melody_file" in arguments:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, accelerate, accelerate_command
 from mg2_pipeline import MG2Pipeline
+from mg2_pipeline.data import load_mg2_dataset
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
 from training_utils import NonFiniteLossGuard, checkpoint_dirs  # noqa: E402
@@ -43,9 +44,31 @@ def test_training_learns_checkpoints_validates_and_saves_a_loadable_pipeline(tin
 
     pipe = MG2Pipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.config.condition == "text_melody" and len(pipe.retriever) > 1
+    assert pipe.config.condition == "text_melody" and pipe.config.aligned_melody == "sketch" and len(pipe.retriever) > 1
     out = pipe("a jig on fiddle", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0))
     assert out.audios.shape == (1, 20480) and np.all(np.isfinite(out.audios)) and out.melodies[0].metadata["title"]
+
+
+def test_the_latent_cache_is_built_once_per_key_and_holds_whole_clips(tiny_dataset, tiny_generator_parts, tmp_path):
+    import pyarrow.parquet as pq
+
+    cache_root = tmp_path / "cache"
+    common = ["--max_train_steps", "1", "--validation_steps", "100", "--latent_cache", str(cache_root)]
+    first = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "a", *common))
+    again = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "b", *common))
+    pooled = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "c", *common, "--aligned_melody", "none"))
+    assert "Latent cache" in first.stderr and "Latent cache" not in again.stderr and "Latent cache" in pooled.stderr
+    keys = sorted(os.listdir(cache_root))
+    assert len(keys) == 2  # the pooled-only model has no melody frames: its own key
+    summary = json.loads((tmp_path / "a" / "training_summary.json").read_text())
+    table = pq.read_table(os.path.join(summary["latent_cache"], "train-00000.parquet")).to_pylist()
+    info = json.loads(open(os.path.join(summary["latent_cache"], "cache_info.json")).read())
+    clips = sum(1 for _ in load_mg2_dataset(tiny_dataset, "train"))
+    assert info["rows"] == len(table) == clips and info["skipped_rows"] == 0
+    row = table[0]
+    assert row["latents_shape"] == [4, 200, 32] and row["melody_frames_shape"] == [4, 200, 32]  # 4 s at ×2: whole clips
+    assert len(np.frombuffer(row["latents"], np.float16)) == 4 * 200 * 32 and len(row["text_embeds"]) == 32
+    assert MG2Pipeline.from_pretrained(tmp_path / "c").config.aligned_melody is None
 
 
 def test_text_only_ablation_trains_with_the_same_script(tiny_dataset, tiny_generator_parts, tmp_path):
@@ -53,7 +76,7 @@ def test_text_only_ablation_trains_with_the_same_script(tiny_dataset, tiny_gener
     accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, output_dir, "--max_train_steps", "2",
                                  "--condition", "text", "--validation_steps", "2", "--checkpointing_steps", "2"))
     pipe = MG2Pipeline.from_pretrained(output_dir)
-    assert pipe.config.condition == "text"
+    assert pipe.config.condition == "text" and pipe.config.aligned_melody is None
     out = pipe("a jig", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0))
     assert out.melodies == [None]
     with pytest.raises(ValueError, match="text-only model"):
@@ -141,7 +164,7 @@ def test_two_processes_train_and_save_the_same_pipeline(tiny_dataset, tiny_gener
 
 
 def test_a_corrupt_row_is_skipped_and_counted(tiny_dataset, tiny_generator_parts, tmp_path):
-    from mg2_pipeline.data import load_mg2_dataset, write_shard
+    from mg2_pipeline.data import write_shard
 
     rows = list(load_mg2_dataset(tiny_dataset, "train", streaming=False))
     rows[0] = dict(rows[0], audio={"bytes": b"not audio at all", "path": "broken.flac"})
@@ -150,7 +173,7 @@ def test_a_corrupt_row_is_skipped_and_counted(tiny_dataset, tiny_generator_parts
     result = accelerate(TRAIN, *tiny_args(str(tmp_path / "corrupt"), tiny_generator_parts, output_dir, "--max_train_steps", "3",
                                           "--train_batch_size", "4", "--shuffle_buffer_size", "0", "--validation_steps", "100"))
     assert "corrupt rows skipped" in result.stderr
-    assert json.loads((output_dir / "training_summary.json").read_text())["skipped_rows_main_process"] >= 1
+    assert json.loads((output_dir / "training_summary.json").read_text())["skipped_rows_latent_cache"] == 1
 
 
 def test_lora_adapter_changes_the_output_and_reloads_exactly(tiny_dataset, tiny_generator_parts, tmp_path):

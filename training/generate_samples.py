@@ -3,9 +3,9 @@
 
     python training/generate_samples.py --model checkpoints/mg2-small --output_dir samples
 
-The prompts vary instrument, tempo and tune type; the last one is guided by a user melody instead
-of retrieval. Each PNG shows the log-mel spectrogram of the clip above the piano roll of the
-melody that guided it.
+The prompts vary instrument, tempo and tune type; the last two are guided by a user melody instead
+of retrieval: typed notes, and a MIDI file (`samples/ode-to-joy.mid`, written first). Each PNG shows the
+log-mel spectrogram of the clip above the piano roll of the melody that guided it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import os
 
 import torch
 
-from mg2_pipeline import save_audio
+from mg2_pipeline import Melody, save_audio
+from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.plotting import figure_to_png, plot_spectrogram
 from mg2_pipeline.presets import load_pipeline
 
@@ -27,7 +28,9 @@ DEMO_PROMPTS = [
     ("march-trumpet", "A bright march on trumpet at 110 BPM in 2/4 time", None),
     ("user-melody-piano", "A simple folk song on piano at 100 BPM",
      "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6 D4:0.6 G4:0.3 B4:0.3 D5:0.9 B4:0.3 A4:0.9"),
+    ("midi-melody-clarinet", "A calm melody on clarinet at 100 BPM", "ode-to-joy.mid"),
 ]
+ODE_TO_JOY = "E5:0.4 E5:0.4 F5:0.4 G5:0.4 G5:0.4 F5:0.4 E5:0.4 D5:0.4 C5:0.4 C5:0.4 D5:0.4 E5:0.4 E5:0.6 D5:0.2 D5:0.8"
 
 
 def main(argv=None):
@@ -37,14 +40,19 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=10.24)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--melody_guidance_scale", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     pipe = load_pipeline(args.model)
     os.makedirs(args.output_dir, exist_ok=True)
+    Melody.from_string(ODE_TO_JOY).to_midi(os.path.join(args.output_dir, "ode-to-joy.mid"))
     for index, (name, prompt, melody) in enumerate(DEMO_PROMPTS):
+        if melody is not None and melody.endswith(".mid"):
+            melody = os.path.join(args.output_dir, melody)
         output = pipe(prompt, melody=melody, audio_length_in_s=args.seconds, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
+                      guidance_scale=args.guidance_scale, melody_guidance_scale=args.melody_guidance_scale,
+                      generator=torch.Generator().manual_seed(args.seed))
         stem = os.path.join(args.output_dir, f"{index:02d}-{name}")
         save_audio(f"{stem}.wav", output.audios[0], output.sampling_rate)
         guide = output.melodies[0]
