@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test bench space clean
+.PHONY: install demo ablations test bench space clean
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,10 @@ CLMP_DONE := checkpoints/clmp-small/model.safetensors
 INDEX_DONE := checkpoints/melody-index/config.json
 VAE_DONE := checkpoints/vae-small/config.json
 MG2_DONE := checkpoints/mg2-small/model_index.json
+POOLED_DONE := checkpoints/mg2-small-pooled/model_index.json
 TEXT_DONE := checkpoints/mg2-small-text/model_index.json
 EVAL_DONE := checkpoints/mg2-small/eval/eval_results.json
+ABLATIONS_DONE := checkpoints/mg2-small/eval-ablations/eval_results.json
 MG2_ARGS := --config $(SMALL) --dataset $(DATASET) --clmp checkpoints/clmp-small --retriever checkpoints/melody-index \
 	--vae checkpoints/vae-small --resume_from_checkpoint latest
 
@@ -52,16 +54,27 @@ $(VAE_DONE): | $(DATA_DONE)
 	$(LAUNCH) training/train_vae.py --config $(SMALL) --dataset $(DATASET) --output_dir checkpoints/vae-small \
 		--resume_from_checkpoint latest
 
+# MG2: pooled [text ‖ melody] FiLM plus the time-aligned melody sketch. The first run builds the latent cache.
 $(MG2_DONE): | $(INDEX_DONE) $(VAE_DONE)
 	$(LAUNCH) training/train_mg2.py $(MG2_ARGS) --output_dir checkpoints/mg2-small
 
-$(TEXT_DONE): | $(INDEX_DONE) $(VAE_DONE)
+$(EVAL_DONE): | $(MG2_DONE)
+	$(PY) training/evaluate.py --model checkpoints/mg2-small --dataset $(DATASET) --num_clips 32 --output_dir checkpoints/mg2-small/eval
+
+# `make ablations`: the comparisons, same preset, data and steps: the paper's pooled-only condition and a caption-only
+# model (they share one latent cache), then one evaluation with every row beside MG2's.
+$(POOLED_DONE): | $(INDEX_DONE) $(VAE_DONE)
+	$(LAUNCH) training/train_mg2.py $(MG2_ARGS) --aligned_melody none --output_dir checkpoints/mg2-small-pooled
+
+$(TEXT_DONE): | $(POOLED_DONE)
 	$(LAUNCH) training/train_mg2.py $(MG2_ARGS) --condition text --output_dir checkpoints/mg2-small-text
 
-# The caption-only ablation is the evaluation's floor: same preset, data and steps as MG2.
-$(EVAL_DONE): | $(MG2_DONE) $(TEXT_DONE)
-	$(PY) training/evaluate.py --model checkpoints/mg2-small --ablation checkpoints/mg2-small-text --dataset $(DATASET) \
-		--num_clips 32 --output_dir checkpoints/mg2-small/eval
+$(ABLATIONS_DONE): | $(MG2_DONE) $(POOLED_DONE) $(TEXT_DONE)
+	$(PY) training/evaluate.py --model checkpoints/mg2-small --pooled checkpoints/mg2-small-pooled --ablation checkpoints/mg2-small-text \
+		--dataset $(DATASET) --num_clips 32 --output_dir checkpoints/mg2-small/eval-ablations
+
+ablations: install | $(ABLATIONS_DONE)
+	@echo "Evaluation with the ablations: checkpoints/mg2-small/eval-ablations/eval_results.md"
 
 test: install
 	# The Space's browser test drives Debian's Chromium (never a downloaded browser); it skips if this fails.

@@ -247,3 +247,41 @@ def test_bad_notes_strings_and_files_raise_value_error(tmp_path):
         Melody.from_string("G9:1").transpose(1)
     with pytest.raises(ValueError, match="Malformed melody tokens"):
         encode_melody_tokens("<G4>,<169>,<79>|<Q4>,<169>,<79>")
+
+
+def test_fit_to_loops_the_whole_melody_and_cuts_it_at_the_length():
+    phrase = Melody.from_string("C4:0.5 D4:0.5 R:0.5 E4:0.5")  # 2 s
+    fitted = phrase.fit_to(5.0)
+    assert fitted.pitches.tolist() == [60, 62, 64] * 2 + [60, 62]
+    np.testing.assert_allclose(fitted.onsets, [0, 0.5, 1.5, 2, 2.5, 3.5, 4, 4.5])
+    assert fitted.duration == pytest.approx(5.0)
+    cut = phrase.fit_to(1.2)
+    assert cut.pitches.tolist() == [60, 62] and cut.duration == pytest.approx(1.0)
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="seconds must be a finite number > 0"):
+            phrase.fit_to(bad)
+
+
+def test_stretch_rescales_timing_only():
+    melody = Melody.from_string("G4:0.5 A4:0.25")
+    slower = melody.stretch(2.0)
+    assert slower.pitches.tolist() == [67, 69]
+    np.testing.assert_allclose(slower.notes[:, 1:], [[0, 1.0], [1.0, 1.5]])
+    with pytest.raises(ValueError, match="factor must be a finite number > 0"):
+        melody.stretch(0)
+
+
+def test_rendered_tones_sound_the_melody_at_its_pitch_and_time():
+    melody = Melody.from_string("R:0.5 A4:1")
+    audio = melody.render_tones(32000)
+    assert audio.shape == (32000,) and audio.dtype == np.float32
+    assert np.abs(audio[:8000]).max() == 0 and np.abs(audio[24000:]).max() == 0
+    spectrum = np.abs(np.fft.rfft(audio[8000:24000]))
+    assert abs(np.argmax(spectrum) - 440) <= 1  # 1 Hz per bin for one second
+
+
+def test_pitch_class_roll_marks_the_sounding_pitch_class_and_height():
+    roll = Melody.from_string("C4:0.5 R:0.5 A5:0.5").to_pitch_class_roll(num_frames=20, frames_per_second=10)
+    assert roll.shape == (13, 20)
+    assert roll[0, :5].tolist() == [1] * 5 and roll[:, 5:10].sum() == 0 and roll[9, 10:15].tolist() == [1] * 5
+    assert roll[12, 0] == 0.0 and roll[12, 10] == pytest.approx((81 - 60) / 24) and roll[:, 15:].sum() == 0

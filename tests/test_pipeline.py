@@ -294,3 +294,20 @@ def test_cli_writes_a_playable_wav(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mg2_pipeline", "generate", " ", "--output", str(output),
                           "--model", "preset:tiny"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "prompt is empty" in bad.stderr
+
+
+def test_a_retrieved_melody_follows_the_tempo_the_prompt_names():
+    fresh = build_pipeline("tiny", seed=0)
+    fresh.set_progress_bar_config(disable=True)
+    melody = Melody.from_string("G4:0.5 A4:0.5 B4:1")
+    prompt = "a fast reel at 120 BPM"
+    fresh.retriever.add(fresh.encode_text([prompt], fresh.device), [melody], [{"title": "Slow Reel", "tempo_bpm": 60.0}])
+    guide = generate(fresh, prompt=prompt).melodies[0]
+    assert guide.metadata == {"title": "Slow Reel", "tempo_bpm": 120.0, "stretched_from_bpm": 60.0}
+    np.testing.assert_allclose(guide.melody.notes[:, 1:], melody.notes[:, 1:] / 2)
+    assert guide.melody.pitches.tolist() == melody.pitches.tolist()
+    # no tempo in the prompt, or none known for the melody: the melody keeps its timing
+    unchanged = fresh.follow_prompt_tempo(guide, "a fast reel")
+    assert unchanged is guide
+    no_tempo = type(guide)(melody, id=1, score=0.5, metadata={"title": "?"})
+    assert fresh.follow_prompt_tempo(no_tempo, "a reel at 90 bpm") is no_tempo

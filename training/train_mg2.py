@@ -35,7 +35,7 @@ from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from datasets import load_dataset
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from mg2_pipeline.audio import load_audio, save_audio
@@ -80,6 +80,10 @@ def parse_args(argv=None):
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--ema_decay", type=float, default=0.999)
+    parser.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction", "sample"],
+                        help="What the UNet predicts (default: the pipeline scheduler's); saved in the pipeline's scheduler.")
+    parser.add_argument("--snr_gamma", type=float, default=None,
+                        help="Min-SNR-γ loss weighting (Hang et al. 2023), as diffusers' examples; 5.0 is their recommendation.")
     parser.add_argument("--use_lora", action="store_true", help="Fine-tune a saved pipeline with a LoRA adapter on its UNet.")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
     parser.add_argument("--validation_steps", type=int, default=100)
@@ -261,8 +265,10 @@ def main(argv=None):
     if frames % frames_multiple:
         raise SystemExit(f"--clip_seconds {args.clip_seconds} gives {frames} mel frames; use a multiple of {frames_multiple} "
                          f"frames ({frames_multiple * pipe.hop_length / pipe.sampling_rate:.2f} s).")
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
-                                    prediction_type="epsilon")
+    if args.prediction_type is not None:
+        pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
     # EMA of the full UNet; a LoRA run trains a small adapter and keeps none (as diffusers' LoRA examples).
     ema = None if args.use_lora else EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
     if ema is not None:
@@ -312,7 +318,15 @@ def main(argv=None):
                 noisy = torch.cat([noisy, melody_frames], dim=1)
             with accelerator.accumulate(unet):
                 prediction = unet(noisy, timesteps, encoder_hidden_states=None, class_labels=condition).sample
-                loss = F.mse_loss(prediction.float(), noise.float())
+                target = {"epsilon": noise, "sample": latents}.get(prediction_type)
+                if target is None:
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if args.snr_gamma is not None:  # min(SNR, γ) on the x0 error, in each target's units
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    loss = loss * torch.clamp(snr, max=args.snr_gamma) / {"epsilon": snr, "v_prediction": snr + 1,
+                                                                          "sample": torch.ones_like(snr)}[prediction_type]
+                loss = loss.mean()
                 if guard.should_skip(loss):
                     logger.warning(f"Non-finite loss at step {global_step}: step skipped ({guard.skipped} so far).")
                     optimizer.zero_grad()
