@@ -1,7 +1,7 @@
 """`mg2` command line: generate music from a prompt; push a checkpoint to the Hub and pull one from it.
 
     mg2 generate "a lively Irish jig on fiddle" --output jig.wav [--melody tune.mid | --melody "G4:0.5 A4:0.5"]
-                 [--seed 0] [--steps 25] [--duration 10.24] [--guidance 3.0] [--melody-guidance 2.0]
+                 [--seed 0] [--steps 25] [--duration 10.24] [--guidance 3.0] [--melody-guidance 3.0]
                  [--model checkpoints/mg2-small]
     mg2 push checkpoints/mg2-small org/mg2-small [--private] [--revision BRANCH]
     mg2 pull org/mg2-small [--revision REV]
@@ -14,7 +14,7 @@ import os
 import sys
 
 DEFAULT_MODEL = "checkpoints/mg2-small"
-DEFAULT_MELODY_GUIDANCE_SCALE = 2.0  # MG2Pipeline's; not imported from it so that `mg2 --help` stays fast
+DEFAULT_MELODY_GUIDANCE_SCALE = 3.0  # MG2Pipeline's; not imported from it so that `mg2 --help` stays fast
 
 
 def generate(args) -> None:

@@ -43,7 +43,7 @@ ROLL_CHANNELS = 13
 # Lengths beyond this many times the training length are refused: the UNet has never seen them.
 MAX_LENGTH_FACTOR = 3
 MAX_GUIDANCE_SCALE = 100.0
-DEFAULT_MELODY_GUIDANCE_SCALE = 2.0
+DEFAULT_MELODY_GUIDANCE_SCALE = 3.0
 BPM_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*bpm\b", re.IGNORECASE)
 
 
@@ -411,7 +411,7 @@ class MG2Pipeline(DiffusionPipeline):
 
     @property
     def do_melody_guidance(self) -> bool:
-        return self.config.condition != "text" and self._melody_guidance_scale != 1.0
+        return self.config.condition != "text" and self._melody_guidance_scale not in (0.0, 1.0)
 
     @property
     def num_timesteps(self) -> int:
@@ -500,7 +500,9 @@ class MG2Pipeline(DiffusionPipeline):
             [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt), device
         ).repeat_interleave(num_waveforms_per_prompt, dim=0)
         # Up to three predictions per step: text and melody; text without melody (melody guidance); neither (text guidance).
-        conditions = [torch.cat([text_embeds, melody_embeds.to(text_embeds.dtype)], dim=-1)]
+        # Melody guidance 0 leaves the first without the melody.
+        melody_half = empty_embeds if melody_guidance_scale == 0 else melody_embeds.to(text_embeds.dtype)
+        conditions = [torch.cat([text_embeds, melody_half], dim=-1)]
         if self.do_melody_guidance:
             conditions.append(torch.cat([text_embeds, empty_embeds], dim=-1))
         if self.do_classifier_free_guidance:
@@ -519,7 +521,8 @@ class MG2Pipeline(DiffusionPipeline):
             melody_frames = self.prepare_melody_frames([hit.melody.fit_to(seconds) for hit in guiding], latents.shape[2],
                                                        device, self.unet.dtype)
             # Without the melody, its frames are zeros (as in training).
-            melody_frames = torch.cat([melody_frames] + [torch.zeros_like(melody_frames)] * (len(conditions) - 1))
+            melody_frames = torch.cat([melody_frames * (melody_guidance_scale != 0)]
+                                      + [torch.zeros_like(melody_frames)] * (len(conditions) - 1))
 
         # 5. Denoise
         with self.progress_bar(total=len(timesteps)) as progress_bar:
