@@ -41,7 +41,10 @@ def write_model_card(model_dir: str, evaluation: str = "Not evaluated yet: run `
 
 def describe_pipeline(pipe) -> str:
     """A markdown list of an `MG2Pipeline`'s components: class, parameters, and what the index holds."""
-    lines = [f"Condition: `{pipe.config.condition}`; {pipe.sampling_rate} Hz audio, trained length "
+    aligned = pipe.config.get("aligned_melody")
+    pooled_only = " (pooled only)" if pipe.config.condition == "text_melody" else ""
+    lines = [f"Condition: `{pipe.config.condition}`" + (f" with the time-aligned melody `{aligned}`" if aligned else pooled_only)
+             + f", {pipe.scheduler.config.prediction_type} prediction; {pipe.sampling_rate} Hz audio, trained length "
              f"{pipe.default_audio_length_in_s:.2f} s.", ""]
     for name, component in pipe.components.items():
         if component is None:

@@ -461,8 +461,9 @@ class MG2Pipeline(DiffusionPipeline):
         """
         # 1. Check inputs
         batch_size = self.check_inputs(prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps,
-                                       guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, generator, prompt_embeds,
-                                       melody_embeds, output_type, callback_on_step_end_tensor_inputs)
+                                       guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k,
+                                       generator, prompt_embeds, melody_embeds, output_type,
+                                       callback_on_step_end_tensor_inputs)
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
         audio_length_in_s = audio_length_in_s or self.default_audio_length_in_s
         height = int(np.ceil(audio_length_in_s * self.sampling_rate / self.hop_length / self.frames_multiple)) * self.frames_multiple
@@ -501,7 +502,8 @@ class MG2Pipeline(DiffusionPipeline):
         ).repeat_interleave(num_waveforms_per_prompt, dim=0)
         # Up to three predictions per step: text and melody; text without melody (melody guidance); neither (text guidance).
         # Melody guidance 0 leaves the first without the melody.
-        melody_half = empty_embeds if melody_guidance_scale == 0 else melody_embeds.to(text_embeds.dtype)
+        ignore_melody = self.config.condition != "text" and melody_guidance_scale == 0
+        melody_half = empty_embeds if ignore_melody else melody_embeds.to(text_embeds.dtype)
         conditions = [torch.cat([text_embeds, melody_half], dim=-1)]
         if self.do_melody_guidance:
             conditions.append(torch.cat([text_embeds, empty_embeds], dim=-1))
@@ -521,7 +523,7 @@ class MG2Pipeline(DiffusionPipeline):
             melody_frames = self.prepare_melody_frames([hit.melody.fit_to(seconds) for hit in guiding], latents.shape[2],
                                                        device, self.unet.dtype)
             # Without the melody, its frames are zeros (as in training).
-            melody_frames = torch.cat([melody_frames * (melody_guidance_scale != 0)]
+            melody_frames = torch.cat([melody_frames * (not ignore_melody)]
                                       + [torch.zeros_like(melody_frames)] * (len(conditions) - 1))
 
         # 5. Denoise

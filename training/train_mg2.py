@@ -188,6 +188,7 @@ def build_latent_cache(pipe, args, folder: str, device, rows_per_shard: int = 51
         add(batch)
     if shard:
         flush()
+    os.makedirs(temporary, exist_ok=True)
     with open(os.path.join(temporary, "cache_info.json"), "w") as handle:
         json.dump({**counts, "shards": shards, "seconds": round(time.perf_counter() - start_time, 1)}, handle, indent=2)
     try:
