@@ -4,9 +4,9 @@
     python benchmarks/bench_inference.py                         # the `small` preset, random weights
     python benchmarks/bench_inference.py --model checkpoints/mg2-small
 
-For 10.24 s of audio (25 DPM-Solver steps, guidance 3): wall time of CLMP text encoding, retrieval, the
+For 10.24 s of audio (25 DPM-Solver steps, text and melody guidance 3: three UNet passes per step): wall time of CLMP text encoding, retrieval, the
 denoising loop, VAE decoding and the vocoder; the real-time factor; MG2's prompt → latents time over a
-bare loop (precomputed condition, same latents, same scheduler) — the overhead the pipeline adds; and
+bare loop (precomputed condition and melody frames, same latents, same scheduler) — the overhead the pipeline adds; and
 the UNet's achieved FLOP/s against this machine's fp32 matmul peak, measured in the same run.
 Medians over --repeats runs, the two contenders interleaved.
 """
@@ -50,15 +50,22 @@ class StageTimer:
         return timed
 
 
+def unet_input(pipe, latents: torch.Tensor, t, frames: torch.Tensor | None) -> torch.Tensor:
+    model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 3), t)
+    return model_input if frames is None else torch.cat([model_input, frames], dim=1)
+
+
 @torch.no_grad()
-def bare_loop(pipe, condition: torch.Tensor, latents: torch.Tensor, steps: int, guidance_scale: float) -> torch.Tensor:
-    """The textbook diffusers loop: what any pipeline must at least do."""
+def bare_loop(pipe, condition: torch.Tensor, frames: torch.Tensor | None, latents: torch.Tensor, steps: int,
+              guidance_scale: float, melody_guidance_scale: float) -> torch.Tensor:
+    """The textbook diffusers loop with MG2's text and melody guidance terms: what any pipeline must at least do."""
     pipe.scheduler.set_timesteps(steps)
     latents = latents * pipe.scheduler.init_noise_sigma
     for t in pipe.scheduler.timesteps:
-        model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        uncond, cond = pipe.unet(model_input, t, encoder_hidden_states=None, class_labels=condition).sample.chunk(2)
-        latents = pipe.scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+        prediction = pipe.unet(unet_input(pipe, latents, t, frames), t, encoder_hidden_states=None, class_labels=condition).sample
+        full, no_melody, unconditional = prediction.chunk(3)
+        guided = no_melody + melody_guidance_scale * (full - no_melody) + (guidance_scale - 1) * (no_melody - unconditional)
+        latents = pipe.scheduler.step(guided, t, latents).prev_sample
     return latents
 
 
@@ -68,6 +75,7 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=10.24)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--melody_guidance_scale", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="benchmarks/results/inference.json")
     args = parser.parse_args(argv)
@@ -89,28 +97,37 @@ def main(argv=None):
         timer.seconds = {}
         start = time.perf_counter()
         audio = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                     audio_length_in_s=args.seconds, generator=generator()).audios
+                     melody_guidance_scale=args.melody_guidance_scale, audio_length_in_s=args.seconds, generator=generator()).audios
         full.append(time.perf_counter() - start)
         stages.append(dict(timer.seconds))
 
         start = time.perf_counter()
         latents = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       audio_length_in_s=args.seconds, generator=generator(), output_type="latent").audios
+                       melody_guidance_scale=args.melody_guidance_scale, audio_length_in_s=args.seconds, generator=generator(),
+                       output_type="latent").audios
         to_latents.append(time.perf_counter() - start)
 
-        # the bare loop gets the condition and the initial noise for free
-        text = pipe.encode_text([prompt, ""], pipe.device)
-        melody = torch.from_numpy(pipe.retriever.search(text[:1], k=1).embeddings[:, 0])
-        condition = torch.cat([torch.cat([text[1:], text[1:]], -1), torch.cat([text[:1], melody], -1)])
+        # the bare loop gets the condition, the melody frames and the initial noise for free
+        text, empty = pipe.encode_text([prompt, ""], pipe.device).chunk(2)
+        hits = pipe.retriever.search(text, k=1)
+        melody = torch.from_numpy(hits.embeddings[:, 0])
+        condition = torch.cat([torch.cat([text, melody], -1), torch.cat([text, empty], -1), torch.cat([empty, empty], -1)])
+        frames = None
+        if pipe.config.aligned_melody is not None:
+            guide = pipe.follow_prompt_tempo(hits.melodies[0][0], prompt).melody
+            frames = pipe.prepare_melody_frames([guide.fit_to(latents.shape[2] * pipe.vae_scale_factor * pipe.hop_length
+                                                              / pipe.sampling_rate)], latents.shape[2], pipe.device, pipe.unet.dtype)
+            frames = torch.cat([frames, torch.zeros_like(frames), torch.zeros_like(frames)])
         noise = torch.randn(latents.shape, generator=generator())
         start = time.perf_counter()
-        bare_latents = bare_loop(pipe, condition, noise, args.steps, args.guidance_scale)
+        bare_latents = bare_loop(pipe, condition, frames, noise, args.steps, args.guidance_scale, args.melody_guidance_scale)
         bare.append(time.perf_counter() - start)
     # same computation up to float rounding (the pipeline encodes prompt and empty text in separate batches)
     assert (bare_latents - latents).abs().max() <= 1e-4 * latents.abs().max(), "the bare loop must compute what the pipeline computes"
 
     with FlopCounterMode(display=False) as counter:
-        pipe.unet(torch.cat([latents] * 2), pipe.scheduler.timesteps[0], encoder_hidden_states=None, class_labels=condition)
+        t = pipe.scheduler.timesteps[0]
+        pipe.unet(unet_input(pipe, latents, t, frames), t, encoder_hidden_states=None, class_labels=condition)
     unet_flops = counter.get_total_flops() * args.steps
     peak = matmul_peak_flops()
 
