@@ -53,20 +53,23 @@ EVALUATE = os.path.join(ROOT, "training", "evaluate.py")
 
 
 def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset, tiny_generator_parts, tmp_path):
-    parts = dict(build_pipeline("tiny").components, clmp=CLMPModel.from_pretrained(tiny_generator_parts["clmp"]),
-                 processor=CLMPProcessor.from_pretrained(tiny_generator_parts["clmp"]),
-                 retriever=MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"]))
-    MG2Pipeline(**parts).save_pretrained(tmp_path / "mg2")
-    MG2Pipeline(**parts, condition="text").save_pretrained(tmp_path / "text")
+    trained = dict(clmp=CLMPModel.from_pretrained(tiny_generator_parts["clmp"]),
+                   processor=CLMPProcessor.from_pretrained(tiny_generator_parts["clmp"]),
+                   retriever=MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"]))
+    MG2Pipeline(**{**build_pipeline("tiny").components, **trained}, aligned_melody="sketch").save_pretrained(tmp_path / "mg2")
+    pooled_parts = {**build_pipeline("tiny", aligned_melody=None).components, **trained}
+    MG2Pipeline(**pooled_parts).save_pretrained(tmp_path / "pooled")
+    MG2Pipeline(**pooled_parts, condition="text").save_pretrained(tmp_path / "text")
     output_dir = tmp_path / "eval"
     printed = run([sys.executable, EVALUATE, "--model", str(tmp_path / "mg2"), "--ablation", str(tmp_path / "text"),
+                   "--pooled", str(tmp_path / "pooled"),
                    "--dataset", tiny_dataset, "--output_dir", str(output_dir), "--num_clips", "4", "--ddim_clips", "2",
                    "--ddim_steps", "3", "--steps", "2", "--seconds", "1.28", "--batch_size", "2", "--save_audio"]).stdout
     results = json.loads((output_dir / "eval_results.json").read_text())["results"]
     assert [(r["protocol"], r["kind"]) for r in results] == [
         ("codec", "ceiling"), ("codec", "ceiling"), ("codec", "ceiling"), ("codec", "floor"),
-        ("given melody", "model"), ("given melody", "floor"), ("given melody", "floor"),
-        ("retrieved melody", "model"), ("retrieved melody", "floor"), ("retrieved melody", "floor"), ("retrieved melody", "model")]
+        ("given melody", "model"), *[("given melody", "floor")] * 4,
+        ("retrieved melody", "model"), *[("retrieved melody", "floor")] * 3, ("retrieved melody", "model")]
     real, vocoded, through_vae, floor = results[:4]
     assert real["mel_acc"] == 1.0 and real["fad_clmp"] >= 0 and real["fad_spectral"] >= 0  # test vs validation clips
     assert 0 < through_vae["mel_l1"] and "fad_clmp" in vocoded and "fad_clmp" not in floor
@@ -104,6 +107,6 @@ def test_generate_samples_writes_wavs_and_spectrograms(tmp_path):
     printed = run([sys.executable, os.path.join(ROOT, "training", "generate_samples.py"), "--model", "preset:tiny",
                    "--output_dir", str(tmp_path), "--seconds", "1.0", "--steps", "2"]).stdout
     wavs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".wav"))
-    assert len(wavs) == 6 and all(os.path.isfile(tmp_path / w.replace(".wav", ".png")) for w in wavs)
+    assert len(wavs) == 7 and all(os.path.isfile(tmp_path / w.replace(".wav", ".png")) for w in wavs)
     assert soundfile.read(tmp_path / wavs[0])[1] == 16000
     assert "your melody" in printed and "retrieved:" in printed

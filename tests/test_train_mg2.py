@@ -183,7 +183,8 @@ def test_lora_adapter_changes_the_output_and_reloads_exactly(tiny_dataset, tiny_
     base = build_pipeline("tiny")
     base = MG2Pipeline(**{**base.components, "clmp": CLMPModel.from_pretrained(tiny_generator_parts["clmp"]),
                           "processor": CLMPProcessor.from_pretrained(tiny_generator_parts["clmp"]),
-                          "retriever": MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"])})
+                          "retriever": MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"])},
+                       aligned_melody=base.config.aligned_melody)
     base.save_pretrained(tmp_path / "base")
     adapter_dir = tmp_path / "lora"
     args = tiny_args(tiny_dataset, tiny_generator_parts, adapter_dir, "--max_train_steps", "3", "--use_lora", "--rank", "4",
