@@ -40,6 +40,11 @@ CONDITIONS = ("text_melody", "text")
 # (as diffusers' inpainting UNets take their masked-image latents). "roll": 12 pitch-class channels + pitch height.
 ALIGNED_MELODY = (None, "sketch", "roll")
 ROLL_CHANNELS = 13
+
+
+def melody_channels(aligned_melody: str | None, latent_channels: int) -> int:
+    """UNet input channels the aligned melody adds beside the latents."""
+    return {None: 0, "sketch": latent_channels, "roll": ROLL_CHANNELS}[aligned_melody]
 # Lengths beyond this many times the training length are refused: the UNet has never seen them.
 MAX_LENGTH_FACTOR = 3
 MAX_GUIDANCE_SCALE = 100.0
@@ -118,10 +123,10 @@ class MG2Pipeline(DiffusionPipeline):
         if clmp is not None and condition_dim != 2 * clmp.config.projection_dim:
             raise ValueError(f"The UNet takes a {condition_dim}-d condition but [text ‖ melody] from this CLMP is "
                              f"{2 * clmp.config.projection_dim}-d (2 × projection_dim).")
-        melody_channels = {None: 0, "sketch": vae.config.latent_channels, "roll": ROLL_CHANNELS}[aligned_melody]
-        if unet.config.in_channels != vae.config.latent_channels + melody_channels or unet.config.out_channels != vae.config.latent_channels:
+        extra_channels = melody_channels(aligned_melody, vae.config.latent_channels)
+        if unet.config.in_channels != vae.config.latent_channels + extra_channels or unet.config.out_channels != vae.config.latent_channels:
             raise ValueError(f"The UNet takes {unet.config.in_channels} input and {unet.config.out_channels} output channels; this VAE's "
-                             f"latent has {vae.config.latent_channels} and aligned_melody={aligned_melody!r} adds {melody_channels}: "
+                             f"latent has {vae.config.latent_channels} and aligned_melody={aligned_melody!r} adds {extra_channels}: "
                              "train the UNet on this VAE and setting (train_mg2.py --vae, --aligned_melody).")
         self.register_modules(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler,
                               vae=vae, vocoder=vocoder)

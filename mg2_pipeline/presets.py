@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, ClapAudioConfig, ClapTextConfig
 
 from .configuration_clmp import CLMPConfig, CLMPMelodyConfig
-from .pipeline_mg2 import ROLL_CHANNELS
+from .pipeline_mg2 import melody_channels
 
 CLMP_PRESETS = ("tiny", "small", "paper")
 
@@ -101,11 +101,10 @@ def unet_config(name: str, projection_dim: int, aligned_melody: str | None = Non
         "paper": ((192, 384, 576, 960), 2, (1, 2, 3), (256, 16), 32),
     }[name]
     latent_channels = vae_config(name)["latent_channels"]
-    melody_channels = {None: 0, "sketch": latent_channels, "roll": ROLL_CHANNELS}[aligned_melody]
     down = tuple("CrossAttnDownBlock2D" if level in attention_levels else "DownBlock2D" for level in range(len(channels)))
     up = tuple("CrossAttnUpBlock2D" if block == "CrossAttnDownBlock2D" else "UpBlock2D" for block in reversed(down))
     return dict(
-        sample_size=sample_size, in_channels=latent_channels + melody_channels, out_channels=latent_channels,
+        sample_size=sample_size, in_channels=latent_channels + melody_channels(aligned_melody, latent_channels), out_channels=latent_channels,
         down_block_types=down, up_block_types=up, block_out_channels=channels, layers_per_block=layers,
         norm_num_groups=groups, cross_attention_dim=channels, attention_head_dim=tuple(max(1, c // 32) for c in channels),
         class_embed_type="simple_projection", projection_class_embeddings_input_dim=2 * projection_dim,
