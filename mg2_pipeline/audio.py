@@ -65,18 +65,31 @@ class LogMelSpectrogram(nn.Module):
         return log_mel.reshape(*batch_shape, *log_mel.shape[-2:])
 
 
-def load_audio(source: str | os.PathLike | bytes, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Read an audio file (path or encoded bytes) as mono float32 at `sample_rate` (soundfile, soxr)."""
+def load_audio(source: str | os.PathLike | bytes, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+    """Read an audio file (path or encoded bytes) as mono float32 at `sample_rate` (soundfile, soxr).
+
+    Raises `ValueError` for an unreadable or missing file, one longer than `max_seconds` (checked before
+    decoding), and NaN or infinite samples.
+    """
     import soundfile
 
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source)
+    if name != "<bytes>" and not os.path.isfile(name):
+        raise ValueError(f"No audio file {name!r}.")
     try:
-        data, file_rate = soundfile.read(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else name,
-                                         dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else name) as audio_file:
+            if max_seconds is not None and audio_file.frames > max_seconds * audio_file.samplerate:
+                raise ValueError(f"Audio {name!r} lasts {audio_file.frames / audio_file.samplerate:.1f} s; "
+                                 f"at most {max_seconds:g} s are allowed.")
+            data, file_rate = audio_file.read(dtype="float32", always_2d=True), audio_file.samplerate
+    except ValueError:
+        raise
     except Exception as error:
         raise ValueError(f"Unreadable audio {name!r}: {error}") from error
     if data.shape[0] == 0:
         raise ValueError(f"Unreadable audio {name!r}: the file has no samples.")
+    if not np.all(np.isfinite(data)):
+        raise ValueError(f"Audio {name!r} has NaN or infinite samples.")
     waveform = data.mean(axis=1)
     if file_rate != sample_rate:
         import librosa

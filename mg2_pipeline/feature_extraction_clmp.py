@@ -46,6 +46,8 @@ class CLMPFeatureExtractor(SequenceFeatureExtractor):
             waveform = np.asarray(waveform, dtype=np.float32)
             if waveform.ndim != 1:
                 raise ValueError(f"audio[{index}] must be a mono 1-D waveform, got shape {waveform.shape}.")
+            if not np.all(np.isfinite(waveform)):
+                raise ValueError(f"audio[{index}] has NaN or infinite samples.")
             if waveform.size == 0 or not np.any(np.abs(waveform) > 1e-6):
                 raise ValueError(f"audio[{index}] is silent or empty: there is nothing to embed.")
             clip = waveform[: self.max_samples]

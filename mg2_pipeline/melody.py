@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 import re
 from typing import Iterable, Sequence
@@ -23,6 +24,13 @@ NUM_TIME_BINS = 512
 MIN_TIME_S = -0.3
 MAX_TIME_S = 6.0
 MAX_MELODY_TOKENS = 1000
+# Bounds on any melody, so that one request cannot ask for unbounded work (a piano roll of a 28-hour note):
+# a note lasts at most a minute, a melody at most ten minutes and 10 000 notes.
+MAX_NOTE_SECONDS = 60.0
+MAX_MELODY_SECONDS = 600.0
+MAX_NOTES = 10_000
+MAX_MELODY_TEXT_CHARACTERS = 200_000  # 10 000 notes as tokens
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # The vocabulary has pitch tokens for octaves -1..9 (C-1 = MIDI 0 ... B9 = 131); only 0..127 are MIDI pitches.
 MAX_MIDI_PITCH = 127
 
@@ -83,17 +91,27 @@ MELODY_VOCAB_SIZE = len(MELODY_VOCAB)
 class Melody:
     """A monophonic melody: notes `(midi_pitch, onset_s, offset_s)` sorted by onset.
 
-    Build one with `from_notes`, `from_tokens`, `from_string`, `from_midi`, `from_music21` or
-    `from_audio`; convert with `to_tokens`, `encode`, `to_midi`, `to_piano_roll`.
+    Build one with `from_notes`, `from_tokens`, `from_string`, `from_text`, `from_midi`, `from_music21` or
+    `from_audio`; convert with `to_tokens`, `encode`, `to_midi`, `to_piano_roll`. Every constructor refuses
+    (`ValueError`) non-finite times, a note longer than `MAX_NOTE_SECONDS` (60 s), a melody ending after
+    `MAX_MELODY_SECONDS` (600 s) and more than `MAX_NOTES` (10 000) notes.
     """
 
     def __init__(self, notes: np.ndarray):
-        notes = np.asarray(notes, dtype=np.float64).reshape(-1, 3)
+        try:
+            notes = np.asarray(notes, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError("notes must be numbers: rows of (midi_pitch, onset_s, offset_s).") from None
+        if notes.size % 3 or notes.ndim > 2 or (notes.ndim == 2 and notes.shape[1] != 3):
+            raise ValueError(f"notes must have shape (n, 3): rows of (midi_pitch, onset_s, offset_s), got {notes.shape}.")
+        notes = notes.reshape(-1, 3)
         if len(notes) == 0:
             raise ValueError("Empty melody: a melody needs at least one note.")
+        if len(notes) > MAX_NOTES:
+            raise ValueError(f"The melody has {len(notes)} notes; at most {MAX_NOTES} are allowed.")
         pitches, onsets, offsets = notes.T
         if not np.all(np.isfinite(notes)):
-            raise ValueError("Melody notes must be finite numbers.")
+            raise ValueError("Melody notes must be finite numbers (no NaN or infinity).")
         if np.any(pitches != np.round(pitches)) or np.any((pitches < 0) | (pitches > MAX_MIDI_PITCH)):
             bad = pitches[(pitches != np.round(pitches)) | (pitches < 0) | (pitches > MAX_MIDI_PITCH)][0]
             raise ValueError(f"Pitch {bad} is not an integer MIDI pitch in 0-{MAX_MIDI_PITCH}.")
@@ -106,6 +124,11 @@ class Melody:
                 f"Negative or zero duration at note {index}: onset {onsets[index]} s, offset {offsets[index]} s "
                 "(offset must be after onset)."
             )
+        if np.any(durations > MAX_NOTE_SECONDS):
+            index = int(np.argmax(durations > MAX_NOTE_SECONDS))
+            raise ValueError(f"Note {index} lasts {durations[index]:.6g} s; a note may last at most {MAX_NOTE_SECONDS:g} s.")
+        if offsets.max() > MAX_MELODY_SECONDS:
+            raise ValueError(f"The melody ends at {offsets.max():.6g} s; a melody may last at most {MAX_MELODY_SECONDS:g} s.")
         order = np.lexsort((-pitches, onsets))
         self.notes = notes[order]
         self.notes.setflags(write=False)
@@ -124,30 +147,48 @@ class Melody:
     def load(cls, source, sample_rate: int = 16000) -> "Melody":
         """Any melody a user may hand over: a `Melody`; a path to MIDI (.mid/.midi), MusicXML/ABC/Humdrum
         (read by music21) or audio (.wav/.flac/.ogg/.mp3, transcribed); a token string (`<G4>,<114>,<79>|…`);
-        a note string (`"G4:0.5 A4:0.5"`); or a mono waveform array at `sample_rate` (transcribed).
+        a note string (`"G4:0.5 A4:0.5"`); or a mono waveform array at `sample_rate` (transcribed, at most
+        `MAX_MELODY_SECONDS`). Text from someone who may not read this machine's files goes to `from_text`.
         """
         if isinstance(source, Melody):
             return source
         if isinstance(source, np.ndarray) or type(source).__name__ == "Tensor":
-            waveform = np.asarray(source.detach().cpu() if hasattr(source, "detach") else source, dtype=np.float32)
-            if waveform.ndim != 1 or waveform.size == 0 or not np.any(np.abs(waveform) > 1e-4):
-                raise ValueError("A melody waveform must be a non-empty, non-silent mono 1-D array.")
+            waveform = np.asarray(source.detach().cpu() if hasattr(source, "detach") else source)
+            if waveform.dtype.kind not in "fiu":
+                raise TypeError(f"A melody waveform must hold numbers, got dtype {waveform.dtype}.")
+            waveform = waveform.astype(np.float32)
+            if waveform.ndim != 1 or waveform.size == 0:
+                raise ValueError(f"A melody waveform must be a non-empty mono 1-D array, got shape {waveform.shape}.")
             return cls.from_audio(waveform, sample_rate)
         if not isinstance(source, (str, os.PathLike)):
             raise TypeError(f"Cannot read a melody from {type(source).__name__}: pass a Melody, a file path, "
                             "a token or note string, or a waveform.")
         text = os.fspath(source)
-        extension = os.path.splitext(text)[1].lower() if len(text) < 4096 else ""
+        if isinstance(text, bytes):
+            raise TypeError("Cannot read a melody from a bytes path: pass it as str.")
+        could_be_path = len(text) < 4096 and "\0" not in text
+        extension = os.path.splitext(text)[1].lower() if could_be_path else ""
         if extension in (".mid", ".midi"):
             return cls.from_midi(text)
-        if extension in (".wav", ".flac", ".ogg", ".mp3"):
-            import librosa
+        if extension in AUDIO_EXTENSIONS:
+            from .audio import load_audio
 
-            return cls.from_audio(librosa.load(text, sr=sample_rate, mono=True)[0], sample_rate)
+            return cls.from_audio(load_audio(text, sample_rate, max_seconds=MAX_MELODY_SECONDS), sample_rate)
         if extension in (".xml", ".musicxml", ".mxl", ".abc", ".krn"):
             return cls.from_music21(text)
-        if os.path.isfile(text):
+        if could_be_path and os.path.isdir(text):
+            raise ValueError(f"{text!r} is a directory: pass a melody file, notes or tokens.")
+        if could_be_path and os.path.isfile(text):
             raise ValueError(f"Unsupported melody file {text!r}: use MIDI, MusicXML, ABC, Humdrum or audio.")
+        if os.sep in text and not text.lstrip().startswith("<"):  # notes and tokens never hold a path separator
+            raise ValueError(f"No melody file {text!r}.")
+        return cls.from_text(text)
+
+    @classmethod
+    def from_text(cls, text: str) -> "Melody":
+        """From typed text only, never a file: a token string (`<G4>,<114>,<79>|…`) or a note string (`"G4:0.5 A4:0.5"`)."""
+        if not isinstance(text, str):
+            raise TypeError(f"Melody text must be a string, got {type(text).__name__}.")
         return cls.from_tokens(text) if text.lstrip().startswith("<") else cls.from_string(text)
 
     @classmethod
@@ -160,6 +201,7 @@ class Melody:
         """From a triplet token string such as `<G4>,<114>,<79>|<A4>,<119>,<81>`."""
         if not isinstance(tokens, str) or not tokens.strip():
             raise ValueError("Empty melody: the token string has no notes.")
+        _check_text_length(tokens)
         notes, previous_offset, position = [], 0.0, 0
         for index, triplet in enumerate(tokens.strip().split(NOTE_SEPARATOR)):
             fields = triplet.split(FIELD_SEPARATOR)
@@ -190,6 +232,7 @@ class Melody:
         """From `"G4:0.5 A4:0.5 R:0.5 B4:1"`: pitch:duration in seconds, back to back; `R` is a rest."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("Empty melody: the note string has no notes.")
+        _check_text_length(text)
         notes, time = [], 0.0
         for item in text.split():
             name, separator, duration_text = item.partition(":")
@@ -199,8 +242,8 @@ class Melody:
                 duration = float(duration_text)
             except ValueError:
                 raise ValueError(f"Malformed duration in {item!r}: {duration_text!r} is not a number of seconds.") from None
-            if not duration > 0 or not math.isfinite(duration):
-                raise ValueError(f"Negative or zero duration in {item!r}: durations must be > 0 seconds.")
+            if not 0 < duration <= MAX_NOTE_SECONDS:
+                raise ValueError(f"Duration in {item!r} must be a number of seconds in (0, {MAX_NOTE_SECONDS:g}], got {duration_text!r}.")
             if name.upper() != "R":
                 notes.append((name_to_pitch(name), time, time + duration))
             time += duration
@@ -255,8 +298,8 @@ class Melody:
             stream = parts[part]
         flat = stream.stripTies().flatten()
         if bpm is not None:
-            if not bpm > 0:
-                raise ValueError(f"bpm must be > 0, got {bpm}.")
+            if isinstance(bpm, bool) or not (isinstance(bpm, numbers.Real) and math.isfinite(bpm) and bpm > 0):
+                raise ValueError(f"bpm must be a finite number > 0, got {bpm!r}.")
             seconds_per_quarter = 60.0 / bpm
             events = [(element, float(element.offset) * seconds_per_quarter, float(element.quarterLength) * seconds_per_quarter)
                       for element in flat.notes]
@@ -282,20 +325,24 @@ class Melody:
         """
         import librosa
 
-        model = _basic_pitch_model()
-        from basic_pitch import note_creation
-        from basic_pitch.constants import AUDIO_N_SAMPLES, AUDIO_SAMPLE_RATE, FFT_HOP
-        from basic_pitch.inference import unwrap_output, window_audio_file
-
         waveform = np.asarray(waveform, dtype=np.float32)
         if waveform.ndim == 2:
             waveform = waveform.mean(axis=0 if waveform.shape[0] < waveform.shape[1] else 1)
         if waveform.ndim != 1 or waveform.size == 0:
             raise ValueError(f"waveform must be a non-empty mono or stereo array, got shape {waveform.shape}.")
-        if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-            raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}.")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Integral) or not 1000 <= sample_rate <= 384_000:
+            raise ValueError(f"sample_rate must be an integer between 1000 and 384000 Hz, got {sample_rate!r}.")
+        if waveform.size > MAX_MELODY_SECONDS * sample_rate:
+            raise ValueError(f"The audio lasts {waveform.size / sample_rate:.1f} s; a melody may last at most {MAX_MELODY_SECONDS:g} s.")
+        if not np.all(np.isfinite(waveform)):
+            raise ValueError("The audio has NaN or infinite samples.")
         if not np.any(np.abs(waveform) > 1e-4):
             raise ValueError("Empty melody: the audio is silent.")
+        model = _basic_pitch_model()
+        from basic_pitch import note_creation
+        from basic_pitch.constants import AUDIO_N_SAMPLES, AUDIO_SAMPLE_RATE, FFT_HOP
+        from basic_pitch.inference import unwrap_output, window_audio_file
+
         audio = librosa.resample(waveform, orig_sr=int(sample_rate), target_sr=AUDIO_SAMPLE_RATE)
 
         # basic-pitch's own windowing (30 overlapping frames), run on its ONNX model.
@@ -405,8 +452,8 @@ class Melody:
 
     def to_piano_roll(self, frames_per_second: float = 100) -> np.ndarray:
         """Binary piano roll, shape `(128, ceil(duration × fps))`, float32."""
-        if not frames_per_second > 0:
-            raise ValueError(f"frames_per_second must be > 0, got {frames_per_second}.")
+        if isinstance(frames_per_second, bool) or not (isinstance(frames_per_second, numbers.Real) and 0 < frames_per_second <= 1000):
+            raise ValueError(f"frames_per_second must be a number in (0, 1000], got {frames_per_second!r}.")
         roll = np.zeros((MAX_MIDI_PITCH + 1, int(math.ceil(self.duration * frames_per_second))), dtype=np.float32)
         for pitch, onset, offset in self.notes:
             start = int(round(onset * frames_per_second))
@@ -428,8 +475,8 @@ class Melody:
 
     def transpose(self, semitones: int) -> "Melody":
         """Shift every pitch; raises `ValueError` if a note would leave the MIDI range."""
-        if int(semitones) != semitones:
-            raise ValueError(f"semitones must be an integer, got {semitones}.")
+        if isinstance(semitones, bool) or not isinstance(semitones, numbers.Integral):
+            raise ValueError(f"semitones must be an integer, got {semitones!r}.")
         notes = self.notes.copy()
         notes[:, 0] += int(semitones)
         if notes[:, 0].min() < 0 or notes[:, 0].max() > MAX_MIDI_PITCH:
@@ -441,7 +488,7 @@ class Melody:
 
     def stretch(self, factor: float) -> "Melody":
         """Every onset and offset times `factor` (2.0 plays at half the tempo)."""
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        if isinstance(factor, bool) or not (isinstance(factor, numbers.Real) and math.isfinite(factor) and factor > 0):
             raise ValueError(f"factor must be a finite number > 0, got {factor!r}.")
         notes = self.notes.copy()
         notes[:, 1:] *= factor
@@ -450,10 +497,13 @@ class Melody:
     def fit_to(self, seconds: float) -> "Melody":
         """Exactly `seconds` long: repeated whole (the melody is the phrase; each repeat starts where the last note
         of the previous one ends) until it covers `seconds`, then cut there."""
-        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
-            raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}.")
+        if isinstance(seconds, bool) or not (isinstance(seconds, numbers.Real) and 0 < seconds <= MAX_MELODY_SECONDS):
+            raise ValueError(f"seconds must be a number in (0, {MAX_MELODY_SECONDS:g}], got {seconds!r}.")
         period = self.duration
         repeats = int(math.ceil(seconds / period))
+        if repeats * len(self) > MAX_NOTES:
+            raise ValueError(f"Looping this {period:.3g} s melody to {seconds:g} s takes {repeats * len(self)} notes; "
+                             f"at most {MAX_NOTES} are allowed.")
         looped = np.concatenate([self.notes + np.array([0.0, r * period, r * period]) for r in range(repeats)])
         return Melody(looped).slice(0.0, seconds)
 
@@ -477,7 +527,7 @@ class Melody:
 
     def slice(self, start_s: float, end_s: float) -> "Melody":
         """Notes sounding in `[start_s, end_s)`, cut to the window and re-timed so it starts at 0 s."""
-        if not 0 <= start_s < end_s:
+        if not (isinstance(start_s, numbers.Real) and isinstance(end_s, numbers.Real) and 0 <= start_s < end_s):
             raise ValueError(f"slice needs 0 <= start_s < end_s, got start_s={start_s}, end_s={end_s}.")
         onsets = np.maximum(self.onsets, start_s)
         offsets = np.minimum(self.offsets, end_s)
@@ -556,6 +606,11 @@ def onset_priority_line(notes: Sequence[Sequence[float]], chord_tolerance_s: flo
     for previous, following in zip(kept, kept[1:]):
         previous[2] = min(previous[2], following[1])
     return np.array([note for note in kept if note[2] > note[1]], dtype=np.float64).reshape(-1, 3)
+
+
+def _check_text_length(text: str) -> None:
+    if len(text) > MAX_MELODY_TEXT_CHARACTERS:
+        raise ValueError(f"The melody text has {len(text)} characters; at most {MAX_MELODY_TEXT_CHARACTERS} are allowed.")
 
 
 def _parse_pitch_token(token: str, position: int) -> int:

@@ -13,8 +13,9 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_clmp import CLMPConfig, CLMPMelodyConfig
-# Imported directly (not only through configuration_clmp): diffusers' remote-code loader copies only the
-# modules a file imports itself.
+# Imported directly (not only through configuration_clmp and melody): diffusers' remote-code loader copies only
+# the modules a file imports itself.
+from .audio import SAMPLE_RATE  # noqa: F401
 from .melody import MELODY_VOCAB_SIZE  # noqa: F401
 
 MAX_LOGIT_SCALE = 100.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import numbers
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
@@ -31,6 +32,8 @@ from .audio import LogMelSpectrogram
 from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
 from .retrieval import RetrievedMelody
+
+logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 # "text_melody": MG2's [text ‖ melody] condition; "text": the text-only ablation, [text ‖ text], same UNet shape.
@@ -49,6 +52,10 @@ def melody_channels(aligned_melody: str | None, latent_channels: int) -> int:
 MAX_LENGTH_FACTOR = 3
 MAX_GUIDANCE_SCALE = 100.0
 DEFAULT_MELODY_GUIDANCE_SCALE = 3.0
+# Bounds on the work one call may ask for.
+MAX_INFERENCE_STEPS = 1000
+MAX_WAVEFORMS = 64  # prompts × num_waveforms_per_prompt
+MAX_PROMPT_CHARACTERS = 2000
 BPM_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*bpm\b", re.IGNORECASE)
 
 
@@ -56,6 +63,29 @@ def prompt_bpm(prompt: str) -> float | None:
     """The tempo a prompt names ("… 120 BPM"), or None."""
     match = BPM_PATTERN.search(prompt)
     return float(match.group(1)) if match and 20 <= float(match.group(1)) <= 400 else None
+
+
+def check_number(name: str, value, low: float, high: float, integer: bool = False) -> None:
+    """A `TypeError` unless `value` is a real number (an integer if `integer`; numpy scalars count, bool does not),
+    a `ValueError` unless it lies in [low, high] (NaN never does); both name the argument and the range."""
+    expected = f"{'an integer' if integer else 'a number'} between {low:g} and {high:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}).")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+
+
+def check_tensor(name: str, value, shape: tuple) -> None:
+    """A `TypeError` unless `value` is a floating-point tensor, a `ValueError` unless it has `shape` (None: any size)
+    and only finite values."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {kind}.")
+    if value.ndim != len(shape) or any(size is not None and size != actual for size, actual in zip(shape, value.shape)):
+        expected = tuple("batch" if size is None else size for size in shape)
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}.")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} has NaN or infinite values.")
 
 
 def _copy_module_with_imports(module: str, target_dir: str) -> None:
@@ -267,65 +297,119 @@ class MG2Pipeline(DiffusionPipeline):
         latent_frames = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
         return latent_frames * self.vae_scale_factor * self.hop_length / self.sampling_rate
 
+    def mel_frames(self, audio_length_in_s: float) -> int:
+        """Log-mel frames generated for `audio_length_in_s` seconds: rounded up to a multiple of `frames_multiple`."""
+        frames = np.ceil(audio_length_in_s * self.sampling_rate / self.hop_length / self.frames_multiple)
+        return int(frames) * self.frames_multiple
+
+    def latent_shape(self, num_waveforms: int, mel_frames: int) -> tuple[int, int, int, int]:
+        return (num_waveforms, self.vae.config.latent_channels, mel_frames // self.vae_scale_factor,
+                int(self.vocoder.config.model_in_dim) // self.vae_scale_factor)
+
     # ----- steps of __call__ -----
 
+    def check_prompt(self, prompt, name: str = "prompt") -> list[str]:
+        """`prompt` as a list of texts the text tower can read, or a `TypeError`/`ValueError` naming `name`.
+
+        Refused: a non-string, an empty list, more than `MAX_WAVEFORMS` texts, a text longer than
+        `MAX_PROMPT_CHARACTERS`, one with no letter or digit (it would embed like the empty prompt) and one the
+        tokenizer reads as nothing but unknown word pieces. Unknown words in an otherwise readable prompt and text
+        beyond the tokenizer's `max_text_length` are logged as warnings.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"{name} must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
+        if len(prompts) > MAX_WAVEFORMS:
+            raise ValueError(f"{name} has {len(prompts)} texts; at most {MAX_WAVEFORMS} are generated at once.")
+        tokenizer, max_tokens = self.processor.tokenizer, self.processor.max_text_length - 2  # [CLS] and [SEP]
+        for text in prompts:
+            if len(text) > MAX_PROMPT_CHARACTERS:
+                raise ValueError(f"{name} has {len(text)} characters; at most {MAX_PROMPT_CHARACTERS} are allowed.")
+            if not text.strip():
+                raise ValueError(f"{name} is empty: describe the music to generate.")
+            if not any(character.isalnum() for character in text):
+                raise ValueError(f"{name} {text!r} has no letter or digit: describe the music to generate in words.")
+            pieces = tokenizer.tokenize(text)
+            unknown = [word for word in text.split() if tokenizer.unk_token in tokenizer.tokenize(word)]
+            if pieces and pieces.count(tokenizer.unk_token) == len(pieces):
+                raise ValueError(f"{name} {text[:80]!r} is unreadable to the text tower: every word piece is unknown to its "
+                                 "vocabulary (the presets use MiniLM's English WordPiece vocabulary).")
+            if unknown:
+                logger.warning(f"{pieces.count(tokenizer.unk_token)} of {len(pieces)} word pieces of {name} {text[:80]!r} are "
+                               f"unknown to the text tower's vocabulary and read as {tokenizer.unk_token}: {unknown[:5]}.")
+            if len(pieces) > max_tokens:
+                ignored = tokenizer.convert_tokens_to_string(pieces[max_tokens:])
+                logger.warning(f"{name} is {len(pieces)} word pieces long; the text tower reads the first {max_tokens} and "
+                               f"ignores {ignored[:200]!r}.")
+        return list(prompts)
+
     def check_inputs(self, prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps, guidance_scale,
-                     melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, generator, prompt_embeds, melody_embeds, output_type,
-                     callback_on_step_end_tensor_inputs) -> int:
-        """Validate every argument before any compute; returns the batch size."""
+                     melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, generator, latents, prompt_embeds,
+                     melody_embeds, output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs) -> int:
+        """Validate every argument before any compute; returns the batch size. Wrong types raise `TypeError`, wrong
+        values (non-finite, out of range, mismatched sizes) `ValueError`; each message names the argument."""
+        projection_dim = self.clmp.config.projection_dim
         if prompt is None and prompt_embeds is None:
             raise ValueError("prompt is None: pass a text prompt (or prompt_embeds).")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either prompt or prompt_embeds, not both.")
         if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-                raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
-            if any(not p.strip() for p in prompts):
-                raise ValueError("prompt is empty: describe the music to generate.")
-            batch_size = len(prompts)
+            batch_size = len(self.check_prompt(prompt))
         else:
-            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 2 or prompt_embeds.shape[1] != self.clmp.config.projection_dim:
-                raise ValueError(f"prompt_embeds must be a (batch, {self.clmp.config.projection_dim}) tensor of CLMP text embeddings.")
+            check_tensor("prompt_embeds", prompt_embeds, (None, projection_dim))
             batch_size = prompt_embeds.shape[0]
+            if not 1 <= batch_size <= MAX_WAVEFORMS:
+                raise ValueError(f"prompt_embeds has {batch_size} rows; between 1 and {MAX_WAVEFORMS} are allowed.")
         if negative_prompt is not None:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
             if not isinstance(negatives, (list, tuple)) or not all(isinstance(n, str) for n in negatives):
-                raise TypeError("negative_prompt must be a string or a list of strings.")
+                raise TypeError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}.")
             if not isinstance(negative_prompt, str) and len(negatives) != batch_size:
                 raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {batch_size}; they must match.")
+            if any(n.strip() for n in negatives):  # an empty negative prompt is the default unconditional input
+                self.check_prompt([n for n in negatives if n.strip()], name="negative_prompt")
         if melody is not None and melody_embeds is not None:
             raise ValueError("Pass either melody or melody_embeds, not both.")
         if isinstance(melody, (list, tuple)) and len(melody) != batch_size:
             raise ValueError(f"melody has {len(melody)} entries but prompt has {batch_size}; pass one melody, or one per prompt.")
-        if melody_embeds is not None and (not isinstance(melody_embeds, torch.Tensor) or melody_embeds.shape != (batch_size, self.clmp.config.projection_dim)):
-            raise ValueError(f"melody_embeds must be a ({batch_size}, {self.clmp.config.projection_dim}) tensor of CLMP melody embeddings.")
-        if melody_embeds is not None and self.config.aligned_melody is not None:
-            raise ValueError("This model follows the melody's notes in time and melody_embeds carry no timing: pass melody=.")
+        if melody_embeds is not None:
+            check_tensor("melody_embeds", melody_embeds, (batch_size, projection_dim))
+            if self.config.aligned_melody is not None:
+                raise ValueError("This model follows the melody's notes in time and melody_embeds carry no timing: pass melody=.")
         if self.config.condition == "text" and (melody is not None or melody_embeds is not None):
             raise ValueError("This is a text-only model (condition='text'): it takes no melody or melody_embeds.")
         if melody is None and melody_embeds is None and self.retriever is None and self.config.condition != "text":
             raise ValueError("This pipeline has no retriever: pass melody= (or melody_embeds=).")
-        max_length = MAX_LENGTH_FACTOR * self.default_audio_length_in_s
-        min_length = self.frames_multiple * self.hop_length / self.sampling_rate
-        if audio_length_in_s is not None and not (isinstance(audio_length_in_s, (int, float)) and min_length <= audio_length_in_s <= max_length):
-            raise ValueError(f"audio_length_in_s must be between {min_length:.2f} and {max_length:.2f} seconds for this model, got {audio_length_in_s!r}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
-        for name, scale in (("guidance_scale", guidance_scale), ("melody_guidance_scale", melody_guidance_scale)):
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= MAX_GUIDANCE_SCALE:
-                raise ValueError(f"{name} must be a number between 0 and {MAX_GUIDANCE_SCALE}, got {scale!r}.")
-        if not isinstance(num_waveforms_per_prompt, int) or num_waveforms_per_prompt < 1:
-            raise ValueError(f"num_waveforms_per_prompt must be an integer >= 1, got {num_waveforms_per_prompt!r}.")
-        if not isinstance(retrieval_top_k, int) or retrieval_top_k < 1 or (self.retriever is not None and retrieval_top_k > len(self.retriever)):
-            size = len(self.retriever) if self.retriever is not None else 0
-            raise ValueError(f"retrieval_top_k must be an integer between 1 and {size} (the melodies in the index), got {retrieval_top_k!r}.")
-        if isinstance(generator, list) and len(generator) != batch_size * num_waveforms_per_prompt:
-            raise ValueError(f"generator is a list of {len(generator)} generators but {batch_size * num_waveforms_per_prompt} "
+        if audio_length_in_s is not None:
+            min_length = self.frames_multiple * self.hop_length / self.sampling_rate
+            check_number("audio_length_in_s", audio_length_in_s, round(min_length, 2),
+                         round(MAX_LENGTH_FACTOR * self.default_audio_length_in_s, 2))
+        check_number("num_inference_steps", num_inference_steps, 1,
+                     min(MAX_INFERENCE_STEPS, self.scheduler.config.num_train_timesteps), integer=True)
+        check_number("guidance_scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
+        check_number("melody_guidance_scale", melody_guidance_scale, 0, MAX_GUIDANCE_SCALE)
+        check_number("num_waveforms_per_prompt", num_waveforms_per_prompt, 1, MAX_WAVEFORMS // batch_size, integer=True)
+        check_number("retrieval_top_k", retrieval_top_k, 1, len(self.retriever) if self.retriever is not None else 1, integer=True)
+        num_waveforms = batch_size * num_waveforms_per_prompt
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}.")
+        if isinstance(generator, list) and len(generator) != num_waveforms:
+            raise ValueError(f"generator is a list of {len(generator)} generators but {num_waveforms} "
                              "waveforms are generated; pass one generator, or one per waveform.")
-        if output_type not in OUTPUT_TYPES:
+        if latents is not None:
+            length = self.default_audio_length_in_s if audio_length_in_s is None else audio_length_in_s
+            check_tensor("latents", latents, self.latent_shape(num_waveforms, self.mel_frames(length)))
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        unknown = [name for name in callback_on_step_end_tensor_inputs or [] if name not in self._callback_tensor_inputs]
+        if not isinstance(return_dict, bool):
+            raise TypeError(f"return_dict must be True or False, got {return_dict!r}.")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}.")
+        names = callback_on_step_end_tensor_inputs
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"callback_on_step_end_tensor_inputs must be a list of names from {self._callback_tensor_inputs}.")
+        unknown = [name for name in names if name not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not in {self._callback_tensor_inputs}.")
         return batch_size
@@ -344,21 +428,20 @@ class MG2Pipeline(DiffusionPipeline):
         return self.clmp.get_melody_features(encoded["melody_input_ids"].to(device), encoded["melody_attention_mask"].to(device))
 
     def read_melodies(self, melody, batch_size: int) -> list[Melody]:
-        """One `Melody` per prompt from the `melody` argument (see `Melody.load`), as a ValueError naming it when unreadable."""
+        """One `Melody` per prompt from the `melody` argument (see `Melody.load`); a ValueError or TypeError naming it
+        when unreadable."""
         sources = list(melody) if isinstance(melody, (list, tuple)) else [melody] * batch_size
         try:
             return [Melody.load(source, sample_rate=self.sampling_rate) for source in sources]
-        except (ValueError, TypeError, OSError) as error:
+        except TypeError as error:
+            raise TypeError(f"melody could not be read: {error}") from error
+        except (ValueError, OSError) as error:
             raise ValueError(f"melody could not be read: {error}") from error
 
     def prepare_latents(self, batch_size: int, height: int, dtype, device, generator, latents=None) -> torch.Tensor:
-        shape = (batch_size, self.vae.config.latent_channels, height // self.vae_scale_factor,
-                 int(self.vocoder.config.model_in_dim) // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif latents.shape != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
-        return latents.to(device) * self.scheduler.init_noise_sigma
+            latents = randn_tensor(self.latent_shape(batch_size, height), generator=generator, device=device, dtype=dtype)
+        return latents.to(device, dtype) * self.scheduler.init_noise_sigma
 
     def follow_prompt_tempo(self, hit: RetrievedMelody, prompt: str | None) -> RetrievedMelody:
         """A retrieved melody re-timed to the tempo its prompt names ("… 120 BPM") when its own tempo is known;
@@ -446,32 +529,38 @@ class MG2Pipeline(DiffusionPipeline):
         """Generate music for `prompt`, guided by the nearest melody in the index or by `melody`.
 
         Args:
-            prompt: text or list of texts.
+            prompt: text or list of texts (at most 64, each at most 2000 characters, readable by the text tower:
+                see `check_prompt`).
             negative_prompt: replaces the empty text as the unconditional input of classifier-free guidance.
             melody: guide with this melody instead of retrieving one: a `Melody`, a MIDI/MusicXML/ABC/audio path,
                 a token or note string ("G4:0.5 A4:0.5"), or a 16 kHz waveform to transcribe; one for every prompt
                 or a list with one per prompt.
-            audio_length_in_s: seconds of audio (default: the training length); rounded up to whole latent frames.
-            num_inference_steps: denoising steps.
+            audio_length_in_s: seconds of audio (default: the training length, at most 3× it); rounded up to whole
+                latent frames.
+            num_inference_steps: denoising steps, 1 to 1000.
             guidance_scale: text guidance scale (classifier-free); <= 1 disables it.
             melody_guidance_scale: melody guidance scale, independent of the text's: 0 ignores the melody, 1 takes it
                 without guidance, larger follows it more tightly (the melody term of InstructPix2Pix-style guidance).
-            num_waveforms_per_prompt: candidates per prompt, re-ranked best first by CLMP text–audio similarity;
-                with `retrieval_top_k` > 1 the candidates cycle through the top-k retrieved melodies.
-            generator, latents: seeding as in diffusers; the same generator gives identical output.
+            num_waveforms_per_prompt: candidates per prompt (prompts × candidates at most 64), re-ranked best first by
+                CLMP text–audio similarity; with `retrieval_top_k` > 1 they cycle through the top-k retrieved melodies.
+            generator, latents: seeding as in diffusers; the same generator gives identical output. `latents` must be
+                finite and floating point; they are cast to the UNet's dtype.
             retrieval_top_k: retrieved melodies per prompt.
             prompt_embeds, melody_embeds: precomputed CLMP text / melody embeddings `(batch, projection_dim)`.
             output_type: "np" or "pt" waveforms, or "latent".
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step; returned tensors replace ours.
+
+        Every argument is checked before any compute (`check_inputs`): a wrong type raises `TypeError`, a wrong value
+        (NaN, infinity, out of range, mismatched sizes) `ValueError`, each naming the argument and what it accepts.
         """
         # 1. Check inputs
         batch_size = self.check_inputs(prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps,
                                        guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k,
-                                       generator, prompt_embeds, melody_embeds, output_type,
-                                       callback_on_step_end_tensor_inputs)
+                                       generator, latents, prompt_embeds, melody_embeds, output_type, return_dict,
+                                       callback_on_step_end, callback_on_step_end_tensor_inputs)
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
         audio_length_in_s = audio_length_in_s or self.default_audio_length_in_s
-        height = int(np.ceil(audio_length_in_s * self.sampling_rate / self.hop_length / self.frames_multiple)) * self.frames_multiple
+        height = self.mel_frames(audio_length_in_s)
         num_samples = int(round(audio_length_in_s * self.sampling_rate))
         self._guidance_scale = guidance_scale
         self._melody_guidance_scale = melody_guidance_scale
@@ -551,7 +640,12 @@ class MG2Pipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "melody_embeds": melody_embeds}
                     outputs = callback_on_step_end(self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
-                    latents = outputs.pop("latents", latents)
+                    if not isinstance(outputs, dict):
+                        raise TypeError(f"callback_on_step_end must return a dict of tensors (e.g. {{}} or "
+                                        f"{{'latents': latents}}), got {type(outputs).__name__}.")
+                    if "latents" in outputs:
+                        check_tensor("the latents callback_on_step_end returned", outputs["latents"], tuple(latents.shape))
+                        latents = outputs.pop("latents")
                 progress_bar.update()
 
         if output_type == "latent":
@@ -561,6 +655,8 @@ class MG2Pipeline(DiffusionPipeline):
         # 6. Decode latents to log-mel, 7. vocode to waveforms
         mel = self.decode_latents(latents)
         audio = self.vocoder(mel.to(self.vocoder.dtype)).float()[:, :num_samples]
+        if not torch.isfinite(audio).all():
+            logger.warning("The generated audio has NaN or infinite samples: the model or its dtype is broken for this input.")
 
         # Re-rank each prompt's candidates by CLMP text–audio similarity, best first.
         if num_waveforms_per_prompt > 1:

@@ -28,6 +28,9 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from safetensors.numpy import load_file, save_file
 
+# audio is imported directly (not only through melody): diffusers' remote-code loader copies only the modules a
+# file imports itself.
+from .audio import SAMPLE_RATE  # noqa: F401
 from .melody import Melody
 
 INDEX_NAME = "index.bin"

@@ -5,8 +5,6 @@ import textwrap
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import soundfile
 import torch
 from diffusers import AutoencoderKL, ConfigMixin, DDIMScheduler, DiffusionPipeline, ModelMixin, UNet2DConditionModel
@@ -162,15 +160,15 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
     ({"prompt": ["a", ""]}, "prompt is empty"),
     ({"prompt": 3}, "prompt must be a string"),
     ({"prompt": ["a", "b"], "negative_prompt": ["x"]}, "negative_prompt has 1 entries but prompt has 2"),
-    ({"audio_length_in_s": 0}, "audio_length_in_s must be between"),
-    ({"audio_length_in_s": 100.0}, "audio_length_in_s must be between"),
-    ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+    ({"audio_length_in_s": 0}, "audio_length_in_s must be a number between"),
+    ({"audio_length_in_s": 100.0}, "audio_length_in_s must be a number between"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be an integer between 1 and 1000"),
     ({"guidance_scale": -1}, "guidance_scale must be a number between 0 and 100"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be a number between 0 and 100"),
     ({"melody_guidance_scale": -0.5}, "melody_guidance_scale must be a number between 0 and 100"),
     ({"melody_guidance_scale": float("inf")}, "melody_guidance_scale must be a number between 0 and 100"),
     ({"melody_guidance_scale": "2"}, "melody_guidance_scale must be a number between 0 and 100"),
-    ({"num_waveforms_per_prompt": 0}, "num_waveforms_per_prompt must be an integer >= 1"),
+    ({"num_waveforms_per_prompt": 0}, "num_waveforms_per_prompt must be an integer between 1 and 64"),
     ({"retrieval_top_k": 99}, "retrieval_top_k must be an integer between 1 and 6"),
     ({"melody": "H9:1"}, "melody could not be read"),
     ({"melody": "missing.mid"}, "melody could not be read: Unreadable MIDI file"),
@@ -313,18 +311,3 @@ def test_a_retrieved_melody_follows_the_tempo_the_prompt_names():
     assert unchanged is guide
     no_tempo = type(guide)(melody, id=1, score=0.5, metadata={"title": "?"})
     assert fresh.follow_prompt_tempo(no_tempo, "a reel at 90 bpm") is no_tempo
-
-
-@settings(max_examples=60, deadline=None)
-@given(scale=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-1000, 1000), st.booleans(), st.text(max_size=3)))
-def test_melody_guidance_scale_outside_0_to_100_is_refused_and_inside_is_accepted(pipe, scale):
-    arguments = dict(prompt=PROMPT, negative_prompt=None, melody=None, audio_length_in_s=None, num_inference_steps=2,
-                     guidance_scale=3.0, melody_guidance_scale=scale, num_waveforms_per_prompt=1, retrieval_top_k=1,
-                     generator=None, prompt_embeds=None, melody_embeds=None, output_type="np",
-                     callback_on_step_end_tensor_inputs=None)
-    valid = not isinstance(scale, (bool, str)) and 0 <= scale <= 100
-    if valid:
-        assert pipe.check_inputs(**arguments) == 1
-    else:
-        with pytest.raises(ValueError, match="melody_guidance_scale must be a number between 0 and 100"):
-            pipe.check_inputs(**arguments)
