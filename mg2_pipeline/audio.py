@@ -99,10 +99,13 @@ def load_audio(source: str | os.PathLike | bytes, sample_rate: int = SAMPLE_RATE
 
 
 def save_audio(path: str | os.PathLike, waveform, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write a mono waveform (numpy or torch, values in [-1, 1]); the format follows the extension."""
+    """Write a mono waveform (numpy or torch, values in [-1, 1]); the format follows the extension. A waveform with
+    NaN or infinite samples is refused (`ValueError`): written as PCM it would be full-scale noise."""
     import soundfile
 
     waveform = waveform.detach().cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
+    if not np.all(np.isfinite(waveform)):
+        raise ValueError(f"Not writing {os.fspath(path)!r}: the waveform has NaN or infinite samples.")
     soundfile.write(os.fspath(path), waveform.astype(np.float32).reshape(-1), sample_rate)
 
 

@@ -11,39 +11,74 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 DEFAULT_MODEL = "checkpoints/mg2-small"
 DEFAULT_MELODY_GUIDANCE_SCALE = 3.0  # MG2Pipeline's; not imported from it so that `mg2 --help` stays fast
 
 
+MAX_SEED = 2**63 - 1
+# MG2Pipeline's argument names in its error messages → the flags that set them.
+FLAGS = {"audio_length_in_s": "--duration", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+         "melody_guidance_scale": "--melody-guidance", "negative_prompt": "--negative_prompt", "melody": "--melody"}
+FLAG_PATTERN = re.compile(r"\b(" + "|".join(FLAGS) + r")\b")
+
+
+def check_output(path: str) -> None:
+    """Refuse an --output the WAV/FLAC could not be written to, before any generation."""
+    if not path.lower().endswith((".wav", ".flac")):
+        raise SystemExit(f"error: --output must end in .wav or .flac, got {path!r}.")
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --output {path!r} is a directory; name a .wav or .flac file.")
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(f"error: --output {path!r} cannot be created: {existing!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --output {path!r} cannot be written: {existing!r} is not writable.")
+
+
 def generate(args) -> None:
+    import numpy as np
     import torch
 
     from .audio import save_audio
     from .presets import load_pipeline
 
-    if not args.output.lower().endswith((".wav", ".flac")):
-        raise SystemExit("--output must end in .wav or .flac")
+    check_output(args.output)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise SystemExit(f"error: --seed must be an integer between 0 and {MAX_SEED}, got {args.seed}.")
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
         raise SystemExit(f"No model at {DEFAULT_MODEL}: run `make demo` first, or pass --model DIR|REPO_ID|preset:tiny.")
-    pipe = load_pipeline(args.model)
+    try:
+        pipe = load_pipeline(args.model)
+    except (OSError, ValueError) as error:  # huggingface_hub's errors derive from these
+        raise SystemExit(f"error: could not load --model {args.model!r}: {error}") from None
     try:
         output = pipe(args.prompt, negative_prompt=args.negative_prompt, melody=args.melody, audio_length_in_s=args.duration,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
                       melody_guidance_scale=args.melody_guidance,
                       generator=torch.Generator().manual_seed(args.seed))
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    save_audio(args.output, output.audios[0], output.sampling_rate)
+    except (ValueError, TypeError) as error:
+        raise SystemExit("error: " + FLAG_PATTERN.sub(lambda match: FLAGS[match[1]], str(error))) from None
+    waveform = output.audios[0]
+    if not np.all(np.isfinite(waveform)):
+        raise SystemExit("error: the model produced NaN or infinite samples; no file was written.")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        save_audio(args.output, waveform, output.sampling_rate)
+    except (OSError, RuntimeError) as error:  # soundfile's errors are RuntimeErrors
+        raise SystemExit(f"error: could not write --output {args.output!r}: {error}") from None
     guide = output.melodies[0]
     if guide.id is None:
         print(f"Melody: yours ({guide.melody})")
     else:
         print(f"Melody: retrieved #{guide.id} {guide.metadata.get('title', '')!r} "
               f"from {guide.metadata.get('source', '?')} (similarity {guide.score:.3f}): {guide.melody}")
-    print(f"Wrote {args.output} ({len(output.audios[0]) / output.sampling_rate:.2f} s at {output.sampling_rate} Hz)")
+    print(f"Wrote {args.output} ({len(waveform) / output.sampling_rate:.2f} s at {output.sampling_rate} Hz)")
 
 
 def push(args) -> None:

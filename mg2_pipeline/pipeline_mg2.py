@@ -68,11 +68,15 @@ def prompt_bpm(prompt: str) -> float | None:
 def check_number(name: str, value, low: float, high: float, integer: bool = False) -> None:
     """A `TypeError` unless `value` is a real number (an integer if `integer`; numpy scalars count, bool does not),
     a `ValueError` unless it lies in [low, high] (NaN never does); both name the argument and the range."""
-    expected = f"{'an integer' if integer else 'a number'} between {low:g} and {high:g}"
+    expected = f"{'an integer' if integer else 'a number'} between {_plain(low)} and {_plain(high)}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}).")
     if not low <= value <= high:
         raise ValueError(f"{name} must be {expected}, got {value!r}.")
+
+
+def _plain(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def check_tensor(name: str, value, shape: tuple) -> None:

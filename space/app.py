@@ -6,6 +6,10 @@
 Environment: `MG2_MODEL` (default `checkpoints/mg2-small`), `MG2_CONCURRENCY` (generations run at once,
 default 1: on CPU one generation already uses every core), `MG2_QUEUE_SIZE` (waiting requests, default 64),
 and Gradio's own `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`.
+
+A visitor's request is bounded before any work: every number must lie in its control's range (checked for API
+calls too), uploads are at most `MAX_FILE_SIZE`, and melodies come only from what the visitor uploaded or typed
+(the Notes box is read as notes or tokens, never as a path on this server).
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gradio.utils import get_upload_folder
+
 from mg2_pipeline import MG2Pipeline, Melody
+from mg2_pipeline.melody import AUDIO_EXTENSIONS
 from mg2_pipeline.plotting import figure_to_png, plot_piano_roll, plot_spectrogram
-from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
+from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE, check_number
 from mg2_pipeline.presets import load_pipeline
 
 DEFAULT_MODEL = "checkpoints/mg2-small"
@@ -33,8 +40,10 @@ CONCURRENCY = int(os.environ.get("MG2_CONCURRENCY", "1"))
 QUEUE_SIZE = int(os.environ.get("MG2_QUEUE_SIZE", "64"))
 MAX_CANDIDATES = 4
 MAX_TOP_K = 10
+MAX_STEPS = 100
+MAX_SEED = 2**32 - 1
+MAX_FILE_SIZE = "20mb"
 SCORE_FILE_TYPES = [".mid", ".midi", ".xml", ".musicxml", ".mxl", ".abc", ".krn"]
-AUDIO_FILE_TYPES = (".wav", ".flac", ".ogg", ".mp3")
 RETRIEVED_COLUMNS = ["rank", "id", "title", "source", "similarity", "first notes (paste into Notes to edit)"]
 EXAMPLES = [
     ["A lively Irish jig played on fiddle at 120 BPM in D major", ""],
@@ -64,6 +73,47 @@ for _ in range(CONCURRENCY):
 MIDI_DIR = tempfile.mkdtemp(prefix="mg2-space-midi-")
 
 
+class Slider(gr.Slider):
+    """A slider whose value, also when sent through the API, must be a number in its range (an integer when
+    `precision=0`); otherwise the visitor is told which control and what range. Gradio's own check fails on text
+    with an error that names nothing."""
+
+    is_template = True  # rendered as gr.Slider
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_field(self.label, payload, self.minimum, self.maximum, self.precision == 0))
+
+
+class Number(gr.Number):
+    """A number box with the same check as `Slider`."""
+
+    is_template = True  # rendered as gr.Number
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_field(self.label, payload, self.minimum, self.maximum, self.precision == 0))
+
+
+def checked_field(label: str, value, low: float, high: float, integer: bool):
+    try:
+        check_number(label, value, low, high)
+        if integer and not float(value).is_integer():
+            raise ValueError(f"{label} must be a whole number, got {value!r}.")
+    except (TypeError, ValueError) as error:
+        raise gr.Error(str(error)) from None
+    return value
+
+
+def uploaded(path: str, kind: str, extensions) -> str:
+    """The path of a file the visitor uploaded, refused unless it lies in Gradio's upload folder and has an allowed
+    extension: the Space never opens another path on the server."""
+    folder = os.path.realpath(get_upload_folder())
+    if os.path.commonpath([os.path.realpath(path), folder]) != folder:
+        raise gr.Error(f"The {kind} was not uploaded to this Space.")
+    if not path.lower().endswith(tuple(extensions)):
+        raise gr.Error(f"The {kind} must be one of {', '.join(extensions)}, got {os.path.basename(path)!r}.")
+    return path
+
+
 def read_melody(melody_file: str | None, melody_audio: str | None, melody_notes: str | None) -> Melody | None:
     """The user's melody from whichever one input is filled, or None to retrieve one."""
     given = {name: value for name, value in (("score file", melody_file), ("audio", melody_audio),
@@ -73,12 +123,13 @@ def read_melody(melody_file: str | None, melody_audio: str | None, melody_notes:
     if not given:
         return None
     (kind, value), = given.items()
-    if kind == "audio" and not value.lower().endswith(AUDIO_FILE_TYPES):
-        raise gr.Error(f"Melody audio must be one of {', '.join(AUDIO_FILE_TYPES)}.")
+    if kind != "notes":
+        uploaded(value, f"melody {kind}", SCORE_FILE_TYPES if kind == "score file" else AUDIO_EXTENSIONS)
     try:
-        return Melody.load(value, sample_rate=PIPE.sampling_rate)
+        return Melody.from_text(value) if kind == "notes" else Melody.load(value, sample_rate=PIPE.sampling_rate)
     except (ValueError, TypeError, OSError) as error:
-        raise gr.Error(f"Could not read your melody ({kind}): {error}") from None
+        message = str(error) if kind == "notes" else str(error).replace(value, os.path.basename(value))  # no server paths
+        raise gr.Error(f"Could not read your melody ({kind}): {message}") from None
 
 
 def retrieved_table(prompt_embeds: torch.Tensor, top_k: int) -> list[list]:
@@ -92,7 +143,10 @@ def retrieved_table(prompt_embeds: torch.Tensor, top_k: int) -> list[list]:
 def check_prompt(prompt: str | None) -> str:
     if not prompt or not prompt.strip():
         raise gr.Error("The prompt is empty: describe the music to generate.")
-    return prompt.strip()
+    try:
+        return PIPE.check_prompt(prompt.strip())[0]
+    except (TypeError, ValueError) as error:
+        raise gr.Error(str(error)) from None
 
 
 def describe_melody(guide) -> str:
@@ -147,6 +201,8 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     finally:
         WORKERS.put(pipe)
     waveform, guide = output.audios[0], output.melodies[0]
+    if not np.all(np.isfinite(waveform)):
+        raise gr.Error("The model produced NaN or infinite samples for this request; nothing to play.")
     pcm16 = (np.clip(waveform, -1.0, 1.0) * 32767).astype(np.int16)  # as generated: no loudness normalisation
     if guide is None:  # a text-only model has no melody
         spectrogram = plot_spectrogram(waveform, output.sampling_rate, title=prompt[:90])
@@ -173,19 +229,20 @@ def build_demo() -> gr.Blocks:
                     with gr.Tab("Score file"):
                         melody_file = gr.File(label="MIDI, MusicXML, ABC or Humdrum", file_types=SCORE_FILE_TYPES, type="filepath")
                     with gr.Tab("Audio"):
+                        # format=None: the file is read as uploaded (the browser sends recordings as WAV), no ffmpeg.
                         melody_audio = gr.Audio(label="Hum, sing or play it (transcribed)", sources=["upload", "microphone"],
-                                                type="filepath", format="wav")
+                                                type="filepath", format=None)
                 with gr.Accordion("Settings", open=False):
-                    duration = gr.Slider(min_seconds, 3 * PIPE.default_audio_length_in_s, value=PIPE.default_audio_length_in_s,
-                                         step=min_seconds, label="Duration (seconds)")
-                    steps = gr.Slider(1, 100, value=25, step=1, label="Denoising steps")
-                    guidance = gr.Slider(0, 10, value=3.0, step=0.1, label="Text guidance scale")
-                    melody_guidance = gr.Slider(0, 10, value=DEFAULT_MELODY_GUIDANCE_SCALE, step=0.1,
-                                                label="Melody strength (0 ignores the melody; higher follows it more tightly)")
-                    seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                    candidates = gr.Slider(1, MAX_CANDIDATES, value=1, step=1,
-                                           label="Candidates (generated, best kept by CLMP text–audio score)")
-                    top_k = gr.Slider(1, MAX_TOP_K, value=5, step=1, label="Retrieved melodies to list")
+                    duration = Slider(min_seconds, 3 * PIPE.default_audio_length_in_s, value=PIPE.default_audio_length_in_s,
+                                      step=min_seconds, label="Duration (seconds)")
+                    steps = Slider(1, MAX_STEPS, value=25, step=1, precision=0, label="Denoising steps")
+                    guidance = Slider(0, 10, value=3.0, step=0.1, label="Text guidance scale")
+                    melody_guidance = Slider(0, 10, value=DEFAULT_MELODY_GUIDANCE_SCALE, step=0.1,
+                                             label="Melody strength (0 ignores the melody; higher follows it more tightly)")
+                    seed = Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    candidates = Slider(1, MAX_CANDIDATES, value=1, step=1, precision=0,
+                                        label="Candidates (generated, best kept by CLMP text–audio score)")
+                    top_k = Slider(1, MAX_TOP_K, value=5, step=1, precision=0, label="Retrieved melodies to list")
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary")
                     retrieve_button = gr.Button("Find melodies only")
@@ -209,4 +266,4 @@ def build_demo() -> gr.Blocks:
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.launch()
+    demo.launch(max_file_size=MAX_FILE_SIZE)

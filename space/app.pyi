@@ -1,0 +1,280 @@
+"""MG2 Space: describe music, and MG2 plays it along a melody retrieved for your words (or yours).
+
+    python space/app.py                                   # serves checkpoints/mg2-small on http://127.0.0.1:7860
+    MG2_MODEL=org/mg2-small python space/app.py           # a Hub repo id, or a folder, or preset:tiny (random, for tests)
+
+Environment: `MG2_MODEL` (default `checkpoints/mg2-small`), `MG2_CONCURRENCY` (generations run at once,
+default 1: on CPU one generation already uses every core), `MG2_QUEUE_SIZE` (waiting requests, default 64),
+and Gradio's own `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`.
+
+A visitor's request is bounded before any work: every number must lie in its control's range (checked for API
+calls too), uploads are at most `MAX_FILE_SIZE`, and melodies come only from what the visitor uploaded or typed
+(the Notes box is read as notes or tokens, never as a path on this server).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import os
+import queue
+import tempfile
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+from gradio.utils import get_upload_folder
+
+from mg2_pipeline import MG2Pipeline, Melody
+from mg2_pipeline.melody import AUDIO_EXTENSIONS
+from mg2_pipeline.plotting import figure_to_png, plot_piano_roll, plot_spectrogram
+from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE, check_number
+from mg2_pipeline.presets import load_pipeline
+
+DEFAULT_MODEL = "checkpoints/mg2-small"
+MODEL = os.environ.get("MG2_MODEL", DEFAULT_MODEL)
+CONCURRENCY = int(os.environ.get("MG2_CONCURRENCY", "1"))
+QUEUE_SIZE = int(os.environ.get("MG2_QUEUE_SIZE", "64"))
+MAX_CANDIDATES = 4
+MAX_TOP_K = 10
+MAX_STEPS = 100
+MAX_SEED = 2**32 - 1
+MAX_FILE_SIZE = "20mb"
+SCORE_FILE_TYPES = [".mid", ".midi", ".xml", ".musicxml", ".mxl", ".abc", ".krn"]
+RETRIEVED_COLUMNS = ["rank", "id", "title", "source", "similarity", "first notes (paste into Notes to edit)"]
+EXAMPLES = [
+    ["A lively Irish jig played on fiddle at 120 BPM in D major", ""],
+    ["A gentle waltz on accordion with bass and chords at 90 BPM", ""],
+    ["A slow chorale on church organ, solemn and calm", ""],
+    ["A simple folk song on piano at 100 BPM", "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6 D4:0.6"],
+]
+
+
+def load_model(model: str) -> MG2Pipeline:
+    if model == DEFAULT_MODEL and not os.path.isdir(model):
+        raise SystemExit(f"No model at {DEFAULT_MODEL}: run `make demo` first, or set MG2_MODEL to a folder, "
+                         "a Hub repo id, or preset:tiny.")
+    pipe = load_pipeline(model)
+    return pipe.to("cuda") if torch.cuda.is_available() else pipe
+
+
+# Loaded once. A pipeline keeps per-call state (the scheduler's step counter, the guidance scale), so each
+# concurrent generation borrows its own pipeline object; they share every model and the index.
+PIPE = load_model(MODEL)
+WORKERS: queue.Queue[MG2Pipeline] = queue.Queue()
+for _ in range(CONCURRENCY):
+    worker = MG2Pipeline(**{**PIPE.components, "scheduler": copy.deepcopy(PIPE.scheduler)}, condition=PIPE.config.condition,
+                         aligned_melody=PIPE.config.aligned_melody)
+    worker.set_progress_bar_config(desc="denoising")
+    WORKERS.put(worker)
+MIDI_DIR = tempfile.mkdtemp(prefix="mg2-space-midi-")
+
+from gradio.events import Dependency
+
+class Slider(gr.Slider):
+    """A slider whose value, also when sent through the API, must be a number in its range (an integer when
+    `precision=0`); otherwise the visitor is told which control and what range. Gradio's own check fails on text
+    with an error that names nothing."""
+
+    is_template = True  # rendered as gr.Slider
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_field(self.label, payload, self.minimum, self.maximum, self.precision == 0))
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Number(gr.Number):
+    """A number box with the same check as `Slider`."""
+
+    is_template = True  # rendered as gr.Number
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_field(self.label, payload, self.minimum, self.maximum, self.precision == 0))
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def checked_field(label: str, value, low: float, high: float, integer: bool):
+    try:
+        check_number(label, value, low, high)
+        if integer and value != int(value):
+            raise ValueError(f"{label} must be a whole number, got {value!r}.")
+    except (TypeError, ValueError) as error:
+        raise gr.Error(str(error)) from None
+    return value
+
+
+def uploaded(path: str, kind: str, extensions) -> str:
+    """The path of a file the visitor uploaded, refused unless it lies in Gradio's upload folder and has an allowed
+    extension: the Space never opens another path on the server."""
+    folder = os.path.realpath(get_upload_folder())
+    if os.path.commonpath([os.path.realpath(path), folder]) != folder:
+        raise gr.Error(f"The {kind} was not uploaded to this Space.")
+    if not path.lower().endswith(tuple(extensions)):
+        raise gr.Error(f"The {kind} must be one of {', '.join(extensions)}, got {os.path.basename(path)!r}.")
+    return path
+
+
+def read_melody(melody_file: str | None, melody_audio: str | None, melody_notes: str | None) -> Melody | None:
+    """The user's melody from whichever one input is filled, or None to retrieve one."""
+    given = {name: value for name, value in (("score file", melody_file), ("audio", melody_audio),
+                                             ("notes", (melody_notes or "").strip() or None)) if value}
+    if len(given) > 1:
+        raise gr.Error(f"Give one melody, not several ({' and '.join(given)}); clear the others.")
+    if not given:
+        return None
+    (kind, value), = given.items()
+    try:
+        if kind == "notes":
+            return Melody.from_text(value)
+        extensions = SCORE_FILE_TYPES if kind == "score file" else AUDIO_EXTENSIONS
+        return Melody.load(uploaded(value, f"melody {kind}", extensions), sample_rate=PIPE.sampling_rate)
+    except (ValueError, TypeError, OSError) as error:
+        raise gr.Error(f"Could not read your melody ({kind}): {error}") from None
+
+
+def retrieved_table(prompt_embeds: torch.Tensor, top_k: int) -> list[list]:
+    if PIPE.retriever is None or len(PIPE.retriever) == 0:
+        return []
+    hits = PIPE.retriever.search(prompt_embeds, k=min(top_k, len(PIPE.retriever)))
+    return [[rank, hit.id, hit.metadata.get("title", ""), hit.metadata.get("source", ""), round(hit.score, 3),
+             hit.melody.to_note_string(max_notes=8)] for rank, hit in enumerate(hits.melodies[0], start=1)]
+
+
+def check_prompt(prompt: str | None) -> str:
+    if not prompt or not prompt.strip():
+        raise gr.Error("The prompt is empty: describe the music to generate.")
+    try:
+        return PIPE.check_prompt(prompt.strip())[0]
+    except (TypeError, ValueError) as error:
+        raise gr.Error(str(error)) from None
+
+
+def describe_melody(guide) -> str:
+    melody = guide.melody
+    shape = f"{len(melody)} notes, {melody.duration:.1f} s"
+    if guide.id is None:
+        return f"**Your melody** · {shape}"
+    details = [f"**{guide.metadata.get('title') or 'Untitled'}**", f"retrieved melody #{guide.id}",
+               f"source: {guide.metadata.get('source', 'unknown')}", f"similarity {guide.score:.3f}", shape]
+    details += [f"{key}: {guide.metadata[key]}" for key in ("key", "tempo") if guide.metadata.get(key)]
+    return " · ".join(details)
+
+
+def write_midi(melody: Melody) -> str:
+    """The melody as a MIDI file, named by its content (so one file per distinct melody)."""
+    path = os.path.join(MIDI_DIR, f"melody-{hashlib.sha1(melody.to_tokens().encode()).hexdigest()[:12]}.mid")
+    if not os.path.exists(path):
+        melody.to_midi(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def as_image(figure) -> Image.Image:
+    return Image.open(io.BytesIO(figure_to_png(figure)))
+
+
+def retrieve(prompt: str, top_k: float):
+    """The melodies the index returns for a prompt, best first."""
+    prompt = check_prompt(prompt)
+    return retrieved_table(PIPE.encode_text([prompt], PIPE.device), int(top_k))
+
+
+def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_audio: str | None, melody_notes: str,
+             duration: float, steps: float, guidance: float, melody_guidance: float, seed: float, candidates: float, top_k: float,
+             progress=gr.Progress(track_tqdm=True)):
+    """Music for a prompt, guided by the best retrieved melody or by yours; the best of `candidates` by CLMP score."""
+    prompt = check_prompt(prompt)
+    melody = read_melody(melody_file, melody_audio, melody_notes)
+    candidates = int(candidates)
+    pipe = WORKERS.get()
+    try:
+        prompt_embeds = pipe.encode_text([prompt], pipe.device)  # once: for generation and for the retrieval table
+        output = pipe(prompt_embeds=prompt_embeds, negative_prompt=(negative_prompt or "").strip() or None, melody=melody,
+                      audio_length_in_s=float(duration), num_inference_steps=int(steps), guidance_scale=float(guidance),
+                      melody_guidance_scale=float(melody_guidance),
+                      num_waveforms_per_prompt=candidates,
+                      retrieval_top_k=min(candidates, len(pipe.retriever)) if pipe.retriever is not None else 1,
+                      generator=torch.Generator().manual_seed(int(seed)))
+        table = retrieved_table(prompt_embeds, int(top_k))
+    except (ValueError, TypeError) as error:
+        raise gr.Error(str(error)) from None
+    finally:
+        WORKERS.put(pipe)
+    waveform, guide = output.audios[0], output.melodies[0]
+    if not np.all(np.isfinite(waveform)):
+        raise gr.Error("The model produced NaN or infinite samples for this request; nothing to play.")
+    pcm16 = (np.clip(waveform, -1.0, 1.0) * 32767).astype(np.int16)  # as generated: no loudness normalisation
+    if guide is None:  # a text-only model has no melody
+        spectrogram = plot_spectrogram(waveform, output.sampling_rate, title=prompt[:90])
+        return (output.sampling_rate, pcm16), as_image(spectrogram), "Text-only model: no guiding melody.", None, None, table
+    spectrogram = plot_spectrogram(waveform, output.sampling_rate, guide.melody, title=prompt[:90])
+    piano_roll = plot_piano_roll(guide.melody, title=guide.metadata.get("title") or "your melody")
+    return ((output.sampling_rate, pcm16), as_image(spectrogram), describe_melody(guide), as_image(piano_roll),
+            write_midi(guide.melody), table)
+
+
+def build_demo() -> gr.Blocks:
+    min_seconds = PIPE.frames_multiple * PIPE.hop_length / PIPE.sampling_rate
+    with gr.Blocks(title="MG2: melody-guided music generation", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown("# MG2: melody-guided text-to-music\nDescribe the music. MG2 finds the melody in its index that "
+                    "best fits your words (or takes yours) and generates audio that follows it. "
+                    f"Model: `{MODEL}`, {len(PIPE.retriever) if PIPE.retriever is not None else 0} melodies indexed.")
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", placeholder="A lively Irish jig on fiddle at 120 BPM", lines=2)
+                negative_prompt = gr.Textbox(label="Negative prompt", placeholder="noisy, distorted")
+                with gr.Accordion("Your melody (optional: otherwise one is retrieved)", open=False):
+                    with gr.Tab("Notes"):
+                        melody_notes = gr.Textbox(label="Notes", placeholder="G4:0.5 A4:0.5 B4:1 R:0.5 D5:1")
+                    with gr.Tab("Score file"):
+                        melody_file = gr.File(label="MIDI, MusicXML, ABC or Humdrum", file_types=SCORE_FILE_TYPES, type="filepath")
+                    with gr.Tab("Audio"):
+                        # format=None: the file is read as uploaded (the browser sends recordings as WAV), no ffmpeg.
+                        melody_audio = gr.Audio(label="Hum, sing or play it (transcribed)", sources=["upload", "microphone"],
+                                                type="filepath", format=None)
+                with gr.Accordion("Settings", open=False):
+                    duration = Slider(min_seconds, 3 * PIPE.default_audio_length_in_s, value=PIPE.default_audio_length_in_s,
+                                      step=min_seconds, label="Duration (seconds)")
+                    steps = Slider(1, MAX_STEPS, value=25, step=1, precision=0, label="Denoising steps")
+                    guidance = Slider(0, 10, value=3.0, step=0.1, label="Text guidance scale")
+                    melody_guidance = Slider(0, 10, value=DEFAULT_MELODY_GUIDANCE_SCALE, step=0.1,
+                                             label="Melody strength (0 ignores the melody; higher follows it more tightly)")
+                    seed = Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    candidates = Slider(1, MAX_CANDIDATES, value=1, step=1, precision=0,
+                                        label="Candidates (generated, best kept by CLMP text–audio score)")
+                    top_k = Slider(1, MAX_TOP_K, value=5, step=1, precision=0, label="Retrieved melodies to list")
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary")
+                    retrieve_button = gr.Button("Find melodies only")
+            with gr.Column():
+                audio = gr.Audio(label="Music", type="numpy", format="wav", interactive=False)
+                spectrogram = gr.Image(label="Mel spectrogram and guiding melody", type="pil", format="png", interactive=False)
+                melody_info = gr.Markdown(label="Guiding melody")
+                piano_roll = gr.Image(label="Guiding melody (piano roll)", type="pil", format="png", interactive=False)
+                midi = gr.File(label="Guiding melody (MIDI)", interactive=False)
+        retrieved = gr.Dataframe(headers=RETRIEVED_COLUMNS, label="Top retrieved melodies for the prompt", interactive=False)
+        gr.Examples(EXAMPLES, inputs=[prompt, melody_notes])
+
+        generate_button.click(generate, [prompt, negative_prompt, melody_file, melody_audio, melody_notes, duration, steps,
+                                         guidance, melody_guidance, seed, candidates, top_k],
+                              [audio, spectrogram, melody_info, piano_roll, midi, retrieved],
+                              api_name="generate", concurrency_limit=CONCURRENCY)
+        retrieve_button.click(retrieve, [prompt, top_k], retrieved, api_name="retrieve", concurrency_limit=4)
+    return demo.queue(max_size=QUEUE_SIZE)
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.launch(max_file_size=MAX_FILE_SIZE)
