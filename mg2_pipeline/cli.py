@@ -27,7 +27,7 @@ FLAG_PATTERN = re.compile(r"\b(" + "|".join(FLAGS) + r")\b")
 
 def check_output(path: str) -> None:
     """Refuse an --output the WAV/FLAC could not be written to, before any generation."""
-    if not path.lower().endswith((".wav", ".flac")):
+    if os.path.splitext(path)[1].lower() not in (".wav", ".flac"):  # as soundfile reads it: ".wav" alone has none
         raise SystemExit(f"error: --output must end in .wav or .flac, got {path!r}.")
     if os.path.isdir(path):
         raise SystemExit(f"error: --output {path!r} is a directory; name a .wav or .flac file.")

@@ -194,7 +194,11 @@ class Melody:
     @classmethod
     def from_notes(cls, notes: Iterable[Sequence[float]]) -> "Melody":
         """From `[(midi_pitch, onset_s, offset_s), ...]`."""
-        return cls(np.array([tuple(note) for note in notes], dtype=np.float64))
+        try:
+            rows = [tuple(note) for note in notes]
+        except TypeError:
+            raise TypeError("notes must be an iterable of (midi_pitch, onset_s, offset_s) rows.") from None
+        return cls(rows)
 
     @classmethod
     def from_tokens(cls, tokens: str) -> "Melody":
@@ -492,7 +496,10 @@ class Melody:
             raise ValueError(f"factor must be a finite number > 0, got {factor!r}.")
         notes = self.notes.copy()
         notes[:, 1:] *= factor
-        return Melody(notes)
+        try:
+            return Melody(notes)
+        except ValueError as error:
+            raise ValueError(f"Stretching by factor {factor!r} is out of bounds: {error}") from None
 
     def fit_to(self, seconds: float) -> "Melody":
         """Exactly `seconds` long: repeated whole (the melody is the phrase; each repeat starts where the last note
