@@ -27,11 +27,12 @@ import torch
 from PIL import Image
 
 from gradio.utils import get_upload_folder
+from starlette.middleware import Middleware
 
 from mg2_pipeline import MG2Pipeline, Melody
-from mg2_pipeline.melody import AUDIO_EXTENSIONS
+from mg2_pipeline.melody import AUDIO_EXTENSIONS, MAX_MELODY_TEXT_CHARACTERS
 from mg2_pipeline.plotting import figure_to_png, plot_piano_roll, plot_spectrogram
-from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE, check_number
+from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE, MAX_PROMPT_CHARACTERS, check_number
 from mg2_pipeline.presets import load_pipeline
 
 DEFAULT_MODEL = "checkpoints/mg2-small"
@@ -43,6 +44,7 @@ MAX_TOP_K = 10
 MAX_STEPS = 100
 MAX_SEED = 2**32 - 1
 MAX_FILE_SIZE = "20mb"
+MAX_REQUEST_BYTES = 21 * 2**20  # an upload of MAX_FILE_SIZE and its form fields; API JSON is a few kB
 SCORE_FILE_TYPES = [".mid", ".midi", ".xml", ".musicxml", ".mxl", ".abc", ".krn"]
 RETRIEVED_COLUMNS = ["rank", "id", "title", "source", "similarity", "first notes (paste into Notes to edit)"]
 EXAMPLES = [
@@ -71,6 +73,31 @@ for _ in range(CONCURRENCY):
     worker.set_progress_bar_config(desc="denoising")
     WORKERS.put(worker)
 MIDI_DIR = tempfile.mkdtemp(prefix="mg2-space-midi-")
+
+
+class RequestSizeLimit:
+    """ASGI middleware: a request declaring a body larger than `max_bytes` gets 413 before it is read, and one that
+    streams more than that without declaring it is cut off there."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"text/plain")]})
+            return await send({"type": "http.response.body", "body": f"Requests are limited to {self.max_bytes} bytes.".encode()})
+        received = 0
+
+        async def bounded_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return {"type": "http.disconnect"} if received > self.max_bytes else message
+
+        return await self.app(scope, bounded_receive, send)
 
 
 class Slider(gr.Slider):
@@ -221,11 +248,13 @@ def build_demo() -> gr.Blocks:
                     f"Model: `{MODEL}`, {len(PIPE.retriever) if PIPE.retriever is not None else 0} melodies indexed.")
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", placeholder="A lively Irish jig on fiddle at 120 BPM", lines=2)
-                negative_prompt = gr.Textbox(label="Negative prompt", placeholder="noisy, distorted")
+                prompt = gr.Textbox(label="Prompt", placeholder="A lively Irish jig on fiddle at 120 BPM", lines=2,
+                                    max_length=MAX_PROMPT_CHARACTERS)
+                negative_prompt = gr.Textbox(label="Negative prompt", placeholder="noisy, distorted", max_length=MAX_PROMPT_CHARACTERS)
                 with gr.Accordion("Your melody (optional: otherwise one is retrieved)", open=False):
                     with gr.Tab("Notes"):
-                        melody_notes = gr.Textbox(label="Notes", placeholder="G4:0.5 A4:0.5 B4:1 R:0.5 D5:1")
+                        melody_notes = gr.Textbox(label="Notes", placeholder="G4:0.5 A4:0.5 B4:1 R:0.5 D5:1",
+                                                  max_length=MAX_MELODY_TEXT_CHARACTERS)
                     with gr.Tab("Score file"):
                         melody_file = gr.File(label="MIDI, MusicXML, ABC or Humdrum", file_types=SCORE_FILE_TYPES, type="filepath")
                     with gr.Tab("Audio"):
@@ -266,4 +295,5 @@ def build_demo() -> gr.Blocks:
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.launch(max_file_size=MAX_FILE_SIZE)
+    demo.launch(max_file_size=MAX_FILE_SIZE,
+                app_kwargs={"middleware": [Middleware(RequestSizeLimit, max_bytes=MAX_REQUEST_BYTES)]})

@@ -1,16 +1,22 @@
 """The Gradio Space (space/app.py), served as a user would run it and driven through gradio_client and Chromium."""
 
+import http.client
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import ROOT
@@ -63,9 +69,9 @@ def client(space_url):
 
 
 def generate(client, prompt="A lively Irish jig on fiddle", melody_file=None, melody_audio=None, notes="", duration=1.0,
-             seed=0, candidates=1, top_k=3, melody_guidance=2.0):
-    return client.predict(prompt, "", melody_file, melody_audio, notes, duration, 2, 3.0, melody_guidance, seed, candidates, top_k,
-                          api_name="/generate")
+             steps=2, seed=0, candidates=1, top_k=3, melody_guidance=2.0):
+    return client.predict(prompt, "", melody_file, melody_audio, notes, duration, steps, 3.0, melody_guidance, seed, candidates,
+                          top_k, api_name="/generate")
 
 
 def read_wav(path: str) -> np.ndarray:
@@ -122,16 +128,21 @@ def test_retrieve_lists_the_top_k_melodies(client):
     ({"prompt": "   "}, "prompt is empty"),
     ({"notes": "G4:0.5 Q9:1"}, "Could not read your melody (notes)"),
     ({"notes": NOTES, "melody_file": "tune.mid"}, "Give one melody, not several"),
-    ({"duration": 60.0}, "greater than maximum value"),
-    ({"seed": -1}, "less than minimum value"),
-    ({"melody_guidance": -1.0}, "less than minimum value"),
-    ({"melody_guidance": 11.0}, "greater than maximum value"),
+    ({"duration": 60.0}, "Duration (seconds) must be a number between 0.04 and 1.92, got 60.0"),
+    ({"seed": -1}, "Seed must be a number between 0 and 4294967295, got -1"),
+    ({"seed": 1e30}, "Seed must be a number between 0 and 4294967295"),
+    ({"seed": "abc"}, "Seed must be a number between 0 and 4294967295, got 'abc'"),
+    ({"melody_guidance": -1.0}, "Melody strength (0 ignores the melody; higher follows it more tightly) must be a number between 0 and 10"),
+    ({"melody_guidance": 11.0}, "Melody strength (0 ignores the melody; higher follows it more tightly) must be a number between 0 and 10"),
+    ({"notes": "G4:100000"}, "must be a number of seconds in (0, 60]"),
+    ({"prompt": "🎻🎻"}, "has no letter or digit"),
+    ({"prompt": "jig " * 600}, "at most 2000 are allowed"),
 ])
 def test_bad_input_shows_an_error(client, tmp_path, arguments, message):
     if "melody_file" in arguments:
         Melody.from_string(NOTES).to_midi(tmp_path / "tune.mid")
         arguments["melody_file"] = handle_file(str(tmp_path / "tune.mid"))
-    with pytest.raises(AppError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(AppError, match=re.escape(message)):
         generate(client, **arguments)
 
 
@@ -146,6 +157,90 @@ def test_malformed_midi_and_silent_recording_fail_clearly_and_the_next_request_s
         generate(client, melody_audio=handle_file(str(silence)))
     half_second = read_wav(generate(client, duration=0.5)[0])  # the server still serves after the errors
     assert len(half_second) == 8000
+
+
+def post(space_url: str, body: str) -> str:
+    """A raw API call, as any HTTP client may send it (JSON gradio_client would not produce); returns the event stream."""
+    request = urllib.request.Request(space_url + "gradio_api/call/generate", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    event_id = json.load(urllib.request.urlopen(request, timeout=60))["event_id"]
+    return urllib.request.urlopen(f"{space_url}gradio_api/call/generate/{event_id}", timeout=120).read().decode()
+
+
+GOOD_REQUEST = ["A jig", "", None, None, "", 0.5, 2, 3.0, 2.0, 0, 1, 3]
+
+
+def test_no_server_path_is_ever_read(client, space_url):
+    hostname = open("/etc/hostname").read().strip()
+    with pytest.raises(AppError, match="Could not read your melody \\(notes\\): Malformed note '/etc/hostname'") as refused:
+        generate(client, notes="/etc/hostname")
+    assert hostname not in str(refused.value).replace("/etc/hostname", "")
+    for index, path in ((2, os.path.join(ROOT, "samples", "ode-to-joy.mid")), (2, "/etc/hostname"), (3, "/etc/hostname")):
+        data = list(GOOD_REQUEST)
+        data[index] = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        reply = post(space_url, json.dumps({"data": data}))
+        assert "event: error" in reply and "event: complete" not in reply, reply[:300]
+
+
+def test_numbers_json_cannot_carry_safely_are_refused_by_name(space_url):
+    for index, label in ((5, "Duration"), (6, "Denoising steps"), (9, "Seed")):
+        for value in ("NaN", "Infinity", "1e999", '"abc"', "null", "[1]"):
+            data = list(GOOD_REQUEST)
+            data[index] = "@@"
+            reply = post(space_url, json.dumps({"data": data}).replace('"@@"', value))
+            assert "event: error" in reply and label in reply, (label, value, reply[:300])
+
+
+def test_oversized_requests_are_refused_before_they_are_read(space_url):
+    host, port = urllib.parse.urlsplit(space_url).hostname, urllib.parse.urlsplit(space_url).port
+    for path in ("/gradio_api/call/generate", "/gradio_api/upload"):
+        connection = http.client.HTTPConnection(host, port, timeout=60)
+        connection.putrequest("POST", path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(24 * 2**20))
+        connection.endheaders()  # the 24 MB body is never sent: the answer comes first
+        assert connection.getresponse().status == 413
+        connection.close()
+    assert "event: complete" in post(space_url, json.dumps({"data": GOOD_REQUEST}))
+
+
+fields = {
+    "duration": st.one_of(st.floats(-10, 10), st.integers(-(2**40), 2**40), st.text(max_size=5), st.none()),
+    "steps": st.one_of(st.integers(-5, 120), st.floats(-1, 200), st.text(max_size=5), st.none()),
+    "melody_guidance": st.one_of(st.floats(-20, 20), st.text(max_size=5), st.booleans()),
+    "seed": st.one_of(st.integers(-(2**70), 2**70), st.floats(-1e40, 1e40), st.text(max_size=5)),
+    "candidates": st.one_of(st.integers(-3, 10), st.floats(-1, 6)),
+    "top_k": st.one_of(st.integers(-3, 20), st.text(max_size=3)),
+    "notes": st.one_of(st.text(max_size=20), st.sampled_from(["/etc/hostname", "G4:100000", "G4:1e300", "G4:0.25 A4:nan"])),
+    "prompt": st.one_of(st.text(max_size=20), st.sampled_from(["🎻", "\x00", "jig " * 600])),
+}
+LABELS = {"duration": "Duration", "steps": "Denoising steps", "melody_guidance": "Melody strength", "seed": "Seed",
+          "candidates": "Candidates", "top_k": "Retrieved melodies", "notes": "melody", "prompt": "prompt"}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(sorted(fields)).flatmap(lambda name: st.tuples(st.just(name), fields[name])))
+def test_any_field_value_gives_music_or_an_error_naming_the_field(client, field):
+    name, value = field
+    try:
+        result = generate(client, **{"duration": 0.5, name: value})
+    except AppError as error:
+        event(f"{name}: refused")
+        assert LABELS[name].lower() in str(error).lower(), str(error)
+        return
+    event(f"{name}: music")
+    assert np.all(np.isfinite(read_wav(result[0])))
+
+
+def test_after_refused_requests_the_space_gives_bit_identical_music(client, space_url):
+    before = read_wav(generate(client, duration=0.5, seed=5)[0])
+    for bad in ({"seed": 1e30}, {"steps": "abc"}, {"notes": "G4:100000"}, {"notes": "/etc/hostname"}, {"prompt": "🎻"},
+                {"duration": -1}):
+        with pytest.raises(AppError):
+            generate(client, **{"duration": 0.5, **bad})
+    server_file = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}
+    assert "event: error" in post(space_url, json.dumps({"data": [*GOOD_REQUEST[:2], server_file, *GOOD_REQUEST[3:]]}))
+    np.testing.assert_array_equal(read_wav(generate(client, duration=0.5, seed=5)[0]), before)
 
 
 def test_twenty_concurrent_requests_all_return_their_audio(space_url):
