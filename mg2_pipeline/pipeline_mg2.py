@@ -48,6 +48,8 @@ ROLL_CHANNELS = 13
 def melody_channels(aligned_melody: str | None, latent_channels: int) -> int:
     """UNet input channels the aligned melody adds beside the latents."""
     return {None: 0, "sketch": latent_channels, "roll": ROLL_CHANNELS}[aligned_melody]
+
+
 # Lengths beyond this many times the training length are refused: the UNet has never seen them.
 MAX_LENGTH_FACTOR = 3
 MAX_GUIDANCE_SCALE = 100.0
@@ -90,6 +92,14 @@ def check_tensor(name: str, value, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}.")
     if not torch.isfinite(value).all():
         raise ValueError(f"{name} has NaN or infinite values.")
+
+
+def check_embeddings(name: str, value, shape: tuple) -> None:
+    """As `check_tensor`, and every row must have unit length, as CLMP's embeddings have (the UNet knows no others)."""
+    check_tensor(name, value, shape)
+    norms = value.float().norm(dim=-1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-2):
+        raise ValueError(f"{name} must be CLMP embeddings, every row of unit length; got row norms {norms.tolist()[:4]}.")
 
 
 def _copy_module_with_imports(module: str, target_dir: str) -> None:
@@ -360,7 +370,7 @@ class MG2Pipeline(DiffusionPipeline):
         if prompt is not None:
             batch_size = len(self.check_prompt(prompt))
         else:
-            check_tensor("prompt_embeds", prompt_embeds, (None, projection_dim))
+            check_embeddings("prompt_embeds", prompt_embeds, (None, projection_dim))
             batch_size = prompt_embeds.shape[0]
             if not 1 <= batch_size <= MAX_WAVEFORMS:
                 raise ValueError(f"prompt_embeds has {batch_size} rows; between 1 and {MAX_WAVEFORMS} are allowed.")
@@ -377,9 +387,9 @@ class MG2Pipeline(DiffusionPipeline):
         if isinstance(melody, (list, tuple)) and len(melody) != batch_size:
             raise ValueError(f"melody has {len(melody)} entries but prompt has {batch_size}; pass one melody, or one per prompt.")
         if melody_embeds is not None:
-            check_tensor("melody_embeds", melody_embeds, (batch_size, projection_dim))
             if self.config.aligned_melody is not None:
                 raise ValueError("This model follows the melody's notes in time and melody_embeds carry no timing: pass melody=.")
+            check_embeddings("melody_embeds", melody_embeds, (batch_size, projection_dim))
         if self.config.condition == "text" and (melody is not None or melody_embeds is not None):
             raise ValueError("This is a text-only model (condition='text'): it takes no melody or melody_embeds.")
         if melody is None and melody_embeds is None and self.retriever is None and self.config.condition != "text":
@@ -550,7 +560,7 @@ class MG2Pipeline(DiffusionPipeline):
             generator, latents: seeding as in diffusers; the same generator gives identical output. `latents` must be
                 finite and floating point; they are cast to the UNet's dtype.
             retrieval_top_k: retrieved melodies per prompt.
-            prompt_embeds, melody_embeds: precomputed CLMP text / melody embeddings `(batch, projection_dim)`.
+            prompt_embeds, melody_embeds: precomputed CLMP text / melody embeddings `(batch, projection_dim)`, unit rows.
             output_type: "np" or "pt" waveforms, or "latent".
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step; returned tensors replace ours.
 

@@ -42,6 +42,10 @@ def tensors(draw, shape=None):
     return values.to(dtype)
 
 
+def unit_rows(values: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(values, dim=-1) if values.is_floating_point() else values
+
+
 def refused_naming(error: Exception, *names: str) -> None:
     assert any(name.lower() in str(error).lower() for name in names), f"{type(error).__name__} does not name {names}: {error}"
 
@@ -194,8 +198,8 @@ def call_arguments():
         "num_waveforms_per_prompt": st.one_of(numbers, st.integers(0, 5)), "retrieval_top_k": st.one_of(numbers, st.integers(0, 8)),
         "generator": st.one_of(st.just(torch.Generator().manual_seed(0)), st.lists(st.just(torch.Generator()), max_size=3)),
         "latents": st.one_of(tensors(LATENT_SHAPE), tensors(), st.builds(lambda: np.zeros(LATENT_SHAPE))),
-        "prompt_embeds": st.one_of(tensors((1, 32)), tensors()),
-        "melody_embeds": st.one_of(tensors((1, 32)), tensors()),
+        "prompt_embeds": st.one_of(tensors((1, 32)), tensors((1, 32)).map(unit_rows), tensors()),
+        "melody_embeds": st.one_of(tensors((1, 32)), tensors((1, 32)).map(unit_rows), tensors()),
         "output_type": st.one_of(st.sampled_from(["np", "pt", "latent", "wav"]), junk),
         "return_dict": junk,
         "callback_on_step_end": st.sampled_from([lambda *a: None, lambda *a: {}, lambda *a: {"latents": 3}, 5]),

@@ -177,6 +177,28 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
     ({"output_type": "wav"}, "output_type must be one of"),
     ({"generator": [torch.Generator()] * 3}, "generator is a list of 3 generators but 1 waveforms"),
     ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback_on_step_end_tensor_inputs"),
+    # the classes of malformed input the boundary issue found, each now refused before compute
+    ({"guidance_scale": 1e30}, "guidance_scale must be a number between 0 and 100"),
+    ({"num_inference_steps": 10**9}, "num_inference_steps must be an integer between 1 and 1000"),
+    ({"num_inference_steps": 2.0}, "num_inference_steps must be an integer"),
+    ({"latents": torch.full((1, 4, 32, 32), float("nan"))}, "latents has NaN or infinite values"),
+    ({"latents": np.zeros((1, 4, 50, 32))}, "latents must be a floating-point torch.Tensor, got ndarray"),
+    ({"latents": [0.0]}, "latents must be a floating-point torch.Tensor, got list"),
+    ({"prompt": None, "prompt_embeds": torch.full((1, 32), float("nan"))}, "prompt_embeds has NaN or infinite values"),
+    ({"prompt": None, "prompt_embeds": torch.full((1, 32), 1e30)}, "prompt_embeds must be CLMP embeddings, every row of unit length"),
+    ({"melody_embeds": torch.zeros(1, 32)}, "melody_embeds carry no timing"),
+    ({"prompt": "🎻🎻"}, "has no letter or digit"),
+    ({"prompt": "\x01\x02"}, "has no letter or digit"),
+    ({"prompt": "a" * 300}, "every word piece is unknown"),
+    ({"generator": 3}, "generator must be a torch.Generator"),
+    ({"melody": "missing.wav"}, "melody could not be read: No audio file 'missing.wav'"),
+    ({"melody": "/tmp"}, "melody could not be read: '/tmp' is a directory"),
+    ({"melody": np.full(16000, np.nan, np.float32)}, "melody could not be read: The audio has NaN or infinite samples"),
+    ({"melody": np.r_[np.sin(np.arange(16000) / 5), np.inf].astype(np.float32)}, "The audio has NaN or infinite samples"),
+    ({"melody": "G4:100000"}, r"Duration in 'G4:100000' must be a number of seconds in \(0, 60\]"),
+    ({"melody": "G4:1e300"}, r"Duration in 'G4:1e300' must be a number of seconds in \(0, 60\]"),
+    ({"return_dict": "yes"}, "return_dict must be True or False"),
+    ({"callback_on_step_end": "print"}, "callback_on_step_end must be callable"),
 ])
 def test_bad_arguments_raise_before_any_compute(pipe, kwargs, message):
     calls = []
@@ -187,6 +209,18 @@ def test_bad_arguments_raise_before_any_compute(pipe, kwargs, message):
     finally:
         hook.remove()
     assert not calls
+
+
+def test_numpy_numbers_and_float64_latents_are_accepted_and_a_callback_must_return_a_dict(pipe):
+    reference = generate(pipe, seed=1).audios
+    shape = (1, 4, 50, 32)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    as_numpy = generate(pipe, num_inference_steps=np.int64(3), audio_length_in_s=np.float32(1.0), guidance_scale=np.float64(3.0),
+                        seed=1).audios
+    np.testing.assert_array_equal(as_numpy, reference)
+    np.testing.assert_array_equal(generate(pipe, latents=latents.double()).audios, generate(pipe, latents=latents).audios)
+    with pytest.raises(TypeError, match="callback_on_step_end must return a dict"):
+        generate(pipe, callback_on_step_end=lambda *args: None)
 
 
 def test_save_and_reload_is_bit_identical_and_safetensors_only(pipe, tmp_path):
