@@ -42,7 +42,6 @@ def check_output(path: str) -> None:
 
 
 def generate(args) -> None:
-    import numpy as np
     import torch
 
     from .audio import save_audio
@@ -65,8 +64,6 @@ def generate(args) -> None:
     except (ValueError, TypeError) as error:
         raise SystemExit("error: " + FLAG_PATTERN.sub(lambda match: FLAGS[match[1]], str(error))) from None
     waveform = output.audios[0]
-    if not np.all(np.isfinite(waveform)):
-        raise SystemExit("error: the model produced NaN or infinite samples; no file was written.")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_audio(args.output, waveform, output.sampling_rate)

@@ -499,6 +499,14 @@ class MG2Pipeline(DiffusionPipeline):
         audio_embeds = self.clmp.get_audio_features(features["input_features"].to(text_embeds.device, self.clmp.dtype))
         return (audio_embeds * text_embeds).sum(-1).float()
 
+    def check_finite(self, values: torch.Tensor) -> None:
+        """Never return NaN or infinite samples as music: a `ValueError` naming what usually causes them."""
+        if not torch.isfinite(values).all():
+            self.maybe_free_model_hooks()
+            low_precision = "" if self.unet.dtype == torch.float32 else f", or run in float32 rather than {self.unet.dtype}"
+            raise ValueError(f"The generation diverged to NaN or infinite values with guidance_scale={self.guidance_scale} and "
+                             f"melody_guidance_scale={self.melody_guidance_scale}: lower them{low_precision}.")
+
     @property
     def guidance_scale(self) -> float:
         return self._guidance_scale
@@ -662,6 +670,7 @@ class MG2Pipeline(DiffusionPipeline):
                         latents = outputs.pop("latents")
                 progress_bar.update()
 
+        self.check_finite(latents)
         if output_type == "latent":
             self.maybe_free_model_hooks()
             return MG2PipelineOutput(audios=latents, melodies=guiding, sampling_rate=self.sampling_rate) if return_dict else (latents, guiding)
@@ -669,8 +678,7 @@ class MG2Pipeline(DiffusionPipeline):
         # 6. Decode latents to log-mel, 7. vocode to waveforms
         mel = self.decode_latents(latents)
         audio = self.vocoder(mel.to(self.vocoder.dtype)).float()[:, :num_samples]
-        if not torch.isfinite(audio).all():
-            logger.warning("The generated audio has NaN or infinite samples: the model or its dtype is broken for this input.")
+        self.check_finite(audio)
 
         # Re-rank each prompt's candidates by CLMP text–audio similarity, best first.
         if num_waveforms_per_prompt > 1:

@@ -223,6 +223,15 @@ def test_numpy_numbers_and_float64_latents_are_accepted_and_a_callback_must_retu
         generate(pipe, callback_on_step_end=lambda *args: None)
 
 
+def test_a_generation_that_diverges_is_an_error_not_nan_audio(pipe):
+    def explode(pipeline, step, timestep, tensors):
+        return {"latents": tensors["latents"] * 1e30} if step == 0 else {}
+
+    for output_type in ("np", "latent"):
+        with pytest.raises(ValueError, match="diverged to NaN or infinite values with guidance_scale=3.0"):
+            generate(pipe, callback_on_step_end=explode, output_type=output_type)
+
+
 def test_save_and_reload_is_bit_identical_and_safetensors_only(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "mg2")
     files = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "mg2") for name in names]
