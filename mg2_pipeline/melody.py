@@ -468,6 +468,9 @@ class Melody:
     def to_pitch_class_roll(self, num_frames: int, frames_per_second: float) -> np.ndarray:
         """`(13, num_frames)` float32: a one-hot pitch class per sounding frame (12 channels) and the pitch height
         `(pitch - 60) / 24` (channel 12); all zero where no note sounds. Notes past the last frame are cut."""
+        _check_count("num_frames", num_frames, int(MAX_MELODY_SECONDS * 1000))
+        if isinstance(frames_per_second, bool) or not (isinstance(frames_per_second, numbers.Real) and 0 < frames_per_second <= 1000):
+            raise ValueError(f"frames_per_second must be a number in (0, 1000], got {frames_per_second!r}.")
         roll = np.zeros((13, num_frames), dtype=np.float32)
         for pitch, onset, offset in self.notes:
             start = int(round(onset * frames_per_second))
@@ -517,6 +520,9 @@ class Melody:
     def render_tones(self, num_samples: int, sample_rate: int = 16000, harmonics: int = 6) -> np.ndarray:
         """The melody as plain harmonic tones (partial k at amplitude 1/k, 10 ms fades), `num_samples` float32 samples;
         notes past the end are cut. This is the "melody sketch" MG2's aligned condition is made from."""
+        _check_count("sample_rate", sample_rate, 384_000)
+        _check_count("num_samples", num_samples, int(MAX_MELODY_SECONDS * sample_rate))
+        _check_count("harmonics", harmonics, 64)
         audio = np.zeros(num_samples, dtype=np.float64)
         fade = max(1, int(0.01 * sample_rate))
         partials = np.arange(1, harmonics + 1)
@@ -613,6 +619,11 @@ def onset_priority_line(notes: Sequence[Sequence[float]], chord_tolerance_s: flo
     for previous, following in zip(kept, kept[1:]):
         previous[2] = min(previous[2], following[1])
     return np.array([note for note in kept if note[2] > note[1]], dtype=np.float64).reshape(-1, 3)
+
+
+def _check_count(name: str, value, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= high:
+        raise ValueError(f"{name} must be an integer between 1 and {high}, got {value!r}.")
 
 
 def _check_text_length(text: str) -> None:

@@ -114,14 +114,16 @@ def test_melody_load_is_valid_or_refused(source):
 
 
 @settings(max_examples=300, deadline=None)
-@given(method=st.sampled_from(["fit_to", "stretch", "transpose", "to_piano_roll", "slice"]),
+@given(method=st.sampled_from(["fit_to", "stretch", "transpose", "to_piano_roll", "slice", "render_tones", "to_pitch_class_roll"]),
        value=st.one_of(junk, st.floats(-5, 700), st.integers(-130, 130)), other=st.one_of(junk, st.floats(-5, 700)))
 def test_melody_methods_refuse_bad_arguments_by_name(method, value, other):
     melody = Melody.from_string("G4:0.5 A4:0.25 R:0.25 B4:1")
     names = {"fit_to": ("seconds", "Looping"), "stretch": ("factor", "melody"), "transpose": ("semitones", "Transposing"),
-             "to_piano_roll": ("frames_per_second",), "slice": ("slice", "Empty melody")}[method]
+             "to_piano_roll": ("frames_per_second",), "slice": ("slice", "Empty melody"),
+             "render_tones": ("num_samples", "sample_rate"), "to_pitch_class_roll": ("num_frames", "frames_per_second")}[method]
+    two_arguments = method in ("slice", "render_tones", "to_pitch_class_roll")
     try:
-        result = getattr(melody, method)(value, other) if method == "slice" else getattr(melody, method)(value)
+        result = getattr(melody, method)(value, other) if two_arguments else getattr(melody, method)(value)
     except REFUSED as error:
         event(f"{method}: refused")
         refused_naming(error, *names)
