@@ -100,24 +100,17 @@ class RequestSizeLimit:
         return await self.app(scope, bounded_receive, send)
 
 
-class Slider(gr.Slider):
-    """A slider whose value, also when sent through the API, must be a number in its range (an integer when
-    `precision=0`); otherwise the visitor is told which control and what range. Gradio's own check fails on text
-    with an error that names nothing."""
+def bounded(control):
+    """`control` (a `gr.Slider` or `gr.Number`) refusing any value outside its range, also one sent through the API,
+    with its label and range: Gradio's own check fails on text with an error that names nothing. (A subclass
+    would make Gradio write a `.pyi` stub beside this file.)"""
+    preprocess = control.preprocess
 
-    is_template = True  # rendered as gr.Slider
+    def checked_preprocess(payload):
+        return preprocess(checked_field(control.label, payload, control.minimum, control.maximum, control.precision == 0))
 
-    def preprocess(self, payload):
-        return super().preprocess(checked_field(self.label, payload, self.minimum, self.maximum, self.precision == 0))
-
-
-class Number(gr.Number):
-    """A number box with the same check as `Slider`."""
-
-    is_template = True  # rendered as gr.Number
-
-    def preprocess(self, payload):
-        return super().preprocess(checked_field(self.label, payload, self.minimum, self.maximum, self.precision == 0))
+    control.preprocess = checked_preprocess
+    return control
 
 
 def checked_field(label: str, value, low: float, high: float, integer: bool):
@@ -260,16 +253,16 @@ def build_demo() -> gr.Blocks:
                         melody_audio = gr.Audio(label="Hum, sing or play it (transcribed)", sources=["upload", "microphone"],
                                                 type="filepath", format=None)
                 with gr.Accordion("Settings", open=False):
-                    duration = Slider(min_seconds, 3 * PIPE.default_audio_length_in_s, value=PIPE.default_audio_length_in_s,
-                                      step=min_seconds, label="Duration (seconds)")
-                    steps = Slider(1, MAX_STEPS, value=25, step=1, precision=0, label="Denoising steps")
-                    guidance = Slider(0, 10, value=3.0, step=0.1, label="Text guidance scale")
-                    melody_guidance = Slider(0, 10, value=DEFAULT_MELODY_GUIDANCE_SCALE, step=0.1,
-                                             label="Melody strength (0 ignores the melody; higher follows it more tightly)")
-                    seed = Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
-                    candidates = Slider(1, MAX_CANDIDATES, value=1, step=1, precision=0,
-                                        label="Candidates (generated, best kept by CLMP text–audio score)")
-                    top_k = Slider(1, MAX_TOP_K, value=5, step=1, precision=0, label="Retrieved melodies to list")
+                    duration = bounded(gr.Slider(min_seconds, 3 * PIPE.default_audio_length_in_s, step=min_seconds,
+                                                 value=PIPE.default_audio_length_in_s, label="Duration (seconds)"))
+                    steps = bounded(gr.Slider(1, MAX_STEPS, value=25, step=1, precision=0, label="Denoising steps"))
+                    guidance = bounded(gr.Slider(0, 10, value=3.0, step=0.1, label="Text guidance scale"))
+                    melody_guidance = bounded(gr.Slider(0, 10, value=DEFAULT_MELODY_GUIDANCE_SCALE, step=0.1,
+                                                        label="Melody strength (0 ignores the melody; higher follows it more tightly)"))
+                    seed = bounded(gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"))
+                    candidates = bounded(gr.Slider(1, MAX_CANDIDATES, value=1, step=1, precision=0,
+                                                   label="Candidates (generated, best kept by CLMP text–audio score)"))
+                    top_k = bounded(gr.Slider(1, MAX_TOP_K, value=5, step=1, precision=0, label="Retrieved melodies to list"))
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary")
                     retrieve_button = gr.Button("Find melodies only")
