@@ -100,7 +100,7 @@ class Melody:
     def __init__(self, notes: np.ndarray):
         try:
             notes = np.asarray(notes, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TypeError("notes must be numbers: rows of (midi_pitch, onset_s, offset_s).") from None
         if notes.size % 3 or notes.ndim > 2 or (notes.ndim == 2 and notes.shape[1] != 3):
             raise ValueError(f"notes must have shape (n, 3): rows of (midi_pitch, onset_s, offset_s), got {notes.shape}.")
@@ -302,7 +302,7 @@ class Melody:
             stream = parts[part]
         flat = stream.stripTies().flatten()
         if bpm is not None:
-            if isinstance(bpm, bool) or not (isinstance(bpm, numbers.Real) and math.isfinite(bpm) and bpm > 0):
+            if isinstance(bpm, bool) or not (isinstance(bpm, numbers.Real) and 0 < bpm < math.inf):
                 raise ValueError(f"bpm must be a finite number > 0, got {bpm!r}.")
             seconds_per_quarter = 60.0 / bpm
             events = [(element, float(element.offset) * seconds_per_quarter, float(element.quarterLength) * seconds_per_quarter)
@@ -329,7 +329,10 @@ class Melody:
         """
         import librosa
 
-        waveform = np.asarray(waveform, dtype=np.float32)
+        try:
+            waveform = np.asarray(waveform, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError("waveform must be an array of samples.") from None
         if waveform.ndim == 2:
             waveform = waveform.mean(axis=0 if waveform.shape[0] < waveform.shape[1] else 1)
         if waveform.ndim != 1 or waveform.size == 0:
@@ -456,8 +459,7 @@ class Melody:
 
     def to_piano_roll(self, frames_per_second: float = 100) -> np.ndarray:
         """Binary piano roll, shape `(128, ceil(duration × fps))`, float32."""
-        if isinstance(frames_per_second, bool) or not (isinstance(frames_per_second, numbers.Real) and 0 < frames_per_second <= 1000):
-            raise ValueError(f"frames_per_second must be a number in (0, 1000], got {frames_per_second!r}.")
+        _check_frames_per_second(frames_per_second)
         roll = np.zeros((MAX_MIDI_PITCH + 1, int(math.ceil(self.duration * frames_per_second))), dtype=np.float32)
         for pitch, onset, offset in self.notes:
             start = int(round(onset * frames_per_second))
@@ -469,8 +471,7 @@ class Melody:
         """`(13, num_frames)` float32: a one-hot pitch class per sounding frame (12 channels) and the pitch height
         `(pitch - 60) / 24` (channel 12); all zero where no note sounds. Notes past the last frame are cut."""
         _check_count("num_frames", num_frames, int(MAX_MELODY_SECONDS * 1000))
-        if isinstance(frames_per_second, bool) or not (isinstance(frames_per_second, numbers.Real) and 0 < frames_per_second <= 1000):
-            raise ValueError(f"frames_per_second must be a number in (0, 1000], got {frames_per_second!r}.")
+        _check_frames_per_second(frames_per_second)
         roll = np.zeros((13, num_frames), dtype=np.float32)
         for pitch, onset, offset in self.notes:
             start = int(round(onset * frames_per_second))
@@ -482,8 +483,8 @@ class Melody:
 
     def transpose(self, semitones: int) -> "Melody":
         """Shift every pitch; raises `ValueError` if a note would leave the MIDI range."""
-        if isinstance(semitones, bool) or not isinstance(semitones, numbers.Integral):
-            raise ValueError(f"semitones must be an integer, got {semitones!r}.")
+        if isinstance(semitones, bool) or not isinstance(semitones, numbers.Integral) or abs(semitones) > MAX_MIDI_PITCH:
+            raise ValueError(f"semitones must be an integer between -{MAX_MIDI_PITCH} and {MAX_MIDI_PITCH}, got {semitones!r}.")
         notes = self.notes.copy()
         notes[:, 0] += int(semitones)
         if notes[:, 0].min() < 0 or notes[:, 0].max() > MAX_MIDI_PITCH:
@@ -495,8 +496,10 @@ class Melody:
 
     def stretch(self, factor: float) -> "Melody":
         """Every onset and offset times `factor` (2.0 plays at half the tempo)."""
-        if isinstance(factor, bool) or not (isinstance(factor, numbers.Real) and math.isfinite(factor) and factor > 0):
-            raise ValueError(f"factor must be a finite number > 0, got {factor!r}.")
+        longest = MAX_MELODY_SECONDS / self.duration
+        if isinstance(factor, bool) or not (isinstance(factor, numbers.Real) and 0 < factor <= longest):
+            raise ValueError(f"factor must be a number in (0, {longest:.6g}] for this {self.duration:.6g} s melody "
+                             f"(a melody may last at most {MAX_MELODY_SECONDS:g} s), got {factor!r}.")
         notes = self.notes.copy()
         notes[:, 1:] *= factor
         try:
@@ -540,10 +543,10 @@ class Melody:
 
     def slice(self, start_s: float, end_s: float) -> "Melody":
         """Notes sounding in `[start_s, end_s)`, cut to the window and re-timed so it starts at 0 s."""
-        if not (isinstance(start_s, numbers.Real) and isinstance(end_s, numbers.Real) and 0 <= start_s < end_s):
+        if not (isinstance(start_s, numbers.Real) and isinstance(end_s, numbers.Real) and 0 <= _float(start_s) < _float(end_s)):
             raise ValueError(f"slice needs 0 <= start_s < end_s, got start_s={start_s}, end_s={end_s}.")
-        onsets = np.maximum(self.onsets, start_s)
-        offsets = np.minimum(self.offsets, end_s)
+        onsets = np.maximum(self.onsets, min(_float(start_s), self.duration))
+        offsets = np.minimum(self.offsets, min(_float(end_s), self.duration))
         keep = offsets > onsets
         if not np.any(keep):
             raise ValueError(f"Empty melody: no note sounds between {start_s} s and {end_s} s.")
@@ -624,6 +627,19 @@ def onset_priority_line(notes: Sequence[Sequence[float]], chord_tolerance_s: flo
 def _check_count(name: str, value, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= high:
         raise ValueError(f"{name} must be an integer between 1 and {high}, got {value!r}.")
+
+
+def _float(value: numbers.Real) -> float:
+    """`float(value)`, with ±infinity for an int too large for a float."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _check_frames_per_second(value) -> None:
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 < value <= 1000):
+        raise ValueError(f"frames_per_second must be a number in (0, 1000], got {value!r}.")
 
 
 def _check_text_length(text: str) -> None:

@@ -267,7 +267,7 @@ def test_stretch_rescales_timing_only():
     slower = melody.stretch(2.0)
     assert slower.pitches.tolist() == [67, 69]
     np.testing.assert_allclose(slower.notes[:, 1:], [[0, 1.0], [1.0, 1.5]])
-    with pytest.raises(ValueError, match="factor must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"factor must be a number in \(0, "):
         melody.stretch(0)
 
 
