@@ -29,7 +29,7 @@ from PIL import Image
 from gradio.utils import get_upload_folder
 from starlette.middleware import Middleware
 
-from mg2_pipeline import MG2Pipeline, Melody
+from mg2_pipeline import MG2Pipeline, Melody, load_audio
 from mg2_pipeline.melody import AUDIO_EXTENSIONS, MAX_MELODY_TEXT_CHARACTERS
 from mg2_pipeline.plotting import figure_to_png, plot_piano_roll, plot_spectrogram
 from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE, MAX_PROMPT_CHARACTERS, check_number
@@ -44,6 +44,7 @@ MAX_TOP_K = 10
 MAX_STEPS = 100
 MAX_SEED = 2**32 - 1
 MAX_FILE_SIZE = "20mb"
+MAX_RECORDING_SECONDS = 60
 MAX_REQUEST_BYTES = 21 * 2**20  # an upload of MAX_FILE_SIZE and its form fields; API JSON is a few kB
 SCORE_FILE_TYPES = [".mid", ".midi", ".xml", ".musicxml", ".mxl", ".abc", ".krn"]
 RETRIEVED_COLUMNS = ["rank", "id", "title", "source", "similarity", "first notes (paste into Notes to edit)"]
@@ -146,6 +147,8 @@ def read_melody(melody_file: str | None, melody_audio: str | None, melody_notes:
     if kind != "notes":
         uploaded(value, f"melody {kind}", SCORE_FILE_TYPES if kind == "score file" else AUDIO_EXTENSIONS)
     try:
+        if kind == "audio":  # transcription costs time in proportion: a visitor gets at most a minute of it
+            return Melody.from_audio(load_audio(value, PIPE.sampling_rate, max_seconds=MAX_RECORDING_SECONDS), PIPE.sampling_rate)
         return Melody.from_text(value) if kind == "notes" else Melody.load(value, sample_rate=PIPE.sampling_rate)
     except (ValueError, TypeError, OSError) as error:
         message = str(error) if kind == "notes" else str(error).replace(value, os.path.basename(value))  # no server paths

@@ -155,6 +155,10 @@ def test_malformed_midi_and_silent_recording_fail_clearly_and_the_next_request_s
     sf.write(silence, np.zeros(16000, dtype=np.float32), 16000)
     with pytest.raises(AppError, match="silent"):
         generate(client, melody_audio=handle_file(str(silence)))
+    long_recording = tmp_path / "long.wav"
+    sf.write(long_recording, 0.3 * np.sin(np.arange(61 * 16000) * 2 * np.pi * 440 / 16000).astype(np.float32), 16000)
+    with pytest.raises(AppError, match=r"lasts 61.0 s; at most 60 s are allowed"):
+        generate(client, melody_audio=handle_file(str(long_recording)))
     half_second = read_wav(generate(client, duration=0.5)[0])  # the server still serves after the errors
     assert len(half_second) == 8000
 
