@@ -1,7 +1,7 @@
 """`mg2` command line: generate music from a prompt; push a checkpoint to the Hub and pull one from it.
 
     mg2 generate "a lively Irish jig on fiddle" --output jig.wav [--melody tune.mid | --melody "G4:0.5 A4:0.5"]
-                 [--seed 0] [--steps 25] [--duration 10.24] [--guidance 3.0] [--melody-guidance 3.0]
+                 [--seed 0] [--steps 25] [--duration 10.24] [--guidance 3.0] [--melody-guidance 3.0] [--no-prompt-facts]
                  [--model checkpoints/mg2-small]
     mg2 push checkpoints/mg2-small org/mg2-small [--private] [--revision BRANCH]
     mg2 pull org/mg2-small [--revision REV]
@@ -59,7 +59,7 @@ def generate(args) -> None:
     try:
         output = pipe(args.prompt, negative_prompt=args.negative_prompt, melody=args.melody, audio_length_in_s=args.duration,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      melody_guidance_scale=args.melody_guidance,
+                      melody_guidance_scale=args.melody_guidance, match_prompt_facts=not args.no_prompt_facts,
                       generator=torch.Generator().manual_seed(args.seed))
     except (ValueError, TypeError) as error:
         raise SystemExit("error: " + FLAG_PATTERN.sub(lambda match: FLAGS[match[1]], str(error))) from None
@@ -73,8 +73,11 @@ def generate(args) -> None:
     if guide.id is None:
         print(f"Melody: yours ({guide.melody})")
     else:
-        print(f"Melody: retrieved #{guide.id} {guide.metadata.get('title', '')!r} "
-              f"from {guide.metadata.get('source', '?')} (similarity {guide.score:.3f}): {guide.melody}")
+        facts = ", ".join(f"{name.replace('_', ' ')} {guide.metadata[name]}" for name in ("tune_type", "meter", "key")
+                          if guide.metadata.get(name))
+        matched = ", ".join(guide.metadata.get("matched_facts", {}).values()) or "nothing it names"
+        print(f"Melody: retrieved #{guide.id} {guide.metadata.get('title', '')!r} from {guide.metadata.get('source', '?')} "
+              f"({facts}; similarity {guide.score:.3f}; matches the prompt's {matched}): {guide.melody}")
     print(f"Wrote {args.output} ({len(waveform) / output.sampling_rate:.2f} s at {output.sampling_rate} Hz)")
 
 
@@ -113,6 +116,8 @@ def main(argv=None) -> None:
     gen.add_argument("--guidance", type=float, default=3.0, help="Text guidance scale.")
     gen.add_argument("--melody-guidance", dest="melody_guidance", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE,
                      help="Melody guidance scale: 0 ignores the melody, larger follows it more tightly.")
+    gen.add_argument("--no-prompt-facts", dest="no_prompt_facts", action="store_true",
+                     help="Retrieve the nearest melody only, ignoring the tune type, meter and key the prompt names.")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="A pipeline folder, a Hub repo id, or preset:tiny|small.")
     gen.set_defaults(run=generate)
     push_parser = commands.add_parser("push", help="Upload a saved pipeline or model folder to a Hub model repo.")

@@ -37,6 +37,8 @@ def mg2_features():
             "source": Value("string"),
             "key": Value("string"),
             "tempo_bpm": Value("float32"),
+            "meter": Value("string"),
+            "tune_type": Value("string"),
             "programs": List(Value("int32")),
         }
     )

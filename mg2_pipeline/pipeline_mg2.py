@@ -358,8 +358,9 @@ class MG2Pipeline(DiffusionPipeline):
         return list(prompts)
 
     def check_inputs(self, prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps, guidance_scale,
-                     melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, generator, latents, prompt_embeds,
-                     melody_embeds, output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs) -> int:
+                     melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, match_prompt_facts, generator, latents,
+                     prompt_embeds, melody_embeds, output_type, return_dict, callback_on_step_end,
+                     callback_on_step_end_tensor_inputs) -> int:
         """Validate every argument before any compute; returns the batch size. Wrong types raise `TypeError`, wrong
         values (non-finite, out of range, mismatched sizes) `ValueError`; each message names the argument."""
         projection_dim = self.clmp.config.projection_dim
@@ -416,8 +417,9 @@ class MG2Pipeline(DiffusionPipeline):
             check_tensor("latents", latents, self.latent_shape(num_waveforms, self.mel_frames(length)))
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if not isinstance(return_dict, bool):
-            raise TypeError(f"return_dict must be True or False, got {return_dict!r}.")
+        for name, flag in (("return_dict", return_dict), ("match_prompt_facts", match_prompt_facts)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}.")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}.")
         names = callback_on_step_end_tensor_inputs
@@ -541,6 +543,7 @@ class MG2Pipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         retrieval_top_k: int = 1,
+        match_prompt_facts: bool = True,
         prompt_embeds: torch.Tensor | None = None,
         melody_embeds: torch.Tensor | None = None,
         output_type: str = "np",
@@ -568,6 +571,9 @@ class MG2Pipeline(DiffusionPipeline):
             generator, latents: seeding as in diffusers; the same generator gives identical output. `latents` must be
                 finite and floating point; they are cast to the UNet's dtype.
             retrieval_top_k: retrieved melodies per prompt.
+            match_prompt_facts: retrieve among the melodies whose tune type, meter and key match what the prompt names
+                (`MelodyRetriever.search_matching`, falling back fact by fact to plain nearest-neighbour search);
+                each guide's `metadata["matched_facts"]` says which. False: nearest neighbours only.
             prompt_embeds, melody_embeds: precomputed CLMP text / melody embeddings `(batch, projection_dim)`, unit rows.
             output_type: "np" or "pt" waveforms, or "latent".
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step; returned tensors replace ours.
@@ -578,8 +584,8 @@ class MG2Pipeline(DiffusionPipeline):
         # 1. Check inputs
         batch_size = self.check_inputs(prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps,
                                        guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k,
-                                       generator, latents, prompt_embeds, melody_embeds, output_type, return_dict,
-                                       callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                       match_prompt_facts, generator, latents, prompt_embeds, melody_embeds, output_type,
+                                       return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs)
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
         audio_length_in_s = audio_length_in_s or self.default_audio_length_in_s
         height = self.mel_frames(audio_length_in_s)
@@ -595,7 +601,8 @@ class MG2Pipeline(DiffusionPipeline):
             prompt_embeds = self.encode_text(prompts, device)
         prompt_embeds = prompt_embeds.to(device)
 
-        # 3. Retrieve a melody per waveform (or take the user's); retrieved ones follow the tempo the prompt names
+        # 3. Retrieve a melody per waveform (or take the user's), of the tune type, meter and key the prompt names when the
+        # index has such melodies; retrieved ones follow the tempo the prompt names
         if self.config.condition == "text":
             guiding = [None] * num_waveforms
             melody_embeds = prompt_embeds.repeat_interleave(num_waveforms_per_prompt, dim=0)
@@ -607,7 +614,10 @@ class MG2Pipeline(DiffusionPipeline):
                        for m in user_melodies for _ in range(num_waveforms_per_prompt)]
             melody_embeds = self.encode_melody(user_melodies, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
         else:
-            hits = self.retriever.search(prompt_embeds, k=retrieval_top_k)
+            if match_prompt_facts and prompts:
+                hits = self.retriever.search_matching(prompt_embeds, prompts, k=retrieval_top_k)
+            else:
+                hits = self.retriever.search(prompt_embeds, k=retrieval_top_k)
             choice = [(row, candidate % retrieval_top_k) for row in range(batch_size) for candidate in range(num_waveforms_per_prompt)]
             guiding = [self.follow_prompt_tempo(hits.melodies[row][rank], prompts[row] if prompts else None) for row, rank in choice]
             melody_embeds = torch.from_numpy(np.stack([hits.embeddings[row, rank] for row, rank in choice])).to(device)

@@ -83,6 +83,8 @@ PRESET_MELODIES = {
     "Drunken Sailor (shanty)": "A4:0.25 A4:0.125 A4:0.125 A4:0.25 A4:0.125 A4:0.125 A4:0.25 D4:0.25 F4:0.25 A4:0.25",
     "Bach chorale (hymn)": "G4:0.75 G4:0.75 D5:0.75 B4:0.75 C5:0.75 B4:0.75 A4:1.5",
 }
+# The preset melodies' metadata: the type in each title's brackets, and its meter.
+PRESET_METERS = {"jig": "6/8", "air": "3/4", "anthem": "4/4", "ballad": "6/8", "shanty": "2/4", "hymn": "4/4"}
 
 
 def unet_config(name: str, projection_dim: int, aligned_melody: str | None = None) -> dict:
@@ -175,7 +177,10 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
         encoded = processor(melody=melodies, return_tensors="pt")
         with torch.no_grad():
             embeddings = clmp.get_melody_features(encoded["melody_input_ids"], encoded["melody_attention_mask"])
-        retriever.add(embeddings, melodies, [{"title": title, "source": "preset"} for title in PRESET_MELODIES])
+        tune_types = [title[title.index("(") + 1:-1] for title in PRESET_MELODIES]
+        retriever.add(embeddings, melodies, [{"title": title, "source": "preset", "tune_type": tune_type,
+                                              "meter": PRESET_METERS[tune_type]}
+                                             for title, tune_type in zip(PRESET_MELODIES, tune_types)])
     return MG2Pipeline(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler, vae=vae,
                        vocoder=vocoder if vocoder is not None else GriffinLimVocoder(), aligned_melody=aligned_melody)
 

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -40,6 +41,22 @@ CONFIG_NAME = "config.json"
 # Filtered searches whose eligible set is at most this large are answered exactly by brute force:
 # cheaper than walking the graph with a Python filter, and never short of results.
 EXACT_SEARCH_MAX_CANDIDATES = 4096
+# Facts a prompt may name that the melody metadata records, in the order `search_matching` keeps them: when no
+# melody matches them all it gives up the key first, then the meter; the tune type last.
+PROMPT_FACTS = ("tune_type", "meter", "key")
+METER_PATTERN = re.compile(r"\b(\d{1,2})\s*/\s*(\d{1,2})\b")
+KEY_PATTERN = re.compile(r"\b([A-G])(#|♯|b|♭|-sharp| sharp|-flat| flat)?\s+(major|minor)\b", re.IGNORECASE)
+PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+
+
+def key_class(text: str) -> tuple[int, str] | None:
+    """`(tonic pitch class, mode)` of the first key named in `text` ("D major", "B flat minor", "F# major"), or None."""
+    match = KEY_PATTERN.search(text)
+    if match is None:
+        return None
+    accidental = (match[2] or "").strip(" -").lower()
+    shift = 1 if accidental in ("#", "♯", "sharp") else -1 if accidental in ("b", "♭", "flat") else 0
+    return (PITCH_CLASSES[match[1].upper()] + shift) % 12, match[3].lower()
 
 
 def clmp_fingerprint(clmp: torch.nn.Module) -> dict[str, str]:
@@ -277,16 +294,66 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             return [{int(i) for i in item} for item in exclude_ids]
         return [{int(i) for i in exclude_ids}] * batch
 
+    def _column(self, key: str) -> np.ndarray:
+        if key not in self._column_cache:
+            self._column_cache[key] = np.array([m.get(key) for m in self._metadata], dtype=object)
+        return self._column_cache[key]
+
     def _where_mask(self, where: dict[str, Any] | None) -> np.ndarray | None:
         if not where:
             return None
         mask = np.ones(len(self), dtype=bool)
         for key, wanted in where.items():
-            if key not in self._column_cache:
-                self._column_cache[key] = np.array([m.get(key) for m in self._metadata], dtype=object)
-            values = self._column_cache[key]
+            values = self._column(key)
             mask &= np.isin(values, list(wanted)) if isinstance(wanted, (list, tuple, set)) else values == wanted
         return mask
+
+    def count(self, where: dict[str, Any] | None = None) -> int:
+        """Melodies whose metadata match `where` (as in `search`)."""
+        with self._lock.reading():
+            mask = self._where_mask(where)
+            return len(self) if mask is None else int(np.count_nonzero(mask))
+
+    def prompt_facts(self, prompt: str) -> dict[str, str]:
+        """The tune type, meter and key `prompt` names, spelled as this index stores them; only facts some stored
+        melody has. "A lively Irish jig in 6/8 time, in D major" → `{"tune_type": "jig", "meter": "6/8", "key": "D major"}`."""
+        with self._lock.reading():
+            known = {name: {value for value in self._column(name) if value} for name in PROMPT_FACTS}
+        facts = {}
+        for tune_type in sorted(known["tune_type"], key=len, reverse=True):  # "slip jig" before "jig"
+            if re.search(rf"\b{re.escape(tune_type.lower())}(e?s)?\b", prompt.lower()):
+                facts["tune_type"] = tune_type
+                break
+        meter = METER_PATTERN.search(prompt)
+        if meter and f"{int(meter[1])}/{int(meter[2])}" in known["meter"]:
+            facts["meter"] = f"{int(meter[1])}/{int(meter[2])}"
+        wanted_key = key_class(prompt)
+        spellings = [key for key in sorted(known["key"]) if wanted_key is not None and key_class(key) == wanted_key]
+        if spellings:
+            facts["key"] = spellings[0]
+        return facts
+
+    def search_matching(self, query_embeddings: np.ndarray | torch.Tensor, prompts: Sequence[str], k: int = 1) -> RetrievalOutput:
+        """`search`, preferring for each query the melodies whose metadata match what its prompt names
+        (`prompt_facts`): the nearest among those matching every fact, else all but the key, else the tune type
+        alone, else any melody. Each hit's metadata gains `matched_facts`, the facts it was chosen by ({} if none)."""
+        queries = self._as_queries(query_embeddings, "query_embeddings")
+        if len(prompts) != len(queries):
+            raise ValueError(f"prompts has {len(prompts)} entries but query_embeddings has {len(queries)} rows.")
+        rows = []
+        for query, prompt in zip(queries, prompts):
+            facts = self.prompt_facts(prompt)
+            names = [name for name in PROMPT_FACTS if name in facts]
+            while names and self.count({name: facts[name] for name in names}) < k:
+                names.pop()
+            where = {name: facts[name] for name in names}
+            row = self.search(query, k=k, where=where or None)
+            for hit in row.melodies[0]:
+                hit.metadata["matched_facts"] = where
+            rows.append(row)
+        return RetrievalOutput(ids=np.concatenate([row.ids for row in rows]), scores=np.concatenate([row.scores for row in rows]),
+                               embeddings=np.concatenate([row.embeddings for row in rows]),
+                               melodies=[row.melodies[0] for row in rows])
 
     def _filtered_knn(self, query: np.ndarray, k: int, allowed: np.ndarray | None, excluded: set[int]):
         mask = np.ones(len(self), dtype=bool) if allowed is None else allowed.copy()

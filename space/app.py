@@ -47,7 +47,8 @@ MAX_FILE_SIZE = "20mb"
 MAX_RECORDING_SECONDS = 60
 MAX_REQUEST_BYTES = 21 * 2**20  # an upload of MAX_FILE_SIZE and its form fields; API JSON is a few kB
 SCORE_FILE_TYPES = [".mid", ".midi", ".xml", ".musicxml", ".mxl", ".abc", ".krn"]
-RETRIEVED_COLUMNS = ["rank", "id", "title", "source", "similarity", "first notes (paste into Notes to edit)"]
+RETRIEVED_COLUMNS = ["rank", "id", "title", "type", "meter", "source", "similarity", "matches the prompt's",
+                     "first notes (paste into Notes to edit)"]
 EXAMPLES = [
     ["A lively Irish jig played on fiddle at 120 BPM in D major", ""],
     ["A gentle waltz on accordion with bass and chords at 90 BPM", ""],
@@ -155,11 +156,13 @@ def read_melody(melody_file: str | None, melody_audio: str | None, melody_notes:
         raise gr.Error(f"Could not read your melody ({kind}): {message}") from None
 
 
-def retrieved_table(prompt_embeds: torch.Tensor, top_k: int) -> list[list]:
+def retrieved_table(prompt: str, top_k: int) -> list[list]:
+    """The melodies the pipeline would retrieve for `prompt`, best first (matching the facts the prompt names)."""
     if PIPE.retriever is None or len(PIPE.retriever) == 0:
         return []
-    hits = PIPE.retriever.search(prompt_embeds, k=min(top_k, len(PIPE.retriever)))
-    return [[rank, hit.id, hit.metadata.get("title", ""), hit.metadata.get("source", ""), round(hit.score, 3),
+    hits = PIPE.retriever.search_matching(PIPE.encode_text([prompt], PIPE.device), [prompt], k=min(top_k, len(PIPE.retriever)))
+    return [[rank, hit.id, hit.metadata.get("title", ""), hit.metadata.get("tune_type", ""), hit.metadata.get("meter", ""),
+             hit.metadata.get("source", ""), round(hit.score, 3), ", ".join(hit.metadata["matched_facts"].values()),
              hit.melody.to_note_string(max_notes=8)] for rank, hit in enumerate(hits.melodies[0], start=1)]
 
 
@@ -179,7 +182,10 @@ def describe_melody(guide) -> str:
         return f"**Your melody** · {shape}"
     details = [f"**{guide.metadata.get('title') or 'Untitled'}**", f"retrieved melody #{guide.id}",
                f"source: {guide.metadata.get('source', 'unknown')}", f"similarity {guide.score:.3f}", shape]
-    details += [f"{key}: {guide.metadata[key]}" for key in ("key", "tempo") if guide.metadata.get(key)]
+    details += [f"{key.replace('_', ' ')}: {guide.metadata[key]}" for key in ("tune_type", "meter", "key", "tempo_bpm")
+                if guide.metadata.get(key)]
+    if guide.metadata.get("matched_facts"):
+        details.append("matches the prompt's " + ", ".join(guide.metadata["matched_facts"].values()))
     return " · ".join(details)
 
 
@@ -198,8 +204,7 @@ def as_image(figure) -> Image.Image:
 
 def retrieve(prompt: str, top_k: float):
     """The melodies the index returns for a prompt, best first."""
-    prompt = check_prompt(prompt)
-    return retrieved_table(PIPE.encode_text([prompt], PIPE.device), int(top_k))
+    return retrieved_table(check_prompt(prompt), int(top_k))
 
 
 def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_audio: str | None, melody_notes: str,
@@ -211,14 +216,13 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     candidates = int(candidates)
     pipe = WORKERS.get()
     try:
-        prompt_embeds = pipe.encode_text([prompt], pipe.device)  # once: for generation and for the retrieval table
-        output = pipe(prompt_embeds=prompt_embeds, negative_prompt=(negative_prompt or "").strip() or None, melody=melody,
+        output = pipe(prompt, negative_prompt=(negative_prompt or "").strip() or None, melody=melody,
                       audio_length_in_s=float(duration), num_inference_steps=int(steps), guidance_scale=float(guidance),
                       melody_guidance_scale=float(melody_guidance),
                       num_waveforms_per_prompt=candidates,
                       retrieval_top_k=min(candidates, len(pipe.retriever)) if pipe.retriever is not None else 1,
                       generator=torch.Generator().manual_seed(int(seed)))
-        table = retrieved_table(prompt_embeds, int(top_k))
+        table = retrieved_table(prompt, int(top_k))
     except (ValueError, TypeError) as error:
         raise gr.Error(str(error)) from None
     finally:

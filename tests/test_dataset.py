@@ -2,6 +2,7 @@ import glob
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -51,6 +52,7 @@ def test_tiny_build_has_disjoint_splits_and_consistent_rows(tiny_dataset):
         assert str(int(round(row["tempo_bpm"]))) in row["caption"]
         assert row["key"] in row["caption"]
         assert row["programs"] and all(0 <= p < 128 for p in row["programs"])
+        assert re.fullmatch(r"\d+/\d+", row["meter"]) and row["tune_type"].lower() in row["caption"].lower()
 
     summary = json.load(open(os.path.join(tiny_dataset, "summary.json")))
     assert summary["clips"] == len(rows)

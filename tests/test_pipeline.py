@@ -346,7 +346,7 @@ def test_a_retrieved_melody_follows_the_tempo_the_prompt_names():
     prompt = "a fast reel at 120 BPM"
     fresh.retriever.add(fresh.encode_text([prompt], fresh.device), [melody], [{"title": "Slow Reel", "tempo_bpm": 60.0}])
     guide = generate(fresh, prompt=prompt).melodies[0]
-    assert guide.metadata == {"title": "Slow Reel", "tempo_bpm": 120.0, "stretched_from_bpm": 60.0}
+    assert guide.metadata == {"title": "Slow Reel", "tempo_bpm": 120.0, "stretched_from_bpm": 60.0, "matched_facts": {}}
     np.testing.assert_allclose(guide.melody.notes[:, 1:], melody.notes[:, 1:] / 2)
     assert guide.melody.pitches.tolist() == melody.pitches.tolist()
     # no tempo in the prompt, or none known for the melody: the melody keeps its timing
@@ -354,3 +354,14 @@ def test_a_retrieved_melody_follows_the_tempo_the_prompt_names():
     assert unchanged is guide
     no_tempo = type(guide)(melody, id=1, score=0.5, metadata={"title": "?"})
     assert fresh.follow_prompt_tempo(no_tempo, "a reel at 90 bpm") is no_tempo
+
+
+def test_retrieval_matches_the_tune_type_and_meter_the_prompt_names_unless_turned_off(pipe):
+    for prompt, title, matched in (("a lively jig in 6/8 time", "The Irish Washerwoman (jig)", {"tune_type": "jig", "meter": "6/8"}),
+                                   ("a sea shanty", "Drunken Sailor (shanty)", {"tune_type": "shanty"}),
+                                   ("a slow hymn on organ", "Bach chorale (hymn)", {"tune_type": "hymn"})):
+        guide = generate(pipe, prompt=prompt, num_inference_steps=1).melodies[0]
+        assert guide.metadata["title"] == title and guide.metadata["matched_facts"] == matched
+    plain = generate(pipe, prompt="a sea shanty", num_inference_steps=1, match_prompt_facts=False).melodies[0]
+    nearest = pipe.retriever.search(pipe.encode_text(["a sea shanty"], pipe.device), k=1).melodies[0][0]
+    assert plain.id == nearest.id and "matched_facts" not in plain.metadata

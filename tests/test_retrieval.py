@@ -233,3 +233,52 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
     assert own_id not in retriever.search(embedding, k=3, exclude_ids=[own_id]).ids
     out = retriever.search(query, k=min(3, len(retriever)))
     assert out.melodies[0][0].metadata["split"] in ("train", "validation")
+
+
+def facts_retriever() -> tuple[MelodyRetriever, np.ndarray]:
+    """Nine melodies: jigs, reels and waltzes in a few meters and keys."""
+    vectors = unit_vectors(9, 16, seed=3)
+    kinds = [("jig", "6/8", "D major"), ("jig", "6/8", "G major"), ("jig", "9/8", "D major"), ("slip jig", "9/8", "A minor"),
+             ("reel", "4/4", "D major"), ("reel", "2/2", "Bb major"), ("waltz", "3/4", "F# major"), ("waltz", "3/4", "D major"),
+             ("air", "3/4", "C# minor")]
+    metadata = [{"title": f"{kind} {i}", "tune_type": kind, "meter": meter, "key": key} for i, (kind, meter, key) in enumerate(kinds)]
+    retriever = MelodyRetriever(dim=16, M=16, ef_construction=64, ef_search=32)
+    retriever.add(vectors, [Melody.from_notes([[60 + i, 0.0, 0.5]]) for i in range(9)], metadata)
+    return retriever, vectors
+
+
+@pytest.mark.parametrize("prompt, facts", [
+    ("A lively Irish jig played on fiddle at 120 BPM in D major, in 6/8 time", {"tune_type": "jig", "meter": "6/8", "key": "D major"}),
+    ("two slip jigs in 9 / 8", {"tune_type": "slip jig", "meter": "9/8"}),
+    ("Reels in B flat major", {"tune_type": "reel", "key": "Bb major"}),
+    ("a waltz in G♭ major", {"tune_type": "waltz", "key": "F# major"}),
+    ("a sad air in c-sharp minor", {"tune_type": "air", "key": "C# minor"}),
+    ("a march in 5/4 in E major", {}),  # nothing the index knows
+    ("jigsaw reelection", {}),  # words, not tune types
+])
+def test_prompt_facts_are_read_as_the_index_spells_them(prompt, facts):
+    assert facts_retriever()[0].prompt_facts(prompt) == facts
+
+
+def test_search_matching_keeps_the_facts_it_can_and_gives_up_the_key_then_the_meter():
+    retriever, vectors = facts_retriever()
+    query = vectors[[4]]  # the D major reel's own embedding
+
+    def best(prompt, k=1):
+        hits = retriever.search_matching(query, [prompt], k=k).melodies[0]
+        return [hit.metadata["title"] for hit in hits], hits[0].metadata["matched_facts"]
+
+    def nearest(where, k=1):
+        return [hit.metadata["title"] for hit in retriever.search(query, k=k, where=where).melodies[0]]
+
+    assert best("a jig in 6/8 in G major") == (["jig 1"], {"tune_type": "jig", "meter": "6/8", "key": "G major"})
+    jig_68 = {"tune_type": "jig", "meter": "6/8"}
+    assert best("a jig in 6/8 in Bb major") == (nearest(jig_68), jig_68)  # no Bb jig: the key goes first
+    assert best("a jig in 3/4 in F# major") == (nearest({"tune_type": "jig"}), {"tune_type": "jig"})  # then the meter
+    assert best("a jig", k=3)[1] == {"tune_type": "jig"}
+    assert best("a jig", k=4) == (nearest(None, k=4), {})  # three jigs only: k=4 falls back to the whole index
+    assert best("a march") == (["reel 4"], {})  # nothing the prompt names: plain nearest neighbour
+    plain = retriever.search(query, k=1).melodies[0][0]
+    assert plain.metadata["title"] == "reel 4" and "matched_facts" not in plain.metadata
+    with pytest.raises(ValueError, match="prompts has 2 entries but query_embeddings has 1 rows"):
+        retriever.search_matching(query, ["a", "b"])

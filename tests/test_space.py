@@ -90,10 +90,10 @@ def test_generate_returns_audio_pictures_and_the_retrieved_melody(client):
     for picture in (spectrogram, piano_roll):
         with Image.open(picture) as image:
             assert image.format == "PNG" and image.width > 300
-    assert retrieved["headers"][:5] == ["rank", "id", "title", "source", "similarity"]
+    assert retrieved["headers"][:7] == ["rank", "id", "title", "type", "meter", "source", "similarity"]
     rows = retrieved["data"]
     assert [row[0] for row in rows] == [1, 2, 3, 4]
-    assert [row[4] for row in rows] == sorted((row[4] for row in rows), reverse=True)
+    assert [row[6] for row in rows] == sorted((row[6] for row in rows), reverse=True)
     title = rows[0][2]  # one candidate: guided by the top retrieved melody
     assert title in PRESET_MELODIES and title in info and "retrieved melody" in info
     assert Melody.load(midi).pitches.tolist() == Melody.from_string(PRESET_MELODIES[title]).pitches.tolist()
@@ -121,7 +121,7 @@ def test_generate_follows_a_typed_or_uploaded_melody(client, tmp_path):
 def test_retrieve_lists_the_top_k_melodies(client):
     rows = client.predict("A slow chorale on church organ", 5, api_name="/retrieve")["data"]
     assert len(rows) == 5 and {row[2] for row in rows} <= set(PRESET_MELODIES)
-    assert [row[4] for row in rows] == sorted((row[4] for row in rows), reverse=True)
+    assert [row[6] for row in rows] == sorted((row[6] for row in rows), reverse=True)
 
 
 @pytest.mark.parametrize("arguments, message", [

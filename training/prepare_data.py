@@ -172,10 +172,12 @@ def normalise_title(title: str) -> str:
     return re.sub(r"[^\W\d_][\w']*", capitalise, title)
 
 
-def _tune_type(rhythm: str, default: str) -> str:
-    for pattern, name in TUNE_TYPES:
-        if re.search(pattern, rhythm, re.IGNORECASE):
-            return name
+def _tune_type(rhythm: str, title: str, default: str) -> str:
+    """The tune type the ABC `R:` field names, else the one the title names ("Lanigan's Ball -- Jig"), else `default`."""
+    for text in (rhythm, title):
+        for pattern, name in TUNE_TYPES:
+            if re.search(pattern, text, re.IGNORECASE):
+                return name
     return default
 
 
@@ -195,7 +197,7 @@ def list_corpus_tunes() -> list[TuneRef]:
                         continue
                     number = _abc_field(block, "X")
                     title = normalise_title(_abc_field(block, "T"))
-                    tune_type = _tune_type(_abc_field(block, "R"), default_type)
+                    tune_type = _tune_type(_abc_field(block, "R"), title, default_type)
                     if source == "essen" and name.startswith("kinder"):
                         tune_type = "children's song"
                     elif source == "essen" and name.startswith("ballad"):
@@ -418,6 +420,8 @@ def render_tune(tune: TuneRef, args, synth: SoundFontSynth) -> list[dict]:
             "source": tune.source,
             "key": key,
             "tempo_bpm": bpm,
+            "meter": parsed.meter,
+            "tune_type": tune.tune_type,
             "programs": programs,
         })
     return rows
@@ -508,6 +512,8 @@ def transcribe_recording(item: AudioRef, args, synth=None) -> list[dict]:
             "source": "user",
             "key": "",
             "tempo_bpm": tempo,
+            "meter": "",
+            "tune_type": "",
             "programs": [],
         })
     return rows
@@ -686,6 +692,8 @@ Splits are by tune: no tune has clips in two splits. Built by `training/prepare_
 | `melody_notes` | the melody as `[midi_pitch, onset_s, offset_s]` |
 | `tune_id`, `title`, `source` | where the tune comes from |
 | `key`, `tempo_bpm`, `programs` | what was rendered (General MIDI program numbers) |
+| `meter` | the score's first time signature, e.g. `6/8` (empty for transcribed audio) |
+| `tune_type` | jig, slip jig, reel, hornpipe, strathspey, polka, waltz, march, air, chorale, folk song, ballad, children's song, …: the ABC `R:` field, else the title, else the collection's kind of tune (empty for transcribed audio) |
 
 Skipped inputs: {summary['skipped']} (listed in `summary.json`).
 
