@@ -224,6 +224,7 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
     assert own_id is not None
     hit = retriever.get(own_id)
     assert hit[1]["title"] == row["title"] and hit[1]["source"] == row["source"]
+    assert hit[1]["tune_type"] == row["tune_type"] and hit[1]["meter"] == row["meter"]
     with torch.no_grad():
         melody = processor(melody=[Melody(np.asarray(row["melody_notes"]))], return_tensors="pt")
         embedding = model.get_melody_features(melody["melody_input_ids"], melody["melody_attention_mask"])
@@ -233,6 +234,22 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
     assert own_id not in retriever.search(embedding, k=3, exclude_ids=[own_id]).ids
     out = retriever.search(query, k=min(3, len(retriever)))
     assert out.melodies[0][0].metadata["split"] in ("train", "validation")
+
+    # How well retrieval fits the test captions and the hand-written prompts, with and without the prompt's facts
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "training", "evaluate_retrieval.py"), "--clmp", str(tmp_path / "clmp"),
+         "--index", str(output_dir), "--dataset", tiny_dataset, "--split", "test",
+         "--prompts", os.path.join(ROOT, "benchmarks", "retrieval_prompts.jsonl"), "--output_json", str(tmp_path / "fit.json")],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    for name in ("test captions", "hand-written prompts"):
+        nearest, matching = fit[name]["nearest melody"], fit[name]["matching the prompt's facts"]
+        assert set(nearest) == set(matching) and all(0 <= value["share"] <= 1 for value in matching.values())
+        if "tune_type" in matching:  # a tune type the index has is always the top-1's when the prompt names it
+            assert matching["tune_type"]["share"] >= nearest["tune_type"]["share"]
+    assert 0 < fit["chance: a random index melody shares the collection"]["overall"] <= 1
 
 
 def facts_retriever() -> tuple[MelodyRetriever, np.ndarray]:

@@ -382,9 +382,14 @@ def render_tune(tune: TuneRef, args, synth: SoundFontSynth) -> list[dict]:
         loop = [parsed.notes + np.array([transpose, r * parsed.length_beats, r * parsed.length_beats]) for r in range(repeats)]
         melody_beats = np.concatenate(loop)
         melody_seconds = melody_beats * np.array([1.0, seconds_per_beat, seconds_per_beat])
-        melody = Melody(melody_seconds).slice(start_s, start_s + args.clip_seconds)
-        if len(melody) < 2:
+        # The clip's window, cut as `Melody.slice` cuts it, before it becomes a Melody: a whole looped tune may last
+        # longer than a Melody may (MAX_MELODY_SECONDS).
+        onsets = np.maximum(melody_seconds[:, 1], start_s)
+        offsets = np.minimum(melody_seconds[:, 2], start_s + args.clip_seconds)
+        keep = offsets > onsets
+        if np.count_nonzero(keep) < 2:
             continue
+        melody = Melody(np.stack([melody_seconds[keep, 0], onsets[keep] - start_s, offsets[keep] - start_s], axis=1))
         tracks = [Track(melody.notes, program, velocity)]
         programs, instruments = [program], [MELODY_PROGRAMS[program]]
         if rng.random() < args.accompaniment_prob:
