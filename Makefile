@@ -47,8 +47,11 @@ $(CLMP_DONE): | $(DATA_DONE)
 	$(LAUNCH) training/train_clmp.py --config $(SMALL) --dataset $(DATASET) --output_dir checkpoints/clmp-small \
 		--resume_from_checkpoint latest
 
+# The index, and how well its top-1 melody fits the test captions and benchmarks/retrieval_prompts.jsonl (20 s).
 $(INDEX_DONE): | $(CLMP_DONE)
 	$(PY) training/build_index.py --clmp checkpoints/clmp-small --dataset $(DATASET) --output_dir checkpoints/melody-index
+	$(PY) training/evaluate_retrieval.py --clmp checkpoints/clmp-small --index checkpoints/melody-index --dataset $(DATASET) \
+		--prompts benchmarks/retrieval_prompts.jsonl --output_json checkpoints/melody-index/retrieval_fit.json
 
 $(VAE_DONE): | $(DATA_DONE)
 	$(LAUNCH) training/train_vae.py --config $(SMALL) --dataset $(DATASET) --output_dir checkpoints/vae-small \

@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     gen.add_argument("--melody-guidance", dest="melody_guidance", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE,
                      help="Melody guidance scale: 0 ignores the melody, larger follows it more tightly.")
     gen.add_argument("--no-prompt-facts", dest="no_prompt_facts", action="store_true",
-                     help="Retrieve the nearest melody only, ignoring the tune type, meter and key the prompt names.")
+                     help="Retrieve the nearest melody only, ignoring the tune type, origin, meter and key the prompt names.")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="A pipeline folder, a Hub repo id, or preset:tiny|small.")
     gen.set_defaults(run=generate)
     push_parser = commands.add_parser("push", help="Upload a saved pipeline or model folder to a Hub model repo.")

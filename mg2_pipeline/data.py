@@ -39,6 +39,7 @@ def mg2_features():
             "tempo_bpm": Value("float32"),
             "meter": Value("string"),
             "tune_type": Value("string"),
+            "origin": Value("string"),
             "programs": List(Value("int32")),
         }
     )

@@ -571,9 +571,9 @@ class MG2Pipeline(DiffusionPipeline):
             generator, latents: seeding as in diffusers; the same generator gives identical output. `latents` must be
                 finite and floating point; they are cast to the UNet's dtype.
             retrieval_top_k: retrieved melodies per prompt.
-            match_prompt_facts: retrieve among the melodies whose tune type, meter and key match what the prompt names
-                (`MelodyRetriever.search_matching`, falling back fact by fact to plain nearest-neighbour search);
-                each guide's `metadata["matched_facts"]` says which. False: nearest neighbours only.
+            match_prompt_facts: retrieve among the melodies whose tune type, origin, meter and key match what the
+                prompt names (`MelodyRetriever.search_matching`, falling back fact by fact to plain nearest-neighbour
+                search); each guide's `metadata["matched_facts"]` says which. False: nearest neighbours only.
             prompt_embeds, melody_embeds: precomputed CLMP text / melody embeddings `(batch, projection_dim)`, unit rows.
             output_type: "np" or "pt" waveforms, or "latent".
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step; returned tensors replace ours.
@@ -601,8 +601,8 @@ class MG2Pipeline(DiffusionPipeline):
             prompt_embeds = self.encode_text(prompts, device)
         prompt_embeds = prompt_embeds.to(device)
 
-        # 3. Retrieve a melody per waveform (or take the user's), of the tune type, meter and key the prompt names when the
-        # index has such melodies; retrieved ones follow the tempo the prompt names
+        # 3. Retrieve a melody per waveform (or take the user's), of the tune type, origin, meter and key the prompt names
+        # when the index has such melodies; retrieved ones follow the tempo the prompt names
         if self.config.condition == "text":
             guiding = [None] * num_waveforms
             melody_embeds = prompt_embeds.repeat_interleave(num_waveforms_per_prompt, dim=0)

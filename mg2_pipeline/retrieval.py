@@ -42,8 +42,8 @@ CONFIG_NAME = "config.json"
 # cheaper than walking the graph with a Python filter, and never short of results.
 EXACT_SEARCH_MAX_CANDIDATES = 4096
 # Facts a prompt may name that the melody metadata records, in the order `search_matching` keeps them: when no
-# melody matches them all it gives up the key first, then the meter; the tune type last.
-PROMPT_FACTS = ("tune_type", "meter", "key")
+# melody matches them all it gives up the key first, then the meter, then the origin; the tune type last.
+PROMPT_FACTS = ("tune_type", "origin", "meter", "key")
 METER_PATTERN = re.compile(r"\b(\d{1,2})\s*/\s*(\d{1,2})\b")
 KEY_PATTERN = re.compile(r"\b([A-G])(#|♯|b|♭|-sharp| sharp|-flat| flat)?\s+(major|minor)\b", re.IGNORECASE)
 PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
@@ -315,15 +315,17 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             return len(self) if mask is None else int(np.count_nonzero(mask))
 
     def prompt_facts(self, prompt: str) -> dict[str, str]:
-        """The tune type, meter and key `prompt` names, spelled as this index stores them; only facts some stored
-        melody has. "A lively Irish jig in 6/8 time, in D major" → `{"tune_type": "jig", "meter": "6/8", "key": "D major"}`."""
+        """The tune type, origin, meter and key `prompt` names, spelled as this index stores them; only facts some stored
+        melody has. "A lively Irish jig in 6/8 time, in D major" → `{"tune_type": "jig", "origin": "Irish", "meter": "6/8",
+        "key": "D major"}`."""
         with self._lock.reading():
             known = {name: {value for value in self._column(name) if value} for name in PROMPT_FACTS}
         facts = {}
-        for tune_type in sorted(known["tune_type"], key=len, reverse=True):  # "slip jig" before "jig"
-            if re.search(rf"\b{re.escape(tune_type.lower())}(e?s)?\b", prompt.lower()):
-                facts["tune_type"] = tune_type
-                break
+        for name in ("tune_type", "origin"):
+            for value in sorted(known[name], key=len, reverse=True):  # "slip jig" before "jig"
+                if re.search(rf"\b{re.escape(value.lower())}(e?s)?\b", prompt.lower()):
+                    facts[name] = value
+                    break
         meter = METER_PATTERN.search(prompt)
         if meter and f"{int(meter[1])}/{int(meter[2])}" in known["meter"]:
             facts["meter"] = f"{int(meter[1])}/{int(meter[2])}"
@@ -335,8 +337,8 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
 
     def search_matching(self, query_embeddings: np.ndarray | torch.Tensor, prompts: Sequence[str], k: int = 1) -> RetrievalOutput:
         """`search`, preferring for each query the melodies whose metadata match what its prompt names
-        (`prompt_facts`): the nearest among those matching every fact, else all but the key, else the tune type
-        alone, else any melody. Each hit's metadata gains `matched_facts`, the facts it was chosen by ({} if none)."""
+        (`prompt_facts`): the nearest among those matching every fact, else without the key, then without the meter,
+        then the tune type alone, else any melody. Each hit's metadata gains `matched_facts`, the facts it was chosen by ({} if none)."""
         queries = self._as_queries(query_embeddings, "query_embeddings")
         if len(prompts) != len(queries):
             raise ValueError(f"prompts has {len(prompts)} entries but query_embeddings has {len(queries)} rows.")

@@ -53,6 +53,7 @@ def test_tiny_build_has_disjoint_splits_and_consistent_rows(tiny_dataset):
         assert row["key"] in row["caption"]
         assert row["programs"] and all(0 <= p < 128 for p in row["programs"])
         assert re.fullmatch(r"\d+/\d+", row["meter"]) and row["tune_type"].lower() in row["caption"].lower()
+        assert row["origin"] in row["caption"]
 
     summary = json.load(open(os.path.join(tiny_dataset, "summary.json")))
     assert summary["clips"] == len(rows)

@@ -258,14 +258,17 @@ def facts_retriever() -> tuple[MelodyRetriever, np.ndarray]:
     kinds = [("jig", "6/8", "D major"), ("jig", "6/8", "G major"), ("jig", "9/8", "D major"), ("slip jig", "9/8", "A minor"),
              ("reel", "4/4", "D major"), ("reel", "2/2", "Bb major"), ("waltz", "3/4", "F# major"), ("waltz", "3/4", "D major"),
              ("air", "3/4", "C# minor")]
-    metadata = [{"title": f"{kind} {i}", "tune_type": kind, "meter": meter, "key": key} for i, (kind, meter, key) in enumerate(kinds)]
+    metadata = [{"title": f"{kind} {i}", "tune_type": kind, "meter": meter, "key": key, "origin": "Scottish" if i == 6 else "Irish"}
+                for i, (kind, meter, key) in enumerate(kinds)]
     retriever = MelodyRetriever(dim=16, M=16, ef_construction=64, ef_search=32)
     retriever.add(vectors, [Melody.from_notes([[60 + i, 0.0, 0.5]]) for i in range(9)], metadata)
     return retriever, vectors
 
 
 @pytest.mark.parametrize("prompt, facts", [
-    ("A lively Irish jig played on fiddle at 120 BPM in D major, in 6/8 time", {"tune_type": "jig", "meter": "6/8", "key": "D major"}),
+    ("A lively Irish jig played on fiddle at 120 BPM in D major, in 6/8 time",
+     {"tune_type": "jig", "origin": "Irish", "meter": "6/8", "key": "D major"}),
+    ("a Scottish waltz", {"tune_type": "waltz", "origin": "Scottish"}),
     ("two slip jigs in 9 / 8", {"tune_type": "slip jig", "meter": "9/8"}),
     ("Reels in B flat major", {"tune_type": "reel", "key": "Bb major"}),
     ("a waltz in G♭ major", {"tune_type": "waltz", "key": "F# major"}),
@@ -292,6 +295,8 @@ def test_search_matching_keeps_the_facts_it_can_and_gives_up_the_key_then_the_me
     jig_68 = {"tune_type": "jig", "meter": "6/8"}
     assert best("a jig in 6/8 in Bb major") == (nearest(jig_68), jig_68)  # no Bb jig: the key goes first
     assert best("a jig in 3/4 in F# major") == (nearest({"tune_type": "jig"}), {"tune_type": "jig"})  # then the meter
+    assert best("a Scottish waltz in 3/4") == (["waltz 6"], {"tune_type": "waltz", "origin": "Scottish", "meter": "3/4"})
+    assert best("a Scottish jig") == (nearest({"tune_type": "jig"}), {"tune_type": "jig"})  # then the origin
     assert best("a jig", k=3)[1] == {"tune_type": "jig"}
     assert best("a jig", k=4) == (nearest(None, k=4), {})  # three jigs only: k=4 falls back to the whole index
     assert best("a march") == (["reel 4"], {})  # nothing the prompt names: plain nearest neighbour

@@ -24,7 +24,7 @@ from mg2_pipeline.modeling_clmp import CLMPModel
 from mg2_pipeline.processing_clmp import CLMPProcessor
 from mg2_pipeline.retrieval import MelodyRetriever, clmp_fingerprint
 
-METADATA_COLUMNS = ("title", "source", "key", "tempo_bpm", "meter", "tune_type", "tune_id", "clip_id")
+METADATA_COLUMNS = ("title", "source", "key", "tempo_bpm", "meter", "tune_type", "origin", "tune_id", "clip_id")
 
 
 def parse_args(argv=None):

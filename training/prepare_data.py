@@ -427,6 +427,7 @@ def render_tune(tune: TuneRef, args, synth: SoundFontSynth) -> list[dict]:
             "tempo_bpm": bpm,
             "meter": parsed.meter,
             "tune_type": tune.tune_type,
+            "origin": tune.origin or "",
             "programs": programs,
         })
     return rows
@@ -519,6 +520,7 @@ def transcribe_recording(item: AudioRef, args, synth=None) -> list[dict]:
             "tempo_bpm": tempo,
             "meter": "",
             "tune_type": "",
+            "origin": "",
             "programs": [],
         })
     return rows
@@ -698,6 +700,7 @@ Splits are by tune: no tune has clips in two splits. Built by `training/prepare_
 | `tune_id`, `title`, `source` | where the tune comes from |
 | `key`, `tempo_bpm`, `programs` | what was rendered (General MIDI program numbers) |
 | `meter` | the score's first time signature, e.g. `6/8` (empty for transcribed audio) |
+| `origin` | where the tune comes from, as the caption says it: Irish, Scottish, Irish and Scottish, Chinese, German, … (empty when unknown) |
 | `tune_type` | jig, slip jig, reel, hornpipe, strathspey, polka, waltz, march, air, chorale, folk song, ballad, children's song, …: the ABC `R:` field, else the title, else the collection's kind of tune (empty for transcribed audio) |
 
 Skipped inputs: {summary['skipped']} (listed in `summary.json`).
