@@ -49,9 +49,9 @@ def test_train_checkpoint_resume_and_evaluate(tiny_dataset, tmp_path):
 
     results_path = str(tmp_path / "results.json")
     printed = run([sys.executable, EVALUATE, "--model", output_dir, "--dataset", tiny_dataset, "--batch_size", "4",
-                   "--output_json", results_path]).stdout
+                   "--match_prompt_facts", "--output_json", results_path]).stdout
     results = json.load(open(results_path))
-    assert list(results) == ["W2T", "T2W", "W2M", "M2W", "T2M", "M2T"]
+    assert list(results) == ["W2T", "T2W", "W2M", "M2W", "T2M", "M2T", "T2M+facts"]
     for metrics in results.values():
         assert set(metrics) == {"R@1", "R@5", "R@10", "mAP@10"}
         assert 0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 1
