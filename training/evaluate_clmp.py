@@ -32,7 +32,11 @@ def retrieval_metrics(queries: torch.Tensor, targets: torch.Tensor) -> dict[str,
     """Row i of `queries` has row i of `targets` as its only positive; embeddings are L2-normalised."""
     similarity = queries @ targets.t()
     positive = similarity.diagonal().unsqueeze(1)
-    ranks = (similarity > positive).sum(dim=1) + 1  # 1 = the positive is the nearest target
+    return rank_metrics((similarity > positive).sum(dim=1) + 1)  # 1 = the positive is the nearest target
+
+
+def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
+    """R@1, R@5, R@10 and mAP@10 from the rank of each query's positive (anything > 10 counts as missed)."""
     metrics = {f"R@{k}": (ranks <= k).float().mean().item() for k in (1, 5, 10)}
     metrics["mAP@10"] = torch.where(ranks <= 10, 1.0 / ranks.float(), torch.zeros_like(ranks, dtype=torch.float)).mean().item()
     return metrics
@@ -71,10 +75,7 @@ def facts_retrieval_metrics(embeds: dict, dataset_path: str, split: str) -> dict
     k = min(10, len(ordered))
     hits = retriever.search_matching(embeds["text"], [row["caption"] for row in ordered], k=k)
     found = hits.ids == np.arange(len(ordered))[:, None]
-    ranks = torch.from_numpy(np.where(found.any(1), found.argmax(1) + 1, k + 1))
-    metrics = {f"R@{n}": (ranks <= n).float().mean().item() for n in (1, 5, 10)}
-    metrics["mAP@10"] = torch.where(ranks <= 10, 1.0 / ranks.float(), torch.zeros_like(ranks, dtype=torch.float)).mean().item()
-    return metrics
+    return rank_metrics(torch.from_numpy(np.where(found.any(1), found.argmax(1) + 1, 11)))
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
