@@ -337,8 +337,9 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
 
     def search_matching(self, query_embeddings: np.ndarray | torch.Tensor, prompts: Sequence[str], k: int = 1) -> RetrievalOutput:
         """`search`, preferring for each query the melodies whose metadata match what its prompt names
-        (`prompt_facts`): the nearest among those matching every fact, else without the key, then without the meter,
-        then the tune type alone, else any melody. Each hit's metadata gains `matched_facts`, the facts it was chosen by ({} if none)."""
+        (`prompt_facts`): the nearest `k` among those matching every fact; when fewer than `k` do, the facts are given
+        up in the order key, meter, origin, tune type, down to plain nearest-neighbour search. Each hit's metadata gains
+        `matched_facts`, the facts it was chosen by ({} if none)."""
         queries = self._as_queries(query_embeddings, "query_embeddings")
         if len(prompts) != len(queries):
             raise ValueError(f"prompts has {len(prompts)} entries but query_embeddings has {len(queries)} rows.")
@@ -351,7 +352,7 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             where = {name: facts[name] for name in names}
             row = self.search(query, k=k, where=where or None)
             for hit in row.melodies[0]:
-                hit.metadata["matched_facts"] = where
+                hit.metadata["matched_facts"] = dict(where)
             rows.append(row)
         return RetrievalOutput(ids=np.concatenate([row.ids for row in rows]), scores=np.concatenate([row.scores for row in rows]),
                                embeddings=np.concatenate([row.embeddings for row in rows]),
