@@ -336,10 +336,10 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
         return facts
 
     def search_matching(self, query_embeddings: np.ndarray | torch.Tensor, prompts: Sequence[str], k: int = 1) -> RetrievalOutput:
-        """`search`, preferring for each query the melodies whose metadata match what its prompt names
-        (`prompt_facts`): the nearest `k` among those matching every fact; when fewer than `k` do, the facts are given
-        up in the order key, meter, origin, tune type, down to plain nearest-neighbour search. Each hit's metadata gains
-        `matched_facts`, the facts it was chosen by ({} if none)."""
+        """`search`, preferring for each query the melodies whose metadata match what its prompt names (`prompt_facts`):
+        first the nearest among those matching every fact, then, while fewer than `k` are found, those matching all but
+        the key, then all but the key and the meter, then the tune type alone, then any melody. Each hit's metadata
+        gains `matched_facts`, the facts it was chosen by ({} if none)."""
         queries = self._as_queries(query_embeddings, "query_embeddings")
         if len(prompts) != len(queries):
             raise ValueError(f"prompts has {len(prompts)} entries but query_embeddings has {len(queries)} rows.")
@@ -347,16 +347,24 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
         for query, prompt in zip(queries, prompts):
             facts = self.prompt_facts(prompt)
             names = [name for name in PROMPT_FACTS if name in facts]
-            while names and self.count({name: facts[name] for name in names}) < k:
+            chosen = {}  # id → (score, embedding, hit), best first
+            while True:
+                where = {name: facts[name] for name in names}
+                available = self.count(where)
+                if available:
+                    found = self.search(query, k=min(k, available), where=where or None)
+                    for score, embedding, hit in zip(found.scores[0], found.embeddings[0], found.melodies[0]):
+                        if hit.id not in chosen and len(chosen) < k:
+                            hit.metadata["matched_facts"] = dict(where)
+                            chosen[hit.id] = (score, embedding, hit)
+                if len(chosen) == k or not names:
+                    break
                 names.pop()
-            where = {name: facts[name] for name in names}
-            row = self.search(query, k=k, where=where or None)
-            for hit in row.melodies[0]:
-                hit.metadata["matched_facts"] = dict(where)
-            rows.append(row)
-        return RetrievalOutput(ids=np.concatenate([row.ids for row in rows]), scores=np.concatenate([row.scores for row in rows]),
-                               embeddings=np.concatenate([row.embeddings for row in rows]),
-                               melodies=[row.melodies[0] for row in rows])
+            rows.append(list(chosen.items()))
+        return RetrievalOutput(ids=np.array([[i for i, _ in row] for row in rows], dtype=np.int64),
+                               scores=np.array([[entry[0] for _, entry in row] for row in rows], dtype=np.float32),
+                               embeddings=np.array([[entry[1] for _, entry in row] for row in rows], dtype=np.float32),
+                               melodies=[[entry[2] for _, entry in row] for row in rows])
 
     def _filtered_knn(self, query: np.ndarray, k: int, allowed: np.ndarray | None, excluded: set[int]):
         mask = np.ones(len(self), dtype=bool) if allowed is None else allowed.copy()

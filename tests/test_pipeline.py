@@ -50,8 +50,8 @@ def test_retrieval_guides_by_default_and_a_user_melody_replaces_it(pipe, tmp_pat
     retrieved = generate(pipe)
     guide = retrieved.melodies[0]
     assert guide.id is not None and guide.metadata["source"] == "preset" and -1 <= guide.score <= 1
-    expected_id = pipe.retriever.search(pipe.encode_text([PROMPT], pipe.device), k=1).ids[0, 0]
-    assert guide.id == expected_id
+    expected_id = pipe.retriever.search_matching(pipe.encode_text([PROMPT], pipe.device), [PROMPT], k=1).ids[0, 0]
+    assert guide.id == expected_id and guide.metadata["matched_facts"] == {"tune_type": "jig"}  # PROMPT names a jig
 
     user = Melody.from_string("G4:0.5 A4:0.5 B4:1")
     from_melody = generate(pipe, melody=user)

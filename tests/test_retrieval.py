@@ -298,7 +298,9 @@ def test_search_matching_keeps_the_facts_it_can_and_gives_up_the_key_then_the_me
     assert best("a Scottish waltz in 3/4") == (["waltz 6"], {"tune_type": "waltz", "origin": "Scottish", "meter": "3/4"})
     assert best("a Scottish jig") == (nearest({"tune_type": "jig"}), {"tune_type": "jig"})  # then the origin
     assert best("a jig", k=3)[1] == {"tune_type": "jig"}
-    assert best("a jig", k=4) == (nearest(None, k=4), {})  # three jigs only: k=4 falls back to the whole index
+    titles, matched = best("a jig", k=4)  # three jigs first, then the nearest other melody
+    assert titles[:3] == nearest({"tune_type": "jig"}, k=3) and matched == {"tune_type": "jig"}
+    assert titles[3] == next(title for title in nearest(None, k=9) if not title.startswith("jig"))
     assert best("a march") == (["reel 4"], {})  # nothing the prompt names: plain nearest neighbour
     plain = retriever.search(query, k=1).melodies[0][0]
     assert plain.metadata["title"] == "reel 4" and "matched_facts" not in plain.metadata

@@ -93,11 +93,13 @@ def test_generate_returns_audio_pictures_and_the_retrieved_melody(client):
     assert retrieved["headers"][:7] == ["rank", "id", "title", "type", "meter", "source", "similarity"]
     rows = retrieved["data"]
     assert [row[0] for row in rows] == [1, 2, 3, 4]
-    assert [row[6] for row in rows] == sorted((row[6] for row in rows), reverse=True)
+    # the prompt names a jig: the preset index's one jig first, then the others by similarity
+    assert rows[0][3] == "jig" and rows[0][7] == "jig" and all(row[7] == "" for row in rows[1:])
+    assert [row[6] for row in rows[1:]] == sorted((row[6] for row in rows[1:]), reverse=True)
     title = rows[0][2]  # one candidate: guided by the top retrieved melody
-    assert title in PRESET_MELODIES and title in info and "retrieved melody" in info
+    assert title in PRESET_MELODIES and title in info and "retrieved melody" in info and "matches the prompt's jig" in info
     assert Melody.load(midi).pitches.tolist() == Melody.from_string(PRESET_MELODIES[title]).pitches.tolist()
-    first_notes = rows[0][5].removesuffix(" …").split()
+    first_notes = rows[0][8].removesuffix(" …").split()
     assert first_notes == Melody.from_string(PRESET_MELODIES[title]).to_note_string().split()[:len(first_notes)]
 
 
