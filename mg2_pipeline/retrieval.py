@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import re
 import threading
@@ -243,8 +244,9 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
         Safe to call from many threads at once.
         """
         queries = self._as_queries(query_embeddings, "query_embeddings")
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}.")
+        k = int(k)
         if where is not None and not isinstance(where, dict):
             raise TypeError(f"where must be a dict of metadata values, got {type(where).__name__}.")
         exclusions = self._per_query_exclusions(exclude_ids, len(queries))

@@ -137,7 +137,7 @@ def test_candidates_are_reranked_by_clmp_text_audio_similarity(pipe):
     text = pipe.encode_text([PROMPT] * 3 + ["a chorale"] * 3, pipe.device)
     scores = pipe.score_waveforms(torch.from_numpy(out.audios), text).view(2, 3)
     assert torch.all(scores[:, :-1] >= scores[:, 1:] - 1e-6)
-    top3 = pipe.retriever.search(pipe.encode_text([PROMPT], pipe.device), k=3).ids[0]
+    top3 = pipe.retriever.search_matching(pipe.encode_text([PROMPT], pipe.device), [PROMPT], k=3).ids[0]
     assert sorted(m.id for m in out.melodies[:3]) == sorted(top3.tolist())  # one candidate per retrieved melody
 
 
