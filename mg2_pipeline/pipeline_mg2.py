@@ -58,6 +58,7 @@ DEFAULT_MELODY_GUIDANCE_SCALE = 3.0
 MAX_INFERENCE_STEPS = 1000
 MAX_WAVEFORMS = 64  # prompts × num_waveforms_per_prompt
 MAX_PROMPT_CHARACTERS = 2000
+MAX_LATENT_NOISE = 1000.0  # × the scheduler's init_noise_sigma; standard normal noise never comes near
 BPM_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*bpm\b", re.IGNORECASE)
 
 
@@ -415,6 +416,9 @@ class MG2Pipeline(DiffusionPipeline):
         if latents is not None:
             length = self.default_audio_length_in_s if audio_length_in_s is None else audio_length_in_s
             check_tensor("latents", latents, self.latent_shape(num_waveforms, self.mel_frames(length)))
+            largest, bound = latents.abs().max().item(), MAX_LATENT_NOISE * self.scheduler.init_noise_sigma
+            if largest > bound:  # the sampler starts from N(0, sigma²) noise: this is no noise, and it diverges
+                raise ValueError(f"latents must be starting noise, at most {bound:g} in magnitude; got {largest:.3g}.")
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         for name, flag in (("return_dict", return_dict), ("match_prompt_facts", match_prompt_facts)):

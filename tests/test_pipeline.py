@@ -184,6 +184,7 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
     ({"latents": torch.full((1, 4, 32, 32), float("nan"))}, "latents has NaN or infinite values"),
     ({"latents": np.zeros((1, 4, 50, 32))}, "latents must be a floating-point torch.Tensor, got ndarray"),
     ({"latents": [0.0]}, "latents must be a floating-point torch.Tensor, got list"),
+    ({"latents": torch.full((1, 4, 32, 32), 1e30)}, "latents must be starting noise, at most 1000 in magnitude"),
     ({"prompt": None, "prompt_embeds": torch.full((1, 32), float("nan"))}, "prompt_embeds has NaN or infinite values"),
     ({"prompt": None, "prompt_embeds": torch.full((1, 32), 1e30)}, "prompt_embeds must be CLMP embeddings, every row of unit length"),
     ({"melody_embeds": torch.zeros(1, 32)}, "melody_embeds carry no timing"),
