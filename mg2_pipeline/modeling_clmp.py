@@ -187,6 +187,8 @@ class CLMPModel(CLMPPreTrainedModel):
             raise ValueError(f"melody_input_ids must have shape (batch, tokens), got {tuple(melody_input_ids.shape)}.")
         if melody_input_ids.numel() and (melody_input_ids.min() < 0 or melody_input_ids.max() >= self.config.melody_config.vocab_size):
             raise ValueError(f"melody_input_ids must be in [0, {self.config.melody_config.vocab_size}).")
+        if melody_attention_mask is not None and torch.any(melody_attention_mask.sum(1) == 0):
+            raise ValueError("melody_attention_mask has a row with no tokens: an empty melody cannot be embedded.")
         hidden = self.melody_model(melody_input_ids, melody_attention_mask)
         return F.normalize(self.melody_projection(hidden), dim=-1)
 

@@ -172,6 +172,8 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         model.get_audio_features(torch.zeros(2, 4000, 64))
     with pytest.raises(ValueError, match="same batch size"):
         model(input_ids=torch.ones(2, 5, dtype=torch.long), melody_input_ids=torch.ones(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="melody_attention_mask has a row with no tokens"):
+        model.get_melody_features(torch.ones(2, 5, dtype=torch.long), torch.tensor([[1, 1, 0, 0, 0], [0] * 5]))
     with pytest.raises(ValueError, match="at least two modalities"):
         model(input_ids=torch.ones(2, 5, dtype=torch.long), return_loss=True)
     with pytest.raises(ValueError, match="sampling_rate must be 16000"):
