@@ -150,8 +150,9 @@ class MG2Pipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "clmp->unet->vae->vocoder"
+    _optional_components = ["retriever"]
     _exclude_from_cpu_offload = ["retriever"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "melody_embeds"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "melody_embeds"]
 
     def __init__(self, clmp, processor, retriever, unet, scheduler, vae, vocoder, condition: str = "text_melody",
                  aligned_melody: str | None = None):
@@ -164,19 +165,21 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError("A text-only model (condition='text') takes no aligned melody: use aligned_melody=None.")
         if retriever is not None and clmp is not None:
             retriever.check_clmp(clmp)
-        condition_dim = unet.config.projection_class_embeddings_input_dim
-        if clmp is not None and condition_dim != 2 * clmp.config.projection_dim:
+        condition_dim = unet.config.projection_class_embeddings_input_dim if unet is not None else None
+        if unet is not None and clmp is not None and condition_dim != 2 * clmp.config.projection_dim:
             raise ValueError(f"The UNet takes a {condition_dim}-d condition but [text ‖ melody] from this CLMP is "
                              f"{2 * clmp.config.projection_dim}-d (2 × projection_dim).")
-        extra_channels = melody_channels(aligned_melody, vae.config.latent_channels)
-        if unet.config.in_channels != vae.config.latent_channels + extra_channels or unet.config.out_channels != vae.config.latent_channels:
+        extra_channels = melody_channels(aligned_melody, vae.config.latent_channels) if vae is not None else 0
+        if unet is not None and vae is not None and (unet.config.in_channels != vae.config.latent_channels + extra_channels
+                                                     or unet.config.out_channels != vae.config.latent_channels):
             raise ValueError(f"The UNet takes {unet.config.in_channels} input and {unet.config.out_channels} output channels; this VAE's "
                              f"latent has {vae.config.latent_channels} and aligned_melody={aligned_melody!r} adds {extra_channels}: "
                              "train the UNet on this VAE and setting (train_mg2.py --vae, --aligned_melody).")
         self.register_modules(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler,
                               vae=vae, vocoder=vocoder)
         self.register_to_config(condition=condition, aligned_melody=aligned_melody)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # Components may be None (e.g. a pipeline holding only the text stack for `encode_prompt`).
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else None
         self.mel = LogMelSpectrogram()
 
     # ----- saving and loading -----
@@ -360,15 +363,27 @@ class MG2Pipeline(DiffusionPipeline):
 
     def check_inputs(self, prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps, guidance_scale,
                      melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, match_prompt_facts, generator, latents,
-                     prompt_embeds, melody_embeds, output_type, return_dict, callback_on_step_end,
-                     callback_on_step_end_tensor_inputs) -> int:
+                     prompt_embeds, negative_prompt_embeds, melody_embeds, output_type, return_dict, cross_attention_kwargs,
+                     callback_on_step_end, callback_on_step_end_tensor_inputs) -> int:
         """Validate every argument before any compute; returns the batch size. Wrong types raise `TypeError`, wrong
         values (non-finite, out of range, mismatched sizes) `ValueError`; each message names the argument."""
-        projection_dim = self.clmp.config.projection_dim
+        projection_dim = self.unet.config.projection_class_embeddings_input_dim // 2  # [text ‖ melody]
         if prompt is None and prompt_embeds is None:
             raise ValueError("prompt is None: pass a text prompt (or prompt_embeds).")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either prompt or prompt_embeds, not both.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
+        if self.clmp is None or self.processor is None:
+            needs_text_tower = [name for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt),
+                                                         ("melody", melody)) if value is not None]
+            if melody_guidance_scale not in (1.0,) and self.config.condition != "text":
+                needs_text_tower.append("melody_guidance_scale != 1 (its melody-free condition is the empty text's embedding)")
+            if guidance_scale > 1 and negative_prompt_embeds is None:
+                needs_text_tower.append("guidance_scale > 1 without negative_prompt_embeds")
+            if needs_text_tower:
+                raise ValueError(f"This pipeline has no clmp/processor (the text and melody towers), needed for: "
+                                 f"{', '.join(needs_text_tower)}. Pass prompt_embeds and negative_prompt_embeds instead.")
         if prompt is not None:
             batch_size = len(self.check_prompt(prompt))
         else:
@@ -384,6 +399,8 @@ class MG2Pipeline(DiffusionPipeline):
                 raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {batch_size}; they must match.")
             if any(n.strip() for n in negatives):  # an empty negative prompt is the default unconditional input
                 self.check_prompt([n for n in negatives if n.strip()], name="negative_prompt")
+        if negative_prompt_embeds is not None:
+            check_embeddings("negative_prompt_embeds", negative_prompt_embeds, (batch_size, projection_dim))
         if melody is not None and melody_embeds is not None:
             raise ValueError("Pass either melody or melody_embeds, not both.")
         if isinstance(melody, (list, tuple)) and len(melody) != batch_size:
@@ -424,6 +441,8 @@ class MG2Pipeline(DiffusionPipeline):
         for name, flag in (("return_dict", return_dict), ("match_prompt_facts", match_prompt_facts)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise TypeError(f"cross_attention_kwargs must be a dict (e.g. {{'scale': 0.5}}), got {type(cross_attention_kwargs).__name__}.")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}.")
         names = callback_on_step_end_tensor_inputs
@@ -440,6 +459,27 @@ class MG2Pipeline(DiffusionPipeline):
         tokens = self.processor.tokenizer(texts, padding="max_length", truncation=True,
                                           max_length=self.processor.max_text_length, return_tensors="pt")
         return self.clmp.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt, device: torch.device, num_waveforms_per_prompt: int, do_classifier_free_guidance: bool,
+                      negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLMP text embeddings of `prompt` and, with classifier-free guidance, of `negative_prompt` (the empty text when
+        None), each row repeated `num_waveforms_per_prompt` times: `(batch × num_waveforms_per_prompt, projection_dim)`.
+
+        Precomputed `prompt_embeds` / `negative_prompt_embeds` `(batch, projection_dim)` are repeated, not recomputed.
+        Without guidance the negative embeddings are None.
+        """
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_text([prompt] if isinstance(prompt, str) else list(prompt), device)
+        batch_size = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+            negative_prompt_embeds = self.encode_text(list(negatives) if negatives is not None else [""] * batch_size, device)
+        prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
 
     @torch.no_grad()
     def encode_melody(self, melodies: list[Melody], device: torch.device) -> torch.Tensor:
@@ -492,6 +532,19 @@ class MG2Pipeline(DiffusionPipeline):
         # Stochastic schedulers (DDPM, SDE-DPM-Solver, DDIM with eta) draw noise: give them the generator.
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in accepted else {}
+
+    def prepare_condition(self, prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds, ignore_melody: bool,
+                          do_melody_guidance: bool, do_classifier_free_guidance: bool) -> torch.Tensor:
+        """The UNet's pooled conditions, stacked in the order the predictions are split: [text ‖ melody] (the empty
+        text's embedding for the melody when it is ignored), [text ‖ empty] with melody guidance, [negative ‖ negative]
+        with text guidance."""
+        melody_half = null_embeds.expand_as(prompt_embeds) if ignore_melody else melody_embeds.to(prompt_embeds.dtype)
+        conditions = [torch.cat([prompt_embeds, melody_half], dim=-1)]
+        if do_melody_guidance:
+            conditions.append(torch.cat([prompt_embeds, null_embeds.expand_as(prompt_embeds)], dim=-1))
+        if do_classifier_free_guidance:
+            conditions.append(torch.cat([negative_prompt_embeds, negative_prompt_embeds], dim=-1))
+        return torch.cat(conditions).to(self.unet.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -549,9 +602,11 @@ class MG2Pipeline(DiffusionPipeline):
         retrieval_top_k: int = 1,
         match_prompt_facts: bool = True,
         prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         melody_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> MG2PipelineOutput | tuple:
@@ -578,9 +633,13 @@ class MG2Pipeline(DiffusionPipeline):
             match_prompt_facts: retrieve among the melodies whose tune type, origin, meter and key match what the
                 prompt names (`MelodyRetriever.search_matching`, falling back fact by fact to plain nearest-neighbour
                 search); each guide's `metadata["matched_facts"]` says which. False: nearest neighbours only.
-            prompt_embeds, melody_embeds: precomputed CLMP text / melody embeddings `(batch, projection_dim)`, unit rows.
+            prompt_embeds, negative_prompt_embeds, melody_embeds: precomputed CLMP embeddings `(batch, projection_dim)`,
+                unit rows (see `encode_prompt`), instead of `prompt`, `negative_prompt`, the retrieved melody.
             output_type: "np" or "pt" waveforms, or "latent".
-            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step; returned tensors replace ours.
+            cross_attention_kwargs: passed to the UNet's attention processors (e.g. `{"scale": 0.5}` for a LoRA).
+            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step; returned tensors (any of
+                `_callback_tensor_inputs`) replace ours, and it may change `pipe._guidance_scale` and
+                `pipe._melody_guidance_scale` for the following steps (which guidance terms run is fixed at the start).
 
         Every argument is checked before any compute (`check_inputs`): a wrong type raises `TypeError`, a wrong value
         (NaN, infinity, out of range, mismatched sizes) `ValueError`, each naming the argument and what it accepts.
@@ -588,8 +647,9 @@ class MG2Pipeline(DiffusionPipeline):
         # 1. Check inputs
         batch_size = self.check_inputs(prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps,
                                        guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k,
-                                       match_prompt_facts, generator, latents, prompt_embeds, melody_embeds, output_type,
-                                       return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                       match_prompt_facts, generator, latents, prompt_embeds, negative_prompt_embeds,
+                                       melody_embeds, output_type, return_dict, cross_attention_kwargs, callback_on_step_end,
+                                       callback_on_step_end_tensor_inputs)
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
         audio_length_in_s = audio_length_in_s or self.default_audio_length_in_s
         height = self.mel_frames(audio_length_in_s)
@@ -599,17 +659,18 @@ class MG2Pipeline(DiffusionPipeline):
         device = self._execution_device
         num_waveforms = batch_size * num_waveforms_per_prompt
 
-        # 2. Encode the prompt with CLMP's text tower
+        # 2. Encode the prompt (and the negative prompt) with CLMP's text tower, one row per waveform
         prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_text(prompts, device)
-        prompt_embeds = prompt_embeds.to(device)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_waveforms_per_prompt, self.do_classifier_free_guidance, negative_prompt, prompt_embeds,
+            negative_prompt_embeds,
+        )
 
         # 3. Retrieve a melody per waveform (or take the user's), of the tune type, origin, meter and key the prompt names
         # when the index has such melodies; retrieved ones follow the tempo the prompt names
         if self.config.condition == "text":
             guiding = [None] * num_waveforms
-            melody_embeds = prompt_embeds.repeat_interleave(num_waveforms_per_prompt, dim=0)
+            melody_embeds = prompt_embeds
         elif melody_embeds is not None:
             guiding = [None] * num_waveforms
             melody_embeds = melody_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
@@ -618,28 +679,17 @@ class MG2Pipeline(DiffusionPipeline):
                        for m in user_melodies for _ in range(num_waveforms_per_prompt)]
             melody_embeds = self.encode_melody(user_melodies, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
         else:
+            query = prompt_embeds[::num_waveforms_per_prompt]
             if match_prompt_facts and prompts:
-                hits = self.retriever.search_matching(prompt_embeds, prompts, k=retrieval_top_k)
+                hits = self.retriever.search_matching(query, prompts, k=retrieval_top_k)
             else:
-                hits = self.retriever.search(prompt_embeds, k=retrieval_top_k)
+                hits = self.retriever.search(query, k=retrieval_top_k)
             choice = [(row, candidate % retrieval_top_k) for row in range(batch_size) for candidate in range(num_waveforms_per_prompt)]
             guiding = [self.follow_prompt_tempo(hits.melodies[row][rank], prompts[row] if prompts else None) for row, rank in choice]
             melody_embeds = torch.from_numpy(np.stack([hits.embeddings[row, rank] for row, rank in choice])).to(device)
-        text_embeds = prompt_embeds.repeat_interleave(num_waveforms_per_prompt, dim=0)
-        empty_embeds = self.encode_text([""], device).expand_as(text_embeds)
-        negative_embeds = empty_embeds if negative_prompt is None else self.encode_text(
-            [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt), device
-        ).repeat_interleave(num_waveforms_per_prompt, dim=0)
-        # Up to three predictions per step: text and melody; text without melody (melody guidance); neither (text guidance).
-        # Melody guidance 0 leaves the first without the melody.
+        # The melody-free condition (melody guidance, melody_guidance_scale 0) is the empty text's embedding, as in training.
         ignore_melody = self.config.condition != "text" and melody_guidance_scale == 0
-        melody_half = empty_embeds if ignore_melody else melody_embeds.to(text_embeds.dtype)
-        conditions = [torch.cat([text_embeds, melody_half], dim=-1)]
-        if self.do_melody_guidance:
-            conditions.append(torch.cat([text_embeds, empty_embeds], dim=-1))
-        if self.do_classifier_free_guidance:
-            conditions.append(torch.cat([negative_embeds, negative_embeds], dim=-1))
-        condition = torch.cat(conditions).to(self.unet.dtype)
+        null_embeds = self.encode_text([""], device) if ignore_melody or self.do_melody_guidance else None
 
         # 4. Prepare timesteps, latents and the melody frames (each melody looped by whole repeats or cut to the length)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -647,6 +697,9 @@ class MG2Pipeline(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(num_waveforms, height, self.unet.dtype, device, generator, latents)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        # Up to three predictions per step: text and melody; text without melody (melody guidance); neither (text guidance).
+        do_melody_guidance, do_classifier_free_guidance = self.do_melody_guidance, self.do_classifier_free_guidance
+        num_conditions = 1 + do_melody_guidance + do_classifier_free_guidance
         melody_frames = None
         if self.config.aligned_melody is not None:
             seconds = height * self.hop_length / self.sampling_rate
@@ -654,34 +707,44 @@ class MG2Pipeline(DiffusionPipeline):
                                                        device, self.unet.dtype)
             # Without the melody, its frames are zeros (as in training).
             melody_frames = torch.cat([melody_frames * (not ignore_melody)]
-                                      + [torch.zeros_like(melody_frames)] * (len(conditions) - 1))
+                                      + [torch.zeros_like(melody_frames)] * (num_conditions - 1))
 
         # 5. Denoise
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * len(conditions)), t)
+                condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds,
+                                                   ignore_melody, do_melody_guidance, do_classifier_free_guidance)
+                latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * num_conditions), t)
                 if melody_frames is not None:
                     latent_model_input = torch.cat([latent_model_input, melody_frames], dim=1)
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=None, class_labels=condition).sample
-                predictions = list(noise_pred.chunk(len(conditions)))
+                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=None, class_labels=condition,
+                                       cross_attention_kwargs=cross_attention_kwargs).sample
+                predictions = list(noise_pred.chunk(num_conditions))
                 noise_pred = with_melody = predictions.pop(0)
-                if self.do_melody_guidance:
+                if do_melody_guidance:
                     without_melody = predictions.pop(0)
-                    noise_pred = without_melody + melody_guidance_scale * (with_melody - without_melody)
+                    noise_pred = without_melody + self._melody_guidance_scale * (with_melody - without_melody)
                 else:
                     without_melody = with_melody
-                if self.do_classifier_free_guidance:
-                    noise_pred = noise_pred + (guidance_scale - 1) * (without_melody - predictions.pop(0))
+                if do_classifier_free_guidance:
+                    noise_pred = noise_pred + (self._guidance_scale - 1) * (without_melody - predictions.pop(0))
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "melody_embeds": melody_embeds}
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                               "negative_prompt_embeds": negative_prompt_embeds, "melody_embeds": melody_embeds}
                     outputs = callback_on_step_end(self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
                     if not isinstance(outputs, dict):
                         raise TypeError(f"callback_on_step_end must return a dict of tensors (e.g. {{}} or "
                                         f"{{'latents': latents}}), got {type(outputs).__name__}.")
-                    if "latents" in outputs:
-                        check_tensor("the latents callback_on_step_end returned", outputs["latents"], tuple(latents.shape))
-                        latents = outputs.pop("latents")
+                    for name, value in outputs.items():
+                        if name not in tensors:
+                            raise ValueError(f"callback_on_step_end returned {name!r}, not one of {self._callback_tensor_inputs}.")
+                        if value is not tensors[name]:
+                            check_tensor(f"the {name} callback_on_step_end returned", value, tuple(tensors[name].shape))
+                    latents = outputs.get("latents", latents)
+                    prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
+                    melody_embeds = outputs.get("melody_embeds", melody_embeds)
                 progress_bar.update()
 
         self.check_finite(latents)
@@ -696,7 +759,7 @@ class MG2Pipeline(DiffusionPipeline):
 
         # Re-rank each prompt's candidates by CLMP text–audio similarity, best first.
         if num_waveforms_per_prompt > 1:
-            scores = self.score_waveforms(audio, text_embeds).view(batch_size, num_waveforms_per_prompt)
+            scores = self.score_waveforms(audio, prompt_embeds).view(batch_size, num_waveforms_per_prompt)
             order = (torch.argsort(scores, dim=1, descending=True) + num_waveforms_per_prompt
                      * torch.arange(batch_size, device=scores.device)[:, None]).reshape(-1).cpu()
             audio = audio[order.to(audio.device)]
