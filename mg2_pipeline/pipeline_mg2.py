@@ -10,7 +10,6 @@ noise ──UNet (FiLM on the condition, sketch as extra input channels, text an
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import numbers
@@ -23,10 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ModelMixin
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import PreTrainedModel
 
 from .audio import LogMelSpectrogram
 from .hub import describe_pipeline, push_folder, write_model_card
@@ -101,6 +99,11 @@ def check_embeddings(name: str, value, shape: tuple) -> None:
     norms = value.float().norm(dim=-1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-2):
         raise ValueError(f"{name} must be CLMP embeddings, every row of unit length; got row norms {norms.tolist()[:4]}.")
+
+
+def _is_own_module(name: str) -> bool:
+    """Whether `name` is a module of this package (as `save_pretrained` writes them into `model_index.json`)."""
+    return re.fullmatch(r"\w+", name) is not None and os.path.isfile(os.path.join(os.path.dirname(__file__), f"{name}.py"))
 
 
 def _copy_module_with_imports(module: str, target_dir: str) -> None:
@@ -184,9 +187,11 @@ class MG2Pipeline(DiffusionPipeline):
 
     # ----- saving and loading -----
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, push_to_hub: bool = False,
-                        **kwargs) -> None:
-        """Save every component (safetensors), the code that loads them without this package, and a model card.
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None,
+                        push_to_hub: bool = False, **kwargs) -> None:
+        """Save every component (`variant` and `safe_serialization` as in diffusers), the code that loads them without
+        this package, and a model card. Pickled (`safe_serialization=False`) weights load only with
+        `torch.load(weights_only=True)`, as diffusers and transformers read them; the retriever writes safetensors always.
 
         The folder loads with `MG2Pipeline.from_pretrained(dir)`, and with
         `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` where `mg2_pipeline` is not
@@ -199,9 +204,7 @@ class MG2Pipeline(DiffusionPipeline):
         """
         hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "revision", "commit_message", "create_pr")
                       if key in kwargs}
-        if not safe_serialization:
-            raise ValueError("safe_serialization=False is not supported: MG2 checkpoints are safetensors only.")
-        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path) as handle:
             model_index = json.load(handle)
@@ -239,52 +242,41 @@ class MG2Pipeline(DiffusionPipeline):
             write_model_card(save_directory, model_description=describe_pipeline(self), repo_id=repo_id)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
-                        **kwargs) -> "MG2Pipeline":
-        """Load a saved pipeline (folder or Hub repo id) with this package's classes: no remote code runs.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "MG2Pipeline":
+        """Load a saved pipeline (folder or Hub repo id) with diffusers' `DiffusionPipeline.from_pretrained`, taking the
+        same arguments with the same meaning: `dtype` (or `torch_dtype`; a dict per component with a `"default"`),
+        `variant`, `device_map`, `low_cpu_mem_usage`, `use_safetensors`, components as keyword arguments, and the Hub
+        arguments `revision`, `cache_dir`, `token`, `local_files_only`, `force_download`.
 
-        Components passed as keyword arguments replace the saved ones (e.g. `vocoder=SpeechT5HifiGan...`).
-        Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed to `snapshot_download`.
+        No remote code runs: `load_config` resolves the code saved beside the weights (for
+        `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`) to the installed package instead. A repo id is
+        fetched with `huggingface_hub.snapshot_download` (every file: diffusers' `download` would refuse the saved code
+        without `trust_remote_code`).
         """
-        hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
-        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
         folder = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 
-            folder = snapshot_download(folder, **hub_kwargs)
-        with open(os.path.join(folder, "model_index.json")) as handle:
-            model_index = json.load(handle)
-        components = {}
-        for name, parameter in inspect.signature(cls.__init__).parameters.items():
-            if name == "self":
-                continue
-            if parameter.default is not inspect.Parameter.empty:  # a setting, not a component
-                components[name] = kwargs.pop(name, model_index.get(name, parameter.default))
-                continue
-            if name in kwargs:
-                components[name] = kwargs.pop(name)
-                continue
-            library, class_name = model_index[name]
-            if library is None:
-                components[name] = None
-                continue
-            own_module = os.path.isfile(os.path.join(os.path.dirname(__file__), f"{library}.py"))
-            module = importlib.import_module(f"{__package__}.{library}" if own_module else library)
-            component_class = getattr(module, class_name)
-            load_kwargs = {}
-            if torch_dtype is not None and name != "retriever":  # the index stays float32
-                if issubclass(component_class, ModelMixin):
-                    load_kwargs["torch_dtype"] = torch_dtype
-                elif issubclass(component_class, PreTrainedModel):
-                    load_kwargs["dtype"] = torch_dtype
-            components[name] = component_class.from_pretrained(os.path.join(folder, name), **load_kwargs)
-        if kwargs:
-            raise TypeError(f"Unexpected arguments for MG2Pipeline.from_pretrained: {sorted(kwargs)}.")
-        pipeline = cls(**components)
+            hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+            folder = snapshot_download(folder, **{key: kwargs.pop(key) for key in hub_keys if key in kwargs})
+        pipeline = super().from_pretrained(folder, **kwargs)
         pipeline.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
         pipeline._source_folder = folder  # its model card travels with the pipeline when saved or pushed
         return pipeline
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, **kwargs):
+        """`model_index.json` read for this package: the pipeline class and each component saved with its own code
+        (`["modeling_clmp", "CLMPModel"]`) resolve to the installed `mg2_pipeline` modules, so diffusers' loader imports
+        them rather than the files beside the weights."""
+        result = super().load_config(pretrained_model_name_or_path, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = config["_class_name"][1]
+        for name, value in config.items():
+            if isinstance(value, list) and len(value) == 2 and value[0] and _is_own_module(value[0]):
+                config[name] = [f"{__package__}.{value[0]}", value[1]]
+        return result
 
     def load_lora_weights(self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default", **kwargs) -> None:
         """Apply a UNet LoRA adapter saved by `train_mg2.py --use_lora` (diffusers' PEFT format, safetensors)."""

@@ -7,7 +7,8 @@ overrides `save_pretrained`/`from_pretrained` to write and read its own files:
 
     retriever/config.json       dims, HNSW settings, count, CLMP fingerprint, file checksums
     retriever/index.bin         the hnswlib index
-    retriever/embeddings.safetensors  the normalised embeddings (hnswlib's `get_items` costs ~20 µs per vector)
+    retriever/embeddings.safetensors  the normalised embeddings (hnswlib's `get_items` costs ~20 µs per vector);
+                                      `embeddings.{variant}.safetensors` when saved with a `variant`
     retriever/melodies.parquet  id, notes, metadata columns
 """
 
@@ -28,7 +29,7 @@ import torch
 import diffusers
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file, save_file
 
 # audio is imported directly (not only through melody): diffusers' remote-code loader copies only the modules a
 # file imports itself.
@@ -75,6 +76,11 @@ def clmp_fingerprint(clmp: torch.nn.Module) -> dict[str, str]:
                 sha.update(tensor.detach().to("cpu", dtype).contiguous().view(torch.int16).numpy().tobytes())
         digests[name] = sha.hexdigest()[:16]
     return digests
+
+
+def embeddings_file_name(variant: str | None) -> str:
+    """`embeddings.safetensors`, or `embeddings.{variant}.safetensors` (diffusers' variant naming)."""
+    return EMBEDDINGS_NAME if variant is None else EMBEDDINGS_NAME.replace(".safetensors", f".{variant}.safetensors")
 
 
 def _sha256_file(path: str) -> str:
@@ -156,21 +162,14 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
         self._index = hnswlib.Index(space="cosine", dim=dim)
         self._index.init_index(max_elements=initial_capacity, M=M, ef_construction=ef_construction)
         self._index.set_ef(ef_search)
-        self._embeddings = np.zeros((initial_capacity, dim), dtype=np.float32)
+        # The embeddings are a buffer, so the retriever follows `pipe.to(dtype)` like every component; the HNSW index
+        # itself stays float32 in host memory. Not persistent: `save_pretrained` writes them itself.
+        self.register_buffer("embeddings", torch.zeros(initial_capacity, dim), persistent=False)
         self._notes: list[np.ndarray] = []
         self._metadata: list[dict[str, Any]] = []
         self._id_by_tokens: dict[str, int] = {}
         self._column_cache: dict[str, np.ndarray] = {}
         self._lock = _ReadWriteLock()
-
-    # The index lives in host memory whatever device the pipeline is on.
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
 
     def __len__(self) -> int:
         return len(self._notes)
@@ -190,12 +189,13 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
         with self._lock.writing():
             start = len(self)
             ids = np.arange(start, start + len(melodies), dtype=np.int64)
-            if start + len(melodies) > len(self._embeddings):
-                capacity = max(2 * len(self._embeddings), start + len(melodies))
+            if start + len(melodies) > len(self.embeddings):
+                capacity = max(2 * len(self.embeddings), start + len(melodies))
                 self._index.resize_index(capacity)
-                self._embeddings = np.concatenate([self._embeddings[:start], np.zeros((capacity - start, self.config.dim), np.float32)])
+                self.embeddings = torch.cat([self.embeddings[:start], self.embeddings.new_zeros(capacity - start, self.config.dim)])
             self._index.add_items(embeddings, ids)
-            self._embeddings[start:start + len(melodies)] = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+            normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+            self.embeddings[start:start + len(melodies)] = torch.from_numpy(normalised).to(self.embeddings)
             for offset, melody in enumerate(melodies):
                 self._notes.append(melody.notes)
                 self._metadata.append(dict(metadata[offset]) if metadata is not None else {})
@@ -263,7 +263,7 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
                         for query, excluded in zip(queries, exclusions or [()] * len(queries))]
                 ids = np.stack([row[0] for row in rows])
                 distances = np.stack([row[1] for row in rows])
-            embeddings = self._embeddings[ids.reshape(-1)]
+            embeddings = self._rows(ids.reshape(-1))
             metadata = [[dict(self._metadata[i]) for i in row] for row in ids]
             notes = [[self._notes[i] for i in row] for row in ids]
         scores = (1.0 - distances).astype(np.float32)
@@ -285,6 +285,10 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
         if not np.all(np.isfinite(embeddings)) or np.any(np.linalg.norm(embeddings, axis=1) == 0):
             raise ValueError(f"{name} must be finite and non-zero.")
         return np.ascontiguousarray(embeddings)
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Stored embeddings of `ids` as float32 numpy, whatever the buffer's dtype and device."""
+        return self.embeddings[torch.from_numpy(np.asarray(ids, dtype=np.int64))].to("cpu", torch.float32).numpy()
 
     def _per_query_exclusions(self, exclude_ids, batch: int) -> list[set[int]] | None:
         if exclude_ids is None:
@@ -381,17 +385,19 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
                 return ids[0].astype(np.int64), distances[0]
             except RuntimeError:  # the filtered graph walk found fewer than k: answer exactly below
                 pass
-        similarities = self._embeddings[eligible] @ (query / np.linalg.norm(query))
+        similarities = self._rows(eligible) @ (query / np.linalg.norm(query))
         best = np.argsort(-similarities, kind="stable")[:k]
         return eligible[best], 1.0 - similarities[best]
 
     # ----- saving and loading -----
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None, **kwargs) -> None:
         """Write config (with count and checksums), the hnswlib index and the melody store.
 
-        Each file is written under a temporary name and renamed, config last, so a folder is never
-        left looking complete when it is not. Extra keyword arguments (from `DiffusionPipeline`) are ignored.
+        The embeddings are written in the retriever's dtype, to `embeddings.{variant}.safetensors` with a `variant`.
+        Each file is written under a temporary name and renamed, config last, so a folder is never left looking
+        complete when it is not. Other keyword arguments (from `DiffusionPipeline`) are ignored; with
+        `safe_serialization=False` the embeddings are still safetensors (they are data: nothing here needs pickle).
         """
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -407,13 +413,14 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.int64())})
             pq.write_table(table, store_path + ".tmp")
             os.replace(store_path + ".tmp", store_path)
-            embeddings_path = os.path.join(save_directory, EMBEDDINGS_NAME)
-            save_file({"embeddings": self._embeddings[:len(self)]}, embeddings_path + ".tmp")
+            embeddings_name = embeddings_file_name(variant)
+            embeddings_path = os.path.join(save_directory, embeddings_name)
+            save_file({"embeddings": self.embeddings[:len(self)].cpu().contiguous()}, embeddings_path + ".tmp")
             os.replace(embeddings_path + ".tmp", embeddings_path)
             config = {**dict(self.config), "_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__,
                       "count": len(self),
                       "checksums": {name: _sha256_file(os.path.join(save_directory, name))
-                                    for name in (INDEX_NAME, EMBEDDINGS_NAME, STORE_NAME)}}
+                                    for name in (INDEX_NAME, embeddings_name, STORE_NAME)}}
         config_path = os.path.join(save_directory, CONFIG_NAME)
         with open(config_path + ".tmp", "w") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)
@@ -421,8 +428,12 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        **kwargs) -> "MelodyRetriever":
-        """Load a saved retriever (a folder, or a Hub repo id with `subfolder`), verifying checksums and count."""
+                        variant: str | None = None, torch_dtype: torch.dtype | None = None, **kwargs) -> "MelodyRetriever":
+        """Load a saved retriever (a folder, or a Hub repo id with `subfolder`), verifying checksums and count.
+
+        `variant` reads `embeddings.{variant}.safetensors`; `torch_dtype` casts the embeddings (the index stays
+        float32). Other keyword arguments from `DiffusionPipeline.from_pretrained` (device_map, …) are ignored.
+        """
         import hnswlib
         import pyarrow.parquet as pq
 
@@ -438,6 +449,9 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             config = json.load(handle)
         count = config.pop("count")
         checksums = config.pop("checksums")
+        embeddings_name = embeddings_file_name(variant)
+        if embeddings_name not in checksums:
+            raise ValueError(f"{folder} has no embeddings for variant={variant!r} (it has {sorted(checksums)}).")
         for name, expected in checksums.items():
             if _sha256_file(os.path.join(folder, name)) != expected:
                 raise ValueError(f"{os.path.join(folder, name)} fails its checksum: the file is corrupt or was changed.")
@@ -446,9 +460,10 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
         retriever._index = hnswlib.Index(space="cosine", dim=retriever.config.dim)
         retriever._index.load_index(os.path.join(folder, INDEX_NAME), max_elements=max(count, 1))
         retriever._index.set_ef(retriever.config.ef_search)
-        retriever._embeddings = load_file(os.path.join(folder, EMBEDDINGS_NAME))["embeddings"]
+        embeddings = load_file(os.path.join(folder, embeddings_name))["embeddings"]
+        retriever.embeddings = embeddings.to(torch_dtype) if torch_dtype is not None else embeddings
         table = pq.read_table(os.path.join(folder, STORE_NAME)).to_pylist()
-        counts = (retriever._index.get_current_count(), len(retriever._embeddings), len(table))
+        counts = (retriever._index.get_current_count(), len(retriever.embeddings), len(table))
         if counts != (count,) * 3:
             raise ValueError(
                 f"Inconsistent retriever in {folder}: config says {count} melodies, but the index holds {counts[0]}, "
