@@ -93,7 +93,7 @@ def unet_config(name: str, projection_dim: int, aligned_melody: str | None = Non
 
     Attention blocks get `cross_attention_dim` equal to their own width and are called with
     `encoder_hidden_states=None`, so both attention layers attend over the latent itself.
-    - `tiny`: 2 levels (16, 32), attention at the coarsest; seconds on CPU.
+    - `tiny`: 2 levels (16, 32), attention at the coarsest (2 heads of 16 channels); seconds on CPU.
     - `small`: 3 levels (64, 128, 192), one ResBlock per level, attention only at the coarsest; trainable on 2 CPU cores.
     - `paper`: AudioLDM-M (DESIGN.md §6): 192 × (1, 2, 3, 5), 2 ResBlocks, attention at ×2/×4/×8, 32 channels per head: 416 M.
     """
@@ -108,7 +108,7 @@ def unet_config(name: str, projection_dim: int, aligned_melody: str | None = Non
     return dict(
         sample_size=sample_size, in_channels=latent_channels + melody_channels(aligned_melody, latent_channels), out_channels=latent_channels,
         down_block_types=down, up_block_types=up, block_out_channels=channels, layers_per_block=layers,
-        norm_num_groups=groups, cross_attention_dim=channels, attention_head_dim=tuple(max(1, c // 32) for c in channels),
+        norm_num_groups=groups, cross_attention_dim=channels, attention_head_dim=tuple(max(2, c // 32) for c in channels),
         class_embed_type="simple_projection", projection_class_embeddings_input_dim=2 * projection_dim,
         class_embeddings_concat=True,
     )
@@ -141,7 +141,9 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
 
     `tiny` is for tests (builds in about a second); `small` is the CPU-trainable default that the
     training scripts start from; `paper` has the original dimensions (build it on the meta device,
-    `with torch.device("meta")`, to count parameters). The vocoder is Griffin-Lim unless given.
+    `with torch.device("meta")`, to count parameters without allocating them: the weights are meta tensors, the
+    scheduler, the (then empty) melody index and Griffin-Lim are built on the CPU). The vocoder is Griffin-Lim unless
+    given.
     """
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
@@ -168,12 +170,16 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
                               max_text_length=16 if preset == "tiny" else 48)
     unet = UNet2DConditionModel(**unet_config(preset, clmp.config.projection_dim, aligned_melody))
     vae = AutoencoderKL(**vae_config(preset))
-    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
-                                            beta_schedule="scaled_linear", prediction_type="epsilon")
-    retriever = MelodyRetriever(dim=clmp.config.projection_dim, M=16, ef_construction=64, ef_search=32,
-                                clmp_fingerprint=clmp_fingerprint(clmp))
+    on_meta = clmp.device.type == "meta"
+    # The scheduler's tables, the melody index and Griffin-Lim's filters are not weights: always build them for real.
+    with torch.device("cpu"):
+        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
+                                                beta_schedule="scaled_linear", prediction_type="epsilon")
+        retriever = MelodyRetriever(dim=clmp.config.projection_dim, M=16, ef_construction=64, ef_search=32,
+                                    clmp_fingerprint=None if on_meta else clmp_fingerprint(clmp))
+        vocoder = vocoder if vocoder is not None else GriffinLimVocoder()
     melodies = [Melody.from_string(notes) for notes in PRESET_MELODIES.values()]
-    if clmp.device.type != "meta":
+    if not on_meta:
         encoded = processor(melody=melodies, return_tensors="pt")
         with torch.no_grad():
             embeddings = clmp.get_melody_features(encoded["melody_input_ids"], encoded["melody_attention_mask"])
@@ -182,7 +188,7 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
                                               "meter": PRESET_METERS[tune_type]}
                                              for title, tune_type in zip(PRESET_MELODIES, tune_types)])
     return MG2Pipeline(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler, vae=vae,
-                       vocoder=vocoder if vocoder is not None else GriffinLimVocoder(), aligned_melody=aligned_melody)
+                       vocoder=vocoder, aligned_melody=aligned_melody)
 
 
 def load_pipeline(model: str, **kwargs):

@@ -1,0 +1,227 @@
+"""What diffusers' common pipeline tests (`PipelineTesterMixin`) check, for `MG2Pipeline` on the tiny preset (2 attention
+heads): saving and loading with and without variants, dtypes and pickled weights, dict/tuple outputs, batches, components,
+`to(dtype)`, attention slicing, callbacks, guidance, `num_waveforms_per_prompt`, `encode_prompt` in isolation, optional
+components, the paper preset on the meta device."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers.utils import logging as diffusers_logging
+from peft import LoraConfig
+
+from mg2_pipeline import MG2Pipeline
+from mg2_pipeline.presets import build_pipeline
+
+PROMPT = "a lively Irish jig on fiddle"
+# diffusers' tests/pipelines/pipeline_params.py
+TEXT_TO_AUDIO_PARAMS = {"prompt", "audio_length_in_s", "guidance_scale", "negative_prompt", "prompt_embeds",
+                        "negative_prompt_embeds", "cross_attention_kwargs"}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipeline = build_pipeline("tiny", seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def inputs(seed=0, **kwargs):
+    return {"prompt": PROMPT, "num_inference_steps": 2, "audio_length_in_s": 0.64, "output_type": "np",
+            "generator": torch.Generator().manual_seed(seed), **kwargs}
+
+
+def nn_components(pipeline):
+    return {name: c for name, c in pipeline.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def test_call_signature_has_diffusers_text_to_audio_parameters():
+    import inspect
+
+    parameters = inspect.signature(MG2Pipeline.__call__).parameters
+    assert TEXT_TO_AUDIO_PARAMS <= set(parameters)
+    for name in ("num_inference_steps", "num_waveforms_per_prompt", "generator", "latents", "output_type", "return_dict",
+                 "callback_on_step_end", "callback_on_step_end_tensor_inputs"):
+        assert parameters[name].default is not inspect.Parameter.empty
+
+
+def test_components_optional_retriever_and_dict_tuple_outputs(pipe, tmp_path):
+    assert set(pipe.components) == {"clmp", "processor", "retriever", "unet", "scheduler", "vae", "vocoder"}
+    assert MG2Pipeline._optional_components == ["retriever"]
+    as_dict = pipe(**inputs()).audios
+    as_tuple = pipe(**inputs(), return_dict=False)[0]
+    np.testing.assert_array_equal(as_dict, as_tuple)
+    # Without a retriever the pipeline takes a given melody, and saves and loads it as absent.
+    bare = MG2Pipeline(**{**pipe.components, "retriever": None}, aligned_melody=pipe.config.aligned_melody)
+    bare.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="no retriever"):
+        bare(**inputs())
+    expected = bare(**inputs(melody="G4:0.25 A4:0.25 B4:0.5")).audios
+    bare.save_pretrained(tmp_path / "bare")
+    loaded = MG2Pipeline.from_pretrained(tmp_path / "bare")
+    assert loaded.retriever is None
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(loaded(**inputs(melody="G4:0.25 A4:0.25 B4:0.5")).audios, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_save_load_round_trip_logs_each_component(pipe, tmp_path, safe_serialization):
+    expected = pipe(**inputs()).audios
+    pipe.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    weights = "diffusion_pytorch_model.safetensors" if safe_serialization else "diffusion_pytorch_model.bin"
+    assert os.path.isfile(tmp_path / "unet" / weights)
+    logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
+    logger.setLevel(logging.INFO)
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        loaded = MG2Pipeline.from_pretrained(tmp_path)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.WARNING)
+    for name in pipe.components:
+        assert any(message.startswith(f"Loaded {name} as ") for message in records), name
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(loaded(**inputs()).audios, expected, atol=1e-5)
+
+
+def test_variants_are_saved_for_every_model_and_loaded(pipe, tmp_path):
+    expected = pipe(**inputs()).audios
+    pipe.save_pretrained(tmp_path, variant="fp16", safe_serialization=False)
+    for name in nn_components(pipe):
+        files = os.listdir(tmp_path / name)
+        assert any(f.split(".")[1].startswith("fp16") for f in files if f.count(".") >= 2), (name, files)
+    loaded = MG2Pipeline.from_pretrained(tmp_path, variant="fp16")
+    loaded.set_progress_bar_config(disable=True)
+    for name, component in nn_components(loaded).items():
+        for (key, a), b in zip(component.state_dict().items(), nn_components(pipe)[name].state_dict().values()):
+            assert torch.equal(a, b), (name, key)
+    np.testing.assert_allclose(loaded(**inputs()).audios, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="variant=bf16"):
+        MG2Pipeline.from_pretrained(tmp_path, variant="bf16")
+
+
+def test_dtype_arguments_and_to_dtype(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    for kwargs, expected in (({"dtype": torch.float16}, {}), ({"torch_dtype": torch.bfloat16}, {}),
+                             ({"dtype": {"unet": torch.bfloat16, "default": torch.float16}}, {"unet": torch.bfloat16})):
+        loaded = MG2Pipeline.from_pretrained(tmp_path, **kwargs)
+        default = next(iter(kwargs.values()))
+        default = default.get("default") if isinstance(default, dict) else default
+        for name, component in nn_components(loaded).items():
+            assert component.dtype == expected.get(name, default), (kwargs, name, component.dtype)
+    with pytest.raises(ValueError, match="dtype"):
+        MG2Pipeline.from_pretrained(tmp_path, dtype=torch.float16, torch_dtype=torch.float16)
+    half = MG2Pipeline.from_pretrained(tmp_path).to(torch.float16)
+    assert {c.dtype for c in nn_components(half).values()} == {torch.float16}
+
+
+@pytest.mark.parametrize("output_type", ["latent", "np"])
+def test_batch_consistent_and_batch_single_identical(pipe, output_type):
+    prompts = [PROMPT, "a slow air on flute", "a march on trumpet"]
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    batched = pipe(**{**inputs(output_type=output_type), "prompt": prompts, "generator": generators}).audios
+    single = np.concatenate([np.asarray(pipe(**inputs(seed=i, prompt=p, output_type=output_type)).audios)
+                             for i, p in enumerate(prompts)])
+    batched = np.asarray(batched)
+    assert batched.shape == single.shape and batched.shape[0] == 3
+    # The UNet's batch-size-dependent rounding (1e-6 of the latents) reaches the waveform through Griffin-Lim's
+    # iterations amplified about 100×: diffusers' 1e-4 holds for the latents, the waveform is within 1e-3 of its peak.
+    tolerance = 1e-4 if output_type == "latent" else 1e-3
+    assert np.abs(batched - single).max() <= tolerance * np.abs(single).max()
+
+
+def test_num_waveforms_per_prompt_shapes(pipe):
+    for batch in (1, 2):
+        for per_prompt in (1, 2):
+            out = pipe(**{**inputs(), "prompt": [PROMPT] * batch, "num_waveforms_per_prompt": per_prompt})
+            assert out.audios.shape == (batch * per_prompt, 10240) and len(out.melodies) == batch * per_prompt
+
+
+def test_attention_slicing_keeps_the_output(pipe):
+    expected = pipe(**inputs()).audios
+    pipe.enable_attention_slicing(slice_size=1)
+    try:
+        sliced = pipe(**inputs()).audios
+    finally:
+        pipe.disable_attention_slicing()
+    assert np.abs(sliced - expected).max() < 1e-3
+
+
+def test_guidance_and_callbacks_that_change_it(pipe):
+    plain = pipe(**inputs(guidance_scale=1.0)).audios
+    guided = pipe(**inputs(guidance_scale=3.0)).audios
+    assert plain.shape == guided.shape and np.abs(plain - guided).max() > 1e-4
+
+    def raise_guidance(pipeline, step, timestep, tensors):
+        pipeline._guidance_scale += 1.0
+        return tensors
+
+    raised = pipe(**inputs(guidance_scale=3.0), callback_on_step_end=raise_guidance)
+    assert pipe.guidance_scale == 3.0 + pipe.num_timesteps
+    assert np.abs(raised.audios - guided).max() > 1e-4
+
+
+def test_callbacks_receive_and_may_return_every_callback_tensor(pipe):
+    seen = []
+
+    def check_and_replace(pipeline, step, timestep, tensors):
+        seen.append(sorted(tensors))
+        for name in pipeline._callback_tensor_inputs:
+            assert isinstance(tensors[name], torch.Tensor)
+        if step == pipeline.num_timesteps - 1:
+            tensors["latents"] = torch.zeros_like(tensors["latents"])
+            tensors["prompt_embeds"] = tensors["negative_prompt_embeds"]
+        return tensors
+
+    out = pipe(**inputs(), callback_on_step_end=check_and_replace,
+               callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
+    assert seen == [sorted(pipe._callback_tensor_inputs)] * 2
+    zeros = pipe.vocoder(pipe.decode_latents(torch.zeros(pipe.latent_shape(1, pipe.mel_frames(0.64))))).numpy()
+    np.testing.assert_allclose(out.audios, zeros[:, :10240], atol=1e-5)
+
+
+def test_encode_prompt_works_in_isolation(pipe):
+    text_stack = MG2Pipeline(clmp=pipe.clmp, processor=pipe.processor, retriever=None, unet=None, scheduler=None, vae=None,
+                             vocoder=None)
+    prompt_embeds, negative_prompt_embeds = text_stack.encode_prompt(PROMPT, torch.device("cpu"), 1, True)
+    assert prompt_embeds.shape == negative_prompt_embeds.shape == (1, pipe.clmp.config.projection_dim)
+    # Without the prompt's text there are no facts to match: compare with plain nearest-melody retrieval.
+    with_embeds = pipe(**{**inputs(), "prompt": None, "prompt_embeds": prompt_embeds,
+                          "negative_prompt_embeds": negative_prompt_embeds, "match_prompt_facts": False}).audios
+    np.testing.assert_allclose(with_embeds, pipe(**inputs(match_prompt_facts=False)).audios, atol=1e-5)
+    with pytest.raises(ValueError, match="negative_prompt or negative_prompt_embeds"):
+        pipe(**inputs(negative_prompt="noise", negative_prompt_embeds=negative_prompt_embeds))
+
+
+def test_cross_attention_kwargs_reach_the_attention_processors(pipe):
+    expected = pipe(**inputs()).audios
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    try:
+        off = pipe(**inputs(), cross_attention_kwargs={"scale": 0.0}).audios
+        on = pipe(**inputs(), cross_attention_kwargs={"scale": 1.0}).audios
+    finally:
+        pipe.unet.delete_adapters("default")
+    np.testing.assert_allclose(off, expected, atol=1e-5)
+    assert np.abs(on - expected).max() > 1e-4
+    with pytest.raises(TypeError, match="cross_attention_kwargs must be a dict"):
+        pipe(**inputs(), cross_attention_kwargs=0.5)
+
+
+def test_griffin_lim_batched_equals_single(pipe):
+    mel = torch.randn(3, 64, 64) - 4
+    batched = pipe.vocoder(mel)
+    single = torch.stack([pipe.vocoder(m) for m in mel])
+    assert (batched - single).abs().max() <= 1e-4
+
+
+def test_paper_preset_builds_on_the_meta_device():
+    with torch.device("meta"):
+        paper = build_pipeline("paper")
+    assert paper.unet.device.type == "meta" and paper.clmp.device.type == "meta"
+    assert paper.scheduler.alphas_cumprod.device.type == "cpu" and len(paper.retriever) == 0
+    assert 400e6 < sum(p.numel() for p in paper.unet.parameters()) < 430e6
