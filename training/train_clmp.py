@@ -47,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--clip_seconds", type=float, default=10.24)
     parser.add_argument("--max_text_length", type=int, default=48)
     parser.add_argument("--train_batch_size", type=int, default=32, help="Per process.")
-    parser.add_argument("--max_train_steps", type=int, default=500, help="500 × 32 clips: the 15-minute small run.")
+    parser.add_argument("--max_train_steps", type=int, default=500, help="500 × 32 clips: the 18-minute small run.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--text_learning_rate", type=float, default=3e-5, help="For the pretrained text tower.")
