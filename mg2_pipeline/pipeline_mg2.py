@@ -366,16 +366,10 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError("Pass either prompt or prompt_embeds, not both.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
-        if self.clmp is None or self.processor is None:
-            needs_text_tower = [name for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt),
-                                                         ("melody", melody)) if value is not None]
-            if melody_guidance_scale not in (1.0,) and self.config.condition != "text":
-                needs_text_tower.append("melody_guidance_scale != 1 (its melody-free condition is the empty text's embedding)")
-            if guidance_scale > 1 and negative_prompt_embeds is None:
-                needs_text_tower.append("guidance_scale > 1 without negative_prompt_embeds")
-            if needs_text_tower:
-                raise ValueError(f"This pipeline has no clmp/processor (the text and melody towers), needed for: "
-                                 f"{', '.join(needs_text_tower)}. Pass prompt_embeds and negative_prompt_embeds instead.")
+        without_clmp = self.clmp is None or self.processor is None
+        if without_clmp and (prompt is not None or negative_prompt is not None or melody is not None):
+            raise ValueError("This pipeline has no clmp/processor (the text and melody towers) to read prompt, "
+                             "negative_prompt or melody: pass prompt_embeds, negative_prompt_embeds, melody_embeds.")
         if prompt is not None:
             batch_size = len(self.check_prompt(prompt))
         else:
@@ -413,6 +407,11 @@ class MG2Pipeline(DiffusionPipeline):
                      min(MAX_INFERENCE_STEPS, self.scheduler.config.num_train_timesteps), integer=True)
         check_number("guidance_scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
         check_number("melody_guidance_scale", melody_guidance_scale, 0, MAX_GUIDANCE_SCALE)
+        if without_clmp and self.config.condition != "text" and melody_guidance_scale != 1:
+            raise ValueError("melody_guidance_scale must be 1 in a pipeline without clmp: its melody-free condition is the "
+                             "empty text's CLMP embedding.")
+        if without_clmp and guidance_scale > 1 and negative_prompt_embeds is None:
+            raise ValueError("guidance_scale > 1 in a pipeline without clmp needs negative_prompt_embeds.")
         check_number("num_waveforms_per_prompt", num_waveforms_per_prompt, 1, MAX_WAVEFORMS // batch_size, integer=True)
         check_number("retrieval_top_k", retrieval_top_k, 1, len(self.retriever) if self.retriever is not None else 1, integer=True)
         num_waveforms = batch_size * num_waveforms_per_prompt

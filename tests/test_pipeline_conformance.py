@@ -196,6 +196,17 @@ def test_encode_prompt_works_in_isolation(pipe):
     np.testing.assert_allclose(with_embeds, pipe(**inputs(match_prompt_facts=False)).audios, atol=1e-5)
     with pytest.raises(ValueError, match="negative_prompt or negative_prompt_embeds"):
         pipe(**inputs(negative_prompt="noise", negative_prompt_embeds=negative_prompt_embeds))
+    # A pipeline without the text stack runs from the embeddings (melody guidance needs the empty text's embedding).
+    no_text = MG2Pipeline(**{**pipe.components, "clmp": None, "processor": None}, aligned_melody=pipe.config.aligned_melody)
+    no_text.set_progress_bar_config(disable=True)
+    embeds_only = {"prompt": None, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+                   "match_prompt_facts": False, "melody_guidance_scale": 1.0}
+    expected = pipe(**{**inputs(), **embeds_only}).audios
+    np.testing.assert_allclose(no_text(**{**inputs(), **embeds_only}).audios, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="no clmp/processor"):
+        no_text(**inputs())
+    with pytest.raises(ValueError, match="melody_guidance_scale must be 1"):
+        no_text(**{**inputs(), **embeds_only, "melody_guidance_scale": 3.0})
 
 
 def test_cross_attention_kwargs_reach_the_attention_processors(pipe):
