@@ -691,6 +691,8 @@ class MG2Pipeline(DiffusionPipeline):
         # Up to three predictions per step: text and melody; text without melody (melody guidance); neither (text guidance).
         do_melody_guidance, do_classifier_free_guidance = self.do_melody_guidance, self.do_classifier_free_guidance
         num_conditions = 1 + do_melody_guidance + do_classifier_free_guidance
+        condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds, ignore_melody,
+                                           do_melody_guidance, do_classifier_free_guidance)
         melody_frames = None
         if self.config.aligned_melody is not None:
             seconds = height * self.hop_length / self.sampling_rate
@@ -703,8 +705,6 @@ class MG2Pipeline(DiffusionPipeline):
         # 5. Denoise
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds,
-                                                   ignore_melody, do_melody_guidance, do_classifier_free_guidance)
                 latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * num_conditions), t)
                 if melody_frames is not None:
                     latent_model_input = torch.cat([latent_model_input, melody_frames], dim=1)
@@ -728,14 +728,18 @@ class MG2Pipeline(DiffusionPipeline):
                         raise TypeError(f"callback_on_step_end must return a dict of tensors (e.g. {{}} or "
                                         f"{{'latents': latents}}), got {type(outputs).__name__}.")
                     for name, value in outputs.items():
-                        if name not in tensors:
-                            raise ValueError(f"callback_on_step_end returned {name!r}, not one of {self._callback_tensor_inputs}.")
+                        if name not in tensors or tensors[name] is None:
+                            raise ValueError(f"callback_on_step_end returned {name!r}, which this call does not use "
+                                             f"(it uses {[n for n, v in tensors.items() if v is not None]}).")
                         if value is not tensors[name]:
                             check_tensor(f"the {name} callback_on_step_end returned", value, tuple(tensors[name].shape))
                     latents = outputs.get("latents", latents)
-                    prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
-                    melody_embeds = outputs.get("melody_embeds", melody_embeds)
+                    if any(name != "latents" and outputs[name] is not tensors[name] for name in outputs):
+                        prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
+                        melody_embeds = outputs.get("melody_embeds", melody_embeds)
+                        condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds,
+                                                           ignore_melody, do_melody_guidance, do_classifier_free_guidance)
                 progress_bar.update()
 
         self.check_finite(latents)

@@ -181,6 +181,9 @@ def test_callbacks_receive_and_may_return_every_callback_tensor(pipe):
     out = pipe(**inputs(), callback_on_step_end=check_and_replace,
                callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
     assert seen == [sorted(pipe._callback_tensor_inputs)] * 2
+    with pytest.raises(ValueError, match="'negative_prompt_embeds', which this call does not use"):
+        pipe(**inputs(guidance_scale=1.0),
+             callback_on_step_end=lambda pipeline, step, t, tensors: {"negative_prompt_embeds": torch.zeros(1, 32)})
     zeros = pipe.vocoder(pipe.decode_latents(torch.zeros(pipe.latent_shape(1, pipe.mel_frames(0.64))))).numpy()
     np.testing.assert_allclose(out.audios, zeros[:, :10240], atol=1e-5)
 
