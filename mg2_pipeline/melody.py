@@ -520,6 +520,12 @@ class Melody:
         looped = np.concatenate([self.notes + np.array([0.0, r * period, r * period]) for r in range(repeats)])
         return Melody(looped).slice(0.0, seconds)
 
+    def delay(self, seconds: float) -> "Melody":
+        """The same notes starting `seconds` later (silence before them)."""
+        if isinstance(seconds, bool) or not (isinstance(seconds, numbers.Real) and 0 <= seconds <= MAX_MELODY_SECONDS):
+            raise ValueError(f"seconds must be a number in [0, {MAX_MELODY_SECONDS:g}], got {seconds!r}.")
+        return Melody(self.notes + np.array([0.0, seconds, seconds]))
+
     def render_tones(self, num_samples: int, sample_rate: int = 16000, harmonics: int = 6) -> np.ndarray:
         """The melody as plain harmonic tones (partial k at amplitude 1/k, 10 ms fades), `num_samples` float32 samples;
         notes past the end are cut. This is the "melody sketch" MG2's aligned condition is made from."""

@@ -41,21 +41,30 @@ class CLMPOutput(ModelOutput):
     melody_embeds: torch.FloatTensor | None = None
 
 
-def contrastive_loss(embeds: dict[str, torch.Tensor], logit_scale: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Mean InfoNCE over every ordered pair of the given modalities (six terms for three).
+def contrastive_loss(
+    embeds: dict[str, torch.Tensor], logit_scale: torch.Tensor, pair_weights: dict[str, float] | None = None
+) -> tuple[torch.Tensor, dict]:
+    """Weighted mean InfoNCE over every ordered pair of the given modalities (six terms for three).
 
     `embeds` maps modality → L2-normalised `(batch, dim)` embeddings, row i of each being one clip.
+    `pair_weights` maps a pair such as `"text_melody"` to its weight (default 1 for every pair).
     Returns the loss and `{"a_b": logits}` for every ordered pair.
     """
     names = [name for name in ("audio", "text", "melody") if name in embeds]
+    pair_weights = pair_weights or {}
+    unknown = set(pair_weights) - {f"{first}_{second}" for first, second in combinations(names, 2)}
+    if unknown:
+        raise ValueError(f"`pair_weights` names pairs {sorted(unknown)} that are not among {names} in that order")
     batch_size = embeds[names[0]].shape[0]
     targets = torch.arange(batch_size, device=embeds[names[0]].device)
-    logits, losses = {}, []
+    logits, total, total_weight = {}, 0.0, 0.0
     for first, second in combinations(names, 2):
         similarity = logit_scale * embeds[first] @ embeds[second].t()
         logits[f"{first}_{second}"], logits[f"{second}_{first}"] = similarity, similarity.t()
-        losses += [F.cross_entropy(similarity, targets), F.cross_entropy(similarity.t(), targets)]
-    return torch.stack(losses).mean(), logits
+        weight = pair_weights.get(f"{first}_{second}", 1.0)
+        total = total + weight * (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.t(), targets))
+        total_weight += 2 * weight
+    return total / total_weight, logits
 
 
 class CLMPProjection(nn.Module):

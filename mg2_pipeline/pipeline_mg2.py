@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import numbers
 import os
 import re
@@ -26,7 +27,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .audio import LogMelSpectrogram
+from .audio import LogMelSpectrogram, load_audio
 from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
 from .retrieval import RetrievedMelody
@@ -48,8 +49,11 @@ def melody_channels(aligned_melody: str | None, latent_channels: int) -> int:
     return {None: 0, "sketch": latent_channels, "roll": ROLL_CHANNELS}[aligned_melody]
 
 
-# Lengths beyond this many times the training length are refused: the UNet has never seen them.
-MAX_LENGTH_FACTOR = 3
+# Longer audio is denoised in overlapping windows of the UNet's training length (MultiDiffusion): the cost grows linearly
+# with the length and the memory stays that of one window. Consecutive windows share at least 1/16 of a window.
+MAX_AUDIO_LENGTH_S = 600.0
+WINDOW_OVERLAP = 1 / 16
+DEFAULT_STRENGTH = 0.8  # audio-to-audio, as diffusers' img2img
 MAX_GUIDANCE_SCALE = 100.0
 DEFAULT_MELODY_GUIDANCE_SCALE = 3.0
 # Bounds on the work one call may ask for.
@@ -87,7 +91,7 @@ def check_tensor(name: str, value, shape: tuple) -> None:
         kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(f"{name} must be a floating-point torch.Tensor, got {kind}.")
     if value.ndim != len(shape) or any(size is not None and size != actual for size, actual in zip(shape, value.shape)):
-        expected = tuple("batch" if size is None else size for size in shape)
+        expected = "(" + ", ".join("any" if size is None else str(size) for size in shape) + ")"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}.")
     if not torch.isfinite(value).all():
         raise ValueError(f"{name} has NaN or infinite values.")
@@ -99,6 +103,49 @@ def check_embeddings(name: str, value, shape: tuple) -> None:
     norms = value.float().norm(dim=-1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-2):
         raise ValueError(f"{name} must be CLMP embeddings, every row of unit length; got row norms {norms.tolist()[:4]}.")
+
+
+def window_starts(total: int, window: int, overlap: int, multiple: int) -> list[int]:
+    """Starts of the fewest `window`-long windows covering `total` frames with consecutive windows sharing at least
+    `overlap` frames, spread evenly (the last ends at `total`), each a multiple of `multiple`; `[0]` when one fits."""
+    if total <= window:
+        return [0]
+    count = math.ceil((total - window) / (window - overlap)) + 1
+    last = total - window
+    starts = [int(i * last / (count - 1)) // multiple * multiple for i in range(count - 1)]
+    return starts + [last]
+
+
+def fade_ramp(length: int, overlap: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Weights for cross-fading overlapping windows: 1 inside, linear ramps over `overlap` frames at both ends (never 0)."""
+    position = torch.arange(length, device=device, dtype=torch.float64)
+    ramp = torch.minimum(position + 1, length - position) / (overlap + 1)
+    return ramp.clamp(max=1).to(dtype)
+
+
+def map_in_windows(function: Callable, inputs: torch.Tensor, dim: int, window: int, overlap: int, multiple: int,
+                   scale: float, out_dim: int | None = None) -> torch.Tensor:
+    """`function` applied to overlapping `window`-long pieces of `inputs` along `dim` (one call when it fits), its outputs
+    (`scale` frames per input frame, along `out_dim`, default `dim`) cross-faded over the overlaps: memory bounded by
+    one window."""
+    out_dim = dim if out_dim is None else out_dim
+    total = inputs.shape[dim]
+    starts = window_starts(total, window, overlap, multiple)
+    if len(starts) == 1:
+        return function(inputs)
+    output = weights = None
+    for start in starts:
+        piece = function(inputs.narrow(dim, start, window))
+        ramp = fade_ramp(piece.shape[out_dim], round(overlap * scale), piece.device, piece.dtype)
+        if output is None:
+            size = list(piece.shape)
+            size[out_dim] = round(total * scale)
+            output, weights = piece.new_zeros(size), piece.new_zeros(size[out_dim])
+        view = [1] * piece.ndim
+        view[out_dim] = -1
+        output.narrow(out_dim, round(start * scale), piece.shape[out_dim]).add_(piece * ramp.view(view))
+        weights.narrow(0, round(start * scale), piece.shape[out_dim]).add_(ramp)
+    return output / weights.view(view)
 
 
 def _is_own_module(name: str) -> bool:
@@ -301,11 +348,21 @@ class MG2Pipeline(DiffusionPipeline):
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
-    def default_audio_length_in_s(self) -> float:
-        """The training length: the UNet's `sample_size` latent frames."""
+    def window_frames(self) -> int:
+        """Latent frames of one denoising window: the UNet's `sample_size`, the length it was built for."""
         sample_size = self.unet.config.sample_size
-        latent_frames = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        return latent_frames * self.vae_scale_factor * self.hop_length / self.sampling_rate
+        return sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+
+    @property
+    def window_overlap(self) -> int:
+        """Latent frames consecutive windows share at least: `WINDOW_OVERLAP` of a window, in whole UNet blocks."""
+        block = self.frames_multiple // self.vae_scale_factor
+        return max(block, round(self.window_frames * WINDOW_OVERLAP / block) * block)
+
+    @property
+    def default_audio_length_in_s(self) -> float:
+        """The training length: one window, the UNet's `sample_size` latent frames."""
+        return self.window_frames * self.vae_scale_factor * self.hop_length / self.sampling_rate
 
     def mel_frames(self, audio_length_in_s: float) -> int:
         """Log-mel frames generated for `audio_length_in_s` seconds: rounded up to a multiple of `frames_multiple`."""
@@ -356,7 +413,8 @@ class MG2Pipeline(DiffusionPipeline):
     def check_inputs(self, prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps, guidance_scale,
                      melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, match_prompt_facts, generator, latents,
                      prompt_embeds, negative_prompt_embeds, melody_embeds, output_type, return_dict, cross_attention_kwargs,
-                     callback_on_step_end, callback_on_step_end_tensor_inputs) -> int:
+                     callback_on_step_end, callback_on_step_end_tensor_inputs, audio=None, strength=None,
+                     repaint_start_s=None, repaint_end_s=None) -> int:
         """Validate every argument before any compute; returns the batch size. Wrong types raise `TypeError`, wrong
         values (non-finite, out of range, mismatched sizes) `ValueError`; each message names the argument."""
         projection_dim = self.unet.config.projection_class_embeddings_input_dim // 2  # [text ‖ melody]
@@ -399,10 +457,30 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError("This is a text-only model (condition='text'): it takes no melody or melody_embeds.")
         if melody is None and melody_embeds is None and self.retriever is None and self.config.condition != "text":
             raise ValueError("This pipeline has no retriever: pass melody= (or melody_embeds=).")
+        min_length = round(self.frames_multiple * self.hop_length / self.sampling_rate, 2)
         if audio_length_in_s is not None:
-            min_length = self.frames_multiple * self.hop_length / self.sampling_rate
-            check_number("audio_length_in_s", audio_length_in_s, round(min_length, 2),
-                         round(MAX_LENGTH_FACTOR * self.default_audio_length_in_s, 2))
+            check_number("audio_length_in_s", audio_length_in_s, min_length, MAX_AUDIO_LENGTH_S)
+        if audio is None and (strength is not None or repaint_start_s is not None or repaint_end_s is not None):
+            raise ValueError("strength, repaint_start_s and repaint_end_s apply to a given audio: pass audio= too.")
+        if audio is not None:
+            if not isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
+                raise TypeError(f"audio must be a path to an audio file or a mono waveform (numpy or torch), got "
+                                f"{type(audio).__name__}.")
+            if latents is not None:
+                raise ValueError("Pass either audio or latents, not both: with audio the starting latents are its own.")
+            if strength is not None:
+                check_number("strength", strength, 0, 1)
+                if strength * num_inference_steps < 1:
+                    raise ValueError(f"strength × num_inference_steps must be at least 1 (one denoising step), got "
+                                     f"{strength} × {num_inference_steps}.")
+            if (repaint_start_s is None) != (repaint_end_s is None):
+                raise ValueError("Pass both repaint_start_s and repaint_end_s (the span to regenerate), or neither.")
+            if repaint_start_s is not None:
+                check_number("repaint_start_s", repaint_start_s, 0, MAX_AUDIO_LENGTH_S)
+                check_number("repaint_end_s", repaint_end_s, 0, MAX_AUDIO_LENGTH_S)
+                if repaint_end_s - repaint_start_s < min_length:
+                    raise ValueError(f"repaint_end_s must be at least {min_length} s after repaint_start_s, got "
+                                     f"{repaint_start_s} to {repaint_end_s}.")
         check_number("num_inference_steps", num_inference_steps, 1,
                      min(MAX_INFERENCE_STEPS, self.scheduler.config.num_train_timesteps), integer=True)
         check_number("guidance_scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
@@ -421,9 +499,13 @@ class MG2Pipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != num_waveforms:
             raise ValueError(f"generator is a list of {len(generator)} generators but {num_waveforms} "
                              "waveforms are generated; pass one generator, or one per waveform.")
-        if latents is not None:
-            length = self.default_audio_length_in_s if audio_length_in_s is None else audio_length_in_s
-            check_tensor("latents", latents, self.latent_shape(num_waveforms, self.mel_frames(length)))
+        if latents is not None:  # without audio_length_in_s, the latents' length is the length
+            shape = self.latent_shape(num_waveforms, self.mel_frames(audio_length_in_s or min_length))
+            check_tensor("latents", latents, shape[:2] + (None if audio_length_in_s is None else shape[2], shape[3]))
+            block = self.frames_multiple // self.vae_scale_factor
+            longest = self.mel_frames(MAX_AUDIO_LENGTH_S) // self.vae_scale_factor
+            if latents.shape[2] % block or latents.shape[2] > longest:
+                raise ValueError(f"latents must have a multiple of {block} frames, at most {longest}; got {latents.shape[2]}.")
             largest, bound = latents.abs().max().item(), MAX_LATENT_NOISE * self.scheduler.init_noise_sigma
             if largest > bound:  # the sampler starts from N(0, sigma²) noise: this is no noise, and it diverges
                 raise ValueError(f"latents must be starting noise, at most {bound:g} in magnitude; got {largest:.3g}.")
@@ -489,6 +571,68 @@ class MG2Pipeline(DiffusionPipeline):
         except (ValueError, OSError) as error:
             raise ValueError(f"melody could not be read: {error}") from error
 
+    def read_audio(self, audio) -> torch.Tensor:
+        """`audio` as a mono float32 waveform `(samples,)` at `sampling_rate`: a path is read (and resampled) with
+        soundfile; an array or tensor must be 1-D, finite and already at `sampling_rate`. A ValueError names it."""
+        if isinstance(audio, (str, os.PathLike)):
+            waveform = load_audio(audio, self.sampling_rate, max_seconds=MAX_AUDIO_LENGTH_S)
+        else:
+            waveform = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else audio
+            if waveform.dtype.kind != "f":
+                raise TypeError(f"audio must hold floating-point samples, got dtype {waveform.dtype}.")
+            if waveform.ndim != 1:
+                raise ValueError(f"audio must be a mono waveform of shape (samples,), got shape {waveform.shape}.")
+            if waveform.size > MAX_AUDIO_LENGTH_S * self.sampling_rate:
+                raise ValueError(f"audio lasts {waveform.size / self.sampling_rate:.1f} s; at most {MAX_AUDIO_LENGTH_S:g} s "
+                                 "are allowed.")
+            if not np.all(np.isfinite(waveform)):
+                raise ValueError("audio has NaN or infinite samples.")
+        shortest = self.frames_multiple * self.hop_length
+        if waveform.size < shortest:
+            raise ValueError(f"audio has {waveform.size} samples; at least {shortest} "
+                             f"({shortest / self.sampling_rate:g} s at {self.sampling_rate} Hz) are needed.")
+        return torch.from_numpy(np.asarray(waveform, dtype=np.float32).copy())
+
+    def check_audio(self, waveform: torch.Tensor, audio_length_in_s, strength, repaint_start_s, repaint_end_s):
+        """What to do with the given audio: "continuation" (`audio_length_in_s` longer than it), "repaint" (a span) or
+        "audio_to_audio"; returns `(mode, audio_length_in_s, strength)` or a ValueError naming the argument."""
+        given_s = len(waveform) / self.sampling_rate
+        length = given_s if audio_length_in_s is None else audio_length_in_s
+        if self.mel_frames(length) < self.mel_frames(given_s):
+            raise ValueError(f"audio_length_in_s must be at least the audio's length ({given_s:.2f} s) with audio=, got "
+                             f"{audio_length_in_s}: cut the audio to re-render part of it.")
+        if self.mel_frames(length) > self.mel_frames(given_s):
+            if repaint_start_s is not None or strength is not None:
+                raise ValueError(f"audio_length_in_s {length} s is longer than the audio ({given_s:.2f} s): that continues it, "
+                                 "which takes no strength or repaint span; pass one or the other.")
+            return "continuation", length, 1.0
+        if repaint_start_s is not None:
+            if repaint_end_s > given_s:
+                raise ValueError(f"repaint_end_s must lie inside the audio (at most {given_s:.2f} s), got {repaint_end_s}.")
+            return "repaint", length, 1.0 if strength is None else strength
+        return "audio_to_audio", length, DEFAULT_STRENGTH if strength is None else strength
+
+    def keep_mask(self, mode: str, latent_frames: int, given_frames: int, repaint_start_s, repaint_end_s, device):
+        """`(1, 1, latent_frames, 1)`: 1 on the latent frames of the given audio that are kept, 0 where new audio is
+        generated, a linear ramp over half a window overlap inside the generated span (the seam)."""
+        frame_s = self.vae_scale_factor * self.hop_length / self.sampling_rate
+        if mode == "continuation":
+            start, end = given_frames, latent_frames
+        else:
+            start, end = int(repaint_start_s / frame_s), min(latent_frames, math.ceil(repaint_end_s / frame_s))
+        ramp = min(self.window_overlap // 2, (end - start) // 2)
+        position = torch.arange(latent_frames, dtype=torch.float32)
+        inside = torch.minimum(position - start + 1, end - position) / (ramp + 1)
+        generate = torch.where((position >= start) & (position < end), inside.clamp(max=1), torch.zeros(()))
+        return (1 - generate).view(1, 1, -1, 1).to(device)
+
+    def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """The last `strength` of the schedule (diffusers' img2img): where denoising of noised audio starts."""
+        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start * self.scheduler.order)
+        return self.scheduler.timesteps[start * self.scheduler.order:]
+
     def prepare_latents(self, batch_size: int, height: int, dtype, device, generator, latents=None) -> torch.Tensor:
         if latents is None:
             latents = randn_tensor(self.latent_shape(batch_size, height), generator=generator, device=device, dtype=dtype)
@@ -504,6 +648,34 @@ class MG2Pipeline(DiffusionPipeline):
         metadata = {**hit.metadata, "tempo_bpm": bpm, "stretched_from_bpm": melody_bpm}
         return RetrievedMelody(hit.melody.stretch(melody_bpm / bpm), hit.id, hit.score, metadata)
 
+    def transcribe(self, waveform: torch.Tensor) -> Melody:
+        """The melody of the given audio (basic-pitch, one line), or a ValueError asking for `melody=`."""
+        try:
+            return Melody.from_audio(waveform.numpy(), self.sampling_rate)
+        except ValueError as error:
+            raise ValueError(f"No melody could be transcribed from audio ({error}): pass melody=.") from error
+
+    def place_melody(self, hit: RetrievedMelody | None, start_s: float, seconds: float, play_once: bool,
+                     starts: list[int]) -> tuple[Melody | None, RetrievedMelody | None]:
+        """The melody as it guides `seconds` of audio: from `start_s`, once through (`play_once`) or repeated whole to
+        the end; and the hit with `metadata["audio_span_s"]` (where it plays), `["repeats"]` and `["windows"]` (per
+        denoising window, its `audio_s` span and the `melody_s` span of the melody, repeats laid end to end)."""
+        if hit is None:
+            return None, None
+        melody = hit.melody if play_once else hit.melody.fit_to(seconds - start_s)
+        end_s = min(seconds, start_s + melody.duration)
+        frame_s = self.vae_scale_factor * self.hop_length / self.sampling_rate
+        windows = []
+        for start in starts:
+            audio_s = (start * frame_s, min(seconds, (start + self.window_frames) * frame_s))
+            melody_s = tuple(min(max(0.0, time - start_s), end_s - start_s) for time in audio_s)
+            windows.append({"audio_s": tuple(round(time, 3) for time in audio_s),
+                            "melody_s": tuple(round(time, 3) for time in melody_s)})
+        repeats = 1 if play_once else math.ceil((seconds - start_s) / hit.melody.duration - 1e-9)
+        metadata = {**hit.metadata, "audio_span_s": (round(start_s, 3), round(end_s, 3)), "repeats": repeats,
+                    "windows": windows}
+        return melody.delay(start_s) if start_s else melody, RetrievedMelody(hit.melody, hit.id, hit.score, metadata)
+
     @torch.no_grad()
     def prepare_melody_frames(self, melodies: list[Melody], latent_frames: int, device, dtype) -> torch.Tensor:
         """The time-aligned melody condition `(len(melodies), channels, latent_frames, latent_bins)`, melody time 0 at
@@ -513,8 +685,7 @@ class MG2Pipeline(DiffusionPipeline):
         num_samples = latent_frames * self.vae_scale_factor * self.hop_length
         if self.config.aligned_melody == "sketch":
             tones = torch.from_numpy(np.stack([m.render_tones(num_samples, self.sampling_rate) for m in melodies]))
-            log_mel = self.mel(tones).unsqueeze(1).to(device, self.vae.dtype)
-            return (self.vae.encode(log_mel).latent_dist.mode() * self.vae.config.scaling_factor).to(dtype)
+            return self.encode_waveforms(tones, device).to(dtype)
         frames_per_second = latent_frames * self.sampling_rate / num_samples
         rolls = np.stack([m.to_pitch_class_roll(latent_frames, frames_per_second) for m in melodies])
         return torch.from_numpy(rolls)[..., None].expand(-1, -1, -1, latent_bins).to(device, dtype)
@@ -538,9 +709,36 @@ class MG2Pipeline(DiffusionPipeline):
         return torch.cat(conditions).to(self.unet.dtype)
 
     @torch.no_grad()
+    def encode_waveforms(self, waveforms: torch.Tensor, device) -> torch.Tensor:
+        """Waveforms `(batch, samples)` at `sampling_rate`, a whole number of latent frames long → latents: the VAE
+        encoder's mode of their log-mel, scaled; window by window when longer than one."""
+        samples_per_frame = self.vae_scale_factor * self.hop_length
+
+        def encode(piece):
+            log_mel = self.mel(piece).unsqueeze(1).to(device, self.vae.dtype)
+            return self.vae.encode(log_mel).latent_dist.mode() * self.vae.config.scaling_factor
+
+        return map_in_windows(encode, waveforms, 1, self.window_frames * samples_per_frame,
+                              self.window_overlap * samples_per_frame, self.frames_multiple * self.hop_length,
+                              1 / samples_per_frame, out_dim=2)
+
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → log-mel `(batch, frames, mels)`."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.squeeze(1)
+        """Latents → log-mel `(batch, frames, mels)`; window by window when longer than one."""
+        def decode(piece):
+            return self.vae.decode(piece / self.vae.config.scaling_factor).sample.squeeze(1)
+
+        block = self.frames_multiple // self.vae_scale_factor
+        return map_in_windows(decode, latents, 2, self.window_frames, self.window_overlap, block, self.vae_scale_factor,
+                              out_dim=1)
+
+    @torch.no_grad()
+    def vocode(self, mel: torch.Tensor) -> torch.Tensor:
+        """Log-mel `(batch, frames, mels)` → waveforms `(batch, frames × hop_length)`; window by window when longer
+        than one."""
+        scale = self.vae_scale_factor
+        return map_in_windows(self.vocoder, mel.to(self.vocoder.dtype), 1, self.window_frames * scale,
+                              self.window_overlap * scale, self.frames_multiple, self.hop_length)
 
     @torch.no_grad()
     def score_waveforms(self, waveforms: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -583,6 +781,10 @@ class MG2Pipeline(DiffusionPipeline):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         melody: Any = None,
+        audio: Any = None,
+        strength: float | None = None,
+        repaint_start_s: float | None = None,
+        repaint_end_s: float | None = None,
         audio_length_in_s: float | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 3.0,
@@ -610,8 +812,19 @@ class MG2Pipeline(DiffusionPipeline):
             melody: guide with this melody instead of retrieving one: a `Melody`, a MIDI/MusicXML/ABC/audio path,
                 a token or note string ("G4:0.5 A4:0.5"), or a 16 kHz waveform to transcribe; one for every prompt
                 or a list with one per prompt.
-            audio_length_in_s: seconds of audio (default: the training length, at most 3× it); rounded up to whole
-                latent frames.
+            audio: a recording to work on (a path, or a mono waveform at `sampling_rate`), one for every prompt. With
+                `audio_length_in_s` longer than it, the pipeline continues it; with `repaint_start_s`/`repaint_end_s` it
+                regenerates that span and keeps the rest; otherwise it re-renders all of it (audio-to-audio, `strength`).
+                Without `melody`, audio-to-audio and repaint follow the melody transcribed from `audio`, and a
+                continuation follows a retrieved melody from where the audio ends. Kept latent frames are the audio's own.
+            strength: how much noise is added to the encoded audio before denoising, in (0, 1] (diffusers' img2img):
+                default 0.8 for audio-to-audio; 1 (regenerate from noise) for a repainted span. At 1 audio-to-audio
+                equals text-to-music with the same melody and generator.
+            repaint_start_s, repaint_end_s: the span of `audio` to regenerate, both inside it.
+            audio_length_in_s: seconds of audio, up to 600: longer than the UNet's window (10.24 s for `small`), it is
+                denoised in windows that overlap by 1/16 and are fused at every step (MultiDiffusion). Default: the
+                audio's length with `audio`, else the melody's (once through, not looped), else one window. Given
+                explicitly, a shorter melody is repeated whole to fill it. Rounded up to whole latent frames.
             num_inference_steps: denoising steps, 1 to 1000.
             guidance_scale: text guidance scale (classifier-free); <= 1 disables it.
             melody_guidance_scale: melody guidance scale, independent of the text's: 0 ignores the melody, 1 takes it
@@ -640,11 +853,15 @@ class MG2Pipeline(DiffusionPipeline):
                                        guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k,
                                        match_prompt_facts, generator, latents, prompt_embeds, negative_prompt_embeds,
                                        melody_embeds, output_type, return_dict, cross_attention_kwargs, callback_on_step_end,
-                                       callback_on_step_end_tensor_inputs)
+                                       callback_on_step_end_tensor_inputs, audio, strength, repaint_start_s, repaint_end_s)
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
-        audio_length_in_s = audio_length_in_s or self.default_audio_length_in_s
-        height = self.mel_frames(audio_length_in_s)
-        num_samples = int(round(audio_length_in_s * self.sampling_rate))
+        mode, given_audio = "text_to_music", None
+        if audio is not None:
+            given_audio = self.read_audio(audio)
+            mode, audio_length_in_s, strength = self.check_audio(given_audio, audio_length_in_s, strength, repaint_start_s,
+                                                                 repaint_end_s)
+        elif latents is not None and audio_length_in_s is None:
+            audio_length_in_s = latents.shape[2] * self.vae_scale_factor * self.hop_length / self.sampling_rate
         self._guidance_scale = guidance_scale
         self._melody_guidance_scale = melody_guidance_scale
         device = self._execution_device
@@ -657,16 +874,19 @@ class MG2Pipeline(DiffusionPipeline):
             negative_prompt_embeds,
         )
 
-        # 3. Retrieve a melody per waveform (or take the user's), of the tune type, origin, meter and key the prompt names
-        # when the index has such melodies; retrieved ones follow the tempo the prompt names
+        # 3. Retrieve a melody per waveform (or take the user's, or transcribe the given audio's), of the tune type, origin,
+        # meter and key the prompt names when the index has such melodies; retrieved ones follow the tempo the prompt names
         if self.config.condition == "text":
             guiding = [None] * num_waveforms
             melody_embeds = prompt_embeds
         elif melody_embeds is not None:
             guiding = [None] * num_waveforms
             melody_embeds = melody_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
-        elif user_melodies is not None:
-            guiding = [RetrievedMelody(m, id=None, score=None, metadata={"source": "user"})
+        elif user_melodies is not None or mode in ("audio_to_audio", "repaint"):
+            if user_melodies is None:
+                user_melodies = [self.transcribe(given_audio)] * batch_size
+            source = "user" if melody is not None else "audio"
+            guiding = [RetrievedMelody(m, id=None, score=None, metadata={"source": source})
                        for m in user_melodies for _ in range(num_waveforms_per_prompt)]
             melody_embeds = self.encode_melody(user_melodies, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
         else:
@@ -682,11 +902,43 @@ class MG2Pipeline(DiffusionPipeline):
         ignore_melody = self.config.condition != "text" and melody_guidance_scale == 0
         null_embeds = self.encode_text([""], device) if ignore_melody or self.do_melody_guidance else None
 
-        # 4. Prepare timesteps, latents and the melody frames (each melody looped by whole repeats or cut to the length)
+        # 4. Fix the length (by default a time-aligned melody's, played once through) and place each melody in it: from
+        # the start, or from where the given audio ends for a continuation; repeated whole when the length was asked for
+        play_once = audio_length_in_s is None
+        if play_once:
+            aligned = self.config.aligned_melody is not None and guiding[0] is not None
+            longest = max(hit.melody.duration for hit in guiding) if aligned else self.default_audio_length_in_s
+            audio_length_in_s = min(MAX_AUDIO_LENGTH_S, longest)
+        height = self.mel_frames(audio_length_in_s)
+        num_samples = int(round(audio_length_in_s * self.sampling_rate))
+        seconds = height * self.hop_length / self.sampling_rate
+        melody_start_s = len(given_audio) / self.sampling_rate if mode == "continuation" and melody is None else 0.0
+        starts = window_starts(height // self.vae_scale_factor, self.window_frames, self.window_overlap,
+                               self.frames_multiple // self.vae_scale_factor)
+        placed = [self.place_melody(hit, melody_start_s, seconds, play_once, starts) for hit in guiding]
+        guiding = [hit for _, hit in placed]
+
+        # 5. Prepare timesteps, latents (noise, or the given audio's latents noised to `strength`) and the melody frames
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(num_waveforms, height, self.unet.dtype, device, generator, latents)
+        keep = None
+        if given_audio is not None:
+            noise = latents / self.scheduler.init_noise_sigma
+            num_given = min(len(given_audio), height * self.hop_length)
+            waveform = torch.zeros(height * self.hop_length)
+            waveform[:num_given] = given_audio[:num_given]
+            audio_latents = self.encode_waveforms(waveform[None], device).to(self.unet.dtype).expand_as(latents)
+            if strength < 1:
+                timesteps = self.get_timesteps(num_inference_steps, strength)
+                latents = self.scheduler.add_noise(audio_latents, noise, timesteps[:1].repeat(num_waveforms))
+            if mode != "audio_to_audio":
+                samples_per_latent = self.vae_scale_factor * self.hop_length
+                keep = self.keep_mask(mode, latents.shape[2], len(given_audio) // samples_per_latent, repaint_start_s,
+                                      repaint_end_s, device).to(latents.dtype)
+                latents = keep * self.scheduler.add_noise(audio_latents, noise, timesteps[:1].repeat(num_waveforms)) \
+                    + (1 - keep) * latents
+        self._num_timesteps = len(timesteps)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
         # Up to three predictions per step: text and melody; text without melody (melody guidance); neither (text guidance).
         do_melody_guidance, do_classifier_free_guidance = self.do_melody_guidance, self.do_classifier_free_guidance
@@ -695,31 +947,51 @@ class MG2Pipeline(DiffusionPipeline):
                                            do_melody_guidance, do_classifier_free_guidance)
         melody_frames = None
         if self.config.aligned_melody is not None:
-            seconds = height * self.hop_length / self.sampling_rate
-            melody_frames = self.prepare_melody_frames([hit.melody.fit_to(seconds) for hit in guiding], latents.shape[2],
-                                                       device, self.unet.dtype)
+            melody_frames = self.prepare_melody_frames([melody for melody, _ in placed], latents.shape[2], device,
+                                                       self.unet.dtype)
             # Without the melody, its frames are zeros (as in training).
             melody_frames = torch.cat([melody_frames * (not ignore_melody)]
                                       + [torch.zeros_like(melody_frames)] * (num_conditions - 1))
 
-        # 5. Denoise
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        # 6. Denoise: every window predicts the noise of its frames; overlapping predictions are cross-faded, then the
+        # scheduler steps the whole latent once. Kept frames of the given audio are reset to it, noised to the next step.
+        window = min(self.window_frames, latents.shape[2])
+        ramp = fade_ramp(window, self.window_overlap, device, latents.dtype) if len(starts) > 1 else None
+        with self.progress_bar(total=len(timesteps) * len(starts)) as progress_bar:
             for i, t in enumerate(timesteps):
-                latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * num_conditions), t)
-                if melody_frames is not None:
-                    latent_model_input = torch.cat([latent_model_input, melody_frames], dim=1)
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=None, class_labels=condition,
-                                       cross_attention_kwargs=cross_attention_kwargs).sample
-                predictions = list(noise_pred.chunk(num_conditions))
-                noise_pred = with_melody = predictions.pop(0)
-                if do_melody_guidance:
-                    without_melody = predictions.pop(0)
-                    noise_pred = without_melody + self._melody_guidance_scale * (with_melody - without_melody)
-                else:
-                    without_melody = with_melody
-                if do_classifier_free_guidance:
-                    noise_pred = noise_pred + (self._guidance_scale - 1) * (without_melody - predictions.pop(0))
+                noise_pred = torch.zeros_like(latents)
+                weights = torch.zeros(latents.shape[2], device=device, dtype=latents.dtype)
+                for start in starts:
+                    frames = slice(start, start + window)
+                    if keep is not None and keep[0, 0, frames].min() == 1:  # nothing to generate in this window
+                        progress_bar.update()
+                        continue
+                    latent_model_input = self.scheduler.scale_model_input(torch.cat([latents[:, :, frames]] * num_conditions), t)
+                    if melody_frames is not None:
+                        latent_model_input = torch.cat([latent_model_input, melody_frames[:, :, frames]], dim=1)
+                    predictions = list(self.unet(latent_model_input, t, encoder_hidden_states=None, class_labels=condition,
+                                                 cross_attention_kwargs=cross_attention_kwargs).sample.chunk(num_conditions))
+                    window_pred = with_melody = predictions.pop(0)
+                    if do_melody_guidance:
+                        without_melody = predictions.pop(0)
+                        window_pred = without_melody + self._melody_guidance_scale * (with_melody - without_melody)
+                    else:
+                        without_melody = with_melody
+                    if do_classifier_free_guidance:
+                        window_pred = window_pred + (self._guidance_scale - 1) * (without_melody - predictions.pop(0))
+                    if ramp is None:
+                        noise_pred, weights = window_pred, None
+                    else:
+                        noise_pred[:, :, frames] += window_pred * ramp[:, None]
+                        weights[frames] += ramp
+                    progress_bar.update()
+                if weights is not None:
+                    noise_pred = noise_pred / weights.clamp(min=1e-6)[:, None]
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+                if keep is not None:
+                    known = audio_latents if i == len(timesteps) - 1 else \
+                        self.scheduler.add_noise(audio_latents, noise, timesteps[i + 1:i + 2].repeat(num_waveforms))
+                    latents = keep * known + (1 - keep) * latents
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
                                "negative_prompt_embeds": negative_prompt_embeds, "melody_embeds": melody_embeds}
@@ -740,16 +1012,15 @@ class MG2Pipeline(DiffusionPipeline):
                         melody_embeds = outputs.get("melody_embeds", melody_embeds)
                         condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds,
                                                            ignore_melody, do_melody_guidance, do_classifier_free_guidance)
-                progress_bar.update()
 
         self.check_finite(latents)
         if output_type == "latent":
             self.maybe_free_model_hooks()
             return MG2PipelineOutput(audios=latents, melodies=guiding, sampling_rate=self.sampling_rate) if return_dict else (latents, guiding)
 
-        # 6. Decode latents to log-mel, 7. vocode to waveforms
+        # 7. Decode latents to log-mel, 8. vocode to waveforms (both window by window for long audio)
         mel = self.decode_latents(latents)
-        audio = self.vocoder(mel.to(self.vocoder.dtype)).float()[:, :num_samples]
+        audio = self.vocode(mel).float()[:, :num_samples]
         self.check_finite(audio)
 
         # Re-rank each prompt's candidates by CLMP text–audio similarity, best first.

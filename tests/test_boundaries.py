@@ -176,6 +176,7 @@ def pipe():
 
 BASE = {"prompt": PROMPT, "num_inference_steps": 2, "audio_length_in_s": 0.64}
 LATENT_SHAPE = (1, 4, 32, 32)  # the tiny preset at 0.64 s
+SINE = (0.3 * np.sin(2 * np.pi * 440 * np.arange(10240) / 16000)).astype(np.float32)  # 0.64 s of A4
 
 
 def call_arguments():
@@ -186,6 +187,11 @@ def call_arguments():
         "negative_prompt": st.one_of(st.text(max_size=20), st.lists(st.text(max_size=5), max_size=2)),
         "melody": st.one_of(note_strings, token_strings, st.just("/tmp"), st.just("missing.wav"),
                             st.builds(lambda s: np.full(1600, s, np.float32), floats)),
+        "audio": st.one_of(st.builds(lambda value, size: np.full(size, value, np.float32), floats, st.integers(0, 20000)),
+                           st.just(SINE), st.just(SINE.astype(np.int16)), st.just(np.stack([SINE, SINE])), st.just("/etc/passwd"),
+                           st.just("missing.wav"), st.just(torch.from_numpy(SINE))),
+        "strength": st.one_of(numbers, st.floats(-1, 2)),
+        "repaint_start_s": st.one_of(numbers, st.floats(-1, 1)), "repaint_end_s": st.one_of(numbers, st.floats(-1, 1)),
         "audio_length_in_s": st.one_of(numbers, st.floats(0, 3)), "num_inference_steps": st.one_of(numbers, st.integers(0, 6)),
         "guidance_scale": st.one_of(numbers, st.floats(-1, 12)), "melody_guidance_scale": st.one_of(numbers, st.floats(-1, 12)),
         "num_waveforms_per_prompt": st.one_of(numbers, st.integers(0, 5)), "retrieval_top_k": st.one_of(numbers, st.integers(0, 8)),
@@ -209,6 +215,8 @@ def test_every_call_argument_gives_valid_output_or_an_error_naming_it(pipe, argu
     kwargs = {**BASE, name: value}
     if name == "prompt_embeds":
         kwargs["prompt"] = None
+    if name in ("strength", "repaint_start_s", "repaint_end_s"):
+        kwargs["audio"] = SINE
     names = {"callback_on_step_end": ("callback_on_step_end",), "latents": ("latents",),
              "prompt_embeds": ("prompt_embeds", "prompt"), "melody_embeds": ("melody_embeds", "melody"),
              "generator": ("generator",)}.get(name, (name,))

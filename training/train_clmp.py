@@ -44,6 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--init_text_encoder", default="minilm", choices=["minilm", "none"],
                         help="Start the text tower from all-MiniLM-L6-v2 (small preset) or from scratch.")
     parser.add_argument("--freeze_text_encoder", action="store_true", help="Train only the text projection, not the text tower.")
+    parser.add_argument("--text_trainable_layers", type=int, default=None,
+                        help="Train only the top N transformer layers of the text tower (embeddings and lower layers frozen).")
+    parser.add_argument("--text_melody_loss_weight", type=float, default=1.0,
+                        help="Weight of the text↔melody InfoNCE terms against 1 for the others.")
     parser.add_argument("--clip_seconds", type=float, default=10.24)
     parser.add_argument("--max_text_length", type=int, default=48)
     parser.add_argument("--train_batch_size", type=int, default=32, help="Per process.")
@@ -57,7 +61,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--record_data_order", action="store_true",
                         help="Write the clip ids each process trained on to output_dir/data_order/rank{N}.txt.")
-    args = parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps", "gradient_accumulation_steps"))
+    args = parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+                                                                "text_melody_loss_weight"))
     args.modalities = [name.strip() for name in args.modalities.split(",") if name.strip()]
     if sorted(args.modalities) not in (["audio", "melody", "text"], ["audio", "text"]):
         parser.error(f"--modalities must be text,audio,melody or text,audio; got {args.modalities}")
@@ -83,6 +88,13 @@ def main(argv=None):
         load_minilm_weights(model)
     if args.freeze_text_encoder:
         model.text_model.requires_grad_(False)
+    elif args.text_trainable_layers is not None:
+        layers = model.text_model.encoder.layer
+        if not 0 <= args.text_trainable_layers <= len(layers):
+            raise ValueError(f"--text_trainable_layers must be in [0, {len(layers)}], got {args.text_trainable_layers}")
+        model.text_model.embeddings.requires_grad_(False)
+        for layer in layers[: len(layers) - args.text_trainable_layers]:
+            layer.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or minilm_path())
     processor = CLMPProcessor(CLMPFeatureExtractor(max_length_s=args.clip_seconds), tokenizer,
                               max_text_length=args.max_text_length)
@@ -104,6 +116,8 @@ def main(argv=None):
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    pair_weights = {"text_melody": args.text_melody_loss_weight} if "melody" in args.modalities else None
 
     # Checkpoints hold the accelerate state plus where the data stream was.
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_clmp", logger)
@@ -135,7 +149,7 @@ def main(argv=None):
                 # Every process computes the same global loss; all_gather's backward sums the gradient
                 # of each process's own embeddings and DDP averages, which gives exactly dLoss/dθ.
                 logit_scale = accelerator.unwrap_model(model).logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-                loss, _ = contrastive_loss(embeds, logit_scale)
+                loss, _ = contrastive_loss(embeds, logit_scale, pair_weights)
                 if guard.should_skip(loss):
                     optimizer.zero_grad()
                     continue
