@@ -1,8 +1,8 @@
 """`mg2` command line: generate music from a prompt; push a checkpoint to the Hub and pull one from it.
 
     mg2 generate "a lively Irish jig on fiddle" --output jig.wav [--melody tune.mid | --melody "G4:0.5 A4:0.5"]
-                 [--seed 0] [--steps 25] [--duration 10.24] [--guidance 3.0] [--melody-guidance 3.0] [--no-prompt-facts]
-                 [--model checkpoints/mg2-small]
+                 [--audio in.wav [--strength 0.6 | --repaint 4.0:6.5]] [--seed 0] [--steps 25] [--duration 10.24]
+                 [--guidance 3.0] [--melody-guidance 3.0] [--no-prompt-facts] [--model checkpoints/mg2-small]
     mg2 push checkpoints/mg2-small org/mg2-small [--private] [--revision BRANCH]
     mg2 pull org/mg2-small [--revision REV]
 """
@@ -21,7 +21,8 @@ DEFAULT_MELODY_GUIDANCE_SCALE = 3.0  # MG2Pipeline's; not imported from it so th
 MAX_SEED = 2**63 - 1
 # MG2Pipeline's argument names in its error messages → the flags that set them.
 FLAGS = {"audio_length_in_s": "--duration", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
-         "melody_guidance_scale": "--melody-guidance", "negative_prompt": "--negative_prompt", "melody": "--melody"}
+         "melody_guidance_scale": "--melody-guidance", "negative_prompt": "--negative_prompt", "melody": "--melody",
+         "audio": "--audio", "strength": "--strength", "repaint_start_s": "--repaint start", "repaint_end_s": "--repaint end"}
 FLAG_PATTERN = re.compile(r"\b(" + "|".join(FLAGS) + r")\b")
 
 
@@ -41,6 +42,17 @@ def check_output(path: str) -> None:
         raise SystemExit(f"error: --output {path!r} cannot be written: {existing!r} is not writable.")
 
 
+def parse_repaint(text: str | None) -> tuple[float | None, float | None]:
+    """`--repaint START:END` in seconds → (START, END)."""
+    if text is None:
+        return None, None
+    try:
+        start, end = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"error: --repaint must be START:END in seconds, like 4.0:6.5; got {text!r}.") from None
+    return start, end
+
+
 def generate(args) -> None:
     import torch
 
@@ -48,6 +60,7 @@ def generate(args) -> None:
     from .presets import load_pipeline
 
     check_output(args.output)
+    repaint_start_s, repaint_end_s = parse_repaint(args.repaint)
     if not 0 <= args.seed <= MAX_SEED:
         raise SystemExit(f"error: --seed must be an integer between 0 and {MAX_SEED}, got {args.seed}.")
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
@@ -57,7 +70,9 @@ def generate(args) -> None:
     except (OSError, ValueError) as error:  # huggingface_hub's errors derive from these
         raise SystemExit(f"error: could not load --model {args.model!r}: {error}") from None
     try:
-        output = pipe(args.prompt, negative_prompt=args.negative_prompt, melody=args.melody, audio_length_in_s=args.duration,
+        output = pipe(args.prompt, negative_prompt=args.negative_prompt, melody=args.melody, audio=args.audio,
+                      strength=args.strength, repaint_start_s=repaint_start_s, repaint_end_s=repaint_end_s,
+                      audio_length_in_s=args.duration,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
                       melody_guidance_scale=args.melody_guidance, match_prompt_facts=not args.no_prompt_facts,
                       generator=torch.Generator().manual_seed(args.seed))
@@ -70,14 +85,21 @@ def generate(args) -> None:
     except (OSError, RuntimeError) as error:  # soundfile's errors are RuntimeErrors
         raise SystemExit(f"error: could not write --output {args.output!r}: {error}") from None
     guide = output.melodies[0]
-    if guide.id is None:
-        print(f"Melody: yours ({guide.melody})")
+    if guide is None:
+        print("Melody: none (a text-only model)")
+    elif guide.id is None:
+        print(f"Melody: {'yours' if guide.metadata['source'] == 'user' else 'transcribed from --audio'} ({guide.melody})")
     else:
         facts = ", ".join(f"{name.replace('_', ' ')} {guide.metadata[name]}" for name in ("tune_type", "meter", "key")
                           if guide.metadata.get(name))
         matched = ", ".join(guide.metadata.get("matched_facts", {}).values()) or "nothing it names"
         print(f"Melody: retrieved #{guide.id} {guide.metadata.get('title', '')!r} from {guide.metadata.get('source', '?')} "
               f"({facts}; similarity {guide.score:.3f}; matches the prompt's {matched}): {guide.melody}")
+    if guide is not None:
+        start, end = guide.metadata["audio_span_s"]
+        repeats = guide.metadata["repeats"]
+        print(f"It plays from {start:.2f} s to {end:.2f} s{f' ({repeats} times through)' if repeats > 1 else ''}, "
+              f"in {len(guide.metadata['windows'])} window(s) of {pipe.default_audio_length_in_s:.2f} s.")
     print(f"Wrote {args.output} ({len(waveform) / output.sampling_rate:.2f} s at {output.sampling_rate} Hz)")
 
 
@@ -109,10 +131,16 @@ def main(argv=None) -> None:
     gen.add_argument("prompt")
     gen.add_argument("--output", required=True, help="A .wav or .flac file to write.")
     gen.add_argument("--melody", default=None, help="A MIDI/MusicXML/ABC/audio file or notes like 'G4:0.5 A4:0.5' (default: retrieve).")
+    gen.add_argument("--audio", default=None, help="A recording to continue (with a longer --duration), re-render "
+                     "(--strength) or repaint (--repaint START:END); without --melody, its transcribed melody guides it.")
+    gen.add_argument("--strength", type=float, default=None,
+                     help="With --audio: how much of it is re-generated, in (0, 1] (default 0.8; 1 for a --repaint span).")
+    gen.add_argument("--repaint", default=None, metavar="START:END", help="With --audio: regenerate this span (seconds).")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--duration", type=float, default=None, help="Seconds (default: the model's training length).")
+    gen.add_argument("--duration", type=float, default=None,
+                     help="Seconds, up to 600 (default: --audio's length, else the melody's, else the model's window).")
     gen.add_argument("--guidance", type=float, default=3.0, help="Text guidance scale.")
     gen.add_argument("--melody-guidance", dest="melody_guidance", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE,
                      help="Melody guidance scale: 0 ignores the melody, larger follows it more tightly.")

@@ -45,6 +45,8 @@ MAX_STEPS = 100
 MAX_SEED = 2**32 - 1
 MAX_FILE_SIZE = "20mb"
 MAX_RECORDING_SECONDS = 60
+MAX_DURATION_SECONDS = 300  # long pieces are denoised window by window; five minutes take a few minutes on CPU
+MODES = ["Text to music", "Continue a recording", "Re-render a recording", "Repaint part of a recording"]
 MAX_REQUEST_BYTES = 21 * 2**20  # an upload of MAX_FILE_SIZE and its form fields; API JSON is a few kB
 SCORE_FILE_TYPES = [".mid", ".midi", ".xml", ".musicxml", ".mxl", ".abc", ".krn"]
 RETRIEVED_COLUMNS = ["rank", "id", "title", "type", "meter", "source", "similarity", "matches the prompt's",
@@ -159,6 +161,18 @@ def read_melody(melody_file: str | None, melody_audio: str | None, melody_notes:
         raise gr.Error(f"Could not read your melody ({kind}): {message}") from None
 
 
+def read_recording(path: str | None, mode: str) -> np.ndarray:
+    """The visitor's uploaded or recorded audio for `mode` (at most `MAX_RECORDING_SECONDS`), as samples: the pipeline
+    is never handed a path."""
+    if not path:
+        raise gr.Error(f"Mode {mode!r} needs a recording: upload or record one under Recording.")
+    uploaded(path, "recording", AUDIO_EXTENSIONS)
+    try:
+        return load_audio(path, PIPE.sampling_rate, max_seconds=MAX_RECORDING_SECONDS)
+    except ValueError as error:
+        raise gr.Error(f"Could not read your recording: {str(error).replace(path, os.path.basename(path))}") from None
+
+
 def retrieved_table(prompt: str, top_k: int) -> list[list]:
     """The melodies the pipeline would retrieve for `prompt`, best first (matching the facts the prompt names)."""
     if PIPE.retriever is None or len(PIPE.retriever) == 0:
@@ -179,10 +193,12 @@ def check_prompt(prompt: str | None) -> str:
 
 
 def describe_melody(guide) -> str:
-    melody = guide.melody
-    shape = f"{len(melody)} notes, {melody.duration:.1f} s"
+    start, end = guide.metadata["audio_span_s"]
+    repeats = f", {guide.metadata['repeats']}× through" if guide.metadata["repeats"] > 1 else ""
+    shape = (f"{len(guide.melody)} notes, {guide.melody.duration:.1f} s · plays {start:.1f}–{end:.1f} s{repeats} in "
+             f"{len(guide.metadata['windows'])} window(s)")
     if guide.id is None:
-        return f"**Your melody** · {shape}"
+        return f"**{'Your melody' if guide.metadata['source'] == 'user' else 'Melody transcribed from your recording'}** · {shape}"
     details = [f"**{guide.metadata.get('title') or 'Untitled'}**", f"retrieved melody #{guide.id}",
                f"source: {guide.metadata.get('source', 'unknown')}", f"similarity {guide.score:.3f}", shape]
     details += [f"{key.replace('_', ' ')}: {guide.metadata[key]}" for key in ("tune_type", "meter", "key", "tempo_bpm")
@@ -212,15 +228,24 @@ def retrieve(prompt: str, top_k: float):
 
 def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_audio: str | None, melody_notes: str,
              duration: float, steps: float, guidance: float, melody_guidance: float, seed: float, candidates: float, top_k: float,
-             progress=gr.Progress(track_tqdm=True)):
-    """Music for a prompt, guided by the best retrieved melody or by yours; the best of `candidates` by CLMP score."""
+             mode: str = MODES[0], recording: str | None = None, strength: float = 0.8, repaint_start: float = 0.0,
+             repaint_end: float = 0.0, whole_melody: bool = False, progress=gr.Progress(track_tqdm=True)):
+    """Music for a prompt, guided by the best retrieved melody or by yours; the best of `candidates` by CLMP score.
+    With a recording: continue it to `duration`, re-render it (`strength`) or repaint a span of it."""
     prompt = check_prompt(prompt)
+    if mode not in MODES:
+        raise gr.Error(f"Mode must be one of {MODES}, got {mode!r}.")
     melody = read_melody(melody_file, melody_audio, melody_notes)
+    audio = read_recording(recording, mode) if mode != MODES[0] else None
+    length = None if mode in (MODES[2], MODES[3]) or (mode == MODES[0] and whole_melody) else float(duration)
+    audio_kwargs = {"strength": float(strength)} if mode == MODES[2] else {}
+    if mode == MODES[3]:
+        audio_kwargs = {"repaint_start_s": float(repaint_start), "repaint_end_s": float(repaint_end)}
     candidates = int(candidates)
     pipe = WORKERS.get()
     try:
-        output = pipe(prompt, negative_prompt=(negative_prompt or "").strip() or None, melody=melody,
-                      audio_length_in_s=float(duration), num_inference_steps=int(steps), guidance_scale=float(guidance),
+        output = pipe(prompt, negative_prompt=(negative_prompt or "").strip() or None, melody=melody, audio=audio,
+                      **audio_kwargs, audio_length_in_s=length, num_inference_steps=int(steps), guidance_scale=float(guidance),
                       melody_guidance_scale=float(melody_guidance),
                       num_waveforms_per_prompt=candidates,
                       retrieval_top_k=min(candidates, len(pipe.retriever)) if pipe.retriever is not None else 1,
@@ -235,7 +260,9 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     if guide is None:  # a text-only model has no melody
         spectrogram = plot_spectrogram(waveform, output.sampling_rate, title=prompt[:90])
         return (output.sampling_rate, pcm16), as_image(spectrogram), "Text-only model: no guiding melody.", None, None, table
-    spectrogram = plot_spectrogram(waveform, output.sampling_rate, guide.melody, title=prompt[:90])
+    start = guide.metadata["audio_span_s"][0]  # a continuation's melody starts where the recording ends
+    spectrogram = plot_spectrogram(waveform, output.sampling_rate, guide.melody.delay(start) if start else guide.melody,
+                                   title=prompt[:90])
     piano_roll = plot_piano_roll(guide.melody, title=guide.metadata.get("title") or "your melody")
     return ((output.sampling_rate, pcm16), as_image(spectrogram), describe_melody(guide), as_image(piano_roll),
             write_midi(guide.melody), table)
@@ -262,9 +289,21 @@ def build_demo() -> gr.Blocks:
                         # format=None: the file is read as uploaded (the browser sends recordings as WAV), no ffmpeg.
                         melody_audio = gr.Audio(label="Hum, sing or play it (transcribed)", sources=["upload", "microphone"],
                                                 type="filepath", format=None)
+                with gr.Accordion("Recording (to continue, re-render or repaint)", open=False):
+                    mode = gr.Radio(MODES, value=MODES[0], label="Mode")
+                    # format=None: the file is read as uploaded (the browser sends recordings as WAV), no ffmpeg.
+                    recording = gr.Audio(label=f"Recording (at most {MAX_RECORDING_SECONDS} s)", sources=["upload", "microphone"],
+                                         type="filepath", format=None)
+                    strength = bounded(gr.Slider(0.05, 1, value=0.8, step=0.05,
+                                                 label="Strength (re-render: 0 keeps the recording, 1 generates anew)"))
+                    with gr.Row():
+                        repaint_start = bounded(gr.Number(0.0, minimum=0, maximum=MAX_RECORDING_SECONDS, label="Repaint from (s)"))
+                        repaint_end = bounded(gr.Number(0.0, minimum=0, maximum=MAX_RECORDING_SECONDS, label="Repaint to (s)"))
                 with gr.Accordion("Settings", open=False):
-                    duration = bounded(gr.Slider(min_seconds, 3 * PIPE.default_audio_length_in_s, step=min_seconds,
-                                                 value=PIPE.default_audio_length_in_s, label="Duration (seconds)"))
+                    duration = bounded(gr.Slider(min_seconds, MAX_DURATION_SECONDS, step=min_seconds,
+                                                 value=PIPE.default_audio_length_in_s,
+                                                 label="Duration (seconds; a continuation's total length)"))
+                    whole_melody = gr.Checkbox(False, label="Play the whole melody once (its own length, not Duration)")
                     steps = bounded(gr.Slider(1, MAX_STEPS, value=25, step=1, precision=0, label="Denoising steps"))
                     guidance = bounded(gr.Slider(0, 10, value=3.0, step=0.1, label="Text guidance scale"))
                     melody_guidance = bounded(gr.Slider(0, 10, value=DEFAULT_MELODY_GUIDANCE_SCALE, step=0.1,
@@ -286,7 +325,8 @@ def build_demo() -> gr.Blocks:
         gr.Examples(EXAMPLES, inputs=[prompt, melody_notes])
 
         generate_button.click(generate, [prompt, negative_prompt, melody_file, melody_audio, melody_notes, duration, steps,
-                                         guidance, melody_guidance, seed, candidates, top_k],
+                                         guidance, melody_guidance, seed, candidates, top_k, mode, recording, strength,
+                                         repaint_start, repaint_end, whole_melody],
                               [audio, spectrogram, melody_info, piano_roll, midi, retrieved],
                               api_name="generate", concurrency_limit=CONCURRENCY)
         retrieve_button.click(retrieve, [prompt, top_k], retrieved, api_name="retrieve", concurrency_limit=4)

@@ -258,7 +258,8 @@ def test_an_unreadable_prompt_is_refused_and_a_partly_unknown_one_warned(pipe, c
 # ----- the CLI -----
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(flag=st.sampled_from(["--duration", "--steps", "--guidance", "--melody-guidance", "--seed", "--melody", "--output"]),
+@given(flag=st.sampled_from(["--duration", "--steps", "--guidance", "--melody-guidance", "--seed", "--melody", "--output",
+                              "--audio", "--strength", "--repaint"]),
        value=st.one_of(st.text(max_size=10), st.sampled_from(["nan", "inf", "-1", "1e30", "1e300", "0", "2", "99999999999999999999",
                                                                "G4:100000", "/tmp", "missing.wav", "afile/x.wav", "sub/x.wav",
                                                                "x.FLAC", "x.mp3", ".wav", "x\x00.wav", "afile"])))

@@ -3,9 +3,10 @@
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
-from mg2_pipeline import Melody
+from mg2_pipeline import Melody, cli
 from mg2_pipeline.pipeline_mg2 import fade_ramp, map_in_windows, window_starts
 from mg2_pipeline.presets import build_pipeline
 
@@ -148,3 +149,23 @@ def test_long_form_arguments_are_checked_before_compute(pipe, recording, kwargs,
     kwargs = {name: recording if isinstance(value, str) and value == "RECORDING" else value for name, value in kwargs.items()}
     with pytest.raises(error, match=match):
         pipe(PROMPT, num_inference_steps=2, **kwargs)
+
+
+def test_cli_continues_re_renders_and_repaints_a_recording(pipe, recording, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("mg2_pipeline.presets.load_pipeline", lambda model: pipe)
+    given = tmp_path / "in.wav"
+    soundfile.write(given, recording, 16000)
+    base = ["generate", PROMPT, "--model", "preset:tiny", "--steps", "2", "--audio", str(given)]
+    for extra, seconds in ((["--duration", "3"], 3.0), (["--strength", "0.6"], 2.0), (["--repaint", "0.5:1.0"], 2.0)):
+        output = tmp_path / f"{extra[0].strip('-')}.wav"
+        cli.main([*base, "--output", str(output), *extra])
+        audio, _ = soundfile.read(output)
+        assert audio.shape == (int(seconds * 16000),) and np.all(np.isfinite(audio))
+    printed = capsys.readouterr().out
+    assert "transcribed from --audio" in printed and "It plays from 2.00 s" in printed  # the continuation's retrieved melody
+    for bad, message in ((["--repaint", "4"], "--repaint must be START:END"),
+                         (["--repaint", "0.5:9"], "--repaint end must lie inside the --audio"),
+                         (["--strength", "2"], "--strength must be a number between 0 and 1")):
+        with pytest.raises(SystemExit, match=message):
+            cli.main([*base, "--output", str(tmp_path / "bad.wav"), *bad])
+    assert not (tmp_path / "bad.wav").exists()

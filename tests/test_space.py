@@ -69,9 +69,10 @@ def client(space_url):
 
 
 def generate(client, prompt="A lively Irish jig on fiddle", melody_file=None, melody_audio=None, notes="", duration=1.0,
-             steps=2, seed=0, candidates=1, top_k=3, melody_guidance=2.0):
+             steps=2, seed=0, candidates=1, top_k=3, melody_guidance=2.0, mode="Text to music", recording=None, strength=0.8,
+             repaint_start=0.0, repaint_end=0.0, whole_melody=False):
     return client.predict(prompt, "", melody_file, melody_audio, notes, duration, steps, 3.0, melody_guidance, seed, candidates,
-                          top_k, api_name="/generate")
+                          top_k, mode, recording, strength, repaint_start, repaint_end, whole_melody, api_name="/generate")
 
 
 def read_wav(path: str) -> np.ndarray:
@@ -120,6 +121,22 @@ def test_generate_follows_a_typed_or_uploaded_melody(client, tmp_path):
     assert Melody.load(midi).pitches.tolist() == [72, 76, 79]
 
 
+def test_a_recording_is_continued_re_rendered_and_repainted(client, tmp_path):
+    upload = tmp_path / "recording.wav"
+    sf.write(upload, Melody.from_string(NOTES).render_tones(16000), 16000)  # 1 s of the typed tune as tones
+    recording = handle_file(str(upload))
+    continued, _, info, *_ = generate(client, mode="Continue a recording", recording=recording, duration=2.0)
+    assert len(read_wav(continued)) == 32000 and "plays 1.0–2.0 s" in info
+    rendered, _, info, *_ = generate(client, mode="Re-render a recording", recording=recording, strength=0.5)
+    assert len(read_wav(rendered)) == 16000 and "Melody transcribed from your recording" in info
+    repainted, *_ = generate(client, mode="Repaint part of a recording", recording=recording, repaint_start=0.2, repaint_end=0.6)
+    assert len(read_wav(repainted)) == 16000
+    with pytest.raises(AppError, match="repaint_end_s must lie inside the audio"):
+        generate(client, mode="Repaint part of a recording", recording=recording, repaint_start=0.2, repaint_end=5.0)
+    whole, *_ = generate(client, notes=NOTES, whole_melody=True)
+    assert len(read_wav(whole)) == round(Melody.from_string(NOTES).duration * 16000)
+
+
 def test_retrieve_lists_the_top_k_melodies(client):
     rows = client.predict("A slow chorale on church organ", 5, api_name="/retrieve")["data"]
     assert len(rows) == 5 and {row[2] for row in rows} <= set(PRESET_MELODIES)
@@ -130,7 +147,11 @@ def test_retrieve_lists_the_top_k_melodies(client):
     ({"prompt": "   "}, "prompt is empty"),
     ({"notes": "G4:0.5 Q9:1"}, "Could not read your melody (notes)"),
     ({"notes": NOTES, "melody_file": "tune.mid"}, "Give one melody, not several"),
-    ({"duration": 60.0}, "Duration (seconds) must be a number between 0.04 and 1.92, got 60.0"),
+    ({"duration": 400.0}, "Duration (seconds; a continuation's total length) must be a number between 0.04 and 300, got 400.0"),
+    ({"mode": "Continue a recording"}, "Mode 'Continue a recording' needs a recording"),
+    ({"mode": "Sing it"}, "Sing it"),
+    ({"strength": 0.0}, "Strength (re-render: 0 keeps the recording, 1 generates anew) must be a number between 0.05 and 1"),
+    ({"repaint_end": 61}, "Repaint to (s) must be a number between 0 and 60"),
     ({"seed": -1}, "Seed must be a number between 0 and 4294967295, got -1"),
     ({"seed": 1e30}, "Seed must be a number between 0 and 4294967295"),
     ({"seed": "abc"}, "Seed must be a number between 0 and 4294967295, got 'abc'"),
@@ -173,7 +194,7 @@ def post(space_url: str, body: str) -> str:
     return urllib.request.urlopen(f"{space_url}gradio_api/call/generate/{event_id}", timeout=120).read().decode()
 
 
-GOOD_REQUEST = ["A jig", "", None, None, "", 0.5, 2, 3.0, 2.0, 0, 1, 3]
+GOOD_REQUEST = ["A jig", "", None, None, "", 0.5, 2, 3.0, 2.0, 0, 1, 3, "Text to music", None, 0.8, 0.0, 0.0, False]
 
 
 def test_no_server_path_is_ever_read(client, space_url):
@@ -219,9 +240,13 @@ fields = {
     "top_k": st.one_of(st.integers(-3, 20), st.text(max_size=3)),
     "notes": st.one_of(st.text(max_size=20), st.sampled_from(["/etc/hostname", "G4:100000", "G4:1e300", "G4:0.25 A4:nan"])),
     "prompt": st.one_of(st.text(max_size=20), st.sampled_from(["🎻", "\x00", "jig " * 600])),
+    "mode": st.one_of(st.text(max_size=8), st.sampled_from(["Continue a recording", "Re-render a recording"])),
+    "strength": st.one_of(st.floats(-2, 2), st.text(max_size=3)),
+    "repaint_start": st.one_of(st.floats(-100, 100), st.text(max_size=3)),
 }
 LABELS = {"duration": "Duration", "steps": "Denoising steps", "melody_guidance": "Melody strength", "seed": "Seed",
-          "candidates": "Candidates", "top_k": "Retrieved melodies", "notes": "melody", "prompt": "prompt"}
+          "candidates": "Candidates", "top_k": "Retrieved melodies", "notes": "melody", "prompt": "prompt", "mode": "Mode",
+          "strength": "Strength", "repaint_start": "Repaint from"}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
