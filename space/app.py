@@ -120,6 +120,20 @@ def bounded(control):
     return control
 
 
+def one_of(control):
+    """`control` (a `gr.Radio`) refusing a value outside its choices with an error naming its label (Gradio's own names
+    nothing)."""
+    preprocess, choices = control.preprocess, [value for _, value in control.choices]
+
+    def checked_preprocess(payload):
+        if payload not in choices:
+            raise gr.Error(f"{control.label} must be one of {choices}, got {payload!r}.")
+        return preprocess(payload)
+
+    control.preprocess = checked_preprocess
+    return control
+
+
 def checked_field(label: str, value, low: float, high: float, integer: bool):
     try:
         check_number(label, value, low, high)
@@ -233,8 +247,6 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     """Music for a prompt, guided by the best retrieved melody or by yours; the best of `candidates` by CLMP score.
     With a recording: continue it to `duration`, re-render it (`strength`) or repaint a span of it."""
     prompt = check_prompt(prompt)
-    if mode not in MODES:
-        raise gr.Error(f"Mode must be one of {MODES}, got {mode!r}.")
     melody = read_melody(melody_file, melody_audio, melody_notes)
     audio = read_recording(recording, mode) if mode != MODES[0] else None
     length = None if mode in (MODES[2], MODES[3]) or (mode == MODES[0] and whole_melody) else float(duration)
@@ -290,7 +302,7 @@ def build_demo() -> gr.Blocks:
                         melody_audio = gr.Audio(label="Hum, sing or play it (transcribed)", sources=["upload", "microphone"],
                                                 type="filepath", format=None)
                 with gr.Accordion("Recording (to continue, re-render or repaint)", open=False):
-                    mode = gr.Radio(MODES, value=MODES[0], label="Mode")
+                    mode = one_of(gr.Radio(MODES, value=MODES[0], label="Mode"))
                     # format=None: the file is read as uploaded (the browser sends recordings as WAV), no ffmpeg.
                     recording = gr.Audio(label=f"Recording (at most {MAX_RECORDING_SECONDS} s)", sources=["upload", "microphone"],
                                          type="filepath", format=None)
