@@ -3,8 +3,8 @@
 
     python benchmarks/bench_long_form.py --model checkpoints/mg2-small --dataset data/mg2-folk
 
-- **cost**: seconds of compute per second of audio and peak memory (each length in a fresh process, peak RSS) for
-  one window, 60 s and 300 s; ratios to one window.
+- **cost**: seconds of compute per second of audio (median of runs adding up to about a minute of audio) and peak
+  memory (each length in a fresh process, peak RSS) for one window, 60 s and 300 s; ratios to one window.
 - **whole tune**: melodies of `--tune_clips` consecutive test clips laid end to end (≈ 60 s), generated in one call
   (windows) and clip by clip (one window each), same prompt, seed and settings; Mel acc (`training/evaluate.py`)
   against the real clips laid end to end. Ceiling: the real audio through the codec (log-mel → VAE → vocoder, window by
@@ -49,8 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--lengths", default="10.24,60,300", help="Seconds for the cost rows; the first is the reference.")
     parser.add_argument("--tunes", type=int, default=2, help="Whole tunes (each --tune_clips clips long).")
     parser.add_argument("--tune_clips", type=int, default=6)
-    parser.add_argument("--a2a_clips", type=int, default=8)
-    parser.add_argument("--strengths", default="0.2,0.4,0.5,0.6,0.8,1.0")
+    parser.add_argument("--a2a_clips", type=int, default=24)
+    parser.add_argument("--strengths", default="0.1,0.2,0.4,0.5,0.6,0.8,1.0")
     parser.add_argument("--parts", default="cost,tune,a2a")
     parser.add_argument("--output_json", default="benchmarks/results/long_form.json")
     parser.add_argument("--measure_length", type=float, default=None, help=argparse.SUPPRESS)  # one cost row, in a child
@@ -64,15 +64,19 @@ def load(model: str) -> MG2Pipeline:
 
 
 def measure_length(args) -> None:
-    """Child process: one generation of `--measure_length` seconds; prints its wall time and the process's peak RSS."""
+    """Child process: generations of `--measure_length` seconds (repeated to about a minute of audio); prints the median
+    wall time and the process's peak RSS."""
     pipe = load(args.model)
     pipe("A lively Irish jig on fiddle", audio_length_in_s=2.56, num_inference_steps=2)  # warm-up
-    start = time.perf_counter()
-    pipe("A lively Irish jig on fiddle", audio_length_in_s=args.measure_length, num_inference_steps=args.steps,
-         generator=torch.Generator().manual_seed(0))
-    seconds = time.perf_counter() - start
+    times = []
+    for seed in range(max(1, round(60 / args.measure_length))):
+        start = time.perf_counter()
+        pipe("A lively Irish jig on fiddle", audio_length_in_s=args.measure_length, num_inference_steps=args.steps,
+             generator=torch.Generator().manual_seed(seed))
+        times.append(time.perf_counter() - start)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"length_s": args.measure_length, "compute_s": seconds, "peak_rss_mib": peak_mib}))
+    print(json.dumps({"length_s": args.measure_length, "runs": len(times), "compute_s": float(np.median(times)),
+                      "peak_rss_mib": peak_mib}))
 
 
 def cost_rows(args) -> list[dict]:

@@ -50,9 +50,9 @@ def melody_channels(aligned_melody: str | None, latent_channels: int) -> int:
 
 
 # Longer audio is denoised in overlapping windows of the UNet's training length (MultiDiffusion): the cost grows linearly
-# with the length and the memory stays that of one window. Consecutive windows share at least 1/16 of a window.
+# with the length and the memory stays that of one window. Consecutive windows share at least 1/32 of a window.
 MAX_AUDIO_LENGTH_S = 600.0
-WINDOW_OVERLAP = 1 / 16
+WINDOW_OVERLAP = 1 / 32
 DEFAULT_STRENGTH = 0.8  # audio-to-audio, as diffusers' img2img
 MAX_GUIDANCE_SCALE = 100.0
 DEFAULT_MELODY_GUIDANCE_SCALE = 3.0
@@ -577,7 +577,9 @@ class MG2Pipeline(DiffusionPipeline):
         if isinstance(audio, (str, os.PathLike)):
             waveform = load_audio(audio, self.sampling_rate, max_seconds=MAX_AUDIO_LENGTH_S)
         else:
-            waveform = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else audio
+            if isinstance(audio, torch.Tensor):  # bfloat16 has no numpy dtype
+                audio = (audio.detach().cpu().float() if audio.is_floating_point() else audio.detach().cpu()).numpy()
+            waveform = audio
             if waveform.dtype.kind != "f":
                 raise TypeError(f"audio must hold floating-point samples, got dtype {waveform.dtype}.")
             if waveform.ndim != 1:
@@ -822,7 +824,7 @@ class MG2Pipeline(DiffusionPipeline):
                 equals text-to-music with the same melody and generator.
             repaint_start_s, repaint_end_s: the span of `audio` to regenerate, both inside it.
             audio_length_in_s: seconds of audio, up to 600: longer than the UNet's window (10.24 s for `small`), it is
-                denoised in windows that overlap by 1/16 and are fused at every step (MultiDiffusion). Default: the
+                denoised in windows that overlap by at least 1/32 and are fused at every step (MultiDiffusion). Default: the
                 audio's length with `audio`, else the melody's (once through, not looped), else one window. Given
                 explicitly, a shorter melody is repeated whole to fill it. Rounded up to whole latent frames.
             num_inference_steps: denoising steps, 1 to 1000.
