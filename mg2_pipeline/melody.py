@@ -520,6 +520,16 @@ class Melody:
         looped = np.concatenate([self.notes + np.array([0.0, r * period, r * period]) for r in range(repeats)])
         return Melody(looped).slice(0.0, seconds)
 
+    def legato(self, max_gap_s: float) -> "Melody":
+        """Each note held until the next one starts where the rest between them is shorter than `max_gap_s`: a
+        transcription breaks a played line into notes with short gaps, which MG2 would render as silences."""
+        if isinstance(max_gap_s, bool) or not (isinstance(max_gap_s, numbers.Real) and 0 <= max_gap_s <= MAX_NOTE_SECONDS):
+            raise ValueError(f"max_gap_s must be a number in [0, {MAX_NOTE_SECONDS:g}], got {max_gap_s!r}.")
+        notes = self.notes.copy()
+        gaps = notes[1:, 1] - notes[:-1, 2]
+        notes[:-1, 2] = np.where((gaps > 0) & (gaps < max_gap_s), notes[1:, 1], notes[:-1, 2])
+        return Melody(notes)
+
     def delay(self, seconds: float) -> "Melody":
         """The same notes starting `seconds` later (silence before them)."""
         if isinstance(seconds, bool) or not (isinstance(seconds, numbers.Real) and 0 <= seconds <= MAX_MELODY_SECONDS):

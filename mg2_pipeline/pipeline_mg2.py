@@ -54,6 +54,8 @@ def melody_channels(aligned_melody: str | None, latent_channels: int) -> int:
 MAX_AUDIO_LENGTH_S = 600.0
 WINDOW_OVERLAP = 1 / 32
 DEFAULT_STRENGTH = 0.8  # audio-to-audio, as diffusers' img2img
+# A transcribed melody's rests shorter than this are filled: the model renders rests in the melody sketch as silence.
+TRANSCRIPTION_MAX_GAP_S = 0.5
 MAX_GUIDANCE_SCALE = 100.0
 DEFAULT_MELODY_GUIDANCE_SCALE = 3.0
 # Bounds on the work one call may ask for.
@@ -616,16 +618,19 @@ class MG2Pipeline(DiffusionPipeline):
 
     def keep_mask(self, mode: str, latent_frames: int, given_frames: int, repaint_start_s, repaint_end_s, device):
         """`(1, 1, latent_frames, 1)`: 1 on the latent frames of the given audio that are kept, 0 where new audio is
-        generated, a linear ramp over half a window overlap inside the generated span (the seam)."""
+        generated, and over `window_overlap` frames at each seam a linear ramp between the two, on frames the given
+        audio covers (inside a repainted span; at the end of the audio for a continuation, whose new part has no audio
+        to blend with)."""
         frame_s = self.vae_scale_factor * self.hop_length / self.sampling_rate
+        position = torch.arange(latent_frames, dtype=torch.float32)
         if mode == "continuation":
-            start, end = given_frames, latent_frames
+            ramp = min(self.window_overlap, given_frames // 2)
+            generate = ((position - given_frames + ramp + 1) / (ramp + 1)).clamp(0, 1)
         else:
             start, end = int(repaint_start_s / frame_s), min(latent_frames, math.ceil(repaint_end_s / frame_s))
-        ramp = min(self.window_overlap // 2, (end - start) // 2)
-        position = torch.arange(latent_frames, dtype=torch.float32)
-        inside = torch.minimum(position - start + 1, end - position) / (ramp + 1)
-        generate = torch.where((position >= start) & (position < end), inside.clamp(max=1), torch.zeros(()))
+            ramp = min(self.window_overlap, (end - start) // 2)
+            inside = torch.minimum(position - start + 1, end - position) / (ramp + 1)
+            generate = torch.where((position >= start) & (position < end), inside.clamp(max=1), torch.zeros(()))
         return (1 - generate).view(1, 1, -1, 1).to(device)
 
     def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
@@ -651,9 +656,10 @@ class MG2Pipeline(DiffusionPipeline):
         return RetrievedMelody(hit.melody.stretch(melody_bpm / bpm), hit.id, hit.score, metadata)
 
     def transcribe(self, waveform: torch.Tensor) -> Melody:
-        """The melody of the given audio (basic-pitch, one line), or a ValueError asking for `melody=`."""
+        """The melody of the given audio (basic-pitch, one line, rests under half a second filled), or a ValueError
+        asking for `melody=`."""
         try:
-            return Melody.from_audio(waveform.numpy(), self.sampling_rate)
+            return Melody.from_audio(waveform.numpy(), self.sampling_rate).legato(TRANSCRIPTION_MAX_GAP_S)
         except ValueError as error:
             raise ValueError(f"No melody could be transcribed from audio ({error}): pass melody=.") from error
 

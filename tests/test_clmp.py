@@ -184,3 +184,21 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     long_melody = Melody.from_notes([(60 + i % 12, i * 0.1, i * 0.1 + 0.1) for i in range(400)])
     assert processor(melody=[long_melody])["melody_attention_mask"].sum() == 1 + 166 * 6
     assert isinstance(CLMPConfig(), CLMPConfig)
+
+
+def test_contrastive_loss_pair_weights():
+    from mg2_pipeline.modeling_clmp import contrastive_loss
+
+    generator = torch.Generator().manual_seed(0)
+    embeds = {name: torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+              for name in ("audio", "text", "melody")}
+    scale = torch.tensor(10.0)
+    plain, logits = contrastive_loss(embeds, scale)
+    assert set(logits) == {"audio_text", "text_audio", "audio_melody", "melody_audio", "text_melody", "melody_text"}
+    torch.testing.assert_close(contrastive_loss(embeds, scale, {"text_melody": 1.0})[0], plain)
+    pair = {name: torch.nn.functional.cross_entropy(logits[name], torch.arange(4)) for name in logits}
+    weighted = (pair["audio_text"] + pair["text_audio"] + pair["audio_melody"] + pair["melody_audio"]
+                + 3 * (pair["text_melody"] + pair["melody_text"])) / 10
+    torch.testing.assert_close(contrastive_loss(embeds, scale, {"text_melody": 3.0})[0], weighted)
+    with pytest.raises(ValueError, match="pair_weights` names pairs"):
+        contrastive_loss(embeds, scale, {"melody_text": 2.0})

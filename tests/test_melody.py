@@ -285,3 +285,12 @@ def test_pitch_class_roll_marks_the_sounding_pitch_class_and_height():
     assert roll.shape == (13, 20)
     assert roll[0, :5].tolist() == [1] * 5 and roll[:, 5:10].sum() == 0 and roll[9, 10:15].tolist() == [1] * 5
     assert roll[12, 0] == 0.0 and roll[12, 10] == pytest.approx((81 - 60) / 24) and roll[:, 15:].sum() == 0
+
+
+def test_legato_fills_short_rests_only():
+    melody = Melody.from_notes([(60, 0.0, 0.5), (62, 0.7, 1.0), (64, 2.0, 2.5)])
+    held = melody.legato(0.5)
+    assert held.to_list() == [[60, 0.0, 0.7], [62, 0.7, 1.0], [64, 2.0, 2.5]]  # the 1 s rest stays
+    assert melody.legato(0).to_list() == melody.to_list()
+    with pytest.raises(ValueError, match="max_gap_s"):
+        melody.legato(float("nan"))

@@ -1,5 +1,6 @@
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -82,3 +83,18 @@ def test_clap_baseline_trains_with_the_same_script(tiny_dataset, tmp_path):
     results_path = str(tmp_path / "results.json")
     run([sys.executable, EVALUATE, "--model", output_dir, "--dataset", tiny_dataset, "--output_json", results_path])
     assert list(json.load(open(results_path))) == ["W2T", "T2W"]
+
+
+def test_text_trainable_layers_freeze_the_lower_text_tower(tiny_dataset, tmp_path):
+    output_dir = str(tmp_path / "clmp")
+    accelerate("--dataset", tiny_dataset, "--output_dir", output_dir, *TINY_ARGS, "--max_train_steps", "2",
+               "--checkpointing_steps", "1", "--text_trainable_layers", "1", "--text_melody_loss_weight", "3")
+    first, second = (load_file(os.path.join(output_dir, f"checkpoint-{step}", "model.safetensors")) for step in (1, 2))
+    frozen = [k for k in first if k.startswith("text_model.embeddings.") or k.startswith("text_model.encoder.layer.0.")]
+    trained = [k for k in first if k.startswith("text_model.encoder.layer.1.")]
+    assert frozen and trained
+    assert all(torch.equal(first[k], second[k]) for k in frozen)
+    assert any(not torch.equal(first[k], second[k]) for k in trained)
+    refused = subprocess.run([sys.executable, TRAIN, "--dataset", tiny_dataset, "--output_dir", str(tmp_path / "bad"),
+                              *TINY_ARGS, "--text_trainable_layers", "7"], capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode != 0 and "--text_trainable_layers must be in [0, 2]" in refused.stderr
