@@ -964,16 +964,18 @@ class MG2Pipeline(DiffusionPipeline):
         # 6. Denoise: every window predicts the noise of its frames; overlapping predictions are cross-faded, then the
         # scheduler steps the whole latent once. Kept frames of the given audio are reset to it, noised to the next step.
         window = min(self.window_frames, latents.shape[2])
-        ramp = fade_ramp(window, self.window_overlap, device, latents.dtype) if len(starts) > 1 else None
-        with self.progress_bar(total=len(timesteps) * len(starts)) as progress_bar:
+        ramp = fade_ramp(window, self.window_overlap, device, latents.dtype) if len(starts) > 1 else \
+            torch.ones(window, device=device, dtype=latents.dtype)
+        active = [start for start in starts if keep is None or keep[0, 0, start:start + window].min() < 1]  # to generate
+        weights = torch.zeros(latents.shape[2], device=device, dtype=latents.dtype)
+        for start in active:
+            weights[start:start + window] += ramp
+        weights = weights.clamp(min=1e-6)[:, None]  # kept frames outside every active window are reset after the step
+        with self.progress_bar(total=len(timesteps) * len(active)) as progress_bar:
             for i, t in enumerate(timesteps):
                 noise_pred = torch.zeros_like(latents)
-                weights = torch.zeros(latents.shape[2], device=device, dtype=latents.dtype)
-                for start in starts:
+                for start in active:
                     frames = slice(start, start + window)
-                    if keep is not None and keep[0, 0, frames].min() == 1:  # nothing to generate in this window
-                        progress_bar.update()
-                        continue
                     latent_model_input = self.scheduler.scale_model_input(torch.cat([latents[:, :, frames]] * num_conditions), t)
                     if melody_frames is not None:
                         latent_model_input = torch.cat([latent_model_input, melody_frames[:, :, frames]], dim=1)
@@ -987,15 +989,9 @@ class MG2Pipeline(DiffusionPipeline):
                         without_melody = with_melody
                     if do_classifier_free_guidance:
                         window_pred = window_pred + (self._guidance_scale - 1) * (without_melody - predictions.pop(0))
-                    if ramp is None:
-                        noise_pred, weights = window_pred, None
-                    else:
-                        noise_pred[:, :, frames] += window_pred * ramp[:, None]
-                        weights[frames] += ramp
+                    noise_pred[:, :, frames] += window_pred * ramp[:, None]
                     progress_bar.update()
-                if weights is not None:
-                    noise_pred = noise_pred / weights.clamp(min=1e-6)[:, None]
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+                latents = self.scheduler.step(noise_pred / weights, t, latents, **extra_step_kwargs).prev_sample
                 if keep is not None:
                     known = audio_latents if i == len(timesteps) - 1 else \
                         self.scheduler.add_noise(audio_latents, noise, timesteps[i + 1:i + 2].repeat(num_waveforms))

@@ -7,6 +7,13 @@ import pytest
 # Tests never reach a hub: everything they load is built here or shipped inside a package.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# `make test` runs 2 workers on 2 cores: one compute thread each (and in the processes they start). Two threads per
+# worker make the tiny models' many small ops wait on each other's spinning threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARE_DATA = os.path.join(ROOT, "training", "prepare_data.py")

@@ -134,7 +134,8 @@ def test_a_recording_is_continued_re_rendered_and_repainted(client, tmp_path):
     with pytest.raises(AppError, match="repaint_end_s must lie inside the audio"):
         generate(client, mode="Repaint part of a recording", recording=recording, repaint_start=0.2, repaint_end=5.0)
     whole, *_ = generate(client, notes=NOTES, whole_melody=True)
-    assert len(read_wav(whole)) == round(Melody.from_string(NOTES).duration * 16000)
+    tune_seconds = Melody.from_string(NOTES).duration
+    assert len(read_wav(whole)) == round(tune_seconds * 16000)
 
 
 def test_retrieve_lists_the_top_k_melodies(client):
