@@ -863,6 +863,7 @@ class MG2Pipeline(DiffusionPipeline):
                                        melody_embeds, output_type, return_dict, cross_attention_kwargs, callback_on_step_end,
                                        callback_on_step_end_tensor_inputs, audio, strength, repaint_start_s, repaint_end_s)
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
+        play_once = audio_length_in_s is None  # no length asked for: melodies play once through, not repeated
         mode, given_audio = "text_to_music", None
         if audio is not None:
             given_audio = self.read_audio(audio)
@@ -912,8 +913,7 @@ class MG2Pipeline(DiffusionPipeline):
 
         # 4. Fix the length (by default a time-aligned melody's, played once through) and place each melody in it: from
         # the start, or from where the given audio ends for a continuation; repeated whole when the length was asked for
-        play_once = audio_length_in_s is None
-        if play_once:
+        if audio_length_in_s is None:
             aligned = self.config.aligned_melody is not None and guiding[0] is not None
             longest = max(hit.melody.duration for hit in guiding) if aligned else self.default_audio_length_in_s
             audio_length_in_s = min(MAX_AUDIO_LENGTH_S, longest)

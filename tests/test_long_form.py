@@ -124,6 +124,7 @@ def test_audio_to_audio_strength(pipe, recording):
     # without a melody, the melody transcribed from the audio guides it
     transcribed = generate(pipe, audio=recording, strength=0.5)
     assert transcribed.melodies[0].metadata["source"] == "audio" and transcribed.audios.shape == (1, 32000)
+    assert transcribed.melodies[0].metadata["repeats"] == 1  # the audio's own melody is not looped to fill it
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
