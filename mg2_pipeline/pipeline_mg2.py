@@ -176,8 +176,10 @@ class MG2PipelineOutput(BaseOutput):
 
     Args:
         audios: `(batch, samples)` waveforms (numpy or torch), or latents for `output_type="latent"`.
-        melodies: per waveform, a `RetrievedMelody` — from the index (id, score, metadata) or the user's
-            melody (`id=None`, `metadata={"source": "user"}`); None where `melody_embeds` were passed.
+        melodies: per waveform, a `RetrievedMelody` — from the index (id, score, metadata), the user's melody
+            (`id=None`, `metadata["source"] == "user"`) or the one transcribed from `audio` (`"audio"`); its metadata
+            also says where it plays (`audio_span_s`), how often (`repeats`) and which span of it guided each
+            denoising window (`windows`). None where `melody_embeds` were passed or the model is text-only.
         sampling_rate: samples per second of `audios`.
     """
 
