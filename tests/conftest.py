@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -9,8 +10,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 # `make test` runs 2 workers on 2 cores: one compute thread each (and in the processes they start). Two threads per
 # worker make the tiny models' many small ops wait on each other's spinning threads.
+# Each worker also keeps its own numba cache: two processes compiling librosa's cached gufuncs at once can write
+# mismatched cache files and segfault (numba/numba#10128), as on a fresh machine where no cache exists yet.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "mg2-numba-cache", os.environ["PYTEST_XDIST_WORKER"])
     import torch
 
     torch.set_num_threads(1)

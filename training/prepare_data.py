@@ -490,13 +490,18 @@ def list_audio_items(path: str, audio_column: str, text_column: str) -> list[Aud
     return items
 
 
-def transcribe_recording(item: AudioRef, args, synth=None) -> list[dict]:
-    """Cut one recording into clips; the melody is transcribed once and sliced per clip."""
+def estimate_tempo(waveform: np.ndarray) -> float:
+    """librosa's beat-tracker tempo of a mono float32 waveform at `SAMPLE_RATE`."""
     import librosa
 
+    return float(np.atleast_1d(librosa.beat.beat_track(y=waveform, sr=SAMPLE_RATE)[0])[0])
+
+
+def transcribe_recording(item: AudioRef, args, synth=None) -> list[dict]:
+    """Cut one recording into clips; the melody is transcribed once and sliced per clip."""
     waveform = load_audio(item.audio_bytes if item.audio_bytes else item.path)
     melody = Melody.from_audio(waveform, SAMPLE_RATE)
-    tempo = float(np.atleast_1d(librosa.beat.beat_track(y=waveform, sr=SAMPLE_RATE)[0])[0])
+    tempo = estimate_tempo(waveform)
     clip_samples = int(round(args.clip_seconds * SAMPLE_RATE))
     rows = []
     for clip_index in range(max(1, len(waveform) // clip_samples)):
@@ -593,6 +598,12 @@ def build(args) -> dict:
     shard_of = {id(item): shard for shard in todo for item in shard[3]}
     rows_of = {id(shard): [] for shard in todo}
     skipped_of = {id(shard): [] for shard in todo}
+    if args.from_audio and args.num_workers > 1:
+        # Compile and cache the beat tracker here first: workers compiling librosa's cached gufuncs at the same
+        # time can write mismatched cache files and segfault (numba/numba#10128), which would hang the pool.
+        clicks = np.zeros(4 * SAMPLE_RATE, np.float32)
+        clicks[:: SAMPLE_RATE // 2] = 1.0
+        estimate_tempo(clicks)
     pool = multiprocessing.Pool(args.num_workers, initializer=_init_worker, initargs=(args,)) if args.num_workers > 1 else None
     if pool is None:
         _init_worker(args)
