@@ -6,7 +6,8 @@ with and without matching the facts the prompt names (`MG2Pipeline(match_prompt_
         --dataset data/mg2-folk --prompts benchmarks/retrieval_prompts.jsonl --output_json retrieval.json
 
 For each way of retrieving, the top-1 melody's
-- tune type / meter: the share of the prompts naming one (as the index spells it) whose top-1 has it;
+- tune type / meter: the share of the prompts naming one the index holds whose top-1 has it; a prompt naming one the
+  index holds no melody of (a hand-written "polka") is counted apart, by whether its top-1 wrongly claims to match it;
 - collection: the share whose top-1 comes from the caption clip's collection (`source`), overall and per collection;
 and the chance level of the collection share (the index's make-up: the chance a random melody shares the collection).
 """
@@ -45,9 +46,12 @@ def fit(retriever: MelodyRetriever, embeddings: torch.Tensor, queries: list[dict
     for query, row in zip(queries, hits.melodies):
         top = row[0].metadata
         for name in ("tune_type", "meter"):
-            if query.get(name):
+            if query.get(name) and retriever.count({name: query[name]}):
                 counts[name][0] += top.get(name) == query[name]
                 counts[name][1] += 1
+            elif query.get(name):  # nothing to find: the hit must not claim the fact
+                counts[f"{name} the index lacks: not claimed"][0] += top.get("matched_facts", {}).get(name) != query[name]
+                counts[f"{name} the index lacks: not claimed"][1] += 1
         if query.get("source"):
             for name in ("collection", f"collection: {query['source']}"):
                 counts[name][0] += top.get("source") == query["source"]
