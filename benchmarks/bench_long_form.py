@@ -11,8 +11,9 @@
   window); floor: another tune's real audio.
 - **seams**: in those long generations, the frame-to-frame log-mel change at window boundaries against its median
   elsewhere (1 = no seam).
-- **audio-to-audio**: real test clips re-rendered with a new prompt at rising `strength`: Mel acc against the input
-  (ceiling: the codec; floor: another clip) and the CLMP text score of the new prompt minus that of the clip's caption.
+- **audio-to-audio**: real test clips re-rendered with a new prompt at rising `strength` (guidance `--a2a_guidance`):
+  Mel acc against the input (ceiling: the codec; floor: another clip) and the CLMP text score of the new prompt minus
+  that of the clip's caption.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--tune_clips", type=int, default=6)
     parser.add_argument("--a2a_clips", type=int, default=24)
     parser.add_argument("--strengths", default="0.1,0.2,0.4,0.5,0.6,0.8,1.0")
+    parser.add_argument("--a2a_guidance", default="3,3", help="Text and melody guidance scales of the audio-to-audio rows.")
     parser.add_argument("--parts", default="cost,tune,a2a")
     parser.add_argument("--output_json", default="benchmarks/results/long_form.json")
     parser.add_argument("--measure_length", type=float, default=None, help=argparse.SUPPRESS)  # one cost row, in a child
@@ -159,9 +161,11 @@ def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
     table = [row("ceiling: real → codec", [through_codec(pipe, w) for w in real]),
              row("the input itself", real),
              row("floor: another clip", real[1:] + real[:1])]
+    guidance_scale, melody_guidance_scale = (float(g) for g in args.a2a_guidance.split(","))
     for strength in tqdm([float(s) for s in args.strengths.split(",")], desc="audio-to-audio"):
-        outputs = [pipe(NEW_PROMPT, audio=w, strength=strength, num_inference_steps=args.steps,
-                        generator=torch.Generator().manual_seed(i)).audios[0] for i, w in enumerate(real)]
+        outputs = [pipe(NEW_PROMPT, audio=w, strength=strength, num_inference_steps=args.steps, guidance_scale=guidance_scale,
+                        melody_guidance_scale=melody_guidance_scale, generator=torch.Generator().manual_seed(i)).audios[0]
+                   for i, w in enumerate(real)]
         table.append({**row(f"strength {strength:g}", outputs), "strength": strength})
     return table
 
@@ -171,7 +175,7 @@ def main(argv=None):
     if args.measure_length is not None:
         return measure_length(args)
     parts = set(args.parts.split(","))
-    results = {"model": args.model, "steps": args.steps}
+    results = {"model": args.model, "steps": args.steps, "a2a_guidance": args.a2a_guidance}
     if "cost" in parts:
         results["cost"] = cost_rows(args)
     if parts & {"tune", "a2a"}:

@@ -829,7 +829,8 @@ class MG2Pipeline(DiffusionPipeline):
                 continuation follows a retrieved melody from where the audio ends. Kept latent frames are the audio's own.
             strength: how much noise is added to the encoded audio before denoising, in (0, 1] (diffusers' img2img):
                 default 0.8 for audio-to-audio; 1 (regenerate from noise) for a repainted span. At 1 audio-to-audio
-                equals text-to-music with the same melody and generator.
+                equals text-to-music with the same melody and generator. Guidance 3 pulls even a light re-rendering
+                toward the new timbre; with both guidance scales 1 it keeps more of the recording's melody (README).
             repaint_start_s, repaint_end_s: the span of `audio` to regenerate, both inside it.
             audio_length_in_s: seconds of audio, up to 600: longer than the UNet's window (10.24 s for `small`), it is
                 denoised in windows that overlap by at least 1/32 and are fused at every step (MultiDiffusion). Default: the
