@@ -202,7 +202,7 @@ def test_from_audio_folder_transcribes_and_counts_bad_files(tmp_path):
     )
     output_dir = str(tmp_path / "mine")
     run_prepare_data("--output_dir", output_dir, "--from_audio", str(source), "--clip_seconds", "3",
-                     "--validation_fraction", "0", "--test_fraction", "0", "--num_workers", "1")
+                     "--validation_fraction", "0", "--test_fraction", "0", "--num_workers", "2")
     summary = json.load(open(os.path.join(output_dir, "summary.json")))
     assert summary["skipped"] == 1 and "broken.wav" in summary["skipped_files"][0]["path"]
     rows = read_split(output_dir, "train")

@@ -598,7 +598,7 @@ def build(args) -> dict:
     shard_of = {id(item): shard for shard in todo for item in shard[3]}
     rows_of = {id(shard): [] for shard in todo}
     skipped_of = {id(shard): [] for shard in todo}
-    if args.from_audio and args.num_workers > 1:
+    if args.from_audio and args.num_workers > 1 and work:
         # Compile and cache the beat tracker here first: workers compiling librosa's cached gufuncs at the same
         # time can write mismatched cache files and segfault (numba/numba#10128), which would hang the pool.
         clicks = np.zeros(4 * SAMPLE_RATE, np.float32)
