@@ -513,7 +513,7 @@ class Melody:
         if isinstance(seconds, bool) or not (isinstance(seconds, numbers.Real) and 0 < seconds <= MAX_MELODY_SECONDS):
             raise ValueError(f"seconds must be a number in (0, {MAX_MELODY_SECONDS:g}], got {seconds!r}.")
         period = self.duration
-        repeats = int(math.ceil(seconds / period))
+        repeats = max(1, math.ceil(seconds / period))  # at least once: a subnormal `seconds / period` rounds to 0
         if repeats * len(self) > MAX_NOTES:
             raise ValueError(f"Looping this {period:.3g} s melody to {seconds:g} s takes {repeats * len(self)} notes; "
                              f"at most {MAX_NOTES} are allowed.")
