@@ -130,8 +130,8 @@ def test_batch_consistent_and_batch_single_identical(pipe, output_type):
     batched = np.asarray(batched)
     assert batched.shape == single.shape and batched.shape[0] == 3
     # The UNet's batch-size-dependent rounding (1e-6 of the latents) reaches the waveform through Griffin-Lim's
-    # iterations amplified about 100×: diffusers' 1e-4 holds for the latents, the waveform is within 1e-3 of its peak.
-    tolerance = 1e-4 if output_type == "latent" else 1e-3
+    # iterations amplified: diffusers' 1e-4 holds for the latents; the waveform differs by ≈ 5e-5 of its peak.
+    tolerance = 1e-4 if output_type == "latent" else 5e-4
     assert np.abs(batched - single).max() <= tolerance * np.abs(single).max()
 
 
