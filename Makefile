@@ -33,8 +33,9 @@ POOLED_DONE := checkpoints/mg2-small-pooled/model_index.json
 TEXT_DONE := checkpoints/mg2-small-text/model_index.json
 EVAL_DONE := checkpoints/mg2-small/eval/eval_results.json
 ABLATIONS_DONE := checkpoints/mg2-small/eval-ablations/eval_results.json
+# The latent cache is built by one forked process per core, one compute thread each.
 MG2_ARGS := --config $(SMALL) --dataset $(DATASET) --clmp checkpoints/clmp-small --retriever checkpoints/melody-index \
-	--vae checkpoints/vae-small --resume_from_checkpoint latest
+	--vae checkpoints/vae-small --resume_from_checkpoint latest --latent_cache_workers $(shell nproc)
 
 demo: install | $(EVAL_DONE)
 	$(PY) training/generate_samples.py --model checkpoints/mg2-small --output_dir samples

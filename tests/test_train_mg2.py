@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 import signal
@@ -52,23 +53,34 @@ def test_training_learns_checkpoints_validates_and_saves_a_loadable_pipeline(tin
 def test_the_latent_cache_is_built_once_per_key_and_holds_whole_clips(tiny_dataset, tiny_generator_parts, tmp_path):
     import pyarrow.parquet as pq
 
+    def cache_table(output_dir):
+        folder = json.loads((output_dir / "training_summary.json").read_text())["latent_cache"]
+        info = json.loads(open(os.path.join(folder, "cache_info.json")).read())
+        rows = [row for path in glob.glob(os.path.join(folder, "*.parquet")) for row in pq.read_table(path).to_pylist()]
+        return sorted(rows, key=lambda row: row["clip_id"]), info
+
     cache_root = tmp_path / "cache"
     common = ["--max_train_steps", "1", "--validation_steps", "100", "--latent_cache", str(cache_root)]
-    first = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "a", *common))
+    first = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "a", *common, "--latent_cache_workers", "2"))
     again = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "b", *common))
     pooled = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "c", *common, "--aligned_melody", "none"))
-    assert "Latent cache" in first.stderr and "Latent cache" not in again.stderr and "Latent cache" in pooled.stderr
+    assert "part 2/2" in first.stderr and "Latent cache" not in again.stderr and "Latent cache" in pooled.stderr
     keys = sorted(os.listdir(cache_root))
     assert len(keys) == 2  # the pooled-only model has no melody frames: its own key
-    summary = json.loads((tmp_path / "a" / "training_summary.json").read_text())
-    table = pq.read_table(os.path.join(summary["latent_cache"], "train-00000.parquet")).to_pylist()
-    info = json.loads(open(os.path.join(summary["latent_cache"], "cache_info.json")).read())
+    assert MG2Pipeline.from_pretrained(tmp_path / "c").config.aligned_melody is None
+    # Built again by one process elsewhere: the same rows as the two forked workers cached, each once.
+    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "d", *common[:-1], str(tmp_path / "cache-1")))
+    table, info = cache_table(tmp_path / "d")
+    in_parts, parts_info = cache_table(tmp_path / "a")
     clips = sum(1 for _ in load_mg2_dataset(tiny_dataset, "train"))
-    assert info["rows"] == len(table) == clips and info["skipped_rows"] == 0
+    assert info["rows"] == len(table) == clips and info["skipped_rows"] == 0 and parts_info["workers"] == 2
+    assert [row["clip_id"] for row in in_parts] == [row["clip_id"] for row in table]
+    for one, two in zip(table, in_parts):
+        for key in ("latents", "melody_frames"):
+            np.testing.assert_allclose(np.frombuffer(one[key], np.float16), np.frombuffer(two[key], np.float16), atol=1e-3)
     row = table[0]
     assert row["latents_shape"] == [4, 200, 32] and row["melody_frames_shape"] == [4, 200, 32]  # 4 s at ×2: whole clips
     assert len(np.frombuffer(row["latents"], np.float16)) == 4 * 200 * 32 and len(row["text_embeds"]) == 32
-    assert MG2Pipeline.from_pretrained(tmp_path / "c").config.aligned_melody is None
 
 
 def test_text_only_ablation_trains_with_the_same_script(tiny_dataset, tiny_generator_parts, tmp_path):
