@@ -508,8 +508,8 @@ class Melody:
             raise ValueError(f"Stretching by factor {factor!r} is out of bounds: {error}") from None
 
     def fit_to(self, seconds: float) -> "Melody":
-        """Exactly `seconds` long: repeated whole (the melody is the phrase; each repeat starts where the last note
-        of the previous one ends) until it covers `seconds`, then cut there."""
+        """Repeated whole (the melody is the phrase; each repeat starts where the last note of the previous one ends)
+        until it covers `seconds`, then cut there: at most `seconds` long, shorter when the cut falls in a rest."""
         if isinstance(seconds, bool) or not (isinstance(seconds, numbers.Real) and 0 < seconds <= MAX_MELODY_SECONDS):
             raise ValueError(f"seconds must be a number in (0, {MAX_MELODY_SECONDS:g}], got {seconds!r}.")
         period = self.duration

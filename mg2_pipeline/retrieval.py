@@ -100,6 +100,15 @@ class RetrievedMelody:
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def as_played(self) -> Melody:
+        """The melody as it guided the pipeline's audio: placed at `metadata["audio_span_s"]`, repeated whole to fill
+        it when the pipeline looped it; the melody itself for a plain search hit."""
+        if "audio_span_s" not in self.metadata:
+            return self.melody
+        start, end = self.metadata["audio_span_s"]
+        played = self.melody.fit_to(end - start) if end > start else self.melody
+        return played.delay(start) if start else played
+
 
 @dataclass
 class RetrievalOutput:

@@ -272,9 +272,8 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     if guide is None:  # a text-only model has no melody
         spectrogram = plot_spectrogram(waveform, output.sampling_rate, title=prompt[:90])
         return (output.sampling_rate, pcm16), as_image(spectrogram), "Text-only model: no guiding melody.", None, None, table
-    start = guide.metadata["audio_span_s"][0]  # a continuation's melody starts where the recording ends
-    spectrogram = plot_spectrogram(waveform, output.sampling_rate, guide.melody.delay(start) if start else guide.melody,
-                                   title=prompt[:90])
+    # As played: a continuation's melody starts where the recording ends; a short melody is repeated to fill the length.
+    spectrogram = plot_spectrogram(waveform, output.sampling_rate, guide.as_played(), title=prompt[:90])
     piano_roll = plot_piano_roll(guide.melody, title=guide.metadata.get("title") or "your melody")
     return ((output.sampling_rate, pcm16), as_image(spectrogram), describe_melody(guide), as_image(piano_roll),
             write_midi(guide.melody), table)

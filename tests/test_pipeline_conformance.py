@@ -89,6 +89,18 @@ def test_save_load_round_trip_logs_each_component(pipe, tmp_path, safe_serializa
     np.testing.assert_allclose(loaded(**inputs()).audios, expected, atol=1e-5)
 
 
+def test_device_map_places_every_component(pipe, tmp_path):
+    expected = pipe(**inputs()).audios
+    pipe.save_pretrained(tmp_path)
+    loaded = MG2Pipeline.from_pretrained(tmp_path, device_map="cpu")  # diffusers: "balanced" needs accelerators
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.hf_device_map is not None
+    assert {p.device.type for c in nn_components(loaded).values() for p in c.parameters()} == {"cpu"}
+    np.testing.assert_allclose(loaded(**inputs()).audios, expected, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="sequential not supported"):
+        MG2Pipeline.from_pretrained(tmp_path, device_map="sequential")
+
+
 def test_variants_are_saved_for_every_model_and_loaded(pipe, tmp_path):
     expected = pipe(**inputs()).audios
     pipe.save_pretrained(tmp_path, variant="fp16", safe_serialization=False)

@@ -57,7 +57,7 @@ def main(argv=None):
         save_audio(f"{stem}.wav", output.audios[0], output.sampling_rate)
         guide = output.melodies[0]
         source = "your melody" if guide is None or guide.id is None else f"retrieved: {guide.metadata.get('title', '?')} ({guide.score:.2f})"
-        figure = plot_spectrogram(output.audios[0], output.sampling_rate, guide.melody if guide else None, f"{prompt} — {source}")
+        figure = plot_spectrogram(output.audios[0], output.sampling_rate, guide.as_played() if guide else None, f"{prompt} — {source}")
         figure_to_png(figure, f"{stem}.png")
         print(f"{stem}.wav  {stem}.png  ← {prompt!r}, melody {source}")
     print(f"Samples are in {os.path.abspath(args.output_dir)}")
