@@ -53,6 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--a2a_clips", type=int, default=24)
     parser.add_argument("--strengths", default="0.1,0.2,0.4,0.5,0.6,0.8,1.0")
     parser.add_argument("--a2a_guidance", default="3,3", help="Text and melody guidance scales of the audio-to-audio rows.")
+    parser.add_argument("--a2a_guidance_interval", default="0,1", help="Their guidance_interval (fractions of the noise schedule).")
     parser.add_argument("--parts", default="cost,tune,a2a")
     parser.add_argument("--output_json", default="benchmarks/results/long_form.json")
     parser.add_argument("--measure_length", type=float, default=None, help=argparse.SUPPRESS)  # one cost row, in a child
@@ -162,9 +163,11 @@ def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
              row("the input itself", real),
              row("floor: another clip", real[1:] + real[:1])]
     guidance_scale, melody_guidance_scale = (float(g) for g in args.a2a_guidance.split(","))
+    guidance_interval = tuple(float(g) for g in args.a2a_guidance_interval.split(","))
     for strength in tqdm([float(s) for s in args.strengths.split(",")], desc="audio-to-audio"):
         outputs = [pipe(NEW_PROMPT, audio=w, strength=strength, num_inference_steps=args.steps, guidance_scale=guidance_scale,
-                        melody_guidance_scale=melody_guidance_scale, generator=torch.Generator().manual_seed(i)).audios[0]
+                        melody_guidance_scale=melody_guidance_scale, guidance_interval=guidance_interval,
+                        generator=torch.Generator().manual_seed(i)).audios[0]
                    for i, w in enumerate(real)]
         table.append({**row(f"strength {strength:g}", outputs), "strength": strength})
     return table
@@ -175,7 +178,8 @@ def main(argv=None):
     if args.measure_length is not None:
         return measure_length(args)
     parts = set(args.parts.split(","))
-    results = {"model": args.model, "steps": args.steps, "a2a_guidance": args.a2a_guidance}
+    results = {"model": args.model, "steps": args.steps, "a2a_guidance": args.a2a_guidance,
+               "a2a_guidance_interval": args.a2a_guidance_interval}
     if "cost" in parts:
         results["cost"] = cost_rows(args)
     if parts & {"tune", "a2a"}:

@@ -418,7 +418,7 @@ class MG2Pipeline(DiffusionPipeline):
                      melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, match_prompt_facts, generator, latents,
                      prompt_embeds, negative_prompt_embeds, melody_embeds, output_type, return_dict, cross_attention_kwargs,
                      callback_on_step_end, callback_on_step_end_tensor_inputs, audio=None, strength=None,
-                     repaint_start_s=None, repaint_end_s=None) -> int:
+                     repaint_start_s=None, repaint_end_s=None, guidance_interval=(0.0, 1.0)) -> int:
         """Validate every argument before any compute; returns the batch size. Wrong types raise `TypeError`, wrong
         values (non-finite, out of range, mismatched sizes) `ValueError`; each message names the argument."""
         projection_dim = self.unet.config.projection_class_embeddings_input_dim // 2  # [text ‖ melody]
@@ -464,6 +464,10 @@ class MG2Pipeline(DiffusionPipeline):
         min_length = round(self.frames_multiple * self.hop_length / self.sampling_rate, 2)
         if audio_length_in_s is not None:
             check_number("audio_length_in_s", audio_length_in_s, min_length, MAX_AUDIO_LENGTH_S)
+        if not isinstance(guidance_interval, (tuple, list)) or len(guidance_interval) != 2:
+            raise TypeError(f"guidance_interval must be a pair (low, high) of fractions of the noise schedule, got {guidance_interval!r}.")
+        check_number("guidance_interval[0]", guidance_interval[0], 0, 1)
+        check_number("guidance_interval[1]", guidance_interval[1], guidance_interval[0], 1)
         if audio is None and (strength is not None or repaint_start_s is not None or repaint_end_s is not None):
             raise ValueError("strength, repaint_start_s and repaint_end_s apply to a given audio: pass audio= too.")
         if audio is not None:
@@ -799,6 +803,7 @@ class MG2Pipeline(DiffusionPipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 3.0,
         melody_guidance_scale: float = DEFAULT_MELODY_GUIDANCE_SCALE,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
         num_waveforms_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -840,6 +845,10 @@ class MG2Pipeline(DiffusionPipeline):
             guidance_scale: text guidance scale (classifier-free); <= 1 disables it.
             melody_guidance_scale: melody guidance scale, independent of the text's: 0 ignores the melody, 1 takes it
                 without guidance, larger follows it more tightly (the melody term of InstructPix2Pix-style guidance).
+            guidance_interval: where in the noise schedule both guidance scales apply, as fractions of the training
+                timesteps (`t / num_train_timesteps` from `low` to `high`); elsewhere both are 1 (Kynkäänniemi et al.,
+                2024). For audio-to-audio, (0.2, 1.0) with a strong text guidance re-renders the timbre while guidance
+                at low noise no longer pulls a light re-rendering off the recording's melody (README).
             num_waveforms_per_prompt: candidates per prompt (prompts × candidates at most 64), re-ranked best first by
                 CLMP text–audio similarity; with `retrieval_top_k` > 1 they cycle through the top-k retrieved melodies.
             generator, latents: seeding as in diffusers; the same generator gives identical output. `latents` must be
@@ -864,7 +873,8 @@ class MG2Pipeline(DiffusionPipeline):
                                        guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k,
                                        match_prompt_facts, generator, latents, prompt_embeds, negative_prompt_embeds,
                                        melody_embeds, output_type, return_dict, cross_attention_kwargs, callback_on_step_end,
-                                       callback_on_step_end_tensor_inputs, audio, strength, repaint_start_s, repaint_end_s)
+                                       callback_on_step_end_tensor_inputs, audio, strength, repaint_start_s, repaint_end_s,
+                                       guidance_interval)
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
         play_once = audio_length_in_s is None  # no length asked for: melodies play once through, not repeated
         mode, given_audio = "text_to_music", None
@@ -976,6 +986,9 @@ class MG2Pipeline(DiffusionPipeline):
         weights = weights.clamp(min=1e-6)[:, None]  # kept frames outside every active window are reset after the step
         with self.progress_bar(total=len(timesteps) * len(active)) as progress_bar:
             for i, t in enumerate(timesteps):
+                # Outside guidance_interval both scales are 1: the prediction with text and melody, unguided.
+                guided = guidance_interval[0] <= t / self.scheduler.config.num_train_timesteps <= guidance_interval[1]
+                text_scale, melody_scale = (self._guidance_scale, self._melody_guidance_scale) if guided else (1, 1)
                 noise_pred = torch.zeros_like(latents)
                 for start in active:
                     frames = slice(start, start + window)
@@ -987,11 +1000,11 @@ class MG2Pipeline(DiffusionPipeline):
                     window_pred = with_melody = predictions.pop(0)
                     if do_melody_guidance:
                         without_melody = predictions.pop(0)
-                        window_pred = without_melody + self._melody_guidance_scale * (with_melody - without_melody)
+                        window_pred = without_melody + melody_scale * (with_melody - without_melody)
                     else:
                         without_melody = with_melody
                     if do_classifier_free_guidance:
-                        window_pred = window_pred + (self._guidance_scale - 1) * (without_melody - predictions.pop(0))
+                        window_pred = window_pred + (text_scale - 1) * (without_melody - predictions.pop(0))
                     noise_pred[:, :, frames] += window_pred * ramp[:, None]
                     progress_bar.update()
                 latents = self.scheduler.step(noise_pred / weights, t, latents, **extra_step_kwargs).prev_sample

@@ -195,6 +195,8 @@ def call_arguments():
         "repaint_start_s": st.one_of(numbers, st.floats(-1, 1)), "repaint_end_s": st.one_of(numbers, st.floats(-1, 1)),
         "audio_length_in_s": st.one_of(numbers, st.floats(0, 3)), "num_inference_steps": st.one_of(numbers, st.integers(0, 6)),
         "guidance_scale": st.one_of(numbers, st.floats(-1, 12)), "melody_guidance_scale": st.one_of(numbers, st.floats(-1, 12)),
+        "guidance_interval": st.one_of(st.tuples(numbers, numbers), st.tuples(st.floats(-1, 2), st.floats(-1, 2)),
+                                       st.lists(st.floats(0, 1), max_size=3)),
         "num_waveforms_per_prompt": st.one_of(numbers, st.integers(0, 5)), "retrieval_top_k": st.one_of(numbers, st.integers(0, 8)),
         "generator": st.one_of(st.just(torch.Generator().manual_seed(0)), st.lists(st.just(torch.Generator()), max_size=3)),
         "latents": st.one_of(tensors(LATENT_SHAPE), tensors(), st.builds(lambda: np.zeros(LATENT_SHAPE))),

@@ -147,6 +147,21 @@ def test_batch_consistent_and_batch_single_identical(pipe, output_type):
     assert np.abs(batched - single).max() <= tolerance * np.abs(single).max()
 
 
+def test_guidance_interval_limits_guidance_to_its_part_of_the_schedule(pipe):
+    unguided = pipe(**inputs(guidance_scale=1.0, melody_guidance_scale=1.0, output_type="latent")).audios
+    guided = pipe(**inputs(guidance_scale=5.0, melody_guidance_scale=2.0)).audios
+    # No timestep of the schedule is 1000: the guided call without its guidance is the unguided one (with fewer UNet
+    # passes per step, so within batch rounding).
+    torch.testing.assert_close(pipe(**inputs(guidance_scale=5.0, melody_guidance_scale=2.0, guidance_interval=(1.0, 1.0),
+                                             output_type="latent")).audios, unguided, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(pipe(**inputs(guidance_scale=5.0, melody_guidance_scale=2.0, guidance_interval=(0, 1))).audios,
+                                  guided)
+    assert np.abs(pipe(**inputs(guidance_scale=5.0, melody_guidance_scale=2.0, guidance_interval=(0.6, 1))).audios - guided).max() > 1e-4
+    for interval, error in (((0.6, 0.2), ValueError), ((0.1, float("nan")), ValueError), ((0.2,), TypeError), (0.2, TypeError)):
+        with pytest.raises(error, match="guidance_interval"):
+            pipe(**inputs(guidance_interval=interval))
+
+
 def test_num_waveforms_per_prompt_shapes(pipe):
     for batch in (1, 2):
         for per_prompt in (1, 2):
