@@ -847,8 +847,9 @@ class MG2Pipeline(DiffusionPipeline):
                 without guidance, larger follows it more tightly (the melody term of InstructPix2Pix-style guidance).
             guidance_interval: where in the noise schedule both guidance scales apply, as fractions of the training
                 timesteps (`t / num_train_timesteps` from `low` to `high`); elsewhere both are 1 (Kynkäänniemi et al.,
-                2024). For audio-to-audio, (0.2, 1.0) with a strong text guidance re-renders the timbre while guidance
-                at low noise no longer pulls a light re-rendering off the recording's melody (README).
+                2024). Audio-to-audio with (0.2, 1.0): a light re-rendering (strength ≤ 0.2) keeps the recording's
+                melody and a heavy one (≥ 0.8) follows the transcribed melody better, but middle strengths keep less
+                of it (README).
             num_waveforms_per_prompt: candidates per prompt (prompts × candidates at most 64), re-ranked best first by
                 CLMP text–audio similarity; with `retrieval_top_k` > 1 they cycle through the top-k retrieved melodies.
             generator, latents: seeding as in diffusers; the same generator gives identical output. `latents` must be
