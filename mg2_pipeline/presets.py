@@ -133,6 +133,8 @@ def vae_config(name: str) -> dict:
 
 
 # The paper's model has the pooled condition only; the others also take the melody sketch, time-aligned.
+# The mean log-mel of the demo's training clips (64 clips of `data/mg2-folk`: mean −4.70, std 2.52).
+MEAN_LOG_MEL = -4.7
 DEFAULT_ALIGNED_MELODY = {"tiny": "sketch", "small": "sketch", "paper": None}
 
 
@@ -170,6 +172,10 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
                               max_text_length=16 if preset == "tiny" else 48)
     unet = UNet2DConditionModel(**unet_config(preset, clmp.config.projection_dim, aligned_melody))
     vae = AutoencoderKL(**vae_config(preset))
+    # Untrained, the decoder's log-mels sit around 0, which Griffin-Lim turns into full-scale noise (peak ≈ 11, far
+    # outside ±1). Centre them on music's mean instead, so that a random pipeline makes noise as loud as music.
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(MEAN_LOG_MEL)
     on_meta = clmp.device.type == "meta"
     # The scheduler's tables, the melody index and Griffin-Lim's filters are not weights: always build them for real.
     with torch.device("cpu"):
