@@ -161,6 +161,9 @@ def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
 
     table = [row("ceiling: real → codec", [through_codec(pipe, w) for w in real]),
              row("the input itself", real),
+             # What the melody condition of audio-to-audio holds: the input's transcription, played as plain tones.
+             row("the input's transcribed melody as tones", [pipe.transcribe(torch.from_numpy(w)).render_tones(len(w))
+                                                            for w in real]),
              row("floor: another clip", real[1:] + real[:1])]
     guidance_scale, melody_guidance_scale = (float(g) for g in args.a2a_guidance.split(","))
     guidance_interval = tuple(float(g) for g in args.a2a_guidance_interval.split(","))
