@@ -849,7 +849,8 @@ class MG2Pipeline(DiffusionPipeline):
                 timesteps (`t / num_train_timesteps` from `low` to `high`); elsewhere both are 1 (Kynkäänniemi et al.,
                 2024). Audio-to-audio with (0.2, 1.0): a light re-rendering (strength ≤ 0.2) keeps the recording's
                 melody and a heavy one (≥ 0.8) follows the transcribed melody better, but middle strengths keep less
-                of it (README).
+                of it. Text-to-music with (0.2, 1.0) sounds better (FAD spectral 184 against 204) and follows its
+                melody less (Mel acc 0.610 against 0.643; README).
             num_waveforms_per_prompt: candidates per prompt (prompts × candidates at most 64), re-ranked best first by
                 CLMP text–audio similarity; with `retrieval_top_k` > 1 they cycle through the top-k retrieved melodies.
             generator, latents: seeding as in diffusers; the same generator gives identical output. `latents` must be
