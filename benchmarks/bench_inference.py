@@ -4,7 +4,8 @@
     python benchmarks/bench_inference.py                         # the `small` preset, random weights
     python benchmarks/bench_inference.py --model checkpoints/mg2-small
 
-For 10.24 s of audio (25 DPM-Solver steps, text and melody guidance 3: three UNet passes per step): wall time of CLMP text encoding, retrieval, the
+For 10.24 s of audio (25 DPM-Solver steps, text and melody guidance 3: two UNet passes per step, three when the scales
+differ): wall time of CLMP text encoding, retrieval, the
 denoising loop, VAE decoding and the vocoder; the real-time factor; MG2's prompt → latents time over a
 bare loop (precomputed condition and melody frames, same latents, same scheduler) — the overhead the pipeline adds; and
 the UNet's achieved FLOP/s against this machine's fp32 matmul peak, measured in the same run.
@@ -50,21 +51,27 @@ class StageTimer:
         return timed
 
 
-def unet_input(pipe, latents: torch.Tensor, t, frames: torch.Tensor | None) -> torch.Tensor:
-    model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 3), t)
+def unet_input(pipe, latents: torch.Tensor, t, frames: torch.Tensor | None, passes: int) -> torch.Tensor:
+    model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * passes), t)
     return model_input if frames is None else torch.cat([model_input, frames], dim=1)
 
 
 @torch.no_grad()
 def bare_loop(pipe, condition: torch.Tensor, frames: torch.Tensor | None, latents: torch.Tensor, steps: int,
               guidance_scale: float, melody_guidance_scale: float) -> torch.Tensor:
-    """The textbook diffusers loop with MG2's text and melody guidance terms: what any pipeline must at least do."""
+    """The textbook diffusers loop with MG2's text and melody guidance terms: what any pipeline must at least do.
+    Equal scales are plain classifier-free guidance (two passes); otherwise the melody-free prediction runs too."""
     pipe.scheduler.set_timesteps(steps)
     latents = latents * pipe.scheduler.init_noise_sigma
     for t in pipe.scheduler.timesteps:
-        prediction = pipe.unet(unet_input(pipe, latents, t, frames), t, encoder_hidden_states=None, class_labels=condition).sample
-        full, no_melody, unconditional = prediction.chunk(3)
-        guided = no_melody + melody_guidance_scale * (full - no_melody) + (guidance_scale - 1) * (no_melody - unconditional)
+        prediction = pipe.unet(unet_input(pipe, latents, t, frames, len(condition)), t, encoder_hidden_states=None,
+                               class_labels=condition).sample
+        if len(condition) == 2:
+            full, unconditional = prediction.chunk(2)
+            guided = unconditional + guidance_scale * (full - unconditional)
+        else:
+            full, no_melody, unconditional = prediction.chunk(3)
+            guided = no_melody + melody_guidance_scale * (full - no_melody) + (guidance_scale - 1) * (no_melody - unconditional)
         latents = pipe.scheduler.step(guided, t, latents).prev_sample
     return latents
 
@@ -111,13 +118,16 @@ def main(argv=None):
         text, empty = pipe.encode_text([prompt, ""], pipe.device).chunk(2)
         hits = pipe.retriever.search(text, k=1)
         melody = torch.from_numpy(hits.embeddings[:, 0])
-        condition = torch.cat([torch.cat([text, melody], -1), torch.cat([text, empty], -1), torch.cat([empty, empty], -1)])
+        conditions = [torch.cat([text, melody], -1), torch.cat([text, empty], -1), torch.cat([empty, empty], -1)]
+        if args.melody_guidance_scale == args.guidance_scale:
+            conditions.pop(1)
+        condition = torch.cat(conditions)
         frames = None
         if pipe.config.aligned_melody is not None:
             guide = pipe.follow_prompt_tempo(hits.melodies[0][0], prompt).melody
             frames = pipe.prepare_melody_frames([guide.fit_to(latents.shape[2] * pipe.vae_scale_factor * pipe.hop_length
                                                               / pipe.sampling_rate)], latents.shape[2], pipe.device, pipe.unet.dtype)
-            frames = torch.cat([frames, torch.zeros_like(frames), torch.zeros_like(frames)])
+            frames = torch.cat([frames] + [torch.zeros_like(frames)] * (len(condition) - 1))
         noise = torch.randn(latents.shape, generator=generator())
         start = time.perf_counter()
         bare_latents = bare_loop(pipe, condition, frames, noise, args.steps, args.guidance_scale, args.melody_guidance_scale)
@@ -127,7 +137,7 @@ def main(argv=None):
 
     with FlopCounterMode(display=False) as counter:
         t = pipe.scheduler.timesteps[0]
-        pipe.unet(unet_input(pipe, latents, t, frames), t, encoder_hidden_states=None, class_labels=condition)
+        pipe.unet(unet_input(pipe, latents, t, frames, len(condition)), t, encoder_hidden_states=None, class_labels=condition)
     unet_flops = counter.get_total_flops() * args.steps
     peak = matmul_peak_flops()
 

@@ -493,9 +493,9 @@ class MG2Pipeline(DiffusionPipeline):
                      min(MAX_INFERENCE_STEPS, self.scheduler.config.num_train_timesteps), integer=True)
         check_number("guidance_scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
         check_number("melody_guidance_scale", melody_guidance_scale, 0, MAX_GUIDANCE_SCALE)
-        if without_clmp and self.config.condition != "text" and melody_guidance_scale != 1:
-            raise ValueError("melody_guidance_scale must be 1 in a pipeline without clmp: its melody-free condition is the "
-                             "empty text's CLMP embedding.")
+        if without_clmp and self.config.condition != "text" and melody_guidance_scale != max(guidance_scale, 1):
+            raise ValueError("melody_guidance_scale must equal guidance_scale (1 when guidance_scale ≤ 1) in a pipeline "
+                             "without clmp: a melody term of its own needs the empty text's CLMP embedding.")
         if without_clmp and guidance_scale > 1 and negative_prompt_embeds is None:
             raise ValueError("guidance_scale > 1 in a pipeline without clmp needs negative_prompt_embeds.")
         check_number("num_waveforms_per_prompt", num_waveforms_per_prompt, 1, MAX_WAVEFORMS // batch_size, integer=True)
@@ -783,7 +783,10 @@ class MG2Pipeline(DiffusionPipeline):
 
     @property
     def do_melody_guidance(self) -> bool:
-        return self.config.condition != "text" and self._melody_guidance_scale not in (0.0, 1.0)
+        """Whether the melody-free prediction ε(t, ∅) runs. Equal scales need none: the guidance formula is then plain
+        classifier-free guidance of text and melody together, `s · ε(t, m) − (s − 1) · ε(∅, ∅)`."""
+        text_scale = self._guidance_scale if self.do_classifier_free_guidance else 1.0
+        return self.config.condition != "text" and self._melody_guidance_scale not in (0.0, text_scale)
 
     @property
     def num_timesteps(self) -> int:
@@ -845,6 +848,7 @@ class MG2Pipeline(DiffusionPipeline):
             guidance_scale: text guidance scale (classifier-free); <= 1 disables it.
             melody_guidance_scale: melody guidance scale, independent of the text's: 0 ignores the melody, 1 takes it
                 without guidance, larger follows it more tightly (the melody term of InstructPix2Pix-style guidance).
+                Equal to `guidance_scale` it is plain classifier-free guidance of both, one UNet pass fewer per step.
             guidance_interval: where in the noise schedule both guidance scales apply, as fractions of the training
                 timesteps (`t / num_train_timesteps` from `low` to `high`); elsewhere both are 1 (Kynkäänniemi et al.,
                 2024). Audio-to-audio with (0.2, 1.0): a light re-rendering (strength ≤ 0.2) keeps the recording's
@@ -990,7 +994,7 @@ class MG2Pipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 # Outside guidance_interval both scales are 1: the prediction with text and melody, unguided.
                 guided = guidance_interval[0] <= t / self.scheduler.config.num_train_timesteps <= guidance_interval[1]
-                text_scale, melody_scale = (self._guidance_scale, self._melody_guidance_scale) if guided else (1, 1)
+                text_scale, melody_scale = (max(self._guidance_scale, 1.0), self._melody_guidance_scale) if guided else (1, 1)
                 noise_pred = torch.zeros_like(latents)
                 for start in active:
                     frames = slice(start, start + window)
@@ -1034,6 +1038,10 @@ class MG2Pipeline(DiffusionPipeline):
                         melody_embeds = outputs.get("melody_embeds", melody_embeds)
                         condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds,
                                                            ignore_melody, do_melody_guidance, do_classifier_free_guidance)
+                    if self.do_melody_guidance > do_melody_guidance or self.do_classifier_free_guidance > do_classifier_free_guidance:
+                        raise ValueError("callback_on_step_end set guidance scales that need a prediction this call does not "
+                                         "make: start with guidance_scale > 1 for a text term, and melody_guidance_scale "
+                                         "neither 0 nor equal to guidance_scale for a melody term of its own.")
 
         self.check_finite(latents)
         if output_type == "latent":

@@ -91,12 +91,16 @@ def test_text_and_melody_guidance_each_add_a_prediction_and_change_the_output(pi
         outputs = [generate(pipe, guidance_scale=text, melody_guidance_scale=melody, num_inference_steps=1, negative_prompt=negative,
                             audio_length_in_s=0.64)  # one window: one UNet call per step
                    for text, melody, negative in [(3.0, 1.0, None), (1.0, 1.0, None), (3.0, 1.0, "noise"), (1.0, 0.0, None),
-                                                  (3.0, 2.0, None), (1.0, 2.0, None)]]
+                                                  (3.0, 2.0, None), (1.0, 2.0, None), (3.0, 3.0, None)]]
+        # Equal scales are classifier-free guidance of text and melody together: the melody-free prediction cancels.
+        nearly_equal = generate(pipe, guidance_scale=3.0, melody_guidance_scale=3.0 + 1e-6, num_inference_steps=1,
+                                audio_length_in_s=0.64)
     finally:
         hook.remove()
-    assert batches == [2, 1, 2, 1, 3, 2]  # melody guidance 0 needs no melody prediction
+    assert batches == [3, 1, 3, 1, 3, 2, 2, 3]  # melody guidance 0, or equal to the text's, needs no melody-free prediction
     audios = [out.audios for out in outputs]
     assert all(not np.allclose(audios[i], audios[j]) for i in range(len(audios)) for j in range(i))
+    np.testing.assert_allclose(nearly_equal.audios, audios[-1], atol=1e-4 * np.abs(audios[-1]).max())
 
 
 class MelodyOracleUNet(ModelMixin, ConfigMixin):

@@ -206,11 +206,15 @@ def test_guidance_and_callbacks_that_change_it(pipe):
         pipeline._guidance_scale += 1.0
         return tensors
 
-    raised = pipe(**inputs(guidance_scale=3.0, output_type="latent"), callback_on_step_end=raise_guidance)
+    # Equal scales run no melody-free prediction, so a callback cannot pull the text scale away from the melody's.
+    with pytest.raises(ValueError, match="need a prediction this call does not make"):
+        pipe(**inputs(guidance_scale=3.0, output_type="latent"), callback_on_step_end=raise_guidance)
+    guided = pipe(**inputs(guidance_scale=3.0, melody_guidance_scale=2.0, output_type="latent")).audios
+    raised = pipe(**inputs(guidance_scale=3.0, melody_guidance_scale=2.0, output_type="latent"), callback_on_step_end=raise_guidance)
     assert pipe.guidance_scale == 3.0 + pipe.num_timesteps
     # Raised after the first of two steps, where the random UNet's guidance moves little; unchanged, the call is
     # bit-identical (same batch sizes).
-    assert torch.equal(pipe(**inputs(guidance_scale=3.0, output_type="latent")).audios, guided)
+    assert torch.equal(pipe(**inputs(guidance_scale=3.0, melody_guidance_scale=2.0, output_type="latent")).audios, guided)
     assert (raised.audios - guided).abs().max() > 1e-6 * guided.abs().max()
 
 
@@ -251,13 +255,14 @@ def test_encode_prompt_works_in_isolation(pipe):
     no_text = MG2Pipeline(**{**pipe.components, "clmp": None, "processor": None}, aligned_melody=pipe.config.aligned_melody)
     no_text.set_progress_bar_config(disable=True)
     embeds_only = {"prompt": None, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
-                   "match_prompt_facts": False, "melody_guidance_scale": 1.0}
+                   "match_prompt_facts": False, "melody_guidance_scale": 3.0}
     expected = pipe(**{**inputs(), **embeds_only}).audios
     np.testing.assert_allclose(no_text(**{**inputs(), **embeds_only}).audios, expected, atol=1e-5)
     with pytest.raises(ValueError, match="no clmp/processor"):
         no_text(**inputs())
-    with pytest.raises(ValueError, match="melody_guidance_scale must be 1"):
-        no_text(**{**inputs(), **embeds_only, "melody_guidance_scale": 3.0})
+    for guidance in [{"melody_guidance_scale": 1.0}, {"melody_guidance_scale": 0.0}, {"guidance_scale": 1.0}]:
+        with pytest.raises(ValueError, match="melody_guidance_scale must equal guidance_scale"):
+            no_text(**{**inputs(), **embeds_only, **guidance})
 
 
 def test_cross_attention_kwargs_reach_the_attention_processors(pipe):
