@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -867,7 +868,8 @@ class MG2Pipeline(DiffusionPipeline):
                 unit rows (see `encode_prompt`), instead of `prompt`, `negative_prompt`, the retrieved melody.
             output_type: "np" or "pt" waveforms, or "latent".
             cross_attention_kwargs: passed to the UNet's attention processors (e.g. `{"scale": 0.5}` for a LoRA).
-            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step; returned tensors (any of
+            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step, or a diffusers
+                `PipelineCallback`/`MultiPipelineCallbacks` (which name their own tensor inputs); returned tensors (any of
                 `_callback_tensor_inputs`) replace ours, and it may change `pipe._guidance_scale` and
                 `pipe._melody_guidance_scale` for the following steps (which guidance terms run is fixed at the start).
 
@@ -875,6 +877,8 @@ class MG2Pipeline(DiffusionPipeline):
         (NaN, infinity, out of range, mismatched sizes) `ValueError`, each naming the argument and what it accepts.
         """
         # 1. Check inputs
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         batch_size = self.check_inputs(prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps,
                                        guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k,
                                        match_prompt_facts, generator, latents, prompt_embeds, negative_prompt_embeds,

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 
@@ -233,6 +234,17 @@ def test_callbacks_receive_and_may_return_every_callback_tensor(pipe):
     out = pipe(**inputs(), callback_on_step_end=check_and_replace,
                callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
     assert seen == [sorted(pipe._callback_tensor_inputs)] * 2
+
+    class RecordMelodyEmbeds(PipelineCallback):  # a diffusers callback object names its own tensor inputs
+        tensor_inputs = ["melody_embeds"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            seen.append(sorted(callback_kwargs))
+            return callback_kwargs
+
+    seen.clear()
+    pipe(**inputs(), callback_on_step_end=MultiPipelineCallbacks([RecordMelodyEmbeds()]))
+    assert seen == [["melody_embeds"]] * 2
     with pytest.raises(ValueError, match="'negative_prompt_embeds', which this call does not use"):
         pipe(**inputs(guidance_scale=1.0),
              callback_on_step_end=lambda pipeline, step, t, tensors: {"negative_prompt_embeds": torch.zeros(1, 32)})
