@@ -116,7 +116,7 @@ def main(argv=None):
 
         # the bare loop gets the condition, the melody frames and the initial noise for free
         text, empty = pipe.encode_text([prompt, ""], pipe.device).chunk(2)
-        hits = pipe.retriever.search(text, k=1)
+        hits = pipe.retriever.search_matching(text, [prompt], k=1)  # the melody the pipeline retrieves
         melody = torch.from_numpy(hits.embeddings[:, 0])
         conditions = [torch.cat([text, melody], -1), torch.cat([text, empty], -1), torch.cat([empty, empty], -1)]
         if args.melody_guidance_scale == args.guidance_scale:

@@ -11,9 +11,9 @@
   window); floor: another tune's real audio.
 - **seams**: in those long generations, the frame-to-frame log-mel change at window boundaries against its median
   elsewhere (1 = no seam).
-- **audio-to-audio**: real test clips re-rendered with a new prompt at rising `strength` (guidance `--a2a_guidance`):
-  Mel acc against the input (ceiling: the codec; floor: another clip) and the CLMP text score of the new prompt minus
-  that of the clip's caption.
+- **audio-to-audio**: real test clips re-rendered with a new prompt at rising `strength`, for each text / melody
+  guidance pair of `--a2a_guidance`: Mel acc against the input (ceiling: the codec; floor: another clip) and the CLMP
+  text score of the new prompt minus that of the clip's caption.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--tune_clips", type=int, default=6)
     parser.add_argument("--a2a_clips", type=int, default=24)
     parser.add_argument("--strengths", default="0.1,0.2,0.4,0.5,0.6,0.8,1.0")
-    parser.add_argument("--a2a_guidance", default="3,3", help="Text and melody guidance scales of the audio-to-audio rows.")
+    parser.add_argument("--a2a_guidance", nargs="+", default=["3,3"],
+                        help="Text and melody guidance scales of the audio-to-audio rows, one or more pairs.")
     parser.add_argument("--a2a_guidance_interval", default="0,1", help="Their guidance_interval (fractions of the noise schedule).")
     parser.add_argument("--parts", default="cost,tune,a2a")
     parser.add_argument("--output_json", default="benchmarks/results/long_form.json")
@@ -165,14 +166,17 @@ def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
              row("the input's transcribed melody as tones", [pipe.transcribe(torch.from_numpy(w)).render_tones(len(w))
                                                             for w in real]),
              row("floor: another clip", real[1:] + real[:1])]
-    guidance_scale, melody_guidance_scale = (float(g) for g in args.a2a_guidance.split(","))
     guidance_interval = tuple(float(g) for g in args.a2a_guidance_interval.split(","))
-    for strength in tqdm([float(s) for s in args.strengths.split(",")], desc="audio-to-audio"):
+    settings = [tuple(float(g) for g in pair.split(",")) for pair in args.a2a_guidance]
+    strengths = [float(s) for s in args.strengths.split(",")]
+    for (guidance_scale, melody_guidance_scale), strength in tqdm([(g, s) for g in settings for s in strengths],
+                                                                 desc="audio-to-audio"):
         outputs = [pipe(NEW_PROMPT, audio=w, strength=strength, num_inference_steps=args.steps, guidance_scale=guidance_scale,
                         melody_guidance_scale=melody_guidance_scale, guidance_interval=guidance_interval,
                         generator=torch.Generator().manual_seed(i)).audios[0]
                    for i, w in enumerate(real)]
-        table.append({**row(f"strength {strength:g}", outputs), "strength": strength})
+        table.append({**row(f"strength {strength:g}, guidance {guidance_scale:g} / {melody_guidance_scale:g}", outputs),
+                      "strength": strength, "guidance_scale": guidance_scale, "melody_guidance_scale": melody_guidance_scale})
     return table
 
 
