@@ -872,7 +872,8 @@ class MG2Pipeline(DiffusionPipeline):
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step, or a diffusers
                 `PipelineCallback`/`MultiPipelineCallbacks` (which name their own tensor inputs); returned tensors (any of
                 `_callback_tensor_inputs`) replace ours, and it may change `pipe._guidance_scale` and
-                `pipe._melody_guidance_scale` for the following steps (which guidance terms run is fixed at the start).
+                `pipe._melody_guidance_scale` for the following steps (which guidance terms run is fixed at the start: scales
+                that need a prediction this call does not make raise a ValueError).
 
         Every argument is checked before any compute (`check_inputs`): a wrong type raises `TypeError`, a wrong value
         (NaN, infinity, out of range, mismatched sizes) `ValueError`, each naming the argument and what it accepts.
