@@ -13,7 +13,8 @@
   elsewhere (1 = no seam).
 - **audio-to-audio**: real test clips re-rendered with a new prompt at rising `strength`, for each text / melody
   guidance pair of `--a2a_guidance`: Mel acc against the input (ceiling: the codec; floor: another clip) and the CLMP
-  text score of the new prompt minus that of the clip's caption.
+  text score of the new prompt minus that of the clip's caption, also as its move from the same clip through the
+  codec; each with its standard error over the clips.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from mg2_pipeline.audio import SAMPLE_RATE  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
 from mg2_pipeline.pipeline_mg2 import window_starts  # noqa: E402
 
-NEW_PROMPT = "A slow, solemn chorale on church organ"
 _MEL = LogMelSpectrogram()
 
 
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--tunes", type=int, default=2, help="Whole tunes (each --tune_clips clips long).")
     parser.add_argument("--tune_clips", type=int, default=6)
     parser.add_argument("--a2a_clips", type=int, default=24)
+    parser.add_argument("--a2a_prompt", default="A slow, solemn chorale on church organ", help="The re-rendering's new prompt.")
+    parser.add_argument("--seed", type=int, default=0, help="Clip i of audio-to-audio is generated with seed + i.")
     parser.add_argument("--strengths", default="0.1,0.2,0.4,0.5,0.6,0.8,1.0")
     parser.add_argument("--a2a_guidance", nargs="+", default=["3,3"],
                         help="Text and melody guidance scales of the audio-to-audio rows, one or more pairs.")
@@ -147,20 +149,36 @@ def tune_rows(args, pipe: MG2Pipeline, test: list[dict]) -> tuple[list[dict], li
     return [{"audio": name, "mel_acc": float(np.mean(values)), "tunes": len(values)} for name, values in results.items()], seams
 
 
+def standard_error(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
 def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
     rows = test[:args.a2a_clips]
     real = [load_audio(row["audio"]["bytes"]) for row in rows]
     references = [chroma_peaks(w) for w in real]
-    new_text = pipe.encode_text([NEW_PROMPT], pipe.device).cpu().numpy()[0]
+    new_text = pipe.encode_text([args.a2a_prompt], pipe.device).cpu().numpy()[0]
     captions = pipe.encode_text([row["caption"] for row in rows], pipe.device).cpu().numpy()
+
+    def text_scores(waveforms) -> np.ndarray:
+        embeddings = clmp_audio_embeddings(pipe, waveforms)
+        return embeddings @ new_text - (embeddings * captions).sum(1)
+
+    codec = [through_codec(pipe, w) for w in real]
+    codec_scores = text_scores(codec)
 
     def row(name, waveforms, against=None):
         against = against if against is not None else references
-        embeddings = clmp_audio_embeddings(pipe, waveforms)
-        return {"audio": name, "mel_acc": float(np.mean([mel_accuracy(chroma_peaks(w), r) for w, r in zip(waveforms, against)])),
-                "text_score_new_minus_caption": float(np.mean(embeddings @ new_text - (embeddings * captions).sum(1)))}
+        mel_acc = np.array([mel_accuracy(chroma_peaks(w), r) for w, r in zip(waveforms, against)])
+        scores = text_scores(waveforms)
+        # Clip by clip, how far the text score moved from the same clip through the codec (the input as the model
+        # draws it): the codec alone moves it, so the input itself is the wrong reference.
+        moves = scores - codec_scores
+        return {"audio": name, "mel_acc": float(mel_acc.mean()), "mel_acc_standard_error": standard_error(mel_acc),
+                "text_score_new_minus_caption": float(scores.mean()), "text_score_minus_codec": float(moves.mean()),
+                "text_score_minus_codec_standard_error": standard_error(moves)}
 
-    table = [row("ceiling: real → codec", [through_codec(pipe, w) for w in real]),
+    table = [row("ceiling: real → codec", codec),
              row("the input itself", real),
              # What the melody condition of audio-to-audio holds: the input's transcription, played as plain tones.
              row("the input's transcribed melody as tones", [pipe.transcribe(torch.from_numpy(w)).render_tones(len(w))
@@ -171,9 +189,9 @@ def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
     strengths = [float(s) for s in args.strengths.split(",")]
     for (guidance_scale, melody_guidance_scale), strength in tqdm([(g, s) for g in settings for s in strengths],
                                                                  desc="audio-to-audio"):
-        outputs = [pipe(NEW_PROMPT, audio=w, strength=strength, num_inference_steps=args.steps, guidance_scale=guidance_scale,
-                        melody_guidance_scale=melody_guidance_scale, guidance_interval=guidance_interval,
-                        generator=torch.Generator().manual_seed(i)).audios[0]
+        outputs = [pipe(args.a2a_prompt, audio=w, strength=strength, num_inference_steps=args.steps,
+                        guidance_scale=guidance_scale, melody_guidance_scale=melody_guidance_scale,
+                        guidance_interval=guidance_interval, generator=torch.Generator().manual_seed(args.seed + i)).audios[0]
                    for i, w in enumerate(real)]
         table.append({**row(f"strength {strength:g}, guidance {guidance_scale:g} / {melody_guidance_scale:g}", outputs),
                       "strength": strength, "guidance_scale": guidance_scale, "melody_guidance_scale": melody_guidance_scale})
@@ -185,8 +203,8 @@ def main(argv=None):
     if args.measure_length is not None:
         return measure_length(args)
     parts = set(args.parts.split(","))
-    results = {"model": args.model, "steps": args.steps, "a2a_guidance": args.a2a_guidance,
-               "a2a_guidance_interval": args.a2a_guidance_interval}
+    results = {"model": args.model, "steps": args.steps, "a2a_prompt": args.a2a_prompt, "a2a_guidance": args.a2a_guidance,
+               "a2a_guidance_interval": args.a2a_guidance_interval, "seed": args.seed}
     if "cost" in parts:
         results["cost"] = cost_rows(args)
     if parts & {"tune", "a2a"}:
