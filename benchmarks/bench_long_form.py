@@ -12,9 +12,10 @@
 - **seams**: in those long generations, the frame-to-frame log-mel change at window boundaries against its median
   elsewhere (1 = no seam).
 - **audio-to-audio**: real test clips re-rendered with a new prompt at rising `strength`, for each text / melody
-  guidance pair of `--a2a_guidance`: Mel acc against the input (ceiling: the codec; floor: another clip) and the CLMP
-  text score of the new prompt minus that of the clip's caption, also as its move from the same clip through the
-  codec; each with its standard error over the clips.
+  guidance pair of `--a2a_guidance` and each new prompt of `--a2a_prompts`: Mel acc against the input (ceiling: the
+  codec; floor: another clip), its paired fall from one strength to the next, and how far the CLMP text score (the new
+  prompt's minus the clip caption's) moved from that of the same clip through the codec; each with its standard error
+  over the clips.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--tunes", type=int, default=2, help="Whole tunes (each --tune_clips clips long).")
     parser.add_argument("--tune_clips", type=int, default=6)
     parser.add_argument("--a2a_clips", type=int, default=24)
-    parser.add_argument("--a2a_prompt", default="A slow, solemn chorale on church organ", help="The re-rendering's new prompt.")
+    parser.add_argument("--a2a_prompts", nargs="+", help="The re-renderings' new prompts, one table each.",
+                        default=["A slow, solemn chorale on church organ", "A bright, lively folk tune on trumpet",
+                                 "A gentle folk song on piano"])
     parser.add_argument("--seed", type=int, default=0, help="Clip i of audio-to-audio is generated with seed + i.")
     parser.add_argument("--strengths", default="0.1,0.2,0.4,0.5,0.6,0.8,1.0")
     parser.add_argument("--a2a_guidance", nargs="+", default=["3,3"],
@@ -154,48 +157,58 @@ def standard_error(values: np.ndarray) -> float:
 
 
 def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
+    """One table per prompt of `--a2a_prompts`: the bounds, every guidance setting at every strength, and per setting
+    the paired fall of Mel acc from each strength to the next."""
     rows = test[:args.a2a_clips]
     real = [load_audio(row["audio"]["bytes"]) for row in rows]
     references = [chroma_peaks(w) for w in real]
-    new_text = pipe.encode_text([args.a2a_prompt], pipe.device).cpu().numpy()[0]
     captions = pipe.encode_text([row["caption"] for row in rows], pipe.device).cpu().numpy()
-
-    def text_scores(waveforms) -> np.ndarray:
-        embeddings = clmp_audio_embeddings(pipe, waveforms)
-        return embeddings @ new_text - (embeddings * captions).sum(1)
-
     codec = [through_codec(pipe, w) for w in real]
-    codec_scores = text_scores(codec)
-
-    def row(name, waveforms, against=None):
-        against = against if against is not None else references
-        mel_acc = np.array([mel_accuracy(chroma_peaks(w), r) for w, r in zip(waveforms, against)])
-        scores = text_scores(waveforms)
-        # Clip by clip, how far the text score moved from the same clip through the codec (the input as the model
-        # draws it): the codec alone moves it, so the input itself is the wrong reference.
-        moves = scores - codec_scores
-        return {"audio": name, "mel_acc": float(mel_acc.mean()), "mel_acc_standard_error": standard_error(mel_acc),
-                "text_score_new_minus_caption": float(scores.mean()), "text_score_minus_codec": float(moves.mean()),
-                "text_score_minus_codec_standard_error": standard_error(moves)}
-
-    table = [row("ceiling: real → codec", codec),
-             row("the input itself", real),
-             # What the melody condition of audio-to-audio holds: the input's transcription, played as plain tones.
-             row("the input's transcribed melody as tones", [pipe.transcribe(torch.from_numpy(w)).render_tones(len(w))
-                                                            for w in real]),
-             row("floor: another clip", real[1:] + real[:1])]
+    # What the melody condition of audio-to-audio holds: the input's transcription, played as plain tones.
+    tones = [pipe.transcribe(torch.from_numpy(w)).render_tones(len(w)) for w in real]
     guidance_interval = tuple(float(g) for g in args.a2a_guidance_interval.split(","))
     settings = [tuple(float(g) for g in pair.split(",")) for pair in args.a2a_guidance]
     strengths = [float(s) for s in args.strengths.split(",")]
-    for (guidance_scale, melody_guidance_scale), strength in tqdm([(g, s) for g in settings for s in strengths],
-                                                                 desc="audio-to-audio"):
-        outputs = [pipe(args.a2a_prompt, audio=w, strength=strength, num_inference_steps=args.steps,
-                        guidance_scale=guidance_scale, melody_guidance_scale=melody_guidance_scale,
-                        guidance_interval=guidance_interval, generator=torch.Generator().manual_seed(args.seed + i)).audios[0]
-                   for i, w in enumerate(real)]
-        table.append({**row(f"strength {strength:g}, guidance {guidance_scale:g} / {melody_guidance_scale:g}", outputs),
-                      "strength": strength, "guidance_scale": guidance_scale, "melody_guidance_scale": melody_guidance_scale})
-    return table
+    tables = []
+    for prompt in args.a2a_prompts:
+        new_text = pipe.encode_text([prompt], pipe.device).cpu().numpy()[0]
+
+        def text_scores(waveforms) -> np.ndarray:
+            embeddings = clmp_audio_embeddings(pipe, waveforms)
+            return embeddings @ new_text - (embeddings * captions).sum(1)
+
+        codec_scores = text_scores(codec)
+
+        def row(name, waveforms, against=None):
+            against = against if against is not None else references
+            mel_acc = np.array([mel_accuracy(chroma_peaks(w), r) for w, r in zip(waveforms, against)])
+            # Clip by clip, how far the text score moved from the same clip through the codec (the input as the model
+            # draws it): the codec alone moves it, so the input itself is the wrong reference.
+            moves = text_scores(waveforms) - codec_scores
+            return {"audio": name, "mel_acc": float(mel_acc.mean()), "mel_acc_standard_error": standard_error(mel_acc),
+                    "text_score_minus_codec": float(moves.mean()), "text_score_minus_codec_standard_error": standard_error(moves),
+                    "mel_acc_per_clip": mel_acc.round(4).tolist()}
+
+        table = [row("ceiling: real → codec", codec), row("the input itself", real),
+                 row("the input's transcribed melody as tones", tones), row("floor: another clip", real[1:] + real[:1])]
+        falls = []
+        for guidance_scale, melody_guidance_scale in settings:
+            by_strength = []
+            for strength in tqdm(strengths, desc=f"audio-to-audio, {guidance_scale:g} / {melody_guidance_scale:g}, {prompt!r}"):
+                outputs = [pipe(prompt, audio=w, strength=strength, num_inference_steps=args.steps,
+                                guidance_scale=guidance_scale, melody_guidance_scale=melody_guidance_scale,
+                                guidance_interval=guidance_interval,
+                                generator=torch.Generator().manual_seed(args.seed + i)).audios[0]
+                           for i, w in enumerate(real)]
+                by_strength.append(row(f"strength {strength:g}, guidance {guidance_scale:g} / {melody_guidance_scale:g}", outputs))
+                table.append({**by_strength[-1], "strength": strength, "guidance_scale": guidance_scale,
+                              "melody_guidance_scale": melody_guidance_scale})
+            for (low, high), (a, b) in zip(zip(strengths, strengths[1:]), zip(by_strength, by_strength[1:])):
+                fall = np.array(a["mel_acc_per_clip"]) - np.array(b["mel_acc_per_clip"])
+                falls.append({"guidance": f"{guidance_scale:g} / {melody_guidance_scale:g}", "strengths": (low, high),
+                              "mel_acc_fall": float(fall.mean()), "standard_error": standard_error(fall)})
+        tables.append({"prompt": prompt, "rows": table, "mel_acc_falls": falls})
+    return tables
 
 
 def main(argv=None):
@@ -203,7 +216,7 @@ def main(argv=None):
     if args.measure_length is not None:
         return measure_length(args)
     parts = set(args.parts.split(","))
-    results = {"model": args.model, "steps": args.steps, "a2a_prompt": args.a2a_prompt, "a2a_guidance": args.a2a_guidance,
+    results = {"model": args.model, "steps": args.steps, "a2a_prompts": args.a2a_prompts, "a2a_guidance": args.a2a_guidance,
                "a2a_guidance_interval": args.a2a_guidance_interval, "seed": args.seed}
     if "cost" in parts:
         results["cost"] = cost_rows(args)
