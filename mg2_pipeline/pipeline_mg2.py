@@ -838,9 +838,9 @@ class MG2Pipeline(DiffusionPipeline):
                 continuation follows a retrieved melody from where the audio ends. Kept latent frames are the audio's own.
             strength: how much noise is added to the encoded audio before denoising, in (0, 1] (diffusers' img2img):
                 default 0.8 for audio-to-audio; 1 (regenerate from noise) for a repainted span. At 1 audio-to-audio
-                equals text-to-music with the same melody and generator. Measured at 0.5 (README): text guidance 3 with
-                melody guidance 9 keeps 0.83 of the codec's melody accuracy while the timbre follows the prompt; a light
-                re-rendering (0.2) keeps the recording's melody best with both guidance scales 1.
+                equals text-to-music with the same melody and generator. Measured on the demo models (README): at 0.5
+                the default guidance keeps 0.83–0.84 of the codec's melody accuracy, and the timbre follows a piano or
+                trumpet prompt (less so an organ one); 0.2 keeps more of the recording, 1 less.
             repaint_start_s, repaint_end_s: the span of `audio` to regenerate, both inside it.
             audio_length_in_s: seconds of audio, up to 600: longer than the UNet's window (10.24 s for `small`), it is
                 denoised in windows that overlap by at least 1/32 and are fused at every step (MultiDiffusion). Default: the
