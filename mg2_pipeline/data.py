@@ -189,6 +189,7 @@ class LatentCrop:
         tokens = encode_melody_tokens(window.to_tokens(), max_length=self.max_melody_length)
         example = {
             "clip_id": row["clip_id"],
+            "caption": row["caption"],
             "latents": self._crop(row, "latents", start),
             "text_embeds": torch.tensor(row["text_embeds"]),
             "retrieved_embeds": torch.tensor(row["retrieved_embeds"]),

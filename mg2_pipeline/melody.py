@@ -536,25 +536,39 @@ class Melody:
             raise ValueError(f"seconds must be a number in [0, {MAX_MELODY_SECONDS:g}], got {seconds!r}.")
         return Melody(self.notes + np.array([0.0, seconds, seconds]))
 
-    def render_tones(self, num_samples: int, sample_rate: int = 16000, harmonics: int = 6) -> np.ndarray:
-        """The melody as plain harmonic tones (partial k at amplitude 1/k, 10 ms fades), `num_samples` float32 samples;
-        notes past the end are cut. This is the "melody sketch" MG2's aligned condition is made from."""
+    def render_tones(self, num_samples: int, sample_rate: int = 16000, harmonics: int = 6,
+                     timbre_seed: int | None = None) -> np.ndarray:
+        """The melody as harmonic tones, `num_samples` float32 samples; notes past the end are cut. This is the
+        "melody sketch" MG2's aligned condition is made from.
+
+        By default every partial k has amplitude 1/k and every note 10 ms fades. With `timbre_seed` the sound is drawn
+        at random (seeded): the partials' spectral tilt and gains, the attack, decay and release. Training renders
+        each clip's sketch so, which makes the sketch's sound uninformative: the UNet can take pitch and timing from
+        it, but has to draw the instrument the text names.
+        """
         _check_count("sample_rate", sample_rate, 384_000)
         _check_count("num_samples", num_samples, int(MAX_MELODY_SECONDS * sample_rate))
         _check_count("harmonics", harmonics, 64)
-        audio = np.zeros(num_samples, dtype=np.float64)
-        fade = max(1, int(0.01 * sample_rate))
         partials = np.arange(1, harmonics + 1)
+        gains, attack_s, release_s, decay_per_s = 1.0 / partials, 0.01, 0.01, 0.0
+        if timbre_seed is not None:
+            rng = np.random.default_rng(timbre_seed)
+            gains = partials ** -rng.uniform(0.3, 2.5) * rng.uniform(0.2, 1.0, harmonics)
+            gains[0] = max(gains[0], gains.max() * 0.5)  # the fundamental stays audible: it carries the pitch
+            attack_s, release_s = rng.uniform(0.002, 0.08), rng.uniform(0.005, 0.1)
+            decay_per_s = rng.choice([0.0, rng.uniform(0.5, 4.0)])
+        audio = np.zeros(num_samples, dtype=np.float64)
         for pitch, onset, offset in self.notes:
             start, end = int(round(onset * sample_rate)), min(num_samples, int(round(offset * sample_rate)))
             if end <= start:
                 continue
             frequency = 440.0 * 2 ** ((pitch - 69) / 12)
-            audible = partials[partials * frequency < sample_rate / 2]
+            audible = partials < sample_rate / 2 / frequency
             t = np.arange(end - start) / sample_rate
-            tone = (np.sin(2 * np.pi * frequency * audible[:, None] * t) / audible[:, None]).sum(0)
-            envelope = np.minimum(1.0, np.minimum(np.arange(1, end - start + 1), np.arange(end - start, 0, -1)) / fade)
-            audio[start:end] += 0.2 * tone * envelope
+            tone = (np.sin(2 * np.pi * frequency * partials[audible, None] * t) * gains[audible, None]).sum(0)
+            rise = np.minimum(1.0, (t + 1 / sample_rate) / attack_s)
+            fall = np.minimum(1.0, (t[::-1] + 1 / sample_rate) / release_s)
+            audio[start:end] += 0.2 * tone * rise * fall * np.exp(-decay_per_s * t)
         return audio.astype(np.float32)
 
     def slice(self, start_s: float, end_s: float) -> "Melody":

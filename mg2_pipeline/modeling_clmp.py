@@ -153,15 +153,27 @@ class CLMPModel(CLMPPreTrainedModel):
 
     # ----- embeddings -----
 
-    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokenized captions `(batch, length)` → L2-normalised `(batch, projection_dim)`."""
+    @property
+    def text_hidden_size(self) -> int:
+        """Width of the text tower's token states (`get_text_hidden_states`)."""
+        return self.text_model.config.hidden_size
+
+    def _run_text_model(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None):
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape (batch, length) with length >= 1, got {tuple(input_ids.shape)}.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if torch.any(attention_mask.sum(1) == 0):
             raise ValueError("attention_mask has a row with no tokens: empty text cannot be embedded.")
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask), attention_mask
+
+    def get_text_hidden_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokenized captions `(batch, length)` → the text tower's last token states `(batch, length, text_hidden_size)`."""
+        return self._run_text_model(input_ids, attention_mask)[0].last_hidden_state
+
+    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokenized captions `(batch, length)` → L2-normalised `(batch, projection_dim)`."""
+        outputs, attention_mask = self._run_text_model(input_ids, attention_mask)
         if self.config.text_pooling == "pooler":
             pooled = outputs.pooler_output
         else:

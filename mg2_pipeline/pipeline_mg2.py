@@ -196,12 +196,15 @@ class MG2Pipeline(DiffusionPipeline):
         clmp (`CLMPModel`): text, audio and melody towers in one embedding space.
         processor (`CLMPProcessor`): tokenizer + log-mel feature extractor + melody tokenizer for `clmp`.
         retriever (`MelodyRetriever`): HNSW index of CLMP melody embeddings and the melodies themselves.
-        unet (`UNet2DConditionModel`): denoiser conditioned by FiLM on [text ‖ melody] (`class_labels`), no cross-attention.
+        unet (`UNet2DConditionModel`): denoiser conditioned by FiLM on [text ‖ melody] (`class_labels`) and, with
+            `text_attention`, by cross-attention to the prompt's token states from CLMP's text tower.
         scheduler: any diffusers scheduler (default `DPMSolverMultistepScheduler`).
         vae (`AutoencoderKL`): 1-channel log-mel images ↔ latents.
         vocoder (`SpeechT5HifiGan` or `GriffinLimVocoder`): log-mel → waveform.
     Setting:
         condition: "text_melody" (MG2), or "text" for the text-only ablation, whose melody half is the text embedding again.
+        aligned_melody: how the melody reaches the UNet in time (see `ALIGNED_MELODY`), None for the pooled condition only.
+        text_attention: whether the UNet's attention blocks attend to the prompt's token states (else to the latent itself).
     """
 
     model_cpu_offload_seq = "clmp->unet->vae->vocoder"
@@ -210,7 +213,7 @@ class MG2Pipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "melody_embeds"]
 
     def __init__(self, clmp, processor, retriever, unet, scheduler, vae, vocoder, condition: str = "text_melody",
-                 aligned_melody: str | None = None):
+                 aligned_melody: str | None = None, text_attention: bool = False):
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
@@ -224,6 +227,9 @@ class MG2Pipeline(DiffusionPipeline):
         if unet is not None and clmp is not None and condition_dim != 2 * clmp.config.projection_dim:
             raise ValueError(f"The UNet takes a {condition_dim}-d condition but [text ‖ melody] from this CLMP is "
                              f"{2 * clmp.config.projection_dim}-d (2 × projection_dim).")
+        if unet is not None and clmp is not None and text_attention and unet.config.cross_attention_dim != clmp.text_hidden_size:
+            raise ValueError(f"text_attention needs a UNet whose cross_attention_dim is the text tower's width "
+                             f"({clmp.text_hidden_size}), got {unet.config.cross_attention_dim}.")
         extra_channels = melody_channels(aligned_melody, vae.config.latent_channels) if vae is not None else 0
         if unet is not None and vae is not None and (unet.config.in_channels != vae.config.latent_channels + extra_channels
                                                      or unet.config.out_channels != vae.config.latent_channels):
@@ -232,7 +238,7 @@ class MG2Pipeline(DiffusionPipeline):
                              "train the UNet on this VAE and setting (train_mg2.py --vae, --aligned_melody).")
         self.register_modules(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler,
                               vae=vae, vocoder=vocoder)
-        self.register_to_config(condition=condition, aligned_melody=aligned_melody)
+        self.register_to_config(condition=condition, aligned_melody=aligned_melody, text_attention=bool(text_attention))
         # Components may be None (e.g. a pipeline holding only the text stack for `encode_prompt`).
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else None
         self.mel = LogMelSpectrogram()
@@ -429,6 +435,9 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError("Pass either prompt or prompt_embeds, not both.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
+        if self.config.text_attention and (prompt_embeds is not None or negative_prompt_embeds is not None):
+            raise ValueError("This model attends to the prompt's words (text_attention), which pooled prompt_embeds and "
+                             "negative_prompt_embeds do not carry: pass prompt and negative_prompt as text.")
         without_clmp = self.clmp is None or self.processor is None
         if without_clmp and (prompt is not None or negative_prompt is not None or melody is not None):
             raise ValueError("This pipeline has no clmp/processor (the text and melody towers) to read prompt, "
@@ -535,12 +544,23 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not in {self._callback_tensor_inputs}.")
         return batch_size
 
+    def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Texts → CLMP's `input_ids` and `attention_mask`, padded to `max_text_length`."""
+        tokens = self.processor.tokenizer(texts, padding="max_length", truncation=True,
+                                          max_length=self.processor.max_text_length, return_tensors="pt")
+        return {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
+
     @torch.no_grad()
     def encode_text(self, texts: list[str], device: torch.device) -> torch.Tensor:
         """CLMP text embeddings `(len(texts), projection_dim)`; the empty string is allowed (the unconditional input)."""
-        tokens = self.processor.tokenizer(texts, padding="max_length", truncation=True,
-                                          max_length=self.processor.max_text_length, return_tensors="pt")
-        return self.clmp.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        return self.clmp.get_text_features(**self.tokenize(texts, device))
+
+    @torch.no_grad()
+    def encode_text_states(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a `text_attention` UNet attends to: CLMP's text-tower token states `(len(texts), max_text_length, width)`
+        and their attention mask `(len(texts), max_text_length)`. The empty string is the dropped text."""
+        tokens = self.tokenize(texts, device)
+        return self.clmp.get_text_hidden_states(**tokens), tokens["attention_mask"]
 
     @torch.no_grad()
     def encode_prompt(self, prompt, device: torch.device, num_waveforms_per_prompt: int, do_classifier_free_guidance: bool,
@@ -692,14 +712,18 @@ class MG2Pipeline(DiffusionPipeline):
         return melody.delay(start_s) if start_s else melody, RetrievedMelody(hit.melody, hit.id, hit.score, metadata)
 
     @torch.no_grad()
-    def prepare_melody_frames(self, melodies: list[Melody], latent_frames: int, device, dtype) -> torch.Tensor:
+    def prepare_melody_frames(self, melodies: list[Melody], latent_frames: int, device, dtype,
+                              timbre_seeds: list[int] | None = None) -> torch.Tensor:
         """The time-aligned melody condition `(len(melodies), channels, latent_frames, latent_bins)`, melody time 0 at
-        latent frame 0 (notes past the end are cut): the "sketch" (plain harmonic tones → log-mel → VAE encoder
-        mode, scaled as latents) or the pitch-class "roll" (12 one-hot channels + pitch height, on every bin)."""
+        latent frame 0 (notes past the end are cut): the "sketch" (harmonic tones → log-mel → VAE encoder mode, scaled
+        as latents; plain tones, or with `timbre_seeds` each melody's own random sound, see `Melody.render_tones`) or
+        the pitch-class "roll" (12 one-hot channels + pitch height, on every bin)."""
         latent_bins = int(self.vocoder.config.model_in_dim) // self.vae_scale_factor
         num_samples = latent_frames * self.vae_scale_factor * self.hop_length
         if self.config.aligned_melody == "sketch":
-            tones = torch.from_numpy(np.stack([m.render_tones(num_samples, self.sampling_rate) for m in melodies]))
+            seeds = timbre_seeds if timbre_seeds is not None else [None] * len(melodies)
+            tones = torch.from_numpy(np.stack([m.render_tones(num_samples, self.sampling_rate, timbre_seed=seed)
+                                               for m, seed in zip(melodies, seeds)]))
             return self.encode_waveforms(tones, device).to(dtype)
         frames_per_second = latent_frames * self.sampling_rate / num_samples
         rolls = np.stack([m.to_pitch_class_roll(latent_frames, frames_per_second) for m in melodies])
@@ -722,6 +746,24 @@ class MG2Pipeline(DiffusionPipeline):
         if do_classifier_free_guidance:
             conditions.append(torch.cat([negative_prompt_embeds, negative_prompt_embeds], dim=-1))
         return torch.cat(conditions).to(self.unet.dtype)
+
+    def prepare_text_states(self, prompts: list[str], negative_prompt, num_waveforms_per_prompt: int, device,
+                            do_melody_guidance: bool, do_classifier_free_guidance: bool):
+        """With `text_attention`, the token states the UNet attends to and their mask, stacked in the order of
+        `prepare_condition`: the prompt's (again for the melody-free prediction), the negative prompt's (the empty
+        text's when None) with text guidance. `(None, None)` otherwise."""
+        if not self.config.text_attention:
+            return None, None
+        texts = [(prompts, 1 + do_melody_guidance)]
+        if do_classifier_free_guidance:
+            negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, (list, tuple)) else negative_prompt
+            texts.append((list(negatives), 1))
+        states, masks = [], []
+        for batch, repeats in texts:
+            batch_states, batch_mask = self.encode_text_states(batch, device)
+            states += [batch_states.repeat_interleave(num_waveforms_per_prompt, dim=0)] * repeats
+            masks += [batch_mask.repeat_interleave(num_waveforms_per_prompt, dim=0)] * repeats
+        return torch.cat(states).to(self.unet.dtype), torch.cat(masks)
 
     @torch.no_grad()
     def encode_waveforms(self, waveforms: torch.Tensor, device) -> torch.Tensor:
@@ -979,6 +1021,8 @@ class MG2Pipeline(DiffusionPipeline):
         num_conditions = 1 + do_melody_guidance + do_classifier_free_guidance
         condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds, ignore_melody,
                                            do_melody_guidance, do_classifier_free_guidance)
+        text_states, text_mask = self.prepare_text_states(prompts, negative_prompt, num_waveforms_per_prompt, device,
+                                                          do_melody_guidance, do_classifier_free_guidance)
         melody_frames = None
         if self.config.aligned_melody is not None:
             melody_frames = self.prepare_melody_frames([melody for melody, _ in placed], latents.shape[2], device,
@@ -1008,7 +1052,8 @@ class MG2Pipeline(DiffusionPipeline):
                     latent_model_input = self.scheduler.scale_model_input(torch.cat([latents[:, :, frames]] * num_conditions), t)
                     if melody_frames is not None:
                         latent_model_input = torch.cat([latent_model_input, melody_frames[:, :, frames]], dim=1)
-                    predictions = list(self.unet(latent_model_input, t, encoder_hidden_states=None, class_labels=condition,
+                    predictions = list(self.unet(latent_model_input, t, encoder_hidden_states=text_states,
+                                                 encoder_attention_mask=text_mask, class_labels=condition,
                                                  cross_attention_kwargs=cross_attention_kwargs).sample.chunk(num_conditions))
                     window_pred = with_melody = predictions.pop(0)
                     if do_melody_guidance:

@@ -87,12 +87,13 @@ PRESET_MELODIES = {
 PRESET_METERS = {"jig": "6/8", "air": "3/4", "anthem": "4/4", "ballad": "6/8", "shanty": "2/4", "hymn": "4/4"}
 
 
-def unet_config(name: str, projection_dim: int, aligned_melody: str | None = None) -> dict:
-    """`UNet2DConditionModel` kwargs: FiLM on [text ‖ melody] through `class_labels` (AudioLDM's wiring), no cross-attention;
-    with `aligned_melody` ("sketch" or "roll", see `MG2Pipeline`) the melody frames are extra input channels.
+def unet_config(name: str, projection_dim: int, aligned_melody: str | None = None, text_hidden_size: int | None = None) -> dict:
+    """`UNet2DConditionModel` kwargs: FiLM on [text ‖ melody] through `class_labels` (AudioLDM's wiring); with
+    `aligned_melody` ("sketch" or "roll", see `MG2Pipeline`) the melody frames are extra input channels.
 
-    Attention blocks get `cross_attention_dim` equal to their own width and are called with
-    `encoder_hidden_states=None`, so both attention layers attend over the latent itself.
+    With `text_hidden_size` (the pipeline's `text_attention`) the attention blocks' second attention layer attends to
+    the prompt's token states of that width. Without it, attention blocks get `cross_attention_dim` equal to their own
+    width and are called with `encoder_hidden_states=None`, so both attention layers attend over the latent itself.
     - `tiny`: 2 levels (16, 32), attention at the coarsest (2 heads of 16 channels); seconds on CPU.
     - `small`: 3 levels (64, 128, 192), one ResBlock per level, attention only at the coarsest; trainable on 2 CPU cores.
     - `paper`: AudioLDM-M (DESIGN.md §6): 192 × (1, 2, 3, 5), 2 ResBlocks, attention at ×2/×4/×8, 32 channels per head: 416 M.
@@ -108,7 +109,7 @@ def unet_config(name: str, projection_dim: int, aligned_melody: str | None = Non
     return dict(
         sample_size=sample_size, in_channels=latent_channels + melody_channels(aligned_melody, latent_channels), out_channels=latent_channels,
         down_block_types=down, up_block_types=up, block_out_channels=channels, layers_per_block=layers,
-        norm_num_groups=groups, cross_attention_dim=channels, attention_head_dim=tuple(max(2, c // 32) for c in channels),
+        norm_num_groups=groups, cross_attention_dim=text_hidden_size or channels, attention_head_dim=tuple(max(2, c // 32) for c in channels),
         class_embed_type="simple_projection", projection_class_embeddings_input_dim=2 * projection_dim,
         class_embeddings_concat=True,
     )
@@ -136,9 +137,12 @@ def vae_config(name: str) -> dict:
 # The mean log-mel of the demo's training clips (64 clips of `data/mg2-folk`: mean −4.70, std 2.52).
 MEAN_LOG_MEL = -4.7
 DEFAULT_ALIGNED_MELODY = {"tiny": "sketch", "small": "sketch", "paper": None}
+# Whether the UNet attends to the prompt's token states; the paper's model has the pooled text only.
+DEFAULT_TEXT_ATTENTION = {"tiny": False, "small": False, "paper": False}
 
 
-def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_melody: str | None = "default"):
+def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_melody: str | None = "default",
+                   text_attention: bool | str = "default"):
     """A randomly initialised `MG2Pipeline` of a preset, its retriever filled with `PRESET_MELODIES`.
 
     `tiny` is for tests (builds in about a second); `small` is the CPU-trainable default that the
@@ -163,6 +167,8 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
         raise ValueError(f"Unknown pipeline preset {preset!r}; choose one of {PIPELINE_PRESETS}.")
     if aligned_melody == "default":
         aligned_melody = DEFAULT_ALIGNED_MELODY[preset]
+    if text_attention == "default":
+        text_attention = DEFAULT_TEXT_ATTENTION[preset]
     torch.manual_seed(seed)
     clmp = CLMPModel(clmp_config(preset)).eval()
     if preset == "small":
@@ -170,7 +176,8 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
     max_length_s = {"tiny": 4.0, "small": 10.24, "paper": 10.24}[preset]
     processor = CLMPProcessor(CLMPFeatureExtractor(max_length_s=max_length_s), AutoTokenizer.from_pretrained(minilm_path()),
                               max_text_length=16 if preset == "tiny" else 48)
-    unet = UNet2DConditionModel(**unet_config(preset, clmp.config.projection_dim, aligned_melody))
+    unet = UNet2DConditionModel(**unet_config(preset, clmp.config.projection_dim, aligned_melody,
+                                              clmp.text_hidden_size if text_attention else None))
     vae = AutoencoderKL(**vae_config(preset))
     # Untrained, the decoder's log-mels sit around 0, which Griffin-Lim turns into full-scale noise (peak ≈ 11, far
     # outside ±1). Centre them on music's mean instead, so that a random pipeline makes noise as loud as music.
@@ -194,7 +201,7 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
                                               "meter": PRESET_METERS[tune_type]}
                                              for title, tune_type in zip(PRESET_MELODIES, tune_types)])
     return MG2Pipeline(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler, vae=vae,
-                       vocoder=vocoder, aligned_melody=aligned_melody)
+                       vocoder=vocoder, aligned_melody=aligned_melody, text_attention=text_attention)
 
 
 def load_pipeline(model: str, **kwargs):

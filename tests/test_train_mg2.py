@@ -50,6 +50,47 @@ def test_training_learns_checkpoints_validates_and_saves_a_loadable_pipeline(tin
     assert out.audios.shape == (1, 20480) and np.all(np.isfinite(out.audios)) and out.melodies[0].metadata["title"]
 
 
+def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(tiny_dataset, tiny_generator_parts, tmp_path):
+    import pyarrow.parquet as pq
+
+    cache_root = tmp_path / "cache"
+    common = ["--max_train_steps", "4", "--validation_steps", "100", "--latent_cache", str(cache_root)]
+    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "plain", *common, "--max_train_steps", "1"))
+    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "mg2", *common, "--text_attention", "on",
+                                 "--sketch_timbre", "random"))
+    summary = json.loads((tmp_path / "mg2" / "training_summary.json").read_text())
+    assert summary["text_attention"] is True and summary["sketch_timbre"] == "random"
+
+    # The random-timbre cache has the same latents and captions as the plain one, and other melody frames.
+    def cache_rows(folder):
+        rows = [row for path in glob.glob(os.path.join(folder, "*.parquet")) for row in pq.read_table(path).to_pylist()]
+        return sorted(rows, key=lambda row: row["clip_id"])
+
+    plain = cache_rows(json.loads((tmp_path / "plain" / "training_summary.json").read_text())["latent_cache"])
+    random = cache_rows(summary["latent_cache"])
+    assert [row["caption"] for row in plain] == [row["caption"] for row in random] and all(row["caption"] for row in plain)
+    assert all(a["latents"] == b["latents"] for a, b in zip(plain, random))
+    assert all(a["melody_frames"] != b["melody_frames"] for a, b in zip(plain, random))
+
+    pipe = MG2Pipeline.from_pretrained(tmp_path / "mg2")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.text_attention and pipe.unet.config.cross_attention_dim == pipe.clmp.text_hidden_size
+
+    def generate(prompt):
+        return pipe(prompt, melody="G4:0.5 A4:0.5 B4:1", num_inference_steps=2, audio_length_in_s=1.28,
+                    generator=torch.Generator().manual_seed(0)).audios[0]
+
+    fiddle, piano = generate("a jig on fiddle"), generate("a jig on piano")
+    assert np.all(np.isfinite(fiddle)) and not np.allclose(fiddle, piano, atol=1e-4)
+    # The token states reach the UNet: with the empty text's states in their place (the pooled embedding unchanged),
+    # the same prompt, melody and seed sound different.
+    encode_text_states = pipe.encode_text_states
+    pipe.encode_text_states = lambda texts, device: encode_text_states([""] * len(texts), device)
+    assert not np.allclose(generate("a jig on fiddle"), fiddle, atol=1e-4)
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        pipe(prompt_embeds=pipe.encode_text(["a jig"], pipe.device), melody="G4:0.5", num_inference_steps=2)
+
+
 def test_the_latent_cache_is_built_once_per_key_and_holds_whole_clips(tiny_dataset, tiny_generator_parts, tmp_path):
     import pyarrow.parquet as pq
 

@@ -22,6 +22,17 @@ Rows, for the first `--num_clips` test clips:
 - **retrieved melody**: caption only; chroma-vs-notes against the melody that guided it. Floors: the same
   audio against another clip's melody; the pooled-only model against its own guiding melody; the
   caption-only model against the melody MG2 retrieved.
+The prompt's sound (`sound_measures.py`), on the same clips: an instrument classifier and an accompanied-or-solo
+classifier fitted on real train-split clips only (logistic regressions on timbre features, no CLMP) read
+- **family / program accuracy** (8 families of the 30 melody programs): real clips and real clips through the codec
+  (ceilings); MG2 given each clip's melody with a prompt naming the clip's instrument, in phrasings the caption
+  templates never use (`benchmarks/instrument_prompts.json`); the same melody and seed with a prompt naming another
+  family (its accuracy against the family it names, and as a floor against the clip's own family); the
+  retrieved melody with the instrument prompt; the clip's caption with melody guidance 1 and 0 (and the caption-only
+  model); chance. **Paired preference**: how often the family a prompt names is more probable in its own audio than
+  in its partner's (same melody and seed, the other prompt; for real clips, a clip of another family). Chance 0.5.
+- **accompaniment**: how often the output sounds accompanied when its caption names accompaniment, and when not.
+- **onset clicks**: the 2–8 kHz burst at the melody's note onsets relative to the clip's power (lower is cleaner).
 FAD is computed on the CLMP audio tower and on a training-free spectral feature; VGGish/PANNs FAD as in the
 paper needs their weights (run `fadtk`/`audioldm_eval` on the WAVs `--save_audio` writes). Small N biases
 FAD upward: compare rows, not papers.
@@ -47,6 +58,8 @@ from mg2_pipeline.audio import SAMPLE_RATE
 from mg2_pipeline.data import load_mg2_dataset
 from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.hub import write_model_card
+from sound_measures import (FAMILIES, InstrumentPrompts, SoundClassifier, family_of, onset_click_energy, paired_preference,
+                            timbre_features)
 from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_model
 
 CHROMA_FPS = 10
@@ -142,6 +155,9 @@ class Bench:
         self.real_clmp = clmp_audio_embeddings(pipe, self.real) if pipe is not None else None
         self.caption_embeds = pipe.encode_text(self.captions, pipe.device).cpu().numpy() if pipe is not None else None
         self.validation = [self.fit(w) for w in validation_audio]
+        # The prompt's sound: each clip's melody program (the first of `programs`) and whether it is accompanied.
+        self.programs = [row["programs"][0] if row.get("programs") else None for row in rows]
+        self.accompanied = np.array([len(row.get("programs") or []) > 1 for row in rows])
 
     def fit(self, waveform: np.ndarray) -> np.ndarray:
         """Cut or zero-pad to the evaluated length."""
@@ -168,8 +184,9 @@ class Bench:
 
 
 @torch.no_grad()
-def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> list[dict]:
-    """Ceilings and floor that need no generator: real clips, through the vocoder, through VAE + vocoder."""
+def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], list[np.ndarray]]:
+    """Ceilings and floor that need no generator: real clips, through the vocoder, through VAE + vocoder (whose audio
+    is returned too)."""
     real_mels = torch.stack([_MEL(torch.from_numpy(w)) for w in bench.real])  # (clips, frames, 64)
     multiple = 2 ** (len(vae.config.block_out_channels) - 1)
     if real_mels.shape[1] % multiple:
@@ -188,13 +205,15 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> list[dict]:
                   mel_l1=float((reconstructed - real_mels).abs().mean())),
         bench.row("codec", "real clip vs another clip's melody / audio", "floor", bench.real,
                   [bench.melodies[i] for i in bench.other], mel_acc_against=bench.other, fad=False),
-    ]
+    ], through_vae
 
 
 def generate(pipe: MG2Pipeline, bench: Bench, args, melodies: list[Melody] | None = None, steps: int | None = None,
-             clips: int | None = None, melody_guidance_scale: float | None = None, desc: str = "") -> tuple[list[np.ndarray], list]:
-    """Waveforms and guiding melodies for the captions (with `melodies` given, or retrieved), one seeded generator per clip."""
-    captions = bench.captions[:clips]
+             clips: int | None = None, melody_guidance_scale: float | None = None, prompts: list[str] | None = None,
+             desc: str = "") -> tuple[list[np.ndarray], list]:
+    """Waveforms and guiding melodies for the captions (or `prompts`), with `melodies` given or retrieved, one seeded
+    generator per clip."""
+    captions = (prompts or bench.captions)[:clips]
     waveforms, guides = [], []
     for start in tqdm(range(0, len(captions), args.batch_size), desc=desc, unit="batch"):
         batch = captions[start:start + args.batch_size]
@@ -208,9 +227,12 @@ def generate(pipe: MG2Pipeline, bench: Bench, args, melodies: list[Melody] | Non
     return waveforms, guides
 
 
-def model_rows(bench: Bench, pipe: MG2Pipeline, pooled: MG2Pipeline | None, ablation: MG2Pipeline | None, args) -> tuple[list[dict], dict]:
+def model_rows(bench: Bench, pipe: MG2Pipeline, pooled: MG2Pipeline | None, ablation: MG2Pipeline | None, args,
+               prompts: dict | None = None) -> tuple[list[dict], dict]:
     """The two protocols (given melody, then retrieved melody) for MG2, each beside its floors: another clip's melody,
-    melody guidance 0, and (when given) the pooled-only and caption-only models."""
+    melody guidance 0, and (when given) the pooled-only and caption-only models. With `prompts` (`instrument_prompts`),
+    also the instrument prompts' audio for the sound table: given melody with the clip's and another family's
+    instrument, and retrieved."""
     others = [bench.melodies[i] for i in bench.other]
     audio = {}
 
@@ -224,6 +246,13 @@ def model_rows(bench: Bench, pipe: MG2Pipeline, pooled: MG2Pipeline | None, abla
     audio["given-no-guidance"], _ = generate(pipe, bench, args, melodies=bench.melodies, melody_guidance_scale=0.0,
                                              desc="MG2, given melody, melody guidance 0")
     audio["retrieved"], guides = generate(pipe, bench, args, desc="MG2, retrieved melody")
+    if prompts is not None:
+        audio["instrument"], _ = generate(pipe, bench, args, melodies=bench.melodies, prompts=prompts["own"],
+                                          desc="MG2, given melody, prompt naming the clip's instrument")
+        audio["other-instrument"], _ = generate(pipe, bench, args, melodies=bench.melodies, prompts=prompts["other"],
+                                                desc="MG2, given melody, prompt naming another family")
+        audio["instrument-retrieved"], _ = generate(pipe, bench, args, prompts=prompts["own"],
+                                                    desc="MG2, retrieved melody, prompt naming the clip's instrument")
     guiding = heard([guide.melody for guide in guides])
     given = [
         bench.row("given melody", f"MG2, given the clip's melody (melody guidance {args.melody_guidance_scale:g})", "model",
@@ -259,6 +288,86 @@ def model_rows(bench: Bench, pipe: MG2Pipeline, pooled: MG2Pipeline | None, abla
         retrieved.append(bench.row("retrieved melody", f"MG2, DDIM {args.ddim_steps} steps (first {subset} clips; no FAD)", "model",
                                    audio["retrieved-ddim"], heard([guide.melody for guide in ddim_guides]), fad=False))
     return given + retrieved, audio
+
+
+def instrument_prompts(bench: Bench, path: str) -> dict:
+    """Per clip, a prompt naming its melody instrument and one naming an instrument of another family (same phrasing)."""
+    templates = InstrumentPrompts(path)
+    other = [templates.other_family_program(i, program) for i, program in enumerate(bench.programs)]
+    return {"own": [templates.prompt(i, program) for i, program in enumerate(bench.programs)],
+            "other": [templates.prompt(i, program) for i, program in enumerate(other)],
+            "own_programs": np.array(bench.programs), "other_programs": np.array(other)}
+
+
+def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: dict, args) -> list[dict]:
+    """The prompt's sound: instrument family and program accuracy, paired preference, accompaniment and onset clicks,
+    for the real and codec audio (ceilings), each generated set in `audio` that exists, and chance."""
+    features = {name: np.stack([timbre_features(w) for w in waveforms]) for name, waveforms in audio.items()}
+    probabilities = {name: classifier.family_probabilities(f) for name, f in features.items()}
+    own = prompts["own_programs"]
+    onsets = [melody.onsets for melody in bench.melodies]
+    # A real clip's partner: the next test clip of another family.
+    partner = [next(j % len(own) for j in range(i + 1, i + len(own)) if family_of(own[j % len(own)]) != family_of(own[i]))
+               for i in range(len(own))]
+
+    def row(name, label, kind, programs=own, paired_with=None, accompaniment=False, clicks=False):
+        families = [family_of(p) for p in programs]
+        predicted = [FAMILIES[i] for i in probabilities[name].argmax(1)]
+        result = {"audio": label, "kind": kind, "clips": len(programs),
+                  "family_accuracy": float(np.mean([p == f for p, f in zip(predicted, families)])),
+                  "program_accuracy": float(np.mean(classifier.programs(features[name]) == programs))}
+        if paired_with is not None:
+            other_name, other_programs, order = paired_with
+            result["paired_preference"] = paired_preference(probabilities[name], probabilities[other_name][order], families,
+                                                            [family_of(p) for p in other_programs[order]])
+        if accompaniment:
+            heard = classifier.accompanied(features[name])
+            result["accompanied_when_asked"] = float(heard[bench.accompanied].mean()) if bench.accompanied.any() else None
+            result["accompanied_when_solo"] = float(heard[~bench.accompanied].mean()) if (~bench.accompanied).any() else None
+        if clicks:
+            result["onset_clicks"] = float(np.mean([onset_click_energy(w, o) for w, o in zip(audio[name], onsets)]))
+        return result
+
+    rows = [row("real", "real clips", "ceiling", paired_with=("real", own, partner), accompaniment=True, clicks=True),
+            row("codec", "real clips through the codec (log-mel → VAE → vocoder)", "ceiling",
+                paired_with=("codec", own, partner), accompaniment=True, clicks=True)]
+    every = list(range(len(own)))
+    if "instrument" in audio:
+        rows += [
+            row("instrument", "MG2, given melody, prompt naming the clip's instrument", "model",
+                paired_with=("other-instrument", prompts["other_programs"], every), clicks=True),
+            row("other-instrument", "MG2, given melody, prompt naming another family (scored against that family)", "model",
+                programs=prompts["other_programs"], paired_with=("instrument", own, every)),
+            row("other-instrument", "MG2, given melody, prompt naming another family, read as the clip's own family", "floor"),
+            row("instrument-retrieved", "MG2, retrieved melody, prompt naming the clip's instrument", "model"),
+            row("given", "MG2, given melody, the clip's caption", "model", accompaniment=True, clicks=True),
+            row("given-no-guidance", "MG2, given melody, the clip's caption, melody guidance 0", "model", clicks=True),
+        ]
+    if "caption-only" in audio:
+        rows.append(row("caption-only", "caption-only model, the clip's caption", "ablation", accompaniment=True))
+    if "pooled-given" in audio:
+        rows.append(row("pooled-given", "pooled-only model, given melody, the clip's caption", "ablation",
+                        accompaniment=True, clicks=True))
+    rows.append({"audio": "chance", "kind": "floor", "clips": len(own), "family_accuracy": 1 / len(FAMILIES),
+                 "program_accuracy": 1 / len(classifier.instrument.classes_), "paired_preference": 0.5})
+    codec_clicks = rows[1]["onset_clicks"]
+    for result in rows:
+        if "onset_clicks" in result:
+            result["onset_clicks_vs_codec"] = result["onset_clicks"] / codec_clicks if codec_clicks else None
+    return rows
+
+
+def format_sound_table(rows: list[dict]) -> str:
+    columns = [("family_accuracy", "family acc ↑", "{:.2f}"), ("program_accuracy", "program acc ↑", "{:.2f}"),
+               ("paired_preference", "paired preference ↑", "{:.2f}"),
+               ("accompanied_when_asked", "accompanied, caption asks", "{:.2f}"),
+               ("accompanied_when_solo", "accompanied, caption solo ↓", "{:.2f}"),
+               ("onset_clicks", "onset clicks ↓", "{:.3f}"), ("onset_clicks_vs_codec", "clicks ÷ codec", "{:.2f}")]
+    lines = ["| audio | bound | " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * (2 + len(columns))]
+    for row in rows:
+        cells = [form.format(row[key]) if row.get(key) is not None else "–" for key, _, form in columns]
+        lines.append(f"| {row['audio']} | {row['kind'] if row['kind'] != 'model' else '**model**'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -299,6 +408,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_audio", action="store_true", help="Write every generated clip under OUTPUT/audio/.")
+    parser.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
+                                                          "instrument_prompts.json"),
+                        help="Instrument prompt templates for the text-adherence rows.")
+    parser.add_argument("--classifier_clips", type=int, default=1500,
+                        help="Real train-split clips the instrument and accompaniment classifiers are fitted on.")
     args = parser.parse_args(argv)
     try:
         args.guidance_interval = tuple(float(bound) for bound in args.guidance_interval.split(","))
@@ -328,8 +442,12 @@ def main(argv=None):
     validation = [load_audio(row["audio"]["bytes"]) for row, _ in zip(load_mg2_dataset(args.dataset, "validation"), range(len(rows)))]
     bench = Bench(rows, args.seconds, validation, pipe, args.seed)
 
-    results = codec_rows(bench, vae.eval(), vocoder.eval())
-    audio = {}
+    results, codec_audio = codec_rows(bench, vae.eval(), vocoder.eval())
+    audio, sound, prompts = {}, [], None
+    measurable = all(program is not None for program in bench.programs)  # a transcribed dataset names no instruments
+    if measurable:
+        classifier = SoundClassifier.fit_on_rows(load_mg2_dataset(args.dataset, "train"), args.classifier_clips, args.seed)
+        prompts = instrument_prompts(bench, args.prompts)
     if not args.codec_only:
         ablation = pooled = None
         if args.pooled:
@@ -342,8 +460,10 @@ def main(argv=None):
             ablation.set_progress_bar_config(disable=True)
             if ablation.config.condition != "text":
                 raise SystemExit(f"--ablation {args.ablation} is not a caption-only model (condition={ablation.config.condition!r}).")
-        generated_rows, audio = model_rows(bench, pipe, pooled, ablation, args)
+        generated_rows, audio = model_rows(bench, pipe, pooled, ablation, args, prompts)
         results += generated_rows
+    if measurable:
+        sound = sound_rows(bench, classifier, {"real": bench.real, "codec": codec_audio, **audio}, prompts, args)
 
     os.makedirs(args.output_dir, exist_ok=True)
     if args.save_audio:
@@ -352,7 +472,8 @@ def main(argv=None):
             for index, waveform in enumerate(waveforms):
                 save_audio(os.path.join(args.output_dir, "audio", name, f"{index:03d}.wav"), waveform)
     table = format_table(results)
-    payload = {"results": results, "split": args.split, "dataset": args.dataset, "seconds": round(time.perf_counter() - start, 1),
+    sound_table = format_sound_table(sound) if sound else ""
+    payload = {"results": results, "sound": sound, "split": args.split, "dataset": args.dataset, "seconds": round(time.perf_counter() - start, 1),
                "settings": {k: v for k, v in vars(args).items() if k != "output_dir"}}
     with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
         json.dump(payload, handle, indent=2)
@@ -365,6 +486,12 @@ def main(argv=None):
                 "and real audio through this model's codec; floors are another clip's melody, melody guidance 0, and the pooled-only "
                 "and caption-only models where given. "
                 f"FAD on {len(rows)} clips is biased upward: compare rows with each other.\n")
+    if sound:
+        markdown += (f"\nThe prompt's sound, same clips and run: an instrument classifier and an accompaniment classifier "
+                     f"fitted on {classifier.train_clips} real train-split clips (timbre features, logistic regression; no "
+                     f"CLMP) read each audio. Instrument prompts from `{os.path.basename(args.prompts)}`; another family's "
+                     "prompt uses the same melody, seed and phrasing. Onset clicks: the 2–8 kHz burst at the melody's "
+                     "note onsets relative to the clip's power.\n\n" + sound_table + "\n")
     with open(os.path.join(args.output_dir, "eval_results.md"), "w") as handle:
         handle.write(markdown)
     if not args.codec_only:
@@ -372,6 +499,7 @@ def main(argv=None):
                          dataset_description=describe_dataset(args.dataset), model_description=describe_mg2_model(args.model, pipe),
                          limitations=MG2_FOLK_LIMITATIONS)
     print(table)
+    print(sound_table)
     print(f"Wrote {os.path.join(args.output_dir, 'eval_results.json')} and eval_results.md"
           + ("" if args.codec_only else f"; model card {args.model}/README.md"))
     return payload

@@ -109,6 +109,12 @@ MELODY_PROGRAMS = {  # GM program → instrument name used in captions
     65: "alto saxophone", 68: "oboe", 70: "bassoon", 71: "clarinet", 73: "flute", 74: "recorder", 75: "pan flute",
     78: "whistle", 105: "banjo", 109: "bagpipe", 110: "fiddle",
 }
+# The melody programs by family of sound (the families evaluate.py's instrument classifier reads).
+INSTRUMENT_FAMILIES = {
+    "keyboard": [0, 6], "mallet/bell": [8, 10, 11, 12, 13], "organ/free reed": [19, 21, 22],
+    "plucked": [24, 25, 46, 105], "bowed": [40, 41, 42, 48, 110], "brass": [56, 60],
+    "reeds": [65, 68, 70, 71, 109], "flutes/pipes": [73, 74, 75, 78],
+}
 CHORD_PROGRAMS = {0: "piano", 24: "nylon-string guitar", 25: "steel-string guitar", 46: "harp", 48: "strings", 19: "organ", 21: "accordion"}
 BASS_PROGRAMS = {32: "acoustic bass", 33: "electric bass", 42: "cello", 43: "double bass"}
 

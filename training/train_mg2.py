@@ -11,7 +11,10 @@ own melody with probability `--gt_melody_prob`, otherwise the nearest *other* me
 (the clip's own is excluded), retrieved with the clip's CLMP text embedding as at inference. The
 time-aligned melody frames (`--aligned_melody`) are always the crop's own melody: they must match the audio.
 For text and melody guidance, the text alone (`--text_dropout`), the melody alone (`--melody_dropout`: its
-pooled half becomes the empty text's embedding, its frames zeros) and both (`--condition_dropout`) are dropped.
+pooled half becomes the empty text's embedding, its frames zeros) and both (`--condition_dropout`) are dropped; a
+dropped text is the empty text, pooled and (with `--text_attention on`) as the token states the UNet attends to.
+With `--sketch_timbre random` each clip's melody sketch is rendered with its own random sound, so that the sketch
+gives the UNet pitch and timing but no instrument to copy.
 
 Everything that does not change between epochs (audio decoding, log-mel, VAE encoding, the melody frames,
 CLMP text embeddings and retrieval) is computed once into a latent cache under `--latent_cache`, keyed by the
@@ -64,6 +67,10 @@ def parse_args(argv=None):
     parser.add_argument("--condition", default="text_melody", choices=CONDITIONS)
     parser.add_argument("--aligned_melody", default="keep", choices=["keep", "none", "sketch", "roll"],
                         help="The time-aligned melody input: keep the pipeline's setting, none (pooled only), sketch or roll.")
+    parser.add_argument("--text_attention", default="keep", choices=["keep", "on", "off"],
+                        help="Whether the UNet attends to the caption's token states: keep the pipeline's setting, on or off.")
+    parser.add_argument("--sketch_timbre", default="plain", choices=["plain", "random"],
+                        help="The melody sketch's sound in training: plain tones (as at inference), or random per clip.")
     parser.add_argument("--gt_melody_prob", type=float, default=0.5, help="Use the clip's own melody instead of a retrieved one.")
     parser.add_argument("--condition_dropout", type=float, default=0.1, help="Drop text and melody together.")
     parser.add_argument("--text_dropout", type=float, default=0.1, help="Drop the text alone.")
@@ -112,6 +119,7 @@ def latent_cache_dir(pipe, args) -> str:
     identity = {
         "vae": clmp_fingerprint(pipe.vae)["float16"], "clmp": clmp_fingerprint(pipe.clmp)["float16"],
         "index": [len(pipe.retriever), pipe.retriever.config.clmp_fingerprint], "aligned_melody": pipe.config.aligned_melody,
+        "sketch_timbre": args.sketch_timbre,
         "max_text_length": pipe.processor.max_text_length,
         "dataset": [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files] or args.dataset,
     }
@@ -126,9 +134,10 @@ def latent_cache_dir(pipe, args) -> str:
 
 
 @torch.no_grad()
-def cache_rows(pipe, rows: list[dict], device) -> list[dict]:
-    """Cache rows for dataset rows: the whole clip's VAE latents (posterior mode, scaled) and melody frames as float16,
-    its CLMP text embedding, and the embedding of the nearest other melody in the index."""
+def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> list[dict]:
+    """Cache rows for dataset rows: the whole clip's VAE latents (posterior mode, scaled) and melody frames as float16
+    (the sketch in its `sketch_timbre`, seeded by the clip id), its caption and CLMP text embedding, and the embedding
+    of the nearest other melody in the index."""
     tokens = pipe.processor.tokenizer([row["caption"] for row in rows], padding="max_length", truncation=True,
                                       max_length=pipe.processor.max_text_length, return_tensors="pt")
     text = pipe.clmp.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
@@ -142,11 +151,13 @@ def cache_rows(pipe, rows: list[dict], device) -> list[dict]:
         log_mel = pipe.mel(waveform)[None, None].to(device, pipe.vae.dtype)
         latents = pipe.vae.encode(log_mel).latent_dist.mode()[0] * pipe.vae.config.scaling_factor
         melody = Melody.from_notes(row["melody_notes"]) if row.get("melody_notes") else Melody.from_tokens(row["melody_tokens"])
-        entry = {"clip_id": row["clip_id"], "latents": latents.half().cpu().numpy().tobytes(), "latents_shape": list(latents.shape),
+        entry = {"clip_id": row["clip_id"], "caption": row["caption"], "latents": latents.half().cpu().numpy().tobytes(),
+                 "latents_shape": list(latents.shape),
                  "melody_notes": melody.to_list(), "text_embeds": text_embeds.tolist(), "retrieved_embeds": retrieved_embeds.tolist(),
                  "melody_frames": None, "melody_frames_shape": None}
         if pipe.config.aligned_melody is not None:
-            frames = pipe.prepare_melody_frames([melody], latents.shape[1], device, torch.float16)[0]
+            seeds = [int(hashlib.md5(row["clip_id"].encode()).hexdigest()[:8], 16)] if sketch_timbre == "random" else None
+            frames = pipe.prepare_melody_frames([melody], latents.shape[1], device, torch.float16, timbre_seeds=seeds)[0]
             entry.update(melody_frames=frames.cpu().numpy().tobytes(), melody_frames_shape=list(frames.shape))
         cached.append(entry)
     return cached
@@ -163,9 +174,10 @@ def build_latent_cache(pipe, args, folder: str, device) -> None:
         raise ValueError(f"--latent_cache_workers > 1 builds the cache in forked CPU processes; on {device.type} pass 1.")
     dataset = load_mg2_dataset(args.dataset, split="train")
     if workers == 1:
-        parts = [cache_part(pipe, dataset, temporary, device, rank=0, world_size=1)]
+        parts = [cache_part(pipe, dataset, temporary, device, rank=0, world_size=1, sketch_timbre=args.sketch_timbre)]
     else:
-        _FORK_STATE.update(pipe=pipe, dataset=dataset, temporary=temporary, device=device, world_size=workers)
+        _FORK_STATE.update(pipe=pipe, dataset=dataset, temporary=temporary, device=device, world_size=workers,
+                           sketch_timbre=args.sketch_timbre)
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             parts = pool.map(_cache_part_in_worker, range(workers))
         _FORK_STATE.clear()
@@ -182,14 +194,14 @@ def build_latent_cache(pipe, args, folder: str, device) -> None:
     logger.info(f"Latent cache {folder}: {counts['rows']} rows.")
 
 
-def cache_part(pipe, dataset, temporary: str, device, rank: int, world_size: int, rows_per_shard: int = 512,
-               batch_size: int = 32) -> dict:
+def cache_part(pipe, dataset, temporary: str, device, rank: int, world_size: int, sketch_timbre: str = "plain",
+               rows_per_shard: int = 512, batch_size: int = 32) -> dict:
     """Cache this part's rows (`split_dataset_by_node`) into `temporary/train-RANK-NNNNN.parquet`. A batch that fails
     to decode is redone row by row: bad rows are skipped and counted."""
     import pyarrow as pa
     from datasets.distributed import split_dataset_by_node
 
-    schema = pa.schema([("clip_id", pa.string()), ("latents", pa.binary()), ("latents_shape", pa.list_(pa.int32())),
+    schema = pa.schema([("clip_id", pa.string()), ("caption", pa.string()), ("latents", pa.binary()), ("latents_shape", pa.list_(pa.int32())),
                         ("melody_notes", pa.list_(pa.list_(pa.float64()))), ("text_embeds", pa.list_(pa.float32())),
                         ("retrieved_embeds", pa.list_(pa.float32())), ("melody_frames", pa.binary()),
                         ("melody_frames_shape", pa.list_(pa.int32()))])
@@ -197,7 +209,7 @@ def cache_part(pipe, dataset, temporary: str, device, rank: int, world_size: int
 
     def add(batch: list[dict]) -> None:
         try:
-            shard.extend(cache_rows(pipe, batch, device))
+            shard.extend(cache_rows(pipe, batch, device, sketch_timbre))
         except ValueError:
             if len(batch) == 1:
                 counts["skipped_rows"] += 1
@@ -235,12 +247,15 @@ _FORK_STATE = {}  # what forked cache workers inherit from build_latent_cache
 def _cache_part_in_worker(rank: int) -> dict:
     torch.set_num_threads(1)
     state = _FORK_STATE
-    return cache_part(state["pipe"], state["dataset"], state["temporary"], state["device"], rank, state["world_size"])
+    return cache_part(state["pipe"], state["dataset"], state["temporary"], state["device"], rank, state["world_size"],
+                      state["sketch_timbre"])
 
 
 def build_condition(pipe, batch: dict, args, empty: torch.Tensor, generator: torch.Generator, device):
-    """The pooled [text ‖ melody] condition and the melody frames (None without an aligned melody) of a batch of
-    crops, with the text, the melody or both dropped for guidance."""
+    """The pooled [text ‖ melody] condition, the melody frames (None without an aligned melody) and the caption's token
+    states and mask (None without `text_attention`) of a batch of crops, with the text, the melody or both dropped for
+    guidance. The dropped text is the empty text (`empty`: its embedding, and its token states and mask)."""
+    empty, empty_states, empty_mask = empty
     text = batch["text_embeds"].to(device)
     frames = batch["melody_frames"].to(device) if "melody_frames" in batch else None
     if args.condition == "text":
@@ -260,7 +275,12 @@ def build_condition(pipe, batch: dict, args, empty: torch.Tensor, generator: tor
     condition = torch.cat([torch.where(drop_text, empty, text), torch.where(drop_melody, empty, melody)], dim=-1)
     if frames is not None:
         frames = torch.where(drop_melody[:, :, None, None], torch.zeros_like(frames), frames)
-    return condition, frames
+    states = mask = None
+    if pipe.config.text_attention:
+        states, mask = pipe.encode_text_states(batch["caption"], device)
+        states = torch.where(drop_text[:, :, None], empty_states.expand_as(states), states)
+        mask = torch.where(drop_text, empty_mask.expand_as(mask), mask)
+    return condition, frames, states, mask
 
 
 def main(argv=None):
@@ -271,13 +291,17 @@ def main(argv=None):
     aligned_melody = {"keep": "default", "none": None}.get(args.aligned_melody, args.aligned_melody)
     if args.condition == "text":
         aligned_melody = None
+    text_attention = {"keep": "default", "on": True, "off": False}[args.text_attention]
     if args.pipeline.startswith("preset:"):
-        pipe = build_pipeline(args.pipeline.split(":", 1)[1], aligned_melody=aligned_melody)
+        pipe = build_pipeline(args.pipeline.split(":", 1)[1], aligned_melody=aligned_melody, text_attention=text_attention)
     else:
         pipe = MG2Pipeline.from_pretrained(args.pipeline)
         if aligned_melody not in ("default", pipe.config.aligned_melody):
             raise SystemExit(f"{args.pipeline} has aligned_melody={pipe.config.aligned_melody!r}; its UNet cannot change to "
                              f"{aligned_melody!r}: start from a preset (--pipeline preset:NAME).")
+        if text_attention not in ("default", pipe.config.text_attention):
+            raise SystemExit(f"{args.pipeline} has text_attention={pipe.config.text_attention}; its UNet cannot change: "
+                             "start from a preset (--pipeline preset:NAME).")
     parts = dict(pipe.components)
     if args.clmp:
         parts.update(clmp=CLMPModel.from_pretrained(args.clmp).eval(), processor=CLMPProcessor.from_pretrained(args.clmp))
@@ -285,7 +309,8 @@ def main(argv=None):
         parts["retriever"] = MelodyRetriever.from_pretrained(args.retriever)
     if args.vae:
         parts["vae"] = AutoencoderKL.from_pretrained(args.vae)
-    pipe = MG2Pipeline(**parts, condition=args.condition, aligned_melody=pipe.config.aligned_melody)
+    pipe = MG2Pipeline(**parts, condition=args.condition, aligned_melody=pipe.config.aligned_melody,
+                       text_attention=pipe.config.text_attention)
     pipe.set_progress_bar_config(disable=True)
     for frozen in (pipe.clmp, pipe.vae, pipe.vocoder):
         frozen.requires_grad_(False).eval().to(accelerator.device)
@@ -329,7 +354,7 @@ def main(argv=None):
     frame_seconds = pipe.vae_scale_factor * pipe.hop_length / pipe.sampling_rate
     transform = LatentCrop(frames // pipe.vae_scale_factor, frame_seconds, seed=args.seed,
                            max_melody_length=pipe.processor.melody_max_length)
-    empty = pipe.encode_text([""], accelerator.device)
+    empty = (pipe.encode_text([""], accelerator.device), *pipe.encode_text_states([""], accelerator.device))
 
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger)
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
@@ -348,14 +373,16 @@ def main(argv=None):
             generator = torch.Generator().manual_seed(
                 args.seed * 1_000_003 + accelerator.process_index * 7919 + epoch * 100_003 + batches_in_epoch)
             latents = batch["latents"].to(accelerator.device)
-            condition, melody_frames = build_condition(pipe, batch, args, empty, generator, accelerator.device)
+            condition, melody_frames, text_states, text_mask = build_condition(pipe, batch, args, empty, generator,
+                                                                               accelerator.device)
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             if melody_frames is not None:
                 noisy = torch.cat([noisy, melody_frames], dim=1)
             with accelerator.accumulate(unet):
-                prediction = unet(noisy, timesteps, encoder_hidden_states=None, class_labels=condition).sample
+                prediction = unet(noisy, timesteps, encoder_hidden_states=text_states, encoder_attention_mask=text_mask,
+                                  class_labels=condition).sample
                 target = {"epsilon": noise, "sample": latents}.get(prediction_type)
                 if target is None:
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -413,6 +440,7 @@ def main(argv=None):
             args.output_dir, {"loss": losses}, steps=global_step, samples=samples_seen, seconds=round(elapsed, 1),
             samples_per_second=round(samples_seen / elapsed, 2), steps_per_second=round(len(losses) / elapsed, 3),
             processes=accelerator.num_processes, condition=args.condition, aligned_melody=pipe.config.aligned_melody,
+            text_attention=pipe.config.text_attention, sketch_timbre=args.sketch_timbre,
             clip_seconds=args.clip_seconds, skipped_steps=guard.skipped, skipped_rows_main_process=skipped_rows,
             skipped_rows_latent_cache=cache_info["skipped_rows"], latent_cache=cache)
         if not args.use_lora:
