@@ -13,6 +13,8 @@ from mg2_pipeline.presets import build_pipeline
 sys.path.insert(0, os.path.join(ROOT, "training"))
 from evaluate import (chroma_note_share, chroma_peaks, frechet_distance, mel_accuracy, melody_adherence,  # noqa: E402
                       tempo_matches)
+from sound_measures import (FAMILIES, InstrumentPrompts, SoundClassifier, family_of, onset_click_energy,  # noqa: E402
+                            paired_preference)
 
 
 def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
@@ -46,7 +48,76 @@ def test_adherence_measures_prefer_the_played_melody_and_tempo_is_estimated():
     clicks = np.zeros(16000 * 8, np.float32)
     clicks[:: 8000] = 1.0  # 120 BPM
     estimate, strict, octave = tempo_matches(clicks, 120.0)
-    assert octave and abs(estimate - 120) < 20 or abs(estimate - 240) < 40
+    assert octave and (abs(estimate - 120) < 20 or abs(estimate - 240) < 40)
+
+
+def tones(melody: Melody, seconds: float, partials, fade_s: float, bass: bool = False) -> np.ndarray:
+    """Harmonic tones with `partials` amplitudes and linear fades; a low C under them when `bass`."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    waveform = np.zeros_like(t)
+    for pitch, onset, offset in melody.notes:
+        inside = (t >= onset) & (t < offset)
+        envelope = np.clip(np.minimum(t - onset, offset - t) / fade_s, 0, 1) * inside
+        frequency = 440 * 2 ** ((pitch - 69) / 12)
+        waveform += envelope * sum(a * np.sin(2 * np.pi * k * frequency * t) for k, a in enumerate(partials, 1))
+    if bass:
+        waveform += 0.8 * np.sin(2 * np.pi * 65.4 * t)
+    return (0.3 * waveform / np.abs(waveform).max()).astype(np.float32)
+
+
+def test_onset_clicks_grow_with_hard_note_changes():
+    melody = Melody.from_string("C5:0.25 D5:0.25 E5:0.25 G5:0.25 " * 4)
+    soft = tones(melody, 4.0, [1, 0.5, 0.25], fade_s=0.03)
+    hard = tones(melody, 4.0, [1, 0.5, 0.25], fade_s=0.0005)
+    clicked = soft.copy()
+    for onset in melody.onsets:  # a 2 ms broadband burst at every note change
+        start = int(onset * 16000)
+        clicked[start:start + 32] += np.random.default_rng(start).uniform(-0.2, 0.2, len(clicked[start:start + 32]))
+    scores = [onset_click_energy(audio, melody.onsets) for audio in (soft, hard, clicked)]
+    assert scores[0] < scores[1] < scores[2] and scores[2] > 5 * scores[0]
+    assert onset_click_energy(soft, np.array([100.0])) == 0.0  # an onset past the end is not measured
+
+
+def test_the_sound_classifier_tells_instruments_and_accompaniment_apart():
+    from mg2_pipeline.audio import encode_flac
+
+    rng = np.random.default_rng(0)
+    sounds = {73: [1, 0.05], 56: [1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]}  # flute-like and brass-like partials
+
+    def row(program, accompanied):
+        notes = " ".join(f"{name}{octave}:0.25" for name, octave in zip(rng.choice(list("CDEFGAB"), 12), rng.integers(4, 6, 12)))
+        audio = tones(Melody.from_string(notes), 3.0, sounds[program], fade_s=0.01, bass=accompanied)
+        return {"audio": {"bytes": encode_flac(audio)}, "programs": [program] + [32] * accompanied}
+
+    train = [row(program, bool(i % 2)) for i in range(24) for program in sounds]
+    test = [row(program, accompanied) for program in sounds for accompanied in (False, True) for _ in range(3)]
+    classifier = SoundClassifier.fit_on_rows(iter(train + [{"audio": {"bytes": b"not audio"}, "programs": [73]}]), max_clips=100)
+    assert classifier.train_clips == 48  # the unreadable row is skipped
+    from sound_measures import timbre_features
+
+    features = np.stack([timbre_features(__import__("mg2_pipeline").load_audio(r["audio"]["bytes"])) for r in test])
+    families = np.array(FAMILIES)[classifier.family_probabilities(features).argmax(1)]
+    assert list(families) == [family_of(r["programs"][0]) for r in test]  # flutes/pipes and brass
+    assert list(classifier.accompanied(features)) == [len(r["programs"]) > 1 for r in test]
+    with pytest.raises(ValueError, match="several instruments"):
+        SoundClassifier.fit_on_rows(iter(train[::2]), max_clips=100)
+
+
+def test_paired_preference_and_instrument_prompts():
+    flute, brass = FAMILIES.index("flutes/pipes"), FAMILIES.index("brass")
+    a, b = np.full((2, len(FAMILIES)), 0.05), np.full((2, len(FAMILIES)), 0.05)
+    a[:, flute], b[:, brass] = 0.6, 0.6  # each audio sounds like what its prompt asked for
+    assert paired_preference(a, b, ["flutes/pipes"] * 2, ["brass"] * 2) == 1.0
+    assert paired_preference(b, a, ["flutes/pipes"] * 2, ["brass"] * 2) == 0.0
+    prompts = InstrumentPrompts()
+    for index in range(40):
+        for program in (0, 40, 73, 109):
+            other = prompts.other_family_program(index, program)
+            assert family_of(other) != family_of(program)
+            assert prompts.prompt(index, program) != prompts.prompt(index, other)
+    assert prompts.prompt(3, 110) == "Fiddle solo: an old dance tune"
+    others = {family_of(prompts.other_family_program(index, 0)) for index in range(7)}
+    assert len(others) == len(FAMILIES) - 1  # every other family in turn
 
 
 EVALUATE = os.path.join(ROOT, "training", "evaluate.py")
@@ -84,6 +155,20 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
     card = (tmp_path / "mg2" / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "pipeline_tag: text-to-audio" in card
     assert "| given melody | caption-only model | floor |" in card and "tiny-folk" in card and "- `unet`: UNet2DConditionModel" in card
+    sound = json.loads((output_dir / "eval_results.json").read_text())["sound"]
+    assert [r["audio"] for r in sound] == [
+        "real clips", "real clips through the codec (log-mel → VAE → vocoder)",
+        "MG2, given melody, prompt naming the clip's instrument",
+        "MG2, given melody, prompt naming another family (scored against that family)",
+        "MG2, given melody, prompt naming another family, read as the clip's own family",
+        "MG2, retrieved melody, prompt naming the clip's instrument", "MG2, given melody, the clip's caption",
+        "MG2, given melody, the clip's caption, melody guidance 0", "caption-only model, the clip's caption",
+        "pooled-only model, given melody, the clip's caption", "chance"]
+    for r in sound:
+        assert all(0 <= r[key] <= 1 for key in ("family_accuracy", "program_accuracy", "paired_preference") if key in r)
+        assert r.get("onset_clicks", 0) >= 0
+    assert sound[-1]["family_accuracy"] == 1 / 8 and sound[1]["onset_clicks_vs_codec"] == 1.0
+    assert "| real clips | ceiling |" in table and "paired preference" in table
     audio, rate = soundfile.read(output_dir / "audio" / "given" / "000.wav")
     assert rate == 16000 and len(audio) == 20480
 

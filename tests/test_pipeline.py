@@ -113,7 +113,8 @@ class MelodyOracleUNet(ModelMixin, ConfigMixin):
         super().__init__()
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000) ** 2, 0))
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, class_labels=None, cross_attention_kwargs=None):
+    def forward(self, sample, timestep, encoder_hidden_states=None, encoder_attention_mask=None, class_labels=None,
+                cross_attention_kwargs=None):
         latents, frames = sample[:, : self.config.out_channels], sample[:, self.config.out_channels:]
         alpha = self.alphas_cumprod[int(timestep)]
         return UNet2DConditionOutput(sample=(latents - alpha.sqrt() * frames) / (1 - alpha).sqrt())

@@ -307,8 +307,8 @@ def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: 
     own = prompts["own_programs"]
     onsets = [melody.onsets for melody in bench.melodies]
     # A real clip's partner: the next test clip of another family.
-    partner = [next(j % len(own) for j in range(i + 1, i + len(own)) if family_of(own[j % len(own)]) != family_of(own[i]))
-               for i in range(len(own))]
+    partner = [next((j % len(own) for j in range(i + 1, i + len(own)) if family_of(own[j % len(own)]) != family_of(own[i])),
+                    (i + 1) % len(own)) for i in range(len(own))]
 
     def row(name, label, kind, programs=own, paired_with=None, accompaniment=False, clicks=False):
         families = [family_of(p) for p in programs]

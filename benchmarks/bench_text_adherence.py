@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""How the prompt's instrument and the melody take hold as a model trains: family accuracy and Mel acc per checkpoint.
+
+    python benchmarks/bench_text_adherence.py --run checkpoints/mg2-small --dataset data/mg2-folk --num_clips 32
+
+For every `checkpoint-N` of a `train_mg2.py` output folder (train with `--checkpoints_total_limit` large enough to keep
+them; the last is the saved pipeline), the checkpoint's EMA weights generate each test clip's melody with a prompt naming
+the clip's instrument (`benchmarks/instrument_prompts.json`), same seeds as `training/evaluate.py`. The instrument
+classifier of `evaluate.py` (fitted on real train-split clips) reads the family; Mel acc compares chroma peaks with the
+real clip's. The real clips and the codec give the ceilings, in the same run; chance is 1/8 (family) and ≈ 1/12 (Mel acc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
+
+from evaluate import Bench, chroma_peaks, codec_rows, generate, instrument_prompts, mel_accuracy  # noqa: E402
+from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
+from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
+from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE  # noqa: E402
+from sound_measures import FAMILIES, SoundClassifier, family_of, timbre_features  # noqa: E402
+
+
+def load_ema_weights(pipe: MG2Pipeline, checkpoint: str) -> None:
+    """Copy the EMA weights `train_mg2.py` checkpointed (accelerate's first custom object) into `pipe.unet`."""
+    state = torch.load(os.path.join(checkpoint, "custom_checkpoint_0.pkl"), map_location="cpu", weights_only=False)
+    parameters = list(pipe.unet.parameters())
+    if len(state["shadow_params"]) != len(parameters):
+        raise ValueError(f"{checkpoint} holds {len(state['shadow_params'])} EMA tensors; this UNet has {len(parameters)}.")
+    with torch.no_grad():
+        for parameter, shadow in zip(parameters, state["shadow_params"]):
+            parameter.copy_(shadow)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="A train_mg2.py output folder (the saved pipeline and its checkpoints).")
+    parser.add_argument("--dataset", default="data/mg2-folk")
+    parser.add_argument("--num_clips", type=int, default=32)
+    parser.add_argument("--classifier_clips", type=int, default=1500)
+    parser.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "instrument_prompts.json"))
+    parser.add_argument("--output_json", default=None)
+    args = parser.parse_args(argv)
+    # What evaluate.py's `generate` reads from its arguments, at evaluate.py's defaults.
+    settings = argparse.Namespace(seconds=10.24, steps=25, guidance_scale=3.0, melody_guidance_scale=DEFAULT_MELODY_GUIDANCE_SCALE,
+                                  guidance_interval=(0.0, 1.0), batch_size=8, seed=0)
+
+    pipe = MG2Pipeline.from_pretrained(args.run)
+    pipe.set_progress_bar_config(disable=True)
+    rows = [row for row, _ in zip(load_mg2_dataset(args.dataset, "test"), range(args.num_clips))]
+    validation = [load_audio(row["audio"]["bytes"]) for row, _ in zip(load_mg2_dataset(args.dataset, "validation"), range(2))]
+    bench = Bench(rows, settings.seconds, validation, pipe, settings.seed)
+    classifier = SoundClassifier.fit_on_rows(load_mg2_dataset(args.dataset, "train"), args.classifier_clips)
+    prompts = instrument_prompts(bench, args.prompts)
+    families = [family_of(program) for program in prompts["own_programs"]]
+
+    def measure(waveforms) -> dict:
+        predicted = classifier.family_probabilities(np.stack([timbre_features(w) for w in waveforms])).argmax(1)
+        return {"family_accuracy": float(np.mean([FAMILIES[p] == f for p, f in zip(predicted, families)])),
+                "mel_acc": float(np.mean([mel_accuracy(chroma_peaks(w), real) for w, real in zip(waveforms, bench.real_peaks)]))}
+
+    _, codec_audio = codec_rows(bench, pipe.vae.eval(), pipe.vocoder.eval())
+    results = {"real clips": measure(bench.real), "codec": measure(codec_audio)}
+    checkpoints = sorted((d for d in os.listdir(args.run) if re.fullmatch(r"checkpoint-\d+", d)), key=lambda d: int(d.split("-")[1]))
+    if not checkpoints:
+        raise SystemExit(f"{args.run} has no checkpoint-N folders: train with --checkpoints_total_limit large enough to keep them.")
+    for name in checkpoints:
+        load_ema_weights(pipe, os.path.join(args.run, name))
+        waveforms, _ = generate(pipe, bench, settings, melodies=bench.melodies, prompts=prompts["own"], desc=name)
+        results[name] = measure(waveforms)
+        print(f"{name}: {results[name]}")
+    lines = ["| audio | family acc ↑ | Mel acc ↑ |", "|---|---|---|"]
+    lines += [f"| {name} | {r['family_accuracy']:.2f} | {r['mel_acc']:.3f} |" for name, r in results.items()]
+    lines.append(f"| chance | {1 / len(FAMILIES):.3f} | ≈ 0.08 |")
+    print("\n".join(lines))
+    if args.output_json:
+        with open(args.output_json, "w") as handle:
+            json.dump({"run": args.run, "clips": len(rows), "results": results}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
