@@ -57,15 +57,16 @@ def unet_input(pipe, latents: torch.Tensor, t, frames: torch.Tensor | None, pass
 
 
 @torch.no_grad()
-def bare_loop(pipe, condition: torch.Tensor, frames: torch.Tensor | None, latents: torch.Tensor, steps: int,
+def bare_loop(pipe, condition: torch.Tensor, frames: torch.Tensor | None, text: tuple, latents: torch.Tensor, steps: int,
               guidance_scale: float, melody_guidance_scale: float) -> torch.Tensor:
     """The textbook diffusers loop with MG2's text and melody guidance terms: what any pipeline must at least do.
-    Equal scales are plain classifier-free guidance (two passes); otherwise the melody-free prediction runs too."""
+    Equal scales are plain classifier-free guidance (two passes); otherwise the melody-free prediction runs too.
+    `text`: the token states the UNet attends to and their mask ((None, None) without `text_attention`)."""
     pipe.scheduler.set_timesteps(steps)
     latents = latents * pipe.scheduler.init_noise_sigma
     for t in pipe.scheduler.timesteps:
-        prediction = pipe.unet(unet_input(pipe, latents, t, frames, len(condition)), t, encoder_hidden_states=None,
-                               class_labels=condition).sample
+        prediction = pipe.unet(unet_input(pipe, latents, t, frames, len(condition)), t, encoder_hidden_states=text[0],
+                               encoder_attention_mask=text[1], class_labels=condition).sample
         if len(condition) == 2:
             full, unconditional = prediction.chunk(2)
             guided = unconditional + guidance_scale * (full - unconditional)
@@ -122,6 +123,7 @@ def main(argv=None):
         if args.melody_guidance_scale == args.guidance_scale:
             conditions.pop(1)
         condition = torch.cat(conditions)
+        text_states = pipe.prepare_text_states([prompt], None, 1, pipe.device, len(conditions) == 3, True)
         frames = None
         if pipe.config.aligned_melody is not None:
             guide = pipe.follow_prompt_tempo(hits.melodies[0][0], prompt).melody
@@ -130,14 +132,16 @@ def main(argv=None):
             frames = torch.cat([frames] + [torch.zeros_like(frames)] * (len(condition) - 1))
         noise = torch.randn(latents.shape, generator=generator())
         start = time.perf_counter()
-        bare_latents = bare_loop(pipe, condition, frames, noise, args.steps, args.guidance_scale, args.melody_guidance_scale)
+        bare_latents = bare_loop(pipe, condition, frames, text_states, noise, args.steps, args.guidance_scale,
+                                 args.melody_guidance_scale)
         bare.append(time.perf_counter() - start)
     # same computation up to float rounding (the pipeline encodes prompt and empty text in separate batches)
     assert (bare_latents - latents).abs().max() <= 1e-4 * latents.abs().max(), "the bare loop must compute what the pipeline computes"
 
     with FlopCounterMode(display=False) as counter:
         t = pipe.scheduler.timesteps[0]
-        pipe.unet(unet_input(pipe, latents, t, frames, len(condition)), t, encoder_hidden_states=None, class_labels=condition)
+        pipe.unet(unet_input(pipe, latents, t, frames, len(condition)), t, encoder_hidden_states=text_states[0],
+                  encoder_attention_mask=text_states[1], class_labels=condition)
     unet_flops = counter.get_total_flops() * args.steps
     peak = matmul_peak_flops()
 

@@ -31,20 +31,28 @@ def _draw_piano_roll(axes, melody: Melody, duration: float | None) -> None:
 
 def plot_spectrogram(waveform, sampling_rate: int, melody: Melody | None = None, title: str | None = None) -> Figure:
     """Log-mel spectrogram of a mono waveform; with `melody`, its piano roll below on the same time axis."""
-    waveform = np.asarray(waveform, dtype=np.float32)
-    log_mel = LogMelSpectrogram(sample_rate=sampling_rate)(torch.from_numpy(waveform)).numpy()
-    duration = len(waveform) / sampling_rate
-    rows = 2 if melody is not None else 1
+    return plot_spectrograms([waveform], sampling_rate, [title], melody)
+
+
+def plot_spectrograms(waveforms, sampling_rate: int, titles: list[str | None], melody: Melody | None = None) -> Figure:
+    """Log-mel spectrograms of mono waveforms one above the other (to compare them), on one time axis; with `melody`,
+    its piano roll at the bottom."""
+    rows = len(waveforms) + (melody is not None)
     figure = Figure(figsize=(10, 2.6 * rows))
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.2 / rows, top=1 - 0.12 / rows, hspace=0.45)
     FigureCanvasAgg(figure)
-    spectrogram_axes, *roll_axes = figure.subplots(rows, 1, squeeze=False)[:, 0]
-    spectrogram_axes.imshow(log_mel.T, origin="lower", aspect="auto", cmap="magma",
-                            extent=(0, duration, 0, log_mel.shape[1]), interpolation="nearest")
-    spectrogram_axes.set(title=title, ylabel="mel bin")
+    axes = figure.subplots(rows, 1, squeeze=False)[:, 0]
+    duration = None
+    for spectrogram_axes, waveform, title in zip(axes, waveforms, titles):
+        waveform = np.asarray(waveform, dtype=np.float32)
+        log_mel = LogMelSpectrogram(sample_rate=sampling_rate)(torch.from_numpy(waveform)).numpy()
+        duration = len(waveform) / sampling_rate
+        spectrogram_axes.imshow(log_mel.T, origin="lower", aspect="auto", cmap="magma",
+                                extent=(0, duration, 0, log_mel.shape[1]), interpolation="nearest")
+        spectrogram_axes.set(title=title, ylabel="mel bin")
     if melody is not None:
-        _draw_piano_roll(roll_axes[0], melody, duration)
-        roll_axes[0].set_title("guiding melody")
+        _draw_piano_roll(axes[-1], melody, duration)
+        axes[-1].set_title("guiding melody")
     figure.axes[-1].set_xlabel("seconds")
     return figure
 

@@ -191,7 +191,11 @@ def test_codec_only_evaluates_any_vae_without_a_pipeline(tiny_dataset, tmp_path)
 def test_generate_samples_writes_wavs_and_spectrograms(tmp_path):
     printed = run([sys.executable, os.path.join(ROOT, "training", "generate_samples.py"), "--model", "preset:tiny",
                    "--output_dir", str(tmp_path), "--seconds", "1.0", "--steps", "2"]).stdout
-    wavs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".wav"))
+    wavs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".wav") and p[0].isdigit())
     assert len(wavs) == 7 and all(os.path.isfile(tmp_path / w.replace(".wav", ".png")) for w in wavs)
+    # One melody and seed, two instruments: two different clips, drawn one above the other.
+    piano, trumpet = (soundfile.read(tmp_path / f"same-tune-{name}.wav")[0] for name in ("piano", "trumpet"))
+    assert len(piano) == len(trumpet) == 16000 and not np.allclose(piano, trumpet)
+    assert os.path.getsize(tmp_path / "same-tune.png") > 0 and "solo piano / A slow tune on solo trumpet" in printed
     assert soundfile.read(tmp_path / wavs[0])[1] == 16000
     assert "your melody" in printed and "retrieved:" in printed

@@ -3,9 +3,11 @@
 
     python training/generate_samples.py --model checkpoints/mg2-small --output_dir samples
 
-The prompts vary instrument, tempo and tune type; the last two are guided by a user melody instead
+The prompts vary instrument, tempo and tune type; the last ones are guided by a user melody instead
 of retrieval: typed notes, and a MIDI file (`samples/ode-to-joy.mid`, written first). Each PNG shows the
-log-mel spectrogram of the clip above the piano roll of the melody that guided it.
+log-mel spectrogram of the clip above the piano roll of the melody that guided it. Then one melody and seed with
+prompts that differ only in the instrument: `samples/same-tune-*.wav`, and their spectrograms one above the other in
+`samples/same-tune.png`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from mg2_pipeline import Melody, save_audio
 from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
-from mg2_pipeline.plotting import figure_to_png, plot_spectrogram
+from mg2_pipeline.plotting import figure_to_png, plot_spectrogram, plot_spectrograms
 from mg2_pipeline.presets import load_pipeline
 
 DEMO_PROMPTS = [
@@ -30,6 +32,10 @@ DEMO_PROMPTS = [
      "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6 D4:0.6 G4:0.3 B4:0.3 D5:0.9 B4:0.3 A4:0.9"),
     ("midi-melody-clarinet", "A calm melody on clarinet at 100 BPM", "ode-to-joy.mid"),
 ]
+# One melody and seed, prompts that differ only in the instrument they name.
+SAME_TUNE_PROMPT = "A slow tune on solo {instrument}"
+SAME_TUNE_INSTRUMENTS = ("piano", "trumpet")
+SAME_TUNE_MELODY = "G4:0.6 A4:0.3 B4:0.6 D5:0.3 E5:0.9 D5:0.6 B4:0.3 A4:0.6 G4:0.3 E4:0.9 D4:0.6 G4:0.3 A4:0.6 B4:0.3 G4:1.2"
 ODE_TO_JOY = "E5:0.4 E5:0.4 F5:0.4 G5:0.4 G5:0.4 F5:0.4 E5:0.4 D5:0.4 C5:0.4 C5:0.4 D5:0.4 E5:0.4 E5:0.6 D5:0.2 D5:0.8"
 
 
@@ -60,6 +66,15 @@ def main(argv=None):
         figure = plot_spectrogram(output.audios[0], output.sampling_rate, guide.as_played() if guide else None, f"{prompt} — {source}")
         figure_to_png(figure, f"{stem}.png")
         print(f"{stem}.wav  {stem}.png  ← {prompt!r}, melody {source}")
+    prompts = [SAME_TUNE_PROMPT.format(instrument=instrument) for instrument in SAME_TUNE_INSTRUMENTS]
+    output = pipe(prompts, melody=SAME_TUNE_MELODY, audio_length_in_s=args.seconds, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance_scale, melody_guidance_scale=args.melody_guidance_scale,
+                  generator=[torch.Generator().manual_seed(args.seed) for _ in prompts])
+    for instrument, waveform in zip(SAME_TUNE_INSTRUMENTS, output.audios):
+        save_audio(os.path.join(args.output_dir, f"same-tune-{instrument}.wav"), waveform, output.sampling_rate)
+    figure = plot_spectrograms(output.audios, output.sampling_rate, prompts, output.melodies[0].as_played())
+    figure_to_png(figure, os.path.join(args.output_dir, "same-tune.png"))
+    print(f"{os.path.join(args.output_dir, 'same-tune.png')} ← the same melody and seed, {' / '.join(prompts)}")
     print(f"Samples are in {os.path.abspath(args.output_dir)}")
 
 
