@@ -4,8 +4,8 @@
     python benchmarks/bench_text_adherence.py --run checkpoints/mg2-small --dataset data/mg2-folk --num_clips 32
 
 For every `checkpoint-N` of a `train_mg2.py` output folder (train with `--checkpoints_total_limit` large enough to keep
-them; the last is the saved pipeline), the checkpoint's EMA weights generate each test clip's melody with a prompt naming
-the clip's instrument (`benchmarks/instrument_prompts.json`), same seeds as `training/evaluate.py`. The instrument
+them; the last is the saved pipeline), the checkpoint's EMA weights generate each test clip's melody (none for a
+caption-only model) with a prompt naming the clip's instrument (`benchmarks/instrument_prompts.json`), same seeds as `training/evaluate.py`. The instrument
 classifier of `evaluate.py` (fitted on real train-split clips) reads the family; Mel acc compares chroma peaks with the
 real clip's. The real clips and the codec give the ceilings, in the same run; chance is 1/8 (family) and ≈ 1/12 (Mel acc).
 """
@@ -75,7 +75,8 @@ def main(argv=None):
         raise SystemExit(f"{args.run} has no checkpoint-N folders: train with --checkpoints_total_limit large enough to keep them.")
     for name in checkpoints:
         load_ema_weights(pipe, os.path.join(args.run, name))
-        waveforms, _ = generate(pipe, bench, settings, melodies=bench.melodies, prompts=prompts["own"], desc=name)
+        melodies = None if pipe.config.condition == "text" else bench.melodies
+        waveforms, _ = generate(pipe, bench, settings, melodies=melodies, prompts=prompts["own"], desc=name)
         results[name] = measure(waveforms)
         print(f"{name}: {results[name]}")
     lines = ["| audio | family acc ↑ | Mel acc ↑ |", "|---|---|---|"]

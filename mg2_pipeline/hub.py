@@ -44,6 +44,7 @@ def describe_pipeline(pipe) -> str:
     aligned = pipe.config.get("aligned_melody")
     pooled_only = " (pooled only)" if pipe.config.condition == "text_melody" else ""
     lines = [f"Condition: `{pipe.config.condition}`" + (f" with the time-aligned melody `{aligned}`" if aligned else pooled_only)
+             + (", the UNet attending to the prompt's token states" if pipe.config.get("text_attention") else "")
              + f", {pipe.scheduler.config.prediction_type} prediction; {pipe.sampling_rate} Hz audio, trained length "
              f"{pipe.default_audio_length_in_s:.2f} s.", ""]
     for name, component in pipe.components.items():

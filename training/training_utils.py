@@ -56,7 +56,9 @@ def describe_mg2_model(model_dir: str, pipe) -> str:
         clips = f"{summary['samples']} clips" + (f" of {summary['clip_seconds']} s" if "clip_seconds" in summary else "")
         training = (f"UNet {unet_parameters:.1f} M parameters ({summary['condition']} condition), trained "
                     f"{summary['steps']} steps on {clips} ({summary['processes']} process(es), "
-                    f"{summary['seconds'] / 60:.1f} min); frozen CLMP, melody index and VAE.\n\n")
+                    f"{summary['seconds'] / 60:.1f} min); frozen CLMP, melody index and VAE"
+                    + ("; each clip's melody sketch rendered with its own random sound" if summary.get("sketch_timbre") == "random"
+                       else "") + ".\n\n")
     return training + describe_pipeline(pipe)
 
 
