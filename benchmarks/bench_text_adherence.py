@@ -23,16 +23,18 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
 
-from evaluate import Bench, chroma_peaks, codec_rows, generate, instrument_prompts, mel_accuracy  # noqa: E402
+from evaluate import Bench, chroma_peaks, codec_rows, generate, instrument_prompts, mel_accuracy, parse_args  # noqa: E402
 from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
-from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE  # noqa: E402
 from sound_measures import FAMILIES, SoundClassifier, family_of, timbre_features  # noqa: E402
 
 
 def load_ema_weights(pipe: MG2Pipeline, checkpoint: str) -> None:
     """Copy the EMA weights `train_mg2.py` checkpointed (accelerate's first custom object) into `pipe.unet`."""
-    state = torch.load(os.path.join(checkpoint, "custom_checkpoint_0.pkl"), map_location="cpu", weights_only=False)
+    path = os.path.join(checkpoint, "custom_checkpoint_0.pkl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{checkpoint} holds no EMA weights ({path}): a LoRA run keeps none; measure its saved adapter.")
+    state = torch.load(path, map_location="cpu", weights_only=False)
     parameters = list(pipe.unet.parameters())
     if len(state["shadow_params"]) != len(parameters):
         raise ValueError(f"{checkpoint} holds {len(state['shadow_params'])} EMA tensors; this UNet has {len(parameters)}.")
@@ -50,9 +52,7 @@ def main(argv=None):
     parser.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "instrument_prompts.json"))
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
-    # What evaluate.py's `generate` reads from its arguments, at evaluate.py's defaults.
-    settings = argparse.Namespace(seconds=10.24, steps=25, guidance_scale=3.0, melody_guidance_scale=DEFAULT_MELODY_GUIDANCE_SCALE,
-                                  guidance_interval=(0.0, 1.0), batch_size=8, seed=0)
+    settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: steps, guidance, seeds
 
     pipe = MG2Pipeline.from_pretrained(args.run)
     pipe.set_progress_bar_config(disable=True)

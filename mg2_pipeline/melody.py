@@ -542,9 +542,9 @@ class Melody:
         "melody sketch" MG2's aligned condition is made from.
 
         By default every partial k has amplitude 1/k and every note 10 ms fades. With `timbre_seed` the sound is drawn
-        at random (seeded): the partials' spectral tilt and gains, the attack, decay and release. Training renders
-        each clip's sketch so, which makes the sketch's sound uninformative: the UNet can take pitch and timing from
-        it, but has to draw the instrument the text names.
+        at random, one sound for the whole melody: the partials' spectral tilt and gains, the attack, decay and release.
+        Training renders each clip's sketch with a seed of its own, which makes the sketch's sound uninformative: the
+        UNet can take pitch and timing from it, but has to draw the instrument the text names.
         """
         _check_count("sample_rate", sample_rate, 384_000)
         _check_count("num_samples", num_samples, int(MAX_MELODY_SECONDS * sample_rate))
@@ -566,9 +566,11 @@ class Melody:
             audible = partials < sample_rate / 2 / frequency
             t = np.arange(end - start) / sample_rate
             tone = (np.sin(2 * np.pi * frequency * partials[audible, None] * t) * gains[audible, None]).sum(0)
-            rise = np.minimum(1.0, (t + 1 / sample_rate) / attack_s)
-            fall = np.minimum(1.0, (t[::-1] + 1 / sample_rate) / release_s)
-            audio[start:end] += 0.2 * tone * rise * fall * np.exp(-decay_per_s * t)
+            position = np.arange(1, end - start + 1)
+            rise = position / max(1, int(attack_s * sample_rate))
+            fall = position[::-1] / max(1, int(release_s * sample_rate))
+            envelope = np.minimum(1.0, np.minimum(rise, fall)) * np.exp(-decay_per_s * t)
+            audio[start:end] += 0.2 * tone * envelope
         return audio.astype(np.float32)
 
     def slice(self, start_s: float, end_s: float) -> "Melody":

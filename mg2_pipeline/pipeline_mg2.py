@@ -227,9 +227,15 @@ class MG2Pipeline(DiffusionPipeline):
         if unet is not None and clmp is not None and condition_dim != 2 * clmp.config.projection_dim:
             raise ValueError(f"The UNet takes a {condition_dim}-d condition but [text ‖ melody] from this CLMP is "
                              f"{2 * clmp.config.projection_dim}-d (2 × projection_dim).")
-        if unet is not None and clmp is not None and text_attention and unet.config.cross_attention_dim != clmp.text_hidden_size:
-            raise ValueError(f"text_attention needs a UNet whose cross_attention_dim is the text tower's width "
-                             f"({clmp.text_hidden_size}), got {unet.config.cross_attention_dim}.")
+        if unet is not None and clmp is not None and "cross_attention_dim" in unet.config:
+            attends_to = unet.config.cross_attention_dim
+            widths = attends_to if isinstance(attends_to, (list, tuple)) else [attends_to] * len(unet.config.block_out_channels)
+            if text_attention and attends_to != clmp.text_hidden_size:
+                raise ValueError(f"text_attention needs a UNet whose cross_attention_dim is the text tower's width "
+                                 f"({clmp.text_hidden_size}), got {attends_to}.")
+            if not text_attention and list(widths) != list(unet.config.block_out_channels):
+                raise ValueError(f"This UNet's attention layers take {attends_to}-wide states, not its own widths "
+                                 f"{unet.config.block_out_channels}: it attends to text, so pass text_attention=True.")
         extra_channels = melody_channels(aligned_melody, vae.config.latent_channels) if vae is not None else 0
         if unet is not None and vae is not None and (unet.config.in_channels != vae.config.latent_channels + extra_channels
                                                      or unet.config.out_channels != vae.config.latent_channels):
@@ -1085,6 +1091,10 @@ class MG2Pipeline(DiffusionPipeline):
                             check_tensor(f"the {name} callback_on_step_end returned", value, tuple(tensors[name].shape))
                     latents = outputs.get("latents", latents)
                     if any(name != "latents" and outputs[name] is not tensors[name] for name in outputs):
+                        if self.config.text_attention and any(name.endswith("prompt_embeds") for name in outputs
+                                                              if outputs[name] is not tensors[name]):
+                            raise ValueError("callback_on_step_end changed prompt_embeds or negative_prompt_embeds, which "
+                                             "this model (text_attention) reads as words it cannot change mid-call.")
                         prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
                         melody_embeds = outputs.get("melody_embeds", melody_embeds)

@@ -37,6 +37,8 @@ def plot_spectrogram(waveform, sampling_rate: int, melody: Melody | None = None,
 def plot_spectrograms(waveforms, sampling_rate: int, titles: list[str | None], melody: Melody | None = None) -> Figure:
     """Log-mel spectrograms of mono waveforms one above the other (to compare them), on one time axis; with `melody`,
     its piano roll at the bottom."""
+    if len(titles) != len(waveforms):
+        raise ValueError(f"titles has {len(titles)} entries for {len(waveforms)} waveforms; pass one title (or None) each.")
     rows = len(waveforms) + (melody is not None)
     figure = Figure(figsize=(10, 2.6 * rows))
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.2 / rows, top=1 - 0.12 / rows, hspace=0.45)

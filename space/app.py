@@ -76,7 +76,7 @@ PIPE = load_model(MODEL)
 WORKERS: queue.Queue[MG2Pipeline] = queue.Queue()
 for _ in range(CONCURRENCY):
     worker = MG2Pipeline(**{**PIPE.components, "scheduler": copy.deepcopy(PIPE.scheduler)}, condition=PIPE.config.condition,
-                         aligned_melody=PIPE.config.aligned_melody)
+                         aligned_melody=PIPE.config.aligned_melody, text_attention=PIPE.config.text_attention)
     worker.set_progress_bar_config(desc="denoising")
     WORKERS.put(worker)
 MIDI_DIR = tempfile.mkdtemp(prefix="mg2-space-midi-")

@@ -79,7 +79,8 @@ def test_onset_clicks_grow_with_hard_note_changes():
 
 
 def test_the_sound_classifier_tells_instruments_and_accompaniment_apart():
-    from mg2_pipeline.audio import encode_flac
+    from mg2_pipeline.audio import encode_flac, load_audio
+    from sound_measures import timbre_features
 
     rng = np.random.default_rng(0)
     sounds = {73: [1, 0.05], 56: [1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]}  # flute-like and brass-like partials
@@ -93,9 +94,7 @@ def test_the_sound_classifier_tells_instruments_and_accompaniment_apart():
     test = [row(program, accompanied) for program in sounds for accompanied in (False, True) for _ in range(3)]
     classifier = SoundClassifier.fit_on_rows(iter(train + [{"audio": {"bytes": b"not audio"}, "programs": [73]}]), max_clips=100)
     assert classifier.train_clips == 48  # the unreadable row is skipped
-    from sound_measures import timbre_features
-
-    features = np.stack([timbre_features(__import__("mg2_pipeline").load_audio(r["audio"]["bytes"])) for r in test])
+    features = np.stack([timbre_features(load_audio(r["audio"]["bytes"])) for r in test])
     families = np.array(FAMILIES)[classifier.family_probabilities(features).argmax(1)]
     assert list(families) == [family_of(r["programs"][0]) for r in test]  # flutes/pipes and brass
     assert list(classifier.accompanied(features)) == [len(r["programs"]) > 1 for r in test]
@@ -109,6 +108,18 @@ def test_paired_preference_and_instrument_prompts():
     a[:, flute], b[:, brass] = 0.6, 0.6  # each audio sounds like what its prompt asked for
     assert paired_preference(a, b, ["flutes/pipes"] * 2, ["brass"] * 2) == 1.0
     assert paired_preference(b, a, ["flutes/pipes"] * 2, ["brass"] * 2) == 0.0
+    assert paired_preference(a, a, ["flutes/pipes"] * 2, ["brass"] * 2) == 0.5  # audio that ignores its prompt
+
+    class Programs:  # two flutes and a trumpet: a family's probability is the sum over its programs
+        classes_ = np.array([73, 74, 56])
+
+        def predict_proba(self, features):
+            return np.array([[0.3, 0.3, 0.4]])
+
+    classifier = SoundClassifier()
+    classifier.instrument = Programs()
+    families = classifier.family_probabilities(np.zeros((1, 3)))[0]
+    assert families[flute] == pytest.approx(0.6) and families[brass] == pytest.approx(0.4) and families.sum() == pytest.approx(1)
     prompts = InstrumentPrompts()
     for index in range(40):
         for program in (0, 40, 73, 109):
@@ -163,11 +174,11 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
         "MG2, given melody, prompt naming another family, read as the clip's own family",
         "MG2, retrieved melody, prompt naming the clip's instrument", "MG2, given melody, the clip's caption",
         "MG2, given melody, the clip's caption, melody guidance 0", "caption-only model, the clip's caption",
-        "pooled-only model, given melody, the clip's caption", "chance"]
+        "pooled-only model, given melody, the clip's caption", "chance (the most common family / program of these clips)"]
     for r in sound:
         assert all(0 <= r[key] <= 1 for key in ("family_accuracy", "program_accuracy", "paired_preference") if key in r)
         assert r.get("onset_clicks", 0) >= 0
-    assert sound[-1]["family_accuracy"] == 1 / 8 and sound[1]["onset_clicks_vs_codec"] == 1.0
+    assert 1 / 8 <= sound[-1]["family_accuracy"] <= 1 and "onset_clicks" not in sound[7]  # melody guidance 0: no onsets
     assert "| real clips | ceiling |" in table and "paired preference" in table
     audio, rate = soundfile.read(output_dir / "audio" / "given" / "000.wav")
     assert rate == 16000 and len(audio) == 20480

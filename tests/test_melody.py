@@ -280,6 +280,21 @@ def test_rendered_tones_sound_the_melody_at_its_pitch_and_time():
     assert abs(np.argmax(spectrum) - 440) <= 1  # 1 Hz per bin for one second
 
 
+def test_a_random_timbre_keeps_pitch_and_time_and_changes_only_the_sound():
+    melody = Melody.from_string("R:0.5 A4:1")
+    plain = melody.render_tones(32000)
+    sounds = [melody.render_tones(32000, timbre_seed=seed) for seed in range(6)]
+    assert np.array_equal(sounds[0], melody.render_tones(32000, timbre_seed=0))  # seeded
+    for audio in sounds:
+        assert np.abs(audio[:8000]).max() == 0 and np.abs(audio[24000:]).max() == 0 and 0.02 < np.abs(audio).max() < 1
+        spectrum = np.abs(np.fft.rfft(audio[8000:24000]))
+        assert spectrum[438:443].max() >= 0.4 * spectrum.max()  # the fundamental stays strong: it carries the pitch
+        assert np.argmax(spectrum) % 440 <= 2 or np.argmax(spectrum) % 440 >= 438  # every peak a partial of A4
+    spectra = [np.abs(np.fft.rfft(audio[8000:24000]))[[440, 880, 1320, 1760]] for audio in [plain] + sounds]
+    partials = [spectrum / spectrum[0] for spectrum in spectra]
+    assert min(np.abs(a - b).max() for i, a in enumerate(partials) for b in partials[:i]) > 0.05  # every sound its own
+
+
 def test_pitch_class_roll_marks_the_sounding_pitch_class_and_height():
     roll = Melody.from_string("C4:0.5 R:0.5 A5:0.5").to_pitch_class_roll(num_frames=20, frames_per_second=10)
     assert roll.shape == (13, 20)

@@ -103,6 +103,34 @@ def test_text_and_melody_guidance_each_add_a_prediction_and_change_the_output(pi
     np.testing.assert_allclose(nearly_equal.audios, audios[-1], atol=1e-4 * np.abs(audios[-1]).max())
 
 
+@pytest.mark.parametrize("guidance_scale, melody_guidance_scale, rows", [(3.0, 2.0, ["prompt", "prompt", "negative"]),
+                                                                       (3.0, 3.0, ["prompt", "negative"]), (1.0, 1.0, ["prompt"])])
+def test_text_attention_feeds_each_prediction_its_own_words(guidance_scale, melody_guidance_scale, rows):
+    pipeline = build_pipeline("tiny", seed=0, text_attention=True)
+    pipeline.set_progress_bar_config(disable=True)
+    seen = []
+    forward = pipeline.unet.forward
+
+    def recording_forward(sample, timestep, encoder_hidden_states=None, encoder_attention_mask=None, **kwargs):
+        seen.append((encoder_hidden_states, encoder_attention_mask))
+        return forward(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                       encoder_attention_mask=encoder_attention_mask, **kwargs)
+
+    pipeline.unet.forward = recording_forward
+    texts = {"prompt": PROMPT, "negative": "a noisy recording"}
+    generate(pipeline, negative_prompt=texts["negative"], guidance_scale=guidance_scale,
+             melody_guidance_scale=melody_guidance_scale, melody="G4:0.5 A4:0.5", num_inference_steps=2)
+    expected_states, expected_mask = pipeline.encode_text_states([texts[row] for row in rows], "cpu")
+    assert len(seen) >= 2  # every window of every step
+    for states, mask in seen:
+        torch.testing.assert_close(states, expected_states)
+        assert torch.equal(mask, expected_mask)
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        pipeline(prompt_embeds=pipeline.encode_text([PROMPT], "cpu"), melody="G4:0.5", num_inference_steps=2)
+    with pytest.raises(ValueError, match="text_attention=True"):  # a UNet that attends to text, loaded without it
+        MG2Pipeline(**pipeline.components, aligned_melody="sketch")
+
+
 class MelodyOracleUNet(ModelMixin, ConfigMixin):
     """A denoiser that knows the answer: clean latents equal to the melody frames when it is given them, zeros otherwise.
     With it, the final latents show exactly how much of the melody each guidance setting lets through."""

@@ -32,7 +32,8 @@ classifier fitted on real train-split clips only (logistic regressions on timbre
   model); chance. **Paired preference**: how often the family a prompt names is more probable in its own audio than
   in its partner's (same melody and seed, the other prompt; for real clips, a clip of another family). Chance 0.5.
 - **accompaniment**: how often the output sounds accompanied when its caption names accompaniment, and when not.
-- **onset clicks**: the 2–8 kHz burst at the melody's note onsets relative to the clip's power (lower is cleaner).
+- **onset clicks**: on audio that follows the given melody, the 2–8 kHz burst at its note onsets relative to the
+  clip's power (lower is cleaner).
 FAD is computed on the CLMP audio tower and on a training-free spectral feature; VGGish/PANNs FAD as in the
 paper needs their weights (run `fadtk`/`audioldm_eval` on the WAVs `--save_audio` writes). Small N biases
 FAD upward: compare rows, not papers.
@@ -58,8 +59,8 @@ from mg2_pipeline.audio import SAMPLE_RATE
 from mg2_pipeline.data import load_mg2_dataset
 from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.hub import write_model_card
-from sound_measures import (FAMILIES, InstrumentPrompts, SoundClassifier, family_of, onset_click_energy, paired_preference,
-                            timbre_features)
+from sound_measures import (FAMILIES, FAMILY_OF_PROGRAM, InstrumentPrompts, SoundClassifier, family_of, onset_click_energy,
+                            paired_preference, timbre_features)
 from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_model
 
 CHROMA_FPS = 10
@@ -299,16 +300,19 @@ def instrument_prompts(bench: Bench, path: str) -> dict:
             "own_programs": np.array(bench.programs), "other_programs": np.array(other)}
 
 
-def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: dict, args) -> list[dict]:
-    """The prompt's sound: instrument family and program accuracy, paired preference, accompaniment and onset clicks,
-    for the real and codec audio (ceilings), each generated set in `audio` that exists, and chance."""
+def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: dict) -> list[dict]:
+    """The prompt's sound: instrument family and program accuracy, paired preference, accompaniment and onset clicks
+    (on audio that follows the given melody: its onsets are where clicks are looked for), for the real and codec audio
+    (ceilings), each generated set in `audio` that exists, and chance."""
     features = {name: np.stack([timbre_features(w) for w in waveforms]) for name, waveforms in audio.items()}
     probabilities = {name: classifier.family_probabilities(f) for name, f in features.items()}
     own = prompts["own_programs"]
     onsets = [melody.onsets for melody in bench.melodies]
-    # A real clip's partner: the next test clip of another family.
-    partner = [next((j % len(own) for j in range(i + 1, i + len(own)) if family_of(own[j % len(own)]) != family_of(own[i])),
-                    (i + 1) % len(own)) for i in range(len(own))]
+    # A real clip's partner: the next test clip of another family (clips without one are left out of the pairs).
+    others = [[j % len(own) for j in range(i + 1, i + len(own)) if family_of(own[j % len(own)]) != family_of(own[i])]
+              for i in range(len(own))]
+    paired = np.array([i for i in range(len(own)) if others[i]])
+    partner = np.array([others[i][0] for i in paired], dtype=int)
 
     def row(name, label, kind, programs=own, paired_with=None, accompaniment=False, clicks=False):
         families = [family_of(p) for p in programs]
@@ -316,9 +320,10 @@ def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: 
         result = {"audio": label, "kind": kind, "clips": len(programs),
                   "family_accuracy": float(np.mean([p == f for p, f in zip(predicted, families)])),
                   "program_accuracy": float(np.mean(classifier.programs(features[name]) == programs))}
-        if paired_with is not None:
-            other_name, other_programs, order = paired_with
-            result["paired_preference"] = paired_preference(probabilities[name], probabilities[other_name][order], families,
+        if paired_with is not None and len(paired_with[2]):
+            other_name, other_programs, clips, order = paired_with
+            result["paired_preference"] = paired_preference(probabilities[name][clips], probabilities[other_name][order],
+                                                            [families[i] for i in clips],
                                                             [family_of(p) for p in other_programs[order]])
         if accompaniment:
             heard = classifier.accompanied(features[name])
@@ -328,28 +333,29 @@ def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: 
             result["onset_clicks"] = float(np.mean([onset_click_energy(w, o) for w, o in zip(audio[name], onsets)]))
         return result
 
-    rows = [row("real", "real clips", "ceiling", paired_with=("real", own, partner), accompaniment=True, clicks=True),
+    rows = [row("real", "real clips", "ceiling", paired_with=("real", own, paired, partner), accompaniment=True, clicks=True),
             row("codec", "real clips through the codec (log-mel → VAE → vocoder)", "ceiling",
-                paired_with=("codec", own, partner), accompaniment=True, clicks=True)]
-    every = list(range(len(own)))
+                paired_with=("codec", own, paired, partner), accompaniment=True, clicks=True)]
+    every = np.arange(len(own))
     if "instrument" in audio:
         rows += [
             row("instrument", "MG2, given melody, prompt naming the clip's instrument", "model",
-                paired_with=("other-instrument", prompts["other_programs"], every), clicks=True),
+                paired_with=("other-instrument", prompts["other_programs"], every, every), clicks=True),
             row("other-instrument", "MG2, given melody, prompt naming another family (scored against that family)", "model",
-                programs=prompts["other_programs"], paired_with=("instrument", own, every)),
+                programs=prompts["other_programs"]),
             row("other-instrument", "MG2, given melody, prompt naming another family, read as the clip's own family", "floor"),
             row("instrument-retrieved", "MG2, retrieved melody, prompt naming the clip's instrument", "model"),
             row("given", "MG2, given melody, the clip's caption", "model", accompaniment=True, clicks=True),
-            row("given-no-guidance", "MG2, given melody, the clip's caption, melody guidance 0", "model", clicks=True),
+            row("given-no-guidance", "MG2, given melody, the clip's caption, melody guidance 0", "model"),
         ]
     if "caption-only" in audio:
         rows.append(row("caption-only", "caption-only model, the clip's caption", "ablation", accompaniment=True))
     if "pooled-given" in audio:
-        rows.append(row("pooled-given", "pooled-only model, given melody, the clip's caption", "ablation",
-                        accompaniment=True, clicks=True))
-    rows.append({"audio": "chance", "kind": "floor", "clips": len(own), "family_accuracy": 1 / len(FAMILIES),
-                 "program_accuracy": 1 / len(classifier.instrument.classes_), "paired_preference": 0.5})
+        rows.append(row("pooled-given", "pooled-only model, given melody, the clip's caption", "ablation", accompaniment=True))
+    # Chance: always naming the test clips' most common family (program); pairs at random.
+    rows.append({"audio": "chance (the most common family / program of these clips)", "kind": "floor", "clips": len(own),
+                 "family_accuracy": max(np.mean([family_of(p) == f for p in own]) for f in FAMILIES),
+                 "program_accuracy": max(np.mean(own == p) for p in set(own)), "paired_preference": 0.5})
     codec_clicks = rows[1]["onset_clicks"]
     for result in rows:
         if "onset_clicks" in result:
@@ -418,6 +424,8 @@ def parse_args(argv=None):
         args.guidance_interval = tuple(float(bound) for bound in args.guidance_interval.split(","))
     except ValueError:
         parser.error(f"--guidance_interval must be LOW,HIGH, got {args.guidance_interval!r}")
+    if args.split == "train":
+        parser.error("--split train: the sound classifier is fitted on the train split; evaluate on validation or test")
     if args.num_clips < 2:
         parser.error("--num_clips must be >= 2 (FAD needs a covariance, the floor another clip)")
     if not args.model and not (args.codec_only and args.vae):
@@ -444,10 +452,15 @@ def main(argv=None):
 
     results, codec_audio = codec_rows(bench, vae.eval(), vocoder.eval())
     audio, sound, prompts = {}, [], None
-    measurable = all(program is not None for program in bench.programs)  # a transcribed dataset names no instruments
+    # A transcribed dataset names no instruments, and one without solo or accompanied clips trains no classifier.
+    measurable = all(program in FAMILY_OF_PROGRAM for program in bench.programs)
     if measurable:
-        classifier = SoundClassifier.fit_on_rows(load_mg2_dataset(args.dataset, "train"), args.classifier_clips, args.seed)
-        prompts = instrument_prompts(bench, args.prompts)
+        try:
+            classifier = SoundClassifier.fit_on_rows(load_mg2_dataset(args.dataset, "train"), args.classifier_clips, args.seed)
+            prompts = instrument_prompts(bench, args.prompts)
+        except ValueError as error:
+            print(f"No sound table: {error}")
+            measurable = False
     if not args.codec_only:
         ablation = pooled = None
         if args.pooled:
@@ -463,7 +476,7 @@ def main(argv=None):
         generated_rows, audio = model_rows(bench, pipe, pooled, ablation, args, prompts)
         results += generated_rows
     if measurable:
-        sound = sound_rows(bench, classifier, {"real": bench.real, "codec": codec_audio, **audio}, prompts, args)
+        sound = sound_rows(bench, classifier, {"real": bench.real, "codec": codec_audio, **audio}, prompts)
 
     os.makedirs(args.output_dir, exist_ok=True)
     if args.save_audio:

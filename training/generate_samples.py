@@ -72,7 +72,8 @@ def main(argv=None):
                   generator=[torch.Generator().manual_seed(args.seed) for _ in prompts])
     for instrument, waveform in zip(SAME_TUNE_INSTRUMENTS, output.audios):
         save_audio(os.path.join(args.output_dir, f"same-tune-{instrument}.wav"), waveform, output.sampling_rate)
-    figure = plot_spectrograms(output.audios, output.sampling_rate, prompts, output.melodies[0].as_played())
+    guide = output.melodies[0]
+    figure = plot_spectrograms(output.audios, output.sampling_rate, prompts, guide.as_played() if guide else None)
     figure_to_png(figure, os.path.join(args.output_dir, "same-tune.png"))
     print(f"{os.path.join(args.output_dir, 'same-tune.png')} ← the same melody and seed, {' / '.join(prompts)}")
     print(f"Samples are in {os.path.abspath(args.output_dir)}")

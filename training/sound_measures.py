@@ -58,7 +58,8 @@ def family_of(program: int) -> str:
 
 
 class SoundClassifier:
-    """Which melody instrument (program, and so family) a clip sounds like, and whether it is accompanied."""
+    """Which melody instrument (program, and so family) a clip sounds like, and whether it is accompanied. Fit it with
+    `fit_on_rows`."""
 
     def __init__(self, seed: int = 0):
         self.instrument = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000, random_state=seed))
@@ -107,12 +108,13 @@ class SoundClassifier:
 
 def paired_preference(probabilities_a: np.ndarray, probabilities_b: np.ndarray, families_a, families_b) -> float:
     """Share of (pair, side) where the family a side's prompt names is more probable in its own audio than in its
-    partner's: audio a was asked for `families_a`, audio b (same melody and seed) for `families_b`. Chance 0.5."""
+    partner's: audio a was asked for `families_a`, audio b (same melody and seed) for `families_b`. A tie counts half,
+    so audio that ignores the prompt scores 0.5."""
     wins = []
     for p_a, p_b, f_a, f_b in zip(probabilities_a, probabilities_b, families_a, families_b):
         a, b = FAMILIES.index(f_a), FAMILIES.index(f_b)
-        wins += [p_a[a] > p_b[a], p_b[b] > p_a[b]]
-    return float(np.mean(wins))
+        wins += [np.sign(p_a[a] - p_b[a]), np.sign(p_b[b] - p_a[b])]
+    return float(np.mean(wins) / 2 + 0.5)
 
 
 def onset_click_energy(waveform: np.ndarray, onsets_s: np.ndarray) -> float:

@@ -114,12 +114,13 @@ def parse_args(argv=None):
 
 
 def latent_cache_dir(pipe, args) -> str:
-    """`--latent_cache/KEY`: KEY hashes the VAE and CLMP weights, the index, the aligned-melody setting and the dataset."""
+    """`--latent_cache/KEY`: KEY hashes the VAE and CLMP weights, the index, the aligned-melody setting (and the sketch's
+    timbre), the text length and the dataset."""
     files = data_files(args.dataset).get("train", []) if os.path.isdir(args.dataset) else []
     identity = {
         "vae": clmp_fingerprint(pipe.vae)["float16"], "clmp": clmp_fingerprint(pipe.clmp)["float16"],
         "index": [len(pipe.retriever), pipe.retriever.config.clmp_fingerprint], "aligned_melody": pipe.config.aligned_melody,
-        "sketch_timbre": args.sketch_timbre,
+        "sketch_timbre": args.sketch_timbre if pipe.config.aligned_melody == "sketch" else None,
         "max_text_length": pipe.processor.max_text_length,
         "dataset": [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files] or args.dataset,
     }
@@ -251,11 +252,11 @@ def _cache_part_in_worker(rank: int) -> dict:
                       state["sketch_timbre"])
 
 
-def build_condition(pipe, batch: dict, args, empty: torch.Tensor, generator: torch.Generator, device):
+def build_condition(pipe, batch: dict, args, empty_text: tuple, generator: torch.Generator, device):
     """The pooled [text ‖ melody] condition, the melody frames (None without an aligned melody) and the caption's token
     states and mask (None without `text_attention`) of a batch of crops, with the text, the melody or both dropped for
-    guidance. The dropped text is the empty text (`empty`: its embedding, and its token states and mask)."""
-    empty, empty_states, empty_mask = empty
+    guidance. The dropped text is the empty text (`empty_text`: its embedding, token states and mask)."""
+    empty, empty_states, empty_mask = empty_text
     text = batch["text_embeds"].to(device)
     frames = batch["melody_frames"].to(device) if "melody_frames" in batch else None
     if args.condition == "text":
@@ -312,6 +313,9 @@ def main(argv=None):
     pipe = MG2Pipeline(**parts, condition=args.condition, aligned_melody=pipe.config.aligned_melody,
                        text_attention=pipe.config.text_attention)
     pipe.set_progress_bar_config(disable=True)
+    if args.sketch_timbre == "random" and pipe.config.aligned_melody != "sketch":
+        raise SystemExit(f"--sketch_timbre random renders the melody sketch, but this model's aligned melody is "
+                         f"{pipe.config.aligned_melody!r}: use it with the sketch.")
     for frozen in (pipe.clmp, pipe.vae, pipe.vocoder):
         frozen.requires_grad_(False).eval().to(accelerator.device)
     unet = pipe.unet
@@ -354,7 +358,7 @@ def main(argv=None):
     frame_seconds = pipe.vae_scale_factor * pipe.hop_length / pipe.sampling_rate
     transform = LatentCrop(frames // pipe.vae_scale_factor, frame_seconds, seed=args.seed,
                            max_melody_length=pipe.processor.melody_max_length)
-    empty = (pipe.encode_text([""], accelerator.device), *pipe.encode_text_states([""], accelerator.device))
+    empty_text = (pipe.encode_text([""], accelerator.device), *pipe.encode_text_states([""], accelerator.device))
 
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger)
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
@@ -373,7 +377,7 @@ def main(argv=None):
             generator = torch.Generator().manual_seed(
                 args.seed * 1_000_003 + accelerator.process_index * 7919 + epoch * 100_003 + batches_in_epoch)
             latents = batch["latents"].to(accelerator.device)
-            condition, melody_frames, text_states, text_mask = build_condition(pipe, batch, args, empty, generator,
+            condition, melody_frames, text_states, text_mask = build_condition(pipe, batch, args, empty_text, generator,
                                                                                accelerator.device)
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
