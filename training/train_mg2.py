@@ -70,7 +70,8 @@ def parse_args(argv=None):
     parser.add_argument("--text_attention", default="keep", choices=["keep", "on", "off"],
                         help="Whether the UNet attends to the caption's token states: keep the pipeline's setting, on or off.")
     parser.add_argument("--sketch_timbre", default="plain", choices=["plain", "random"],
-                        help="The melody sketch's sound in training: plain tones (as at inference), or random per clip.")
+                        help="The melody sketch's sound in training: plain tones (as at inference), or random per clip "
+                        "(no effect without the sketch).")
     parser.add_argument("--gt_melody_prob", type=float, default=0.5, help="Use the clip's own melody instead of a retrieved one.")
     parser.add_argument("--condition_dropout", type=float, default=0.1, help="Drop text and melody together.")
     parser.add_argument("--text_dropout", type=float, default=0.1, help="Drop the text alone.")
@@ -313,9 +314,6 @@ def main(argv=None):
     pipe = MG2Pipeline(**parts, condition=args.condition, aligned_melody=pipe.config.aligned_melody,
                        text_attention=pipe.config.text_attention)
     pipe.set_progress_bar_config(disable=True)
-    if args.sketch_timbre == "random" and pipe.config.aligned_melody != "sketch":
-        raise SystemExit(f"--sketch_timbre random renders the melody sketch, but this model's aligned melody is "
-                         f"{pipe.config.aligned_melody!r}: use it with the sketch.")
     for frozen in (pipe.clmp, pipe.vae, pipe.vocoder):
         frozen.requires_grad_(False).eval().to(accelerator.device)
     unet = pipe.unet
