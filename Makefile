@@ -31,6 +31,8 @@ VAE_DONE := checkpoints/vae-small/config.json
 MG2_DONE := checkpoints/mg2-small/model_index.json
 POOLED_DONE := checkpoints/mg2-small-pooled/model_index.json
 TEXT_DONE := checkpoints/mg2-small-text/model_index.json
+PLAIN_SKETCH_DONE := checkpoints/mg2-small-plain-sketch/eval/eval_results.json
+NO_TEXT_ATTENTION_DONE := checkpoints/mg2-small-no-text-attention/eval/eval_results.json
 EVAL_DONE := checkpoints/mg2-small/eval/eval_results.json
 ABLATIONS_DONE := checkpoints/mg2-small/eval-ablations/eval_results.json
 # The latent cache is built by one forked process per core, one compute thread each.
@@ -58,7 +60,8 @@ $(VAE_DONE): | $(DATA_DONE)
 	$(LAUNCH) training/train_vae.py --config $(SMALL) --dataset $(DATASET) --output_dir checkpoints/vae-small \
 		--resume_from_checkpoint latest
 
-# MG2: pooled [text ‖ melody] FiLM plus the time-aligned melody sketch. The first run builds the latent cache.
+# MG2: pooled [text ‖ melody] FiLM, the time-aligned melody sketch (each clip's with a random sound of its own in training)
+# and cross-attention to the caption's words (the small preset's text_attention). The first run builds the latent cache.
 $(MG2_DONE): | $(INDEX_DONE) $(VAE_DONE)
 	$(LAUNCH) training/train_mg2.py $(MG2_ARGS) --output_dir checkpoints/mg2-small
 
@@ -66,7 +69,8 @@ $(EVAL_DONE): | $(MG2_DONE)
 	$(PY) training/evaluate.py --model checkpoints/mg2-small --dataset $(DATASET) --num_clips 32 --output_dir checkpoints/mg2-small/eval
 
 # `make ablations`: the comparisons, same preset, data and steps: the paper's pooled-only condition and a caption-only
-# model (they share one latent cache), then one evaluation with every row beside MG2's.
+# model (they share one latent cache), then one evaluation with every row beside MG2's; and MG2 trained on the plain
+# sketch, and without text attention (the caption as one pooled vector), each evaluated on the same clips and seeds.
 $(POOLED_DONE): | $(INDEX_DONE) $(VAE_DONE)
 	$(LAUNCH) training/train_mg2.py $(MG2_ARGS) --aligned_melody none --output_dir checkpoints/mg2-small-pooled
 
@@ -77,8 +81,19 @@ $(ABLATIONS_DONE): | $(MG2_DONE) $(POOLED_DONE) $(TEXT_DONE)
 	$(PY) training/evaluate.py --model checkpoints/mg2-small --pooled checkpoints/mg2-small-pooled --ablation checkpoints/mg2-small-text \
 		--dataset $(DATASET) --num_clips 32 --output_dir checkpoints/mg2-small/eval-ablations
 
-ablations: install | $(ABLATIONS_DONE)
-	@echo "Evaluation with the ablations: checkpoints/mg2-small/eval-ablations/eval_results.md"
+checkpoints/mg2-small-plain-sketch/model_index.json: | $(INDEX_DONE) $(VAE_DONE)
+	$(LAUNCH) training/train_mg2.py $(MG2_ARGS) --sketch_timbre plain --output_dir checkpoints/mg2-small-plain-sketch
+
+checkpoints/mg2-small-no-text-attention/model_index.json: | $(MG2_DONE)
+	$(LAUNCH) training/train_mg2.py $(MG2_ARGS) --text_attention off --output_dir checkpoints/mg2-small-no-text-attention
+
+checkpoints/mg2-small-%/eval/eval_results.json: | checkpoints/mg2-small-%/model_index.json
+	$(PY) training/evaluate.py --model checkpoints/mg2-small-$* --dataset $(DATASET) --num_clips 32 \
+		--output_dir checkpoints/mg2-small-$*/eval
+
+ablations: install | $(ABLATIONS_DONE) $(PLAIN_SKETCH_DONE) $(NO_TEXT_ATTENTION_DONE)
+	@echo "Evaluation with the ablations: checkpoints/mg2-small/eval-ablations/eval_results.md and" \
+		"checkpoints/mg2-small-{plain-sketch,no-text-attention}/eval/eval_results.md"
 
 test: install
 	# The Space's browser test drives Debian's Chromium (never a downloaded browser); it skips if this fails.
