@@ -138,7 +138,7 @@ def vae_config(name: str) -> dict:
 MEAN_LOG_MEL = -4.7
 DEFAULT_ALIGNED_MELODY = {"tiny": "sketch", "small": "sketch", "paper": None}
 # Whether the UNet attends to the prompt's token states; the paper's model has the pooled text only.
-DEFAULT_TEXT_ATTENTION = {"tiny": False, "small": False, "paper": False}
+DEFAULT_TEXT_ATTENTION = {"tiny": False, "small": True, "paper": False}
 
 
 def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_melody: str | None = "default",
