@@ -95,7 +95,7 @@ class CLMPPreTrainedModel(PreTrainedModel):
 
 class CLMPMelodyModel(CLMPPreTrainedModel):
     """The melody tower: Embedding(655, 1024) → mean over real tokens → Linear, LayerNorm, Linear, GELU,
-    Linear, GELU (DESIGN.md §4). Padding is masked out of the mean (the original averaged over it)."""
+    Linear, GELU, as in the MG2 paper. Padding is masked out of the mean (the original averaged over it)."""
 
     config: CLMPMelodyConfig
     main_input_name = "melody_input_ids"

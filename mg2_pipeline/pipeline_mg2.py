@@ -260,7 +260,7 @@ class MG2Pipeline(DiffusionPipeline):
         The folder loads with `MG2Pipeline.from_pretrained(dir)`, and with
         `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` where `mg2_pipeline` is not
         installed: `pipeline_mg2.py` and its imports sit at the root, each custom component's module in
-        its folder, and `model_index.json` names them (DESIGN.md §8). `README.md` is the model card of the
+        its folder, and `model_index.json` names them. `README.md` is the model card of the
         folder this pipeline was loaded from, or else one describing the components.
 
         With `push_to_hub=True` the folder is then uploaded to `repo_id` (default: the folder's name); `token`,

@@ -24,7 +24,7 @@ def clmp_config(name: str, modalities=("text", "audio", "melody")) -> CLMPConfig
       (8× time pooling: 5.12 s of audio), 32-d melody tower. Builds in milliseconds.
     - `small`: all-MiniLM-L6-v2 (384-d, mean pooling; load its weights with `load_minilm_weights`),
       a 3-stage 64-wide HTS-AT on 128 × 128 images (4× time pooling: 10.24 s), a 256-d melody tower.
-    - `paper`: the original dimensions (DESIGN.md §4): RoBERTa-base-size text tower (768-d,
+    - `paper`: the MG2 paper's dimensions: RoBERTa-base-size text tower (768-d,
       pooled), HTS-AT base (embed 128, depths 2,2,12,2, heads 4,8,16,32, window 8, spec 256),
       melody Embedding(655, 1024) → 768. Instantiate it on the meta device to count parameters.
     """
@@ -96,7 +96,7 @@ def unet_config(name: str, projection_dim: int, aligned_melody: str | None = Non
     width and are called with `encoder_hidden_states=None`, so both attention layers attend over the latent itself.
     - `tiny`: 2 levels (16, 32), attention at the coarsest (2 heads of 16 channels); seconds on CPU.
     - `small`: 3 levels (64, 128, 192), one ResBlock per level, attention only at the coarsest; trainable on 2 CPU cores.
-    - `paper`: AudioLDM-M (DESIGN.md §6): 192 × (1, 2, 3, 5), 2 ResBlocks, attention at ×2/×4/×8, 32 channels per head: 416 M.
+    - `paper`: AudioLDM-M, as in the MG2 paper: 192 × (1, 2, 3, 5), 2 ResBlocks, attention at ×2/×4/×8, 32 channels per head: 416 M.
     """
     channels, layers, attention_levels, sample_size, groups = {
         "tiny": ((16, 32), 1, (1,), (32, 32), 8),
