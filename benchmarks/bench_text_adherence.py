@@ -50,7 +50,6 @@ def main(argv=None):
     parser.add_argument("--dataset", default="data/mg2-folk")
     parser.add_argument("--num_clips", type=int, default=32)
     parser.add_argument("--classifier_clips", type=int, default=1500)
-    parser.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "instrument_prompts.json"))
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: steps, guidance, seeds
@@ -61,7 +60,7 @@ def main(argv=None):
     validation = [load_audio(row["audio"]["bytes"]) for row, _ in zip(load_mg2_dataset(args.dataset, "validation"), range(2))]
     bench = Bench(rows, settings.seconds, validation, pipe, settings.seed)
     classifier = SoundClassifier.fit_on_rows(load_mg2_dataset(args.dataset, "train"), args.classifier_clips)
-    prompts = instrument_prompts(bench, args.prompts)
+    prompts = instrument_prompts(bench, settings.prompts)
     families = [family_of(program) for program in prompts["own_programs"]]
 
     def measure(waveforms) -> dict:

@@ -59,8 +59,8 @@ from mg2_pipeline.audio import SAMPLE_RATE
 from mg2_pipeline.data import load_mg2_dataset
 from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.hub import write_model_card
-from sound_measures import (FAMILIES, FAMILY_OF_PROGRAM, InstrumentPrompts, SoundClassifier, family_of, onset_click_energy,
-                            paired_preference, timbre_features)
+from sound_measures import (DEFAULT_PROMPTS, FAMILIES, FAMILY_OF_PROGRAM, InstrumentPrompts, SoundClassifier, family_of,
+                            onset_click_energy, paired_preference, timbre_features)
 from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_model
 
 CHROMA_FPS = 10
@@ -416,8 +416,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_audio", action="store_true", help="Write every generated clip under OUTPUT/audio/.")
-    parser.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
-                                                          "instrument_prompts.json"),
+    parser.add_argument("--prompts", default=DEFAULT_PROMPTS,
                         help="Instrument prompt templates for the text-adherence rows.")
     parser.add_argument("--classifier_clips", type=int, default=1500,
                         help="Real train-split clips the instrument and accompaniment classifiers are fitted on.")

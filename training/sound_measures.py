@@ -30,7 +30,8 @@ FAMILIES = list(INSTRUMENT_FAMILIES)
 PROGRAMS = sorted(MELODY_PROGRAMS)
 CLICK_BAND_HZ = (2000.0, 8000.0)
 CLICK_HOP = 64  # 4 ms frames
-DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "instrument_prompts.json")
+DEFAULT_PROMPTS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
+                                               "instrument_prompts.json"))
 
 
 def timbre_features(waveform: np.ndarray) -> np.ndarray:
