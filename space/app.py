@@ -67,8 +67,7 @@ def load_model(model: str) -> MG2Pipeline:
     return pipe.to("cuda") if torch.cuda.is_available() else pipe
 
 
-# Concurrent generations share the CPU cores: each gets its share of threads. This also keeps a seeded result
-# independent of how concurrent requests interleave (with busy cores, math libraries may split a sum differently).
+# Concurrent generations share the CPU cores: each gets its share of threads, so they do not oversubscribe them.
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
 # Loaded once. A pipeline keeps per-call state (the scheduler's step counter, the guidance scale), so each
 # concurrent generation borrows its own pipeline object; they share every model and the index.

@@ -281,8 +281,14 @@ def test_twenty_concurrent_requests_all_return_their_audio(space_url):
         results = list(pool.map(lambda seed: generate(Client(space_url, verbose=False), seed=seed, duration=0.8), seeds))
     waveforms = [read_wav(result[0]) for result in results]
     assert all(len(waveform) == 12800 for waveform in waveforms)
-    for seed, waveform in zip(seeds, waveforms):  # two pipelines ran side by side without disturbing each other
-        np.testing.assert_array_equal(waveform, waveforms[seeds.index(seed)])
+    # Two pipelines ran side by side without disturbing each other: a seed gives its audio whatever ran beside it, up to
+    # the last bit of a 16-bit sample (math libraries may round a sum differently with concurrent threads), and apart
+    # from the audio of the other seeds.
+    first = {seed: waveforms[seeds.index(seed)] for seed in set(seeds)}
+    for seed, waveform in zip(seeds, waveforms):
+        np.testing.assert_allclose(waveform, first[seed], rtol=0, atol=4 / 32768)
+    for seed in range(1, 4):
+        assert np.abs(first[seed] - first[0]).max() > 100 / 32768
 
 
 def test_a_browser_fills_the_prompt_and_gets_audio(space_url, tmp_path):
