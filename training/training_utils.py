@@ -85,21 +85,22 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, total_limit: int | None, global_step: int,
                     **training_state) -> str:
-    """`accelerator.save_state` into `checkpoint-N`: written to `checkpoint-N.tmp` and renamed when complete,
-    so a run killed mid-write never leaves a folder that `latest` would pick. Keeps the newest `total_limit`."""
-    if accelerator.is_main_process and total_limit:
-        existing = checkpoint_dirs(output_dir)
-        for old in existing[: max(0, len(existing) - total_limit + 1)]:
-            shutil.rmtree(old)
+    """`accelerator.save_state` into `checkpoint-N`: written to `checkpoint-N.tmp` and renamed when complete, so a run
+    killed mid-write never leaves a folder that `latest` would pick. Then keeps the newest `total_limit`: older ones
+    are deleted only once the new one is complete, so a kill at any moment leaves a checkpoint to resume from."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
     temporary = final + ".tmp"
     accelerator.save_state(temporary)
     if accelerator.is_main_process:
         with open(os.path.join(temporary, "training_state.json"), "w") as handle:
             json.dump({"global_step": global_step, **training_state}, handle)
-        if os.path.isdir(final):
+        if os.path.isdir(final):  # the same step saved again (a resumed run): the new one replaces it
             shutil.rmtree(final)
         os.replace(temporary, final)
+        if total_limit:
+            existing = checkpoint_dirs(output_dir)
+            for old in existing[: max(0, len(existing) - total_limit)]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -1,0 +1,66 @@
+"""The checkpoint helpers every training script shares (training/training_utils.py)."""
+
+import os
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "training"))
+from training_utils import checkpoint_dirs, resume, save_checkpoint  # noqa: E402
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL arriving while a checkpoint is being written."""
+
+
+def prepared_model(accelerator):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return accelerator.prepare(model, optimizer)
+
+
+def train_step(model, optimizer):
+    model(torch.ones(4, 3)).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_a_kill_while_the_next_checkpoint_is_written_leaves_the_last_one_to_resume_from(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = prepared_model(accelerator)
+    train_step(model, optimizer)
+    save_checkpoint(accelerator, str(tmp_path), 1, 1, epoch=0)
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    train_step(model, optimizer)
+
+    write_state = accelerator.save_state
+
+    def killed_mid_write(path):
+        write_state(path)
+        raise Killed
+
+    monkeypatch.setattr(accelerator, "save_state", killed_mid_write)
+    with pytest.raises(Killed):
+        save_checkpoint(accelerator, str(tmp_path), 1, 2, epoch=0)
+    assert [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["checkpoint-1"]
+
+    state = resume(accelerator, str(tmp_path), "latest")
+    assert state["global_step"] == 1 and state["checkpoint"].endswith("checkpoint-1")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
+
+
+def test_the_newest_checkpoints_are_kept_and_a_rewritten_step_replaces_its_folder(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = prepared_model(accelerator)
+    for step in (1, 2, 3):
+        train_step(model, optimizer)
+        save_checkpoint(accelerator, str(tmp_path), 2, step)
+    assert [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["checkpoint-2", "checkpoint-3"]
+    save_checkpoint(accelerator, str(tmp_path), 2, 3, note="again")
+    assert resume(accelerator, str(tmp_path), "latest")["note"] == "again"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
