@@ -8,7 +8,9 @@ For every `checkpoint-N` of a `train_mg2.py` output folder (train with `--checkp
 them; the last is the saved pipeline), the checkpoint's EMA weights generate each test clip's melody (none for a
 caption-only model) with a prompt naming the clip's instrument (`benchmarks/instrument_prompts.json`), same seeds as `training/evaluate.py`. The instrument
 classifier of `evaluate.py` (fitted on real train-split clips) reads the family; Mel acc compares chroma peaks with the
-real clip's; onset clicks are `evaluate.py`'s (the median over clips). The real clips and the codec give the ceilings, in the same run; chance is 1/8 (family) and ≈ 1/12 (Mel acc).
+real clip's; onset clicks are `evaluate.py`'s (the median over clips). The real clips and the codec give the ceilings,
+in the same run; chance is 1/8 (family) and ≈ 1/12 (Mel acc). `--guidance_scales 3 8` measures each checkpoint at
+several text guidance scales; `--checkpoints checkpoint-1600` only some checkpoints.
 """
 
 from __future__ import annotations
@@ -50,9 +52,13 @@ def main(argv=None):
     parser.add_argument("--dataset", default="data/mg2-folk")
     parser.add_argument("--num_clips", type=int, default=32)
     parser.add_argument("--classifier_clips", type=int, default=1500)
+    parser.add_argument("--checkpoints", nargs="+", default=None, help="Only these checkpoint-N folders (default: all).")
+    parser.add_argument("--guidance_scales", type=float, nargs="+", default=None,
+                        help="Text guidance scales to measure each checkpoint at (default: evaluate.py's).")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: steps, guidance, seeds
+    guidance_scales = args.guidance_scales or [settings.guidance_scale]
 
     pipe = MG2Pipeline.from_pretrained(args.run)
     pipe.set_progress_bar_config(disable=True)
@@ -73,14 +79,22 @@ def main(argv=None):
     _, codec_audio = codec_rows(bench, pipe.vae.eval(), pipe.vocoder.eval())
     results = {"real clips": measure(bench.real), "codec": measure(codec_audio)}
     checkpoints = sorted((d for d in os.listdir(args.run) if re.fullmatch(r"checkpoint-\d+", d)), key=lambda d: int(d.split("-")[1]))
+    if args.checkpoints:
+        missing = sorted(set(args.checkpoints) - set(checkpoints))
+        if missing:
+            raise SystemExit(f"--checkpoints: {args.run} has no {missing} (it has {checkpoints}).")
+        checkpoints = [name for name in checkpoints if name in args.checkpoints]
     if not checkpoints:
         raise SystemExit(f"{args.run} has no checkpoint-N folders: train with --checkpoints_total_limit large enough to keep them.")
     for name in checkpoints:
         load_ema_weights(pipe, os.path.join(args.run, name))
         melodies = None if pipe.config.condition == "text" else bench.melodies
-        waveforms, _ = generate(pipe, bench, settings, melodies=melodies, prompts=prompts["own"], desc=name)
-        results[name] = measure(waveforms)
-        print(f"{name}: {results[name]}")
+        for scale in guidance_scales:
+            settings.guidance_scale = scale
+            row = name if len(guidance_scales) == 1 else f"{name}, guidance {scale:g}"
+            waveforms, _ = generate(pipe, bench, settings, melodies=melodies, prompts=prompts["own"], desc=row)
+            results[row] = measure(waveforms)
+            print(f"{row}: {results[row]}")
     lines = ["| audio | family acc ↑ | Mel acc ↑ | onset clicks ↓ |", "|---|---|---|---|"]
     lines += [f"| {name} | {r['family_accuracy']:.2f} | {r['mel_acc']:.3f} | {r['onset_clicks']:.3f} |"
               for name, r in results.items()]

@@ -98,14 +98,23 @@ def load_audio(source: str | os.PathLike | bytes, sample_rate: int = SAMPLE_RATE
     return waveform.astype(np.float32)
 
 
+def peak_safe(waveforms: torch.Tensor) -> torch.Tensor:
+    """Each waveform (last axis) that peaks above 1 scaled down to peak at 1; the others unchanged. The one gain MG2
+    applies to what it generates, so that 16-bit PCM never clips it."""
+    return waveforms / waveforms.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
+
+
 def save_audio(path: str | os.PathLike, waveform, sample_rate: int = SAMPLE_RATE) -> None:
     """Write a mono waveform (numpy or torch, values in [-1, 1]); the format follows the extension. A waveform with
-    NaN or infinite samples is refused (`ValueError`): written as PCM it would be full-scale noise."""
+    NaN or infinite samples, or beyond ±1 (16-bit PCM would clip it), is refused (`ValueError`)."""
     import soundfile
 
     waveform = waveform.detach().cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
     if not np.all(np.isfinite(waveform)):
         raise ValueError(f"Not writing {os.fspath(path)!r}: the waveform has NaN or infinite samples.")
+    if waveform.size and np.abs(waveform).max() > 1:
+        raise ValueError(f"Not writing {os.fspath(path)!r}: it peaks at {np.abs(waveform).max():.3f}, beyond ±1, and "
+                         "would clip; scale it first (e.g. mg2_pipeline.audio.peak_safe).")
     soundfile.write(os.fspath(path), waveform.astype(np.float32).reshape(-1), sample_rate)
 
 

@@ -53,6 +53,20 @@ def parse_repaint(text: str | None) -> tuple[float | None, float | None]:
     return start, end
 
 
+def check_continuation(pipe, audio: str, duration: float) -> None:
+    """`--audio` with `--duration` (and neither `--strength` nor `--repaint`) continues the recording: refuse a
+    duration that would not (one that rounds to its mel frames or fewer), rather than re-render it."""
+    import soundfile
+
+    try:
+        audio_s = soundfile.info(audio).duration
+    except (OSError, RuntimeError) as error:
+        raise SystemExit(f"error: could not read --audio {audio!r}: {error}") from None
+    if pipe.mel_frames(duration) <= pipe.mel_frames(audio_s):
+        raise SystemExit(f"error: --duration must be longer than --audio ({audio_s:.2f} s) to continue it, got {duration:g}; "
+                         "to re-render the recording pass --strength, to regenerate a span --repaint START:END.")
+
+
 def generate(args) -> None:
     import torch
 
@@ -69,6 +83,8 @@ def generate(args) -> None:
         pipe = load_pipeline(args.model)
     except (OSError, ValueError) as error:  # huggingface_hub's errors derive from these
         raise SystemExit(f"error: could not load --model {args.model!r}: {error}") from None
+    if args.audio and args.duration is not None and args.strength is None and args.repaint is None:
+        check_continuation(pipe, args.audio, args.duration)
     try:
         output = pipe(args.prompt, negative_prompt=args.negative_prompt, melody=args.melody, audio=args.audio,
                       strength=args.strength, repaint_start_s=repaint_start_s, repaint_end_s=repaint_end_s,

@@ -19,19 +19,23 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import SpeechT5HifiGan
 
-from .audio import LogMelSpectrogram, load_audio
+from .audio import LogMelSpectrogram, load_audio, peak_safe
 from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
-from .retrieval import RetrievedMelody
+from .modeling_clmp import CLMPModel
+from .processing_clmp import CLMPProcessor
+from .retrieval import MelodyRetriever, RetrievedMelody
+from .vocoder import GriffinLimVocoder
 
 logger = logging.get_logger(__name__)
 
@@ -171,16 +175,27 @@ def _copy_module_with_imports(module: str, target_dir: str) -> None:
         shutil.copy(path, os.path.join(target_dir, os.path.basename(path)))
 
 
+class GuidanceInputs(NamedTuple):
+    """What the UNet takes for one set of guidance terms (`MG2Pipeline.prepare_guidance_inputs`)."""
+
+    terms: tuple[bool, bool, bool]
+    condition: torch.Tensor
+    text_states: torch.Tensor | None
+    text_mask: torch.Tensor | None
+    melody_frames: torch.Tensor | None
+
+
 @dataclass
 class MG2PipelineOutput(BaseOutput):
     """Generated audio and the melody that guided each waveform.
 
     Args:
-        audios: `(batch, samples)` waveforms (numpy or torch), or latents for `output_type="latent"`.
+        audios: `(batch, samples)` waveforms (numpy or torch) within [-1, 1] (one peaking above 1 is scaled down to
+            peak at 1, `audio.peak_safe`), or latents for `output_type="latent"`.
         melodies: per waveform, a `RetrievedMelody` — from the index (id, score, metadata), the user's melody
             (`id=None`, `metadata["source"] == "user"`) or the one transcribed from `audio` (`"audio"`); its metadata
             also says where it plays (`audio_span_s`), how often (`repeats`) and which span of it guided each
-            denoising window (`windows`). None where `melody_embeds` were passed or the model is text-only.
+            denoising window (`windows`). None where `melody_embeds` were passed, the model is text-only, or there was no melody to follow.
         sampling_rate: samples per second of `audios`.
     """
 
@@ -212,7 +227,9 @@ class MG2Pipeline(DiffusionPipeline):
     _exclude_from_cpu_offload = ["retriever"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "melody_embeds"]
 
-    def __init__(self, clmp, processor, retriever, unet, scheduler, vae, vocoder, condition: str = "text_melody",
+    def __init__(self, clmp: CLMPModel, processor: CLMPProcessor, retriever: MelodyRetriever | None,
+                 unet: UNet2DConditionModel, scheduler: SchedulerMixin, vae: AutoencoderKL,
+                 vocoder: GriffinLimVocoder | SpeechT5HifiGan, condition: str = "text_melody",
                  aligned_melody: str | None = None, text_attention: bool = False):
         super().__init__()
         if condition not in CONDITIONS:
@@ -475,8 +492,6 @@ class MG2Pipeline(DiffusionPipeline):
             check_embeddings("melody_embeds", melody_embeds, (batch_size, projection_dim))
         if self.config.condition == "text" and (melody is not None or melody_embeds is not None):
             raise ValueError("This is a text-only model (condition='text'): it takes no melody or melody_embeds.")
-        if melody is None and melody_embeds is None and self.retriever is None and self.config.condition != "text":
-            raise ValueError("This pipeline has no retriever: pass melody= (or melody_embeds=).")
         min_length = round(self.frames_multiple * self.hop_length / self.sampling_rate, 2)
         if audio_length_in_s is not None:
             check_number("audio_length_in_s", audio_length_in_s, min_length, MAX_AUDIO_LENGTH_S)
@@ -569,15 +584,17 @@ class MG2Pipeline(DiffusionPipeline):
         return self.clmp.get_text_hidden_states(**tokens), tokens["attention_mask"]
 
     @torch.no_grad()
-    def encode_prompt(self, prompt, device: torch.device, num_waveforms_per_prompt: int, do_classifier_free_guidance: bool,
-                      negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
+    def encode_prompt(self, prompt, device: torch.device | None = None, num_waveforms_per_prompt: int = 1,
+                      do_classifier_free_guidance: bool = True, negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
                       negative_prompt_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """CLMP text embeddings of `prompt` and, with classifier-free guidance, of `negative_prompt` (the empty text when
-        None), each row repeated `num_waveforms_per_prompt` times: `(batch × num_waveforms_per_prompt, projection_dim)`.
+        None), each row repeated `num_waveforms_per_prompt` times: `(batch × num_waveforms_per_prompt, projection_dim)`,
+        on `device` (default: the pipeline's execution device).
 
         Precomputed `prompt_embeds` / `negative_prompt_embeds` `(batch, projection_dim)` are repeated, not recomputed.
         Without guidance the negative embeddings are None.
         """
+        device = device or self._execution_device
         if prompt_embeds is None:
             prompt_embeds = self.encode_text([prompt] if isinstance(prompt, str) else list(prompt), device)
         batch_size = prompt_embeds.shape[0]
@@ -771,6 +788,27 @@ class MG2Pipeline(DiffusionPipeline):
             masks += [batch_mask.repeat_interleave(num_waveforms_per_prompt, dim=0)] * repeats
         return torch.cat(states).to(self.unet.dtype), torch.cat(masks)
 
+    def prepare_guidance_inputs(self, prompts, negative_prompt, num_waveforms_per_prompt: int, prompt_embeds,
+                                negative_prompt_embeds, melody_embeds, melody_frames, device) -> GuidanceInputs:
+        """The UNet's inputs for the predictions the current scales need (`guidance_terms`), stacked in their order:
+        pooled conditions, text states, and the melody frames (zeros wherever the melody is dropped, as in training)."""
+        terms = self.guidance_terms
+        ignore_melody, melody_term, text_term = terms
+        if text_term and negative_prompt_embeds is None:
+            raise ValueError("guidance_scale > 1 needs negative_prompt_embeds in a pipeline without clmp.")
+        if (ignore_melody or melody_term) and self.clmp is None:
+            raise ValueError("melody_guidance_scale must equal guidance_scale (1 when guidance_scale ≤ 1) in a pipeline "
+                             "without clmp: the melody-free condition is the empty text's CLMP embedding.")
+        null_embeds = self.encode_text([""], device) if ignore_melody or melody_term else None
+        condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds, ignore_melody,
+                                           melody_term, text_term)
+        text_states, text_mask = self.prepare_text_states(prompts, negative_prompt, num_waveforms_per_prompt, device,
+                                                          melody_term, text_term)
+        if melody_frames is not None:
+            melody_frames = torch.cat([melody_frames * (not ignore_melody)]
+                                      + [torch.zeros_like(melody_frames)] * (melody_term + text_term))
+        return GuidanceInputs(terms, condition, text_states, text_mask, melody_frames)
+
     @torch.no_grad()
     def encode_waveforms(self, waveforms: torch.Tensor, device) -> torch.Tensor:
         """Waveforms `(batch, samples)` at `sampling_rate`, a whole number of latent frames long → latents: the VAE
@@ -836,6 +874,13 @@ class MG2Pipeline(DiffusionPipeline):
         classifier-free guidance of text and melody together, `s · ε(t, m) − (s − 1) · ε(∅, ∅)`."""
         text_scale = self._guidance_scale if self.do_classifier_free_guidance else 1.0
         return self.config.condition != "text" and self._melody_guidance_scale not in (0.0, text_scale)
+
+    @property
+    def guidance_terms(self) -> tuple[bool, bool, bool]:
+        """Which predictions the current scales need: `(ignore_melody, do_melody_guidance, do_classifier_free_guidance)`;
+        the melody is dropped from the main prediction at `melody_guidance_scale` 0."""
+        ignore_melody = self.config.condition != "text" and self._melody_guidance_scale == 0
+        return bool(ignore_melody), bool(self.do_melody_guidance), bool(self.do_classifier_free_guidance)
 
     @property
     def num_timesteps(self) -> int:
@@ -920,8 +965,8 @@ class MG2Pipeline(DiffusionPipeline):
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each step, or a diffusers
                 `PipelineCallback`/`MultiPipelineCallbacks` (which name their own tensor inputs); returned tensors (any of
                 `_callback_tensor_inputs`) replace ours, and it may change `pipe._guidance_scale` and
-                `pipe._melody_guidance_scale` for the following steps (which guidance terms run is fixed at the start: scales
-                that need a prediction this call does not make raise a ValueError).
+                `pipe._melody_guidance_scale` for the following steps (the predictions each step makes follow the new
+                scales: a melody dropped at 0 or brought back, a guidance term started or stopped).
 
         Every argument is checked before any compute (`check_inputs`): a wrong type raises `TypeError`, a wrong value
         (NaN, infinity, out of range, mismatched sizes) `ValueError`, each naming the argument and what it accepts.
@@ -951,9 +996,10 @@ class MG2Pipeline(DiffusionPipeline):
 
         # 2. Encode the prompt (and the negative prompt) with CLMP's text tower, one row per waveform
         prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
+        # The negative embeddings are made even without text guidance when CLMP can: a callback may turn it on.
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_waveforms_per_prompt, self.do_classifier_free_guidance, negative_prompt, prompt_embeds,
-            negative_prompt_embeds,
+            prompt, device, num_waveforms_per_prompt, self.do_classifier_free_guidance or self.clmp is not None,
+            negative_prompt, prompt_embeds, negative_prompt_embeds,
         )
 
         # 3. Retrieve a melody per waveform (or take the user's, or transcribe the given audio's), of the tune type, origin,
@@ -971,6 +1017,10 @@ class MG2Pipeline(DiffusionPipeline):
             guiding = [RetrievedMelody(m, id=None, score=None, metadata={"source": source})
                        for m in user_melodies for _ in range(num_waveforms_per_prompt)]
             melody_embeds = self.encode_melody(user_melodies, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+        elif self.retriever is None:  # nothing to follow: the melody-dropped condition training teaches, text alone
+            logger.warning("No melody given and no retriever to find one: generating from the text alone.")
+            guiding = [None] * num_waveforms
+            melody_embeds = self.encode_text([""], device).expand_as(prompt_embeds)
         else:
             query = prompt_embeds[::num_waveforms_per_prompt]
             if match_prompt_facts and prompts:
@@ -980,9 +1030,6 @@ class MG2Pipeline(DiffusionPipeline):
             choice = [(row, candidate % retrieval_top_k) for row in range(batch_size) for candidate in range(num_waveforms_per_prompt)]
             guiding = [self.follow_prompt_tempo(hits.melodies[row][rank], prompts[row] if prompts else None) for row, rank in choice]
             melody_embeds = torch.from_numpy(np.stack([hits.embeddings[row, rank] for row, rank in choice])).to(device)
-        # The melody-free condition (melody guidance, melody_guidance_scale 0) is the empty text's embedding, as in training.
-        ignore_melody = self.config.condition != "text" and melody_guidance_scale == 0
-        null_embeds = self.encode_text([""], device) if ignore_melody or self.do_melody_guidance else None
 
         # 4. Fix the length (by default a time-aligned melody's, played once through) and place each melody in it: from
         # the start, or from where the given audio ends for a continuation; repeated whole when the length was asked for
@@ -1021,21 +1068,17 @@ class MG2Pipeline(DiffusionPipeline):
                     + (1 - keep) * latents
         self._num_timesteps = len(timesteps)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
-        # Up to three predictions per step: text and melody; text without melody (a melody term of its own); neither
-        # (text guidance).
-        do_melody_guidance, do_classifier_free_guidance = self.do_melody_guidance, self.do_classifier_free_guidance
-        num_conditions = 1 + do_melody_guidance + do_classifier_free_guidance
-        condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds, ignore_melody,
-                                           do_melody_guidance, do_classifier_free_guidance)
-        text_states, text_mask = self.prepare_text_states(prompts, negative_prompt, num_waveforms_per_prompt, device,
-                                                          do_melody_guidance, do_classifier_free_guidance)
         melody_frames = None
-        if self.config.aligned_melody is not None:
+        if self.config.aligned_melody is not None and guiding[0] is not None:
             melody_frames = self.prepare_melody_frames([melody for melody, _ in placed], latents.shape[2], device,
                                                        self.unet.dtype)
-            # Without the melody, its frames are zeros (as in training).
-            melody_frames = torch.cat([melody_frames * (not ignore_melody)]
-                                      + [torch.zeros_like(melody_frames)] * (num_conditions - 1))
+        elif self.config.aligned_melody is not None:
+            channels = self.unet.config.in_channels - latents.shape[1]
+            melody_frames = torch.zeros(num_waveforms, channels, *latents.shape[2:], device=device, dtype=self.unet.dtype)
+        # Up to three predictions per step: text and melody; text without melody (a melody term of its own); neither
+        # (text guidance). The melody-free condition is the empty text's embedding and zero frames, as in training.
+        guidance = self.prepare_guidance_inputs(prompts, negative_prompt, num_waveforms_per_prompt, prompt_embeds,
+                                                negative_prompt_embeds, melody_embeds, melody_frames, device)
 
         # 6. Denoise: every window predicts the noise of its frames; overlapping predictions are cross-faded, then the
         # scheduler steps the whole latent once. Kept frames of the given audio are reset to it, noised to the next step.
@@ -1052,15 +1095,18 @@ class MG2Pipeline(DiffusionPipeline):
                 # Outside guidance_interval both scales are 1: the prediction with text and melody, unguided.
                 guided = guidance_interval[0] <= t / self.scheduler.config.num_train_timesteps <= guidance_interval[1]
                 text_scale, melody_scale = (max(self._guidance_scale, 1.0), self._melody_guidance_scale) if guided else (1, 1)
+                _, do_melody_guidance, do_classifier_free_guidance = guidance.terms
+                num_conditions = 1 + do_melody_guidance + do_classifier_free_guidance
                 noise_pred = torch.zeros_like(latents)
                 for start in active:
                     frames = slice(start, start + window)
                     latent_model_input = self.scheduler.scale_model_input(torch.cat([latents[:, :, frames]] * num_conditions), t)
-                    if melody_frames is not None:
-                        latent_model_input = torch.cat([latent_model_input, melody_frames[:, :, frames]], dim=1)
-                    predictions = list(self.unet(latent_model_input, t, encoder_hidden_states=text_states,
-                                                 encoder_attention_mask=text_mask, class_labels=condition,
-                                                 cross_attention_kwargs=cross_attention_kwargs).sample.chunk(num_conditions))
+                    if guidance.melody_frames is not None:
+                        latent_model_input = torch.cat([latent_model_input, guidance.melody_frames[:, :, frames]], dim=1)
+                    predictions = self.unet(latent_model_input, t, encoder_hidden_states=guidance.text_states,
+                                            encoder_attention_mask=guidance.text_mask, class_labels=guidance.condition,
+                                            cross_attention_kwargs=cross_attention_kwargs).sample
+                    predictions = list(predictions.chunk(num_conditions))
                     window_pred = with_melody = predictions.pop(0)
                     if do_melody_guidance:
                         without_melody = predictions.pop(0)
@@ -1090,20 +1136,22 @@ class MG2Pipeline(DiffusionPipeline):
                         if value is not tensors[name]:
                             check_tensor(f"the {name} callback_on_step_end returned", value, tuple(tensors[name].shape))
                     latents = outputs.get("latents", latents)
-                    if any(name != "latents" and outputs[name] is not tensors[name] for name in outputs):
-                        if self.config.text_attention and any(name.endswith("prompt_embeds") for name in outputs
-                                                              if outputs[name] is not tensors[name]):
-                            raise ValueError("callback_on_step_end changed prompt_embeds or negative_prompt_embeds, which "
-                                             "this model (text_attention) reads as words it cannot change mid-call.")
+                    changed = [name for name in outputs if name != "latents" and outputs[name] is not tensors[name]]
+                    if self.config.text_attention and any(name.endswith("prompt_embeds") for name in changed):
+                        raise ValueError("callback_on_step_end changed prompt_embeds or negative_prompt_embeds, which "
+                                         "this model (text_attention) reads as words it cannot change mid-call.")
+                    check_number("the guidance_scale callback_on_step_end set", self._guidance_scale, 0, MAX_GUIDANCE_SCALE)
+                    check_number("the melody_guidance_scale callback_on_step_end set", self._melody_guidance_scale, 0,
+                                 MAX_GUIDANCE_SCALE)
+                    # New embeddings, or scales that need other predictions (a melody dropped or brought back, a
+                    # guidance term started or stopped), apply from the next step on.
+                    if changed or self.guidance_terms != guidance.terms:
                         prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
                         melody_embeds = outputs.get("melody_embeds", melody_embeds)
-                        condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds,
-                                                           ignore_melody, do_melody_guidance, do_classifier_free_guidance)
-                    if self.do_melody_guidance > do_melody_guidance or self.do_classifier_free_guidance > do_classifier_free_guidance:
-                        raise ValueError("callback_on_step_end set guidance scales that need a prediction this call does not "
-                                         "make: start with guidance_scale > 1 for a text term, and melody_guidance_scale "
-                                         "neither 0 nor equal to guidance_scale for a melody term of its own.")
+                        guidance = self.prepare_guidance_inputs(prompts, negative_prompt, num_waveforms_per_prompt,
+                                                                prompt_embeds, negative_prompt_embeds, melody_embeds,
+                                                                melody_frames, device)
 
         self.check_finite(latents)
         if output_type == "latent":
@@ -1114,6 +1162,7 @@ class MG2Pipeline(DiffusionPipeline):
         mel = self.decode_latents(latents)
         audio = self.vocode(mel).float()[:, :num_samples]
         self.check_finite(audio)
+        audio = peak_safe(audio)  # a waveform peaking above 1 is scaled down to peak at 1, so that no file clips
 
         # Re-rank each prompt's candidates by CLMP text–audio similarity, best first.
         if num_waveforms_per_prompt > 1:

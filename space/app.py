@@ -249,6 +249,9 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     melody = read_melody(melody_file, melody_audio, melody_notes)
     audio = read_recording(recording, mode) if mode != MODES[0] else None
     length = None if mode in (MODES[2], MODES[3]) or (mode == MODES[0] and whole_melody) else float(duration)
+    if mode == MODES[1] and PIPE.mel_frames(length) <= PIPE.mel_frames(len(audio) / PIPE.sampling_rate):
+        raise gr.Error(f"Mode {mode!r} needs a Duration longer than the recording ({len(audio) / PIPE.sampling_rate:.2f} s), "
+                       f"got {length:g} s.")
     audio_kwargs = {"strength": float(strength)} if mode == MODES[2] else {}
     if mode == MODES[3]:
         audio_kwargs = {"repaint_start_s": float(repaint_start), "repaint_end_s": float(repaint_end)}
@@ -267,7 +270,7 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     finally:
         WORKERS.put(pipe)
     waveform, guide = output.audios[0], output.melodies[0]
-    pcm16 = (np.clip(waveform, -1.0, 1.0) * 32767).astype(np.int16)  # as generated: no loudness normalisation
+    pcm16 = (waveform * 32767).astype(np.int16)  # the pipeline's audio lies within ±1 (a louder one is scaled down)
     if guide is None:  # a text-only model has no melody
         spectrogram = plot_spectrogram(waveform, output.sampling_rate, title=prompt[:90])
         return (output.sampling_rate, pcm16), as_image(spectrogram), "Text-only model: no guiding melody.", None, None, table

@@ -20,12 +20,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every process a test starts is given this long: a hang fails the test in minutes rather than eating CI's time.
+SUBPROCESS_TIMEOUT = 600
 PREPARE_DATA = os.path.join(ROOT, "training", "prepare_data.py")
 
 
 def run_prepare_data(*arguments: str) -> subprocess.CompletedProcess:
     """Run training/prepare_data.py as a user would; fails the test with its output on error."""
-    result = subprocess.run([sys.executable, PREPARE_DATA, *arguments], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, PREPARE_DATA, *arguments], capture_output=True, text=True, cwd=ROOT,
+                            timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -42,7 +45,8 @@ sys.meta_path.insert(0, Block())
 
 def run(command: list[str], **env) -> subprocess.CompletedProcess:
     """Run a command from the repository root; fails the test with its output on error."""
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env},
+                            timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 

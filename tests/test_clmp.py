@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoProcessor, AutoTokenizer, ClapAudioConfi
 from mg2_pipeline import CLMPConfig, CLMPFeatureExtractor, CLMPModel, CLMPProcessor, Melody
 from mg2_pipeline.presets import clmp_config, minilm_path
 
-from conftest import BLOCK_MG2_PIPELINE
+from conftest import BLOCK_MG2_PIPELINE, SUBPROCESS_TIMEOUT
 
 TEXTS = ["a lively jig on fiddle", "a slow air on flute", "a chorale on organ"]
 
@@ -117,7 +117,7 @@ def test_saved_folder_loads_with_remote_code_without_the_package(tmp_path):
         print("remote-code", type(model).__module__, out.melody_embeds.shape)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-code transformers_modules" in result.stdout
 

@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import BLOCK_MG2_PIPELINE, ROOT, accelerate, run
+from conftest import BLOCK_MG2_PIPELINE, ROOT, SUBPROCESS_TIMEOUT, accelerate, run
 from hub_server import MiniHub
 from test_train_mg2 import TRAIN, tiny_args
 
@@ -144,7 +144,8 @@ def test_cli_push_to_a_private_branch_and_pull_it(saved_tiny_pipeline, tmp_path)
         assert json.loads(open(os.path.join(folder, "model_index.json")).read())["_class_name"] == ["pipeline_mg2", "MG2Pipeline"]
         anonymous = hub_env(hub, tmp_path / "anonymous", token=None)
         command = [sys.executable, "-m", "mg2_pipeline", "pull", "tester/private-tiny", "--revision", "dev"]
-        refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **anonymous})
+        refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **anonymous},
+                                 timeout=SUBPROCESS_TIMEOUT)
         assert refused.returncode != 0 and "could not pull tester/private-tiny" in refused.stderr
         assert "Repository Not Found" in refused.stderr
 
@@ -153,7 +154,7 @@ def test_pushing_without_a_token_fails_clearly(saved_tiny_pipeline, tmp_path):
     with MiniHub(token=TOKEN) as hub:
         env = {**os.environ, **hub_env(hub, tmp_path / "hf_home", token=None)}
         result = subprocess.run([sys.executable, "-m", "mg2_pipeline", "push", str(saved_tiny_pipeline), "tester/x"],
-                                capture_output=True, text=True, cwd=ROOT, env=env)
+                                capture_output=True, text=True, cwd=ROOT, env=env, timeout=SUBPROCESS_TIMEOUT)
         assert result.returncode != 0
         assert "a write token is needed" in result.stderr and "HF_TOKEN" in result.stderr
         assert "tester/x" not in hub.repos

@@ -174,7 +174,10 @@ def test_cli_continues_re_renders_and_repaints_a_recording(pipe, recording, monk
     assert "transcribed from --audio" in printed and "It plays from 2.00 s" in printed  # the continuation's retrieved melody
     for bad, message in ((["--repaint", "4"], "--repaint must be START:END"),
                          (["--repaint", "0.5:9"], "--repaint end must lie inside the --audio"),
-                         (["--strength", "2"], "--strength must be a number between 0 and 1")):
+                         (["--strength", "2"], "--strength must be a number between 0 and 1"),
+                         # a duration not longer than the recording continues nothing: refused, not re-rendered
+                         (["--duration", "2"], r"--duration must be longer than --audio \(2.00 s\) to continue it"),
+                         (["--duration", "1.5"], r"--duration must be longer than --audio \(2.00 s\) to continue it")):
         with pytest.raises(SystemExit, match=message):
             cli.main([*base, "--output", str(tmp_path / "bad.wav"), *bad])
     assert not (tmp_path / "bad.wav").exists()

@@ -15,7 +15,7 @@ from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline
 from mg2_pipeline.presets import build_pipeline, unet_config, vae_config
 
-from conftest import BLOCK_MG2_PIPELINE, ROOT
+from conftest import BLOCK_MG2_PIPELINE, ROOT, SUBPROCESS_TIMEOUT
 
 PROMPT = "a lively Irish jig on fiddle"
 
@@ -156,13 +156,16 @@ def test_melody_guidance_zero_ignores_the_melody_and_larger_follows_it(pipe):
     frames = oracle.prepare_melody_frames([melody.fit_to(1.0)], 50, "cpu", torch.float32)
 
     def adherence(scale):
+        """How much the final latents point along the melody frames (cosine) and how far (the gain: the guided clean
+        latents are `scale` × the frames, as the oracle's are the frames themselves)."""
         latents = generate(oracle, melody=melody, melody_guidance_scale=scale, guidance_scale=1.0, num_inference_steps=20,
-                           output_type="latent").audios
-        return torch.nn.functional.cosine_similarity(latents.flatten(), frames.flatten(), dim=0).item()
+                           output_type="latent").audios.flatten()
+        cosine = torch.nn.functional.cosine_similarity(latents, frames.flatten(), dim=0).item()
+        return cosine, (latents @ frames.flatten() / frames.flatten().square().sum()).item()
 
-    ignored, followed, tighter = adherence(0.0), adherence(1.0), adherence(2.0)
-    assert abs(ignored) < 0.2 < 0.9 < followed
-    assert tighter > 0.9
+    (ignored, ignored_gain), (followed, gain), (tighter, tighter_gain) = adherence(0.0), adherence(1.0), adherence(2.0)
+    assert abs(ignored) < 0.2 < 0.9 < min(followed, tighter)
+    assert abs(ignored_gain) < 0.1 and abs(gain - 1) < 0.1 and abs(tighter_gain - 2) < 0.2
 
 
 def test_candidates_are_reranked_by_clmp_text_audio_similarity(pipe):
@@ -186,6 +189,60 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
                    output_type="latent")
     assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 32)
     assert torch.count_nonzero(out.audios) == 0
+
+
+@pytest.mark.parametrize("start, changed", [((3.0, 3.0), (3.0, 0.0)), ((3.0, 0.0), (3.0, 3.0)), ((1.0, 1.0), (1.0, 0.0)),
+                                            ((1.0, 0.0), (1.0, 1.0)), ((3.0, 3.0), (3.0, 1.5)), ((3.0, 2.0), (1.0, 2.0))])
+def test_a_callback_that_changes_the_scales_continues_as_a_run_at_the_new_scales(pipe, start, changed):
+    # DDIM keeps no history, so after the first step the run depends only on the latents and the scales: the changed
+    # run must equal a run at the new scales resumed from the same latents, and differ from a run that kept the old.
+    ddim = MG2Pipeline.from_pipe(pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    ddim.set_progress_bar_config(disable=True)
+    after_first_step = {}
+
+    def change_scales(pipeline, step, timestep, tensors):
+        if step == 0:
+            after_first_step["latents"] = tensors["latents"].clone()
+            pipeline._guidance_scale, pipeline._melody_guidance_scale = changed
+        return {}
+
+    def resume_from_changed_run(pipeline, step, timestep, tensors):
+        return {"latents": after_first_step["latents"].clone()} if step == 0 else {}
+
+    def run(scales, callback=None):
+        return generate(ddim, guidance_scale=scales[0], melody_guidance_scale=scales[1], output_type="latent",
+                        callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"]).audios
+
+    with_change = run(start, change_scales)
+    assert (ddim.guidance_scale, ddim.melody_guidance_scale) == changed
+    torch.testing.assert_close(with_change, run(changed, resume_from_changed_run), rtol=0, atol=1e-6)
+    assert (with_change - run(start)).abs().max() > 1e-4 * with_change.abs().max()
+
+
+def test_loud_output_is_scaled_to_full_scale_and_no_written_file_clips(tmp_path):
+    from mg2_pipeline import save_audio
+
+    loud = build_pipeline("tiny", seed=0)
+    loud.set_progress_bar_config(disable=True)
+    quiet = generate(loud).audios
+    vocode = loud.vocode
+    loud.vocode = lambda mel: vocode(mel) * 4 / np.abs(quiet).max()  # peaks at 4
+    out = generate(loud).audios
+    np.testing.assert_allclose(out, quiet / np.abs(quiet).max(), atol=1e-6)
+    save_audio(tmp_path / "loud.wav", out[0])
+    written, _ = soundfile.read(tmp_path / "loud.wav")
+    assert np.sum(np.abs(written) >= 32767 / 32768) <= 1
+    with pytest.raises(ValueError, match="peaks at 4.000, beyond ±1"):
+        save_audio(tmp_path / "clipped.wav", 4 * out[0])
+
+
+def test_a_callback_cannot_set_a_scale_out_of_range(pipe):
+    def negative_scale(pipeline, step, timestep, tensors):
+        pipeline._melody_guidance_scale = -1.0
+        return {}
+
+    with pytest.raises(ValueError, match="melody_guidance_scale callback_on_step_end set must be a number between 0 and"):
+        generate(pipe, callback_on_step_end=negative_scale)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -300,7 +357,7 @@ def test_remote_code_loads_without_the_package(pipe, tmp_path):
         print("remote-code", type(pipe).__module__, type(pipe.retriever).__module__, out.melodies[0].metadata["title"])
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-code diffusers_modules.local.pipeline_mg2 diffusers_modules.local.retrieval" in result.stdout
 
@@ -366,14 +423,14 @@ def test_cli_writes_a_playable_wav(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mg2_pipeline", "generate", PROMPT, "--output", str(output), "--model", "preset:tiny",
          "--steps", "2", "--duration", "1.5", "--melody", "G4:0.5 A4:0.5"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Melody: yours" in result.stdout and "Wrote" in result.stdout
     audio, sample_rate = soundfile.read(output)
     assert sample_rate == 16000 and audio.shape == (24000,) and np.abs(audio).max() > 0
     bad = subprocess.run([sys.executable, "-m", "mg2_pipeline", "generate", " ", "--output", str(output),
-                          "--model", "preset:tiny"], capture_output=True, text=True, cwd=ROOT)
+                          "--model", "preset:tiny"], capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
     assert bad.returncode != 0 and "prompt is empty" in bad.stderr
 
 

@@ -14,7 +14,7 @@ from mg2_pipeline.feature_extraction_clmp import CLMPFeatureExtractor
 from mg2_pipeline.presets import clmp_config, minilm_path
 from mg2_pipeline.retrieval import MelodyRetriever, clmp_fingerprint
 
-from conftest import ROOT
+from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 SOURCES = ("essen", "oneill", "bach")
 
@@ -208,7 +208,7 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
         [sys.executable, os.path.join(ROOT, "training", "build_index.py"), "--clmp", str(tmp_path / "clmp"),
          "--dataset", tiny_dataset, "--splits", "train,validation", "--output_dir", str(output_dir),
          "--M", "8", "--ef_construction", "50", "--ef_search", "20", "--batch_size", "4"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output_dir / "build_summary.json").read_text())
@@ -240,7 +240,7 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
         [sys.executable, os.path.join(ROOT, "training", "evaluate_retrieval.py"), "--clmp", str(tmp_path / "clmp"),
          "--index", str(output_dir), "--dataset", tiny_dataset, "--split", "test",
          "--prompts", os.path.join(ROOT, "benchmarks", "retrieval_prompts.jsonl"), "--output_json", str(tmp_path / "fit.json")],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     fit = json.loads((tmp_path / "fit.json").read_text())

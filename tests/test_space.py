@@ -127,6 +127,9 @@ def test_a_recording_is_continued_re_rendered_and_repainted(client, tmp_path):
     recording = handle_file(str(upload))
     continued, _, info, *_ = generate(client, mode="Continue a recording", recording=recording, duration=2.0)
     assert len(read_wav(continued)) == 32000 and "plays 1.0–2.0 s" in info
+    for duration in (1.0, 0.5):  # not longer than the recording: refused, not re-rendered
+        with pytest.raises(AppError, match=r"needs a Duration longer than the recording \(1.00 s\)"):
+            generate(client, mode="Continue a recording", recording=recording, duration=duration)
     rendered, _, info, *_ = generate(client, mode="Re-render a recording", recording=recording, strength=0.5)
     assert len(read_wav(rendered)) == 16000 and "Melody transcribed from your recording" in info
     repainted, *_ = generate(client, mode="Repaint part of a recording", recording=recording, repaint_start=0.2, repaint_end=0.6)

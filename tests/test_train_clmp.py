@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run
+from conftest import ROOT, SUBPROCESS_TIMEOUT, run
 from conftest import accelerate as accelerate_script
 from mg2_pipeline import CLMPModel
 
@@ -96,5 +96,6 @@ def test_text_trainable_layers_freeze_the_lower_text_tower(tiny_dataset, tmp_pat
     assert all(torch.equal(first[k], second[k]) for k in frozen)
     assert any(not torch.equal(first[k], second[k]) for k in trained)
     refused = subprocess.run([sys.executable, TRAIN, "--dataset", tiny_dataset, "--output_dir", str(tmp_path / "bad"),
-                              *TINY_ARGS, "--text_trainable_layers", "7"], capture_output=True, text=True, cwd=ROOT)
+                              *TINY_ARGS, "--text_trainable_layers", "7"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=SUBPROCESS_TIMEOUT)
     assert refused.returncode != 0 and "--text_trainable_layers must be in [0, 2]" in refused.stderr

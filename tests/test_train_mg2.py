@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate, accelerate_command
+from conftest import ROOT, SUBPROCESS_TIMEOUT, accelerate, accelerate_command
 from mg2_pipeline import MG2Pipeline
 from mg2_pipeline.data import load_mg2_dataset
 
@@ -145,7 +145,8 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
     command, env = accelerate_command(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, killed, *common))
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
-    while not os.path.isdir(killed / "checkpoint-4") and process.poll() is None:
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not os.path.isdir(killed / "checkpoint-4") and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -199,7 +200,8 @@ def test_a_diverging_run_stops_with_a_clear_message_and_finite_checkpoints(tiny_
                                                         "--checkpointing_steps", "1", "--validation_steps", "100",
                                                         "--max_nonfinite_steps", "2", "--max_grad_norm", "1e30"))
     command[command.index("--learning_rate") + 1] = "1e30"
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env},
+                            timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode != 0
     assert "NaN or infinite for 2 steps in a row" in result.stderr
     for checkpoint in checkpoint_dirs(str(output_dir)):

@@ -192,9 +192,12 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], l
     multiple = 2 ** (len(vae.config.block_out_channels) - 1)
     if real_mels.shape[1] % multiple:
         raise SystemExit(f"--seconds gives {real_mels.shape[1]} mel frames; the VAE needs a multiple of {multiple}.")
-    vocoded = [vocoder(mel.unsqueeze(0))[0].cpu().numpy()[: bench.samples] for mel in real_mels]
-    reconstructed = torch.cat([vae.decode(vae.encode(mel[None, None]).latent_dist.mode()).sample for mel in real_mels])[:, 0]
-    through_vae = [vocoder(mel.unsqueeze(0))[0].cpu().numpy()[: bench.samples] for mel in reconstructed]
+    vocoded, reconstructed, through_vae = [], [], []
+    for mel in tqdm(real_mels, desc="codec: vocoder and VAE + vocoder", unit="clip"):
+        vocoded.append(vocoder(mel[None])[0].cpu().numpy()[: bench.samples])
+        reconstructed.append(vae.decode(vae.encode(mel[None, None]).latent_dist.mode()).sample[0, 0])
+        through_vae.append(vocoder(reconstructed[-1][None])[0].cpu().numpy()[: bench.samples])
+    reconstructed = torch.stack(reconstructed)
     real = bench.row("codec", "real clip (FAD: test vs validation clips)", "ceiling", bench.real, bench.melodies, fad=False)
     real["fad_spectral"] = frechet_distance(bench.real_spectral, np.stack([spectral_features(w) for w in bench.validation]))
     if bench.pipe is not None:
