@@ -96,6 +96,9 @@ ablations: install | $(ABLATIONS_DONE) $(PLAIN_SKETCH_DONE) $(NO_TEXT_ATTENTION_
 		"checkpoints/mg2-small-{plain-sketch,no-text-attention}/eval/eval_results.md"
 
 test: install
+	# Lint and format as diffusers does (pyproject.toml [tool.ruff]: 119 columns).
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	# The Space's browser test drives Debian's Chromium (never a downloaded browser); it skips if this fails.
 	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		|| echo "chromium could not be installed: the browser test will skip"

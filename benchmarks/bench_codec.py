@@ -56,7 +56,14 @@ def measure(overrides: dict, batch: int, frames: int, steps: int) -> tuple[float
     unet = UNet2DConditionModel(**{**unet_config("small", 512), "in_channels": channels, "out_channels": channels})
     condition, timesteps = torch.randn(batch, 1024), torch.randint(0, 1000, (batch,))
     unet_seconds = median_step_seconds(
-        unet, lambda: (unet(latents, timesteps, encoder_hidden_states=None, class_labels=condition).sample - latents).pow(2).mean(), steps)
+        unet,
+        lambda: (
+            (unet(latents, timesteps, encoder_hidden_states=None, class_labels=condition).sample - latents)
+            .pow(2)
+            .mean()
+        ),
+        steps,
+    )
     return (None if latent_grid else vae_seconds), unet_seconds
 
 
@@ -71,7 +78,7 @@ def main(argv=None):
     torch.manual_seed(0)
     frames = int(round(args.clip_seconds * 100))
     base_vae, base_unet = measure(dict(BASELINE[1]), args.batch_size, frames, args.steps)
-    print(f"| VAE | VAE step s | × | UNet step s on its latents | × |\n|---|---|---|---|---|")
+    print("| VAE | VAE step s | × | UNet step s on its latents | × |\n|---|---|---|---|---|")
     print(f"| {BASELINE[0]} | {base_vae:.3f} | 1.00 | {base_unet:.3f} | 1.00 |")
     for name, overrides in CANDIDATES:
         vae_seconds, unet_seconds = measure(dict(overrides), args.batch_size, frames, args.steps)

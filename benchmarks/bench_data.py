@@ -39,8 +39,12 @@ def bench_rendering(num_tunes: int, seed: int) -> dict:
     start = time.perf_counter()
     clips = sum(len(prepare_data.render_tune(tune, args, synth)) for tune in chosen)
     elapsed = time.perf_counter() - start
-    return {"tunes": num_tunes, "clips": clips, "seconds": round(elapsed, 2),
-            "audio_seconds_per_wall_second": round(clips * args.clip_seconds / elapsed, 1)}
+    return {
+        "tunes": num_tunes,
+        "clips": clips,
+        "seconds": round(elapsed, 2),
+        "audio_seconds_per_wall_second": round(clips * args.clip_seconds / elapsed, 1),
+    }
 
 
 class InMemoryClips(torch.utils.data.Dataset):
@@ -75,16 +79,31 @@ def bench_loading(dataset_dir: str, num_clips: int, batch_size: int, num_workers
     transform = MG2Example()
     results = {"streamed": [], "in_memory": []}
     for _ in range(repeats):  # interleaved, so machine noise hits both alike
-        streamed = streaming_dataloader(load_mg2_dataset(dataset_dir, split="train"), batch_size=batch_size,
-                                        example_transform=transform, shuffle_buffer_size=256, num_workers=num_workers)
+        streamed = streaming_dataloader(
+            load_mg2_dataset(dataset_dir, split="train"),
+            batch_size=batch_size,
+            example_transform=transform,
+            shuffle_buffer_size=256,
+            num_workers=num_workers,
+        )
         results["streamed"].append(clips_per_second(streamed, num_clips))
-        in_memory = torch.utils.data.DataLoader(InMemoryClips(rows, transform), batch_size=batch_size, shuffle=True,
-                                                collate_fn=collate_examples, num_workers=num_workers)
+        in_memory = torch.utils.data.DataLoader(
+            InMemoryClips(rows, transform),
+            batch_size=batch_size,
+            shuffle=True,
+            collate_fn=collate_examples,
+            num_workers=num_workers,
+        )
         results["in_memory"].append(clips_per_second(in_memory, num_clips))
     streamed_rate, memory_rate = float(np.median(results["streamed"])), float(np.median(results["in_memory"]))
-    return {"num_workers": num_workers, "batch_size": batch_size, "clips": num_clips,
-            "streamed_clips_per_s": round(streamed_rate, 1), "in_memory_clips_per_s": round(memory_rate, 1),
-            "streamed_over_in_memory": round(streamed_rate / memory_rate, 3)}
+    return {
+        "num_workers": num_workers,
+        "batch_size": batch_size,
+        "clips": num_clips,
+        "streamed_clips_per_s": round(streamed_rate, 1),
+        "in_memory_clips_per_s": round(memory_rate, 1),
+        "streamed_over_in_memory": round(streamed_rate / memory_rate, 3),
+    }
 
 
 def main():
@@ -99,7 +118,9 @@ def main():
     report = {"rendering": bench_rendering(args.render_tunes, args.seed), "loading": []}
     print(json.dumps(report["rendering"]))
     for num_workers in (0, 2):
-        report["loading"].append(bench_loading(args.dataset_dir, args.num_clips, args.batch_size, num_workers, args.repeats))
+        report["loading"].append(
+            bench_loading(args.dataset_dir, args.num_clips, args.batch_size, num_workers, args.repeats)
+        )
         print(json.dumps(report["loading"][-1]))
     os.makedirs("benchmarks/results", exist_ok=True)
     with open("benchmarks/results/bench_data.json", "w") as handle:

@@ -57,22 +57,39 @@ def unet_input(pipe, latents: torch.Tensor, t, frames: torch.Tensor | None, pass
 
 
 @torch.no_grad()
-def bare_loop(pipe, condition: torch.Tensor, frames: torch.Tensor | None, text: tuple, latents: torch.Tensor, steps: int,
-              guidance_scale: float, melody_guidance_scale: float) -> torch.Tensor:
+def bare_loop(
+    pipe,
+    condition: torch.Tensor,
+    frames: torch.Tensor | None,
+    text: tuple,
+    latents: torch.Tensor,
+    steps: int,
+    guidance_scale: float,
+    melody_guidance_scale: float,
+) -> torch.Tensor:
     """The textbook diffusers loop with MG2's text and melody guidance terms: what any pipeline must at least do.
     Equal scales are plain classifier-free guidance (two passes); otherwise the melody-free prediction runs too.
     `text`: the token states the UNet attends to and their mask ((None, None) without `text_attention`)."""
     pipe.scheduler.set_timesteps(steps)
     latents = latents * pipe.scheduler.init_noise_sigma
     for t in pipe.scheduler.timesteps:
-        prediction = pipe.unet(unet_input(pipe, latents, t, frames, len(condition)), t, encoder_hidden_states=text[0],
-                               encoder_attention_mask=text[1], class_labels=condition).sample
+        prediction = pipe.unet(
+            unet_input(pipe, latents, t, frames, len(condition)),
+            t,
+            encoder_hidden_states=text[0],
+            encoder_attention_mask=text[1],
+            class_labels=condition,
+        ).sample
         if len(condition) == 2:
             full, unconditional = prediction.chunk(2)
             guided = unconditional + guidance_scale * (full - unconditional)
         else:
             full, no_melody, unconditional = prediction.chunk(3)
-            guided = no_melody + melody_guidance_scale * (full - no_melody) + (guidance_scale - 1) * (no_melody - unconditional)
+            guided = (
+                no_melody
+                + melody_guidance_scale * (full - no_melody)
+                + (guidance_scale - 1) * (no_melody - unconditional)
+            )
         latents = pipe.scheduler.step(guided, t, latents).prev_sample
     return latents
 
@@ -104,15 +121,27 @@ def main(argv=None):
     for _ in range(args.repeats):
         timer.seconds = {}
         start = time.perf_counter()
-        audio = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                     melody_guidance_scale=args.melody_guidance_scale, audio_length_in_s=args.seconds, generator=generator()).audios
+        audio = pipe(
+            prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            melody_guidance_scale=args.melody_guidance_scale,
+            audio_length_in_s=args.seconds,
+            generator=generator(),
+        ).audios
         full.append(time.perf_counter() - start)
         stages.append(dict(timer.seconds))
 
         start = time.perf_counter()
-        latents = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       melody_guidance_scale=args.melody_guidance_scale, audio_length_in_s=args.seconds, generator=generator(),
-                       output_type="latent").audios
+        latents = pipe(
+            prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            melody_guidance_scale=args.melody_guidance_scale,
+            audio_length_in_s=args.seconds,
+            generator=generator(),
+            output_type="latent",
+        ).audios
         to_latents.append(time.perf_counter() - start)
 
         # the bare loop gets the condition, the melody frames and the initial noise for free
@@ -127,21 +156,33 @@ def main(argv=None):
         frames = None
         if pipe.config.aligned_melody is not None:
             guide = pipe.follow_prompt_tempo(hits.melodies[0][0], prompt).melody
-            frames = pipe.prepare_melody_frames([guide.fit_to(latents.shape[2] * pipe.vae_scale_factor * pipe.hop_length
-                                                              / pipe.sampling_rate)], latents.shape[2], pipe.device, pipe.unet.dtype)
+            frames = pipe.prepare_melody_frames(
+                [guide.fit_to(latents.shape[2] * pipe.vae_scale_factor * pipe.hop_length / pipe.sampling_rate)],
+                latents.shape[2],
+                pipe.device,
+                pipe.unet.dtype,
+            )
             frames = torch.cat([frames] + [torch.zeros_like(frames)] * (len(condition) - 1))
         noise = torch.randn(latents.shape, generator=generator())
         start = time.perf_counter()
-        bare_latents = bare_loop(pipe, condition, frames, text_states, noise, args.steps, args.guidance_scale,
-                                 args.melody_guidance_scale)
+        bare_latents = bare_loop(
+            pipe, condition, frames, text_states, noise, args.steps, args.guidance_scale, args.melody_guidance_scale
+        )
         bare.append(time.perf_counter() - start)
     # same computation up to float rounding (the pipeline encodes prompt and empty text in separate batches)
-    assert (bare_latents - latents).abs().max() <= 1e-4 * latents.abs().max(), "the bare loop must compute what the pipeline computes"
+    assert (bare_latents - latents).abs().max() <= 1e-4 * latents.abs().max(), (
+        "the bare loop must compute what the pipeline computes"
+    )
 
     with FlopCounterMode(display=False) as counter:
         t = pipe.scheduler.timesteps[0]
-        pipe.unet(unet_input(pipe, latents, t, frames, len(condition)), t, encoder_hidden_states=text_states[0],
-                  encoder_attention_mask=text_states[1], class_labels=condition)
+        pipe.unet(
+            unet_input(pipe, latents, t, frames, len(condition)),
+            t,
+            encoder_hidden_states=text_states[0],
+            encoder_attention_mask=text_states[1],
+            class_labels=condition,
+        )
     unet_flops = counter.get_total_flops() * args.steps
     peak = matmul_peak_flops()
 
@@ -149,24 +190,39 @@ def main(argv=None):
     full_s, latents_s, bare_s = statistics.median(full), statistics.median(to_latents), statistics.median(bare)
     denoise_s = latents_s - stage_medians["CLMP text encoding"] - stage_medians["retrieval"]
     results = {
-        "model": args.model, "audio_seconds": args.seconds, "steps": args.steps, "threads": torch.get_num_threads(),
+        "model": args.model,
+        "audio_seconds": args.seconds,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
         "unet_parameters_M": sum(p.numel() for p in pipe.unet.parameters()) / 1e6,
-        "latent_shape": list(latents.shape), "samples": int(audio.shape[-1]),
+        "latent_shape": list(latents.shape),
+        "samples": int(audio.shape[-1]),
         "stages_s": {**stage_medians, "denoising loop (incl. scheduler)": denoise_s},
-        "total_s": full_s, "real_time_factor": full_s / args.seconds,
-        "prompt_to_latents_s": latents_s, "bare_loop_s": bare_s, "overhead_vs_bare_loop": latents_s / bare_s - 1,
-        "unet_gflops_per_run": unet_flops / 1e9, "achieved_gflop_per_s": unet_flops / bare_s / 1e9,
-        "fp32_matmul_peak_gflop_per_s": peak / 1e9, "fraction_of_peak": unet_flops / bare_s / peak,
+        "total_s": full_s,
+        "real_time_factor": full_s / args.seconds,
+        "prompt_to_latents_s": latents_s,
+        "bare_loop_s": bare_s,
+        "overhead_vs_bare_loop": latents_s / bare_s - 1,
+        "unet_gflops_per_run": unet_flops / 1e9,
+        "achieved_gflop_per_s": unet_flops / bare_s / 1e9,
+        "fp32_matmul_peak_gflop_per_s": peak / 1e9,
+        "fraction_of_peak": unet_flops / bare_s / peak,
     }
-    print(f"{args.model}: {args.seconds} s of audio, {args.steps} steps, {results['threads']} threads, "
-          f"UNet {results['unet_parameters_M']:.1f} M on latents {results['latent_shape']}")
+    print(
+        f"{args.model}: {args.seconds} s of audio, {args.steps} steps, {results['threads']} threads, "
+        f"UNet {results['unet_parameters_M']:.1f} M on latents {results['latent_shape']}"
+    )
     print("| stage | seconds |\n|---|---|")
     for name, seconds in results["stages_s"].items():
         print(f"| {name} | {seconds:.3f} |")
     print(f"| **total** | **{full_s:.3f}** (real-time factor {results['real_time_factor']:.3f}) |")
-    print(f"prompt → latents {latents_s:.3f} s vs bare loop {bare_s:.3f} s: overhead {100 * results['overhead_vs_bare_loop']:+.1f} %")
-    print(f"UNet {results['achieved_gflop_per_s']:.1f} GFLOP/s achieved vs fp32 matmul peak "
-          f"{results['fp32_matmul_peak_gflop_per_s']:.1f} GFLOP/s ({100 * results['fraction_of_peak']:.0f} %)")
+    print(
+        f"prompt → latents {latents_s:.3f} s vs bare loop {bare_s:.3f} s: overhead {100 * results['overhead_vs_bare_loop']:+.1f} %"
+    )
+    print(
+        f"UNet {results['achieved_gflop_per_s']:.1f} GFLOP/s achieved vs fp32 matmul peak "
+        f"{results['fp32_matmul_peak_gflop_per_s']:.1f} GFLOP/s ({100 * results['fraction_of_peak']:.0f} %)"
+    )
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(results, handle, indent=2)

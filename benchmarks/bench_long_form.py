@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
 
 from evaluate import chroma_peaks, clmp_audio_embeddings, mel_accuracy  # noqa: E402
+
 from mg2_pipeline import LogMelSpectrogram, Melody, MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline.audio import SAMPLE_RATE  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
@@ -48,21 +49,38 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="checkpoints/mg2-small")
     parser.add_argument("--dataset", default="data/mg2-folk")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--lengths", default="10.24,60,300", help="Seconds for the cost rows; the first is the reference.")
+    parser.add_argument(
+        "--lengths", default="10.24,60,300", help="Seconds for the cost rows; the first is the reference."
+    )
     parser.add_argument("--tunes", type=int, default=2, help="Whole tunes (each --tune_clips clips long).")
     parser.add_argument("--tune_clips", type=int, default=6)
     parser.add_argument("--a2a_clips", type=int, default=24)
-    parser.add_argument("--a2a_prompts", nargs="+", help="The re-renderings' new prompts, one table each.",
-                        default=["A slow, solemn chorale on church organ", "A bright, lively folk tune on trumpet",
-                                 "A gentle folk song on piano"])
+    parser.add_argument(
+        "--a2a_prompts",
+        nargs="+",
+        help="The re-renderings' new prompts, one table each.",
+        default=[
+            "A slow, solemn chorale on church organ",
+            "A bright, lively folk tune on trumpet",
+            "A gentle folk song on piano",
+        ],
+    )
     parser.add_argument("--seed", type=int, default=0, help="Clip i of audio-to-audio is generated with seed + i.")
     parser.add_argument("--strengths", default="0.1,0.2,0.4,0.5,0.6,0.8,1.0")
-    parser.add_argument("--a2a_guidance", nargs="+", default=["3,3"],
-                        help="Text and melody guidance scales of the audio-to-audio rows, one or more pairs.")
-    parser.add_argument("--a2a_guidance_interval", default="0,1", help="Their guidance_interval (fractions of the noise schedule).")
+    parser.add_argument(
+        "--a2a_guidance",
+        nargs="+",
+        default=["3,3"],
+        help="Text and melody guidance scales of the audio-to-audio rows, one or more pairs.",
+    )
+    parser.add_argument(
+        "--a2a_guidance_interval", default="0,1", help="Their guidance_interval (fractions of the noise schedule)."
+    )
     parser.add_argument("--parts", default="cost,tune,a2a")
     parser.add_argument("--output_json", default="benchmarks/results/long_form.json")
-    parser.add_argument("--measure_length", type=float, default=None, help=argparse.SUPPRESS)  # one cost row, in a child
+    parser.add_argument(
+        "--measure_length", type=float, default=None, help=argparse.SUPPRESS
+    )  # one cost row, in a child
     return parser.parse_args(argv)
 
 
@@ -80,19 +98,44 @@ def measure_length(args) -> None:
     times = []
     for seed in range(max(1, round(60 / args.measure_length))):
         start = time.perf_counter()
-        pipe("A lively Irish jig on fiddle", audio_length_in_s=args.measure_length, num_inference_steps=args.steps,
-             generator=torch.Generator().manual_seed(seed))
+        pipe(
+            "A lively Irish jig on fiddle",
+            audio_length_in_s=args.measure_length,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(seed),
+        )
         times.append(time.perf_counter() - start)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"length_s": args.measure_length, "runs": len(times), "compute_s": float(np.median(times)),
-                      "peak_rss_mib": peak_mib}))
+    print(
+        json.dumps(
+            {
+                "length_s": args.measure_length,
+                "runs": len(times),
+                "compute_s": float(np.median(times)),
+                "peak_rss_mib": peak_mib,
+            }
+        )
+    )
 
 
 def cost_rows(args) -> list[dict]:
     rows = []
     for length in tqdm([float(x) for x in args.lengths.split(",")], desc="cost"):
-        result = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
-                                 "--measure_length", str(length)], capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--steps",
+                str(args.steps),
+                "--measure_length",
+                str(length),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         row = json.loads(result.stdout.strip().splitlines()[-1])
         row["compute_per_audio_s"] = row["compute_s"] / length
         rows.append(row)
@@ -107,13 +150,21 @@ def seam_ratio(pipe: MG2Pipeline, waveform: np.ndarray) -> dict:
     log_mel = _MEL(torch.from_numpy(waveform)).numpy()
     change = np.abs(np.diff(log_mel, axis=0)).mean(1)  # change[t]: frame t → t + 1
     latent_frames = pipe.mel_frames(len(waveform) / SAMPLE_RATE) // pipe.vae_scale_factor
-    starts = window_starts(latent_frames, pipe.window_frames, pipe.window_overlap, pipe.frames_multiple // pipe.vae_scale_factor)
-    edges = sorted({s * pipe.vae_scale_factor for s in starts[1:]} | {(s + pipe.window_frames) * pipe.vae_scale_factor
-                                                                      for s in starts[:-1]})
+    starts = window_starts(
+        latent_frames, pipe.window_frames, pipe.window_overlap, pipe.frames_multiple // pipe.vae_scale_factor
+    )
+    edges = sorted(
+        {s * pipe.vae_scale_factor for s in starts[1:]}
+        | {(s + pipe.window_frames) * pipe.vae_scale_factor for s in starts[:-1]}
+    )
     at_edges = np.array([change[edge - 1] for edge in edges if 0 < edge <= len(change)])
     elsewhere = np.delete(change, [edge - 1 for edge in edges if 0 < edge <= len(change)])
-    return {"edges": len(at_edges), "median_ratio": float(np.median(at_edges) / np.median(elsewhere)),
-            "mean_ratio": float(at_edges.mean() / elsewhere.mean()), "max_ratio": float(at_edges.max() / np.median(elsewhere))}
+    return {
+        "edges": len(at_edges),
+        "median_ratio": float(np.median(at_edges) / np.median(elsewhere)),
+        "mean_ratio": float(at_edges.mean() / elsewhere.mean()),
+        "max_ratio": float(at_edges.max() / np.median(elsewhere)),
+    }
 
 
 def through_codec(pipe: MG2Pipeline, waveform: np.ndarray) -> np.ndarray:
@@ -128,28 +179,58 @@ def tune_rows(args, pipe: MG2Pipeline, test: list[dict]) -> tuple[list[dict], li
     clip_s = len(load_audio(test[0]["audio"]["bytes"])) / SAMPLE_RATE
     tunes = []
     for tune in range(args.tunes):
-        rows = test[tune * args.tune_clips:(tune + 1) * args.tune_clips]
-        real = np.concatenate([np.pad(w := load_audio(row["audio"]["bytes"]), (0, int(clip_s * SAMPLE_RATE) - len(w)))
-                               for row in rows])
+        rows = test[tune * args.tune_clips : (tune + 1) * args.tune_clips]
+        real = np.concatenate(
+            [np.pad(w := load_audio(row["audio"]["bytes"]), (0, int(clip_s * SAMPLE_RATE) - len(w))) for row in rows]
+        )
         melodies = [Melody.from_notes(row["melody_notes"]).slice(0, clip_s) for row in rows]
-        whole = Melody(np.concatenate([m.notes + np.array([0, i * clip_s, i * clip_s]) for i, m in enumerate(melodies)]))
+        whole = Melody(
+            np.concatenate([m.notes + np.array([0, i * clip_s, i * clip_s]) for i, m in enumerate(melodies)])
+        )
         tunes.append({"caption": rows[0]["caption"], "real": real, "melodies": melodies, "whole": whole})
-    results, seams = {"one call, windows": [], "clip by clip, one window each": [], "ceiling: real → codec": [],
-                      "floor: another tune's real audio": []}, []
+    results, seams = (
+        {
+            "one call, windows": [],
+            "clip by clip, one window each": [],
+            "ceiling: real → codec": [],
+            "floor: another tune's real audio": [],
+        },
+        [],
+    )
     for index, tune in enumerate(tqdm(tunes, desc="whole tunes")):
         seconds = len(tune["real"]) / SAMPLE_RATE
         reference = chroma_peaks(tune["real"])
-        long = pipe(tune["caption"], melody=tune["whole"], audio_length_in_s=seconds, num_inference_steps=args.steps,
-                    generator=torch.Generator().manual_seed(index)).audios[0]
-        pieces = np.concatenate([pipe(tune["caption"], melody=melody, audio_length_in_s=clip_s, num_inference_steps=args.steps,
-                                      generator=torch.Generator().manual_seed(index)).audios[0] for melody in tune["melodies"]])
+        long = pipe(
+            tune["caption"],
+            melody=tune["whole"],
+            audio_length_in_s=seconds,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(index),
+        ).audios[0]
+        pieces = np.concatenate(
+            [
+                pipe(
+                    tune["caption"],
+                    melody=melody,
+                    audio_length_in_s=clip_s,
+                    num_inference_steps=args.steps,
+                    generator=torch.Generator().manual_seed(index),
+                ).audios[0]
+                for melody in tune["melodies"]
+            ]
+        )
         other = tunes[(index + 1) % len(tunes)]["real"]
-        for name, waveform in (("one call, windows", long), ("clip by clip, one window each", pieces),
-                               ("ceiling: real → codec", through_codec(pipe, tune["real"])),
-                               ("floor: another tune's real audio", other)):
+        for name, waveform in (
+            ("one call, windows", long),
+            ("clip by clip, one window each", pieces),
+            ("ceiling: real → codec", through_codec(pipe, tune["real"])),
+            ("floor: another tune's real audio", other),
+        ):
             results[name].append(mel_accuracy(chroma_peaks(waveform), reference))
         seams.append({"tune": index, "seconds": seconds, **seam_ratio(pipe, long)})
-    return [{"audio": name, "mel_acc": float(np.mean(values)), "tunes": len(values)} for name, values in results.items()], seams
+    return [
+        {"audio": name, "mel_acc": float(np.mean(values)), "tunes": len(values)} for name, values in results.items()
+    ], seams
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -159,7 +240,7 @@ def standard_error(values: np.ndarray) -> float:
 def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
     """One table per prompt of `--a2a_prompts`: the bounds, every guidance setting at every strength, and per setting
     the paired fall of Mel acc from each strength to the next."""
-    rows = test[:args.a2a_clips]
+    rows = test[: args.a2a_clips]
     real = [load_audio(row["audio"]["bytes"]) for row in rows]
     references = [chroma_peaks(w) for w in real]
     captions = pipe.encode_text([row["caption"] for row in rows], pipe.device).cpu().numpy()
@@ -185,28 +266,61 @@ def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
             # Clip by clip, how far the text score moved from the same clip through the codec (the input as the model
             # draws it): the codec alone moves it, so the input itself is the wrong reference.
             moves = text_scores(waveforms) - codec_scores
-            return {"audio": name, "mel_acc": float(mel_acc.mean()), "mel_acc_standard_error": standard_error(mel_acc),
-                    "text_score_minus_codec": float(moves.mean()), "text_score_minus_codec_standard_error": standard_error(moves),
-                    "mel_acc_per_clip": mel_acc.round(4).tolist()}
+            return {
+                "audio": name,
+                "mel_acc": float(mel_acc.mean()),
+                "mel_acc_standard_error": standard_error(mel_acc),
+                "text_score_minus_codec": float(moves.mean()),
+                "text_score_minus_codec_standard_error": standard_error(moves),
+                "mel_acc_per_clip": mel_acc.round(4).tolist(),
+            }
 
-        table = [row("ceiling: real → codec", codec), row("the input itself", real),
-                 row("the input's transcribed melody as tones", tones), row("floor: another clip", real[1:] + real[:1])]
+        table = [
+            row("ceiling: real → codec", codec),
+            row("the input itself", real),
+            row("the input's transcribed melody as tones", tones),
+            row("floor: another clip", real[1:] + real[:1]),
+        ]
         falls = []
         for guidance_scale, melody_guidance_scale in settings:
             by_strength = []
-            for strength in tqdm(strengths, desc=f"audio-to-audio, {guidance_scale:g} / {melody_guidance_scale:g}, {prompt!r}"):
-                outputs = [pipe(prompt, audio=w, strength=strength, num_inference_steps=args.steps,
-                                guidance_scale=guidance_scale, melody_guidance_scale=melody_guidance_scale,
-                                guidance_interval=guidance_interval,
-                                generator=torch.Generator().manual_seed(args.seed + i)).audios[0]
-                           for i, w in enumerate(real)]
-                by_strength.append(row(f"strength {strength:g}, guidance {guidance_scale:g} / {melody_guidance_scale:g}", outputs))
-                table.append({**by_strength[-1], "strength": strength, "guidance_scale": guidance_scale,
-                              "melody_guidance_scale": melody_guidance_scale})
+            for strength in tqdm(
+                strengths, desc=f"audio-to-audio, {guidance_scale:g} / {melody_guidance_scale:g}, {prompt!r}"
+            ):
+                outputs = [
+                    pipe(
+                        prompt,
+                        audio=w,
+                        strength=strength,
+                        num_inference_steps=args.steps,
+                        guidance_scale=guidance_scale,
+                        melody_guidance_scale=melody_guidance_scale,
+                        guidance_interval=guidance_interval,
+                        generator=torch.Generator().manual_seed(args.seed + i),
+                    ).audios[0]
+                    for i, w in enumerate(real)
+                ]
+                by_strength.append(
+                    row(f"strength {strength:g}, guidance {guidance_scale:g} / {melody_guidance_scale:g}", outputs)
+                )
+                table.append(
+                    {
+                        **by_strength[-1],
+                        "strength": strength,
+                        "guidance_scale": guidance_scale,
+                        "melody_guidance_scale": melody_guidance_scale,
+                    }
+                )
             for (low, high), (a, b) in zip(zip(strengths, strengths[1:]), zip(by_strength, by_strength[1:])):
                 fall = np.array(a["mel_acc_per_clip"]) - np.array(b["mel_acc_per_clip"])
-                falls.append({"guidance": f"{guidance_scale:g} / {melody_guidance_scale:g}", "strengths": (low, high),
-                              "mel_acc_fall": float(fall.mean()), "standard_error": standard_error(fall)})
+                falls.append(
+                    {
+                        "guidance": f"{guidance_scale:g} / {melody_guidance_scale:g}",
+                        "strengths": (low, high),
+                        "mel_acc_fall": float(fall.mean()),
+                        "standard_error": standard_error(fall),
+                    }
+                )
         tables.append({"prompt": prompt, "rows": table, "mel_acc_falls": falls})
     return tables
 
@@ -216,8 +330,14 @@ def main(argv=None):
     if args.measure_length is not None:
         return measure_length(args)
     parts = set(args.parts.split(","))
-    results = {"model": args.model, "steps": args.steps, "a2a_prompts": args.a2a_prompts, "a2a_guidance": args.a2a_guidance,
-               "a2a_guidance_interval": args.a2a_guidance_interval, "seed": args.seed}
+    results = {
+        "model": args.model,
+        "steps": args.steps,
+        "a2a_prompts": args.a2a_prompts,
+        "a2a_guidance": args.a2a_guidance,
+        "a2a_guidance_interval": args.a2a_guidance_interval,
+        "seed": args.seed,
+    }
     if "cost" in parts:
         results["cost"] = cost_rows(args)
     if parts & {"tune", "a2a"}:

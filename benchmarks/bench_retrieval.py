@@ -42,7 +42,7 @@ def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int, chunk: int = 200_
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_ids = np.zeros((len(queries), 0), dtype=np.int64)
     for start in tqdm(range(0, len(base), chunk), desc="exact search", leave=False):
-        scores = queries @ base[start:start + chunk].T
+        scores = queries @ base[start : start + chunk].T
         top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
         best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, 1)], axis=1)
         best_ids = np.concatenate([best_ids, top + start], axis=1)
@@ -63,49 +63,84 @@ def measure(search_one, search_batch, queries: np.ndarray, truth: np.ndarray, ba
         latencies.append(time.perf_counter() - start)
     start = time.perf_counter()
     for offset in range(0, len(queries), batch):
-        search_batch(queries[offset:offset + batch])
+        search_batch(queries[offset : offset + batch])
     qps = len(queries) / (time.perf_counter() - start)
     found = np.stack(found)
-    return {"p50_ms": 1e3 * float(np.percentile(latencies, 50)), "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
-            "batch64_qps": qps, "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10)}
+    return {
+        "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
+        "batch64_qps": qps,
+        "recall@1": recall(found, truth, 1),
+        "recall@10": recall(found, truth, 10),
+    }
 
 
 def bench(name: str, base: np.ndarray, queries: np.ndarray, args) -> list[dict]:
-    import faiss
-
-    dim = base.shape[1]
     truth = exact_top_k(base, queries, 10)
-    rows = []
+    rows = bench_ours(name, base, queries, truth, args)
+    gc.collect()  # the first index is freed before the peer's is built
+    rows += bench_faiss(name, base, queries, truth, args)
+    gc.collect()
+    return rows
 
-    # ours: the retriever (hnswlib inside)
+
+def bench_ours(name: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, args) -> list[dict]:
+    """The retriever (hnswlib inside): raw hnswlib and `MelodyRetriever.search`, per `--ef_search`."""
+    dim = base.shape[1]
+    rows = []
     start = time.perf_counter()
     retriever = MelodyRetriever(dim=dim, M=args.M, ef_construction=args.ef_construction, initial_capacity=len(base))
     placeholder = Melody.from_notes([[60, 0.0, 0.5]])
     for offset in tqdm(range(0, len(base), 100_000), desc=f"{name}: hnswlib build", leave=False):
-        chunk = base[offset:offset + 100_000]
+        chunk = base[offset : offset + 100_000]
         retriever.add(chunk, [placeholder] * len(chunk), [{"n": offset + i} for i in range(len(chunk))])
     build_s = time.perf_counter() - start
     index = retriever._index
     index.save_index(os.path.join(args.scratch_dir, "hnswlib.bin"))
     # in memory: the graph with its vectors, plus the retriever's own copy of the normalised embeddings
-    ours_build = {"build_s": build_s, "memory_mb": file_megabytes(os.path.join(args.scratch_dir, "hnswlib.bin"))
-                  + retriever._embeddings.nbytes / 2**20}
+    ours_build = {
+        "build_s": build_s,
+        "memory_mb": file_megabytes(os.path.join(args.scratch_dir, "hnswlib.bin"))
+        + retriever._embeddings.nbytes / 2**20,
+    }
     for ef in args.ef_search:
         index.set_ef(ef)
-        raw = measure(lambda q: index.knn_query(q[None], k=10, num_threads=1)[0][0],
-                      lambda qs: index.knn_query(qs, k=10), queries, truth)
-        rows.append({"data": name, "N": len(base), "library": "ours (raw hnswlib)", "ef_search": ef, **ours_build, **raw})
-        wrapped = measure(lambda q: retriever.search(q, k=10).ids[0], lambda qs: retriever.search(qs, k=10), queries, truth)
-        rows.append({"data": name, "N": len(base), "library": "ours (MelodyRetriever.search)", "ef_search": ef, **ours_build, **wrapped})
-    del retriever, index
-    gc.collect()
+        raw = measure(
+            lambda q: index.knn_query(q[None], k=10, num_threads=1)[0][0],
+            lambda qs: index.knn_query(qs, k=10),
+            queries,
+            truth,
+        )
+        rows.append(
+            {"data": name, "N": len(base), "library": "ours (raw hnswlib)", "ef_search": ef, **ours_build, **raw}
+        )
+        wrapped = measure(
+            lambda q: retriever.search(q, k=10).ids[0], lambda qs: retriever.search(qs, k=10), queries, truth
+        )
+        rows.append(
+            {
+                "data": name,
+                "N": len(base),
+                "library": "ours (MelodyRetriever.search)",
+                "ef_search": ef,
+                **ours_build,
+                **wrapped,
+            }
+        )
+    return rows
 
-    # peer: faiss HNSW, same graph settings, inner product on the same normalised vectors
+
+def bench_faiss(name: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, args) -> list[dict]:
+    """The peer: faiss HNSW, same graph settings, inner product on the same normalised vectors."""
+    import faiss
+
+    dim = base.shape[1]
+    rows = []
     start = time.perf_counter()
     faiss_index = faiss.IndexHNSWFlat(dim, args.M, faiss.METRIC_INNER_PRODUCT)
     faiss_index.hnsw.efConstruction = args.ef_construction
     for offset in tqdm(range(0, len(base), 100_000), desc=f"{name}: faiss build", leave=False):
-        faiss_index.add(base[offset:offset + 100_000])
+        faiss_index.add(base[offset : offset + 100_000])
     build_s = time.perf_counter() - start
     faiss.write_index(faiss_index, os.path.join(args.scratch_dir, "faiss.bin"))
     faiss_build = {"build_s": build_s, "memory_mb": file_megabytes(os.path.join(args.scratch_dir, "faiss.bin"))}
@@ -119,9 +154,9 @@ def bench(name: str, base: np.ndarray, queries: np.ndarray, args) -> list[dict]:
     for ef in args.ef_search:
         faiss_index.hnsw.efSearch = ef
         result = measure(faiss_one, lambda qs: faiss_index.search(qs, 10), queries, truth)
-        rows.append({"data": name, "N": len(base), "library": "faiss IndexHNSWFlat", "ef_search": ef, **faiss_build, **result})
-    del faiss_index
-    gc.collect()
+        rows.append(
+            {"data": name, "N": len(base), "library": "faiss IndexHNSWFlat", "ef_search": ef, **faiss_build, **result}
+        )
     return rows
 
 
@@ -133,10 +168,13 @@ def real_melody_data(index_dir: str, clmp_dir: str, dataset: str, max_queries: i
     from mg2_pipeline.data import load_mg2_dataset
 
     retriever = MelodyRetriever.from_pretrained(index_dir)
-    base = retriever._embeddings[:len(retriever)]
+    base = retriever._embeddings[: len(retriever)]
     model, processor = CLMPModel.from_pretrained(clmp_dir).eval(), CLMPProcessor.from_pretrained(clmp_dir)
     retriever.check_clmp(model)
-    captions = [row["caption"] for row, _ in zip(load_mg2_dataset(dataset, "test").select_columns(["caption"]), range(max_queries))]
+    captions = [
+        row["caption"]
+        for row, _ in zip(load_mg2_dataset(dataset, "test").select_columns(["caption"]), range(max_queries))
+    ]
     with torch.no_grad():
         text = processor(text=captions, return_tensors="pt")
         queries = model.get_text_features(text["input_ids"], text["attention_mask"]).numpy()
@@ -147,8 +185,10 @@ def format_table(rows: list[dict]) -> str:
     header = "| data | N | library | ef_search | build s | index MB | p50 ms | p99 ms | batch-64 q/s | R@1 | R@10 |"
     lines = [header, "|" + "---|" * 11]
     for r in rows:
-        lines.append(f"| {r['data']} | {r['N']:,} | {r['library']} | {r['ef_search']} | {r['build_s']:.1f} | {r['memory_mb']:.0f} | "
-                     f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['batch64_qps']:.0f} | {r['recall@1']:.3f} | {r['recall@10']:.3f} |")
+        lines.append(
+            f"| {r['data']} | {r['N']:,} | {r['library']} | {r['ef_search']} | {r['build_s']:.1f} | {r['memory_mb']:.0f} | "
+            f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['batch64_qps']:.0f} | {r['recall@1']:.3f} | {r['recall@10']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -157,16 +197,26 @@ def main(argv=None):
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--M", type=int, default=32)
-    parser.add_argument("--ef_construction", type=int, default=200,
-                        help="The original's 2048 would take hours per million vectors on 2 cores; 200 is the libraries' usual default.")
+    parser.add_argument(
+        "--ef_construction",
+        type=int,
+        default=200,
+        help="The original's 2048 would take hours per million vectors on 2 cores; 200 is the libraries' usual default.",
+    )
     parser.add_argument("--ef_search", default="16,32,64,128,256,512")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--index", default=None, help="A saved MelodyRetriever (build_index.py) for the real-data rows.")
-    parser.add_argument("--clmp", default=None, help="The CLMP the index was built with (its text tower makes the queries).")
+    parser.add_argument(
+        "--index", default=None, help="A saved MelodyRetriever (build_index.py) for the real-data rows."
+    )
+    parser.add_argument(
+        "--clmp", default=None, help="The CLMP the index was built with (its text tower makes the queries)."
+    )
     parser.add_argument("--dataset", default="data/mg2-folk")
     parser.add_argument("--output", default="benchmarks/results/retrieval.json")
-    parser.add_argument("--scratch_dir", default="benchmarks/results", help="Where index files are written to be measured.")
+    parser.add_argument(
+        "--scratch_dir", default="benchmarks/results", help="Where index files are written to be measured."
+    )
     args = parser.parse_args(argv)
     args.ef_search = [int(ef) for ef in args.ef_search.split(",")]
     sizes = [int(size) for size in args.sizes.split(",") if size]

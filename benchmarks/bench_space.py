@@ -36,10 +36,20 @@ def start_space(model: str, concurrency: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "MG2_MODEL": model, "MG2_CONCURRENCY": str(concurrency), "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "space", "app.py")], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "MG2_MODEL": model,
+        "MG2_CONCURRENCY": str(concurrency),
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "space", "app.py")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/"
     for _ in range(600):
         try:
@@ -67,8 +77,13 @@ def main(argv=None):
     direct = []
     for seed in range(args.requests + 1):  # the first call warms up
         start = time.perf_counter()
-        pipe(PROMPT, audio_length_in_s=seconds, num_inference_steps=args.steps, guidance_scale=3.0,
-             generator=torch.Generator().manual_seed(seed))
+        pipe(
+            PROMPT,
+            audio_length_in_s=seconds,
+            num_inference_steps=args.steps,
+            guidance_scale=3.0,
+            generator=torch.Generator().manual_seed(seed),
+        )
         direct.append(time.perf_counter() - start)
     direct_s = statistics.median(direct[1:])
     del pipe
@@ -78,8 +93,14 @@ def main(argv=None):
         client.predict(PROMPT, "", None, None, "", seconds, args.steps, 3.0, 2.0, seed, 1, 5, api_name="/generate")
         return time.perf_counter() - start
 
-    results = {"model": args.model, "audio_seconds": seconds, "steps": args.steps, "requests": args.requests,
-               "direct_call_s": round(direct_s, 3), "concurrent": {}}
+    results = {
+        "model": args.model,
+        "audio_seconds": seconds,
+        "steps": args.steps,
+        "requests": args.requests,
+        "direct_call_s": round(direct_s, 3),
+        "concurrent": {},
+    }
     for concurrency in (1, 2):
         server, url = start_space(args.model, concurrency)
         try:
@@ -92,18 +113,24 @@ def main(argv=None):
             with ThreadPoolExecutor(max_workers=args.requests) as pool:
                 list(pool.map(lambda seed: request(Client(url, verbose=False), seed), range(args.requests)))
             per_request = (time.perf_counter() - start) / args.requests
-            results["concurrent"][concurrency] = {"wall_s_per_request": round(per_request, 3),
-                                                  "vs_direct_call": round(per_request / direct_s, 3)}
+            results["concurrent"][concurrency] = {
+                "wall_s_per_request": round(per_request, 3),
+                "vs_direct_call": round(per_request / direct_s, 3),
+            }
         finally:
             server.terminate()
             server.wait(timeout=30)
 
     print(f"{args.model}: {seconds:.2f} s of audio, {args.steps} steps, {torch.get_num_threads()} threads")
-    print(f"| path | seconds per request | vs direct call |\n|---|---|---|\n| direct `pipe(...)` | {direct_s:.3f} | 1.00 |")
+    print(
+        f"| path | seconds per request | vs direct call |\n|---|---|---|\n| direct `pipe(...)` | {direct_s:.3f} | 1.00 |"
+    )
     print(f"| Space `/generate`, one user | {results['space_request_s']:.3f} | {1 + results['space_overhead']:.2f} |")
     for concurrency, row in results["concurrent"].items():
-        print(f"| Space, {args.requests} users at once, MG2_CONCURRENCY={concurrency} | {row['wall_s_per_request']:.3f} "
-              f"| {row['vs_direct_call']:.2f} |")
+        print(
+            f"| Space, {args.requests} users at once, MG2_CONCURRENCY={concurrency} | {row['wall_s_per_request']:.3f} "
+            f"| {row['vs_direct_call']:.2f} |"
+        )
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(results, handle, indent=2)

@@ -27,20 +27,25 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
 
 from evaluate import Bench, chroma_peaks, codec_rows, generate, instrument_prompts, mel_accuracy, parse_args  # noqa: E402
+from sound_measures import FAMILIES, SoundClassifier, family_of, onset_click_energy, timbre_features  # noqa: E402
+
 from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
-from sound_measures import FAMILIES, SoundClassifier, family_of, onset_click_energy, timbre_features  # noqa: E402
 
 
 def load_ema_weights(pipe: MG2Pipeline, checkpoint: str) -> None:
     """Copy the EMA weights `train_mg2.py` checkpointed (accelerate's first custom object) into `pipe.unet`."""
     path = os.path.join(checkpoint, "custom_checkpoint_0.pkl")
     if not os.path.isfile(path):
-        raise SystemExit(f"{checkpoint} holds no EMA weights ({path}): a LoRA run keeps none; measure its saved adapter.")
+        raise SystemExit(
+            f"{checkpoint} holds no EMA weights ({path}): a LoRA run keeps none; measure its saved adapter."
+        )
     state = torch.load(path, map_location="cpu", weights_only=False)
     parameters = list(pipe.unet.parameters())
     if len(state["shadow_params"]) != len(parameters):
-        raise ValueError(f"{checkpoint} holds {len(state['shadow_params'])} EMA tensors; this UNet has {len(parameters)}.")
+        raise ValueError(
+            f"{checkpoint} holds {len(state['shadow_params'])} EMA tensors; this UNet has {len(parameters)}."
+        )
     with torch.no_grad():
         for parameter, shadow in zip(parameters, state["shadow_params"]):
             parameter.copy_(shadow)
@@ -48,13 +53,22 @@ def load_ema_weights(pipe: MG2Pipeline, checkpoint: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="A train_mg2.py output folder (the saved pipeline and its checkpoints).")
+    parser.add_argument(
+        "--run", required=True, help="A train_mg2.py output folder (the saved pipeline and its checkpoints)."
+    )
     parser.add_argument("--dataset", default="data/mg2-folk")
     parser.add_argument("--num_clips", type=int, default=32)
     parser.add_argument("--classifier_clips", type=int, default=1500)
-    parser.add_argument("--checkpoints", nargs="+", default=None, help="Only these checkpoint-N folders (default: all).")
-    parser.add_argument("--guidance_scales", type=float, nargs="+", default=None,
-                        help="Text guidance scales to measure each checkpoint at (default: evaluate.py's).")
+    parser.add_argument(
+        "--checkpoints", nargs="+", default=None, help="Only these checkpoint-N folders (default: all)."
+    )
+    parser.add_argument(
+        "--guidance_scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Text guidance scales to measure each checkpoint at (default: evaluate.py's).",
+    )
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: steps, guidance, seeds
@@ -63,7 +77,9 @@ def main(argv=None):
     pipe = MG2Pipeline.from_pretrained(args.run)
     pipe.set_progress_bar_config(disable=True)
     rows = [row for row, _ in zip(load_mg2_dataset(args.dataset, "test"), range(args.num_clips))]
-    validation = [load_audio(row["audio"]["bytes"]) for row, _ in zip(load_mg2_dataset(args.dataset, "validation"), range(2))]
+    validation = [
+        load_audio(row["audio"]["bytes"]) for row, _ in zip(load_mg2_dataset(args.dataset, "validation"), range(2))
+    ]
     bench = Bench(rows, settings.seconds, validation, pipe, settings.seed)
     classifier = SoundClassifier.fit_on_rows(load_mg2_dataset(args.dataset, "train"), args.classifier_clips)
     prompts = instrument_prompts(bench, settings.prompts)
@@ -71,21 +87,30 @@ def main(argv=None):
 
     def measure(waveforms) -> dict:
         predicted = classifier.family_probabilities(np.stack([timbre_features(w) for w in waveforms])).argmax(1)
-        return {"family_accuracy": float(np.mean([FAMILIES[p] == f for p, f in zip(predicted, families)])),
-                "mel_acc": float(np.mean([mel_accuracy(chroma_peaks(w), real) for w, real in zip(waveforms, bench.real_peaks)])),
-                "onset_clicks": float(np.median([onset_click_energy(w, melody.onsets)
-                                                 for w, melody in zip(waveforms, bench.melodies)]))}
+        return {
+            "family_accuracy": float(np.mean([FAMILIES[p] == f for p, f in zip(predicted, families)])),
+            "mel_acc": float(
+                np.mean([mel_accuracy(chroma_peaks(w), real) for w, real in zip(waveforms, bench.real_peaks)])
+            ),
+            "onset_clicks": float(
+                np.median([onset_click_energy(w, melody.onsets) for w, melody in zip(waveforms, bench.melodies)])
+            ),
+        }
 
     _, codec_audio = codec_rows(bench, pipe.vae.eval(), pipe.vocoder.eval())
     results = {"real clips": measure(bench.real), "codec": measure(codec_audio)}
-    checkpoints = sorted((d for d in os.listdir(args.run) if re.fullmatch(r"checkpoint-\d+", d)), key=lambda d: int(d.split("-")[1]))
+    checkpoints = sorted(
+        (d for d in os.listdir(args.run) if re.fullmatch(r"checkpoint-\d+", d)), key=lambda d: int(d.split("-")[1])
+    )
     if args.checkpoints:
         missing = sorted(set(args.checkpoints) - set(checkpoints))
         if missing:
             raise SystemExit(f"--checkpoints: {args.run} has no {missing} (it has {checkpoints}).")
         checkpoints = [name for name in checkpoints if name in args.checkpoints]
     if not checkpoints:
-        raise SystemExit(f"{args.run} has no checkpoint-N folders: train with --checkpoints_total_limit large enough to keep them.")
+        raise SystemExit(
+            f"{args.run} has no checkpoint-N folders: train with --checkpoints_total_limit large enough to keep them."
+        )
     for name in checkpoints:
         load_ema_weights(pipe, os.path.join(args.run, name))
         melodies = None if pipe.config.condition == "text" else bench.melodies
@@ -96,8 +121,10 @@ def main(argv=None):
             results[row] = measure(waveforms)
             print(f"{row}: {results[row]}")
     lines = ["| audio | family acc ↑ | Mel acc ↑ | onset clicks ↓ |", "|---|---|---|---|"]
-    lines += [f"| {name} | {r['family_accuracy']:.2f} | {r['mel_acc']:.3f} | {r['onset_clicks']:.3f} |"
-              for name, r in results.items()]
+    lines += [
+        f"| {name} | {r['family_accuracy']:.2f} | {r['mel_acc']:.3f} | {r['onset_clicks']:.3f} |"
+        for name, r in results.items()
+    ]
     lines.append(f"| chance (uniform) | {1 / len(FAMILIES):.3f} | ≈ 0.08 | – |")
     print("\n".join(lines))
     if args.output_json:

@@ -24,12 +24,28 @@ LOSS_KEYS = {"train_clmp": None, "train_vae": "l1", "train_vocoder": "mel_l1", "
 
 def launch(script: str, arguments: list[str], processes: int) -> dict:
     command = [sys.executable, "-m", "accelerate.commands.launch"]
-    command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--cpu", "--num_processes", "1"]
+    command += (
+        ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--cpu", "--num_processes", "1"]
+    )
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     with tempfile.TemporaryDirectory() as output_dir:
-        result = subprocess.run(command + [os.path.join(ROOT, "training", f"{script}.py"), "--config", CONFIG,
-                                           "--output_dir", output_dir, "--report_to", "none", *arguments],
-                                capture_output=True, text=True, cwd=ROOT, env=env)
+        result = subprocess.run(
+            command
+            + [
+                os.path.join(ROOT, "training", f"{script}.py"),
+                "--config",
+                CONFIG,
+                "--output_dir",
+                output_dir,
+                "--report_to",
+                "none",
+                *arguments,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{script} failed:\n{result.stderr[-3000:]}")
         with open(os.path.join(output_dir, "training_summary.json")) as handle:
@@ -45,12 +61,20 @@ def main(argv=None):
     parser.add_argument("--output", default="benchmarks/results/training.json")
     args = parser.parse_args(argv)
 
-    common = ["--dataset", args.dataset, "--max_train_steps", str(args.steps), "--checkpointing_steps", str(10 * args.steps)]
+    common = [
+        "--dataset",
+        args.dataset,
+        "--max_train_steps",
+        str(args.steps),
+        "--checkpointing_steps",
+        str(10 * args.steps),
+    ]
     scripts = {
         "train_clmp": common,
         "train_vae": common,
         "train_vocoder": common,
-        "train_mg2": common + ["--clmp", args.clmp, "--retriever", args.retriever, "--validation_steps", str(10 * args.steps)],
+        "train_mg2": common
+        + ["--clmp", args.clmp, "--retriever", args.retriever, "--validation_steps", str(10 * args.steps)],
     }
     rows = []
     for script, arguments in scripts.items():
@@ -58,15 +82,27 @@ def main(argv=None):
         for processes, summary in results.items():
             steps_per_second = summary["steps"] / summary["seconds"]
             key = LOSS_KEYS[script]
-            rows.append({"script": script, "processes": processes, "steps_per_second": steps_per_second,
-                         "samples_per_second": summary["samples_per_second"],
-                         "loss_start": summary.get(f"{key}_first_10") if key else None,
-                         "loss_end": summary.get(f"{key}_last_10") if key else None,
-                         "speedup_vs_1_process": summary["samples_per_second"] / results[1]["samples_per_second"]})
-        print(f"{script}: " + ", ".join(f"{r['processes']} proc {r['samples_per_second']:.2f} samples/s" for r in rows[-2:]), flush=True)
+            rows.append(
+                {
+                    "script": script,
+                    "processes": processes,
+                    "steps_per_second": steps_per_second,
+                    "samples_per_second": summary["samples_per_second"],
+                    "loss_start": summary.get(f"{key}_first_10") if key else None,
+                    "loss_end": summary.get(f"{key}_last_10") if key else None,
+                    "speedup_vs_1_process": summary["samples_per_second"] / results[1]["samples_per_second"],
+                }
+            )
+        print(
+            f"{script}: "
+            + ", ".join(f"{r['processes']} proc {r['samples_per_second']:.2f} samples/s" for r in rows[-2:]),
+            flush=True,
+        )
     print("| script | processes | steps/s | samples/s | × vs 1 process |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['script']} | {r['processes']} | {r['steps_per_second']:.3f} | {r['samples_per_second']:.2f} | {r['speedup_vs_1_process']:.2f} |")
+        print(
+            f"| {r['script']} | {r['processes']} | {r['steps_per_second']:.3f} | {r['samples_per_second']:.2f} | {r['speedup_vs_1_process']:.2f} |"
+        )
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(rows, handle, indent=2)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
 
 from evaluate import chroma_peaks, mel_accuracy  # noqa: E402
+
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, load_audio  # noqa: E402
 from mg2_pipeline.audio import SAMPLE_RATE  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
@@ -41,8 +42,12 @@ def previous_griffin_lim(vocoder: GriffinLimVocoder, spectrogram: torch.Tensor) 
     magnitude = torch.clamp(vocoder.inverse_mel_basis @ mel, min=0.0)
     magnitude = torch.cat([magnitude, magnitude[..., -1:]], dim=-1)
     num_samples = spectrogram.shape[1] * vocoder.config.hop_length
-    stft = dict(n_fft=vocoder.config.n_fft, hop_length=vocoder.config.hop_length, win_length=vocoder.config.win_length,
-                window=vocoder.window)
+    stft = dict(
+        n_fft=vocoder.config.n_fft,
+        hop_length=vocoder.config.hop_length,
+        win_length=vocoder.config.win_length,
+        window=vocoder.window,
+    )
     angles = torch.ones_like(magnitude, dtype=torch.complex64)
     previous = torch.zeros_like(angles)
     for _ in range(vocoder.config.n_iter):
@@ -56,11 +61,13 @@ def previous_griffin_lim(vocoder: GriffinLimVocoder, spectrogram: torch.Tensor) 
 
 def conditioning(vocode, mels: torch.Tensor) -> dict[str, float]:
     batched = vocode(mels)
-    single = torch.cat([vocode(mels[i:i + 1]) for i in range(len(mels))])
+    single = torch.cat([vocode(mels[i : i + 1]) for i in range(len(mels))])
     perturbed = vocode(mels * (1 + 1e-7))
     peak = batched.abs().max().item()
-    return {"batched_vs_single": (batched - single).abs().max().item(),
-            "change_after_1e-7_input_change": (perturbed - batched).abs().max().item() / peak}
+    return {
+        "batched_vs_single": (batched - single).abs().max().item(),
+        "change_after_1e-7_input_change": (perturbed - batched).abs().max().item() / peak,
+    }
 
 
 def main(argv=None):
@@ -77,8 +84,11 @@ def main(argv=None):
     for row in load_mg2_dataset(args.dataset, split="test").take(args.num_clips):
         waveform = load_audio(row["audio"]["bytes"])[:samples]
         clips.append(np.pad(waveform, (0, samples - len(waveform))))
-    vocoders = {"previous": lambda mel: previous_griffin_lim(vocoder, mel),
-                "last": GriffinLimVocoder(momentum=0.7, phase_floor=0.0), "now": vocoder}
+    vocoders = {
+        "previous": lambda mel: previous_griffin_lim(vocoder, mel),
+        "last": GriffinLimVocoder(momentum=0.7, phase_floor=0.0),
+        "now": vocoder,
+    }
     noise_generator = torch.Generator().manual_seed(0)
     results = {}
     with torch.no_grad():
@@ -89,21 +99,41 @@ def main(argv=None):
             for mel in tqdm(mels, desc=name):
                 waveforms.append(vocode(mel[None])[0])
             seconds = (time.perf_counter() - start) / len(clips)
-            changes = [((vocode((mel + noise)[None])[0] - waveform).abs().max() / waveform.abs().max()).item()
-                       for mel, noise, waveform in zip(mels, noises, waveforms)]
+            changes = [
+                ((vocode((mel + noise)[None])[0] - waveform).abs().max() / waveform.abs().max()).item()
+                for mel, noise, waveform in zip(mels, noises, waveforms)
+            ]
             results[name] = {
-                "log_mel_l1": float(np.mean([(to_mel(w) - mel).abs().mean().item() for w, mel in zip(waveforms, mels)])),
-                "mel_acc": float(np.mean([mel_accuracy(chroma_peaks(w.numpy()), chroma_peaks(clip)) for w, clip in zip(waveforms, clips)])),
-                "seconds_per_clip": seconds, **conditioning(vocode, torch.stack(mels[:4])),
-                "change_after_2e-6_noise_median": float(np.median(changes)), "change_after_2e-6_noise_max": float(np.max(changes))}
-    results["now"]["seconds_ratio_to_previous"] = results["now"]["seconds_per_clip"] / results["previous"]["seconds_per_clip"]
+                "log_mel_l1": float(
+                    np.mean([(to_mel(w) - mel).abs().mean().item() for w, mel in zip(waveforms, mels)])
+                ),
+                "mel_acc": float(
+                    np.mean(
+                        [
+                            mel_accuracy(chroma_peaks(w.numpy()), chroma_peaks(clip))
+                            for w, clip in zip(waveforms, clips)
+                        ]
+                    )
+                ),
+                "seconds_per_clip": seconds,
+                **conditioning(vocode, torch.stack(mels[:4])),
+                "change_after_2e-6_noise_median": float(np.median(changes)),
+                "change_after_2e-6_noise_max": float(np.max(changes)),
+            }
+    results["now"]["seconds_ratio_to_previous"] = (
+        results["now"]["seconds_per_clip"] / results["previous"]["seconds_per_clip"]
+    )
     print(f"{len(clips)} test clips of {args.clip_seconds} s; Mel acc ceiling (the real audio) 1.000")
-    print(f"{'vocoder':<10} {'log-mel L1':>10} {'Mel acc':>8} {'batched vs single':>18} {'1e-7 input change':>18} "
-          f"{'2e-6 noise: median':>19} {'max':>9} {'s / clip':>9}")
+    print(
+        f"{'vocoder':<10} {'log-mel L1':>10} {'Mel acc':>8} {'batched vs single':>18} {'1e-7 input change':>18} "
+        f"{'2e-6 noise: median':>19} {'max':>9} {'s / clip':>9}"
+    )
     for name, row in results.items():
-        print(f"{name:<10} {row['log_mel_l1']:>10.3f} {row['mel_acc']:>8.3f} {row['batched_vs_single']:>18.2e} "
-              f"{row['change_after_1e-7_input_change']:>18.2e} {row['change_after_2e-6_noise_median']:>19.2e} "
-              f"{row['change_after_2e-6_noise_max']:>9.2e} {row['seconds_per_clip']:>9.2f}")
+        print(
+            f"{name:<10} {row['log_mel_l1']:>10.3f} {row['mel_acc']:>8.3f} {row['batched_vs_single']:>18.2e} "
+            f"{row['change_after_1e-7_input_change']:>18.2e} {row['change_after_2e-6_noise_median']:>19.2e} "
+            f"{row['change_after_2e-6_noise_max']:>9.2e} {row['seconds_per_clip']:>9.2f}"
+        )
     if args.output_json:
         with open(args.output_json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -20,7 +20,21 @@ AutoFeatureExtractor.register(CLMPConfig, CLMPFeatureExtractor)
 AutoProcessor.register(CLMPConfig, CLMPProcessor)
 
 __all__ = [
-    "CLMPConfig", "CLMPFeatureExtractor", "GriffinLimVocoder", "MG2Pipeline", "MG2PipelineOutput", "CLMPMelodyConfig", "CLMPModel", "CLMPOutput", "CLMPProcessor",
-    "LogMelSpectrogram", "MELODY_VOCAB", "Melody", "MelodyRetriever", "RetrievalOutput", "RetrievedMelody",
-    "load_audio", "save_audio",
+    "CLMPConfig",
+    "CLMPFeatureExtractor",
+    "GriffinLimVocoder",
+    "MG2Pipeline",
+    "MG2PipelineOutput",
+    "CLMPMelodyConfig",
+    "CLMPModel",
+    "CLMPOutput",
+    "CLMPProcessor",
+    "LogMelSpectrogram",
+    "MELODY_VOCAB",
+    "Melody",
+    "MelodyRetriever",
+    "RetrievalOutput",
+    "RetrievedMelody",
+    "load_audio",
+    "save_audio",
 ]

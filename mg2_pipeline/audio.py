@@ -40,7 +40,13 @@ class LogMelSpectrogram(nn.Module):
         super().__init__()
         import librosa
 
-        self.sample_rate, self.n_fft, self.hop_length, self.win_length, self.n_mels = sample_rate, n_fft, hop_length, win_length, n_mels
+        self.sample_rate, self.n_fft, self.hop_length, self.win_length, self.n_mels = (
+            sample_rate,
+            n_fft,
+            hop_length,
+            win_length,
+            n_mels,
+        )
         mel_basis = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max)
         self.register_buffer("mel_basis", torch.from_numpy(mel_basis).float(), persistent=False)
         self.register_buffer("window", torch.hann_window(win_length), persistent=False)
@@ -51,21 +57,30 @@ class LogMelSpectrogram(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         if waveform.shape[-1] < self.n_fft:
-            raise ValueError(f"waveform has {waveform.shape[-1]} samples; the mel front-end needs at least {self.n_fft}.")
+            raise ValueError(
+                f"waveform has {waveform.shape[-1]} samples; the mel front-end needs at least {self.n_fft}."
+            )
         batch_shape = waveform.shape[:-1]
         flat = waveform.reshape(-1, 1, waveform.shape[-1]).float()
         padding = (self.n_fft - self.hop_length) // 2
         flat = nn.functional.pad(flat, (padding, padding), mode="reflect").squeeze(1)
         spectrum = torch.stft(
-            flat, self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
-            window=self.window, center=False, return_complex=True,
+            flat,
+            self.n_fft,
+            hop_length=self.hop_length,
+            win_length=self.win_length,
+            window=self.window,
+            center=False,
+            return_complex=True,
         ).abs()
         mel = torch.matmul(self.mel_basis, spectrum)
         log_mel = torch.log(torch.clamp(mel, min=LOG_FLOOR)).transpose(-1, -2)
         return log_mel.reshape(*batch_shape, *log_mel.shape[-2:])
 
 
-def load_audio(source: str | os.PathLike | bytes, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+def load_audio(
+    source: str | os.PathLike | bytes, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None
+) -> np.ndarray:
     """Read an audio file (path or encoded bytes) as mono float32 at `sample_rate` (soundfile, soxr).
 
     Raises `ValueError` for an unreadable or missing file, one longer than `max_seconds` (checked before
@@ -79,8 +94,10 @@ def load_audio(source: str | os.PathLike | bytes, sample_rate: int = SAMPLE_RATE
     try:
         with soundfile.SoundFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else name) as audio_file:
             if max_seconds is not None and audio_file.frames > max_seconds * audio_file.samplerate:
-                raise ValueError(f"Audio {name!r} lasts {audio_file.frames / audio_file.samplerate:.1f} s; "
-                                 f"at most {max_seconds:g} s are allowed.")
+                raise ValueError(
+                    f"Audio {name!r} lasts {audio_file.frames / audio_file.samplerate:.1f} s; "
+                    f"at most {max_seconds:g} s are allowed."
+                )
             data, file_rate = audio_file.read(dtype="float32", always_2d=True), audio_file.samplerate
     except ValueError:
         raise
@@ -113,8 +130,10 @@ def save_audio(path: str | os.PathLike, waveform, sample_rate: int = SAMPLE_RATE
     if not np.all(np.isfinite(waveform)):
         raise ValueError(f"Not writing {os.fspath(path)!r}: the waveform has NaN or infinite samples.")
     if waveform.size and np.abs(waveform).max() > 1:
-        raise ValueError(f"Not writing {os.fspath(path)!r}: it peaks at {np.abs(waveform).max():.3f}, beyond ±1, and "
-                         "would clip; scale it first (e.g. mg2_pipeline.audio.peak_safe).")
+        raise ValueError(
+            f"Not writing {os.fspath(path)!r}: it peaks at {np.abs(waveform).max():.3f}, beyond ±1, and "
+            "would clip; scale it first (e.g. mg2_pipeline.audio.peak_safe)."
+        )
     soundfile.write(os.fspath(path), waveform.astype(np.float32).reshape(-1), sample_rate)
 
 

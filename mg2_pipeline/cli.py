@@ -1,10 +1,10 @@
 """`mg2` command line: generate music from a prompt; push a checkpoint to the Hub and pull one from it.
 
-    mg2 generate "a lively Irish jig on fiddle" --output jig.wav [--melody tune.mid | --melody "G4:0.5 A4:0.5"]
-                 [--audio in.wav [--strength 0.6 | --repaint 4.0:6.5]] [--seed 0] [--steps 25] [--duration 10.24]
-                 [--guidance 3.0] [--melody-guidance 3.0] [--no-prompt-facts] [--model checkpoints/mg2-small]
-    mg2 push checkpoints/mg2-small org/mg2-small [--private] [--revision BRANCH]
-    mg2 pull org/mg2-small [--revision REV]
+mg2 generate "a lively Irish jig on fiddle" --output jig.wav [--melody tune.mid | --melody "G4:0.5 A4:0.5"]
+             [--audio in.wav [--strength 0.6 | --repaint 4.0:6.5]] [--seed 0] [--steps 25] [--duration 10.24]
+             [--guidance 3.0] [--melody-guidance 3.0] [--no-prompt-facts] [--model checkpoints/mg2-small]
+mg2 push checkpoints/mg2-small org/mg2-small [--private] [--revision BRANCH]
+mg2 pull org/mg2-small [--revision REV]
 """
 
 from __future__ import annotations
@@ -20,9 +20,18 @@ DEFAULT_MELODY_GUIDANCE_SCALE = 3.0  # MG2Pipeline's; not imported from it so th
 
 MAX_SEED = 2**63 - 1
 # MG2Pipeline's argument names in its error messages → the flags that set them.
-FLAGS = {"audio_length_in_s": "--duration", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
-         "melody_guidance_scale": "--melody-guidance", "negative_prompt": "--negative_prompt", "melody": "--melody",
-         "audio": "--audio", "strength": "--strength", "repaint_start_s": "--repaint start", "repaint_end_s": "--repaint end"}
+FLAGS = {
+    "audio_length_in_s": "--duration",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "melody_guidance_scale": "--melody-guidance",
+    "negative_prompt": "--negative_prompt",
+    "melody": "--melody",
+    "audio": "--audio",
+    "strength": "--strength",
+    "repaint_start_s": "--repaint start",
+    "repaint_end_s": "--repaint end",
+}
 FLAG_PATTERN = re.compile(r"\b(" + "|".join(FLAGS) + r")\b")
 
 
@@ -63,8 +72,10 @@ def check_continuation(pipe, audio: str, duration: float) -> None:
     except (OSError, RuntimeError) as error:
         raise SystemExit(f"error: could not read --audio {audio!r}: {error}") from None
     if pipe.mel_frames(duration) <= pipe.mel_frames(audio_s):
-        raise SystemExit(f"error: --duration must be longer than --audio ({audio_s:.2f} s) to continue it, got {duration:g}; "
-                         "to re-render the recording pass --strength, to regenerate a span --repaint START:END.")
+        raise SystemExit(
+            f"error: --duration must be longer than --audio ({audio_s:.2f} s) to continue it, got {duration:g}; "
+            "to re-render the recording pass --strength, to regenerate a span --repaint START:END."
+        )
 
 
 def generate(args) -> None:
@@ -78,7 +89,9 @@ def generate(args) -> None:
     if not 0 <= args.seed <= MAX_SEED:
         raise SystemExit(f"error: --seed must be an integer between 0 and {MAX_SEED}, got {args.seed}.")
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
-        raise SystemExit(f"No model at {DEFAULT_MODEL}: run `make demo` first, or pass --model DIR|REPO_ID|preset:tiny.")
+        raise SystemExit(
+            f"No model at {DEFAULT_MODEL}: run `make demo` first, or pass --model DIR|REPO_ID|preset:tiny."
+        )
     try:
         pipe = load_pipeline(args.model)
     except (OSError, ValueError) as error:  # huggingface_hub's errors derive from these
@@ -86,12 +99,21 @@ def generate(args) -> None:
     if args.audio and args.duration is not None and args.strength is None and args.repaint is None:
         check_continuation(pipe, args.audio, args.duration)
     try:
-        output = pipe(args.prompt, negative_prompt=args.negative_prompt, melody=args.melody, audio=args.audio,
-                      strength=args.strength, repaint_start_s=repaint_start_s, repaint_end_s=repaint_end_s,
-                      audio_length_in_s=args.duration,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      melody_guidance_scale=args.melody_guidance, match_prompt_facts=not args.no_prompt_facts,
-                      generator=torch.Generator().manual_seed(args.seed))
+        output = pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            melody=args.melody,
+            audio=args.audio,
+            strength=args.strength,
+            repaint_start_s=repaint_start_s,
+            repaint_end_s=repaint_end_s,
+            audio_length_in_s=args.duration,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            melody_guidance_scale=args.melody_guidance,
+            match_prompt_facts=not args.no_prompt_facts,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
     except (ValueError, TypeError) as error:
         raise SystemExit("error: " + FLAG_PATTERN.sub(lambda match: FLAGS[match[1]], str(error))) from None
     waveform = output.audios[0]
@@ -104,18 +126,27 @@ def generate(args) -> None:
     if guide is None:
         print("Melody: none (a text-only model)")
     elif guide.id is None:
-        print(f"Melody: {'yours' if guide.metadata['source'] == 'user' else 'transcribed from --audio'} ({guide.melody})")
+        print(
+            f"Melody: {'yours' if guide.metadata['source'] == 'user' else 'transcribed from --audio'} ({guide.melody})"
+        )
     else:
-        facts = ", ".join(f"{name.replace('_', ' ')} {guide.metadata[name]}" for name in ("tune_type", "meter", "key")
-                          if guide.metadata.get(name))
+        facts = ", ".join(
+            f"{name.replace('_', ' ')} {guide.metadata[name]}"
+            for name in ("tune_type", "meter", "key")
+            if guide.metadata.get(name)
+        )
         matched = ", ".join(guide.metadata.get("matched_facts", {}).values()) or "nothing it names"
-        print(f"Melody: retrieved #{guide.id} {guide.metadata.get('title', '')!r} from {guide.metadata.get('source', '?')} "
-              f"({facts}; similarity {guide.score:.3f}; matches the prompt's {matched}): {guide.melody}")
+        print(
+            f"Melody: retrieved #{guide.id} {guide.metadata.get('title', '')!r} from {guide.metadata.get('source', '?')} "
+            f"({facts}; similarity {guide.score:.3f}; matches the prompt's {matched}): {guide.melody}"
+        )
     if guide is not None:
         start, end = guide.metadata["audio_span_s"]
         repeats = guide.metadata["repeats"]
-        print(f"It plays from {start:.2f} s to {end:.2f} s{f' ({repeats} times through)' if repeats > 1 else ''}, "
-              f"in {len(guide.metadata['windows'])} window(s) of {pipe.default_audio_length_in_s:.2f} s.")
+        print(
+            f"It plays from {start:.2f} s to {end:.2f} s{f' ({repeats} times through)' if repeats > 1 else ''}, "
+            f"in {len(guide.metadata['windows'])} window(s) of {pipe.default_audio_length_in_s:.2f} s."
+        )
     print(f"Wrote {args.output} ({len(waveform) / output.sampling_rate:.2f} s at {output.sampling_rate} Hz)")
 
 
@@ -146,29 +177,58 @@ def main(argv=None) -> None:
     gen = commands.add_parser("generate", help="Generate music for a text prompt.")
     gen.add_argument("prompt")
     gen.add_argument("--output", required=True, help="A .wav or .flac file to write.")
-    gen.add_argument("--melody", default=None, help="A MIDI/MusicXML/ABC/audio file or notes like 'G4:0.5 A4:0.5' (default: retrieve).")
-    gen.add_argument("--audio", default=None, help="A recording to continue (with a longer --duration), re-render "
-                     "(--strength) or repaint (--repaint START:END); without --melody, its transcribed melody guides it.")
-    gen.add_argument("--strength", type=float, default=None,
-                     help="With --audio: how much of it is re-generated, in (0, 1] (default 0.8; 1 for a --repaint span).")
-    gen.add_argument("--repaint", default=None, metavar="START:END", help="With --audio: regenerate this span (seconds).")
+    gen.add_argument(
+        "--melody",
+        default=None,
+        help="A MIDI/MusicXML/ABC/audio file or notes like 'G4:0.5 A4:0.5' (default: retrieve).",
+    )
+    gen.add_argument(
+        "--audio",
+        default=None,
+        help="A recording to continue (with a longer --duration), re-render "
+        "(--strength) or repaint (--repaint START:END); without --melody, its transcribed melody guides it.",
+    )
+    gen.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="With --audio: how much of it is re-generated, in (0, 1] (default 0.8; 1 for a --repaint span).",
+    )
+    gen.add_argument(
+        "--repaint", default=None, metavar="START:END", help="With --audio: regenerate this span (seconds)."
+    )
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--duration", type=float, default=None,
-                     help="Seconds, up to 600 (default: --audio's length, else the melody's, else the model's window).")
+    gen.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="Seconds, up to 600 (default: --audio's length, else the melody's, else the model's window).",
+    )
     gen.add_argument("--guidance", type=float, default=3.0, help="Text guidance scale.")
-    gen.add_argument("--melody-guidance", dest="melody_guidance", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE,
-                     help="Melody guidance scale: 0 ignores the melody, larger follows it more tightly.")
-    gen.add_argument("--no-prompt-facts", dest="no_prompt_facts", action="store_true",
-                     help="Retrieve the nearest melody only, ignoring the tune type, origin, meter and key the prompt names.")
+    gen.add_argument(
+        "--melody-guidance",
+        dest="melody_guidance",
+        type=float,
+        default=DEFAULT_MELODY_GUIDANCE_SCALE,
+        help="Melody guidance scale: 0 ignores the melody, larger follows it more tightly.",
+    )
+    gen.add_argument(
+        "--no-prompt-facts",
+        dest="no_prompt_facts",
+        action="store_true",
+        help="Retrieve the nearest melody only, ignoring the tune type, origin, meter and key the prompt names.",
+    )
     gen.add_argument("--model", default=DEFAULT_MODEL, help="A pipeline folder, a Hub repo id, or preset:tiny|small.")
     gen.set_defaults(run=generate)
     push_parser = commands.add_parser("push", help="Upload a saved pipeline or model folder to a Hub model repo.")
     push_parser.add_argument("folder")
     push_parser.add_argument("repo_id", help="'org/name' (created when missing).")
     push_parser.add_argument("--private", action="store_true", help="Create the repo private.")
-    push_parser.add_argument("--revision", default=None, help="A branch to push to (created when missing; default main).")
+    push_parser.add_argument(
+        "--revision", default=None, help="A branch to push to (created when missing; default main)."
+    )
     push_parser.set_defaults(run=push)
     pull_parser = commands.add_parser("pull", help="Download a Hub repo into the HF cache; prints its local folder.")
     pull_parser.add_argument("repo_id")

@@ -86,8 +86,9 @@ def load_mg2_dataset(path: str, split: str = "train", streaming: bool = True):
     return dataset.cast_column("audio", Audio(sampling_rate=SAMPLE_RATE, decode=False))
 
 
-def window_start(clip_id: str, seed: int, epoch: int, total_frames: int, window_frames: int, frame_seconds: float,
-                 melody: Melody) -> int:
+def window_start(
+    clip_id: str, seed: int, epoch: int, total_frames: int, window_frames: int, frame_seconds: float, melody: Melody
+) -> int:
     """A seeded random window start (in frames) drawn from `(seed, epoch, clip_id)`, so a resumed run crops exactly as
     the uninterrupted one. The window holds a note of `melody`; one that would not starts at the first note instead."""
     last = max(0, total_frames - window_frames)
@@ -111,9 +112,16 @@ class MG2Example:
     Captions are tokenized by `tokenizer` (any transformers tokenizer) when given.
     """
 
-    def __init__(self, clip_seconds: float = 10.24, tokenizer=None, max_text_length: int = 77,
-                 max_melody_length: int = MAX_MELODY_TOKENS, mel: LogMelSpectrogram | None = None,
-                 random_crop: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        clip_seconds: float = 10.24,
+        tokenizer=None,
+        max_text_length: int = 77,
+        max_melody_length: int = MAX_MELODY_TOKENS,
+        mel: LogMelSpectrogram | None = None,
+        random_crop: bool = False,
+        seed: int = 0,
+    ):
         self.clip_samples = int(round(clip_seconds * SAMPLE_RATE))
         self.tokenizer = tokenizer
         self.max_text_length = max_text_length
@@ -128,15 +136,26 @@ class MG2Example:
         """First sample of this row's window (see `window_start`; in mel hops)."""
         if not self.random_crop:
             return 0
-        hops = window_start(clip_id, self.seed, self.epoch, num_samples // HOP_LENGTH, self.clip_samples // HOP_LENGTH,
-                            HOP_LENGTH / SAMPLE_RATE, melody)
+        hops = window_start(
+            clip_id,
+            self.seed,
+            self.epoch,
+            num_samples // HOP_LENGTH,
+            self.clip_samples // HOP_LENGTH,
+            HOP_LENGTH / SAMPLE_RATE,
+            melody,
+        )
         return hops * HOP_LENGTH
 
     def __call__(self, row: dict) -> dict:
         waveform = load_audio(row["audio"]["bytes"] if row["audio"].get("bytes") else row["audio"]["path"])
-        clip_melody = Melody.from_notes(row["melody_notes"]) if row.get("melody_notes") else Melody.from_tokens(row["melody_tokens"])
+        clip_melody = (
+            Melody.from_notes(row["melody_notes"])
+            if row.get("melody_notes")
+            else Melody.from_tokens(row["melody_tokens"])
+        )
         start = self.crop_start(row.get("clip_id", ""), len(waveform), clip_melody)
-        waveform = waveform[start: start + self.clip_samples]
+        waveform = waveform[start : start + self.clip_samples]
         waveform = torch.from_numpy(np.pad(waveform, (0, self.clip_samples - len(waveform))))
         with torch.no_grad():
             log_mel = self.mel(waveform)
@@ -158,8 +177,13 @@ class MG2Example:
             "melody_attention_mask": torch.from_numpy(melody["attention_mask"]),
         }
         if self.tokenizer is not None:
-            text = self.tokenizer(row["caption"], max_length=self.max_text_length, truncation=True,
-                                  padding="max_length", return_tensors="pt")
+            text = self.tokenizer(
+                row["caption"],
+                max_length=self.max_text_length,
+                truncation=True,
+                padding="max_length",
+                return_tensors="pt",
+            )
             example["input_ids"] = text["input_ids"][0]
             example["attention_mask"] = text["attention_mask"][0]
         return example
@@ -170,7 +194,9 @@ class LatentCrop:
     CLMP text and retrieved-melody embeddings) into a random `crop_frames`-frame training example, as `MG2Example`
     crops audio: same seeded windows, the melody sliced to the window for the pooled condition."""
 
-    def __init__(self, crop_frames: int, frame_seconds: float, seed: int = 0, max_melody_length: int = MAX_MELODY_TOKENS):
+    def __init__(
+        self, crop_frames: int, frame_seconds: float, seed: int = 0, max_melody_length: int = MAX_MELODY_TOKENS
+    ):
         self.crop_frames, self.frame_seconds, self.seed, self.epoch = crop_frames, frame_seconds, seed, 0
         self.max_melody_length = max_melody_length
 
@@ -178,13 +204,24 @@ class LatentCrop:
         self.epoch = epoch
 
     def _crop(self, row: dict, name: str, start: int) -> torch.Tensor:
-        array = np.frombuffer(row[name], dtype=np.float16).reshape(row[f"{name}_shape"])[:, start: start + self.crop_frames]
-        return torch.from_numpy(np.pad(array.astype(np.float32), ((0, 0), (0, self.crop_frames - array.shape[1]), (0, 0))))
+        array = np.frombuffer(row[name], dtype=np.float16).reshape(row[f"{name}_shape"])[
+            :, start : start + self.crop_frames
+        ]
+        return torch.from_numpy(
+            np.pad(array.astype(np.float32), ((0, 0), (0, self.crop_frames - array.shape[1]), (0, 0)))
+        )
 
     def __call__(self, row: dict) -> dict:
         melody = Melody.from_notes(row["melody_notes"])
-        start = window_start(row["clip_id"], self.seed, self.epoch, row["latents_shape"][1], self.crop_frames,
-                             self.frame_seconds, melody)
+        start = window_start(
+            row["clip_id"],
+            self.seed,
+            self.epoch,
+            row["latents_shape"][1],
+            self.crop_frames,
+            self.frame_seconds,
+            melody,
+        )
         window = melody.slice(start * self.frame_seconds, (start + self.crop_frames) * self.frame_seconds)
         tokens = encode_melody_tokens(window.to_tokens(), max_length=self.max_melody_length)
         example = {
@@ -204,7 +241,8 @@ class LatentCrop:
 def collate_examples(examples: list[dict]) -> dict:
     """Stack tensors; keep strings (captions, clip ids) as lists."""
     return {
-        key: torch.stack([example[key] for example in examples]) if isinstance(examples[0][key], torch.Tensor)
+        key: torch.stack([example[key] for example in examples])
+        if isinstance(examples[0][key], torch.Tensor)
         else [example[key] for example in examples]
         for key in examples[0]
     }
@@ -244,8 +282,9 @@ def streaming_dataloader(
     if skip_examples:
         dataset = dataset.skip(skip_examples)
     examples = _SkippingExamples(dataset, example_transform)
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers,
-                                       drop_last=drop_last)
+    return torch.utils.data.DataLoader(
+        examples, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers, drop_last=drop_last
+    )
 
 
 class _SkippingExamples(torch.utils.data.IterableDataset):

@@ -18,8 +18,14 @@ class CLMPFeatureExtractor(SequenceFeatureExtractor):
 
     model_input_names = ["input_features"]
 
-    def __init__(self, feature_size: int = N_MELS, sampling_rate: int = SAMPLE_RATE, padding_value: float = 0.0,
-                 max_length_s: float = 10.24, **kwargs):
+    def __init__(
+        self,
+        feature_size: int = N_MELS,
+        sampling_rate: int = SAMPLE_RATE,
+        padding_value: float = 0.0,
+        max_length_s: float = 10.24,
+        **kwargs,
+    ):
         super().__init__(feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs)
         self.max_length_s = max_length_s
         self._mel = LogMelSpectrogram(sample_rate=sampling_rate, n_mels=feature_size)
@@ -28,9 +34,13 @@ class CLMPFeatureExtractor(SequenceFeatureExtractor):
     def max_samples(self) -> int:
         return int(round(self.max_length_s * self.sampling_rate))
 
-    def __call__(self, raw_audio, sampling_rate: int | None = None, return_tensors: str | None = None, **kwargs) -> BatchFeature:
+    def __call__(
+        self, raw_audio, sampling_rate: int | None = None, return_tensors: str | None = None, **kwargs
+    ) -> BatchFeature:
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
-            raise ValueError(f"sampling_rate must be {self.sampling_rate} Hz (resample with mg2_pipeline.load_audio), got {sampling_rate}.")
+            raise ValueError(
+                f"sampling_rate must be {self.sampling_rate} Hz (resample with mg2_pipeline.load_audio), got {sampling_rate}."
+            )
         if isinstance(raw_audio, torch.Tensor):
             raw_audio = raw_audio.detach().cpu().numpy()
         if isinstance(raw_audio, np.ndarray) and raw_audio.ndim == 1:

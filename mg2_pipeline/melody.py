@@ -54,7 +54,9 @@ def name_to_pitch(name: str) -> int:
     """Note name (`C#4`, `Db4`, `Cb4`, `G-1`) → MIDI pitch. Raises `ValueError` for unknown names."""
     match = _NAME_PATTERN.match(name)
     if match is None:
-        raise ValueError(f"Unknown pitch name {name!r}: expected a note letter A-G, optional # or b, and an octave, e.g. 'C#4'.")
+        raise ValueError(
+            f"Unknown pitch name {name!r}: expected a note letter A-G, optional # or b, and an octave, e.g. 'C#4'."
+        )
     letter, accidental, octave = match.group(1).upper(), match.group(2), int(match.group(3))
     pitch = (octave + 1) * 12 + PITCH_CLASS_NAMES.index(letter) + {"#": 1, "b": -1, "": 0}[accidental]
     if not 0 <= pitch <= MAX_MIDI_PITCH:
@@ -103,7 +105,9 @@ class Melody:
         except (TypeError, ValueError, OverflowError):
             raise TypeError("notes must be numbers: rows of (midi_pitch, onset_s, offset_s).") from None
         if notes.size % 3 or notes.ndim > 2 or (notes.ndim == 2 and notes.shape[1] != 3):
-            raise ValueError(f"notes must have shape (n, 3): rows of (midi_pitch, onset_s, offset_s), got {notes.shape}.")
+            raise ValueError(
+                f"notes must have shape (n, 3): rows of (midi_pitch, onset_s, offset_s), got {notes.shape}."
+            )
         notes = notes.reshape(-1, 3)
         if len(notes) == 0:
             raise ValueError("Empty melody: a melody needs at least one note.")
@@ -126,9 +130,13 @@ class Melody:
             )
         if np.any(durations > MAX_NOTE_SECONDS):
             index = int(np.argmax(durations > MAX_NOTE_SECONDS))
-            raise ValueError(f"Note {index} lasts {durations[index]:.6g} s; a note may last at most {MAX_NOTE_SECONDS:g} s.")
+            raise ValueError(
+                f"Note {index} lasts {durations[index]:.6g} s; a note may last at most {MAX_NOTE_SECONDS:g} s."
+            )
         if offsets.max() > MAX_MELODY_SECONDS:
-            raise ValueError(f"The melody ends at {offsets.max():.6g} s; a melody may last at most {MAX_MELODY_SECONDS:g} s.")
+            raise ValueError(
+                f"The melody ends at {offsets.max():.6g} s; a melody may last at most {MAX_MELODY_SECONDS:g} s."
+            )
         order = np.lexsort((-pitches, onsets))
         self.notes = notes[order]
         self.notes.setflags(write=False)
@@ -161,8 +169,10 @@ class Melody:
                 raise ValueError(f"A melody waveform must be a non-empty mono 1-D array, got shape {waveform.shape}.")
             return cls.from_audio(waveform, sample_rate)
         if not isinstance(source, (str, os.PathLike)):
-            raise TypeError(f"Cannot read a melody from {type(source).__name__}: pass a Melody, a file path, "
-                            "a token or note string, or a waveform.")
+            raise TypeError(
+                f"Cannot read a melody from {type(source).__name__}: pass a Melody, a file path, "
+                "a token or note string, or a waveform."
+            )
         text = os.fspath(source)
         if isinstance(text, bytes):
             raise TypeError("Cannot read a melody from a bytes path: pass it as str.")
@@ -219,7 +229,9 @@ class Melody:
             duration = float(bin_to_seconds(_parse_bin_token(duration_token, position)))
             gap = float(bin_to_seconds(_parse_bin_token(gap_token, position)))
             if index == 0 and gap != 0.0:
-                raise ValueError(f"Malformed melody tokens at character {position}: the first note's gap must be <79> (0 s), got {gap_token}.")
+                raise ValueError(
+                    f"Malformed melody tokens at character {position}: the first note's gap must be <79> (0 s), got {gap_token}."
+                )
             if duration <= 0:
                 raise ValueError(
                     f"Negative or zero duration at character {position} (note {index}): {duration_token} decodes to "
@@ -245,9 +257,13 @@ class Melody:
             try:
                 duration = float(duration_text)
             except ValueError:
-                raise ValueError(f"Malformed duration in {item!r}: {duration_text!r} is not a number of seconds.") from None
+                raise ValueError(
+                    f"Malformed duration in {item!r}: {duration_text!r} is not a number of seconds."
+                ) from None
             if not 0 < duration <= MAX_NOTE_SECONDS:
-                raise ValueError(f"Duration in {item!r} must be a number of seconds in (0, {MAX_NOTE_SECONDS:g}], got {duration_text!r}.")
+                raise ValueError(
+                    f"Duration in {item!r} must be a number of seconds in (0, {MAX_NOTE_SECONDS:g}], got {duration_text!r}."
+                )
             if name.upper() != "R":
                 notes.append((name_to_pitch(name), time, time + duration))
             time += duration
@@ -292,7 +308,9 @@ class Melody:
             except Exception as error:
                 raise ValueError(f"Unreadable score {os.fspath(stream_or_path)!r}: {error}") from error
         if not isinstance(stream, music21.stream.Stream):
-            raise TypeError(f"stream_or_path must be a music21 Stream or a file path, got {type(stream_or_path).__name__}.")
+            raise TypeError(
+                f"stream_or_path must be a music21 Stream or a file path, got {type(stream_or_path).__name__}."
+            )
         if isinstance(stream, music21.stream.Opus):
             stream = stream.scores[0]
         parts = stream.parts if isinstance(stream, music21.stream.Score) else []
@@ -305,11 +323,20 @@ class Melody:
             if isinstance(bpm, bool) or not (isinstance(bpm, numbers.Real) and 0 < bpm < math.inf):
                 raise ValueError(f"bpm must be a finite number > 0, got {bpm!r}.")
             seconds_per_quarter = 60.0 / bpm
-            events = [(element, float(element.offset) * seconds_per_quarter, float(element.quarterLength) * seconds_per_quarter)
-                      for element in flat.notes]
+            events = [
+                (
+                    element,
+                    float(element.offset) * seconds_per_quarter,
+                    float(element.quarterLength) * seconds_per_quarter,
+                )
+                for element in flat.notes
+            ]
         else:
-            events = [(entry["element"], entry["offsetSeconds"], entry["durationSeconds"])
-                      for entry in flat.secondsMap if isinstance(entry["element"], music21.note.NotRest)]
+            events = [
+                (entry["element"], entry["offsetSeconds"], entry["durationSeconds"])
+                for entry in flat.secondsMap
+                if isinstance(entry["element"], music21.note.NotRest)
+            ]
         notes = []
         for element, onset, duration in events:
             pitches = [p.midi for p in getattr(element, "pitches", ())]
@@ -337,10 +364,16 @@ class Melody:
             waveform = waveform.mean(axis=0 if waveform.shape[0] < waveform.shape[1] else 1)
         if waveform.ndim != 1 or waveform.size == 0:
             raise ValueError(f"waveform must be a non-empty mono or stereo array, got shape {waveform.shape}.")
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Integral) or not 1000 <= sample_rate <= 384_000:
+        if (
+            isinstance(sample_rate, bool)
+            or not isinstance(sample_rate, numbers.Integral)
+            or not 1000 <= sample_rate <= 384_000
+        ):
             raise ValueError(f"sample_rate must be an integer between 1000 and 384000 Hz, got {sample_rate!r}.")
         if waveform.size > MAX_MELODY_SECONDS * sample_rate:
-            raise ValueError(f"The audio lasts {waveform.size / sample_rate:.1f} s; a melody may last at most {MAX_MELODY_SECONDS:g} s.")
+            raise ValueError(
+                f"The audio lasts {waveform.size / sample_rate:.1f} s; a melody may last at most {MAX_MELODY_SECONDS:g} s."
+            )
         if not np.all(np.isfinite(waveform)):
             raise ValueError("The audio has NaN or infinite samples.")
         if not np.any(np.abs(waveform) > 1e-4):
@@ -360,7 +393,9 @@ class Melody:
         for window, _ in window_audio_file(padded, AUDIO_N_SAMPLES - overlap):
             for key, value in model.predict(window[None]).items():
                 outputs[key].append(value)
-        model_output = {key: unwrap_output(np.concatenate(value), len(audio), overlapping_frames) for key, value in outputs.items()}
+        model_output = {
+            key: unwrap_output(np.concatenate(value), len(audio), overlapping_frames) for key, value in outputs.items()
+        }
         _, note_events = note_creation.model_output_to_notes(
             model_output,
             onset_thresh=0.5,
@@ -371,8 +406,11 @@ class Melody:
         if not note_events:
             raise ValueError("Empty melody: basic-pitch found no notes in the audio.")
         loudness_floor = 0.6 * float(np.median([amplitude for _, _, _, amplitude, _ in note_events]))
-        notes = [(int(pitch), float(start), float(end)) for start, end, pitch, amplitude, _ in note_events
-                 if end > start and amplitude >= loudness_floor]
+        notes = [
+            (int(pitch), float(start), float(end))
+            for start, end, pitch, amplitude, _ in note_events
+            if end > start and amplitude >= loudness_floor
+        ]
         return cls(onset_priority_line(notes, chord_tolerance_s=0.03))
 
     # ----- views and conversions -----
@@ -483,8 +521,14 @@ class Melody:
 
     def transpose(self, semitones: int) -> "Melody":
         """Shift every pitch; raises `ValueError` if a note would leave the MIDI range."""
-        if isinstance(semitones, bool) or not isinstance(semitones, numbers.Integral) or abs(semitones) > MAX_MIDI_PITCH:
-            raise ValueError(f"semitones must be an integer between -{MAX_MIDI_PITCH} and {MAX_MIDI_PITCH}, got {semitones!r}.")
+        if (
+            isinstance(semitones, bool)
+            or not isinstance(semitones, numbers.Integral)
+            or abs(semitones) > MAX_MIDI_PITCH
+        ):
+            raise ValueError(
+                f"semitones must be an integer between -{MAX_MIDI_PITCH} and {MAX_MIDI_PITCH}, got {semitones!r}."
+            )
         notes = self.notes.copy()
         notes[:, 0] += int(semitones)
         if notes[:, 0].min() < 0 or notes[:, 0].max() > MAX_MIDI_PITCH:
@@ -498,8 +542,10 @@ class Melody:
         """Every onset and offset times `factor` (2.0 plays at half the tempo)."""
         longest = MAX_MELODY_SECONDS / self.duration
         if isinstance(factor, bool) or not (isinstance(factor, numbers.Real) and 0 < factor <= longest):
-            raise ValueError(f"factor must be a number in (0, {longest:.6g}] for this {self.duration:.6g} s melody "
-                             f"(a melody may last at most {MAX_MELODY_SECONDS:g} s), got {factor!r}.")
+            raise ValueError(
+                f"factor must be a number in (0, {longest:.6g}] for this {self.duration:.6g} s melody "
+                f"(a melody may last at most {MAX_MELODY_SECONDS:g} s), got {factor!r}."
+            )
         notes = self.notes.copy()
         notes[:, 1:] *= factor
         try:
@@ -515,15 +561,19 @@ class Melody:
         period = self.duration
         repeats = max(1, math.ceil(seconds / period))  # at least once: a subnormal `seconds / period` rounds to 0
         if repeats * len(self) > MAX_NOTES:
-            raise ValueError(f"Looping this {period:.3g} s melody to {seconds:g} s takes {repeats * len(self)} notes; "
-                             f"at most {MAX_NOTES} are allowed.")
+            raise ValueError(
+                f"Looping this {period:.3g} s melody to {seconds:g} s takes {repeats * len(self)} notes; "
+                f"at most {MAX_NOTES} are allowed."
+            )
         looped = np.concatenate([self.notes + np.array([0.0, r * period, r * period]) for r in range(repeats)])
         return Melody(looped).slice(0.0, seconds)
 
     def legato(self, max_gap_s: float) -> "Melody":
         """Each note held until the next one starts where the rest between them is shorter than `max_gap_s`: a
         transcription breaks a played line into notes with short gaps, which MG2 would render as silences."""
-        if isinstance(max_gap_s, bool) or not (isinstance(max_gap_s, numbers.Real) and 0 <= max_gap_s <= MAX_NOTE_SECONDS):
+        if isinstance(max_gap_s, bool) or not (
+            isinstance(max_gap_s, numbers.Real) and 0 <= max_gap_s <= MAX_NOTE_SECONDS
+        ):
             raise ValueError(f"max_gap_s must be a number in [0, {MAX_NOTE_SECONDS:g}], got {max_gap_s!r}.")
         notes = self.notes.copy()
         gaps = notes[1:, 1] - notes[:-1, 2]
@@ -536,8 +586,9 @@ class Melody:
             raise ValueError(f"seconds must be a number in [0, {MAX_MELODY_SECONDS:g}], got {seconds!r}.")
         return Melody(self.notes + np.array([0.0, seconds, seconds]))
 
-    def render_tones(self, num_samples: int, sample_rate: int = 16000, harmonics: int = 6,
-                     timbre_seed: int | None = None) -> np.ndarray:
+    def render_tones(
+        self, num_samples: int, sample_rate: int = 16000, harmonics: int = 6, timbre_seed: int | None = None
+    ) -> np.ndarray:
         """The melody as harmonic tones, `num_samples` float32 samples; notes past the end are cut. This is the
         "melody sketch" MG2's aligned condition is made from.
 
@@ -575,7 +626,11 @@ class Melody:
 
     def slice(self, start_s: float, end_s: float) -> "Melody":
         """Notes sounding in `[start_s, end_s)`, cut to the window and re-timed so it starts at 0 s."""
-        if not (isinstance(start_s, numbers.Real) and isinstance(end_s, numbers.Real) and 0 <= _float(start_s) < _float(end_s)):
+        if not (
+            isinstance(start_s, numbers.Real)
+            and isinstance(end_s, numbers.Real)
+            and 0 <= _float(start_s) < _float(end_s)
+        ):
             raise ValueError(f"slice needs 0 <= start_s < end_s, got start_s={start_s}, end_s={end_s}.")
         onsets = np.maximum(self.onsets, min(_float(start_s), self.duration))
         offsets = np.minimum(self.offsets, min(_float(end_s), self.duration))
@@ -676,12 +731,16 @@ def _check_frames_per_second(value) -> None:
 
 def _check_text_length(text: str) -> None:
     if len(text) > MAX_MELODY_TEXT_CHARACTERS:
-        raise ValueError(f"The melody text has {len(text)} characters; at most {MAX_MELODY_TEXT_CHARACTERS} are allowed.")
+        raise ValueError(
+            f"The melody text has {len(text)} characters; at most {MAX_MELODY_TEXT_CHARACTERS} are allowed."
+        )
 
 
 def _parse_pitch_token(token: str, position: int) -> int:
     if not (token.startswith("<") and token.endswith(">")):
-        raise ValueError(f"Malformed melody tokens at character {position}: expected a pitch token like '<G4>', got {token!r}.")
+        raise ValueError(
+            f"Malformed melody tokens at character {position}: expected a pitch token like '<G4>', got {token!r}."
+        )
     name = token[1:-1]
     if token not in MELODY_VOCAB or _NAME_PATTERN.match(name) is None:
         raise ValueError(f"Unknown pitch name {name!r} at character {position}.")

@@ -12,10 +12,10 @@ from transformers import AutoModel, ClapAudioModel, ClapModel, ClapTextConfig, C
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .configuration_clmp import CLMPConfig, CLMPMelodyConfig
 # Imported directly (not only through configuration_clmp and melody): diffusers' remote-code loader copies only
 # the modules a file imports itself.
 from .audio import SAMPLE_RATE  # noqa: F401
+from .configuration_clmp import CLMPConfig, CLMPMelodyConfig
 from .melody import MELODY_VOCAB_SIZE  # noqa: F401
 
 MAX_LOGIT_SCALE = 100.0
@@ -110,7 +110,9 @@ class CLMPMelodyModel(CLMPPreTrainedModel):
         self.activation = nn.GELU()
         self.post_init()
 
-    def forward(self, melody_input_ids: torch.LongTensor, melody_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, melody_input_ids: torch.LongTensor, melody_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`(batch, tokens)` ids → `(batch, hidden_size)` melody states."""
         if melody_attention_mask is None:
             melody_attention_mask = torch.ones_like(melody_input_ids)
@@ -135,7 +137,9 @@ class CLMPModel(CLMPPreTrainedModel):
             self.text_model = ClapTextModel(text_config, add_pooling_layer=add_pooling_layer)
         else:
             self.text_model = AutoModel.from_config(text_config, add_pooling_layer=add_pooling_layer)
-        self.text_projection = CLMPProjection(text_config.hidden_size, config.projection_dim, config.projection_hidden_act)
+        self.text_projection = CLMPProjection(
+            text_config.hidden_size, config.projection_dim, config.projection_hidden_act
+        )
 
         self.audio_model = ClapAudioModel(audio_config)
         audio_width = int(audio_config.patch_embeds_hidden_size * 2 ** (len(audio_config.depths) - 1))
@@ -160,18 +164,24 @@ class CLMPModel(CLMPPreTrainedModel):
 
     def _run_text_model(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None):
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (batch, length) with length >= 1, got {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"input_ids must have shape (batch, length) with length >= 1, got {tuple(input_ids.shape)}."
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if torch.any(attention_mask.sum(1) == 0):
             raise ValueError("attention_mask has a row with no tokens: empty text cannot be embedded.")
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask), attention_mask
 
-    def get_text_hidden_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_text_hidden_states(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Tokenized captions `(batch, length)` → the text tower's last token states `(batch, length, text_hidden_size)`."""
         return self._run_text_model(input_ids, attention_mask)[0].last_hidden_state
 
-    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Tokenized captions `(batch, length)` → L2-normalised `(batch, projection_dim)`."""
         outputs, attention_mask = self._run_text_model(input_ids, attention_mask)
         if self.config.text_pooling == "pooler":
@@ -184,7 +194,11 @@ class CLMPModel(CLMPPreTrainedModel):
     def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
         """Log-mel `(batch, frames, 64)` from `LogMelSpectrogram` → L2-normalised `(batch, projection_dim)`."""
         num_mel_bins = self.config.audio_config.num_mel_bins
-        max_frames = self.config.audio_config.spec_size * (self.config.audio_config.spec_size // num_mel_bins) * self.config.mel_time_pooling
+        max_frames = (
+            self.config.audio_config.spec_size
+            * (self.config.audio_config.spec_size // num_mel_bins)
+            * self.config.mel_time_pooling
+        )
         if input_features.ndim != 3 or input_features.shape[-1] != num_mel_bins:
             raise ValueError(
                 f"input_features must be a log-mel of shape (batch, frames, {num_mel_bins}), got {tuple(input_features.shape)}."
@@ -200,13 +214,17 @@ class CLMPModel(CLMPPreTrainedModel):
         pooled = self.audio_model(input_features=mel).pooler_output
         return F.normalize(self.audio_projection(pooled), dim=-1)
 
-    def get_melody_features(self, melody_input_ids: torch.LongTensor, melody_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_melody_features(
+        self, melody_input_ids: torch.LongTensor, melody_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Melody token ids `(batch, tokens)` (see `Melody.encode`) → L2-normalised `(batch, projection_dim)`."""
         if "melody" not in self.config.modalities:
             raise ValueError(f"This model has no melody tower (modalities={self.config.modalities}).")
         if melody_input_ids.ndim != 2:
             raise ValueError(f"melody_input_ids must have shape (batch, tokens), got {tuple(melody_input_ids.shape)}.")
-        if melody_input_ids.numel() and (melody_input_ids.min() < 0 or melody_input_ids.max() >= self.config.melody_config.vocab_size):
+        if melody_input_ids.numel() and (
+            melody_input_ids.min() < 0 or melody_input_ids.max() >= self.config.melody_config.vocab_size
+        ):
             raise ValueError(f"melody_input_ids must be in [0, {self.config.melody_config.vocab_size}).")
         if melody_attention_mask is not None and torch.any(melody_attention_mask.sum(1) == 0):
             raise ValueError("melody_attention_mask has a row with no tokens: an empty melody cannot be embedded.")
@@ -252,14 +270,22 @@ class CLMPModel(CLMPPreTrainedModel):
     # ----- initialisation from CLAP -----
 
     @classmethod
-    def from_clap(cls, clap_model_or_path: ClapModel | str | os.PathLike, melody_config: CLMPMelodyConfig | dict | None = None,
-                  **config_kwargs) -> "CLMPModel":
+    def from_clap(
+        cls,
+        clap_model_or_path: ClapModel | str | os.PathLike,
+        melody_config: CLMPMelodyConfig | dict | None = None,
+        **config_kwargs,
+    ) -> "CLMPModel":
         """A CLMP whose text and audio towers and projections are those of a transformers `ClapModel`.
 
         The text tower keeps CLAP's pooled output (`text_pooling="pooler"`); the logit scale starts
         from CLAP's audio one; the melody tower is freshly initialised.
         """
-        clap = clap_model_or_path if isinstance(clap_model_or_path, ClapModel) else ClapModel.from_pretrained(clap_model_or_path)
+        clap = (
+            clap_model_or_path
+            if isinstance(clap_model_or_path, ClapModel)
+            else ClapModel.from_pretrained(clap_model_or_path)
+        )
         config = CLMPConfig(
             text_config=clap.config.text_config.to_dict(),
             audio_config=clap.config.audio_config.to_dict(),

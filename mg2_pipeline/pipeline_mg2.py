@@ -97,7 +97,9 @@ def check_tensor(name: str, value, shape: tuple) -> None:
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(f"{name} must be a floating-point torch.Tensor, got {kind}.")
-    if value.ndim != len(shape) or any(size is not None and size != actual for size, actual in zip(shape, value.shape)):
+    if value.ndim != len(shape) or any(
+        size is not None and size != actual for size, actual in zip(shape, value.shape)
+    ):
         expected = "(" + ", ".join("any" if size is None else str(size) for size in shape) + ")"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}.")
     if not torch.isfinite(value).all():
@@ -109,7 +111,9 @@ def check_embeddings(name: str, value, shape: tuple) -> None:
     check_tensor(name, value, shape)
     norms = value.float().norm(dim=-1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-2):
-        raise ValueError(f"{name} must be CLMP embeddings, every row of unit length; got row norms {norms.tolist()[:4]}.")
+        raise ValueError(
+            f"{name} must be CLMP embeddings, every row of unit length; got row norms {norms.tolist()[:4]}."
+        )
 
 
 def window_starts(total: int, window: int, overlap: int, multiple: int) -> list[int]:
@@ -130,8 +134,16 @@ def fade_ramp(length: int, overlap: int, device=None, dtype=torch.float32) -> to
     return ramp.clamp(max=1).to(dtype)
 
 
-def map_in_windows(function: Callable, inputs: torch.Tensor, dim: int, window: int, overlap: int, multiple: int,
-                   scale: float, out_dim: int | None = None) -> torch.Tensor:
+def map_in_windows(
+    function: Callable,
+    inputs: torch.Tensor,
+    dim: int,
+    window: int,
+    overlap: int,
+    multiple: int,
+    scale: float,
+    out_dim: int | None = None,
+) -> torch.Tensor:
     """`function` applied to overlapping `window`-long pieces of `inputs` along `dim` (one call when it fits), its outputs
     (`scale` frames per input frame, along `out_dim`, default `dim`) cross-faded over the overlaps: memory bounded by
     one window."""
@@ -157,7 +169,9 @@ def map_in_windows(function: Callable, inputs: torch.Tensor, dim: int, window: i
 
 def _is_own_module(name: str) -> bool:
     """Whether `name` is a module of this package (as `save_pretrained` writes them into `model_index.json`)."""
-    return re.fullmatch(r"\w+", name) is not None and os.path.isfile(os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    return re.fullmatch(r"\w+", name) is not None and os.path.isfile(
+        os.path.join(os.path.dirname(__file__), f"{name}.py")
+    )
 
 
 def _copy_module_with_imports(module: str, target_dir: str) -> None:
@@ -227,10 +241,19 @@ class MG2Pipeline(DiffusionPipeline):
     _exclude_from_cpu_offload = ["retriever"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "melody_embeds"]
 
-    def __init__(self, clmp: CLMPModel, processor: CLMPProcessor, retriever: MelodyRetriever | None,
-                 unet: UNet2DConditionModel, scheduler: SchedulerMixin, vae: AutoencoderKL,
-                 vocoder: GriffinLimVocoder | SpeechT5HifiGan, condition: str = "text_melody",
-                 aligned_melody: str | None = None, text_attention: bool = False):
+    def __init__(
+        self,
+        clmp: CLMPModel,
+        processor: CLMPProcessor,
+        retriever: MelodyRetriever | None,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL,
+        vocoder: GriffinLimVocoder | SpeechT5HifiGan,
+        condition: str = "text_melody",
+        aligned_melody: str | None = None,
+        text_attention: bool = False,
+    ):
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
@@ -242,34 +265,67 @@ class MG2Pipeline(DiffusionPipeline):
             retriever.check_clmp(clmp)
         condition_dim = unet.config.projection_class_embeddings_input_dim if unet is not None else None
         if unet is not None and clmp is not None and condition_dim != 2 * clmp.config.projection_dim:
-            raise ValueError(f"The UNet takes a {condition_dim}-d condition but [text ‖ melody] from this CLMP is "
-                             f"{2 * clmp.config.projection_dim}-d (2 × projection_dim).")
+            raise ValueError(
+                f"The UNet takes a {condition_dim}-d condition but [text ‖ melody] from this CLMP is "
+                f"{2 * clmp.config.projection_dim}-d (2 × projection_dim)."
+            )
         if unet is not None and clmp is not None and "cross_attention_dim" in unet.config:
             attends_to = unet.config.cross_attention_dim
-            widths = attends_to if isinstance(attends_to, (list, tuple)) else [attends_to] * len(unet.config.block_out_channels)
+            widths = (
+                attends_to
+                if isinstance(attends_to, (list, tuple))
+                else [attends_to] * len(unet.config.block_out_channels)
+            )
             if text_attention and attends_to != clmp.text_hidden_size:
-                raise ValueError(f"text_attention needs a UNet whose cross_attention_dim is the text tower's width "
-                                 f"({clmp.text_hidden_size}), got {attends_to}.")
+                raise ValueError(
+                    f"text_attention needs a UNet whose cross_attention_dim is the text tower's width "
+                    f"({clmp.text_hidden_size}), got {attends_to}."
+                )
             if not text_attention and list(widths) != list(unet.config.block_out_channels):
-                raise ValueError(f"This UNet's attention layers take {attends_to}-wide states, not its own widths "
-                                 f"{unet.config.block_out_channels}: it attends to text, so pass text_attention=True.")
+                raise ValueError(
+                    f"This UNet's attention layers take {attends_to}-wide states, not its own widths "
+                    f"{unet.config.block_out_channels}: it attends to text, so pass text_attention=True."
+                )
         extra_channels = melody_channels(aligned_melody, vae.config.latent_channels) if vae is not None else 0
-        if unet is not None and vae is not None and (unet.config.in_channels != vae.config.latent_channels + extra_channels
-                                                     or unet.config.out_channels != vae.config.latent_channels):
-            raise ValueError(f"The UNet takes {unet.config.in_channels} input and {unet.config.out_channels} output channels; this VAE's "
-                             f"latent has {vae.config.latent_channels} and aligned_melody={aligned_melody!r} adds {extra_channels}: "
-                             "train the UNet on this VAE and setting (train_mg2.py --vae, --aligned_melody).")
-        self.register_modules(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler,
-                              vae=vae, vocoder=vocoder)
-        self.register_to_config(condition=condition, aligned_melody=aligned_melody, text_attention=bool(text_attention))
+        if (
+            unet is not None
+            and vae is not None
+            and (
+                unet.config.in_channels != vae.config.latent_channels + extra_channels
+                or unet.config.out_channels != vae.config.latent_channels
+            )
+        ):
+            raise ValueError(
+                f"The UNet takes {unet.config.in_channels} input and {unet.config.out_channels} output channels; this VAE's "
+                f"latent has {vae.config.latent_channels} and aligned_melody={aligned_melody!r} adds {extra_channels}: "
+                "train the UNet on this VAE and setting (train_mg2.py --vae, --aligned_melody)."
+            )
+        self.register_modules(
+            clmp=clmp,
+            processor=processor,
+            retriever=retriever,
+            unet=unet,
+            scheduler=scheduler,
+            vae=vae,
+            vocoder=vocoder,
+        )
+        self.register_to_config(
+            condition=condition, aligned_melody=aligned_melody, text_attention=bool(text_attention)
+        )
         # Components may be None (e.g. a pipeline holding only the text stack for `encode_prompt`).
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else None
         self.mel = LogMelSpectrogram()
 
     # ----- saving and loading -----
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None,
-                        push_to_hub: bool = False, **kwargs) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
         """Save every component (`variant` and `safe_serialization` as in diffusers), the code that loads them without
         this package, and a model card. Pickled (`safe_serialization=False`) weights load only with
         `torch.load(weights_only=True)`, as diffusers and transformers read them; the retriever writes safetensors always.
@@ -283,8 +339,11 @@ class MG2Pipeline(DiffusionPipeline):
         With `push_to_hub=True` the folder is then uploaded to `repo_id` (default: the folder's name); `token`,
         `private`, `revision`, `commit_message` and `create_pr` are passed on (see `mg2_pipeline.hub.push_folder`).
         """
-        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "revision", "commit_message", "create_pr")
-                      if key in kwargs}
+        hub_kwargs = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "token", "private", "revision", "commit_message", "create_pr")
+            if key in kwargs
+        }
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path) as handle:
@@ -301,16 +360,35 @@ class MG2Pipeline(DiffusionPipeline):
         os.replace(index_path + ".tmp", index_path)
         self._write_model_card(save_directory, hub_kwargs.get("repo_id"))
         if push_to_hub:
-            push_folder(save_directory, hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory))), **hub_kwargs)
+            push_folder(
+                save_directory,
+                hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory))),
+                **hub_kwargs,
+            )
 
-    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
-                    token: str | None = None, create_pr: bool = False, revision: str | None = None, **kwargs):
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        revision: str | None = None,
+        **kwargs,
+    ):
         """Upload the pipeline (weights, remote code, model card, melody index) to the model repo `repo_id`;
         returns the `CommitInfo` (its `oid` is the new revision)."""
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, repo_id=repo_id, **kwargs)  # repo_id: the model card's usage snippet
-            return push_folder(folder, repo_id, token=token, private=private, revision=revision,
-                               commit_message=commit_message, create_pr=create_pr)
+            return push_folder(
+                folder,
+                repo_id,
+                token=token,
+                private=private,
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+            )
 
     def _write_model_card(self, save_directory: str | os.PathLike, repo_id: str | None) -> None:
         card_path = os.path.join(save_directory, "README.md")
@@ -359,10 +437,13 @@ class MG2Pipeline(DiffusionPipeline):
                 config[name] = [f"{__package__}.{value[0]}", value[1]]
         return result
 
-    def load_lora_weights(self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default", **kwargs) -> None:
+    def load_lora_weights(
+        self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default", **kwargs
+    ) -> None:
         """Apply a UNet LoRA adapter saved by `train_mg2.py --use_lora` (diffusers' PEFT format, safetensors)."""
-        self.unet.load_lora_adapter(pretrained_model_name_or_path, prefix=None, adapter_name=adapter_name,
-                                    use_safetensors=True, **kwargs)
+        self.unet.load_lora_adapter(
+            pretrained_model_name_or_path, prefix=None, adapter_name=adapter_name, use_safetensors=True, **kwargs
+        )
 
     # ----- shapes -----
 
@@ -404,8 +485,12 @@ class MG2Pipeline(DiffusionPipeline):
         return int(frames) * self.frames_multiple
 
     def latent_shape(self, num_waveforms: int, mel_frames: int) -> tuple[int, int, int, int]:
-        return (num_waveforms, self.vae.config.latent_channels, mel_frames // self.vae_scale_factor,
-                int(self.vocoder.config.model_in_dim) // self.vae_scale_factor)
+        return (
+            num_waveforms,
+            self.vae.config.latent_channels,
+            mel_frames // self.vae_scale_factor,
+            int(self.vocoder.config.model_in_dim) // self.vae_scale_factor,
+        )
 
     # ----- steps of __call__ -----
 
@@ -433,22 +518,51 @@ class MG2Pipeline(DiffusionPipeline):
             pieces = tokenizer.tokenize(text)
             unknown = [word for word in text.split() if tokenizer.unk_token in tokenizer.tokenize(word)]
             if pieces and pieces.count(tokenizer.unk_token) == len(pieces):
-                raise ValueError(f"{name} {text[:80]!r} is unreadable to the text tower: every word piece is unknown to its "
-                                 "vocabulary (the presets use MiniLM's English WordPiece vocabulary).")
+                raise ValueError(
+                    f"{name} {text[:80]!r} is unreadable to the text tower: every word piece is unknown to its "
+                    "vocabulary (the presets use MiniLM's English WordPiece vocabulary)."
+                )
             if unknown:
-                logger.warning(f"{pieces.count(tokenizer.unk_token)} of {len(pieces)} word pieces of {name} {text[:80]!r} are "
-                               f"unknown to the text tower's vocabulary and read as {tokenizer.unk_token}: {unknown[:5]}.")
+                logger.warning(
+                    f"{pieces.count(tokenizer.unk_token)} of {len(pieces)} word pieces of {name} {text[:80]!r} are "
+                    f"unknown to the text tower's vocabulary and read as {tokenizer.unk_token}: {unknown[:5]}."
+                )
             if len(pieces) > max_tokens:
                 ignored = tokenizer.convert_tokens_to_string(pieces[max_tokens:])
-                logger.warning(f"{name} is {len(pieces)} word pieces long; the text tower reads the first {max_tokens} and "
-                               f"ignores {ignored[:200]!r}.")
+                logger.warning(
+                    f"{name} is {len(pieces)} word pieces long; the text tower reads the first {max_tokens} and "
+                    f"ignores {ignored[:200]!r}."
+                )
         return list(prompts)
 
-    def check_inputs(self, prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps, guidance_scale,
-                     melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k, match_prompt_facts, generator, latents,
-                     prompt_embeds, negative_prompt_embeds, melody_embeds, output_type, return_dict, cross_attention_kwargs,
-                     callback_on_step_end, callback_on_step_end_tensor_inputs, audio=None, strength=None,
-                     repaint_start_s=None, repaint_end_s=None, guidance_interval=(0.0, 1.0)) -> int:
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        melody,
+        audio_length_in_s,
+        num_inference_steps,
+        guidance_scale,
+        melody_guidance_scale,
+        num_waveforms_per_prompt,
+        retrieval_top_k,
+        match_prompt_facts,
+        generator,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        melody_embeds,
+        output_type,
+        return_dict,
+        cross_attention_kwargs,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        audio=None,
+        strength=None,
+        repaint_start_s=None,
+        repaint_end_s=None,
+        guidance_interval=(0.0, 1.0),
+    ) -> int:
         """Validate every argument before any compute; returns the batch size. Wrong types raise `TypeError`, wrong
         values (non-finite, out of range, mismatched sizes) `ValueError`; each message names the argument."""
         projection_dim = self.unet.config.projection_class_embeddings_input_dim // 2  # [text ‖ melody]
@@ -459,12 +573,16 @@ class MG2Pipeline(DiffusionPipeline):
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
         if self.config.text_attention and (prompt_embeds is not None or negative_prompt_embeds is not None):
-            raise ValueError("This model attends to the prompt's words (text_attention), which pooled prompt_embeds and "
-                             "negative_prompt_embeds do not carry: pass prompt and negative_prompt as text.")
+            raise ValueError(
+                "This model attends to the prompt's words (text_attention), which pooled prompt_embeds and "
+                "negative_prompt_embeds do not carry: pass prompt and negative_prompt as text."
+            )
         without_clmp = self.clmp is None or self.processor is None
         if without_clmp and (prompt is not None or negative_prompt is not None or melody is not None):
-            raise ValueError("This pipeline has no clmp/processor (the text and melody towers) to read prompt, "
-                             "negative_prompt or melody: pass prompt_embeds, negative_prompt_embeds, melody_embeds.")
+            raise ValueError(
+                "This pipeline has no clmp/processor (the text and melody towers) to read prompt, "
+                "negative_prompt or melody: pass prompt_embeds, negative_prompt_embeds, melody_embeds."
+            )
         if prompt is not None:
             batch_size = len(self.check_prompt(prompt))
         else:
@@ -475,9 +593,13 @@ class MG2Pipeline(DiffusionPipeline):
         if negative_prompt is not None:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
             if not isinstance(negatives, (list, tuple)) or not all(isinstance(n, str) for n in negatives):
-                raise TypeError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}.")
+                raise TypeError(
+                    f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}."
+                )
             if not isinstance(negative_prompt, str) and len(negatives) != batch_size:
-                raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {batch_size}; they must match.")
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries but prompt has {batch_size}; they must match."
+                )
             if any(n.strip() for n in negatives):  # an empty negative prompt is the default unconditional input
                 self.check_prompt([n for n in negatives if n.strip()], name="negative_prompt")
         if negative_prompt_embeds is not None:
@@ -485,10 +607,14 @@ class MG2Pipeline(DiffusionPipeline):
         if melody is not None and melody_embeds is not None:
             raise ValueError("Pass either melody or melody_embeds, not both.")
         if isinstance(melody, (list, tuple)) and len(melody) != batch_size:
-            raise ValueError(f"melody has {len(melody)} entries but prompt has {batch_size}; pass one melody, or one per prompt.")
+            raise ValueError(
+                f"melody has {len(melody)} entries but prompt has {batch_size}; pass one melody, or one per prompt."
+            )
         if melody_embeds is not None:
             if self.config.aligned_melody is not None:
-                raise ValueError("This model follows the melody's notes in time and melody_embeds carry no timing: pass melody=.")
+                raise ValueError(
+                    "This model follows the melody's notes in time and melody_embeds carry no timing: pass melody=."
+                )
             check_embeddings("melody_embeds", melody_embeds, (batch_size, projection_dim))
         if self.config.condition == "text" and (melody is not None or melody_embeds is not None):
             raise ValueError("This is a text-only model (condition='text'): it takes no melody or melody_embeds.")
@@ -496,55 +622,84 @@ class MG2Pipeline(DiffusionPipeline):
         if audio_length_in_s is not None:
             check_number("audio_length_in_s", audio_length_in_s, min_length, MAX_AUDIO_LENGTH_S)
         if not isinstance(guidance_interval, (tuple, list)) or len(guidance_interval) != 2:
-            raise TypeError(f"guidance_interval must be a pair (low, high) of fractions of the noise schedule, got {guidance_interval!r}.")
+            raise TypeError(
+                f"guidance_interval must be a pair (low, high) of fractions of the noise schedule, got {guidance_interval!r}."
+            )
         check_number("guidance_interval[0]", guidance_interval[0], 0, 1)
         check_number("guidance_interval[1]", guidance_interval[1], guidance_interval[0], 1)
         if audio is None and (strength is not None or repaint_start_s is not None or repaint_end_s is not None):
             raise ValueError("strength, repaint_start_s and repaint_end_s apply to a given audio: pass audio= too.")
         if audio is not None:
             if not isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
-                raise TypeError(f"audio must be a path to an audio file or a mono waveform (numpy or torch), got "
-                                f"{type(audio).__name__}.")
+                raise TypeError(
+                    f"audio must be a path to an audio file or a mono waveform (numpy or torch), got "
+                    f"{type(audio).__name__}."
+                )
             if latents is not None:
-                raise ValueError("Pass either audio or latents, not both: with audio the starting latents are its own.")
+                raise ValueError(
+                    "Pass either audio or latents, not both: with audio the starting latents are its own."
+                )
             if strength is not None:
                 check_number("strength", strength, 0, 1)
                 if strength * num_inference_steps < 1:
-                    raise ValueError(f"strength × num_inference_steps must be at least 1 (one denoising step), got "
-                                     f"{strength} × {num_inference_steps}.")
+                    raise ValueError(
+                        f"strength × num_inference_steps must be at least 1 (one denoising step), got "
+                        f"{strength} × {num_inference_steps}."
+                    )
             if (repaint_start_s is None) != (repaint_end_s is None):
                 raise ValueError("Pass both repaint_start_s and repaint_end_s (the span to regenerate), or neither.")
             if repaint_start_s is not None:
                 check_number("repaint_start_s", repaint_start_s, 0, MAX_AUDIO_LENGTH_S)
                 check_number("repaint_end_s", repaint_end_s, 0, MAX_AUDIO_LENGTH_S)
                 if repaint_end_s - repaint_start_s < min_length:
-                    raise ValueError(f"repaint_end_s must be at least {min_length} s after repaint_start_s, got "
-                                     f"{repaint_start_s} to {repaint_end_s}.")
-        check_number("num_inference_steps", num_inference_steps, 1,
-                     min(MAX_INFERENCE_STEPS, self.scheduler.config.num_train_timesteps), integer=True)
+                    raise ValueError(
+                        f"repaint_end_s must be at least {min_length} s after repaint_start_s, got "
+                        f"{repaint_start_s} to {repaint_end_s}."
+                    )
+        check_number(
+            "num_inference_steps",
+            num_inference_steps,
+            1,
+            min(MAX_INFERENCE_STEPS, self.scheduler.config.num_train_timesteps),
+            integer=True,
+        )
         check_number("guidance_scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
         check_number("melody_guidance_scale", melody_guidance_scale, 0, MAX_GUIDANCE_SCALE)
         if without_clmp and self.config.condition != "text" and melody_guidance_scale != max(guidance_scale, 1):
-            raise ValueError("melody_guidance_scale must equal guidance_scale (1 when guidance_scale ≤ 1) in a pipeline "
-                             "without clmp: a melody term of its own needs the empty text's CLMP embedding.")
+            raise ValueError(
+                "melody_guidance_scale must equal guidance_scale (1 when guidance_scale ≤ 1) in a pipeline "
+                "without clmp: a melody term of its own needs the empty text's CLMP embedding."
+            )
         if without_clmp and guidance_scale > 1 and negative_prompt_embeds is None:
             raise ValueError("guidance_scale > 1 in a pipeline without clmp needs negative_prompt_embeds.")
-        check_number("num_waveforms_per_prompt", num_waveforms_per_prompt, 1, MAX_WAVEFORMS // batch_size, integer=True)
-        check_number("retrieval_top_k", retrieval_top_k, 1, len(self.retriever) if self.retriever is not None else 1, integer=True)
+        check_number(
+            "num_waveforms_per_prompt", num_waveforms_per_prompt, 1, MAX_WAVEFORMS // batch_size, integer=True
+        )
+        check_number(
+            "retrieval_top_k",
+            retrieval_top_k,
+            1,
+            len(self.retriever) if self.retriever is not None else 1,
+            integer=True,
+        )
         num_waveforms = batch_size * num_waveforms_per_prompt
         generators = generator if isinstance(generator, list) else [generator]
         if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}.")
         if isinstance(generator, list) and len(generator) != num_waveforms:
-            raise ValueError(f"generator is a list of {len(generator)} generators but {num_waveforms} "
-                             "waveforms are generated; pass one generator, or one per waveform.")
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators but {num_waveforms} "
+                "waveforms are generated; pass one generator, or one per waveform."
+            )
         if latents is not None:  # without audio_length_in_s, the latents' length is the length
             shape = self.latent_shape(num_waveforms, self.mel_frames(audio_length_in_s or min_length))
             check_tensor("latents", latents, shape[:2] + (None if audio_length_in_s is None else shape[2], shape[3]))
             block = self.frames_multiple // self.vae_scale_factor
             longest = self.mel_frames(MAX_AUDIO_LENGTH_S) // self.vae_scale_factor
             if latents.shape[2] % block or latents.shape[2] > longest:
-                raise ValueError(f"latents must have a multiple of {block} frames, at most {longest}; got {latents.shape[2]}.")
+                raise ValueError(
+                    f"latents must have a multiple of {block} frames, at most {longest}; got {latents.shape[2]}."
+                )
             largest, bound = latents.abs().max().item(), MAX_LATENT_NOISE * self.scheduler.init_noise_sigma
             if largest > bound:  # the sampler starts from N(0, sigma²) noise: this is no noise, and it diverges
                 raise ValueError(f"latents must be starting noise, at most {bound:g} in magnitude; got {largest:.3g}.")
@@ -554,21 +709,32 @@ class MG2Pipeline(DiffusionPipeline):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
         if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
-            raise TypeError(f"cross_attention_kwargs must be a dict (e.g. {{'scale': 0.5}}), got {type(cross_attention_kwargs).__name__}.")
+            raise TypeError(
+                f"cross_attention_kwargs must be a dict (e.g. {{'scale': 0.5}}), got {type(cross_attention_kwargs).__name__}."
+            )
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}.")
         names = callback_on_step_end_tensor_inputs
         if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
-            raise TypeError(f"callback_on_step_end_tensor_inputs must be a list of names from {self._callback_tensor_inputs}.")
+            raise TypeError(
+                f"callback_on_step_end_tensor_inputs must be a list of names from {self._callback_tensor_inputs}."
+            )
         unknown = [name for name in names if name not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not in {self._callback_tensor_inputs}.")
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not in {self._callback_tensor_inputs}."
+            )
         return batch_size
 
     def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Texts → CLMP's `input_ids` and `attention_mask`, padded to `max_text_length`."""
-        tokens = self.processor.tokenizer(texts, padding="max_length", truncation=True,
-                                          max_length=self.processor.max_text_length, return_tensors="pt")
+        tokens = self.processor.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.processor.max_text_length,
+            return_tensors="pt",
+        )
         return {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
 
     @torch.no_grad()
@@ -584,9 +750,16 @@ class MG2Pipeline(DiffusionPipeline):
         return self.clmp.get_text_hidden_states(**tokens), tokens["attention_mask"]
 
     @torch.no_grad()
-    def encode_prompt(self, prompt, device: torch.device | None = None, num_waveforms_per_prompt: int = 1,
-                      do_classifier_free_guidance: bool = True, negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
-                      negative_prompt_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_prompt(
+        self,
+        prompt,
+        device: torch.device | None = None,
+        num_waveforms_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """CLMP text embeddings of `prompt` and, with classifier-free guidance, of `negative_prompt` (the empty text when
         None), each row repeated `num_waveforms_per_prompt` times: `(batch × num_waveforms_per_prompt, projection_dim)`,
         on `device` (default: the pipeline's execution device).
@@ -600,17 +773,23 @@ class MG2Pipeline(DiffusionPipeline):
         batch_size = prompt_embeds.shape[0]
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-            negative_prompt_embeds = self.encode_text(list(negatives) if negatives is not None else [""] * batch_size, device)
+            negative_prompt_embeds = self.encode_text(
+                list(negatives) if negatives is not None else [""] * batch_size, device
+            )
         prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
         if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(
+                num_waveforms_per_prompt, dim=0
+            )
         return prompt_embeds, negative_prompt_embeds
 
     @torch.no_grad()
     def encode_melody(self, melodies: list[Melody], device: torch.device) -> torch.Tensor:
         """CLMP melody embeddings `(len(melodies), projection_dim)`."""
         encoded = self.processor(melody=melodies, return_tensors="pt")
-        return self.clmp.get_melody_features(encoded["melody_input_ids"].to(device), encoded["melody_attention_mask"].to(device))
+        return self.clmp.get_melody_features(
+            encoded["melody_input_ids"].to(device), encoded["melody_attention_mask"].to(device)
+        )
 
     def read_melodies(self, melody, batch_size: int) -> list[Melody]:
         """One `Melody` per prompt from the `melody` argument (see `Melody.load`); a ValueError or TypeError naming it
@@ -637,14 +816,18 @@ class MG2Pipeline(DiffusionPipeline):
             if waveform.ndim != 1:
                 raise ValueError(f"audio must be a mono waveform of shape (samples,), got shape {waveform.shape}.")
             if waveform.size > MAX_AUDIO_LENGTH_S * self.sampling_rate:
-                raise ValueError(f"audio lasts {waveform.size / self.sampling_rate:.1f} s; at most {MAX_AUDIO_LENGTH_S:g} s "
-                                 "are allowed.")
+                raise ValueError(
+                    f"audio lasts {waveform.size / self.sampling_rate:.1f} s; at most {MAX_AUDIO_LENGTH_S:g} s "
+                    "are allowed."
+                )
             if not np.all(np.isfinite(waveform)):
                 raise ValueError("audio has NaN or infinite samples.")
         shortest = self.frames_multiple * self.hop_length
         if waveform.size < shortest:
-            raise ValueError(f"audio has {waveform.size} samples; at least {shortest} "
-                             f"({shortest / self.sampling_rate:g} s at {self.sampling_rate} Hz) are needed.")
+            raise ValueError(
+                f"audio has {waveform.size} samples; at least {shortest} "
+                f"({shortest / self.sampling_rate:g} s at {self.sampling_rate} Hz) are needed."
+            )
         return torch.from_numpy(np.asarray(waveform, dtype=np.float32).copy())
 
     def check_audio(self, waveform: torch.Tensor, audio_length_in_s, strength, repaint_start_s, repaint_end_s):
@@ -653,16 +836,22 @@ class MG2Pipeline(DiffusionPipeline):
         given_s = len(waveform) / self.sampling_rate
         length = given_s if audio_length_in_s is None else audio_length_in_s
         if self.mel_frames(length) < self.mel_frames(given_s):
-            raise ValueError(f"audio_length_in_s must be at least the audio's length ({given_s:.2f} s) with audio=, got "
-                             f"{audio_length_in_s}: cut the audio to re-render part of it.")
+            raise ValueError(
+                f"audio_length_in_s must be at least the audio's length ({given_s:.2f} s) with audio=, got "
+                f"{audio_length_in_s}: cut the audio to re-render part of it."
+            )
         if self.mel_frames(length) > self.mel_frames(given_s):
             if repaint_start_s is not None or strength is not None:
-                raise ValueError(f"audio_length_in_s {length} s is longer than the audio ({given_s:.2f} s): that continues it, "
-                                 "which takes no strength or repaint span; pass one or the other.")
+                raise ValueError(
+                    f"audio_length_in_s {length} s is longer than the audio ({given_s:.2f} s): that continues it, "
+                    "which takes no strength or repaint span; pass one or the other."
+                )
             return "continuation", length, 1.0
         if repaint_start_s is not None:
             if repaint_end_s > given_s:
-                raise ValueError(f"repaint_end_s must lie inside the audio (at most {given_s:.2f} s), got {repaint_end_s}.")
+                raise ValueError(
+                    f"repaint_end_s must lie inside the audio (at most {given_s:.2f} s), got {repaint_end_s}."
+                )
             return "repaint", length, 1.0 if strength is None else strength
         return "audio_to_audio", length, DEFAULT_STRENGTH if strength is None else strength
 
@@ -688,11 +877,13 @@ class MG2Pipeline(DiffusionPipeline):
         start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start * self.scheduler.order)
-        return self.scheduler.timesteps[start * self.scheduler.order:]
+        return self.scheduler.timesteps[start * self.scheduler.order :]
 
     def prepare_latents(self, batch_size: int, height: int, dtype, device, generator, latents=None) -> torch.Tensor:
         if latents is None:
-            latents = randn_tensor(self.latent_shape(batch_size, height), generator=generator, device=device, dtype=dtype)
+            latents = randn_tensor(
+                self.latent_shape(batch_size, height), generator=generator, device=device, dtype=dtype
+            )
         return latents.to(device, dtype) * self.scheduler.init_noise_sigma
 
     def follow_prompt_tempo(self, hit: RetrievedMelody, prompt: str | None) -> RetrievedMelody:
@@ -713,8 +904,9 @@ class MG2Pipeline(DiffusionPipeline):
         except ValueError as error:
             raise ValueError(f"No melody could be transcribed from audio ({error}): pass melody=.") from error
 
-    def place_melody(self, hit: RetrievedMelody | None, start_s: float, seconds: float, play_once: bool,
-                     starts: list[int]) -> tuple[Melody | None, RetrievedMelody | None]:
+    def place_melody(
+        self, hit: RetrievedMelody | None, start_s: float, seconds: float, play_once: bool, starts: list[int]
+    ) -> tuple[Melody | None, RetrievedMelody | None]:
         """The melody as it guides `seconds` of audio: from `start_s`, once through (`play_once`) or repeated whole to
         the end; and the hit with `metadata["audio_span_s"]` (where it plays), `["repeats"]` and `["windows"]` (per
         denoising window, its `audio_s` span and the `melody_s` span of the melody, repeats laid end to end)."""
@@ -727,16 +919,25 @@ class MG2Pipeline(DiffusionPipeline):
         for start in starts:
             audio_s = (start * frame_s, min(seconds, (start + self.window_frames) * frame_s))
             melody_s = tuple(min(max(0.0, time - start_s), end_s - start_s) for time in audio_s)
-            windows.append({"audio_s": tuple(round(time, 3) for time in audio_s),
-                            "melody_s": tuple(round(time, 3) for time in melody_s)})
+            windows.append(
+                {
+                    "audio_s": tuple(round(time, 3) for time in audio_s),
+                    "melody_s": tuple(round(time, 3) for time in melody_s),
+                }
+            )
         repeats = 1 if play_once else math.ceil((seconds - start_s) / hit.melody.duration - 1e-9)
-        metadata = {**hit.metadata, "audio_span_s": (round(start_s, 3), round(end_s, 3)), "repeats": repeats,
-                    "windows": windows}
+        metadata = {
+            **hit.metadata,
+            "audio_span_s": (round(start_s, 3), round(end_s, 3)),
+            "repeats": repeats,
+            "windows": windows,
+        }
         return melody.delay(start_s) if start_s else melody, RetrievedMelody(hit.melody, hit.id, hit.score, metadata)
 
     @torch.no_grad()
-    def prepare_melody_frames(self, melodies: list[Melody], latent_frames: int, device, dtype,
-                              timbre_seeds: list[int] | None = None) -> torch.Tensor:
+    def prepare_melody_frames(
+        self, melodies: list[Melody], latent_frames: int, device, dtype, timbre_seeds: list[int] | None = None
+    ) -> torch.Tensor:
         """The time-aligned melody condition `(len(melodies), channels, latent_frames, latent_bins)`, melody time 0 at
         latent frame 0 (notes past the end are cut): the "sketch" (harmonic tones → log-mel → VAE encoder mode, scaled
         as latents; plain tones, or with `timbre_seeds` each melody's own random sound, see `Melody.render_tones`) or
@@ -745,8 +946,14 @@ class MG2Pipeline(DiffusionPipeline):
         num_samples = latent_frames * self.vae_scale_factor * self.hop_length
         if self.config.aligned_melody == "sketch":
             seeds = timbre_seeds if timbre_seeds is not None else [None] * len(melodies)
-            tones = torch.from_numpy(np.stack([m.render_tones(num_samples, self.sampling_rate, timbre_seed=seed)
-                                               for m, seed in zip(melodies, seeds)]))
+            tones = torch.from_numpy(
+                np.stack(
+                    [
+                        m.render_tones(num_samples, self.sampling_rate, timbre_seed=seed)
+                        for m, seed in zip(melodies, seeds)
+                    ]
+                )
+            )
             return self.encode_waveforms(tones, device).to(dtype)
         frames_per_second = latent_frames * self.sampling_rate / num_samples
         rolls = np.stack([m.to_pitch_class_roll(latent_frames, frames_per_second) for m in melodies])
@@ -757,8 +964,16 @@ class MG2Pipeline(DiffusionPipeline):
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in accepted else {}
 
-    def prepare_condition(self, prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds, ignore_melody: bool,
-                          do_melody_guidance: bool, do_classifier_free_guidance: bool) -> torch.Tensor:
+    def prepare_condition(
+        self,
+        prompt_embeds,
+        negative_prompt_embeds,
+        melody_embeds,
+        null_embeds,
+        ignore_melody: bool,
+        do_melody_guidance: bool,
+        do_classifier_free_guidance: bool,
+    ) -> torch.Tensor:
         """The UNet's pooled conditions, stacked in the order the predictions are split: [text ‖ melody] (the empty
         text's embedding for the melody when it is ignored), [text ‖ empty] with melody guidance, [negative ‖ negative]
         with text guidance."""
@@ -770,8 +985,15 @@ class MG2Pipeline(DiffusionPipeline):
             conditions.append(torch.cat([negative_prompt_embeds, negative_prompt_embeds], dim=-1))
         return torch.cat(conditions).to(self.unet.dtype)
 
-    def prepare_text_states(self, prompts: list[str], negative_prompt, num_waveforms_per_prompt: int, device,
-                            do_melody_guidance: bool, do_classifier_free_guidance: bool):
+    def prepare_text_states(
+        self,
+        prompts: list[str],
+        negative_prompt,
+        num_waveforms_per_prompt: int,
+        device,
+        do_melody_guidance: bool,
+        do_classifier_free_guidance: bool,
+    ):
         """With `text_attention`, the token states the UNet attends to and their mask, stacked in the order of
         `prepare_condition`: the prompt's (again for the melody-free prediction), the negative prompt's (the empty
         text's when None) with text guidance. `(None, None)` otherwise."""
@@ -779,7 +1001,11 @@ class MG2Pipeline(DiffusionPipeline):
             return None, None
         texts = [(prompts, 1 + do_melody_guidance)]
         if do_classifier_free_guidance:
-            negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, (list, tuple)) else negative_prompt
+            negatives = (
+                [negative_prompt or ""] * len(prompts)
+                if not isinstance(negative_prompt, (list, tuple))
+                else negative_prompt
+            )
             texts.append((list(negatives), 1))
         states, masks = [], []
         for batch, repeats in texts:
@@ -788,8 +1014,17 @@ class MG2Pipeline(DiffusionPipeline):
             masks += [batch_mask.repeat_interleave(num_waveforms_per_prompt, dim=0)] * repeats
         return torch.cat(states).to(self.unet.dtype), torch.cat(masks)
 
-    def prepare_guidance_inputs(self, prompts, negative_prompt, num_waveforms_per_prompt: int, prompt_embeds,
-                                negative_prompt_embeds, melody_embeds, melody_frames, device) -> GuidanceInputs:
+    def prepare_guidance_inputs(
+        self,
+        prompts,
+        negative_prompt,
+        num_waveforms_per_prompt: int,
+        prompt_embeds,
+        negative_prompt_embeds,
+        melody_embeds,
+        melody_frames,
+        device,
+    ) -> GuidanceInputs:
         """The UNet's inputs for the predictions the current scales need (`guidance_terms`), stacked in their order:
         pooled conditions, text states, and the melody frames (zeros wherever the melody is dropped, as in training)."""
         terms = self.guidance_terms
@@ -797,16 +1032,21 @@ class MG2Pipeline(DiffusionPipeline):
         if text_term and negative_prompt_embeds is None:
             raise ValueError("guidance_scale > 1 needs negative_prompt_embeds in a pipeline without clmp.")
         if (ignore_melody or melody_term) and self.clmp is None:
-            raise ValueError("melody_guidance_scale must equal guidance_scale (1 when guidance_scale ≤ 1) in a pipeline "
-                             "without clmp: the melody-free condition is the empty text's CLMP embedding.")
+            raise ValueError(
+                "melody_guidance_scale must equal guidance_scale (1 when guidance_scale ≤ 1) in a pipeline "
+                "without clmp: the melody-free condition is the empty text's CLMP embedding."
+            )
         null_embeds = self.encode_text([""], device) if ignore_melody or melody_term else None
-        condition = self.prepare_condition(prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds, ignore_melody,
-                                           melody_term, text_term)
-        text_states, text_mask = self.prepare_text_states(prompts, negative_prompt, num_waveforms_per_prompt, device,
-                                                          melody_term, text_term)
+        condition = self.prepare_condition(
+            prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds, ignore_melody, melody_term, text_term
+        )
+        text_states, text_mask = self.prepare_text_states(
+            prompts, negative_prompt, num_waveforms_per_prompt, device, melody_term, text_term
+        )
         if melody_frames is not None:
-            melody_frames = torch.cat([melody_frames * (not ignore_melody)]
-                                      + [torch.zeros_like(melody_frames)] * (melody_term + text_term))
+            melody_frames = torch.cat(
+                [melody_frames * (not ignore_melody)] + [torch.zeros_like(melody_frames)] * (melody_term + text_term)
+            )
         return GuidanceInputs(terms, condition, text_states, text_mask, melody_frames)
 
     @torch.no_grad()
@@ -819,27 +1059,43 @@ class MG2Pipeline(DiffusionPipeline):
             log_mel = self.mel(piece).unsqueeze(1).to(device, self.vae.dtype)
             return self.vae.encode(log_mel).latent_dist.mode() * self.vae.config.scaling_factor
 
-        return map_in_windows(encode, waveforms, 1, self.window_frames * samples_per_frame,
-                              self.window_overlap * samples_per_frame, self.frames_multiple * self.hop_length,
-                              1 / samples_per_frame, out_dim=2)
+        return map_in_windows(
+            encode,
+            waveforms,
+            1,
+            self.window_frames * samples_per_frame,
+            self.window_overlap * samples_per_frame,
+            self.frames_multiple * self.hop_length,
+            1 / samples_per_frame,
+            out_dim=2,
+        )
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → log-mel `(batch, frames, mels)`; window by window when longer than one."""
+
         def decode(piece):
             return self.vae.decode(piece / self.vae.config.scaling_factor).sample.squeeze(1)
 
         block = self.frames_multiple // self.vae_scale_factor
-        return map_in_windows(decode, latents, 2, self.window_frames, self.window_overlap, block, self.vae_scale_factor,
-                              out_dim=1)
+        return map_in_windows(
+            decode, latents, 2, self.window_frames, self.window_overlap, block, self.vae_scale_factor, out_dim=1
+        )
 
     @torch.no_grad()
     def vocode(self, mel: torch.Tensor) -> torch.Tensor:
         """Log-mel `(batch, frames, mels)` → waveforms `(batch, frames × hop_length)`; window by window when longer
         than one."""
         scale = self.vae_scale_factor
-        return map_in_windows(self.vocoder, mel.to(self.vocoder.dtype), 1, self.window_frames * scale,
-                              self.window_overlap * scale, self.frames_multiple, self.hop_length)
+        return map_in_windows(
+            self.vocoder,
+            mel.to(self.vocoder.dtype),
+            1,
+            self.window_frames * scale,
+            self.window_overlap * scale,
+            self.frames_multiple,
+            self.hop_length,
+        )
 
     @torch.no_grad()
     def score_waveforms(self, waveforms: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -852,9 +1108,13 @@ class MG2Pipeline(DiffusionPipeline):
         """Never return NaN or infinite samples as music: a `ValueError` naming what usually causes them."""
         if not torch.isfinite(values).all():
             self.maybe_free_model_hooks()
-            low_precision = "" if self.unet.dtype == torch.float32 else f", or run in float32 rather than {self.unet.dtype}"
-            raise ValueError(f"The generation diverged to NaN or infinite values with guidance_scale={self.guidance_scale} and "
-                             f"melody_guidance_scale={self.melody_guidance_scale}: lower them{low_precision}.")
+            low_precision = (
+                "" if self.unet.dtype == torch.float32 else f", or run in float32 rather than {self.unet.dtype}"
+            )
+            raise ValueError(
+                f"The generation diverged to NaN or infinite values with guidance_scale={self.guidance_scale} and "
+                f"melody_guidance_scale={self.melody_guidance_scale}: lower them{low_precision}."
+            )
 
     @property
     def guidance_scale(self) -> float:
@@ -974,19 +1234,41 @@ class MG2Pipeline(DiffusionPipeline):
         # 1. Check inputs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        batch_size = self.check_inputs(prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps,
-                                       guidance_scale, melody_guidance_scale, num_waveforms_per_prompt, retrieval_top_k,
-                                       match_prompt_facts, generator, latents, prompt_embeds, negative_prompt_embeds,
-                                       melody_embeds, output_type, return_dict, cross_attention_kwargs, callback_on_step_end,
-                                       callback_on_step_end_tensor_inputs, audio, strength, repaint_start_s, repaint_end_s,
-                                       guidance_interval)
+        batch_size = self.check_inputs(
+            prompt,
+            negative_prompt,
+            melody,
+            audio_length_in_s,
+            num_inference_steps,
+            guidance_scale,
+            melody_guidance_scale,
+            num_waveforms_per_prompt,
+            retrieval_top_k,
+            match_prompt_facts,
+            generator,
+            latents,
+            prompt_embeds,
+            negative_prompt_embeds,
+            melody_embeds,
+            output_type,
+            return_dict,
+            cross_attention_kwargs,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            audio,
+            strength,
+            repaint_start_s,
+            repaint_end_s,
+            guidance_interval,
+        )
         user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
         play_once = audio_length_in_s is None  # no length asked for: melodies play once through, not repeated
         mode, given_audio = "text_to_music", None
         if audio is not None:
             given_audio = self.read_audio(audio)
-            mode, audio_length_in_s, strength = self.check_audio(given_audio, audio_length_in_s, strength, repaint_start_s,
-                                                                 repaint_end_s)
+            mode, audio_length_in_s, strength = self.check_audio(
+                given_audio, audio_length_in_s, strength, repaint_start_s, repaint_end_s
+            )
         elif latents is not None and audio_length_in_s is None:
             audio_length_in_s = latents.shape[2] * self.vae_scale_factor * self.hop_length / self.sampling_rate
         self._guidance_scale = guidance_scale
@@ -998,8 +1280,13 @@ class MG2Pipeline(DiffusionPipeline):
         prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
         # The negative embeddings are made even without text guidance when CLMP can: a callback may turn it on.
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_waveforms_per_prompt, self.do_classifier_free_guidance or self.clmp is not None,
-            negative_prompt, prompt_embeds, negative_prompt_embeds,
+            prompt,
+            device,
+            num_waveforms_per_prompt,
+            self.do_classifier_free_guidance or self.clmp is not None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
         )
 
         # 3. Retrieve a melody per waveform (or take the user's, or transcribe the given audio's), of the tune type, origin,
@@ -1014,9 +1301,14 @@ class MG2Pipeline(DiffusionPipeline):
             if user_melodies is None:
                 user_melodies = [self.transcribe(given_audio)] * batch_size
             source = "user" if melody is not None else "audio"
-            guiding = [RetrievedMelody(m, id=None, score=None, metadata={"source": source})
-                       for m in user_melodies for _ in range(num_waveforms_per_prompt)]
-            melody_embeds = self.encode_melody(user_melodies, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+            guiding = [
+                RetrievedMelody(m, id=None, score=None, metadata={"source": source})
+                for m in user_melodies
+                for _ in range(num_waveforms_per_prompt)
+            ]
+            melody_embeds = self.encode_melody(user_melodies, device).repeat_interleave(
+                num_waveforms_per_prompt, dim=0
+            )
         elif self.retriever is None:  # nothing to follow: the melody-dropped condition training teaches, text alone
             logger.warning("No melody given and no retriever to find one: generating from the text alone.")
             guiding = [None] * num_waveforms
@@ -1027,8 +1319,15 @@ class MG2Pipeline(DiffusionPipeline):
                 hits = self.retriever.search_matching(query, prompts, k=retrieval_top_k)
             else:
                 hits = self.retriever.search(query, k=retrieval_top_k)
-            choice = [(row, candidate % retrieval_top_k) for row in range(batch_size) for candidate in range(num_waveforms_per_prompt)]
-            guiding = [self.follow_prompt_tempo(hits.melodies[row][rank], prompts[row] if prompts else None) for row, rank in choice]
+            choice = [
+                (row, candidate % retrieval_top_k)
+                for row in range(batch_size)
+                for candidate in range(num_waveforms_per_prompt)
+            ]
+            guiding = [
+                self.follow_prompt_tempo(hits.melodies[row][rank], prompts[row] if prompts else None)
+                for row, rank in choice
+            ]
             melody_embeds = torch.from_numpy(np.stack([hits.embeddings[row, rank] for row, rank in choice])).to(device)
 
         # 4. Fix the length (by default a time-aligned melody's, played once through) and place each melody in it: from
@@ -1041,8 +1340,12 @@ class MG2Pipeline(DiffusionPipeline):
         num_samples = int(round(audio_length_in_s * self.sampling_rate))
         seconds = height * self.hop_length / self.sampling_rate
         melody_start_s = len(given_audio) / self.sampling_rate if mode == "continuation" and melody is None else 0.0
-        starts = window_starts(height // self.vae_scale_factor, self.window_frames, self.window_overlap,
-                               self.frames_multiple // self.vae_scale_factor)
+        starts = window_starts(
+            height // self.vae_scale_factor,
+            self.window_frames,
+            self.window_overlap,
+            self.frames_multiple // self.vae_scale_factor,
+        )
         placed = [self.place_melody(hit, melody_start_s, seconds, play_once, starts) for hit in guiding]
         guiding = [hit for _, hit in placed]
 
@@ -1062,50 +1365,85 @@ class MG2Pipeline(DiffusionPipeline):
                 latents = self.scheduler.add_noise(audio_latents, noise, timesteps[:1].repeat(num_waveforms))
             if mode != "audio_to_audio":
                 samples_per_latent = self.vae_scale_factor * self.hop_length
-                keep = self.keep_mask(mode, latents.shape[2], len(given_audio) // samples_per_latent, repaint_start_s,
-                                      repaint_end_s, device).to(latents.dtype)
-                latents = keep * self.scheduler.add_noise(audio_latents, noise, timesteps[:1].repeat(num_waveforms)) \
+                keep = self.keep_mask(
+                    mode,
+                    latents.shape[2],
+                    len(given_audio) // samples_per_latent,
+                    repaint_start_s,
+                    repaint_end_s,
+                    device,
+                ).to(latents.dtype)
+                latents = (
+                    keep * self.scheduler.add_noise(audio_latents, noise, timesteps[:1].repeat(num_waveforms))
                     + (1 - keep) * latents
+                )
         self._num_timesteps = len(timesteps)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
         melody_frames = None
         if self.config.aligned_melody is not None and guiding[0] is not None:
-            melody_frames = self.prepare_melody_frames([melody for melody, _ in placed], latents.shape[2], device,
-                                                       self.unet.dtype)
+            melody_frames = self.prepare_melody_frames(
+                [melody for melody, _ in placed], latents.shape[2], device, self.unet.dtype
+            )
         elif self.config.aligned_melody is not None:
             channels = self.unet.config.in_channels - latents.shape[1]
-            melody_frames = torch.zeros(num_waveforms, channels, *latents.shape[2:], device=device, dtype=self.unet.dtype)
+            melody_frames = torch.zeros(
+                num_waveforms, channels, *latents.shape[2:], device=device, dtype=self.unet.dtype
+            )
         # Up to three predictions per step: text and melody; text without melody (a melody term of its own); neither
         # (text guidance). The melody-free condition is the empty text's embedding and zero frames, as in training.
-        guidance = self.prepare_guidance_inputs(prompts, negative_prompt, num_waveforms_per_prompt, prompt_embeds,
-                                                negative_prompt_embeds, melody_embeds, melody_frames, device)
+        guidance = self.prepare_guidance_inputs(
+            prompts,
+            negative_prompt,
+            num_waveforms_per_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            melody_embeds,
+            melody_frames,
+            device,
+        )
 
         # 6. Denoise: every window predicts the noise of its frames; overlapping predictions are cross-faded, then the
         # scheduler steps the whole latent once. Kept frames of the given audio are reset to it, noised to the next step.
         window = min(self.window_frames, latents.shape[2])
-        ramp = fade_ramp(window, self.window_overlap, device, latents.dtype) if len(starts) > 1 else \
-            torch.ones(window, device=device, dtype=latents.dtype)
-        active = [start for start in starts if keep is None or keep[0, 0, start:start + window].min() < 1]  # to generate
+        ramp = (
+            fade_ramp(window, self.window_overlap, device, latents.dtype)
+            if len(starts) > 1
+            else torch.ones(window, device=device, dtype=latents.dtype)
+        )
+        active = [
+            start for start in starts if keep is None or keep[0, 0, start : start + window].min() < 1
+        ]  # to generate
         weights = torch.zeros(latents.shape[2], device=device, dtype=latents.dtype)
         for start in active:
-            weights[start:start + window] += ramp
+            weights[start : start + window] += ramp
         weights = weights.clamp(min=1e-6)[:, None]  # kept frames outside every active window are reset after the step
         with self.progress_bar(total=len(timesteps) * len(active)) as progress_bar:
             for i, t in enumerate(timesteps):
                 # Outside guidance_interval both scales are 1: the prediction with text and melody, unguided.
                 guided = guidance_interval[0] <= t / self.scheduler.config.num_train_timesteps <= guidance_interval[1]
-                text_scale, melody_scale = (max(self._guidance_scale, 1.0), self._melody_guidance_scale) if guided else (1, 1)
+                text_scale, melody_scale = (
+                    (max(self._guidance_scale, 1.0), self._melody_guidance_scale) if guided else (1, 1)
+                )
                 _, do_melody_guidance, do_classifier_free_guidance = guidance.terms
                 num_conditions = 1 + do_melody_guidance + do_classifier_free_guidance
                 noise_pred = torch.zeros_like(latents)
                 for start in active:
                     frames = slice(start, start + window)
-                    latent_model_input = self.scheduler.scale_model_input(torch.cat([latents[:, :, frames]] * num_conditions), t)
+                    latent_model_input = self.scheduler.scale_model_input(
+                        torch.cat([latents[:, :, frames]] * num_conditions), t
+                    )
                     if guidance.melody_frames is not None:
-                        latent_model_input = torch.cat([latent_model_input, guidance.melody_frames[:, :, frames]], dim=1)
-                    predictions = self.unet(latent_model_input, t, encoder_hidden_states=guidance.text_states,
-                                            encoder_attention_mask=guidance.text_mask, class_labels=guidance.condition,
-                                            cross_attention_kwargs=cross_attention_kwargs).sample
+                        latent_model_input = torch.cat(
+                            [latent_model_input, guidance.melody_frames[:, :, frames]], dim=1
+                        )
+                    predictions = self.unet(
+                        latent_model_input,
+                        t,
+                        encoder_hidden_states=guidance.text_states,
+                        encoder_attention_mask=guidance.text_mask,
+                        class_labels=guidance.condition,
+                        cross_attention_kwargs=cross_attention_kwargs,
+                    ).sample
                     predictions = list(predictions.chunk(num_conditions))
                     window_pred = with_melody = predictions.pop(0)
                     if do_melody_guidance:
@@ -1119,44 +1457,80 @@ class MG2Pipeline(DiffusionPipeline):
                     progress_bar.update()
                 latents = self.scheduler.step(noise_pred / weights, t, latents, **extra_step_kwargs).prev_sample
                 if keep is not None:
-                    known = audio_latents if i == len(timesteps) - 1 else \
-                        self.scheduler.add_noise(audio_latents, noise, timesteps[i + 1:i + 2].repeat(num_waveforms))
+                    known = (
+                        audio_latents
+                        if i == len(timesteps) - 1
+                        else self.scheduler.add_noise(
+                            audio_latents, noise, timesteps[i + 1 : i + 2].repeat(num_waveforms)
+                        )
+                    )
                     latents = keep * known + (1 - keep) * latents
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
-                               "negative_prompt_embeds": negative_prompt_embeds, "melody_embeds": melody_embeds}
-                    outputs = callback_on_step_end(self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
+                    tensors = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                        "melody_embeds": melody_embeds,
+                    }
+                    outputs = callback_on_step_end(
+                        self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    )
                     if not isinstance(outputs, dict):
-                        raise TypeError(f"callback_on_step_end must return a dict of tensors (e.g. {{}} or "
-                                        f"{{'latents': latents}}), got {type(outputs).__name__}.")
+                        raise TypeError(
+                            f"callback_on_step_end must return a dict of tensors (e.g. {{}} or "
+                            f"{{'latents': latents}}), got {type(outputs).__name__}."
+                        )
                     for name, value in outputs.items():
                         if name not in tensors or tensors[name] is None:
-                            raise ValueError(f"callback_on_step_end returned {name!r}, which this call does not use "
-                                             f"(it uses {[n for n, v in tensors.items() if v is not None]}).")
+                            raise ValueError(
+                                f"callback_on_step_end returned {name!r}, which this call does not use "
+                                f"(it uses {[n for n, v in tensors.items() if v is not None]})."
+                            )
                         if value is not tensors[name]:
-                            check_tensor(f"the {name} callback_on_step_end returned", value, tuple(tensors[name].shape))
+                            check_tensor(
+                                f"the {name} callback_on_step_end returned", value, tuple(tensors[name].shape)
+                            )
                     latents = outputs.get("latents", latents)
                     changed = [name for name in outputs if name != "latents" and outputs[name] is not tensors[name]]
                     if self.config.text_attention and any(name.endswith("prompt_embeds") for name in changed):
-                        raise ValueError("callback_on_step_end changed prompt_embeds or negative_prompt_embeds, which "
-                                         "this model (text_attention) reads as words it cannot change mid-call.")
-                    check_number("the guidance_scale callback_on_step_end set", self._guidance_scale, 0, MAX_GUIDANCE_SCALE)
-                    check_number("the melody_guidance_scale callback_on_step_end set", self._melody_guidance_scale, 0,
-                                 MAX_GUIDANCE_SCALE)
+                        raise ValueError(
+                            "callback_on_step_end changed prompt_embeds or negative_prompt_embeds, which "
+                            "this model (text_attention) reads as words it cannot change mid-call."
+                        )
+                    check_number(
+                        "the guidance_scale callback_on_step_end set", self._guidance_scale, 0, MAX_GUIDANCE_SCALE
+                    )
+                    check_number(
+                        "the melody_guidance_scale callback_on_step_end set",
+                        self._melody_guidance_scale,
+                        0,
+                        MAX_GUIDANCE_SCALE,
+                    )
                     # New embeddings, or scales that need other predictions (a melody dropped or brought back, a
                     # guidance term started or stopped), apply from the next step on.
                     if changed or self.guidance_terms != guidance.terms:
                         prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
                         melody_embeds = outputs.get("melody_embeds", melody_embeds)
-                        guidance = self.prepare_guidance_inputs(prompts, negative_prompt, num_waveforms_per_prompt,
-                                                                prompt_embeds, negative_prompt_embeds, melody_embeds,
-                                                                melody_frames, device)
+                        guidance = self.prepare_guidance_inputs(
+                            prompts,
+                            negative_prompt,
+                            num_waveforms_per_prompt,
+                            prompt_embeds,
+                            negative_prompt_embeds,
+                            melody_embeds,
+                            melody_frames,
+                            device,
+                        )
 
         self.check_finite(latents)
         if output_type == "latent":
             self.maybe_free_model_hooks()
-            return MG2PipelineOutput(audios=latents, melodies=guiding, sampling_rate=self.sampling_rate) if return_dict else (latents, guiding)
+            return (
+                MG2PipelineOutput(audios=latents, melodies=guiding, sampling_rate=self.sampling_rate)
+                if return_dict
+                else (latents, guiding)
+            )
 
         # 7. Decode latents to log-mel, 8. vocode to waveforms (both window by window for long audio)
         mel = self.decode_latents(latents)
@@ -1167,8 +1541,14 @@ class MG2Pipeline(DiffusionPipeline):
         # Re-rank each prompt's candidates by CLMP text–audio similarity, best first.
         if num_waveforms_per_prompt > 1:
             scores = self.score_waveforms(audio, prompt_embeds).view(batch_size, num_waveforms_per_prompt)
-            order = (torch.argsort(scores, dim=1, descending=True) + num_waveforms_per_prompt
-                     * torch.arange(batch_size, device=scores.device)[:, None]).reshape(-1).cpu()
+            order = (
+                (
+                    torch.argsort(scores, dim=1, descending=True)
+                    + num_waveforms_per_prompt * torch.arange(batch_size, device=scores.device)[:, None]
+                )
+                .reshape(-1)
+                .cpu()
+            )
             audio = audio[order.to(audio.device)]
             guiding = [guiding[i] for i in order.tolist()]
         self.maybe_free_model_hooks()

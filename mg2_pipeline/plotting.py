@@ -23,8 +23,14 @@ PIANO_ROLL_FPS = 100
 def _draw_piano_roll(axes, melody: Melody, duration: float | None) -> None:
     roll = melody.to_piano_roll(frames_per_second=PIANO_ROLL_FPS)
     low, high = int(melody.pitches.min()) - 2, int(melody.pitches.max()) + 3
-    axes.imshow(roll[low:high], origin="lower", aspect="auto", cmap="Greys",
-                extent=(0, roll.shape[1] / PIANO_ROLL_FPS, low - 0.5, high - 0.5), interpolation="nearest")
+    axes.imshow(
+        roll[low:high],
+        origin="lower",
+        aspect="auto",
+        cmap="Greys",
+        extent=(0, roll.shape[1] / PIANO_ROLL_FPS, low - 0.5, high - 0.5),
+        interpolation="nearest",
+    )
     axes.set(xlim=(0, duration or melody.duration), ylabel="MIDI pitch")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -38,7 +44,9 @@ def plot_spectrograms(waveforms, sampling_rate: int, titles: list[str | None], m
     """Log-mel spectrograms of mono waveforms one above the other (to compare them), on one time axis; with `melody`,
     its piano roll at the bottom."""
     if len(titles) != len(waveforms):
-        raise ValueError(f"titles has {len(titles)} entries for {len(waveforms)} waveforms; pass one title (or None) each.")
+        raise ValueError(
+            f"titles has {len(titles)} entries for {len(waveforms)} waveforms; pass one title (or None) each."
+        )
     rows = len(waveforms) + (melody is not None)
     figure = Figure(figsize=(10, 2.6 * rows))
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.2 / rows, top=1 - 0.12 / rows, hspace=0.45)
@@ -49,8 +57,14 @@ def plot_spectrograms(waveforms, sampling_rate: int, titles: list[str | None], m
         waveform = np.asarray(waveform, dtype=np.float32)
         log_mel = LogMelSpectrogram(sample_rate=sampling_rate)(torch.from_numpy(waveform)).numpy()
         duration = len(waveform) / sampling_rate
-        spectrogram_axes.imshow(log_mel.T, origin="lower", aspect="auto", cmap="magma",
-                                extent=(0, duration, 0, log_mel.shape[1]), interpolation="nearest")
+        spectrogram_axes.imshow(
+            log_mel.T,
+            origin="lower",
+            aspect="auto",
+            cmap="magma",
+            extent=(0, duration, 0, log_mel.shape[1]),
+            interpolation="nearest",
+        )
         spectrogram_axes.set(title=title, ylabel="mel bin")
     if melody is not None:
         _draw_piano_roll(axes[-1], melody, duration)

@@ -30,33 +30,71 @@ def clmp_config(name: str, modalities=("text", "audio", "melody")) -> CLMPConfig
     """
     if name == "tiny":
         text_config = AutoConfig.for_model(
-            "bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            "bert",
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
             max_position_embeddings=128,
         )
         audio_config = ClapAudioConfig(
-            spec_size=64, num_mel_bins=64, patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[1, 2],
-            window_size=4, hidden_size=32,
+            spec_size=64,
+            num_mel_bins=64,
+            patch_embeds_hidden_size=16,
+            depths=[1, 1],
+            num_attention_heads=[1, 2],
+            window_size=4,
+            hidden_size=32,
         )
-        return CLMPConfig(text_config=text_config.to_dict(), audio_config=audio_config.to_dict(),
-                          melody_config=CLMPMelodyConfig(embedding_dim=32, hidden_size=32).to_dict(),
-                          projection_dim=32, text_pooling="mean", mel_time_pooling=8, modalities=list(modalities))
+        return CLMPConfig(
+            text_config=text_config.to_dict(),
+            audio_config=audio_config.to_dict(),
+            melody_config=CLMPMelodyConfig(embedding_dim=32, hidden_size=32).to_dict(),
+            projection_dim=32,
+            text_pooling="mean",
+            mel_time_pooling=8,
+            modalities=list(modalities),
+        )
     if name == "small":
         text_config = AutoConfig.from_pretrained(minilm_path())
         audio_config = ClapAudioConfig(
-            spec_size=128, num_mel_bins=64, patch_embeds_hidden_size=64, depths=[1, 2, 1],
-            num_attention_heads=[2, 4, 8], window_size=8, hidden_size=256,
+            spec_size=128,
+            num_mel_bins=64,
+            patch_embeds_hidden_size=64,
+            depths=[1, 2, 1],
+            num_attention_heads=[2, 4, 8],
+            window_size=8,
+            hidden_size=256,
         )
-        return CLMPConfig(text_config=text_config.to_dict(), audio_config=audio_config.to_dict(),
-                          melody_config=CLMPMelodyConfig(embedding_dim=256, hidden_size=256).to_dict(),
-                          projection_dim=512, text_pooling="mean", mel_time_pooling=4, modalities=list(modalities))
+        return CLMPConfig(
+            text_config=text_config.to_dict(),
+            audio_config=audio_config.to_dict(),
+            melody_config=CLMPMelodyConfig(embedding_dim=256, hidden_size=256).to_dict(),
+            projection_dim=512,
+            text_pooling="mean",
+            mel_time_pooling=4,
+            modalities=list(modalities),
+        )
     if name == "paper":
         audio_config = ClapAudioConfig(
-            spec_size=256, num_mel_bins=64, patch_embeds_hidden_size=128, depths=[2, 2, 12, 2],
-            num_attention_heads=[4, 8, 16, 32], window_size=8, hidden_size=1024,
+            spec_size=256,
+            num_mel_bins=64,
+            patch_embeds_hidden_size=128,
+            depths=[2, 2, 12, 2],
+            num_attention_heads=[4, 8, 16, 32],
+            window_size=8,
+            hidden_size=1024,
         )
-        return CLMPConfig(text_config=ClapTextConfig().to_dict(), audio_config=audio_config.to_dict(),
-                          melody_config=CLMPMelodyConfig().to_dict(), projection_dim=512, text_pooling="pooler",
-                          mel_time_pooling=1, modalities=list(modalities))
+        return CLMPConfig(
+            text_config=ClapTextConfig().to_dict(),
+            audio_config=audio_config.to_dict(),
+            melody_config=CLMPMelodyConfig().to_dict(),
+            projection_dim=512,
+            text_pooling="pooler",
+            mel_time_pooling=1,
+            modalities=list(modalities),
+        )
     raise ValueError(f"Unknown CLMP preset {name!r}; choose one of {CLMP_PRESETS}.")
 
 
@@ -87,7 +125,9 @@ PRESET_MELODIES = {
 PRESET_METERS = {"jig": "6/8", "air": "3/4", "anthem": "4/4", "ballad": "6/8", "shanty": "2/4", "hymn": "4/4"}
 
 
-def unet_config(name: str, projection_dim: int, aligned_melody: str | None = None, text_hidden_size: int | None = None) -> dict:
+def unet_config(
+    name: str, projection_dim: int, aligned_melody: str | None = None, text_hidden_size: int | None = None
+) -> dict:
     """`UNet2DConditionModel` kwargs: FiLM on [text ‖ melody] through `class_labels` (AudioLDM's wiring); with
     `aligned_melody` ("sketch" or "roll", see `MG2Pipeline`) the melody frames are extra input channels.
 
@@ -104,13 +144,23 @@ def unet_config(name: str, projection_dim: int, aligned_melody: str | None = Non
         "paper": ((192, 384, 576, 960), 2, (1, 2, 3), (256, 16), 32),
     }[name]
     latent_channels = vae_config(name)["latent_channels"]
-    down = tuple("CrossAttnDownBlock2D" if level in attention_levels else "DownBlock2D" for level in range(len(channels)))
+    down = tuple(
+        "CrossAttnDownBlock2D" if level in attention_levels else "DownBlock2D" for level in range(len(channels))
+    )
     up = tuple("CrossAttnUpBlock2D" if block == "CrossAttnDownBlock2D" else "UpBlock2D" for block in reversed(down))
     return dict(
-        sample_size=sample_size, in_channels=latent_channels + melody_channels(aligned_melody, latent_channels), out_channels=latent_channels,
-        down_block_types=down, up_block_types=up, block_out_channels=channels, layers_per_block=layers,
-        norm_num_groups=groups, cross_attention_dim=text_hidden_size or channels, attention_head_dim=tuple(max(2, c // 32) for c in channels),
-        class_embed_type="simple_projection", projection_class_embeddings_input_dim=2 * projection_dim,
+        sample_size=sample_size,
+        in_channels=latent_channels + melody_channels(aligned_melody, latent_channels),
+        out_channels=latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=channels,
+        layers_per_block=layers,
+        norm_num_groups=groups,
+        cross_attention_dim=text_hidden_size or channels,
+        attention_head_dim=tuple(max(2, c // 32) for c in channels),
+        class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=2 * projection_dim,
         class_embeddings_concat=True,
     )
 
@@ -125,11 +175,19 @@ def vae_config(name: str) -> dict:
       (`benchmarks/bench_codec.py`, README "Codec"). About 1 M parameters.
     - `paper`: AudioLDM's VAE (128, 256, 512), ×4, 8 channels.
     """
-    channels, latent_channels = {"tiny": ((8, 16), 4), "small": ((16, 32, 64, 64), 32), "paper": ((128, 256, 512), 8)}[name]
+    channels, latent_channels = {"tiny": ((8, 16), 4), "small": ((16, 32, 64, 64), 32), "paper": ((128, 256, 512), 8)}[
+        name
+    ]
     return dict(
-        in_channels=1, out_channels=1, latent_channels=latent_channels, block_out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=1 if name != "paper" else 2, norm_num_groups=min(32, channels[0]), sample_size=1024,
+        in_channels=1,
+        out_channels=1,
+        latent_channels=latent_channels,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1 if name != "paper" else 2,
+        norm_num_groups=min(32, channels[0]),
+        sample_size=1024,
     )
 
 
@@ -141,8 +199,13 @@ DEFAULT_ALIGNED_MELODY = {"tiny": "sketch", "small": "sketch", "paper": None}
 DEFAULT_TEXT_ATTENTION = {"tiny": False, "small": True, "paper": False}
 
 
-def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_melody: str | None = "default",
-                   text_attention: bool | str = "default"):
+def build_pipeline(
+    preset: str = "tiny",
+    seed: int = 0,
+    vocoder=None,
+    aligned_melody: str | None = "default",
+    text_attention: bool | str = "default",
+):
     """A randomly initialised `MG2Pipeline` of a preset, its retriever filled with `PRESET_MELODIES`.
 
     `tiny` is for tests (builds in about a second); `small` is the CPU-trainable default that the
@@ -174,10 +237,16 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
     if preset == "small":
         load_minilm_weights(clmp)
     max_length_s = {"tiny": 4.0, "small": 10.24, "paper": 10.24}[preset]
-    processor = CLMPProcessor(CLMPFeatureExtractor(max_length_s=max_length_s), AutoTokenizer.from_pretrained(minilm_path()),
-                              max_text_length=16 if preset == "tiny" else 48)
-    unet = UNet2DConditionModel(**unet_config(preset, clmp.config.projection_dim, aligned_melody,
-                                              clmp.text_hidden_size if text_attention else None))
+    processor = CLMPProcessor(
+        CLMPFeatureExtractor(max_length_s=max_length_s),
+        AutoTokenizer.from_pretrained(minilm_path()),
+        max_text_length=16 if preset == "tiny" else 48,
+    )
+    unet = UNet2DConditionModel(
+        **unet_config(
+            preset, clmp.config.projection_dim, aligned_melody, clmp.text_hidden_size if text_attention else None
+        )
+    )
     vae = AutoencoderKL(**vae_config(preset))
     # Untrained, the decoder's log-mels sit around 0, which Griffin-Lim turns into full-scale noise (peak ≈ 11, far
     # outside ±1). Centre them on music's mean instead, so that a random pipeline makes noise as loud as music.
@@ -186,22 +255,46 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, vocoder=None, aligned_me
     on_meta = clmp.device.type == "meta"
     # The scheduler's tables, the melody index and Griffin-Lim's filters are not weights: always build them for real.
     with torch.device("cpu"):
-        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
-                                                beta_schedule="scaled_linear", prediction_type="epsilon")
-        retriever = MelodyRetriever(dim=clmp.config.projection_dim, M=16, ef_construction=64, ef_search=32,
-                                    clmp_fingerprint=None if on_meta else clmp_fingerprint(clmp))
+        scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.0015,
+            beta_end=0.0195,
+            beta_schedule="scaled_linear",
+            prediction_type="epsilon",
+        )
+        retriever = MelodyRetriever(
+            dim=clmp.config.projection_dim,
+            M=16,
+            ef_construction=64,
+            ef_search=32,
+            clmp_fingerprint=None if on_meta else clmp_fingerprint(clmp),
+        )
         vocoder = vocoder if vocoder is not None else GriffinLimVocoder()
     melodies = [Melody.from_string(notes) for notes in PRESET_MELODIES.values()]
     if not on_meta:
         encoded = processor(melody=melodies, return_tensors="pt")
         with torch.no_grad():
             embeddings = clmp.get_melody_features(encoded["melody_input_ids"], encoded["melody_attention_mask"])
-        tune_types = [title[title.index("(") + 1:-1] for title in PRESET_MELODIES]
-        retriever.add(embeddings, melodies, [{"title": title, "source": "preset", "tune_type": tune_type,
-                                              "meter": PRESET_METERS[tune_type]}
-                                             for title, tune_type in zip(PRESET_MELODIES, tune_types)])
-    return MG2Pipeline(clmp=clmp, processor=processor, retriever=retriever, unet=unet, scheduler=scheduler, vae=vae,
-                       vocoder=vocoder, aligned_melody=aligned_melody, text_attention=text_attention)
+        tune_types = [title[title.index("(") + 1 : -1] for title in PRESET_MELODIES]
+        retriever.add(
+            embeddings,
+            melodies,
+            [
+                {"title": title, "source": "preset", "tune_type": tune_type, "meter": PRESET_METERS[tune_type]}
+                for title, tune_type in zip(PRESET_MELODIES, tune_types)
+            ],
+        )
+    return MG2Pipeline(
+        clmp=clmp,
+        processor=processor,
+        retriever=retriever,
+        unet=unet,
+        scheduler=scheduler,
+        vae=vae,
+        vocoder=vocoder,
+        aligned_melody=aligned_melody,
+        text_attention=text_attention,
+    )
 
 
 def load_pipeline(model: str, **kwargs):
@@ -216,11 +309,21 @@ def load_pipeline(model: str, **kwargs):
 def vocoder_config(name: str) -> dict:
     """`SpeechT5HifiGanConfig` kwargs: 64 log-mel bins in, ×160 up (10 ms hop), 16 kHz out — AudioLDM's vocoder
     interface. `small` is a CPU-trainable HiFi-GAN (128 initial channels); `paper` is AudioLDM's (1024)."""
-    widths = {"tiny": (32, [3], [[1, 3]]), "small": (128, [3, 7], [[1, 3, 5], [1, 3, 5]]),
-              "paper": (1024, [3, 7, 11], [[1, 3, 5]] * 3)}
+    widths = {
+        "tiny": (32, [3], [[1, 3]]),
+        "small": (128, [3, 7], [[1, 3, 5], [1, 3, 5]]),
+        "paper": (1024, [3, 7, 11], [[1, 3, 5]] * 3),
+    }
     if name not in widths:
         raise ValueError(f"Unknown vocoder preset {name!r}; choose one of {tuple(widths)}.")
     channels, kernels, dilations = widths[name]
-    return dict(model_in_dim=64, sampling_rate=16000, upsample_initial_channel=channels, upsample_rates=[5, 4, 2, 2, 2],
-                upsample_kernel_sizes=[16, 16, 8, 4, 4], resblock_kernel_sizes=kernels, resblock_dilation_sizes=dilations,
-                normalize_before=False)
+    return dict(
+        model_in_dim=64,
+        sampling_rate=16000,
+        upsample_initial_channel=channels,
+        upsample_rates=[5, 4, 2, 2, 2],
+        upsample_kernel_sizes=[16, 16, 8, 4, 4],
+        resblock_kernel_sizes=kernels,
+        resblock_dilation_sizes=dilations,
+        normalize_before=False,
+    )

@@ -21,13 +21,22 @@ class CLMPProcessor(ProcessorMixin):
     `melody_max_length` tokens is cut after the last whole note that fits.
     """
 
-    def __init__(self, feature_extractor, tokenizer, melody_max_length: int = MAX_MELODY_TOKENS, max_text_length: int = 77):
+    def __init__(
+        self, feature_extractor, tokenizer, melody_max_length: int = MAX_MELODY_TOKENS, max_text_length: int = 77
+    ):
         self.melody_max_length = melody_max_length
         self.max_text_length = max_text_length
         super().__init__(feature_extractor, tokenizer)
 
-    def __call__(self, text=None, audio=None, melody=None, sampling_rate: int | None = None,
-                 return_tensors: str | None = None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        text=None,
+        audio=None,
+        melody=None,
+        sampling_rate: int | None = None,
+        return_tensors: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
         if text is None and audio is None and melody is None:
             raise ValueError("Pass at least one of text, audio or melody.")
         data = {}
@@ -57,8 +66,10 @@ class CLMPProcessor(ProcessorMixin):
         from transformers import AutoTokenizer
 
         kwargs.pop("trust_remote_code", None)
-        return [CLMPFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs),
-                AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)]
+        return [
+            CLMPFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
+        ]
 
     def encode_melody(self, melody: Melody | str) -> dict[str, np.ndarray]:
         if isinstance(melody, Melody):

@@ -24,9 +24,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+import diffusers
 import numpy as np
 import torch
-import diffusers
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from safetensors.torch import load_file, save_file
@@ -159,13 +159,25 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
     config_name = CONFIG_NAME
 
     @register_to_config
-    def __init__(self, dim: int = 512, M: int = 32, ef_construction: int = 2048, ef_search: int = 128,
-                 clmp_fingerprint: dict[str, str] | None = None, initial_capacity: int = 1024):
+    def __init__(
+        self,
+        dim: int = 512,
+        M: int = 32,
+        ef_construction: int = 2048,
+        ef_search: int = 128,
+        clmp_fingerprint: dict[str, str] | None = None,
+        initial_capacity: int = 1024,
+    ):
         super().__init__()
         import hnswlib
 
-        for name, value, low in (("dim", dim, 1), ("M", M, 2), ("ef_construction", ef_construction, 1),
-                                 ("ef_search", ef_search, 1), ("initial_capacity", initial_capacity, 1)):
+        for name, value, low in (
+            ("dim", dim, 1),
+            ("M", M, 2),
+            ("ef_construction", ef_construction, 1),
+            ("ef_search", ef_search, 1),
+            ("initial_capacity", initial_capacity, 1),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         self._index = hnswlib.Index(space="cosine", dim=dim)
@@ -185,8 +197,12 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
 
     # ----- building -----
 
-    def add(self, embeddings: np.ndarray | torch.Tensor, melodies: Sequence[Melody],
-            metadata: Sequence[dict[str, Any]] | None = None) -> np.ndarray:
+    def add(
+        self,
+        embeddings: np.ndarray | torch.Tensor,
+        melodies: Sequence[Melody],
+        metadata: Sequence[dict[str, Any]] | None = None,
+    ) -> np.ndarray:
         """Add melodies with their `(n, dim)` CLMP melody embeddings; returns their new ids."""
         embeddings = self._as_queries(embeddings, "embeddings")
         if len(melodies) != len(embeddings):
@@ -201,10 +217,12 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             if start + len(melodies) > len(self.embeddings):
                 capacity = max(2 * len(self.embeddings), start + len(melodies))
                 self._index.resize_index(capacity)
-                self.embeddings = torch.cat([self.embeddings[:start], self.embeddings.new_zeros(capacity - start, self.config.dim)])
+                self.embeddings = torch.cat(
+                    [self.embeddings[:start], self.embeddings.new_zeros(capacity - start, self.config.dim)]
+                )
             self._index.add_items(embeddings, ids)
             normalised = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-            self.embeddings[start:start + len(melodies)] = torch.from_numpy(normalised).to(self.embeddings)
+            self.embeddings[start : start + len(melodies)] = torch.from_numpy(normalised).to(self.embeddings)
             for offset, melody in enumerate(melodies):
                 self._notes.append(melody.notes)
                 self._metadata.append(dict(metadata[offset]) if metadata is not None else {})
@@ -239,9 +257,13 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
 
     # ----- searching -----
 
-    def search(self, query_embeddings: np.ndarray | torch.Tensor, k: int = 1,
-               exclude_ids: Iterable[int] | Sequence[Iterable[int]] | None = None,
-               where: dict[str, Any] | None = None) -> RetrievalOutput:
+    def search(
+        self,
+        query_embeddings: np.ndarray | torch.Tensor,
+        k: int = 1,
+        exclude_ids: Iterable[int] | Sequence[Iterable[int]] | None = None,
+        where: dict[str, Any] | None = None,
+    ) -> RetrievalOutput:
         """The `k` nearest melodies of each query (cosine similarity), best first.
 
         Args:
@@ -268,8 +290,10 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
                     raise ValueError(f"k={k} but the index holds only {len(self)} melodies.")
                 ids, distances = self._index.knn_query(queries, k=k)
             else:
-                rows = [self._filtered_knn(query, k, allowed, excluded)
-                        for query, excluded in zip(queries, exclusions or [()] * len(queries))]
+                rows = [
+                    self._filtered_knn(query, k, allowed, excluded)
+                    for query, excluded in zip(queries, exclusions or [()] * len(queries))
+                ]
                 ids = np.stack([row[0] for row in rows])
                 distances = np.stack([row[1] for row in rows])
             embeddings = self._rows(ids.reshape(-1))
@@ -280,8 +304,12 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             [RetrievedMelody(Melody._from_validated(n), int(i), float(s), m) for n, i, s, m in zip(*row)]
             for row in zip(notes, ids, scores, metadata)
         ]
-        return RetrievalOutput(ids=ids.astype(np.int64), scores=scores,
-                               embeddings=embeddings.reshape(len(queries), k, -1), melodies=melodies)
+        return RetrievalOutput(
+            ids=ids.astype(np.int64),
+            scores=scores,
+            embeddings=embeddings.reshape(len(queries), k, -1),
+            melodies=melodies,
+        )
 
     def _as_queries(self, embeddings, name: str) -> np.ndarray:
         if isinstance(embeddings, torch.Tensor):
@@ -350,7 +378,9 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             facts["key"] = spellings[0]
         return facts
 
-    def search_matching(self, query_embeddings: np.ndarray | torch.Tensor, prompts: Sequence[str], k: int = 1) -> RetrievalOutput:
+    def search_matching(
+        self, query_embeddings: np.ndarray | torch.Tensor, prompts: Sequence[str], k: int = 1
+    ) -> RetrievalOutput:
         """`search`, preferring for each query the melodies whose metadata match what its prompt names (`prompt_facts`):
         first the nearest among those matching every fact, then, while fewer than `k` are found, those matching all but
         the key, then all but the key and the meter, then the tune type alone, then any melody. Each hit's metadata
@@ -376,10 +406,12 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
                     break
                 names.pop()
             rows.append(list(chosen.items()))
-        return RetrievalOutput(ids=np.array([[i for i, _ in row] for row in rows], dtype=np.int64),
-                               scores=np.array([[entry[0] for _, entry in row] for row in rows], dtype=np.float32),
-                               embeddings=np.array([[entry[1] for _, entry in row] for row in rows], dtype=np.float32),
-                               melodies=[[entry[2] for _, entry in row] for row in rows])
+        return RetrievalOutput(
+            ids=np.array([[i for i, _ in row] for row in rows], dtype=np.int64),
+            scores=np.array([[entry[0] for _, entry in row] for row in rows], dtype=np.float32),
+            embeddings=np.array([[entry[1] for _, entry in row] for row in rows], dtype=np.float32),
+            melodies=[[entry[2] for _, entry in row] for row in rows],
+        )
 
     def _filtered_knn(self, query: np.ndarray, k: int, allowed: np.ndarray | None, excluded: set[int]):
         mask = np.ones(len(self), dtype=bool) if allowed is None else allowed.copy()
@@ -389,8 +421,9 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             raise ValueError(f"k={k} but only {len(eligible)} melodies are eligible for this query.")
         if len(eligible) > EXACT_SEARCH_MAX_CANDIDATES:
             try:
-                ids, distances = self._index.knn_query(query[None], k=k, num_threads=1,
-                                                       filter=lambda label: bool(mask[label]))
+                ids, distances = self._index.knn_query(
+                    query[None], k=k, num_threads=1, filter=lambda label: bool(mask[label])
+                )
                 return ids[0].astype(np.int64), distances[0]
             except RuntimeError:  # the filtered graph walk found fewer than k: answer exactly below
                 pass
@@ -417,27 +450,41 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             self._index.save_index(index_path + ".tmp")
             os.replace(index_path + ".tmp", index_path)
             store_path = os.path.join(save_directory, STORE_NAME)
-            rows = [{"id": i, "melody_notes": notes.tolist(), **meta}
-                    for i, (notes, meta) in enumerate(zip(self._notes, self._metadata))]
+            rows = [
+                {"id": i, "melody_notes": notes.tolist(), **meta}
+                for i, (notes, meta) in enumerate(zip(self._notes, self._metadata))
+            ]
             table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.int64())})
             pq.write_table(table, store_path + ".tmp")
             os.replace(store_path + ".tmp", store_path)
             embeddings_name = embeddings_file_name(variant)
             embeddings_path = os.path.join(save_directory, embeddings_name)
-            save_file({"embeddings": self.embeddings[:len(self)].cpu().contiguous()}, embeddings_path + ".tmp")
+            save_file({"embeddings": self.embeddings[: len(self)].cpu().contiguous()}, embeddings_path + ".tmp")
             os.replace(embeddings_path + ".tmp", embeddings_path)
-            config = {**dict(self.config), "_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__,
-                      "count": len(self),
-                      "checksums": {name: _sha256_file(os.path.join(save_directory, name))
-                                    for name in (INDEX_NAME, embeddings_name, STORE_NAME)}}
+            config = {
+                **dict(self.config),
+                "_class_name": type(self).__name__,
+                "_diffusers_version": diffusers.__version__,
+                "count": len(self),
+                "checksums": {
+                    name: _sha256_file(os.path.join(save_directory, name))
+                    for name in (INDEX_NAME, embeddings_name, STORE_NAME)
+                },
+            }
         config_path = os.path.join(save_directory, CONFIG_NAME)
         with open(config_path + ".tmp", "w") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)
         os.replace(config_path + ".tmp", config_path)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        variant: str | None = None, torch_dtype: torch.dtype | None = None, **kwargs) -> "MelodyRetriever":
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        variant: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "MelodyRetriever":
         """Load a saved retriever (a folder, or a Hub repo id with `subfolder`), verifying checksums and count.
 
         `variant` reads `embeddings.{variant}.safetensors`; `torch_dtype` casts the embeddings (the index stays
@@ -450,10 +497,14 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 
-            hub_kwargs = {key: kwargs[key] for key in ("revision", "cache_dir", "token", "local_files_only") if key in kwargs}
+            hub_kwargs = {
+                key: kwargs[key] for key in ("revision", "cache_dir", "token", "local_files_only") if key in kwargs
+            }
             pattern = f"{subfolder}/*" if subfolder else "*"
-            folder = os.path.join(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=[pattern],
-                                                    **hub_kwargs), subfolder or "")
+            folder = os.path.join(
+                snapshot_download(str(pretrained_model_name_or_path), allow_patterns=[pattern], **hub_kwargs),
+                subfolder or "",
+            )
         with open(os.path.join(folder, CONFIG_NAME)) as handle:
             config = json.load(handle)
         count = config.pop("count")
@@ -463,7 +514,9 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             raise ValueError(f"{folder} has no embeddings for variant={variant!r} (it has {sorted(checksums)}).")
         for name, expected in checksums.items():
             if _sha256_file(os.path.join(folder, name)) != expected:
-                raise ValueError(f"{os.path.join(folder, name)} fails its checksum: the file is corrupt or was changed.")
+                raise ValueError(
+                    f"{os.path.join(folder, name)} fails its checksum: the file is corrupt or was changed."
+                )
         init_kwargs = {key: value for key, value in config.items() if not key.startswith("_")}
         retriever = cls(**init_kwargs)
         retriever._index = hnswlib.Index(space="cosine", dim=retriever.config.dim)

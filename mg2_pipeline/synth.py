@@ -46,14 +46,18 @@ class SoundFontSynth:
     def render(self, tracks: Sequence[Track], num_samples: int) -> np.ndarray:
         """Mix the tracks over `num_samples` samples; notes are cut at the end. Not normalised."""
         if len(tracks) > 15:
-            raise ValueError(f"At most 15 tracks can be rendered together (MIDI channel 9 is drums), got {len(tracks)}.")
+            raise ValueError(
+                f"At most 15 tracks can be rendered together (MIDI channel 9 is drums), got {len(tracks)}."
+            )
         self._reset()
         events = []
         for index, track in enumerate(tracks):
             channel = index if index < 9 else index + 1
             self._synth.program_select(channel, self._soundfont_id, 0, int(track.program))
             for pitch, onset, offset in track.notes:
-                events.append((max(0, int(round(onset * self.sample_rate))), 1, channel, int(pitch), int(track.velocity)))
+                events.append(
+                    (max(0, int(round(onset * self.sample_rate))), 1, channel, int(pitch), int(track.velocity))
+                )
                 events.append((max(0, int(round(offset * self.sample_rate))), 0, channel, int(pitch), 0))
         events.sort(key=lambda event: (event[0], event[1]))  # note-offs before note-ons at the same sample
 
@@ -62,7 +66,9 @@ class SoundFontSynth:
         for sample, is_on, channel, pitch, velocity in events:
             sample = min(sample, num_samples)
             if sample > position:
-                stereo[position:sample] = np.frombuffer(self._synth.generate(sample - position), dtype=np.float32).reshape(-1, 2)
+                stereo[position:sample] = np.frombuffer(
+                    self._synth.generate(sample - position), dtype=np.float32
+                ).reshape(-1, 2)
                 position = sample
             if position >= num_samples:
                 break
@@ -71,7 +77,9 @@ class SoundFontSynth:
             else:
                 self._synth.noteoff(channel, pitch)
         if position < num_samples:
-            stereo[position:] = np.frombuffer(self._synth.generate(num_samples - position), dtype=np.float32).reshape(-1, 2)
+            stereo[position:] = np.frombuffer(self._synth.generate(num_samples - position), dtype=np.float32).reshape(
+                -1, 2
+            )
         self._reset()
         return stereo.mean(axis=1)
 

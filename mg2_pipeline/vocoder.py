@@ -31,9 +31,19 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, sampling_rate: int = SAMPLE_RATE, model_in_dim: int = N_MELS, n_fft: int = N_FFT,
-                 hop_length: int = HOP_LENGTH, win_length: int = WIN_LENGTH, f_min: float = F_MIN, f_max: float = F_MAX,
-                 n_iter: int = 32, momentum: float = 0.5, phase_floor: float = 0.5):
+    def __init__(
+        self,
+        sampling_rate: int = SAMPLE_RATE,
+        model_in_dim: int = N_MELS,
+        n_fft: int = N_FFT,
+        hop_length: int = HOP_LENGTH,
+        win_length: int = WIN_LENGTH,
+        f_min: float = F_MIN,
+        f_max: float = F_MAX,
+        n_iter: int = 32,
+        momentum: float = 0.5,
+        phase_floor: float = 0.5,
+    ):
         super().__init__()
         import librosa
 
@@ -44,7 +54,9 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         if not 0 <= phase_floor <= 0.5:
             # Above 0.5 the scaled coefficients lose energy iteration after iteration: on real clips 0.6 fades the waveform.
             raise ValueError(f"phase_floor must be in [0, 0.5], got {phase_floor}.")
-        mel_basis = torch.from_numpy(librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=model_in_dim, fmin=f_min, fmax=f_max))
+        mel_basis = torch.from_numpy(
+            librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=model_in_dim, fmin=f_min, fmax=f_max)
+        )
         self.register_buffer("inverse_mel_basis", torch.linalg.pinv(mel_basis.double()).float())
         self.register_buffer("window", torch.hann_window(win_length))
 
@@ -54,7 +66,9 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         if unbatched:
             spectrogram = spectrogram.unsqueeze(0)
         if spectrogram.ndim != 3 or spectrogram.shape[-1] != self.config.model_in_dim:
-            raise ValueError(f"spectrogram must have shape (batch, frames, {self.config.model_in_dim}), got {tuple(spectrogram.shape)}.")
+            raise ValueError(
+                f"spectrogram must have shape (batch, frames, {self.config.model_in_dim}), got {tuple(spectrogram.shape)}."
+            )
         waveform = torch.stack([self.invert(item) for item in spectrogram.double()]).to(spectrogram.dtype)
         return waveform[0] if unbatched else waveform
 
@@ -64,18 +78,26 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         # torch.stft with center=True gives frames + 1 columns for frames * hop samples: repeat the last frame.
         magnitude = torch.cat([magnitude, magnitude[:, -1:]], dim=-1)
         num_samples = log_mel.shape[0] * self.config.hop_length
-        stft = dict(n_fft=self.config.n_fft, hop_length=self.config.hop_length, win_length=self.config.win_length,
-                    window=self.window.double())
+        stft = dict(
+            n_fft=self.config.n_fft,
+            hop_length=self.config.hop_length,
+            win_length=self.config.win_length,
+            window=self.window.double(),
+        )
         # Start each bin at the phase a steady sinusoid at its centre frequency reaches by that frame: coherent across
         # frames like all-zero phases (which keep pitch best), but not degenerate.
         bins = torch.arange(magnitude.shape[0], dtype=torch.float64, device=magnitude.device)[:, None]
         frames = torch.arange(magnitude.shape[1], dtype=torch.float64, device=magnitude.device)[None]
-        start = torch.polar(torch.ones_like(magnitude), 2 * torch.pi * bins * frames * self.config.hop_length / self.config.n_fft)
+        start = torch.polar(
+            torch.ones_like(magnitude), 2 * torch.pi * bins * frames * self.config.hop_length / self.config.n_fft
+        )
         floor = (self.config.phase_floor * magnitude).clamp(min=torch.finfo(torch.float64).tiny)
         angles, previous = start, torch.zeros_like(start)
         momentum = self.config.momentum / (1 + self.config.momentum)
         for _ in range(self.config.n_iter):
-            rebuilt = torch.stft(torch.istft(magnitude * angles, length=num_samples, **stft), return_complex=True, **stft)
+            rebuilt = torch.stft(
+                torch.istft(magnitude * angles, length=num_samples, **stft), return_complex=True, **stft
+            )
             accelerated = rebuilt - momentum * previous
             angles = accelerated / torch.maximum(accelerated.abs(), floor)
             previous = rebuilt

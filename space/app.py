@@ -24,15 +24,14 @@ import tempfile
 import gradio as gr
 import numpy as np
 import torch
-from PIL import Image
-
 from gradio.utils import get_upload_folder
+from PIL import Image
 from starlette.middleware import Middleware
 
-from mg2_pipeline import MG2Pipeline, Melody, load_audio
+from mg2_pipeline import Melody, MG2Pipeline, load_audio
 from mg2_pipeline.melody import AUDIO_EXTENSIONS, MAX_MELODY_TEXT_CHARACTERS
-from mg2_pipeline.plotting import figure_to_png, plot_piano_roll, plot_spectrogram
 from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE, MAX_PROMPT_CHARACTERS, check_number
+from mg2_pipeline.plotting import figure_to_png, plot_piano_roll, plot_spectrogram
 from mg2_pipeline.presets import load_pipeline
 
 DEFAULT_MODEL = "checkpoints/mg2-small"
@@ -49,8 +48,17 @@ MAX_DURATION_SECONDS = 300  # long pieces are denoised window by window; five mi
 MODES = ["Text to music", "Continue a recording", "Re-render a recording", "Repaint part of a recording"]
 MAX_REQUEST_BYTES = 21 * 2**20  # an upload of MAX_FILE_SIZE and its form fields; API JSON is a few kB
 SCORE_FILE_TYPES = [".mid", ".midi", ".xml", ".musicxml", ".mxl", ".abc", ".krn"]
-RETRIEVED_COLUMNS = ["rank", "id", "title", "type", "meter", "source", "similarity", "matches the prompt's",
-                     "first notes (paste into Notes to edit)"]
+RETRIEVED_COLUMNS = [
+    "rank",
+    "id",
+    "title",
+    "type",
+    "meter",
+    "source",
+    "similarity",
+    "matches the prompt's",
+    "first notes (paste into Notes to edit)",
+]
 EXAMPLES = [
     ["A lively Irish jig played on fiddle at 120 BPM in D major", ""],
     ["A gentle waltz on accordion with bass and chords at 90 BPM", ""],
@@ -61,8 +69,10 @@ EXAMPLES = [
 
 def load_model(model: str) -> MG2Pipeline:
     if model == DEFAULT_MODEL and not os.path.isdir(model):
-        raise SystemExit(f"No model at {DEFAULT_MODEL}: run `make demo` first, or set MG2_MODEL to a folder, "
-                         "a Hub repo id, or preset:tiny.")
+        raise SystemExit(
+            f"No model at {DEFAULT_MODEL}: run `make demo` first, or set MG2_MODEL to a folder, "
+            "a Hub repo id, or preset:tiny."
+        )
     pipe = load_pipeline(model)
     return pipe.to("cuda") if torch.cuda.is_available() else pipe
 
@@ -74,8 +84,12 @@ torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
 PIPE = load_model(MODEL)
 WORKERS: queue.Queue[MG2Pipeline] = queue.Queue()
 for _ in range(CONCURRENCY):
-    worker = MG2Pipeline(**{**PIPE.components, "scheduler": copy.deepcopy(PIPE.scheduler)}, condition=PIPE.config.condition,
-                         aligned_melody=PIPE.config.aligned_melody, text_attention=PIPE.config.text_attention)
+    worker = MG2Pipeline(
+        **{**PIPE.components, "scheduler": copy.deepcopy(PIPE.scheduler)},
+        condition=PIPE.config.condition,
+        aligned_melody=PIPE.config.aligned_melody,
+        text_attention=PIPE.config.text_attention,
+    )
     worker.set_progress_bar_config(desc="denoising")
     WORKERS.put(worker)
 MIDI_DIR = tempfile.mkdtemp(prefix="mg2-space-midi-")
@@ -94,7 +108,9 @@ class RequestSizeLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
             await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"text/plain")]})
-            return await send({"type": "http.response.body", "body": f"Requests are limited to {self.max_bytes} bytes.".encode()})
+            return await send(
+                {"type": "http.response.body", "body": f"Requests are limited to {self.max_bytes} bytes.".encode()}
+            )
         received = 0
 
         async def bounded_receive():
@@ -113,7 +129,9 @@ def bounded(control):
     preprocess = control.preprocess
 
     def checked_preprocess(payload):
-        return preprocess(checked_field(control.label, payload, control.minimum, control.maximum, control.precision == 0))
+        return preprocess(
+            checked_field(control.label, payload, control.minimum, control.maximum, control.precision == 0)
+        )
 
     control.preprocess = checked_preprocess
     return control
@@ -156,21 +174,32 @@ def uploaded(path: str, kind: str, extensions) -> str:
 
 def read_melody(melody_file: str | None, melody_audio: str | None, melody_notes: str | None) -> Melody | None:
     """The user's melody from whichever one input is filled, or None to retrieve one."""
-    given = {name: value for name, value in (("score file", melody_file), ("audio", melody_audio),
-                                             ("notes", (melody_notes or "").strip() or None)) if value}
+    given = {
+        name: value
+        for name, value in (
+            ("score file", melody_file),
+            ("audio", melody_audio),
+            ("notes", (melody_notes or "").strip() or None),
+        )
+        if value
+    }
     if len(given) > 1:
         raise gr.Error(f"Give one melody, not several ({' and '.join(given)}); clear the others.")
     if not given:
         return None
-    (kind, value), = given.items()
+    ((kind, value),) = given.items()
     if kind != "notes":
         uploaded(value, f"melody {kind}", SCORE_FILE_TYPES if kind == "score file" else AUDIO_EXTENSIONS)
     try:
         if kind == "audio":  # transcription costs time in proportion: a visitor gets at most a minute of it
-            return Melody.from_audio(load_audio(value, PIPE.sampling_rate, max_seconds=MAX_RECORDING_SECONDS), PIPE.sampling_rate)
+            return Melody.from_audio(
+                load_audio(value, PIPE.sampling_rate, max_seconds=MAX_RECORDING_SECONDS), PIPE.sampling_rate
+            )
         return Melody.from_text(value) if kind == "notes" else Melody.load(value, sample_rate=PIPE.sampling_rate)
     except (ValueError, TypeError, OSError) as error:
-        message = str(error) if kind == "notes" else str(error).replace(value, os.path.basename(value))  # no server paths
+        message = (
+            str(error) if kind == "notes" else str(error).replace(value, os.path.basename(value))
+        )  # no server paths
         raise gr.Error(f"Could not read your melody ({kind}): {message}") from None
 
 
@@ -190,10 +219,23 @@ def retrieved_table(prompt: str, top_k: int) -> list[list]:
     """The melodies the pipeline would retrieve for `prompt`, best first (matching the facts the prompt names)."""
     if PIPE.retriever is None or len(PIPE.retriever) == 0:
         return []
-    hits = PIPE.retriever.search_matching(PIPE.encode_text([prompt], PIPE.device), [prompt], k=min(top_k, len(PIPE.retriever)))
-    return [[rank, hit.id, hit.metadata.get("title", ""), hit.metadata.get("tune_type", ""), hit.metadata.get("meter", ""),
-             hit.metadata.get("source", ""), round(hit.score, 3), ", ".join(hit.metadata["matched_facts"].values()),
-             hit.melody.to_note_string(max_notes=8)] for rank, hit in enumerate(hits.melodies[0], start=1)]
+    hits = PIPE.retriever.search_matching(
+        PIPE.encode_text([prompt], PIPE.device), [prompt], k=min(top_k, len(PIPE.retriever))
+    )
+    return [
+        [
+            rank,
+            hit.id,
+            hit.metadata.get("title", ""),
+            hit.metadata.get("tune_type", ""),
+            hit.metadata.get("meter", ""),
+            hit.metadata.get("source", ""),
+            round(hit.score, 3),
+            ", ".join(hit.metadata["matched_facts"].values()),
+            hit.melody.to_note_string(max_notes=8),
+        ]
+        for rank, hit in enumerate(hits.melodies[0], start=1)
+    ]
 
 
 def check_prompt(prompt: str | None) -> str:
@@ -208,14 +250,24 @@ def check_prompt(prompt: str | None) -> str:
 def describe_melody(guide) -> str:
     start, end = guide.metadata["audio_span_s"]
     repeats = f", {guide.metadata['repeats']}× through" if guide.metadata["repeats"] > 1 else ""
-    shape = (f"{len(guide.melody)} notes, {guide.melody.duration:.1f} s · plays {start:.1f}–{end:.1f} s{repeats} in "
-             f"{len(guide.metadata['windows'])} window(s)")
+    shape = (
+        f"{len(guide.melody)} notes, {guide.melody.duration:.1f} s · plays {start:.1f}–{end:.1f} s{repeats} in "
+        f"{len(guide.metadata['windows'])} window(s)"
+    )
     if guide.id is None:
         return f"**{'Your melody' if guide.metadata['source'] == 'user' else 'Melody transcribed from your recording'}** · {shape}"
-    details = [f"**{guide.metadata.get('title') or 'Untitled'}**", f"retrieved melody #{guide.id}",
-               f"source: {guide.metadata.get('source', 'unknown')}", f"similarity {guide.score:.3f}", shape]
-    details += [f"{key.replace('_', ' ')}: {guide.metadata[key]}" for key in ("tune_type", "meter", "key", "tempo_bpm")
-                if guide.metadata.get(key)]
+    details = [
+        f"**{guide.metadata.get('title') or 'Untitled'}**",
+        f"retrieved melody #{guide.id}",
+        f"source: {guide.metadata.get('source', 'unknown')}",
+        f"similarity {guide.score:.3f}",
+        shape,
+    ]
+    details += [
+        f"{key.replace('_', ' ')}: {guide.metadata[key]}"
+        for key in ("tune_type", "meter", "key", "tempo_bpm")
+        if guide.metadata.get(key)
+    ]
     if guide.metadata.get("matched_facts"):
         details.append("matches the prompt's " + ", ".join(guide.metadata["matched_facts"].values()))
     return " · ".join(details)
@@ -239,10 +291,27 @@ def retrieve(prompt: str, top_k: float):
     return retrieved_table(check_prompt(prompt), int(top_k))
 
 
-def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_audio: str | None, melody_notes: str,
-             duration: float, steps: float, guidance: float, melody_guidance: float, seed: float, candidates: float, top_k: float,
-             mode: str = MODES[0], recording: str | None = None, strength: float = 0.8, repaint_start: float = 0.0,
-             repaint_end: float = 0.0, whole_melody: bool = False, progress=gr.Progress(track_tqdm=True)):
+def generate(
+    prompt: str,
+    negative_prompt: str,
+    melody_file: str | None,
+    melody_audio: str | None,
+    melody_notes: str,
+    duration: float,
+    steps: float,
+    guidance: float,
+    melody_guidance: float,
+    seed: float,
+    candidates: float,
+    top_k: float,
+    mode: str = MODES[0],
+    recording: str | None = None,
+    strength: float = 0.8,
+    repaint_start: float = 0.0,
+    repaint_end: float = 0.0,
+    whole_melody: bool = False,
+    progress=gr.Progress(track_tqdm=True),
+):
     """Music for a prompt, guided by the best retrieved melody or by yours; the best of `candidates` by CLMP score.
     With a recording: continue it to `duration`, re-render it (`strength`) or repaint a span of it."""
     prompt = check_prompt(prompt)
@@ -250,20 +319,30 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     audio = read_recording(recording, mode) if mode != MODES[0] else None
     length = None if mode in (MODES[2], MODES[3]) or (mode == MODES[0] and whole_melody) else float(duration)
     if mode == MODES[1] and PIPE.mel_frames(length) <= PIPE.mel_frames(len(audio) / PIPE.sampling_rate):
-        raise gr.Error(f"Mode {mode!r} needs a Duration longer than the recording ({len(audio) / PIPE.sampling_rate:.2f} s), "
-                       f"got {length:g} s.")
+        raise gr.Error(
+            f"Mode {mode!r} needs a Duration longer than the recording ({len(audio) / PIPE.sampling_rate:.2f} s), "
+            f"got {length:g} s."
+        )
     audio_kwargs = {"strength": float(strength)} if mode == MODES[2] else {}
     if mode == MODES[3]:
         audio_kwargs = {"repaint_start_s": float(repaint_start), "repaint_end_s": float(repaint_end)}
     candidates = int(candidates)
     pipe = WORKERS.get()
     try:
-        output = pipe(prompt, negative_prompt=(negative_prompt or "").strip() or None, melody=melody, audio=audio,
-                      **audio_kwargs, audio_length_in_s=length, num_inference_steps=int(steps), guidance_scale=float(guidance),
-                      melody_guidance_scale=float(melody_guidance),
-                      num_waveforms_per_prompt=candidates,
-                      retrieval_top_k=min(candidates, len(pipe.retriever)) if pipe.retriever is not None else 1,
-                      generator=torch.Generator().manual_seed(int(seed)))
+        output = pipe(
+            prompt,
+            negative_prompt=(negative_prompt or "").strip() or None,
+            melody=melody,
+            audio=audio,
+            **audio_kwargs,
+            audio_length_in_s=length,
+            num_inference_steps=int(steps),
+            guidance_scale=float(guidance),
+            melody_guidance_scale=float(melody_guidance),
+            num_waveforms_per_prompt=candidates,
+            retrieval_top_k=min(candidates, len(pipe.retriever)) if pipe.retriever is not None else 1,
+            generator=torch.Generator().manual_seed(int(seed)),
+        )
         table = retrieved_table(prompt, int(top_k))
     except (ValueError, TypeError) as error:
         raise gr.Error(str(error)) from None
@@ -273,75 +352,170 @@ def generate(prompt: str, negative_prompt: str, melody_file: str | None, melody_
     pcm16 = (waveform * 32767).astype(np.int16)  # the pipeline's audio lies within ±1 (a louder one is scaled down)
     if guide is None:  # a text-only model has no melody
         spectrogram = plot_spectrogram(waveform, output.sampling_rate, title=prompt[:90])
-        return (output.sampling_rate, pcm16), as_image(spectrogram), "Text-only model: no guiding melody.", None, None, table
+        return (
+            (output.sampling_rate, pcm16),
+            as_image(spectrogram),
+            "Text-only model: no guiding melody.",
+            None,
+            None,
+            table,
+        )
     # As played: a continuation's melody starts where the recording ends; a short melody is repeated to fill the length.
     spectrogram = plot_spectrogram(waveform, output.sampling_rate, guide.as_played(), title=prompt[:90])
     piano_roll = plot_piano_roll(guide.melody, title=guide.metadata.get("title") or "your melody")
-    return ((output.sampling_rate, pcm16), as_image(spectrogram), describe_melody(guide), as_image(piano_roll),
-            write_midi(guide.melody), table)
+    return (
+        (output.sampling_rate, pcm16),
+        as_image(spectrogram),
+        describe_melody(guide),
+        as_image(piano_roll),
+        write_midi(guide.melody),
+        table,
+    )
 
 
 def build_demo() -> gr.Blocks:
     min_seconds = PIPE.frames_multiple * PIPE.hop_length / PIPE.sampling_rate
     with gr.Blocks(title="MG2: melody-guided music generation", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# MG2: melody-guided text-to-music\nDescribe the music. MG2 finds the melody in its index that "
-                    "best fits your words (or takes yours) and generates audio that follows it. "
-                    f"Model: `{MODEL}`, {len(PIPE.retriever) if PIPE.retriever is not None else 0} melodies indexed.")
+        gr.Markdown(
+            "# MG2: melody-guided text-to-music\nDescribe the music. MG2 finds the melody in its index that "
+            "best fits your words (or takes yours) and generates audio that follows it. "
+            f"Model: `{MODEL}`, {len(PIPE.retriever) if PIPE.retriever is not None else 0} melodies indexed."
+        )
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", placeholder="A lively Irish jig on fiddle at 120 BPM", lines=2,
-                                    max_length=MAX_PROMPT_CHARACTERS)
-                negative_prompt = gr.Textbox(label="Negative prompt", placeholder="noisy, distorted", max_length=MAX_PROMPT_CHARACTERS)
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    placeholder="A lively Irish jig on fiddle at 120 BPM",
+                    lines=2,
+                    max_length=MAX_PROMPT_CHARACTERS,
+                )
+                negative_prompt = gr.Textbox(
+                    label="Negative prompt", placeholder="noisy, distorted", max_length=MAX_PROMPT_CHARACTERS
+                )
                 with gr.Accordion("Your melody (optional: otherwise one is retrieved)", open=False):
                     with gr.Tab("Notes"):
-                        melody_notes = gr.Textbox(label="Notes", placeholder="G4:0.5 A4:0.5 B4:1 R:0.5 D5:1",
-                                                  max_length=MAX_MELODY_TEXT_CHARACTERS)
+                        melody_notes = gr.Textbox(
+                            label="Notes",
+                            placeholder="G4:0.5 A4:0.5 B4:1 R:0.5 D5:1",
+                            max_length=MAX_MELODY_TEXT_CHARACTERS,
+                        )
                     with gr.Tab("Score file"):
-                        melody_file = gr.File(label="MIDI, MusicXML, ABC or Humdrum", file_types=SCORE_FILE_TYPES, type="filepath")
+                        melody_file = gr.File(
+                            label="MIDI, MusicXML, ABC or Humdrum", file_types=SCORE_FILE_TYPES, type="filepath"
+                        )
                     with gr.Tab("Audio"):
                         # format=None: the file is read as uploaded (the browser sends recordings as WAV), no ffmpeg.
-                        melody_audio = gr.Audio(label="Hum, sing or play it (transcribed)", sources=["upload", "microphone"],
-                                                type="filepath", format=None)
+                        melody_audio = gr.Audio(
+                            label="Hum, sing or play it (transcribed)",
+                            sources=["upload", "microphone"],
+                            type="filepath",
+                            format=None,
+                        )
                 with gr.Accordion("Recording (to continue, re-render or repaint)", open=False):
                     mode = one_of(gr.Radio(MODES, value=MODES[0], label="Mode"))
                     # format=None: the file is read as uploaded (the browser sends recordings as WAV), no ffmpeg.
-                    recording = gr.Audio(label=f"Recording (at most {MAX_RECORDING_SECONDS} s)", sources=["upload", "microphone"],
-                                         type="filepath", format=None)
-                    strength = bounded(gr.Slider(0.05, 1, value=0.8, step=0.05,
-                                                 label="Strength (re-render: 0 keeps the recording, 1 generates anew)"))
+                    recording = gr.Audio(
+                        label=f"Recording (at most {MAX_RECORDING_SECONDS} s)",
+                        sources=["upload", "microphone"],
+                        type="filepath",
+                        format=None,
+                    )
+                    strength = bounded(
+                        gr.Slider(
+                            0.05,
+                            1,
+                            value=0.8,
+                            step=0.05,
+                            label="Strength (re-render: 0 keeps the recording, 1 generates anew)",
+                        )
+                    )
                     with gr.Row():
-                        repaint_start = bounded(gr.Number(0.0, minimum=0, maximum=MAX_RECORDING_SECONDS, label="Repaint from (s)"))
-                        repaint_end = bounded(gr.Number(0.0, minimum=0, maximum=MAX_RECORDING_SECONDS, label="Repaint to (s)"))
+                        repaint_start = bounded(
+                            gr.Number(0.0, minimum=0, maximum=MAX_RECORDING_SECONDS, label="Repaint from (s)")
+                        )
+                        repaint_end = bounded(
+                            gr.Number(0.0, minimum=0, maximum=MAX_RECORDING_SECONDS, label="Repaint to (s)")
+                        )
                 with gr.Accordion("Settings", open=False):
-                    duration = bounded(gr.Slider(min_seconds, MAX_DURATION_SECONDS, step=min_seconds,
-                                                 value=PIPE.default_audio_length_in_s,
-                                                 label="Duration (seconds; a continuation's total length)"))
-                    whole_melody = gr.Checkbox(False, label="Play the whole melody once (its own length, not Duration)")
+                    duration = bounded(
+                        gr.Slider(
+                            min_seconds,
+                            MAX_DURATION_SECONDS,
+                            step=min_seconds,
+                            value=PIPE.default_audio_length_in_s,
+                            label="Duration (seconds; a continuation's total length)",
+                        )
+                    )
+                    whole_melody = gr.Checkbox(
+                        False, label="Play the whole melody once (its own length, not Duration)"
+                    )
                     steps = bounded(gr.Slider(1, MAX_STEPS, value=25, step=1, precision=0, label="Denoising steps"))
                     guidance = bounded(gr.Slider(0, 10, value=3.0, step=0.1, label="Text guidance scale"))
-                    melody_guidance = bounded(gr.Slider(0, 10, value=DEFAULT_MELODY_GUIDANCE_SCALE, step=0.1,
-                                                        label="Melody strength (0 ignores the melody; higher follows it more tightly)"))
+                    melody_guidance = bounded(
+                        gr.Slider(
+                            0,
+                            10,
+                            value=DEFAULT_MELODY_GUIDANCE_SCALE,
+                            step=0.1,
+                            label="Melody strength (0 ignores the melody; higher follows it more tightly)",
+                        )
+                    )
                     seed = bounded(gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"))
-                    candidates = bounded(gr.Slider(1, MAX_CANDIDATES, value=1, step=1, precision=0,
-                                                   label="Candidates (generated, best kept by CLMP text–audio score)"))
-                    top_k = bounded(gr.Slider(1, MAX_TOP_K, value=5, step=1, precision=0, label="Retrieved melodies to list"))
+                    candidates = bounded(
+                        gr.Slider(
+                            1,
+                            MAX_CANDIDATES,
+                            value=1,
+                            step=1,
+                            precision=0,
+                            label="Candidates (generated, best kept by CLMP text–audio score)",
+                        )
+                    )
+                    top_k = bounded(
+                        gr.Slider(1, MAX_TOP_K, value=5, step=1, precision=0, label="Retrieved melodies to list")
+                    )
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary")
                     retrieve_button = gr.Button("Find melodies only")
             with gr.Column():
                 audio = gr.Audio(label="Music", type="numpy", format="wav", interactive=False)
-                spectrogram = gr.Image(label="Mel spectrogram and guiding melody", type="pil", format="png", interactive=False)
+                spectrogram = gr.Image(
+                    label="Mel spectrogram and guiding melody", type="pil", format="png", interactive=False
+                )
                 melody_info = gr.Markdown(label="Guiding melody")
                 piano_roll = gr.Image(label="Guiding melody (piano roll)", type="pil", format="png", interactive=False)
                 midi = gr.File(label="Guiding melody (MIDI)", interactive=False)
-        retrieved = gr.Dataframe(headers=RETRIEVED_COLUMNS, label="Top retrieved melodies for the prompt", interactive=False)
+        retrieved = gr.Dataframe(
+            headers=RETRIEVED_COLUMNS, label="Top retrieved melodies for the prompt", interactive=False
+        )
         gr.Examples(EXAMPLES, inputs=[prompt, melody_notes])
 
-        generate_button.click(generate, [prompt, negative_prompt, melody_file, melody_audio, melody_notes, duration, steps,
-                                         guidance, melody_guidance, seed, candidates, top_k, mode, recording, strength,
-                                         repaint_start, repaint_end, whole_melody],
-                              [audio, spectrogram, melody_info, piano_roll, midi, retrieved],
-                              api_name="generate", concurrency_limit=CONCURRENCY)
+        generate_button.click(
+            generate,
+            [
+                prompt,
+                negative_prompt,
+                melody_file,
+                melody_audio,
+                melody_notes,
+                duration,
+                steps,
+                guidance,
+                melody_guidance,
+                seed,
+                candidates,
+                top_k,
+                mode,
+                recording,
+                strength,
+                repaint_start,
+                repaint_end,
+                whole_melody,
+            ],
+            [audio, spectrogram, melody_info, piano_roll, midi, retrieved],
+            api_name="generate",
+            concurrency_limit=CONCURRENCY,
+        )
         retrieve_button.click(retrieve, [prompt, top_k], retrieved, api_name="retrieve", concurrency_limit=4)
     return demo.queue(max_size=QUEUE_SIZE)
 
@@ -349,5 +523,7 @@ def build_demo() -> gr.Blocks:
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.launch(max_file_size=MAX_FILE_SIZE,
-                app_kwargs={"middleware": [Middleware(RequestSizeLimit, max_bytes=MAX_REQUEST_BYTES)]})
+    demo.launch(
+        max_file_size=MAX_FILE_SIZE,
+        app_kwargs={"middleware": [Middleware(RequestSizeLimit, max_bytes=MAX_REQUEST_BYTES)]},
+    )

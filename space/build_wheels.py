@@ -44,8 +44,11 @@ def without_requirements(source: str, output_dir: str) -> str:
             data = wheel.read(item)
             if path == f"{new_info}METADATA":
                 lines = data.decode().split("\n")
-                lines = [f"Version: {new_version}" if line.startswith("Version: ") else line
-                         for line in lines if not line.startswith("Requires-Dist: ")]
+                lines = [
+                    f"Version: {new_version}" if line.startswith("Version: ") else line
+                    for line in lines
+                    if not line.startswith("Requires-Dist: ")
+                ]
                 data = "\n".join(lines).encode()
             out.writestr(path, data)
             records.append(record_line(path, data))
@@ -59,8 +62,19 @@ def main() -> None:
     pip = [sys.executable, "-m", "pip"]
     subprocess.run([*pip, "wheel", "--no-deps", "--wheel-dir", WHEELS, os.path.dirname(SPACE)], check=True)
     with tempfile.TemporaryDirectory() as download:
-        subprocess.run([*pip, "download", "--no-deps", "--only-binary", ":all:", "--dest", download,
-                        f"basic-pitch=={BASIC_PITCH[1]}"], check=True)
+        subprocess.run(
+            [
+                *pip,
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--dest",
+                download,
+                f"basic-pitch=={BASIC_PITCH[1]}",
+            ],
+            check=True,
+        )
         (wheel,) = [os.path.join(download, f) for f in os.listdir(download) if f.endswith(".whl")]
         without_requirements(wheel, WHEELS)
     print("\n".join(sorted(os.listdir(WHEELS))))

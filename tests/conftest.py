@@ -14,7 +14,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # mismatched cache files and segfault (numba/numba#10128), as on a fresh machine where no cache exists yet.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "mg2-numba-cache", os.environ["PYTEST_XDIST_WORKER"])
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), "mg2-numba-cache", os.environ["PYTEST_XDIST_WORKER"]
+    )
     import torch
 
     torch.set_num_threads(1)
@@ -27,8 +29,13 @@ PREPARE_DATA = os.path.join(ROOT, "training", "prepare_data.py")
 
 def run_prepare_data(*arguments: str) -> subprocess.CompletedProcess:
     """Run training/prepare_data.py as a user would; fails the test with its output on error."""
-    result = subprocess.run([sys.executable, PREPARE_DATA, *arguments], capture_output=True, text=True, cwd=ROOT,
-                            timeout=SUBPROCESS_TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, PREPARE_DATA, *arguments],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -45,8 +52,9 @@ sys.meta_path.insert(0, Block())
 
 def run(command: list[str], **env) -> subprocess.CompletedProcess:
     """Run a command from the repository root; fails the test with its output on error."""
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env},
-                            timeout=SUBPROCESS_TIMEOUT)
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=SUBPROCESS_TIMEOUT
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -55,7 +63,9 @@ def accelerate_command(script: str, *arguments: str, processes: int = 1) -> tupl
     """`accelerate launch` on CPU with 1 or N processes (N > 1: `--multi_gpu` with ACCELERATE_USE_CPU)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes > 1:
-        return launcher + ["--multi_gpu", "--num_processes", str(processes), script, *arguments], {"ACCELERATE_USE_CPU": "true"}
+        return launcher + ["--multi_gpu", "--num_processes", str(processes), script, *arguments], {
+            "ACCELERATE_USE_CPU": "true"
+        }
     return launcher + ["--cpu", "--num_processes", "1", script, *arguments], {}
 
 
@@ -65,8 +75,22 @@ def accelerate(script: str, *arguments: str, processes: int = 1, **env) -> subpr
 
 
 TINY_BUILD_ARGS = (
-    "--max_tunes", "12", "--clips_per_tune", "2", "--clip_seconds", "4", "--tunes_per_shard", "3",
-    "--validation_fraction", "0.25", "--test_fraction", "0.25", "--seed", "2", "--num_workers", "2",
+    "--max_tunes",
+    "12",
+    "--clips_per_tune",
+    "2",
+    "--clip_seconds",
+    "4",
+    "--tunes_per_shard",
+    "3",
+    "--validation_fraction",
+    "0.25",
+    "--test_fraction",
+    "0.25",
+    "--seed",
+    "2",
+    "--num_workers",
+    "2",
 )
 
 
@@ -90,8 +114,23 @@ def tiny_generator_parts(tiny_dataset, tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("generator-parts")
     torch.manual_seed(0)
     CLMPModel(clmp_config("tiny")).save_pretrained(folder / "clmp")
-    CLMPProcessor(CLMPFeatureExtractor(max_length_s=4.0), AutoTokenizer.from_pretrained(minilm_path()),
-                  max_text_length=16).save_pretrained(folder / "clmp")
-    run([sys.executable, os.path.join(ROOT, "training", "build_index.py"), "--clmp", str(folder / "clmp"),
-         "--dataset", tiny_dataset, "--output_dir", str(folder / "index"), "--M", "8", "--ef_construction", "50"])
+    CLMPProcessor(
+        CLMPFeatureExtractor(max_length_s=4.0), AutoTokenizer.from_pretrained(minilm_path()), max_text_length=16
+    ).save_pretrained(folder / "clmp")
+    run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "training", "build_index.py"),
+            "--clmp",
+            str(folder / "clmp"),
+            "--dataset",
+            tiny_dataset,
+            "--output_dir",
+            str(folder / "index"),
+            "--M",
+            "8",
+            "--ef_construction",
+            "50",
+        ]
+    )
     return {"clmp": str(folder / "clmp"), "retriever": str(folder / "index")}

@@ -189,8 +189,12 @@ class MiniHub:
             if repo_id in self.repos:
                 raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
             repo = Repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
-            self._add_commit(repo, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
-                             "initial commit")
+            self._add_commit(
+                repo,
+                "main",
+                {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                "initial commit",
+            )
             self.repos[repo_id] = repo
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}, {}
 
@@ -233,8 +237,11 @@ class MiniHub:
                 else:
                     raise HubError(400, f"The test Hub takes regular files only, not {key}")
             commit = self._add_commit(found, rev, files, header.get("summary", ""))
-        return 200, {"commitUrl": f"{self.url}/{repo}/commit/{commit.oid}", "commitOid": commit.oid,
-                     "pullRequestUrl": None}, {}
+        return (
+            200,
+            {"commitUrl": f"{self.url}/{repo}/commit/{commit.oid}", "commitOid": commit.oid, "pullRequestUrl": None},
+            {},
+        )
 
     def _add_commit(self, repo: Repo, branch: str, files: dict[str, bytes], message: str) -> Commit:
         parent = repo.branches.get(branch, "")
@@ -248,16 +255,35 @@ class MiniHub:
 
     def refs(self, authorized, repo, **_):
         found = self.get_repo(repo, authorized)
-        branches = [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid} for name, oid in found.branches.items()]
+        branches = [
+            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid} for name, oid in found.branches.items()
+        ]
         return 200, {"branches": branches, "converts": [], "tags": []}, {}
 
     def revision_info(self, authorized, repo, rev="main", **_):
         found = self.get_repo(repo, authorized)
         commit = self.get_commit(found, rev)
         when = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(commit.date))
-        return 200, {"_id": repo, "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.oid,
-                     "lastModified": when, "createdAt": when, "private": found.private, "disabled": False, "gated": False,
-                     "downloads": 0, "likes": 0, "tags": [], "siblings": [{"rfilename": p} for p in sorted(commit.files)]}, {}
+        return (
+            200,
+            {
+                "_id": repo,
+                "id": repo,
+                "modelId": repo,
+                "author": repo.split("/")[0],
+                "sha": commit.oid,
+                "lastModified": when,
+                "createdAt": when,
+                "private": found.private,
+                "disabled": False,
+                "gated": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+            },
+            {},
+        )
 
     @staticmethod
     def _entry(path: str, content: bytes) -> dict:
@@ -271,7 +297,7 @@ class MiniHub:
         for path in sorted(commit.files):
             if not path.startswith(prefix):
                 continue
-            rest = path[len(prefix):]
+            rest = path[len(prefix) :]
             if "/" in rest:
                 parts = rest.split("/")
                 for depth in range(1, len(parts) if recursive else 2):
@@ -281,8 +307,10 @@ class MiniHub:
             entries.append(self._entry(path, commit.files[path]))
         if subpath and not entries and not folders:
             raise HubError(404, f"{subpath} does not exist at {rev}", "EntryNotFound", commit.oid)
-        folder_entries = [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f}
-                          for f in sorted(folders)]
+        folder_entries = [
+            {"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f}
+            for f in sorted(folders)
+        ]
         return 200, folder_entries + entries, {}
 
     def paths_info(self, authorized, repo, rev, body, **_):
@@ -290,8 +318,11 @@ class MiniHub:
         form = parse_qs(body.decode())
         paths = form.get("paths", []) or json.loads(body or b"{}").get("paths", [])
         found = [self._entry(p, commit.files[p]) for p in paths if p in commit.files]
-        found += [{"type": "directory", "oid": hashlib.sha1(p.encode()).hexdigest(), "size": 0, "path": p}
-                  for p in paths if p not in commit.files and any(f.startswith(p.rstrip("/") + "/") for f in commit.files)]
+        found += [
+            {"type": "directory", "oid": hashlib.sha1(p.encode()).hexdigest(), "size": 0, "path": p}
+            for p in paths
+            if p not in commit.files and any(f.startswith(p.rstrip("/") + "/") for f in commit.files)
+        ]
         return 200, found, {}
 
     def resolve(self, authorized, repo, rev, file, **_):
@@ -300,5 +331,12 @@ class MiniHub:
         if file not in commit.files:
             raise HubError(404, f"Entry not found: {file}", "EntryNotFound", commit.oid)
         content = commit.files[file]
-        return 200, content, {"Content-Type": "application/octet-stream", "X-Repo-Commit": commit.oid,
-                              "ETag": f'"{git_blob_id(content)}"'}
+        return (
+            200,
+            content,
+            {
+                "Content-Type": "application/octet-stream",
+                "X-Repo-Commit": commit.oid,
+                "ETag": f'"{git_blob_id(content)}"',
+            },
+        )

@@ -13,8 +13,18 @@ def test_log_mel_matches_audioldm_front_end_reference():
     assert log_mel.shape == (1024, 64)  # 10.24 s → 1024 frames of 64 mel bins
     # Reference: reflect-pad (n_fft - hop) / 2, magnitude STFT without centering, Slaney mel 0-8 kHz, log.
     padded = np.pad(waveform, (432, 432), mode="reflect")
-    mel = librosa.feature.melspectrogram(y=padded, sr=16000, n_fft=1024, hop_length=160, win_length=1024,
-                                         center=False, power=1.0, n_mels=64, fmin=0, fmax=8000)
+    mel = librosa.feature.melspectrogram(
+        y=padded,
+        sr=16000,
+        n_fft=1024,
+        hop_length=160,
+        win_length=1024,
+        center=False,
+        power=1.0,
+        n_mels=64,
+        fmin=0,
+        fmax=8000,
+    )
     np.testing.assert_allclose(log_mel.numpy(), np.log(np.maximum(mel, 1e-5)).T, atol=1e-4)
 
 

@@ -6,13 +6,20 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import BLOCK_MG2_PIPELINE, SUBPROCESS_TIMEOUT
 from torch.nn import functional as F
-from transformers import AutoModel, AutoProcessor, AutoTokenizer, ClapAudioConfig, ClapConfig, ClapModel, ClapTextConfig
+from transformers import (
+    AutoModel,
+    AutoProcessor,
+    AutoTokenizer,
+    ClapAudioConfig,
+    ClapConfig,
+    ClapModel,
+    ClapTextConfig,
+)
 
 from mg2_pipeline import CLMPConfig, CLMPFeatureExtractor, CLMPModel, CLMPProcessor, Melody
 from mg2_pipeline.presets import clmp_config, minilm_path
-
-from conftest import BLOCK_MG2_PIPELINE, SUBPROCESS_TIMEOUT
 
 TEXTS = ["a lively jig on fiddle", "a slow air on flute", "a chorale on organ"]
 
@@ -23,14 +30,23 @@ def tiny_model(seed: int = 0, **kwargs) -> CLMPModel:
 
 
 def tiny_processor() -> CLMPProcessor:
-    return CLMPProcessor(CLMPFeatureExtractor(max_length_s=4.0), AutoTokenizer.from_pretrained(minilm_path()), max_text_length=16)
+    return CLMPProcessor(
+        CLMPFeatureExtractor(max_length_s=4.0), AutoTokenizer.from_pretrained(minilm_path()), max_text_length=16
+    )
 
 
 def tiny_inputs():
     rng = np.random.default_rng(0)
-    audio = [rng.standard_normal(64000).astype(np.float32) * 0.1, rng.standard_normal(30000).astype(np.float32) * 0.1,
-             np.sin(np.arange(64000) / 10).astype(np.float32)]
-    melodies = [Melody.from_string("G4:0.5 A4:0.5 B4:1"), Melody.from_string("C5:1 D5:1"), "<E4>,<169>,<79>|<F#4>,<169>,<79>"]
+    audio = [
+        rng.standard_normal(64000).astype(np.float32) * 0.1,
+        rng.standard_normal(30000).astype(np.float32) * 0.1,
+        np.sin(np.arange(64000) / 10).astype(np.float32),
+    ]
+    melodies = [
+        Melody.from_string("G4:0.5 A4:0.5 B4:1"),
+        Melody.from_string("C5:1 D5:1"),
+        "<E4>,<169>,<79>|<F#4>,<169>,<79>",
+    ]
     return tiny_processor()(text=TEXTS, audio=audio, melody=melodies, return_tensors="pt")
 
 
@@ -48,8 +64,12 @@ def test_forward_returns_six_logit_matrices_normalised_embeddings_and_the_infonc
     torch.testing.assert_close(out.logits_audio_text, scale * out.audio_embeds @ out.text_embeds.t())
     torch.testing.assert_close(out.logits_text_audio, out.logits_audio_text.t())
     targets = torch.arange(3)
-    terms = [F.cross_entropy(getattr(out, f"logits_{a}_{b}"), targets)
-             for a in ("audio", "text", "melody") for b in ("audio", "text", "melody") if a != b]
+    terms = [
+        F.cross_entropy(getattr(out, f"logits_{a}_{b}"), targets)
+        for a in ("audio", "text", "melody")
+        for b in ("audio", "text", "melody")
+        if a != b
+    ]
     assert len(terms) == 6
     torch.testing.assert_close(out.loss, torch.stack(terms).mean())
     assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-5)
@@ -60,8 +80,12 @@ def test_features_match_forward_and_padding_is_masked():
     melody = Melody.from_string("G4:0.5 A4:0.5 B4:1")
     short, long = melody.encode(max_length=40), melody.encode(max_length=1000)
     with torch.no_grad():
-        a = model.get_melody_features(torch.tensor(short["input_ids"])[None], torch.tensor(short["attention_mask"])[None])
-        b = model.get_melody_features(torch.tensor(long["input_ids"])[None], torch.tensor(long["attention_mask"])[None])
+        a = model.get_melody_features(
+            torch.tensor(short["input_ids"])[None], torch.tensor(short["attention_mask"])[None]
+        )
+        b = model.get_melody_features(
+            torch.tensor(long["input_ids"])[None], torch.tensor(long["attention_mask"])[None]
+        )
     torch.testing.assert_close(a, b)  # the mean runs over real tokens only
 
 
@@ -101,7 +125,9 @@ def test_saved_folder_loads_with_remote_code_without_the_package(tmp_path):
     tiny_processor().save_pretrained(tmp_path)
     assert os.path.isfile(tmp_path / "modeling_clmp.py") and os.path.isfile(tmp_path / "configuration_clmp.py")
     with torch.no_grad():
-        tokens = AutoTokenizer.from_pretrained(minilm_path())(["a jig"], padding="max_length", max_length=16, return_tensors="pt")
+        tokens = AutoTokenizer.from_pretrained(minilm_path())(
+            ["a jig"], padding="max_length", max_length=16, return_tensors="pt"
+        )
         expected = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
     np.save(tmp_path / "expected.npy", expected.numpy())
     script = BLOCK_MG2_PIPELINE + textwrap.dedent(f"""
@@ -116,19 +142,39 @@ def test_saved_folder_loads_with_remote_code_without_the_package(tmp_path):
         assert np.allclose(out.text_embeds.numpy(), np.load({str(tmp_path / "expected.npy")!r}), atol=1e-6)
         print("remote-code", type(model).__module__, out.melody_embeds.shape)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}, timeout=SUBPROCESS_TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-code transformers_modules" in result.stdout
 
 
 def test_from_clap_copies_text_and_audio_towers(tmp_path):
-    text_config = ClapTextConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=37, max_position_embeddings=80)
-    audio_config = ClapAudioConfig(spec_size=64, num_mel_bins=64, patch_embeds_hidden_size=16, depths=[1, 1],
-                                   num_attention_heads=[1, 2], window_size=4, hidden_size=32)
+    text_config = ClapTextConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=80,
+    )
+    audio_config = ClapAudioConfig(
+        spec_size=64,
+        num_mel_bins=64,
+        patch_embeds_hidden_size=16,
+        depths=[1, 1],
+        num_attention_heads=[1, 2],
+        window_size=4,
+        hidden_size=32,
+    )
     torch.manual_seed(0)
-    clap = ClapModel(ClapConfig(text_config=text_config.to_dict(), audio_config=audio_config.to_dict(), projection_dim=24)).eval()
+    clap = ClapModel(
+        ClapConfig(text_config=text_config.to_dict(), audio_config=audio_config.to_dict(), projection_dim=24)
+    ).eval()
     clap.save_pretrained(tmp_path / "clap")
     model = CLMPModel.from_clap(tmp_path / "clap", melody_config={"embedding_dim": 16, "hidden_size": 16}).eval()
     assert model.config.projection_dim == 24 and model.config.text_pooling == "pooler"
@@ -136,8 +182,12 @@ def test_from_clap_copies_text_and_audio_towers(tmp_path):
     mel = torch.randn(2, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.get_text_features(ids), clap.get_text_features(input_ids=ids).pooler_output)
-        torch.testing.assert_close(model.get_audio_features(mel), clap.get_audio_features(input_features=mel[:, None]).pooler_output)
-        assert model.get_melody_features(torch.tensor(Melody.from_string("C4:1").encode(50)["input_ids"])[None]).shape == (1, 24)
+        torch.testing.assert_close(
+            model.get_audio_features(mel), clap.get_audio_features(input_features=mel[:, None]).pooler_output
+        )
+        assert model.get_melody_features(
+            torch.tensor(Melody.from_string("C4:1").encode(50)["input_ids"])[None]
+        ).shape == (1, 24)
 
 
 def test_clap_baseline_has_no_melody_tower():
@@ -190,15 +240,22 @@ def test_contrastive_loss_pair_weights():
     from mg2_pipeline.modeling_clmp import contrastive_loss
 
     generator = torch.Generator().manual_seed(0)
-    embeds = {name: torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
-              for name in ("audio", "text", "melody")}
+    embeds = {
+        name: torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+        for name in ("audio", "text", "melody")
+    }
     scale = torch.tensor(10.0)
     plain, logits = contrastive_loss(embeds, scale)
     assert set(logits) == {"audio_text", "text_audio", "audio_melody", "melody_audio", "text_melody", "melody_text"}
     torch.testing.assert_close(contrastive_loss(embeds, scale, {"text_melody": 1.0})[0], plain)
     pair = {name: torch.nn.functional.cross_entropy(logits[name], torch.arange(4)) for name in logits}
-    weighted = (pair["audio_text"] + pair["text_audio"] + pair["audio_melody"] + pair["melody_audio"]
-                + 3 * (pair["text_melody"] + pair["melody_text"])) / 10
+    weighted = (
+        pair["audio_text"]
+        + pair["text_audio"]
+        + pair["audio_melody"]
+        + pair["melody_audio"]
+        + 3 * (pair["text_melody"] + pair["melody_text"])
+    ) / 10
     torch.testing.assert_close(contrastive_loss(embeds, scale, {"text_melody": 3.0})[0], weighted)
     with pytest.raises(ValueError, match="pair_weights` names pairs"):
         contrastive_loss(embeds, scale, {"melody_text": 2.0})

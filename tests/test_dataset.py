@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import soundfile
 import torch
-
 from conftest import PREPARE_DATA, ROOT, SUBPROCESS_TIMEOUT, TINY_BUILD_ARGS, run_prepare_data
+
 from mg2_pipeline.audio import HOP_LENGTH, encode_flac, load_audio
 from mg2_pipeline.data import (
-    MG2Example,
     SPLITS,
+    MG2Example,
     data_files,
     load_mg2_dataset,
     mg2_features,
@@ -89,8 +89,12 @@ def test_build_is_deterministic_and_resumable(tiny_dataset, tmp_path):
     assert all(os.path.getmtime(p) == t for p, t in kept_times.items())
 
     # Other settings into the same folder are refused instead of mixing two datasets.
-    refused = subprocess.run([sys.executable, PREPARE_DATA, "--output_dir", output_dir, *TINY_BUILD_ARGS, "--clips_per_tune", "1"],
-                             capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    refused = subprocess.run(
+        [sys.executable, PREPARE_DATA, "--output_dir", output_dir, *TINY_BUILD_ARGS, "--clips_per_tune", "1"],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert refused.returncode != 0 and "clips_per_tune" in refused.stderr
 
 
@@ -119,15 +123,23 @@ def test_streaming_dataloader_collates_tensors_and_splits_by_node(tiny_dataset):
     everything = sorted(row["clip_id"] for row in read_split(tiny_dataset, "train"))
     parts = []
     for rank in range(2):
-        node_loader = streaming_dataloader(dataset, batch_size=3, example_transform=MG2Example(clip_seconds=4),
-                                           shuffle_buffer_size=8, seed=0, rank=rank, world_size=2)
+        node_loader = streaming_dataloader(
+            dataset,
+            batch_size=3,
+            example_transform=MG2Example(clip_seconds=4),
+            shuffle_buffer_size=8,
+            seed=0,
+            rank=rank,
+            world_size=2,
+        )
         parts.append([clip for batch in node_loader for clip in batch["clip_id"]])
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == everything
 
     # DataLoader workers read whole shards each: together they still see every clip exactly once.
-    with_workers = streaming_dataloader(dataset, batch_size=3, example_transform=MG2Example(clip_seconds=4),
-                                        shuffle_buffer_size=8, num_workers=2)
+    with_workers = streaming_dataloader(
+        dataset, batch_size=3, example_transform=MG2Example(clip_seconds=4), shuffle_buffer_size=8, num_workers=2
+    )
     assert sorted(clip for batch in with_workers for clip in batch["clip_id"]) == everything
 
 
@@ -143,10 +155,12 @@ def test_random_crops_carry_exactly_the_notes_of_their_window_and_repeat_per_see
         start = example["crop_start_s"]
         first = int(round(start * 16000))
         assert first % HOP_LENGTH == 0 and 0 <= first <= len(clip) - 20480
-        assert torch.equal(example["waveform"], torch.from_numpy(clip[first:first + 20480]))
+        assert torch.equal(example["waveform"], torch.from_numpy(clip[first : first + 20480]))
         # the window's notes, written out by hand: every note sounding in [start, start + 1.28), cut and shifted
         inside = notes[(notes[:, 1] < start + 1.28) & (notes[:, 2] > start)]
-        expected = np.stack([inside[:, 0], np.maximum(inside[:, 1], start) - start, np.minimum(inside[:, 2], start + 1.28) - start], 1)
+        expected = np.stack(
+            [inside[:, 0], np.maximum(inside[:, 1], start) - start, np.minimum(inside[:, 2], start + 1.28) - start], 1
+        )
         assert example["melody_tokens"] == Melody(expected).to_tokens()
         assert example["clip_melody_tokens"] == row["melody_tokens"]
         again = MG2Example(clip_seconds=1.28, random_crop=True, seed=3)
@@ -158,7 +172,9 @@ def test_random_crops_carry_exactly_the_notes_of_their_window_and_repeat_per_see
     whole = MG2Example(clip_seconds=4, random_crop=True, seed=3)(row)  # the window is the clip: nothing is cut
     assert whole["crop_start_s"] == 0 and whole["melody_tokens"] == row["melody_tokens"]
     first_window = MG2Example(clip_seconds=1.28)(row)
-    assert first_window["crop_start_s"] == 0 and first_window["melody_tokens"] == Melody(notes).slice(0, 1.28).to_tokens()
+    assert (
+        first_window["crop_start_s"] == 0 and first_window["melody_tokens"] == Melody(notes).slice(0, 1.28).to_tokens()
+    )
 
 
 def test_corpus_titles_print_as_their_sources_do():
@@ -182,8 +198,12 @@ def test_loader_skips_and_counts_corrupt_rows(tiny_dataset, tmp_path):
     rows = read_split(tiny_dataset, "validation")
     rows[0] = dict(rows[0], audio={"bytes": b"not audio at all", "path": "broken.flac"})
     write_shard(rows, str(tmp_path / "data" / "train-00000-of-00001.parquet"))
-    loader = streaming_dataloader(load_mg2_dataset(str(tmp_path), split="train"), batch_size=2,
-                                  example_transform=MG2Example(clip_seconds=4), shuffle_buffer_size=0)
+    loader = streaming_dataloader(
+        load_mg2_dataset(str(tmp_path), split="train"),
+        batch_size=2,
+        example_transform=MG2Example(clip_seconds=4),
+        shuffle_buffer_size=0,
+    )
     clips = [clip for batch in loader for clip in batch["clip_id"]]
     assert len(clips) == len(rows) - 1 and rows[0]["clip_id"] not in clips
     assert loader.dataset.skipped == 1
@@ -201,8 +221,20 @@ def test_from_audio_folder_transcribes_and_counts_bad_files(tmp_path):
         "file_name,caption\ntune_a.wav,a clarinet arpeggio\ntune_b.wav,a descending clarinet line\nbroken.wav,lost\n"
     )
     output_dir = str(tmp_path / "mine")
-    run_prepare_data("--output_dir", output_dir, "--from_audio", str(source), "--clip_seconds", "3",
-                     "--validation_fraction", "0", "--test_fraction", "0", "--num_workers", "2")
+    run_prepare_data(
+        "--output_dir",
+        output_dir,
+        "--from_audio",
+        str(source),
+        "--clip_seconds",
+        "3",
+        "--validation_fraction",
+        "0",
+        "--test_fraction",
+        "0",
+        "--num_workers",
+        "2",
+    )
     summary = json.load(open(os.path.join(output_dir, "summary.json")))
     assert summary["skipped"] == 1 and "broken.wav" in summary["skipped_files"][0]["path"]
     rows = read_split(output_dir, "train")
@@ -221,9 +253,24 @@ def test_from_audio_reads_a_saved_datasets_folder(tmp_path):
     source = Dataset.from_dict({"sound": [{"bytes": encode_flac(waveform), "path": "reel.flac"}], "text": ["a reel"]})
     source.save_to_disk(str(tmp_path / "hf"))
     output_dir = str(tmp_path / "from_hf")
-    run_prepare_data("--output_dir", output_dir, "--from_audio", str(tmp_path / "hf"), "--audio_column", "sound",
-                     "--text_column", "text", "--clip_seconds", "4", "--validation_fraction", "0", "--test_fraction", "0",
-                     "--num_workers", "1")
+    run_prepare_data(
+        "--output_dir",
+        output_dir,
+        "--from_audio",
+        str(tmp_path / "hf"),
+        "--audio_column",
+        "sound",
+        "--text_column",
+        "text",
+        "--clip_seconds",
+        "4",
+        "--validation_fraction",
+        "0",
+        "--test_fraction",
+        "0",
+        "--num_workers",
+        "1",
+    )
     (row,) = read_split(output_dir, "train")
     assert row["caption"] == "a reel" and row["title"] == "reel"
     assert Melody.from_tokens(row["melody_tokens"]).pitches.tolist() == melody.pitches.tolist()

@@ -5,16 +5,28 @@ import sys
 import numpy as np
 import pytest
 import soundfile
-
 from conftest import ROOT, run
+
 from mg2_pipeline import CLMPModel, CLMPProcessor, Melody, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.presets import build_pipeline
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
-from evaluate import (chroma_note_share, chroma_peaks, frechet_distance, mel_accuracy, melody_adherence,  # noqa: E402
-                      tempo_matches)
-from sound_measures import (FAMILIES, InstrumentPrompts, SoundClassifier, family_of, onset_click_energy,  # noqa: E402
-                            paired_preference)
+from evaluate import (
+    chroma_note_share,
+    chroma_peaks,
+    frechet_distance,
+    mel_accuracy,
+    melody_adherence,  # noqa: E402
+    tempo_matches,
+)
+from sound_measures import (
+    FAMILIES,
+    InstrumentPrompts,
+    SoundClassifier,
+    family_of,
+    onset_click_energy,  # noqa: E402
+    paired_preference,
+)
 
 
 def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
@@ -46,7 +58,7 @@ def test_adherence_measures_prefer_the_played_melody_and_tempo_is_estimated():
     bass = synth_melody(Melody.from_string("C2:2 G2:2 " * 2), 8.0) * 2
     assert mel_accuracy(chroma_peaks(audio + bass), peaks) > 0.8
     clicks = np.zeros(16000 * 8, np.float32)
-    clicks[:: 8000] = 1.0  # 120 BPM
+    clicks[::8000] = 1.0  # 120 BPM
     estimate, strict, octave = tempo_matches(clicks, 120.0)
     assert octave and (abs(estimate - 120) < 20 or abs(estimate - 240) < 40)
 
@@ -72,27 +84,34 @@ def test_onset_clicks_grow_with_hard_note_changes():
     clicked = soft.copy()
     for onset in melody.onsets:  # a 2 ms broadband burst at every note change
         start = int(onset * 16000)
-        clicked[start:start + 32] += np.random.default_rng(start).uniform(-0.2, 0.2, len(clicked[start:start + 32]))
+        clicked[start : start + 32] += np.random.default_rng(start).uniform(
+            -0.2, 0.2, len(clicked[start : start + 32])
+        )
     scores = [onset_click_energy(audio, melody.onsets) for audio in (soft, hard, clicked)]
     assert scores[0] < scores[1] < scores[2] and scores[2] > 5 * scores[0]
     assert onset_click_energy(soft, np.array([100.0])) == 0.0  # an onset past the end is not measured
 
 
 def test_the_sound_classifier_tells_instruments_and_accompaniment_apart():
-    from mg2_pipeline.audio import encode_flac, load_audio
     from sound_measures import timbre_features
+
+    from mg2_pipeline.audio import encode_flac, load_audio
 
     rng = np.random.default_rng(0)
     sounds = {73: [1, 0.05], 56: [1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]}  # flute-like and brass-like partials
 
     def row(program, accompanied):
-        notes = " ".join(f"{name}{octave}:0.25" for name, octave in zip(rng.choice(list("CDEFGAB"), 12), rng.integers(4, 6, 12)))
+        notes = " ".join(
+            f"{name}{octave}:0.25" for name, octave in zip(rng.choice(list("CDEFGAB"), 12), rng.integers(4, 6, 12))
+        )
         audio = tones(Melody.from_string(notes), 3.0, sounds[program], fade_s=0.01, bass=accompanied)
         return {"audio": {"bytes": encode_flac(audio)}, "programs": [program] + [32] * accompanied}
 
     train = [row(program, bool(i % 2)) for i in range(24) for program in sounds]
     test = [row(program, accompanied) for program in sounds for accompanied in (False, True) for _ in range(3)]
-    classifier = SoundClassifier.fit_on_rows(iter(train + [{"audio": {"bytes": b"not audio"}, "programs": [73]}]), max_clips=100)
+    classifier = SoundClassifier.fit_on_rows(
+        iter(train + [{"audio": {"bytes": b"not audio"}, "programs": [73]}]), max_clips=100
+    )
     assert classifier.train_clips == 48  # the unreadable row is skipped
     features = np.stack([timbre_features(load_audio(r["audio"]["bytes"])) for r in test])
     families = np.array(FAMILIES)[classifier.family_probabilities(features).argmax(1)]
@@ -119,7 +138,11 @@ def test_paired_preference_and_instrument_prompts():
     classifier = SoundClassifier()
     classifier.instrument = Programs()
     families = classifier.family_probabilities(np.zeros((1, 3)))[0]
-    assert families[flute] == pytest.approx(0.6) and families[brass] == pytest.approx(0.4) and families.sum() == pytest.approx(1)
+    assert (
+        families[flute] == pytest.approx(0.6)
+        and families[brass] == pytest.approx(0.4)
+        and families.sum() == pytest.approx(1)
+    )
     prompts = InstrumentPrompts()
     for index in range(40):
         for program in (0, 40, 73, 109):
@@ -135,23 +158,59 @@ EVALUATE = os.path.join(ROOT, "training", "evaluate.py")
 
 
 def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset, tiny_generator_parts, tmp_path):
-    trained = dict(clmp=CLMPModel.from_pretrained(tiny_generator_parts["clmp"]),
-                   processor=CLMPProcessor.from_pretrained(tiny_generator_parts["clmp"]),
-                   retriever=MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"]))
-    MG2Pipeline(**{**build_pipeline("tiny").components, **trained}, aligned_melody="sketch").save_pretrained(tmp_path / "mg2")
+    trained = dict(
+        clmp=CLMPModel.from_pretrained(tiny_generator_parts["clmp"]),
+        processor=CLMPProcessor.from_pretrained(tiny_generator_parts["clmp"]),
+        retriever=MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"]),
+    )
+    MG2Pipeline(**{**build_pipeline("tiny").components, **trained}, aligned_melody="sketch").save_pretrained(
+        tmp_path / "mg2"
+    )
     pooled_parts = {**build_pipeline("tiny", aligned_melody=None).components, **trained}
     MG2Pipeline(**pooled_parts).save_pretrained(tmp_path / "pooled")
     MG2Pipeline(**pooled_parts, condition="text").save_pretrained(tmp_path / "text")
     output_dir = tmp_path / "eval"
-    printed = run([sys.executable, EVALUATE, "--model", str(tmp_path / "mg2"), "--ablation", str(tmp_path / "text"),
-                   "--pooled", str(tmp_path / "pooled"),
-                   "--dataset", tiny_dataset, "--output_dir", str(output_dir), "--num_clips", "4", "--ddim_clips", "2",
-                   "--ddim_steps", "3", "--steps", "2", "--seconds", "1.28", "--batch_size", "2", "--save_audio"]).stdout
+    printed = run(
+        [
+            sys.executable,
+            EVALUATE,
+            "--model",
+            str(tmp_path / "mg2"),
+            "--ablation",
+            str(tmp_path / "text"),
+            "--pooled",
+            str(tmp_path / "pooled"),
+            "--dataset",
+            tiny_dataset,
+            "--output_dir",
+            str(output_dir),
+            "--num_clips",
+            "4",
+            "--ddim_clips",
+            "2",
+            "--ddim_steps",
+            "3",
+            "--steps",
+            "2",
+            "--seconds",
+            "1.28",
+            "--batch_size",
+            "2",
+            "--save_audio",
+        ]
+    ).stdout
     results = json.loads((output_dir / "eval_results.json").read_text())["results"]
     assert [(r["protocol"], r["kind"]) for r in results] == [
-        ("codec", "ceiling"), ("codec", "ceiling"), ("codec", "ceiling"), ("codec", "floor"),
-        ("given melody", "model"), *[("given melody", "floor")] * 4,
-        ("retrieved melody", "model"), *[("retrieved melody", "floor")] * 3, ("retrieved melody", "model")]
+        ("codec", "ceiling"),
+        ("codec", "ceiling"),
+        ("codec", "ceiling"),
+        ("codec", "floor"),
+        ("given melody", "model"),
+        *[("given melody", "floor")] * 4,
+        ("retrieved melody", "model"),
+        *[("retrieved melody", "floor")] * 3,
+        ("retrieved melody", "model"),
+    ]
     real, vocoded, through_vae, floor = results[:4]
     assert real["mel_acc"] == 1.0 and real["fad_clmp"] >= 0 and real["fad_spectral"] >= 0  # test vs validation clips
     assert 0 < through_vae["mel_l1"] and "fad_clmp" in vocoded and "fad_clmp" not in floor
@@ -165,20 +224,33 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
     assert "| codec | log-mel → VAE → vocoder | ceiling |" in table and "Mel acc" in printed
     card = (tmp_path / "mg2" / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "pipeline_tag: text-to-audio" in card
-    assert "| given melody | caption-only model | floor |" in card and "tiny-folk" in card and "- `unet`: UNet2DConditionModel" in card
+    assert (
+        "| given melody | caption-only model | floor |" in card
+        and "tiny-folk" in card
+        and "- `unet`: UNet2DConditionModel" in card
+    )
     sound = json.loads((output_dir / "eval_results.json").read_text())["sound"]
     assert [r["audio"] for r in sound] == [
-        "real clips", "real clips through the codec (log-mel → VAE → vocoder)",
+        "real clips",
+        "real clips through the codec (log-mel → VAE → vocoder)",
         "MG2, given melody, prompt naming the clip's instrument",
         "MG2, given melody, prompt naming another family (scored against that family)",
         "MG2, given melody, prompt naming another family, read as the clip's own family",
-        "MG2, retrieved melody, prompt naming the clip's instrument", "MG2, given melody, the clip's caption",
-        "MG2, given melody, the clip's caption, melody guidance 0", "caption-only model, the clip's caption",
-        "pooled-only model, given melody, the clip's caption", "chance (the most common family / program of these clips)"]
+        "MG2, retrieved melody, prompt naming the clip's instrument",
+        "MG2, given melody, the clip's caption",
+        "MG2, given melody, the clip's caption, melody guidance 0",
+        "caption-only model, the clip's caption",
+        "pooled-only model, given melody, the clip's caption",
+        "chance (the most common family / program of these clips)",
+    ]
     for r in sound:
-        assert all(0 <= r[key] <= 1 for key in ("family_accuracy", "program_accuracy", "paired_preference") if key in r)
+        assert all(
+            0 <= r[key] <= 1 for key in ("family_accuracy", "program_accuracy", "paired_preference") if key in r
+        )
         assert r.get("onset_clicks", 0) >= 0
-    assert 1 / 8 <= sound[-1]["family_accuracy"] <= 1 and "onset_clicks" not in sound[7]  # melody guidance 0: no onsets
+    assert (
+        1 / 8 <= sound[-1]["family_accuracy"] <= 1 and "onset_clicks" not in sound[7]
+    )  # melody guidance 0: no onsets
     assert "| real clips | ceiling |" in table and "paired preference" in table
     audio, rate = soundfile.read(output_dir / "audio" / "given" / "000.wav")
     assert rate == 16000 and len(audio) == 20480
@@ -190,18 +262,51 @@ def test_codec_only_evaluates_any_vae_without_a_pipeline(tiny_dataset, tmp_path)
     from mg2_pipeline.presets import vae_config
 
     AutoencoderKL(**vae_config("tiny")).save_pretrained(tmp_path / "vae")
-    printed = run([sys.executable, EVALUATE, "--codec_only", "--vae", str(tmp_path / "vae"), "--dataset", tiny_dataset,
-                   "--output_dir", str(tmp_path / "codec"), "--num_clips", "3", "--seconds", "2.56"]).stdout
+    printed = run(
+        [
+            sys.executable,
+            EVALUATE,
+            "--codec_only",
+            "--vae",
+            str(tmp_path / "vae"),
+            "--dataset",
+            tiny_dataset,
+            "--output_dir",
+            str(tmp_path / "codec"),
+            "--num_clips",
+            "3",
+            "--seconds",
+            "2.56",
+        ]
+    ).stdout
     results = json.loads((tmp_path / "codec" / "eval_results.json").read_text())["results"]
-    assert [r["audio"] for r in results] == ["real clip (FAD: test vs validation clips)", "log-mel → vocoder",
-                                             "log-mel → VAE → vocoder", "real clip vs another clip's melody / audio"]
-    assert "fad_clmp" not in results[0] and results[1]["mel_acc"] > results[2]["mel_acc"]  # an untrained VAE loses the melody
+    assert [r["audio"] for r in results] == [
+        "real clip (FAD: test vs validation clips)",
+        "log-mel → vocoder",
+        "log-mel → VAE → vocoder",
+        "real clip vs another clip's melody / audio",
+    ]
+    assert (
+        "fad_clmp" not in results[0] and results[1]["mel_acc"] > results[2]["mel_acc"]
+    )  # an untrained VAE loses the melody
     assert "model card" not in printed
 
 
 def test_generate_samples_writes_wavs_and_spectrograms(tmp_path):
-    printed = run([sys.executable, os.path.join(ROOT, "training", "generate_samples.py"), "--model", "preset:tiny",
-                   "--output_dir", str(tmp_path), "--seconds", "1.0", "--steps", "2"]).stdout
+    printed = run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "training", "generate_samples.py"),
+            "--model",
+            "preset:tiny",
+            "--output_dir",
+            str(tmp_path),
+            "--seconds",
+            "1.0",
+            "--steps",
+            "2",
+        ]
+    ).stdout
     wavs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".wav") and p[0].isdigit())
     assert len(wavs) == 7 and all(os.path.isfile(tmp_path / w.replace(".wav", ".png")) for w in wavs)
     # One melody and seed, two instruments: two different clips, drawn one above the other.

@@ -28,20 +28,26 @@ def recording():
 
 
 def generate(pipe, seed=0, **kwargs):
-    return pipe(PROMPT, num_inference_steps=kwargs.pop("num_inference_steps", 3), generator=torch.Generator().manual_seed(seed),
-                **kwargs)
+    return pipe(
+        PROMPT,
+        num_inference_steps=kwargs.pop("num_inference_steps", 3),
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
 
 
 def padded_latents(pipe, waveform, seconds):
     """The pipeline's own encoding of `waveform` zero-padded to `seconds` (what kept frames must equal)."""
     samples = pipe.mel_frames(seconds) * pipe.hop_length
     padded = np.zeros(samples, np.float32)
-    padded[:len(waveform)] = waveform[:samples]
+    padded[: len(waveform)] = waveform[:samples]
     return pipe.encode_waveforms(torch.from_numpy(padded)[None], "cpu")
 
 
-@pytest.mark.parametrize("total, window, overlap, multiple", [(10, 32, 2, 2), (32, 32, 2, 2), (250, 32, 2, 2),
-                                                                (3752, 128, 8, 4), (133, 128, 8, 4)])
+@pytest.mark.parametrize(
+    "total, window, overlap, multiple",
+    [(10, 32, 2, 2), (32, 32, 2, 2), (250, 32, 2, 2), (3752, 128, 8, 4), (133, 128, 8, 4)],
+)
 def test_windows_cover_the_length_with_at_least_the_overlap(total, window, overlap, multiple):
     starts = window_starts(total, window, overlap, multiple)
     assert starts[0] == 0 and starts == sorted(starts)
@@ -59,8 +65,9 @@ def test_map_in_windows_matches_a_pointwise_function_and_fades_without_gaps():
     inputs = torch.randn(2, 3, 300, 5)
     output = map_in_windows(lambda piece: piece * 2 + 1, inputs, dim=2, window=64, overlap=8, multiple=4, scale=1)
     torch.testing.assert_close(output, inputs * 2 + 1)
-    stretched = map_in_windows(lambda piece: piece.repeat_interleave(4, dim=1), inputs[:, 0], dim=1, window=64, overlap=8,
-                               multiple=4, scale=4)
+    stretched = map_in_windows(
+        lambda piece: piece.repeat_interleave(4, dim=1), inputs[:, 0], dim=1, window=64, overlap=8, multiple=4, scale=4
+    )
     torch.testing.assert_close(stretched, inputs[:, 0].repeat_interleave(4, dim=1))
     ramp = fade_ramp(64, 8)
     assert ramp.min() > 0 and ramp.max() == 1 and torch.equal(ramp, ramp.flip(0))
@@ -72,8 +79,13 @@ def test_long_audio_is_denoised_in_windows_deterministically(pipe):
     assert first.audios.shape == (1, 48000) and np.all(np.isfinite(first.audios))
     np.testing.assert_array_equal(first.audios, again.audios)
     windows = first.melodies[0].metadata["windows"]
-    assert len(windows) == len(window_starts(pipe.mel_frames(3.0) // pipe.vae_scale_factor, pipe.window_frames,
-                                             pipe.window_overlap, 2)) > 1
+    assert (
+        len(windows)
+        == len(
+            window_starts(pipe.mel_frames(3.0) // pipe.vae_scale_factor, pipe.window_frames, pipe.window_overlap, 2)
+        )
+        > 1
+    )
     assert windows[0]["audio_s"][0] == 0 and windows[-1]["audio_s"][1] == pytest.approx(3.0, abs=0.02)
     assert all(a["audio_s"][1] > b["audio_s"][0] for a, b in zip(windows, windows[1:]))  # they overlap
 
@@ -88,7 +100,9 @@ def test_a_melody_plays_once_through_by_default_and_repeats_when_a_length_is_ask
     # ... and as_played() is what guided the audio (what the piano rolls of samples and the Space draw).
     assert once.melodies[0].as_played() == once.melodies[0].melody
     played, tune = looped.melodies[0].as_played(), once.melodies[0].melody
-    assert len(played) > 2 * len(tune) and played.offsets.max() <= 6.0 and played.slice(0.0, 2.5) == tune  # ends in the audio
+    assert (
+        len(played) > 2 * len(tune) and played.offsets.max() <= 6.0 and played.slice(0.0, 2.5) == tune
+    )  # ends in the audio
 
 
 def test_continuation_keeps_the_given_audio_and_follows_a_melody_from_where_it_ends(pipe, recording):
@@ -115,17 +129,29 @@ def test_repaint_regenerates_only_the_span(pipe, recording):
     start, end = int(0.6 / frame_s), int(np.ceil(1.2 / frame_s))
     difference = (output.audios - expected).abs().amax(dim=(0, 1, 3))
     assert difference[:start].max() == 0 and difference[end:].max() == 0
-    assert difference[start + 2:end - 2].min() > 0
+    assert difference[start + 2 : end - 2].min() > 0
     assert output.melodies[0].metadata["source"] == "user"
 
 
 def test_audio_to_audio_strength(pipe, recording):
     # strength 1 is text-to-music with the same melody and generator
-    np.testing.assert_array_equal(generate(pipe, audio=recording, strength=1.0, melody=TUNE).audios,
-                                  generate(pipe, audio_length_in_s=2.0, melody=TUNE).audios)
+    np.testing.assert_array_equal(
+        generate(pipe, audio=recording, strength=1.0, melody=TUNE).audios,
+        generate(pipe, audio_length_in_s=2.0, melody=TUNE).audios,
+    )
     expected = padded_latents(pipe, recording, 2.0)
-    distance = [(generate(pipe, audio=recording, strength=s, melody=TUNE, num_inference_steps=10, output_type="latent")
-                 .audios - expected).abs().mean().item() for s in (0.2, 0.6, 1.0)]
+    distance = [
+        (
+            generate(
+                pipe, audio=recording, strength=s, melody=TUNE, num_inference_steps=10, output_type="latent"
+            ).audios
+            - expected
+        )
+        .abs()
+        .mean()
+        .item()
+        for s in (0.2, 0.6, 1.0)
+    ]
     assert distance[0] < distance[1] < distance[2]
     # without a melody, the melody transcribed from the audio guides it
     transcribed = generate(pipe, audio=recording, strength=0.5)
@@ -133,29 +159,46 @@ def test_audio_to_audio_strength(pipe, recording):
     assert transcribed.melodies[0].metadata["repeats"] == 1  # the audio's own melody is not looped to fill it
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"strength": 0.5}, ValueError, "pass audio= too"),
-    ({"repaint_start_s": 0.1, "repaint_end_s": 0.5}, ValueError, "pass audio= too"),
-    ({"audio": "RECORDING", "strength": 0.0}, ValueError, r"strength × num_inference_steps must be at least 1"),
-    ({"audio": "RECORDING", "strength": 1.5}, ValueError, "strength must be a number between 0 and 1"),
-    ({"audio": "RECORDING", "strength": float("nan")}, ValueError, "strength must be"),
-    ({"audio": "RECORDING", "repaint_start_s": 0.5}, ValueError, "Pass both repaint_start_s and repaint_end_s"),
-    ({"audio": "RECORDING", "repaint_start_s": 1.0, "repaint_end_s": 0.5}, ValueError, "repaint_end_s must be at least"),
-    ({"audio": "RECORDING", "repaint_start_s": 1.0, "repaint_end_s": 2.5}, ValueError, "repaint_end_s must lie inside the audio"),
-    ({"audio": "RECORDING", "audio_length_in_s": 1.0}, ValueError, "audio_length_in_s must be at least the audio's length"),
-    ({"audio": "RECORDING", "audio_length_in_s": 3.0, "strength": 0.5}, ValueError, "continues it"),
-    ({"audio": "RECORDING", "latents": torch.zeros(1, 4, 100, 32)}, ValueError, "either audio or latents"),
-    ({"audio": np.zeros((2, 16000), np.float32)}, ValueError, r"audio must be a mono waveform"),
-    ({"audio": np.zeros(16000, np.int16)}, TypeError, "floating-point samples"),
-    ({"audio": np.full(16000, np.nan, np.float32)}, ValueError, "NaN"),
-    ({"audio": np.zeros(100, np.float32)}, ValueError, "at least"),
-    ({"audio": np.zeros(16000 * 601, np.float32)}, ValueError, "at most 600 s"),
-    ({"audio": [0.0] * 16000}, TypeError, "audio must be a path"),
-    ({"audio": "missing.wav"}, ValueError, "No audio file"),
-    ({"audio_length_in_s": 601}, ValueError, "audio_length_in_s must be a number between"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"strength": 0.5}, ValueError, "pass audio= too"),
+        ({"repaint_start_s": 0.1, "repaint_end_s": 0.5}, ValueError, "pass audio= too"),
+        ({"audio": "RECORDING", "strength": 0.0}, ValueError, r"strength × num_inference_steps must be at least 1"),
+        ({"audio": "RECORDING", "strength": 1.5}, ValueError, "strength must be a number between 0 and 1"),
+        ({"audio": "RECORDING", "strength": float("nan")}, ValueError, "strength must be"),
+        ({"audio": "RECORDING", "repaint_start_s": 0.5}, ValueError, "Pass both repaint_start_s and repaint_end_s"),
+        (
+            {"audio": "RECORDING", "repaint_start_s": 1.0, "repaint_end_s": 0.5},
+            ValueError,
+            "repaint_end_s must be at least",
+        ),
+        (
+            {"audio": "RECORDING", "repaint_start_s": 1.0, "repaint_end_s": 2.5},
+            ValueError,
+            "repaint_end_s must lie inside the audio",
+        ),
+        (
+            {"audio": "RECORDING", "audio_length_in_s": 1.0},
+            ValueError,
+            "audio_length_in_s must be at least the audio's length",
+        ),
+        ({"audio": "RECORDING", "audio_length_in_s": 3.0, "strength": 0.5}, ValueError, "continues it"),
+        ({"audio": "RECORDING", "latents": torch.zeros(1, 4, 100, 32)}, ValueError, "either audio or latents"),
+        ({"audio": np.zeros((2, 16000), np.float32)}, ValueError, r"audio must be a mono waveform"),
+        ({"audio": np.zeros(16000, np.int16)}, TypeError, "floating-point samples"),
+        ({"audio": np.full(16000, np.nan, np.float32)}, ValueError, "NaN"),
+        ({"audio": np.zeros(100, np.float32)}, ValueError, "at least"),
+        ({"audio": np.zeros(16000 * 601, np.float32)}, ValueError, "at most 600 s"),
+        ({"audio": [0.0] * 16000}, TypeError, "audio must be a path"),
+        ({"audio": "missing.wav"}, ValueError, "No audio file"),
+        ({"audio_length_in_s": 601}, ValueError, "audio_length_in_s must be a number between"),
+    ],
+)
 def test_long_form_arguments_are_checked_before_compute(pipe, recording, kwargs, error, match):
-    kwargs = {name: recording if isinstance(value, str) and value == "RECORDING" else value for name, value in kwargs.items()}
+    kwargs = {
+        name: recording if isinstance(value, str) and value == "RECORDING" else value for name, value in kwargs.items()
+    }
     with pytest.raises(error, match=match):
         pipe(PROMPT, num_inference_steps=2, **kwargs)
 
@@ -171,13 +214,17 @@ def test_cli_continues_re_renders_and_repaints_a_recording(pipe, recording, monk
         audio, _ = soundfile.read(output)
         assert audio.shape == (int(seconds * 16000),) and np.all(np.isfinite(audio))
     printed = capsys.readouterr().out
-    assert "transcribed from --audio" in printed and "It plays from 2.00 s" in printed  # the continuation's retrieved melody
-    for bad, message in ((["--repaint", "4"], "--repaint must be START:END"),
-                         (["--repaint", "0.5:9"], "--repaint end must lie inside the --audio"),
-                         (["--strength", "2"], "--strength must be a number between 0 and 1"),
-                         # a duration not longer than the recording continues nothing: refused, not re-rendered
-                         (["--duration", "2"], r"--duration must be longer than --audio \(2.00 s\) to continue it"),
-                         (["--duration", "1.5"], r"--duration must be longer than --audio \(2.00 s\) to continue it")):
+    assert (
+        "transcribed from --audio" in printed and "It plays from 2.00 s" in printed
+    )  # the continuation's retrieved melody
+    for bad, message in (
+        (["--repaint", "4"], "--repaint must be START:END"),
+        (["--repaint", "0.5:9"], "--repaint end must lie inside the --audio"),
+        (["--strength", "2"], "--strength must be a number between 0 and 1"),
+        # a duration not longer than the recording continues nothing: refused, not re-rendered
+        (["--duration", "2"], r"--duration must be longer than --audio \(2.00 s\) to continue it"),
+        (["--duration", "1.5"], r"--duration must be longer than --audio \(2.00 s\) to continue it"),
+    ):
         with pytest.raises(SystemExit, match=message):
             cli.main([*base, "--output", str(tmp_path / "bad.wav"), *bad])
     assert not (tmp_path / "bad.wav").exists()

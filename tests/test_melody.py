@@ -30,7 +30,16 @@ def test_vocabulary_matches_the_original_table():
         original = json.load(handle)
     assert MELODY_VOCAB_SIZE == 655
     assert MELODY_VOCAB == original
-    assert [MELODY_VOCAB[t] for t in ("<s>", "</s>", "<unk>", ",", "|", "<0>", "<100>", "<G9>")] == [0, 1, 2, 3, 4, 5, 6, 648]
+    assert [MELODY_VOCAB[t] for t in ("<s>", "</s>", "<unk>", ",", "|", "<0>", "<100>", "<G9>")] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        648,
+    ]
 
 
 def test_bin_formula_is_the_original():
@@ -142,7 +151,11 @@ def test_note_string_round_trips_and_cuts_overlaps():
 
 def test_from_midi_reads_a_polyphonic_file_as_its_skyline(tmp_path):
     midi = pretty_midi.PrettyMIDI()
-    melody_track, bass_track, drums = pretty_midi.Instrument(73), pretty_midi.Instrument(32), pretty_midi.Instrument(0, is_drum=True)
+    melody_track, bass_track, drums = (
+        pretty_midi.Instrument(73),
+        pretty_midi.Instrument(32),
+        pretty_midi.Instrument(0, is_drum=True),
+    )
     melody_track.notes = [pretty_midi.Note(100, p, i * 0.5, i * 0.5 + 0.5) for i, p in enumerate([72, 74, 76, 77])]
     bass_track.notes = [pretty_midi.Note(90, 48, 0.0, 2.0)]
     drums.notes = [pretty_midi.Note(90, 90, 0.0, 0.1)]

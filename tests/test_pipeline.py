@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from conftest import BLOCK_MG2_PIPELINE, ROOT, SUBPROCESS_TIMEOUT
 from diffusers import AutoencoderKL, ConfigMixin, DDIMScheduler, DiffusionPipeline, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -14,8 +15,6 @@ from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline
 from mg2_pipeline.presets import build_pipeline, unet_config, vae_config
-
-from conftest import BLOCK_MG2_PIPELINE, ROOT, SUBPROCESS_TIMEOUT
 
 PROMPT = "a lively Irish jig on fiddle"
 
@@ -43,7 +42,12 @@ def test_generates_finite_audio_of_the_requested_length_deterministically(pipe):
     batch = generate(pipe, prompt=[PROMPT, "a slow air on flute"], output_type="pt")
     assert isinstance(batch.audios, torch.Tensor) and batch.audios.shape == (2, 16000)
     latents = generate(pipe, output_type="latent").audios
-    assert latents.shape == (1, 4, 50, 32)  # 1.0 s → 100 mel frames (a multiple of 4 = VAE ×2 · UNet ×2), ÷2 by the VAE
+    assert latents.shape == (
+        1,
+        4,
+        50,
+        32,
+    )  # 1.0 s → 100 mel frames (a multiple of 4 = VAE ×2 · UNet ×2), ÷2 by the VAE
 
 
 def test_retrieval_guides_by_default_and_a_user_melody_replaces_it(pipe, tmp_path):
@@ -72,14 +76,18 @@ def test_retrieval_guides_by_default_and_a_user_melody_replaces_it(pipe, tmp_pat
         generate(pipe, melody_embeds=embeds)
     pooled = build_pipeline("tiny", seed=0, aligned_melody=None)
     pooled.set_progress_bar_config(disable=True)
-    np.testing.assert_allclose(generate(pooled, melody_embeds=embeds).audios, generate(pooled, melody=user).audios, atol=1e-6)
+    np.testing.assert_allclose(
+        generate(pooled, melody_embeds=embeds).audios, generate(pooled, melody=user).audios, atol=1e-6
+    )
 
 
 def test_a_waveform_melody_is_transcribed(pipe):
     t = np.arange(16000 * 2) / 16000
     notes = [(69, 0.0, 0.5), (72, 0.5, 1.0), (76, 1.0, 1.5)]
-    waveform = sum(np.where((t >= on) & (t < off), 0.4 * np.sin(2 * np.pi * 440 * 2 ** ((p - 69) / 12) * t), 0.0)
-                   for p, on, off in notes).astype(np.float32)
+    waveform = sum(
+        np.where((t >= on) & (t < off), 0.4 * np.sin(2 * np.pi * 440 * 2 ** ((p - 69) / 12) * t), 0.0)
+        for p, on, off in notes
+    ).astype(np.float32)
     out = generate(pipe, melody=waveform)
     assert out.melodies[0].melody.pitches.tolist() == [69, 72, 76]
 
@@ -88,23 +96,50 @@ def test_text_and_melody_guidance_each_add_a_prediction_and_change_the_output(pi
     batches = []
     hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
     try:
-        outputs = [generate(pipe, guidance_scale=text, melody_guidance_scale=melody, num_inference_steps=1, negative_prompt=negative,
-                            audio_length_in_s=0.64)  # one window: one UNet call per step
-                   for text, melody, negative in [(3.0, 1.0, None), (1.0, 1.0, None), (3.0, 1.0, "noise"), (1.0, 0.0, None),
-                                                  (3.0, 2.0, None), (1.0, 2.0, None), (3.0, 3.0, None)]]
+        outputs = [
+            generate(
+                pipe,
+                guidance_scale=text,
+                melody_guidance_scale=melody,
+                num_inference_steps=1,
+                negative_prompt=negative,
+                audio_length_in_s=0.64,
+            )  # one window: one UNet call per step
+            for text, melody, negative in [
+                (3.0, 1.0, None),
+                (1.0, 1.0, None),
+                (3.0, 1.0, "noise"),
+                (1.0, 0.0, None),
+                (3.0, 2.0, None),
+                (1.0, 2.0, None),
+                (3.0, 3.0, None),
+            ]
+        ]
         # Equal scales are classifier-free guidance of text and melody together: the melody-free prediction cancels.
-        nearly_equal = generate(pipe, guidance_scale=3.0, melody_guidance_scale=3.0 + 1e-6, num_inference_steps=1,
-                                audio_length_in_s=0.64)
+        nearly_equal = generate(
+            pipe, guidance_scale=3.0, melody_guidance_scale=3.0 + 1e-6, num_inference_steps=1, audio_length_in_s=0.64
+        )
     finally:
         hook.remove()
-    assert batches == [3, 1, 3, 1, 3, 2, 2, 3]  # melody guidance 0, or equal to the text's, needs no melody-free prediction
+    assert batches == [
+        3,
+        1,
+        3,
+        1,
+        3,
+        2,
+        2,
+        3,
+    ]  # melody guidance 0, or equal to the text's, needs no melody-free prediction
     audios = [out.audios for out in outputs]
     assert all(not np.allclose(audios[i], audios[j]) for i in range(len(audios)) for j in range(i))
     np.testing.assert_allclose(nearly_equal.audios, audios[-1], atol=1e-4 * np.abs(audios[-1]).max())
 
 
-@pytest.mark.parametrize("guidance_scale, melody_guidance_scale, rows", [(3.0, 2.0, ["prompt", "prompt", "negative"]),
-                                                                       (3.0, 3.0, ["prompt", "negative"]), (1.0, 1.0, ["prompt"])])
+@pytest.mark.parametrize(
+    "guidance_scale, melody_guidance_scale, rows",
+    [(3.0, 2.0, ["prompt", "prompt", "negative"]), (3.0, 3.0, ["prompt", "negative"]), (1.0, 1.0, ["prompt"])],
+)
 def test_text_attention_feeds_each_prediction_its_own_words(guidance_scale, melody_guidance_scale, rows):
     pipeline = build_pipeline("tiny", seed=0, text_attention=True)
     pipeline.set_progress_bar_config(disable=True)
@@ -113,13 +148,24 @@ def test_text_attention_feeds_each_prediction_its_own_words(guidance_scale, melo
 
     def recording_forward(sample, timestep, encoder_hidden_states=None, encoder_attention_mask=None, **kwargs):
         seen.append((encoder_hidden_states, encoder_attention_mask))
-        return forward(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                       encoder_attention_mask=encoder_attention_mask, **kwargs)
+        return forward(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            **kwargs,
+        )
 
     pipeline.unet.forward = recording_forward
     texts = {"prompt": PROMPT, "negative": "a noisy recording"}
-    generate(pipeline, negative_prompt=texts["negative"], guidance_scale=guidance_scale,
-             melody_guidance_scale=melody_guidance_scale, melody="G4:0.5 A4:0.5", num_inference_steps=2)
+    generate(
+        pipeline,
+        negative_prompt=texts["negative"],
+        guidance_scale=guidance_scale,
+        melody_guidance_scale=melody_guidance_scale,
+        melody="G4:0.5 A4:0.5",
+        num_inference_steps=2,
+    )
     expected_states, expected_mask = pipeline.encode_text_states([texts[row] for row in rows], "cpu")
     assert len(seen) >= 2  # every window of every step
     for states, mask in seen:
@@ -136,21 +182,42 @@ class MelodyOracleUNet(ModelMixin, ConfigMixin):
     With it, the final latents show exactly how much of the melody each guidance setting lets through."""
 
     @register_to_config
-    def __init__(self, in_channels: int = 8, out_channels: int = 4, sample_size=(32, 32), block_out_channels=(16, 32),
-                 projection_class_embeddings_input_dim: int = 64):
+    def __init__(
+        self,
+        in_channels: int = 8,
+        out_channels: int = 4,
+        sample_size=(32, 32),
+        block_out_channels=(16, 32),
+        projection_class_embeddings_input_dim: int = 64,
+    ):
         super().__init__()
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000) ** 2, 0))
+        self.register_buffer(
+            "alphas_cumprod", torch.cumprod(1 - torch.linspace(0.0015**0.5, 0.0195**0.5, 1000) ** 2, 0)
+        )
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, encoder_attention_mask=None, class_labels=None,
-                cross_attention_kwargs=None):
-        latents, frames = sample[:, : self.config.out_channels], sample[:, self.config.out_channels:]
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        class_labels=None,
+        cross_attention_kwargs=None,
+    ):
+        latents, frames = sample[:, : self.config.out_channels], sample[:, self.config.out_channels :]
         alpha = self.alphas_cumprod[int(timestep)]
         return UNet2DConditionOutput(sample=(latents - alpha.sqrt() * frames) / (1 - alpha).sqrt())
 
 
 def test_melody_guidance_zero_ignores_the_melody_and_larger_follows_it(pipe):
-    oracle = MG2Pipeline(**{**pipe.components, "unet": MelodyOracleUNet(), "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)},
-                         aligned_melody="sketch")
+    oracle = MG2Pipeline(
+        **{
+            **pipe.components,
+            "unet": MelodyOracleUNet(),
+            "scheduler": DDIMScheduler.from_config(pipe.scheduler.config),
+        },
+        aligned_melody="sketch",
+    )
     oracle.set_progress_bar_config(disable=True)
     melody = Melody.from_string("C5:0.25 E5:0.25 G5:0.25 R:0.25")
     frames = oracle.prepare_melody_frames([melody.fit_to(1.0)], 50, "cpu", torch.float32)
@@ -158,8 +225,14 @@ def test_melody_guidance_zero_ignores_the_melody_and_larger_follows_it(pipe):
     def adherence(scale):
         """How much the final latents point along the melody frames (cosine) and how far (the gain: the guided clean
         latents are `scale` × the frames, as the oracle's are the frames themselves)."""
-        latents = generate(oracle, melody=melody, melody_guidance_scale=scale, guidance_scale=1.0, num_inference_steps=20,
-                           output_type="latent").audios.flatten()
+        latents = generate(
+            oracle,
+            melody=melody,
+            melody_guidance_scale=scale,
+            guidance_scale=1.0,
+            num_inference_steps=20,
+            output_type="latent",
+        ).audios.flatten()
         cosine = torch.nn.functional.cosine_similarity(latents, frames.flatten(), dim=0).item()
         return cosine, (latents @ frames.flatten() / frames.flatten().square().sum()).item()
 
@@ -185,14 +258,27 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
         seen.append((step, tuple(tensors["latents"].shape), tuple(tensors["melody_embeds"].shape)))
         return {"latents": torch.zeros_like(tensors["latents"])}
 
-    out = generate(pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "melody_embeds"],
-                   output_type="latent")
+    out = generate(
+        pipe,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "melody_embeds"],
+        output_type="latent",
+    )
     assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 32)
     assert torch.count_nonzero(out.audios) == 0
 
 
-@pytest.mark.parametrize("start, changed", [((3.0, 3.0), (3.0, 0.0)), ((3.0, 0.0), (3.0, 3.0)), ((1.0, 1.0), (1.0, 0.0)),
-                                            ((1.0, 0.0), (1.0, 1.0)), ((3.0, 3.0), (3.0, 1.5)), ((3.0, 2.0), (1.0, 2.0))])
+@pytest.mark.parametrize(
+    "start, changed",
+    [
+        ((3.0, 3.0), (3.0, 0.0)),
+        ((3.0, 0.0), (3.0, 3.0)),
+        ((1.0, 1.0), (1.0, 0.0)),
+        ((1.0, 0.0), (1.0, 1.0)),
+        ((3.0, 3.0), (3.0, 1.5)),
+        ((3.0, 2.0), (1.0, 2.0)),
+    ],
+)
 def test_a_callback_that_changes_the_scales_continues_as_a_run_at_the_new_scales(pipe, start, changed):
     # DDIM keeps no history, so after the first step the run depends only on the latents and the scales: the changed
     # run must equal a run at the new scales resumed from the same latents, and differ from a run that kept the old.
@@ -210,8 +296,14 @@ def test_a_callback_that_changes_the_scales_continues_as_a_run_at_the_new_scales
         return {"latents": after_first_step["latents"].clone()} if step == 0 else {}
 
     def run(scales, callback=None):
-        return generate(ddim, guidance_scale=scales[0], melody_guidance_scale=scales[1], output_type="latent",
-                        callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"]).audios
+        return generate(
+            ddim,
+            guidance_scale=scales[0],
+            melody_guidance_scale=scales[1],
+            output_type="latent",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["latents"],
+        ).audios
 
     with_change = run(start, change_scales)
     assert (ddim.guidance_scale, ddim.melody_guidance_scale) == changed
@@ -241,57 +333,74 @@ def test_a_callback_cannot_set_a_scale_out_of_range(pipe):
         pipeline._melody_guidance_scale = -1.0
         return {}
 
-    with pytest.raises(ValueError, match="melody_guidance_scale callback_on_step_end set must be a number between 0 and"):
+    with pytest.raises(
+        ValueError, match="melody_guidance_scale callback_on_step_end set must be a number between 0 and"
+    ):
         generate(pipe, callback_on_step_end=negative_scale)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"prompt": None}, "prompt is None"),
-    ({"prompt": "  "}, "prompt is empty"),
-    ({"prompt": ["a", ""]}, "prompt is empty"),
-    ({"prompt": 3}, "prompt must be a string"),
-    ({"prompt": ["a", "b"], "negative_prompt": ["x"]}, "negative_prompt has 1 entries but prompt has 2"),
-    ({"audio_length_in_s": 0}, "audio_length_in_s must be a number between"),
-    ({"audio_length_in_s": 601.0}, "audio_length_in_s must be a number between"),
-    ({"num_inference_steps": 0}, "num_inference_steps must be an integer between 1 and 1000"),
-    ({"guidance_scale": -1}, "guidance_scale must be a number between 0 and 100"),
-    ({"guidance_scale": float("nan")}, "guidance_scale must be a number between 0 and 100"),
-    ({"melody_guidance_scale": -0.5}, "melody_guidance_scale must be a number between 0 and 100"),
-    ({"melody_guidance_scale": float("inf")}, "melody_guidance_scale must be a number between 0 and 100"),
-    ({"melody_guidance_scale": "2"}, "melody_guidance_scale must be a number between 0 and 100"),
-    ({"num_waveforms_per_prompt": 0}, "num_waveforms_per_prompt must be an integer between 1 and 64"),
-    ({"retrieval_top_k": 99}, "retrieval_top_k must be an integer between 1 and 6"),
-    ({"melody": "H9:1"}, "melody could not be read"),
-    ({"melody": "missing.mid"}, "melody could not be read: Unreadable MIDI file"),
-    ({"melody": np.zeros(16000, np.float32)}, "melody could not be read: .*silent"),
-    ({"melody": ["G4:1"] * 2}, "melody has 2 entries but prompt has 1"),
-    ({"output_type": "wav"}, "output_type must be one of"),
-    ({"generator": [torch.Generator()] * 3}, "generator is a list of 3 generators but 1 waveforms"),
-    ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback_on_step_end_tensor_inputs"),
-    # the classes of malformed input the boundary issue found, each now refused before compute
-    ({"guidance_scale": 1e30}, "guidance_scale must be a number between 0 and 100"),
-    ({"num_inference_steps": 10**9}, "num_inference_steps must be an integer between 1 and 1000"),
-    ({"num_inference_steps": 2.0}, "num_inference_steps must be an integer"),
-    ({"latents": torch.full((1, 4, 32, 32), float("nan"))}, "latents has NaN or infinite values"),
-    ({"latents": np.zeros((1, 4, 50, 32))}, "latents must be a floating-point torch.Tensor, got ndarray"),
-    ({"latents": [0.0]}, "latents must be a floating-point torch.Tensor, got list"),
-    ({"latents": torch.full((1, 4, 32, 32), 1e30)}, "latents must be starting noise, at most 1000 in magnitude"),
-    ({"prompt": None, "prompt_embeds": torch.full((1, 32), float("nan"))}, "prompt_embeds has NaN or infinite values"),
-    ({"prompt": None, "prompt_embeds": torch.full((1, 32), 1e30)}, "prompt_embeds must be CLMP embeddings, every row of unit length"),
-    ({"melody_embeds": torch.zeros(1, 32)}, "melody_embeds carry no timing"),
-    ({"prompt": "🎻🎻"}, "has no letter or digit"),
-    ({"prompt": "\x01\x02"}, "has no letter or digit"),
-    ({"prompt": "a" * 300}, "every word piece is unknown"),
-    ({"generator": 3}, "generator must be a torch.Generator"),
-    ({"melody": "missing.wav"}, "melody could not be read: No audio file 'missing.wav'"),
-    ({"melody": "/tmp"}, "melody could not be read: '/tmp' is a directory"),
-    ({"melody": np.full(16000, np.nan, np.float32)}, "melody could not be read: The audio has NaN or infinite samples"),
-    ({"melody": np.r_[np.sin(np.arange(16000) / 5), np.inf].astype(np.float32)}, "The audio has NaN or infinite samples"),
-    ({"melody": "G4:100000"}, r"Duration in 'G4:100000' must be a number of seconds in \(0, 60\]"),
-    ({"melody": "G4:1e300"}, r"Duration in 'G4:1e300' must be a number of seconds in \(0, 60\]"),
-    ({"return_dict": "yes"}, "return_dict must be True or False"),
-    ({"callback_on_step_end": "print"}, "callback_on_step_end must be callable"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt": None}, "prompt is None"),
+        ({"prompt": "  "}, "prompt is empty"),
+        ({"prompt": ["a", ""]}, "prompt is empty"),
+        ({"prompt": 3}, "prompt must be a string"),
+        ({"prompt": ["a", "b"], "negative_prompt": ["x"]}, "negative_prompt has 1 entries but prompt has 2"),
+        ({"audio_length_in_s": 0}, "audio_length_in_s must be a number between"),
+        ({"audio_length_in_s": 601.0}, "audio_length_in_s must be a number between"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be an integer between 1 and 1000"),
+        ({"guidance_scale": -1}, "guidance_scale must be a number between 0 and 100"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a number between 0 and 100"),
+        ({"melody_guidance_scale": -0.5}, "melody_guidance_scale must be a number between 0 and 100"),
+        ({"melody_guidance_scale": float("inf")}, "melody_guidance_scale must be a number between 0 and 100"),
+        ({"melody_guidance_scale": "2"}, "melody_guidance_scale must be a number between 0 and 100"),
+        ({"num_waveforms_per_prompt": 0}, "num_waveforms_per_prompt must be an integer between 1 and 64"),
+        ({"retrieval_top_k": 99}, "retrieval_top_k must be an integer between 1 and 6"),
+        ({"melody": "H9:1"}, "melody could not be read"),
+        ({"melody": "missing.mid"}, "melody could not be read: Unreadable MIDI file"),
+        ({"melody": np.zeros(16000, np.float32)}, "melody could not be read: .*silent"),
+        ({"melody": ["G4:1"] * 2}, "melody has 2 entries but prompt has 1"),
+        ({"output_type": "wav"}, "output_type must be one of"),
+        ({"generator": [torch.Generator()] * 3}, "generator is a list of 3 generators but 1 waveforms"),
+        ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback_on_step_end_tensor_inputs"),
+        # the classes of malformed input the boundary issue found, each now refused before compute
+        ({"guidance_scale": 1e30}, "guidance_scale must be a number between 0 and 100"),
+        ({"num_inference_steps": 10**9}, "num_inference_steps must be an integer between 1 and 1000"),
+        ({"num_inference_steps": 2.0}, "num_inference_steps must be an integer"),
+        ({"latents": torch.full((1, 4, 32, 32), float("nan"))}, "latents has NaN or infinite values"),
+        ({"latents": np.zeros((1, 4, 50, 32))}, "latents must be a floating-point torch.Tensor, got ndarray"),
+        ({"latents": [0.0]}, "latents must be a floating-point torch.Tensor, got list"),
+        ({"latents": torch.full((1, 4, 32, 32), 1e30)}, "latents must be starting noise, at most 1000 in magnitude"),
+        (
+            {"prompt": None, "prompt_embeds": torch.full((1, 32), float("nan"))},
+            "prompt_embeds has NaN or infinite values",
+        ),
+        (
+            {"prompt": None, "prompt_embeds": torch.full((1, 32), 1e30)},
+            "prompt_embeds must be CLMP embeddings, every row of unit length",
+        ),
+        ({"melody_embeds": torch.zeros(1, 32)}, "melody_embeds carry no timing"),
+        ({"prompt": "🎻🎻"}, "has no letter or digit"),
+        ({"prompt": "\x01\x02"}, "has no letter or digit"),
+        ({"prompt": "a" * 300}, "every word piece is unknown"),
+        ({"generator": 3}, "generator must be a torch.Generator"),
+        ({"melody": "missing.wav"}, "melody could not be read: No audio file 'missing.wav'"),
+        ({"melody": "/tmp"}, "melody could not be read: '/tmp' is a directory"),
+        (
+            {"melody": np.full(16000, np.nan, np.float32)},
+            "melody could not be read: The audio has NaN or infinite samples",
+        ),
+        (
+            {"melody": np.r_[np.sin(np.arange(16000) / 5), np.inf].astype(np.float32)},
+            "The audio has NaN or infinite samples",
+        ),
+        ({"melody": "G4:100000"}, r"Duration in 'G4:100000' must be a number of seconds in \(0, 60\]"),
+        ({"melody": "G4:1e300"}, r"Duration in 'G4:1e300' must be a number of seconds in \(0, 60\]"),
+        ({"return_dict": "yes"}, "return_dict must be True or False"),
+        ({"callback_on_step_end": "print"}, "callback_on_step_end must be callable"),
+    ],
+)
 def test_bad_arguments_raise_before_any_compute(pipe, kwargs, message):
     calls = []
     hook = pipe.unet.register_forward_hook(lambda *args: calls.append(1))
@@ -307,10 +416,17 @@ def test_numpy_numbers_and_float64_latents_are_accepted_and_a_callback_must_retu
     reference = generate(pipe, seed=1).audios
     shape = (1, 4, 50, 32)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    as_numpy = generate(pipe, num_inference_steps=np.int64(3), audio_length_in_s=np.float32(1.0), guidance_scale=np.float64(3.0),
-                        seed=1).audios
+    as_numpy = generate(
+        pipe,
+        num_inference_steps=np.int64(3),
+        audio_length_in_s=np.float32(1.0),
+        guidance_scale=np.float64(3.0),
+        seed=1,
+    ).audios
     np.testing.assert_array_equal(as_numpy, reference)
-    np.testing.assert_array_equal(generate(pipe, latents=latents.double()).audios, generate(pipe, latents=latents).audios)
+    np.testing.assert_array_equal(
+        generate(pipe, latents=latents.double()).audios, generate(pipe, latents=latents).audios
+    )
     with pytest.raises(TypeError, match="callback_on_step_end must return a dict"):
         generate(pipe, callback_on_step_end=lambda *args: None)
 
@@ -328,8 +444,14 @@ def test_save_and_reload_is_bit_identical_and_safetensors_only(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "mg2")
     files = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "mg2") for name in names]
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")) and not f.endswith("index.bin")]
-    for path in ("pipeline_mg2.py", "clmp/modeling_clmp.py", "retriever/retrieval.py", "vocoder/vocoder.py",
-                 "processor/processing_clmp.py", "unet/diffusion_pytorch_model.safetensors"):
+    for path in (
+        "pipeline_mg2.py",
+        "clmp/modeling_clmp.py",
+        "retriever/retrieval.py",
+        "vocoder/vocoder.py",
+        "processor/processing_clmp.py",
+        "unet/diffusion_pytorch_model.safetensors",
+    ):
         assert os.path.isfile(tmp_path / "mg2" / path), path
     loaded = MG2Pipeline.from_pretrained(tmp_path / "mg2")
     loaded.set_progress_bar_config(disable=True)
@@ -341,7 +463,9 @@ def test_save_and_reload_is_bit_identical_and_safetensors_only(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
     assert os.path.isfile(tmp_path / "pickled" / "unet" / "diffusion_pytorch_model.bin")
     assert os.path.isfile(tmp_path / "pickled" / "retriever" / "embeddings.safetensors")
-    np.testing.assert_array_equal(generate(MG2Pipeline.from_pretrained(tmp_path / "pickled")).audios, generate(pipe).audios)
+    np.testing.assert_array_equal(
+        generate(MG2Pipeline.from_pretrained(tmp_path / "pickled")).audios, generate(pipe).audios
+    )
 
 
 def test_remote_code_loads_without_the_package(pipe, tmp_path):
@@ -356,24 +480,51 @@ def test_remote_code_loads_without_the_package(pipe, tmp_path):
         assert np.array_equal(out.audios, np.load({str(tmp_path / "expected.npy")!r}))
         print("remote-code", type(pipe).__module__, type(pipe.retriever).__module__, out.melodies[0].metadata["title"])
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}, timeout=SUBPROCESS_TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-code diffusers_modules.local.pipeline_mg2 diffusers_modules.local.retrieval" in result.stdout
 
 
 def test_audioldm_format_vae_vocoder_and_other_schedulers_plug_in(pipe, tmp_path):
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=8, block_out_channels=(8, 16, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=8)  # AudioLDM's VAE shape: 1 channel in, 8 latent, ×4
-    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
-        model_in_dim=64, sampling_rate=16000, upsample_initial_channel=64, upsample_rates=[5, 4, 2, 2, 2],
-        upsample_kernel_sizes=[10, 8, 4, 4, 4], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
-        normalize_before=False)).eval()  # AudioLDM's vocoder shape: 64 mels in, ×160 up, 16 kHz
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=8,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )  # AudioLDM's VAE shape: 1 channel in, 8 latent, ×4
+    vocoder = SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=64,
+            sampling_rate=16000,
+            upsample_initial_channel=64,
+            upsample_rates=[5, 4, 2, 2, 2],
+            upsample_kernel_sizes=[10, 8, 4, 4, 4],
+            resblock_kernel_sizes=[3],
+            resblock_dilation_sizes=[[1, 3]],
+            normalize_before=False,
+        )
+    ).eval()  # AudioLDM's vocoder shape: 64 mels in, ×160 up, 16 kHz
     unet = UNet2DConditionModel(**{**unet_config("tiny", 32), "in_channels": 8, "out_channels": 8})
-    audioldm = MG2Pipeline(clmp=pipe.clmp, processor=pipe.processor, retriever=pipe.retriever, unet=unet,
-                           scheduler=DDIMScheduler.from_config(pipe.scheduler.config), vae=vae, vocoder=vocoder)
+    audioldm = MG2Pipeline(
+        clmp=pipe.clmp,
+        processor=pipe.processor,
+        retriever=pipe.retriever,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        vae=vae,
+        vocoder=vocoder,
+    )
     audioldm.set_progress_bar_config(disable=True)
     out = generate(audioldm, audio_length_in_s=1.0)
     assert out.audios.shape == (1, 16000) and np.all(np.isfinite(out.audios))
@@ -387,8 +538,15 @@ def test_audioldm_format_vae_vocoder_and_other_schedulers_plug_in(pipe, tmp_path
 def test_a_fingerprint_mismatch_between_clmp_and_index_is_refused(pipe):
     other = build_pipeline("tiny", seed=1)
     with pytest.raises(ValueError, match="fingerprint"):
-        MG2Pipeline(clmp=other.clmp, processor=pipe.processor, retriever=pipe.retriever, unet=pipe.unet,
-                    scheduler=pipe.scheduler, vae=pipe.vae, vocoder=pipe.vocoder)
+        MG2Pipeline(
+            clmp=other.clmp,
+            processor=pipe.processor,
+            retriever=pipe.retriever,
+            unet=pipe.unet,
+            scheduler=pipe.scheduler,
+            vae=pipe.vae,
+            vocoder=pipe.vocoder,
+        )
 
 
 def test_a_vae_whose_latent_the_unet_does_not_take_is_refused(pipe):
@@ -415,22 +573,48 @@ def test_paper_preset_unet_has_416m_parameters():
         unet = UNet2DConditionModel(**unet_config("paper", 512))
     parameters = sum(p.numel() for p in unet.parameters())
     assert abs(parameters - 416e6) / 416e6 < 0.01
-    assert unet.config.class_embed_type == "simple_projection" and unet.config.projection_class_embeddings_input_dim == 1024
+    assert (
+        unet.config.class_embed_type == "simple_projection"
+        and unet.config.projection_class_embeddings_input_dim == 1024
+    )
 
 
 def test_cli_writes_a_playable_wav(tmp_path):
     output = tmp_path / "jig.wav"
     result = subprocess.run(
-        [sys.executable, "-m", "mg2_pipeline", "generate", PROMPT, "--output", str(output), "--model", "preset:tiny",
-         "--steps", "2", "--duration", "1.5", "--melody", "G4:0.5 A4:0.5"],
-        capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT,
+        [
+            sys.executable,
+            "-m",
+            "mg2_pipeline",
+            "generate",
+            PROMPT,
+            "--output",
+            str(output),
+            "--model",
+            "preset:tiny",
+            "--steps",
+            "2",
+            "--duration",
+            "1.5",
+            "--melody",
+            "G4:0.5 A4:0.5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Melody: yours" in result.stdout and "Wrote" in result.stdout
     audio, sample_rate = soundfile.read(output)
     assert sample_rate == 16000 and audio.shape == (24000,) and np.abs(audio).max() > 0
-    bad = subprocess.run([sys.executable, "-m", "mg2_pipeline", "generate", " ", "--output", str(output),
-                          "--model", "preset:tiny"], capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mg2_pipeline", "generate", " ", "--output", str(output), "--model", "preset:tiny"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert bad.returncode != 0 and "prompt is empty" in bad.stderr
 
 
@@ -439,10 +623,16 @@ def test_a_retrieved_melody_follows_the_tempo_the_prompt_names():
     fresh.set_progress_bar_config(disable=True)
     melody = Melody.from_string("G4:0.5 A4:0.5 B4:1")
     prompt = "a fast reel at 120 BPM"
-    fresh.retriever.add(fresh.encode_text([prompt], fresh.device), [melody], [{"title": "Slow Reel", "tempo_bpm": 60.0}])
+    fresh.retriever.add(
+        fresh.encode_text([prompt], fresh.device), [melody], [{"title": "Slow Reel", "tempo_bpm": 60.0}]
+    )
     guide = generate(fresh, prompt=prompt).melodies[0]
-    assert {key: guide.metadata[key] for key in ("title", "tempo_bpm", "stretched_from_bpm", "matched_facts")} == \
-        {"title": "Slow Reel", "tempo_bpm": 120.0, "stretched_from_bpm": 60.0, "matched_facts": {}}
+    assert {key: guide.metadata[key] for key in ("title", "tempo_bpm", "stretched_from_bpm", "matched_facts")} == {
+        "title": "Slow Reel",
+        "tempo_bpm": 120.0,
+        "stretched_from_bpm": 60.0,
+        "matched_facts": {},
+    }
     np.testing.assert_allclose(guide.melody.notes[:, 1:], melody.notes[:, 1:] / 2)
     assert guide.melody.pitches.tolist() == melody.pitches.tolist()
     # no tempo in the prompt, or none known for the melody: the melody keeps its timing
@@ -453,9 +643,11 @@ def test_a_retrieved_melody_follows_the_tempo_the_prompt_names():
 
 
 def test_retrieval_matches_the_tune_type_and_meter_the_prompt_names_unless_turned_off(pipe):
-    for prompt, title, matched in (("a lively jig in 6/8 time", "The Irish Washerwoman (jig)", {"tune_type": "jig", "meter": "6/8"}),
-                                   ("a sea shanty", "Drunken Sailor (shanty)", {"tune_type": "shanty"}),
-                                   ("a slow hymn on organ", "Bach chorale (hymn)", {"tune_type": "hymn"})):
+    for prompt, title, matched in (
+        ("a lively jig in 6/8 time", "The Irish Washerwoman (jig)", {"tune_type": "jig", "meter": "6/8"}),
+        ("a sea shanty", "Drunken Sailor (shanty)", {"tune_type": "shanty"}),
+        ("a slow hymn on organ", "Bach chorale (hymn)", {"tune_type": "hymn"}),
+    ):
         guide = generate(pipe, prompt=prompt, num_inference_steps=1).melodies[0]
         assert guide.metadata["title"] == title and guide.metadata["matched_facts"] == matched
     plain = generate(pipe, prompt="a sea shanty", num_inference_steps=1, match_prompt_facts=False).melodies[0]

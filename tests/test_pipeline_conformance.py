@@ -18,8 +18,15 @@ from mg2_pipeline.presets import build_pipeline
 
 PROMPT = "a lively Irish jig on fiddle"
 # diffusers' tests/pipelines/pipeline_params.py
-TEXT_TO_AUDIO_PARAMS = {"prompt", "audio_length_in_s", "guidance_scale", "negative_prompt", "prompt_embeds",
-                        "negative_prompt_embeds", "cross_attention_kwargs"}
+TEXT_TO_AUDIO_PARAMS = {
+    "prompt",
+    "audio_length_in_s",
+    "guidance_scale",
+    "negative_prompt",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "cross_attention_kwargs",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +37,14 @@ def pipe():
 
 
 def inputs(seed=0, **kwargs):
-    return {"prompt": PROMPT, "num_inference_steps": 2, "audio_length_in_s": 0.64, "output_type": "np",
-            "generator": torch.Generator().manual_seed(seed), **kwargs}
+    return {
+        "prompt": PROMPT,
+        "num_inference_steps": 2,
+        "audio_length_in_s": 0.64,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(seed),
+        **kwargs,
+    }
 
 
 def nn_components(pipeline):
@@ -43,8 +56,16 @@ def test_call_signature_has_diffusers_text_to_audio_parameters():
 
     parameters = inspect.signature(MG2Pipeline.__call__).parameters
     assert TEXT_TO_AUDIO_PARAMS <= set(parameters)
-    for name in ("num_inference_steps", "num_waveforms_per_prompt", "generator", "latents", "output_type", "return_dict",
-                 "callback_on_step_end", "callback_on_step_end_tensor_inputs"):
+    for name in (
+        "num_inference_steps",
+        "num_waveforms_per_prompt",
+        "generator",
+        "latents",
+        "output_type",
+        "return_dict",
+        "callback_on_step_end",
+        "callback_on_step_end_tensor_inputs",
+    ):
         assert parameters[name].default is not inspect.Parameter.empty
 
 
@@ -122,8 +143,11 @@ def test_variants_are_saved_for_every_model_and_loaded(pipe, tmp_path):
 
 def test_dtype_arguments_and_to_dtype(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
-    for kwargs, expected in (({"dtype": torch.float16}, {}), ({"torch_dtype": torch.bfloat16}, {}),
-                             ({"dtype": {"unet": torch.bfloat16, "default": torch.float16}}, {"unet": torch.bfloat16})):
+    for kwargs, expected in (
+        ({"dtype": torch.float16}, {}),
+        ({"torch_dtype": torch.bfloat16}, {}),
+        ({"dtype": {"unet": torch.bfloat16, "default": torch.float16}}, {"unet": torch.bfloat16}),
+    ):
         loaded = MG2Pipeline.from_pretrained(tmp_path, **kwargs)
         default = next(iter(kwargs.values()))
         default = default.get("default") if isinstance(default, dict) else default
@@ -138,18 +162,21 @@ def test_dtype_arguments_and_to_dtype(pipe, tmp_path):
 @pytest.mark.parametrize("output_type", ["latent", "np"])
 def test_batch_consistent_and_batch_single_identical(pipe, output_type):
     # diffusers' prompts: the prompt, its first half, and one far longer than the text tower reads.
-    prompts = [PROMPT, PROMPT[:len(PROMPT) // 2], 100 * "very long"]
+    prompts = [PROMPT, PROMPT[: len(PROMPT) // 2], 100 * "very long"]
     generators = [torch.Generator().manual_seed(i) for i in range(3)]
     batched = pipe(**{**inputs(output_type=output_type), "prompt": prompts, "generator": generators}).audios
-    single = np.concatenate([np.asarray(pipe(**inputs(seed=i, prompt=p, output_type=output_type)).audios)
-                             for i, p in enumerate(prompts)])
+    single = np.concatenate(
+        [np.asarray(pipe(**inputs(seed=i, prompt=p, output_type=output_type)).audios) for i, p in enumerate(prompts)]
+    )
     batched = np.asarray(batched)
     assert batched.shape == single.shape and batched.shape[0] == 3
     if output_type == "latent":
         # The random UNet's latents grow to hundreds; its batch-size-dependent rounding is 1e-6 of them.
         assert np.abs(batched - single).max() <= 1e-4 * np.abs(single).max()
     else:
-        assert np.abs(single).max() < 1  # the tiny VAE decodes to music's loudness, so 1e-4 means what it does in diffusers
+        assert (
+            np.abs(single).max() < 1
+        )  # the tiny VAE decodes to music's loudness, so 1e-4 means what it does in diffusers
         assert np.abs(batched - single).max() < 1e-4
 
 
@@ -170,15 +197,34 @@ def test_guidance_interval_limits_guidance_to_its_part_of_the_schedule(pipe):
     guided = pipe(**inputs(guidance_scale=5.0, melody_guidance_scale=2.0, output_type="latent")).audios
     # No timestep of the schedule is 1000: the guided call without its guidance is the unguided one (with fewer UNet
     # passes per step, so within batch rounding).
-    torch.testing.assert_close(pipe(**inputs(guidance_scale=5.0, melody_guidance_scale=2.0, guidance_interval=(1.0, 1.0),
-                                             output_type="latent")).audios, unguided, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(pipe(**inputs(guidance_scale=5.0, melody_guidance_scale=2.0, guidance_interval=(0, 1),
-                                             output_type="latent")).audios, guided, rtol=0, atol=0)
-    late = pipe(**inputs(guidance_scale=5.0, melody_guidance_scale=2.0, guidance_interval=(0.6, 1), output_type="latent")).audios
+    torch.testing.assert_close(
+        pipe(
+            **inputs(guidance_scale=5.0, melody_guidance_scale=2.0, guidance_interval=(1.0, 1.0), output_type="latent")
+        ).audios,
+        unguided,
+        rtol=1e-5,
+        atol=1e-4,
+    )
+    torch.testing.assert_close(
+        pipe(
+            **inputs(guidance_scale=5.0, melody_guidance_scale=2.0, guidance_interval=(0, 1), output_type="latent")
+        ).audios,
+        guided,
+        rtol=0,
+        atol=0,
+    )
+    late = pipe(
+        **inputs(guidance_scale=5.0, melody_guidance_scale=2.0, guidance_interval=(0.6, 1), output_type="latent")
+    ).audios
     # Guided at t = 999 only: nearly the guided latents, yet apart from them by more than rounding (1e-6 of them).
     assert (late - unguided).abs().max() > 0.5 * (guided - unguided).abs().max()
     assert (late - guided).abs().max() > 1e-5 * guided.abs().max()
-    for interval, error in (((0.6, 0.2), ValueError), ((0.1, float("nan")), ValueError), ((0.2,), TypeError), (0.2, TypeError)):
+    for interval, error in (
+        ((0.6, 0.2), ValueError),
+        ((0.1, float("nan")), ValueError),
+        ((0.2,), TypeError),
+        (0.2, TypeError),
+    ):
         with pytest.raises(error, match="guidance_interval"):
             pipe(**inputs(guidance_interval=interval))
 
@@ -210,11 +256,16 @@ def test_guidance_and_callbacks_that_change_it(pipe):
         return tensors
 
     guided = pipe(**inputs(guidance_scale=3.0, melody_guidance_scale=2.0, output_type="latent")).audios
-    raised = pipe(**inputs(guidance_scale=3.0, melody_guidance_scale=2.0, output_type="latent"), callback_on_step_end=raise_guidance)
+    raised = pipe(
+        **inputs(guidance_scale=3.0, melody_guidance_scale=2.0, output_type="latent"),
+        callback_on_step_end=raise_guidance,
+    )
     assert pipe.guidance_scale == 3.0 + pipe.num_timesteps
     # Raised after the first of two steps, where the random UNet's guidance moves little; unchanged, the call is
     # bit-identical (same batch sizes).
-    assert torch.equal(pipe(**inputs(guidance_scale=3.0, melody_guidance_scale=2.0, output_type="latent")).audios, guided)
+    assert torch.equal(
+        pipe(**inputs(guidance_scale=3.0, melody_guidance_scale=2.0, output_type="latent")).audios, guided
+    )
     assert (raised.audios - guided).abs().max() > 1e-6 * guided.abs().max()
 
 
@@ -230,8 +281,11 @@ def test_callbacks_receive_and_may_return_every_callback_tensor(pipe):
             tensors["prompt_embeds"] = tensors["negative_prompt_embeds"]
         return tensors
 
-    out = pipe(**inputs(), callback_on_step_end=check_and_replace,
-               callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
+    out = pipe(
+        **inputs(),
+        callback_on_step_end=check_and_replace,
+        callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
+    )
     assert seen == [sorted(pipe._callback_tensor_inputs)] * 2
 
     class RecordMelodyEmbeds(PipelineCallback):  # a diffusers callback object names its own tensor inputs
@@ -245,30 +299,47 @@ def test_callbacks_receive_and_may_return_every_callback_tensor(pipe):
     pipe(**inputs(), callback_on_step_end=MultiPipelineCallbacks([RecordMelodyEmbeds()]))
     assert seen == [["melody_embeds"]] * 2
     with pytest.raises(ValueError, match="'negative_prompt_embeds', which this call does not use"):
-        pipe(**inputs(guidance_scale=1.0),
-             callback_on_step_end=lambda pipeline, step, t, tensors: {"negative_prompt_embeds": torch.zeros(1, 32)})
+        pipe(
+            **inputs(guidance_scale=1.0),
+            callback_on_step_end=lambda pipeline, step, t, tensors: {"negative_prompt_embeds": torch.zeros(1, 32)},
+        )
     zeros = pipe.vocoder(pipe.decode_latents(torch.zeros(pipe.latent_shape(1, pipe.mel_frames(0.64))))).numpy()
     np.testing.assert_allclose(out.audios, zeros[:, :10240], atol=1e-5)
 
 
 def test_encode_prompt_works_in_isolation(pipe):
-    text_stack = MG2Pipeline(clmp=pipe.clmp, processor=pipe.processor, retriever=None, unet=None, scheduler=None, vae=None,
-                             vocoder=None)
+    text_stack = MG2Pipeline(
+        clmp=pipe.clmp, processor=pipe.processor, retriever=None, unet=None, scheduler=None, vae=None, vocoder=None
+    )
     prompt_embeds, negative_prompt_embeds = text_stack.encode_prompt(PROMPT, torch.device("cpu"), 1, True)
     assert prompt_embeds.shape == negative_prompt_embeds.shape == (1, pipe.clmp.config.projection_dim)
     defaults = text_stack.encode_prompt(PROMPT)  # as diffusers' mixin calls it: the execution device, guidance on
     assert all(torch.equal(a, b) for a, b in zip(defaults, (prompt_embeds, negative_prompt_embeds)))
     # Without the prompt's text there are no facts to match: compare with plain nearest-melody retrieval.
-    with_embeds = pipe(**{**inputs(), "prompt": None, "prompt_embeds": prompt_embeds,
-                          "negative_prompt_embeds": negative_prompt_embeds, "match_prompt_facts": False}).audios
+    with_embeds = pipe(
+        **{
+            **inputs(),
+            "prompt": None,
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "match_prompt_facts": False,
+        }
+    ).audios
     np.testing.assert_allclose(with_embeds, pipe(**inputs(match_prompt_facts=False)).audios, atol=1e-5)
     with pytest.raises(ValueError, match="negative_prompt or negative_prompt_embeds"):
         pipe(**inputs(negative_prompt="noise", negative_prompt_embeds=negative_prompt_embeds))
     # A pipeline without the text stack runs from the embeddings (melody guidance needs the empty text's embedding).
-    no_text = MG2Pipeline(**{**pipe.components, "clmp": None, "processor": None}, aligned_melody=pipe.config.aligned_melody)
+    no_text = MG2Pipeline(
+        **{**pipe.components, "clmp": None, "processor": None}, aligned_melody=pipe.config.aligned_melody
+    )
     no_text.set_progress_bar_config(disable=True)
-    embeds_only = {"prompt": None, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
-                   "match_prompt_facts": False, "melody_guidance_scale": 3.0}
+    embeds_only = {
+        "prompt": None,
+        "prompt_embeds": prompt_embeds,
+        "negative_prompt_embeds": negative_prompt_embeds,
+        "match_prompt_facts": False,
+        "melody_guidance_scale": 3.0,
+    }
     expected = pipe(**{**inputs(), **embeds_only}).audios
     np.testing.assert_allclose(no_text(**{**inputs(), **embeds_only}).audios, expected, atol=1e-5)
     with pytest.raises(ValueError, match="no clmp/processor"):
@@ -280,7 +351,9 @@ def test_encode_prompt_works_in_isolation(pipe):
 
 def test_cross_attention_kwargs_reach_the_attention_processors(pipe):
     expected = pipe(**inputs(output_type="latent")).audios
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
     try:
         off = pipe(**inputs(output_type="latent"), cross_attention_kwargs={"scale": 0.0}).audios
         on = pipe(**inputs(output_type="latent"), cross_attention_kwargs={"scale": 1.0}).audios

@@ -8,13 +8,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 from mg2_pipeline import CLMPModel, CLMPProcessor, Melody
 from mg2_pipeline.feature_extraction_clmp import CLMPFeatureExtractor
 from mg2_pipeline.presets import clmp_config, minilm_path
 from mg2_pipeline.retrieval import MelodyRetriever, clmp_fingerprint
-
-from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 SOURCES = ("essen", "oneill", "bach")
 
@@ -63,7 +62,9 @@ def test_save_load_round_trip_gives_the_same_results_and_keeps_growing(tmp_path)
     after = loaded.search(queries, k=5)
     np.testing.assert_array_equal(before.ids, after.ids)
     np.testing.assert_allclose(before.scores, after.scores, atol=1e-6)
-    assert [[h.metadata for h in row] for row in before.melodies] == [[h.metadata for h in row] for row in after.melodies]
+    assert [[h.metadata for h in row] for row in before.melodies] == [
+        [h.metadata for h in row] for row in after.melodies
+    ]
     assert [[h.melody for h in row] for row in before.melodies] == [[h.melody for h in row] for row in after.melodies]
     assert len(loaded) == 300 and loaded.config.M == 16 and loaded.config.ef_search == 64
     new_ids = loaded.add(queries[:2], [Melody.from_string("C5:1")] * 2, [{"source": "new"}] * 2)
@@ -86,7 +87,9 @@ def test_exclusion_and_metadata_filters():
     oneill = np.flatnonzero(np.arange(300) % 3 == 1)
     np.testing.assert_array_equal(out.ids, oneill[exact_top_k(vectors[oneill], vectors[:6], 4)])
     out = retriever.search(vectors[:6], k=3, where={"source": ["essen", "bach"]}, exclude_ids=[0, 2])
-    assert all(hit.metadata["source"] in ("essen", "bach") and hit.id not in (0, 2) for row in out.melodies for hit in row)
+    assert all(
+        hit.metadata["source"] in ("essen", "bach") and hit.id not in (0, 2) for row in out.melodies for hit in row
+    )
     with pytest.raises(ValueError, match="only 100 melodies are eligible"):
         retriever.search(vectors[0], k=101, where={"source": "bach"})
 
@@ -119,7 +122,9 @@ def test_concurrent_searches_from_eight_threads_match_sequential_results():
 
     def writer():
         for start in range(2000, 2400, 50):
-            retriever.add(unit_vectors(50, 16, seed=start), [Melody.from_string("C4:1")] * 50, [{"source": "late"}] * 50)
+            retriever.add(
+                unit_vectors(50, 16, seed=start), [Melody.from_string("C4:1")] * 50, [{"source": "late"}] * 50
+            )
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)] + [threading.Thread(target=writer)]
     for thread in threads:
@@ -200,15 +205,37 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
     model = CLMPModel(clmp_config("tiny")).eval()
     from transformers import AutoTokenizer
 
-    processor = CLMPProcessor(CLMPFeatureExtractor(max_length_s=4.0), AutoTokenizer.from_pretrained(minilm_path()), max_text_length=16)
+    processor = CLMPProcessor(
+        CLMPFeatureExtractor(max_length_s=4.0), AutoTokenizer.from_pretrained(minilm_path()), max_text_length=16
+    )
     model.save_pretrained(tmp_path / "clmp")
     processor.save_pretrained(tmp_path / "clmp")
     output_dir = tmp_path / "index"
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "training", "build_index.py"), "--clmp", str(tmp_path / "clmp"),
-         "--dataset", tiny_dataset, "--splits", "train,validation", "--output_dir", str(output_dir),
-         "--M", "8", "--ef_construction", "50", "--ef_search", "20", "--batch_size", "4"],
-        capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT,
+        [
+            sys.executable,
+            os.path.join(ROOT, "training", "build_index.py"),
+            "--clmp",
+            str(tmp_path / "clmp"),
+            "--dataset",
+            tiny_dataset,
+            "--splits",
+            "train,validation",
+            "--output_dir",
+            str(output_dir),
+            "--M",
+            "8",
+            "--ef_construction",
+            "50",
+            "--ef_search",
+            "20",
+            "--batch_size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output_dir / "build_summary.json").read_text())
@@ -237,10 +264,26 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
 
     # How well retrieval fits the test captions and the hand-written prompts, with and without the prompt's facts
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "training", "evaluate_retrieval.py"), "--clmp", str(tmp_path / "clmp"),
-         "--index", str(output_dir), "--dataset", tiny_dataset, "--split", "test",
-         "--prompts", os.path.join(ROOT, "benchmarks", "retrieval_prompts.jsonl"), "--output_json", str(tmp_path / "fit.json")],
-        capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT,
+        [
+            sys.executable,
+            os.path.join(ROOT, "training", "evaluate_retrieval.py"),
+            "--clmp",
+            str(tmp_path / "clmp"),
+            "--index",
+            str(output_dir),
+            "--dataset",
+            tiny_dataset,
+            "--split",
+            "test",
+            "--prompts",
+            os.path.join(ROOT, "benchmarks", "retrieval_prompts.jsonl"),
+            "--output_json",
+            str(tmp_path / "fit.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     fit = json.loads((tmp_path / "fit.json").read_text())
@@ -257,27 +300,48 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
 def facts_retriever() -> tuple[MelodyRetriever, np.ndarray]:
     """Nine melodies: jigs, reels and waltzes in a few meters and keys."""
     vectors = unit_vectors(9, 16, seed=3)
-    kinds = [("jig", "6/8", "D major"), ("jig", "6/8", "G major"), ("jig", "9/8", "D major"), ("slip jig", "9/8", "A minor"),
-             ("reel", "4/4", "D major"), ("reel", "2/2", "Bb major"), ("waltz", "3/4", "F# major"), ("waltz", "3/4", "D major"),
-             ("air", "3/4", "C# minor")]
-    metadata = [{"title": f"{kind} {i}", "tune_type": kind, "meter": meter, "key": key, "origin": "Scottish" if i == 6 else "Irish"}
-                for i, (kind, meter, key) in enumerate(kinds)]
+    kinds = [
+        ("jig", "6/8", "D major"),
+        ("jig", "6/8", "G major"),
+        ("jig", "9/8", "D major"),
+        ("slip jig", "9/8", "A minor"),
+        ("reel", "4/4", "D major"),
+        ("reel", "2/2", "Bb major"),
+        ("waltz", "3/4", "F# major"),
+        ("waltz", "3/4", "D major"),
+        ("air", "3/4", "C# minor"),
+    ]
+    metadata = [
+        {
+            "title": f"{kind} {i}",
+            "tune_type": kind,
+            "meter": meter,
+            "key": key,
+            "origin": "Scottish" if i == 6 else "Irish",
+        }
+        for i, (kind, meter, key) in enumerate(kinds)
+    ]
     retriever = MelodyRetriever(dim=16, M=16, ef_construction=64, ef_search=32)
     retriever.add(vectors, [Melody.from_notes([[60 + i, 0.0, 0.5]]) for i in range(9)], metadata)
     return retriever, vectors
 
 
-@pytest.mark.parametrize("prompt, facts", [
-    ("A lively Irish jig played on fiddle at 120 BPM in D major, in 6/8 time",
-     {"tune_type": "jig", "origin": "Irish", "meter": "6/8", "key": "D major"}),
-    ("a Scottish waltz", {"tune_type": "waltz", "origin": "Scottish"}),
-    ("two slip jigs in 9 / 8", {"tune_type": "slip jig", "meter": "9/8"}),
-    ("Reels in B flat major", {"tune_type": "reel", "key": "Bb major"}),
-    ("a waltz in G♭ major", {"tune_type": "waltz", "key": "F# major"}),
-    ("a sad air in c-sharp minor", {"tune_type": "air", "key": "C# minor"}),
-    ("a march in 5/4 in E major", {}),  # nothing the index knows
-    ("jigsaw reelection", {}),  # words, not tune types
-])
+@pytest.mark.parametrize(
+    "prompt, facts",
+    [
+        (
+            "A lively Irish jig played on fiddle at 120 BPM in D major, in 6/8 time",
+            {"tune_type": "jig", "origin": "Irish", "meter": "6/8", "key": "D major"},
+        ),
+        ("a Scottish waltz", {"tune_type": "waltz", "origin": "Scottish"}),
+        ("two slip jigs in 9 / 8", {"tune_type": "slip jig", "meter": "9/8"}),
+        ("Reels in B flat major", {"tune_type": "reel", "key": "Bb major"}),
+        ("a waltz in G♭ major", {"tune_type": "waltz", "key": "F# major"}),
+        ("a sad air in c-sharp minor", {"tune_type": "air", "key": "C# minor"}),
+        ("a march in 5/4 in E major", {}),  # nothing the index knows
+        ("jigsaw reelection", {}),  # words, not tune types
+    ],
+)
 def test_prompt_facts_are_read_as_the_index_spells_them(prompt, facts):
     assert facts_retriever()[0].prompt_facts(prompt) == facts
 
@@ -297,7 +361,10 @@ def test_search_matching_keeps_the_facts_it_can_and_gives_up_the_key_then_the_me
     jig_68 = {"tune_type": "jig", "meter": "6/8"}
     assert best("a jig in 6/8 in Bb major") == (nearest(jig_68), jig_68)  # no Bb jig: the key goes first
     assert best("a jig in 3/4 in F# major") == (nearest({"tune_type": "jig"}), {"tune_type": "jig"})  # then the meter
-    assert best("a Scottish waltz in 3/4") == (["waltz 6"], {"tune_type": "waltz", "origin": "Scottish", "meter": "3/4"})
+    assert best("a Scottish waltz in 3/4") == (
+        ["waltz 6"],
+        {"tune_type": "waltz", "origin": "Scottish", "meter": "3/4"},
+    )
     assert best("a Scottish jig") == (nearest({"tune_type": "jig"}), {"tune_type": "jig"})  # then the origin
     assert best("a jig", k=3)[1] == {"tune_type": "jig"}
     titles, matched = best("a jig", k=4)  # three jigs first, then the nearest other melody

@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import ROOT
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from conftest import ROOT
 
 from mg2_pipeline import Melody
 from mg2_pipeline.presets import PRESET_MELODIES
@@ -42,11 +41,24 @@ def free_port() -> int:
 def space_url(tmp_path_factory):
     """`python space/app.py` with a random tiny pipeline on a free loopback port; two generations at once."""
     port = free_port()
-    env = {**os.environ, "MG2_MODEL": "preset:tiny", "MG2_CONCURRENCY": "2", "GRADIO_SERVER_NAME": "127.0.0.1",
-           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
-           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "space", "app.py")], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "MG2_MODEL": "preset:tiny",
+        "MG2_CONCURRENCY": "2",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
+        "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio")),
+    }
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "space", "app.py")],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     started = []
     for line in server.stdout:  # Gradio prints the URL once it serves; the loop ends early only if the app exits
         started.append(line)
@@ -68,11 +80,46 @@ def client(space_url):
     return Client(space_url, verbose=False)
 
 
-def generate(client, prompt="A lively Irish jig on fiddle", melody_file=None, melody_audio=None, notes="", duration=1.0,
-             steps=2, seed=0, candidates=1, top_k=3, melody_guidance=2.0, mode="Text to music", recording=None, strength=0.8,
-             repaint_start=0.0, repaint_end=0.0, whole_melody=False):
-    return client.predict(prompt, "", melody_file, melody_audio, notes, duration, steps, 3.0, melody_guidance, seed, candidates,
-                          top_k, mode, recording, strength, repaint_start, repaint_end, whole_melody, api_name="/generate")
+def generate(
+    client,
+    prompt="A lively Irish jig on fiddle",
+    melody_file=None,
+    melody_audio=None,
+    notes="",
+    duration=1.0,
+    steps=2,
+    seed=0,
+    candidates=1,
+    top_k=3,
+    melody_guidance=2.0,
+    mode="Text to music",
+    recording=None,
+    strength=0.8,
+    repaint_start=0.0,
+    repaint_end=0.0,
+    whole_melody=False,
+):
+    return client.predict(
+        prompt,
+        "",
+        melody_file,
+        melody_audio,
+        notes,
+        duration,
+        steps,
+        3.0,
+        melody_guidance,
+        seed,
+        candidates,
+        top_k,
+        mode,
+        recording,
+        strength,
+        repaint_start,
+        repaint_end,
+        whole_melody,
+        api_name="/generate",
+    )
 
 
 def read_wav(path: str) -> np.ndarray:
@@ -82,7 +129,10 @@ def read_wav(path: str) -> np.ndarray:
 
 
 def test_endpoints_are_named_after_their_functions(client):
-    assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {"/generate", "/retrieve"}
+    assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {
+        "/generate",
+        "/retrieve",
+    }
 
 
 def test_generate_returns_audio_pictures_and_the_retrieved_melody(client):
@@ -98,10 +148,15 @@ def test_generate_returns_audio_pictures_and_the_retrieved_melody(client):
     assert rows[0][3] == "jig" and rows[0][7] == "jig" and all(row[7] == "" for row in rows[1:])
     assert [row[6] for row in rows[1:]] == sorted((row[6] for row in rows[1:]), reverse=True)
     title = rows[0][2]  # one candidate: guided by the top retrieved melody
-    assert title in PRESET_MELODIES and title in info and "retrieved melody" in info and "matches the prompt's jig" in info
+    assert (
+        title in PRESET_MELODIES
+        and title in info
+        and "retrieved melody" in info
+        and "matches the prompt's jig" in info
+    )
     assert Melody.load(midi).pitches.tolist() == Melody.from_string(PRESET_MELODIES[title]).pitches.tolist()
     first_notes = rows[0][8].removesuffix(" …").split()
-    assert first_notes == Melody.from_string(PRESET_MELODIES[title]).to_note_string().split()[:len(first_notes)]
+    assert first_notes == Melody.from_string(PRESET_MELODIES[title]).to_note_string().split()[: len(first_notes)]
 
 
 def test_generate_is_deterministic_under_a_seed(client):
@@ -132,7 +187,9 @@ def test_a_recording_is_continued_re_rendered_and_repainted(client, tmp_path):
             generate(client, mode="Continue a recording", recording=recording, duration=duration)
     rendered, _, info, *_ = generate(client, mode="Re-render a recording", recording=recording, strength=0.5)
     assert len(read_wav(rendered)) == 16000 and "Melody transcribed from your recording" in info
-    repainted, *_ = generate(client, mode="Repaint part of a recording", recording=recording, repaint_start=0.2, repaint_end=0.6)
+    repainted, *_ = generate(
+        client, mode="Repaint part of a recording", recording=recording, repaint_start=0.2, repaint_end=0.6
+    )
     assert len(read_wav(repainted)) == 16000
     with pytest.raises(AppError, match="repaint_end_s must lie inside the audio"):
         generate(client, mode="Repaint part of a recording", recording=recording, repaint_start=0.2, repaint_end=5.0)
@@ -147,24 +204,39 @@ def test_retrieve_lists_the_top_k_melodies(client):
     assert [row[6] for row in rows] == sorted((row[6] for row in rows), reverse=True)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ({"prompt": "   "}, "prompt is empty"),
-    ({"notes": "G4:0.5 Q9:1"}, "Could not read your melody (notes)"),
-    ({"notes": NOTES, "melody_file": "tune.mid"}, "Give one melody, not several"),
-    ({"duration": 400.0}, "Duration (seconds; a continuation's total length) must be a number between 0.04 and 300, got 400.0"),
-    ({"mode": "Continue a recording"}, "Mode 'Continue a recording' needs a recording"),
-    ({"mode": "Sing it"}, "Sing it"),
-    ({"strength": 0.0}, "Strength (re-render: 0 keeps the recording, 1 generates anew) must be a number between 0.05 and 1"),
-    ({"repaint_end": 61}, "Repaint to (s) must be a number between 0 and 60"),
-    ({"seed": -1}, "Seed must be a number between 0 and 4294967295, got -1"),
-    ({"seed": 1e30}, "Seed must be a number between 0 and 4294967295"),
-    ({"seed": "abc"}, "Seed must be a number between 0 and 4294967295, got 'abc'"),
-    ({"melody_guidance": -1.0}, "Melody strength (0 ignores the melody; higher follows it more tightly) must be a number between 0 and 10"),
-    ({"melody_guidance": 11.0}, "Melody strength (0 ignores the melody; higher follows it more tightly) must be a number between 0 and 10"),
-    ({"notes": "G4:100000"}, "must be a number of seconds in (0, 60]"),
-    ({"prompt": "🎻🎻"}, "has no letter or digit"),
-    ({"prompt": "jig " * 600}, "at most 2000 are allowed"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"notes": "G4:0.5 Q9:1"}, "Could not read your melody (notes)"),
+        ({"notes": NOTES, "melody_file": "tune.mid"}, "Give one melody, not several"),
+        (
+            {"duration": 400.0},
+            "Duration (seconds; a continuation's total length) must be a number between 0.04 and 300, got 400.0",
+        ),
+        ({"mode": "Continue a recording"}, "Mode 'Continue a recording' needs a recording"),
+        ({"mode": "Sing it"}, "Sing it"),
+        (
+            {"strength": 0.0},
+            "Strength (re-render: 0 keeps the recording, 1 generates anew) must be a number between 0.05 and 1",
+        ),
+        ({"repaint_end": 61}, "Repaint to (s) must be a number between 0 and 60"),
+        ({"seed": -1}, "Seed must be a number between 0 and 4294967295, got -1"),
+        ({"seed": 1e30}, "Seed must be a number between 0 and 4294967295"),
+        ({"seed": "abc"}, "Seed must be a number between 0 and 4294967295, got 'abc'"),
+        (
+            {"melody_guidance": -1.0},
+            "Melody strength (0 ignores the melody; higher follows it more tightly) must be a number between 0 and 10",
+        ),
+        (
+            {"melody_guidance": 11.0},
+            "Melody strength (0 ignores the melody; higher follows it more tightly) must be a number between 0 and 10",
+        ),
+        ({"notes": "G4:100000"}, "must be a number of seconds in (0, 60]"),
+        ({"prompt": "🎻🎻"}, "has no letter or digit"),
+        ({"prompt": "jig " * 600}, "at most 2000 are allowed"),
+    ],
+)
 def test_bad_input_shows_an_error(client, tmp_path, arguments, message):
     if "melody_file" in arguments:
         Melody.from_string(NOTES).to_midi(tmp_path / "tune.mid")
@@ -192,8 +264,9 @@ def test_malformed_midi_and_silent_recording_fail_clearly_and_the_next_request_s
 
 def post(space_url: str, body: str) -> str:
     """A raw API call, as any HTTP client may send it (JSON gradio_client would not produce); returns the event stream."""
-    request = urllib.request.Request(space_url + "gradio_api/call/generate", data=body.encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        space_url + "gradio_api/call/generate", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
     event_id = json.load(urllib.request.urlopen(request, timeout=60))["event_id"]
     return urllib.request.urlopen(f"{space_url}gradio_api/call/generate/{event_id}", timeout=120).read().decode()
 
@@ -203,10 +276,16 @@ GOOD_REQUEST = ["A jig", "", None, None, "", 0.5, 2, 3.0, 2.0, 0, 1, 3, "Text to
 
 def test_no_server_path_is_ever_read(client, space_url):
     hostname = open("/etc/hostname").read().strip()
-    with pytest.raises(AppError, match="Could not read your melody \\(notes\\): Malformed note '/etc/hostname'") as refused:
+    with pytest.raises(
+        AppError, match="Could not read your melody \\(notes\\): Malformed note '/etc/hostname'"
+    ) as refused:
         generate(client, notes="/etc/hostname")
     assert hostname not in str(refused.value).replace("/etc/hostname", "")
-    for index, path in ((2, os.path.join(ROOT, "samples", "ode-to-joy.mid")), (2, "/etc/hostname"), (3, "/etc/hostname")):
+    for index, path in (
+        (2, os.path.join(ROOT, "samples", "ode-to-joy.mid")),
+        (2, "/etc/hostname"),
+        (3, "/etc/hostname"),
+    ):
         data = list(GOOD_REQUEST)
         data[index] = {"path": path, "meta": {"_type": "gradio.FileData"}}
         reply = post(space_url, json.dumps({"data": data}))
@@ -242,15 +321,27 @@ fields = {
     "seed": st.one_of(st.integers(-(2**70), 2**70), st.floats(-1e40, 1e40), st.text(max_size=5)),
     "candidates": st.one_of(st.integers(-3, 10), st.floats(-1, 6)),
     "top_k": st.one_of(st.integers(-3, 20), st.text(max_size=3)),
-    "notes": st.one_of(st.text(max_size=20), st.sampled_from(["/etc/hostname", "G4:100000", "G4:1e300", "G4:0.25 A4:nan"])),
+    "notes": st.one_of(
+        st.text(max_size=20), st.sampled_from(["/etc/hostname", "G4:100000", "G4:1e300", "G4:0.25 A4:nan"])
+    ),
     "prompt": st.one_of(st.text(max_size=20), st.sampled_from(["🎻", "\x00", "jig " * 600])),
     "mode": st.one_of(st.text(max_size=8), st.sampled_from(["Continue a recording", "Re-render a recording"])),
     "strength": st.one_of(st.floats(-2, 2), st.text(max_size=3)),
     "repaint_start": st.one_of(st.floats(-100, 100), st.text(max_size=3)),
 }
-LABELS = {"duration": "Duration", "steps": "Denoising steps", "melody_guidance": "Melody strength", "seed": "Seed",
-          "candidates": "Candidates", "top_k": "Retrieved melodies", "notes": "melody", "prompt": "prompt", "mode": "Mode",
-          "strength": "Strength", "repaint_start": "Repaint from"}
+LABELS = {
+    "duration": "Duration",
+    "steps": "Denoising steps",
+    "melody_guidance": "Melody strength",
+    "seed": "Seed",
+    "candidates": "Candidates",
+    "top_k": "Retrieved melodies",
+    "notes": "melody",
+    "prompt": "prompt",
+    "mode": "Mode",
+    "strength": "Strength",
+    "repaint_start": "Repaint from",
+}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -269,8 +360,14 @@ def test_any_field_value_gives_music_or_an_error_naming_the_field(client, field)
 
 def test_after_refused_requests_the_space_gives_bit_identical_music(client, space_url):
     before = read_wav(generate(client, duration=0.5, seed=5)[0])
-    for bad in ({"seed": 1e30}, {"steps": "abc"}, {"notes": "G4:100000"}, {"notes": "/etc/hostname"}, {"prompt": "🎻"},
-                {"duration": -1}):
+    for bad in (
+        {"seed": 1e30},
+        {"steps": "abc"},
+        {"notes": "G4:100000"},
+        {"notes": "/etc/hostname"},
+        {"prompt": "🎻"},
+        {"duration": -1},
+    ):
         with pytest.raises(AppError):
             generate(client, **{"duration": 0.5, **bad})
     server_file = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}
@@ -281,7 +378,9 @@ def test_after_refused_requests_the_space_gives_bit_identical_music(client, spac
 def test_twenty_concurrent_requests_all_return_their_audio(space_url):
     seeds = [index % 4 for index in range(20)]
     with ThreadPoolExecutor(max_workers=20) as pool:
-        results = list(pool.map(lambda seed: generate(Client(space_url, verbose=False), seed=seed, duration=0.8), seeds))
+        results = list(
+            pool.map(lambda seed: generate(Client(space_url, verbose=False), seed=seed, duration=0.8), seeds)
+        )
     waveforms = [read_wav(result[0]) for result in results]
     assert all(len(waveform) == 12800 for waveform in waveforms)
     # Two pipelines ran side by side without disturbing each other: a seed gives its audio whatever ran beside it, up to
@@ -331,17 +430,24 @@ def test_the_space_gets_basic_pitch_without_its_tensorflow_requirement(tmp_path)
     source = tmp_path / "basic_pitch-0.4.0-py2.py3-none-any.whl"
     with zipfile.ZipFile(source, "w") as wheel:
         wheel.writestr("basic_pitch/__init__.py", "")
-        wheel.writestr("basic_pitch-0.4.0.dist-info/METADATA", "Name: basic-pitch\nVersion: 0.4.0\n"
-                       "Requires-Dist: tensorflow<2.15.1\nRequires-Dist: resampy<0.4.3\n")
+        wheel.writestr(
+            "basic_pitch-0.4.0.dist-info/METADATA",
+            "Name: basic-pitch\nVersion: 0.4.0\nRequires-Dist: tensorflow<2.15.1\nRequires-Dist: resampy<0.4.3\n",
+        )
         wheel.writestr("basic_pitch-0.4.0.dist-info/RECORD", "")
     (tmp_path / "out").mkdir()
     built = build_wheels.without_requirements(str(source), str(tmp_path / "out"))
     assert os.path.basename(built) == "basic_pitch-0.4.0+nodeps-py2.py3-none-any.whl"
     with zipfile.ZipFile(built) as wheel:
-        assert wheel.read("basic_pitch-0.4.0+nodeps.dist-info/METADATA").decode() == "Name: basic-pitch\nVersion: 0.4.0+nodeps\n"
+        assert (
+            wheel.read("basic_pitch-0.4.0+nodeps.dist-info/METADATA").decode()
+            == "Name: basic-pitch\nVersion: 0.4.0+nodeps\n"
+        )
         for line in wheel.read("basic_pitch-0.4.0+nodeps.dist-info/RECORD").decode().split():
             path, digest, size = line.split(",")
             if digest:
                 data = wheel.read(path)
-                assert digest == "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                assert (
+                    digest == "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                )
                 assert int(size) == len(data)

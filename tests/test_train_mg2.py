@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import ROOT, SUBPROCESS_TIMEOUT, accelerate, accelerate_command
 from safetensors.torch import load_file
 
-from conftest import ROOT, SUBPROCESS_TIMEOUT, accelerate, accelerate_command
 from mg2_pipeline import MG2Pipeline
 from mg2_pipeline.data import load_mg2_dataset
 
@@ -23,52 +23,115 @@ TRAIN = os.path.join(ROOT, "training", "train_mg2.py")
 
 
 def tiny_args(dataset: str, parts: dict, output_dir, *extra: str) -> list[str]:
-    return ["--pipeline", "preset:tiny", "--clmp", parts["clmp"], "--retriever", parts["retriever"], "--dataset", dataset,
-            "--output_dir", str(output_dir), "--clip_seconds", "1.28", "--train_batch_size", "2", "--shuffle_buffer_size", "8",
-            "--validation_inference_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "1", *extra]
+    return [
+        "--pipeline",
+        "preset:tiny",
+        "--clmp",
+        parts["clmp"],
+        "--retriever",
+        parts["retriever"],
+        "--dataset",
+        dataset,
+        "--output_dir",
+        str(output_dir),
+        "--clip_seconds",
+        "1.28",
+        "--train_batch_size",
+        "2",
+        "--shuffle_buffer_size",
+        "8",
+        "--validation_inference_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--lr_warmup_steps",
+        "1",
+        *extra,
+    ]
 
 
 def unet_weights(folder) -> dict:
     return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
 
 
-def test_training_learns_checkpoints_validates_and_saves_a_loadable_pipeline(tiny_dataset, tiny_generator_parts, tmp_path):
+def test_training_learns_checkpoints_validates_and_saves_a_loadable_pipeline(
+    tiny_dataset, tiny_generator_parts, tmp_path
+):
     output_dir = tmp_path / "mg2"
-    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, output_dir, "--max_train_steps", "12",
-                                 "--checkpointing_steps", "4", "--checkpoints_total_limit", "2", "--validation_steps", "6"))
+    accelerate(
+        TRAIN,
+        *tiny_args(
+            tiny_dataset,
+            tiny_generator_parts,
+            output_dir,
+            "--max_train_steps",
+            "12",
+            "--checkpointing_steps",
+            "4",
+            "--checkpoints_total_limit",
+            "2",
+            "--validation_steps",
+            "6",
+        ),
+    )
     assert [os.path.basename(d) for d in checkpoint_dirs(str(output_dir))] == ["checkpoint-8", "checkpoint-12"]
     assert sorted(os.listdir(output_dir / "validation")) == ["step-12.wav", "step-6.wav"]
-    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(output_dir / "logs") for name in files)
+    assert any(
+        name.startswith("events.out.tfevents") for _, _, files in os.walk(output_dir / "logs") for name in files
+    )
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["steps"] == 12 and summary["skipped_steps"] == 0
     assert summary["loss_last_10"] < summary["loss_first_10"]
 
     pipe = MG2Pipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.config.condition == "text_melody" and pipe.config.aligned_melody == "sketch" and len(pipe.retriever) > 1
-    out = pipe("a jig on fiddle", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0))
+    assert (
+        pipe.config.condition == "text_melody" and pipe.config.aligned_melody == "sketch" and len(pipe.retriever) > 1
+    )
+    out = pipe(
+        "a jig on fiddle", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0)
+    )
     assert out.audios.shape == (1, 20480) and np.all(np.isfinite(out.audios)) and out.melodies[0].metadata["title"]
 
 
-def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(tiny_dataset, tiny_generator_parts, tmp_path):
+def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(
+    tiny_dataset, tiny_generator_parts, tmp_path
+):
     import pyarrow.parquet as pq
 
     cache_root = tmp_path / "cache"
     common = ["--max_train_steps", "4", "--validation_steps", "100", "--latent_cache", str(cache_root)]
-    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "plain", *common, "--max_train_steps", "1"))
-    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "mg2", *common, "--text_attention", "on",
-                                 "--sketch_timbre", "random"))
+    accelerate(
+        TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "plain", *common, "--max_train_steps", "1")
+    )
+    accelerate(
+        TRAIN,
+        *tiny_args(
+            tiny_dataset,
+            tiny_generator_parts,
+            tmp_path / "mg2",
+            *common,
+            "--text_attention",
+            "on",
+            "--sketch_timbre",
+            "random",
+        ),
+    )
     summary = json.loads((tmp_path / "mg2" / "training_summary.json").read_text())
     assert summary["text_attention"] is True and summary["sketch_timbre"] == "random"
 
     # The random-timbre cache has the same latents and captions as the plain one, and other melody frames.
     def cache_rows(folder):
-        rows = [row for path in glob.glob(os.path.join(folder, "*.parquet")) for row in pq.read_table(path).to_pylist()]
+        rows = [
+            row for path in glob.glob(os.path.join(folder, "*.parquet")) for row in pq.read_table(path).to_pylist()
+        ]
         return sorted(rows, key=lambda row: row["clip_id"])
 
     plain = cache_rows(json.loads((tmp_path / "plain" / "training_summary.json").read_text())["latent_cache"])
     random = cache_rows(summary["latent_cache"])
-    assert [row["caption"] for row in plain] == [row["caption"] for row in random] and all(row["caption"] for row in plain)
+    assert [row["caption"] for row in plain] == [row["caption"] for row in random] and all(
+        row["caption"] for row in plain
+    )
     assert all(a["latents"] == b["latents"] for a, b in zip(plain, random))
     assert all(a["melody_frames"] != b["melody_frames"] for a, b in zip(plain, random))
 
@@ -77,8 +140,13 @@ def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(tin
     assert pipe.config.text_attention and pipe.unet.config.cross_attention_dim == pipe.clmp.text_hidden_size
 
     def generate(prompt):
-        return pipe(prompt, melody="G4:0.5 A4:0.5 B4:1", num_inference_steps=2, audio_length_in_s=1.28,
-                    generator=torch.Generator().manual_seed(0)).audios[0]
+        return pipe(
+            prompt,
+            melody="G4:0.5 A4:0.5 B4:1",
+            num_inference_steps=2,
+            audio_length_in_s=1.28,
+            generator=torch.Generator().manual_seed(0),
+        ).audios[0]
 
     fiddle, piano = generate("a jig on fiddle"), generate("a jig on piano")
     assert np.all(np.isfinite(fiddle)) and not np.allclose(fiddle, piano, atol=1e-4)
@@ -97,20 +165,28 @@ def test_the_latent_cache_is_built_once_per_key_and_holds_whole_clips(tiny_datas
     def cache_table(output_dir):
         folder = json.loads((output_dir / "training_summary.json").read_text())["latent_cache"]
         info = json.loads(open(os.path.join(folder, "cache_info.json")).read())
-        rows = [row for path in glob.glob(os.path.join(folder, "*.parquet")) for row in pq.read_table(path).to_pylist()]
+        rows = [
+            row for path in glob.glob(os.path.join(folder, "*.parquet")) for row in pq.read_table(path).to_pylist()
+        ]
         return sorted(rows, key=lambda row: row["clip_id"]), info
 
     cache_root = tmp_path / "cache"
     common = ["--max_train_steps", "1", "--validation_steps", "100", "--latent_cache", str(cache_root)]
-    first = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "a", *common, "--latent_cache_workers", "2"))
+    first = accelerate(
+        TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "a", *common, "--latent_cache_workers", "2")
+    )
     again = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "b", *common))
-    pooled = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "c", *common, "--aligned_melody", "none"))
+    pooled = accelerate(
+        TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "c", *common, "--aligned_melody", "none")
+    )
     assert "part 2/2" in first.stderr and "Latent cache" not in again.stderr and "Latent cache" in pooled.stderr
     keys = sorted(os.listdir(cache_root))
     assert len(keys) == 2  # the pooled-only model has no melody frames: its own key
     assert MG2Pipeline.from_pretrained(tmp_path / "c").config.aligned_melody is None
     # Built again by one process elsewhere: the same rows as the two forked workers cached, each once.
-    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "d", *common[:-1], str(tmp_path / "cache-1")))
+    accelerate(
+        TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "d", *common[:-1], str(tmp_path / "cache-1"))
+    )
     table, info = cache_table(tmp_path / "d")
     in_parts, parts_info = cache_table(tmp_path / "a")
     clips = sum(1 for _ in load_mg2_dataset(tiny_dataset, "train"))
@@ -118,16 +194,36 @@ def test_the_latent_cache_is_built_once_per_key_and_holds_whole_clips(tiny_datas
     assert [row["clip_id"] for row in in_parts] == [row["clip_id"] for row in table]
     for one, two in zip(table, in_parts):
         for key in ("latents", "melody_frames"):
-            np.testing.assert_allclose(np.frombuffer(one[key], np.float16), np.frombuffer(two[key], np.float16), atol=1e-3)
+            np.testing.assert_allclose(
+                np.frombuffer(one[key], np.float16), np.frombuffer(two[key], np.float16), atol=1e-3
+            )
     row = table[0]
-    assert row["latents_shape"] == [4, 200, 32] and row["melody_frames_shape"] == [4, 200, 32]  # 4 s at ×2: whole clips
+    assert row["latents_shape"] == [4, 200, 32] and row["melody_frames_shape"] == [
+        4,
+        200,
+        32,
+    ]  # 4 s at ×2: whole clips
     assert len(np.frombuffer(row["latents"], np.float16)) == 4 * 200 * 32 and len(row["text_embeds"]) == 32
 
 
 def test_text_only_ablation_trains_with_the_same_script(tiny_dataset, tiny_generator_parts, tmp_path):
     output_dir = tmp_path / "text-only"
-    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, output_dir, "--max_train_steps", "2",
-                                 "--condition", "text", "--validation_steps", "2", "--checkpointing_steps", "2"))
+    accelerate(
+        TRAIN,
+        *tiny_args(
+            tiny_dataset,
+            tiny_generator_parts,
+            output_dir,
+            "--max_train_steps",
+            "2",
+            "--condition",
+            "text",
+            "--validation_steps",
+            "2",
+            "--checkpointing_steps",
+            "2",
+        ),
+    )
     pipe = MG2Pipeline.from_pretrained(output_dir)
     assert pipe.config.condition == "text" and pipe.config.aligned_melody is None
     out = pipe("a jig", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0))
@@ -136,15 +232,32 @@ def test_text_only_ablation_trains_with_the_same_script(tiny_dataset, tiny_gener
         pipe("a jig", melody="G4:1")
 
 
-def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identical_state(tiny_dataset, tiny_generator_parts, tmp_path):
-    common = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "10", "--validation_steps", "100"]
+def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identical_state(
+    tiny_dataset, tiny_generator_parts, tmp_path
+):
+    common = [
+        "--max_train_steps",
+        "8",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "10",
+        "--validation_steps",
+        "100",
+    ]
     reference = tmp_path / "uninterrupted"
     accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, reference, *common))
 
     killed = tmp_path / "killed"
     command, env = accelerate_command(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, killed, *common))
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     while not os.path.isdir(killed / "checkpoint-4") and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -155,8 +268,13 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
     os.makedirs(killed / "checkpoint-7.tmp")
     last_complete = checkpoint_dirs(str(killed))[-1]
 
-    resumed = accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, killed, *common, "--resume_from_checkpoint", "latest"))
-    assert f"Resumed from {last_complete} at step {int(last_complete.rsplit('-', 1)[1])}" in resumed.stdout + resumed.stderr
+    resumed = accelerate(
+        TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, killed, *common, "--resume_from_checkpoint", "latest")
+    )
+    assert (
+        f"Resumed from {last_complete} at step {int(last_complete.rsplit('-', 1)[1])}"
+        in resumed.stdout + resumed.stderr
+    )
     assert json.loads((killed / "training_summary.json").read_text())["steps"] == 8
     # same weights, optimizer and EMA as the run that was never interrupted
     for name in ("model.safetensors",):
@@ -194,14 +312,32 @@ def test_non_finite_losses_are_skipped_and_abort_after_k_in_a_row():
         guard.should_skip(torch.tensor(float("nan")))
 
 
-def test_a_diverging_run_stops_with_a_clear_message_and_finite_checkpoints(tiny_dataset, tiny_generator_parts, tmp_path):
+def test_a_diverging_run_stops_with_a_clear_message_and_finite_checkpoints(
+    tiny_dataset, tiny_generator_parts, tmp_path
+):
     output_dir = tmp_path / "diverged"
-    command, env = accelerate_command(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, output_dir, "--max_train_steps", "30",
-                                                        "--checkpointing_steps", "1", "--validation_steps", "100",
-                                                        "--max_nonfinite_steps", "2", "--max_grad_norm", "1e30"))
+    command, env = accelerate_command(
+        TRAIN,
+        *tiny_args(
+            tiny_dataset,
+            tiny_generator_parts,
+            output_dir,
+            "--max_train_steps",
+            "30",
+            "--checkpointing_steps",
+            "1",
+            "--validation_steps",
+            "100",
+            "--max_nonfinite_steps",
+            "2",
+            "--max_grad_norm",
+            "1e30",
+        ),
+    )
     command[command.index("--learning_rate") + 1] = "1e30"
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env},
-                            timeout=SUBPROCESS_TIMEOUT)
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=SUBPROCESS_TIMEOUT
+    )
     assert result.returncode != 0
     assert "NaN or infinite for 2 steps in a row" in result.stderr
     for checkpoint in checkpoint_dirs(str(output_dir)):
@@ -211,8 +347,21 @@ def test_a_diverging_run_stops_with_a_clear_message_and_finite_checkpoints(tiny_
 
 def test_two_processes_train_and_save_the_same_pipeline(tiny_dataset, tiny_generator_parts, tmp_path):
     output_dir = tmp_path / "ddp"
-    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, output_dir, "--max_train_steps", "2",
-                                 "--checkpointing_steps", "2", "--validation_steps", "2"), processes=2)
+    accelerate(
+        TRAIN,
+        *tiny_args(
+            tiny_dataset,
+            tiny_generator_parts,
+            output_dir,
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "2",
+            "--validation_steps",
+            "2",
+        ),
+        processes=2,
+    )
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2 and summary["samples"] == 8
     assert MG2Pipeline.from_pretrained(output_dir).unet is not None
@@ -225,8 +374,22 @@ def test_a_corrupt_row_is_skipped_and_counted(tiny_dataset, tiny_generator_parts
     rows[0] = dict(rows[0], audio={"bytes": b"not audio at all", "path": "broken.flac"})
     write_shard(rows, str(tmp_path / "corrupt" / "data" / "train-00000-of-00001.parquet"))
     output_dir = tmp_path / "mg2"
-    result = accelerate(TRAIN, *tiny_args(str(tmp_path / "corrupt"), tiny_generator_parts, output_dir, "--max_train_steps", "3",
-                                          "--train_batch_size", "4", "--shuffle_buffer_size", "0", "--validation_steps", "100"))
+    result = accelerate(
+        TRAIN,
+        *tiny_args(
+            str(tmp_path / "corrupt"),
+            tiny_generator_parts,
+            output_dir,
+            "--max_train_steps",
+            "3",
+            "--train_batch_size",
+            "4",
+            "--shuffle_buffer_size",
+            "0",
+            "--validation_steps",
+            "100",
+        ),
+    )
     assert "corrupt rows skipped" in result.stderr
     assert json.loads((output_dir / "training_summary.json").read_text())["skipped_rows_latent_cache"] == 1
 
@@ -236,14 +399,31 @@ def test_lora_adapter_changes_the_output_and_reloads_exactly(tiny_dataset, tiny_
     from mg2_pipeline.presets import build_pipeline
 
     base = build_pipeline("tiny")
-    base = MG2Pipeline(**{**base.components, "clmp": CLMPModel.from_pretrained(tiny_generator_parts["clmp"]),
-                          "processor": CLMPProcessor.from_pretrained(tiny_generator_parts["clmp"]),
-                          "retriever": MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"])},
-                       aligned_melody=base.config.aligned_melody)
+    base = MG2Pipeline(
+        **{
+            **base.components,
+            "clmp": CLMPModel.from_pretrained(tiny_generator_parts["clmp"]),
+            "processor": CLMPProcessor.from_pretrained(tiny_generator_parts["clmp"]),
+            "retriever": MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"]),
+        },
+        aligned_melody=base.config.aligned_melody,
+    )
     base.save_pretrained(tmp_path / "base")
     adapter_dir = tmp_path / "lora"
-    args = tiny_args(tiny_dataset, tiny_generator_parts, adapter_dir, "--max_train_steps", "3", "--use_lora", "--rank", "4",
-                     "--validation_steps", "100", "--learning_rate", "1e-2")
+    args = tiny_args(
+        tiny_dataset,
+        tiny_generator_parts,
+        adapter_dir,
+        "--max_train_steps",
+        "3",
+        "--use_lora",
+        "--rank",
+        "4",
+        "--validation_steps",
+        "100",
+        "--learning_rate",
+        "1e-2",
+    )
     args[args.index("--pipeline") + 1] = str(tmp_path / "base")
     accelerate(TRAIN, *args)
     assert os.path.isfile(adapter_dir / "pytorch_lora_weights.safetensors")
@@ -253,7 +433,9 @@ def test_lora_adapter_changes_the_output_and_reloads_exactly(tiny_dataset, tiny_
 
     def sample(pipe):
         pipe.set_progress_bar_config(disable=True)
-        return pipe("a jig", num_inference_steps=3, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0)).audios
+        return pipe(
+            "a jig", num_inference_steps=3, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0)
+        ).audios
 
     pipe = MG2Pipeline.from_pretrained(tmp_path / "base")
     before = sample(pipe)
@@ -269,10 +451,31 @@ def test_vae_training_learns_stores_its_scaling_factor_and_plugs_in(tiny_dataset
     from diffusers import AutoencoderKL
 
     output_dir = tmp_path / "vae"
-    accelerate(os.path.join(ROOT, "training", "train_vae.py"), "--preset", "tiny", "--dataset", tiny_dataset,
-               "--output_dir", str(output_dir), "--clip_seconds", "1.28", "--train_batch_size", "4", "--max_train_steps", "16",
-               "--learning_rate", "3e-3", "--disc_start", "8", "--checkpointing_steps", "8", "--scaling_batches", "2",
-               "--shuffle_buffer_size", "8")
+    accelerate(
+        os.path.join(ROOT, "training", "train_vae.py"),
+        "--preset",
+        "tiny",
+        "--dataset",
+        tiny_dataset,
+        "--output_dir",
+        str(output_dir),
+        "--clip_seconds",
+        "1.28",
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        "16",
+        "--learning_rate",
+        "3e-3",
+        "--disc_start",
+        "8",
+        "--checkpointing_steps",
+        "8",
+        "--scaling_batches",
+        "2",
+        "--shuffle_buffer_size",
+        "8",
+    )
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["l1_last_10"] < summary["l1_first_10"]
     vae = AutoencoderKL.from_pretrained(output_dir)
@@ -285,11 +488,28 @@ def test_vocoder_training_resumes_and_the_result_is_a_pipeline_vocoder(tiny_data
 
     script = os.path.join(ROOT, "training", "train_vocoder.py")
     output_dir = tmp_path / "vocoder"
-    common = ["--preset", "tiny", "--dataset", tiny_dataset, "--output_dir", str(output_dir), "--segment_seconds", "0.32",
-              "--train_batch_size", "2", "--checkpointing_steps", "2", "--shuffle_buffer_size", "8"]
+    common = [
+        "--preset",
+        "tiny",
+        "--dataset",
+        tiny_dataset,
+        "--output_dir",
+        str(output_dir),
+        "--segment_seconds",
+        "0.32",
+        "--train_batch_size",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--shuffle_buffer_size",
+        "8",
+    ]
     accelerate(script, *common, "--max_train_steps", "2")
     resumed = accelerate(script, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    assert "Resumed from" in resumed.stderr and json.loads((output_dir / "training_summary.json").read_text())["steps"] == 4
+    assert (
+        "Resumed from" in resumed.stderr
+        and json.loads((output_dir / "training_summary.json").read_text())["steps"] == 4
+    )
     vocoder = SpeechT5HifiGan.from_pretrained(output_dir)
     assert vocoder.config.model_in_dim == 64 and vocoder.config.sampling_rate == 16000
     with torch.no_grad():
@@ -325,6 +545,14 @@ def test_every_preset_file_is_valid_for_every_script(preset):
 def test_accelerate_config_files_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    kinds = {name: load_config_from_file(os.path.join(ROOT, "training", "configs", "accelerate", f"{name}.yaml")).distributed_type
-             for name in ("cpu", "multi_gpu", "fsdp")}
-    assert {name: kind.value for name, kind in kinds.items()} == {"cpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP"}
+    kinds = {
+        name: load_config_from_file(
+            os.path.join(ROOT, "training", "configs", "accelerate", f"{name}.yaml")
+        ).distributed_type
+        for name in ("cpu", "multi_gpu", "fsdp")
+    }
+    assert {name: kind.value for name, kind in kinds.items()} == {
+        "cpu": "NO",
+        "multi_gpu": "MULTI_GPU",
+        "fsdp": "FSDP",
+    }

@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
-
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "training"))

@@ -8,7 +8,9 @@ from mg2_pipeline.synth import SoundFontSynth, Track
 @pytest.mark.parametrize("program", [71, 73])  # clarinet, flute
 def test_basic_pitch_recovers_a_rendered_melody(program):
     melody = Melody.from_string("G4:0.4 A4:0.4 B4:0.4 D5:0.8 R:0.2 B4:0.4 G4:0.8 E4:0.4 D4:0.8")
-    waveform = SoundFontSynth().render([Track(melody.notes, program=program, velocity=100)], num_samples=int(5.4 * 16000))
+    waveform = SoundFontSynth().render(
+        [Track(melody.notes, program=program, velocity=100)], num_samples=int(5.4 * 16000)
+    )
     transcribed = Melody.from_audio(waveform, 16000)
     # basic-pitch may split a sustained note in two (a re-attack it hears in the timbre), so compare
     # the pitch sequence with repeats collapsed; every note is found near its onset.

@@ -54,7 +54,9 @@ def distinct_melodies(dataset_path: str, splits: list[str], limit: int | None):
     seen: dict[str, dict] = {}
     skipped = 0
     for split in splits:
-        rows = load_mg2_dataset(dataset_path, split=split).select_columns(["melody_tokens", "melody_notes", *METADATA_COLUMNS])
+        rows = load_mg2_dataset(dataset_path, split=split).select_columns(
+            ["melody_tokens", "melody_notes", *METADATA_COLUMNS]
+        )
         for row in tqdm(rows, desc=f"Reading {split} melodies", unit="clip"):
             tokens = row["melody_tokens"]
             if tokens in seen:
@@ -81,25 +83,39 @@ def main(argv=None):
     if not melodies:
         raise SystemExit(f"No melodies in splits {args.splits} of {args.dataset}.")
 
-    retriever = MelodyRetriever(dim=model.config.projection_dim, M=args.M, ef_construction=args.ef_construction,
-                                ef_search=args.ef_search, clmp_fingerprint=clmp_fingerprint(model),
-                                initial_capacity=len(melodies))
+    retriever = MelodyRetriever(
+        dim=model.config.projection_dim,
+        M=args.M,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+        clmp_fingerprint=clmp_fingerprint(model),
+        initial_capacity=len(melodies),
+    )
     items = list(melodies.items())
     with tqdm(total=len(items), desc="Embedding and indexing", unit="melody") as progress:
         for start in range(0, len(items), args.batch_size):
-            batch = items[start:start + args.batch_size]
+            batch = items[start : start + args.batch_size]
             encoded = processor(melody=[entry["melody"] for _, entry in batch], return_tensors="pt")
             embeddings = model.get_melody_features(encoded["melody_input_ids"], encoded["melody_attention_mask"])
-            retriever.add(embeddings, [entry["melody"] for _, entry in batch], [entry["metadata"] for _, entry in batch])
+            retriever.add(
+                embeddings, [entry["melody"] for _, entry in batch], [entry["metadata"] for _, entry in batch]
+            )
             progress.update(len(batch))
     retriever.save_pretrained(args.output_dir)
-    summary = {"melodies": len(retriever), "clips": sum(entry["metadata"]["clip_count"] for entry in melodies.values()),
-               "skipped_rows": skipped, "splits": args.splits, "clmp": os.path.abspath(args.clmp),
-               "clmp_fingerprint": retriever.config.clmp_fingerprint}
+    summary = {
+        "melodies": len(retriever),
+        "clips": sum(entry["metadata"]["clip_count"] for entry in melodies.values()),
+        "skipped_rows": skipped,
+        "splits": args.splits,
+        "clmp": os.path.abspath(args.clmp),
+        "clmp_fingerprint": retriever.config.clmp_fingerprint,
+    }
     with open(os.path.join(args.output_dir, "build_summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    print(f"Indexed {summary['melodies']} distinct melodies from {summary['clips']} clips "
-          f"({skipped} rows skipped) into {args.output_dir}")
+    print(
+        f"Indexed {summary['melodies']} distinct melodies from {summary['clips']} clips "
+        f"({skipped} rows skipped) into {args.output_dir}"
+    )
     return retriever
 
 

@@ -52,16 +52,25 @@ import scipy.linalg
 import scipy.signal
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
+from sound_measures import (
+    DEFAULT_PROMPTS,
+    FAMILIES,
+    FAMILY_OF_PROGRAM,
+    InstrumentPrompts,
+    SoundClassifier,
+    family_of,
+    onset_click_energy,
+    paired_preference,
+    timbre_features,
+)
 from tqdm.auto import tqdm
+from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_model
 
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline, load_audio, save_audio
 from mg2_pipeline.audio import SAMPLE_RATE
 from mg2_pipeline.data import load_mg2_dataset
-from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.hub import write_model_card
-from sound_measures import (DEFAULT_PROMPTS, FAMILIES, FAMILY_OF_PROGRAM, InstrumentPrompts, SoundClassifier, family_of,
-                            onset_click_energy, paired_preference, timbre_features)
-from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_model
+from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
 
 CHROMA_FPS = 10
 TEMPO_TOLERANCE = 0.15
@@ -142,7 +151,9 @@ def tempo_matches(waveform: np.ndarray, bpm: float) -> tuple[float, bool, bool]:
 class Bench:
     """The clips under test and everything measured against them: real audio, melodies, reference embeddings."""
 
-    def __init__(self, rows: list[dict], seconds: float, validation_audio: list[np.ndarray], pipe: MG2Pipeline | None, seed: int):
+    def __init__(
+        self, rows: list[dict], seconds: float, validation_audio: list[np.ndarray], pipe: MG2Pipeline | None, seed: int
+    ):
         self.rows, self.pipe = rows, pipe
         self.samples = int(round(seconds * SAMPLE_RATE))
         self.captions = [row["caption"] for row in rows]
@@ -164,19 +175,35 @@ class Bench:
         """Cut or zero-pad to the evaluated length."""
         return np.pad(waveform[: self.samples], (0, max(0, self.samples - len(waveform)))).astype(np.float32)
 
-    def row(self, protocol: str, audio: str, kind: str, waveforms: list[np.ndarray], melodies: list[Melody] | None,
-            mel_acc_against: list[int] | None = None, fad: bool = True, **extra) -> dict:
+    def row(
+        self,
+        protocol: str,
+        audio: str,
+        kind: str,
+        waveforms: list[np.ndarray],
+        melodies: list[Melody] | None,
+        mel_acc_against: list[int] | None = None,
+        fad: bool = True,
+        **extra,
+    ) -> dict:
         """One table row: adherence of `waveforms` to `melodies` (chroma) and to the real clips `mel_acc_against`
         (indices; None = each its own clip), FAD to the real test clips, CLMP score against the captions."""
         peaks = [chroma_peaks(w) for w in waveforms]
         against = mel_acc_against if mel_acc_against is not None else range(len(waveforms))
-        result = {"protocol": protocol, "audio": audio, "kind": kind, "clips": len(waveforms),
-                  "mel_acc": float(np.mean([mel_accuracy(p, self.real_peaks[i]) for p, i in zip(peaks, against)]))}
+        result = {
+            "protocol": protocol,
+            "audio": audio,
+            "kind": kind,
+            "clips": len(waveforms),
+            "mel_acc": float(np.mean([mel_accuracy(p, self.real_peaks[i]) for p, i in zip(peaks, against)])),
+        }
         if melodies is not None:
             result["chroma_vs_notes"] = float(np.mean([chroma_note_share(p, m) for p, m in zip(peaks, melodies)]))
             result["chroma_cosine"] = float(np.mean([melody_adherence(w, m) for w, m in zip(waveforms, melodies)]))
         if fad:
-            result["fad_spectral"] = frechet_distance(self.real_spectral, np.stack([spectral_features(w) for w in waveforms]))
+            result["fad_spectral"] = frechet_distance(
+                self.real_spectral, np.stack([spectral_features(w) for w in waveforms])
+            )
             if self.pipe is not None:
                 embeddings = clmp_audio_embeddings(self.pipe, waveforms)
                 result["fad_clmp"] = frechet_distance(self.real_clmp, embeddings)
@@ -198,41 +225,79 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], l
         reconstructed.append(vae.decode(vae.encode(mel[None, None]).latent_dist.mode()).sample[0, 0])
         through_vae.append(vocoder(reconstructed[-1][None])[0].cpu().numpy()[: bench.samples])
     reconstructed = torch.stack(reconstructed)
-    real = bench.row("codec", "real clip (FAD: test vs validation clips)", "ceiling", bench.real, bench.melodies, fad=False)
-    real["fad_spectral"] = frechet_distance(bench.real_spectral, np.stack([spectral_features(w) for w in bench.validation]))
+    real = bench.row(
+        "codec", "real clip (FAD: test vs validation clips)", "ceiling", bench.real, bench.melodies, fad=False
+    )
+    real["fad_spectral"] = frechet_distance(
+        bench.real_spectral, np.stack([spectral_features(w) for w in bench.validation])
+    )
     if bench.pipe is not None:
         real["fad_clmp"] = frechet_distance(bench.real_clmp, clmp_audio_embeddings(bench.pipe, bench.validation))
     return [
         real,
         bench.row("codec", "log-mel → vocoder", "ceiling", vocoded, bench.melodies),
-        bench.row("codec", "log-mel → VAE → vocoder", "ceiling", through_vae, bench.melodies,
-                  mel_l1=float((reconstructed - real_mels).abs().mean())),
-        bench.row("codec", "real clip vs another clip's melody / audio", "floor", bench.real,
-                  [bench.melodies[i] for i in bench.other], mel_acc_against=bench.other, fad=False),
+        bench.row(
+            "codec",
+            "log-mel → VAE → vocoder",
+            "ceiling",
+            through_vae,
+            bench.melodies,
+            mel_l1=float((reconstructed - real_mels).abs().mean()),
+        ),
+        bench.row(
+            "codec",
+            "real clip vs another clip's melody / audio",
+            "floor",
+            bench.real,
+            [bench.melodies[i] for i in bench.other],
+            mel_acc_against=bench.other,
+            fad=False,
+        ),
     ], through_vae
 
 
-def generate(pipe: MG2Pipeline, bench: Bench, args, melodies: list[Melody] | None = None, steps: int | None = None,
-             clips: int | None = None, melody_guidance_scale: float | None = None, prompts: list[str] | None = None,
-             desc: str = "") -> tuple[list[np.ndarray], list]:
+def generate(
+    pipe: MG2Pipeline,
+    bench: Bench,
+    args,
+    melodies: list[Melody] | None = None,
+    steps: int | None = None,
+    clips: int | None = None,
+    melody_guidance_scale: float | None = None,
+    prompts: list[str] | None = None,
+    desc: str = "",
+) -> tuple[list[np.ndarray], list]:
     """Waveforms and guiding melodies for the captions (or `prompts`), with `melodies` given or retrieved, one seeded
     generator per clip."""
     captions = (prompts or bench.captions)[:clips]
     waveforms, guides = [], []
     for start in tqdm(range(0, len(captions), args.batch_size), desc=desc, unit="batch"):
-        batch = captions[start:start + args.batch_size]
-        output = pipe(batch, melody=melodies[start:start + len(batch)] if melodies is not None else None,
-                      num_inference_steps=steps or args.steps, guidance_scale=args.guidance_scale, audio_length_in_s=args.seconds,
-                      melody_guidance_scale=args.melody_guidance_scale if melody_guidance_scale is None else melody_guidance_scale,
-                      guidance_interval=args.guidance_interval,
-                      generator=[torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))])
+        batch = captions[start : start + args.batch_size]
+        output = pipe(
+            batch,
+            melody=melodies[start : start + len(batch)] if melodies is not None else None,
+            num_inference_steps=steps or args.steps,
+            guidance_scale=args.guidance_scale,
+            audio_length_in_s=args.seconds,
+            melody_guidance_scale=args.melody_guidance_scale
+            if melody_guidance_scale is None
+            else melody_guidance_scale,
+            guidance_interval=args.guidance_interval,
+            generator=[torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))],
+        )
         waveforms += [bench.fit(w) for w in output.audios]
         guides += output.melodies
     return waveforms, guides
 
 
-def model_rows(bench: Bench, pipe: MG2Pipeline, pooled: MG2Pipeline | None, ablation: MG2Pipeline | None, args,
-               prompts: dict | None = None) -> tuple[list[dict], dict]:
+def model_rows(
+    bench: Bench,
+    pipe: MG2Pipeline,
+    pooled: MG2Pipeline | None,
+    ablation: MG2Pipeline | None,
+    args,
+    prompts: dict | None = None,
+) -> tuple[list[dict], dict]:
     """The two protocols (given melody, then retrieved melody) for MG2, each beside its floors: another clip's melody,
     melody guidance 0, and (when given) the pooled-only and caption-only models. With `prompts` (`instrument_prompts`),
     also the instrument prompts' audio for the sound table: given melody with the clip's and another family's
@@ -247,50 +312,141 @@ def model_rows(bench: Bench, pipe: MG2Pipeline, pooled: MG2Pipeline | None, abla
         return [melody.slice(0, args.seconds) if melody.onsets[0] < args.seconds else melody for melody in melodies]
 
     audio["given"], _ = generate(pipe, bench, args, melodies=bench.melodies, desc="MG2, given melody")
-    audio["given-no-guidance"], _ = generate(pipe, bench, args, melodies=bench.melodies, melody_guidance_scale=0.0,
-                                             desc="MG2, given melody, melody guidance 0")
+    audio["given-no-guidance"], _ = generate(
+        pipe,
+        bench,
+        args,
+        melodies=bench.melodies,
+        melody_guidance_scale=0.0,
+        desc="MG2, given melody, melody guidance 0",
+    )
     audio["retrieved"], guides = generate(pipe, bench, args, desc="MG2, retrieved melody")
     if prompts is not None:
-        audio["instrument"], _ = generate(pipe, bench, args, melodies=bench.melodies, prompts=prompts["own"],
-                                          desc="MG2, given melody, prompt naming the clip's instrument")
-        audio["other-instrument"], _ = generate(pipe, bench, args, melodies=bench.melodies, prompts=prompts["other"],
-                                                desc="MG2, given melody, prompt naming another family")
-        audio["instrument-retrieved"], _ = generate(pipe, bench, args, prompts=prompts["own"],
-                                                    desc="MG2, retrieved melody, prompt naming the clip's instrument")
+        audio["instrument"], _ = generate(
+            pipe,
+            bench,
+            args,
+            melodies=bench.melodies,
+            prompts=prompts["own"],
+            desc="MG2, given melody, prompt naming the clip's instrument",
+        )
+        audio["other-instrument"], _ = generate(
+            pipe,
+            bench,
+            args,
+            melodies=bench.melodies,
+            prompts=prompts["other"],
+            desc="MG2, given melody, prompt naming another family",
+        )
+        audio["instrument-retrieved"], _ = generate(
+            pipe,
+            bench,
+            args,
+            prompts=prompts["own"],
+            desc="MG2, retrieved melody, prompt naming the clip's instrument",
+        )
     guiding = heard([guide.melody for guide in guides])
     given = [
-        bench.row("given melody", f"MG2, given the clip's melody (melody guidance {args.melody_guidance_scale:g})", "model",
-                  audio["given"], bench.melodies, tempo_half_double=tempo(audio["given"])),
-        bench.row("given melody", "MG2's output for another clip (its caption and melody), vs this clip", "floor",
-                  [audio["given"][i] for i in bench.other], bench.melodies, fad=False),
-        bench.row("given melody", "MG2, given the clip's melody, melody guidance 0", "floor", audio["given-no-guidance"],
-                  bench.melodies, fad=False),
+        bench.row(
+            "given melody",
+            f"MG2, given the clip's melody (melody guidance {args.melody_guidance_scale:g})",
+            "model",
+            audio["given"],
+            bench.melodies,
+            tempo_half_double=tempo(audio["given"]),
+        ),
+        bench.row(
+            "given melody",
+            "MG2's output for another clip (its caption and melody), vs this clip",
+            "floor",
+            [audio["given"][i] for i in bench.other],
+            bench.melodies,
+            fad=False,
+        ),
+        bench.row(
+            "given melody",
+            "MG2, given the clip's melody, melody guidance 0",
+            "floor",
+            audio["given-no-guidance"],
+            bench.melodies,
+            fad=False,
+        ),
     ]
     retrieved = [
-        bench.row("retrieved melody", "MG2 vs the melody that guided it", "model", audio["retrieved"], guiding,
-                  tempo_half_double=tempo(audio["retrieved"])),
+        bench.row(
+            "retrieved melody",
+            "MG2 vs the melody that guided it",
+            "model",
+            audio["retrieved"],
+            guiding,
+            tempo_half_double=tempo(audio["retrieved"]),
+        ),
         bench.row("retrieved melody", "MG2 vs another clip's melody", "floor", audio["retrieved"], others, fad=False),
     ]
     if pooled is not None:
-        audio["pooled-given"], _ = generate(pooled, bench, args, melodies=bench.melodies, desc="pooled-only model, given melody")
-        audio["pooled-retrieved"], pooled_guides = generate(pooled, bench, args, desc="pooled-only model, retrieved melody")
-        given.append(bench.row("given melody", "pooled-only model (the paper's condition), given the clip's melody", "floor",
-                               audio["pooled-given"], bench.melodies, tempo_half_double=tempo(audio["pooled-given"])))
-        retrieved.append(bench.row("retrieved melody", "pooled-only model vs the melody that guided it", "floor",
-                                   audio["pooled-retrieved"], heard([guide.melody for guide in pooled_guides])))
+        audio["pooled-given"], _ = generate(
+            pooled, bench, args, melodies=bench.melodies, desc="pooled-only model, given melody"
+        )
+        audio["pooled-retrieved"], pooled_guides = generate(
+            pooled, bench, args, desc="pooled-only model, retrieved melody"
+        )
+        given.append(
+            bench.row(
+                "given melody",
+                "pooled-only model (the paper's condition), given the clip's melody",
+                "floor",
+                audio["pooled-given"],
+                bench.melodies,
+                tempo_half_double=tempo(audio["pooled-given"]),
+            )
+        )
+        retrieved.append(
+            bench.row(
+                "retrieved melody",
+                "pooled-only model vs the melody that guided it",
+                "floor",
+                audio["pooled-retrieved"],
+                heard([guide.melody for guide in pooled_guides]),
+            )
+        )
     if ablation is not None:
         audio["caption-only"], _ = generate(ablation, bench, args, desc="caption-only model")
-        given.append(bench.row("given melody", "caption-only model", "floor", audio["caption-only"], bench.melodies,
-                               tempo_half_double=tempo(audio["caption-only"])))
-        retrieved.append(bench.row("retrieved melody", "caption-only model vs the melody MG2 retrieved", "floor",
-                                   audio["caption-only"], guiding, fad=False))
+        given.append(
+            bench.row(
+                "given melody",
+                "caption-only model",
+                "floor",
+                audio["caption-only"],
+                bench.melodies,
+                tempo_half_double=tempo(audio["caption-only"]),
+            )
+        )
+        retrieved.append(
+            bench.row(
+                "retrieved melody",
+                "caption-only model vs the melody MG2 retrieved",
+                "floor",
+                audio["caption-only"],
+                guiding,
+                fad=False,
+            )
+        )
     if args.ddim_clips:
         subset = min(args.ddim_clips, len(bench.rows))
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        audio["retrieved-ddim"], ddim_guides = generate(pipe, bench, args, steps=args.ddim_steps, clips=subset,
-                                                        desc=f"MG2, DDIM {args.ddim_steps}")
-        retrieved.append(bench.row("retrieved melody", f"MG2, DDIM {args.ddim_steps} steps (first {subset} clips; no FAD)", "model",
-                                   audio["retrieved-ddim"], heard([guide.melody for guide in ddim_guides]), fad=False))
+        audio["retrieved-ddim"], ddim_guides = generate(
+            pipe, bench, args, steps=args.ddim_steps, clips=subset, desc=f"MG2, DDIM {args.ddim_steps}"
+        )
+        retrieved.append(
+            bench.row(
+                "retrieved melody",
+                f"MG2, DDIM {args.ddim_steps} steps (first {subset} clips; no FAD)",
+                "model",
+                audio["retrieved-ddim"],
+                heard([guide.melody for guide in ddim_guides]),
+                fad=False,
+            )
+        )
     return given + retrieved, audio
 
 
@@ -298,9 +454,12 @@ def instrument_prompts(bench: Bench, path: str) -> dict:
     """Per clip, a prompt naming its melody instrument and one naming an instrument of another family (same phrasing)."""
     templates = InstrumentPrompts(path)
     other = [templates.other_family_program(i, program) for i, program in enumerate(bench.programs)]
-    return {"own": [templates.prompt(i, program) for i, program in enumerate(bench.programs)],
-            "other": [templates.prompt(i, program) for i, program in enumerate(other)],
-            "own_programs": np.array(bench.programs), "other_programs": np.array(other)}
+    return {
+        "own": [templates.prompt(i, program) for i, program in enumerate(bench.programs)],
+        "other": [templates.prompt(i, program) for i, program in enumerate(other)],
+        "own_programs": np.array(bench.programs),
+        "other_programs": np.array(other),
+    }
 
 
 def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: dict) -> list[dict]:
@@ -312,43 +471,84 @@ def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: 
     own = prompts["own_programs"]
     onsets = [melody.onsets for melody in bench.melodies]
     # A real clip's partner: the next test clip of another family (clips without one are left out of the pairs).
-    others = [[j % len(own) for j in range(i + 1, i + len(own)) if family_of(own[j % len(own)]) != family_of(own[i])]
-              for i in range(len(own))]
+    others = [
+        [j % len(own) for j in range(i + 1, i + len(own)) if family_of(own[j % len(own)]) != family_of(own[i])]
+        for i in range(len(own))
+    ]
     paired = np.array([i for i in range(len(own)) if others[i]])
     partner = np.array([others[i][0] for i in paired], dtype=int)
 
     def row(name, label, kind, programs=own, paired_with=None, accompaniment=False, clicks=False):
         families = [family_of(p) for p in programs]
         predicted = [FAMILIES[i] for i in probabilities[name].argmax(1)]
-        result = {"audio": label, "kind": kind, "clips": len(programs),
-                  "family_accuracy": float(np.mean([p == f for p, f in zip(predicted, families)])),
-                  "program_accuracy": float(np.mean(classifier.programs(features[name]) == programs))}
+        result = {
+            "audio": label,
+            "kind": kind,
+            "clips": len(programs),
+            "family_accuracy": float(np.mean([p == f for p, f in zip(predicted, families)])),
+            "program_accuracy": float(np.mean(classifier.programs(features[name]) == programs)),
+        }
         if paired_with is not None and len(paired_with[2]):
             other_name, other_programs, clips, order = paired_with
-            result["paired_preference"] = paired_preference(probabilities[name][clips], probabilities[other_name][order],
-                                                            [families[i] for i in clips],
-                                                            [family_of(p) for p in other_programs[order]])
+            result["paired_preference"] = paired_preference(
+                probabilities[name][clips],
+                probabilities[other_name][order],
+                [families[i] for i in clips],
+                [family_of(p) for p in other_programs[order]],
+            )
         if accompaniment:
             heard = classifier.accompanied(features[name])
-            result["accompanied_when_asked"] = float(heard[bench.accompanied].mean()) if bench.accompanied.any() else None
-            result["accompanied_when_solo"] = float(heard[~bench.accompanied].mean()) if (~bench.accompanied).any() else None
+            result["accompanied_when_asked"] = (
+                float(heard[bench.accompanied].mean()) if bench.accompanied.any() else None
+            )
+            result["accompanied_when_solo"] = (
+                float(heard[~bench.accompanied].mean()) if (~bench.accompanied).any() else None
+            )
         if clicks:
             # The median over clips: a few real clips of plucked or struck instruments, silent between notes above
             # 2 kHz, have attacks hundreds of times their mean power and would decide a mean.
             result["onset_clicks"] = float(np.median([onset_click_energy(w, o) for w, o in zip(audio[name], onsets)]))
         return result
 
-    rows = [row("real", "real clips", "ceiling", paired_with=("real", own, paired, partner), accompaniment=True, clicks=True),
-            row("codec", "real clips through the codec (log-mel → VAE → vocoder)", "ceiling",
-                paired_with=("codec", own, paired, partner), accompaniment=True, clicks=True)]
+    rows = [
+        row(
+            "real",
+            "real clips",
+            "ceiling",
+            paired_with=("real", own, paired, partner),
+            accompaniment=True,
+            clicks=True,
+        ),
+        row(
+            "codec",
+            "real clips through the codec (log-mel → VAE → vocoder)",
+            "ceiling",
+            paired_with=("codec", own, paired, partner),
+            accompaniment=True,
+            clicks=True,
+        ),
+    ]
     every = np.arange(len(own))
     if "instrument" in audio:
         rows += [
-            row("instrument", "MG2, given melody, prompt naming the clip's instrument", "model",
-                paired_with=("other-instrument", prompts["other_programs"], every, every), clicks=True),
-            row("other-instrument", "MG2, given melody, prompt naming another family (scored against that family)", "model",
-                programs=prompts["other_programs"]),
-            row("other-instrument", "MG2, given melody, prompt naming another family, read as the clip's own family", "floor"),
+            row(
+                "instrument",
+                "MG2, given melody, prompt naming the clip's instrument",
+                "model",
+                paired_with=("other-instrument", prompts["other_programs"], every, every),
+                clicks=True,
+            ),
+            row(
+                "other-instrument",
+                "MG2, given melody, prompt naming another family (scored against that family)",
+                "model",
+                programs=prompts["other_programs"],
+            ),
+            row(
+                "other-instrument",
+                "MG2, given melody, prompt naming another family, read as the clip's own family",
+                "floor",
+            ),
             row("instrument-retrieved", "MG2, retrieved melody, prompt naming the clip's instrument", "model"),
             row("given", "MG2, given melody, the clip's caption", "model", accompaniment=True, clicks=True),
             row("given-no-guidance", "MG2, given melody, the clip's caption, melody guidance 0", "model"),
@@ -356,11 +556,20 @@ def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: 
     if "caption-only" in audio:
         rows.append(row("caption-only", "caption-only model, the clip's caption", "ablation", accompaniment=True))
     if "pooled-given" in audio:
-        rows.append(row("pooled-given", "pooled-only model, given melody, the clip's caption", "ablation", accompaniment=True))
+        rows.append(
+            row("pooled-given", "pooled-only model, given melody, the clip's caption", "ablation", accompaniment=True)
+        )
     # Chance: always naming the test clips' most common family (program); pairs at random.
-    rows.append({"audio": "chance (the most common family / program of these clips)", "kind": "floor", "clips": len(own),
-                 "family_accuracy": max(np.mean([family_of(p) == f for p in own]) for f in FAMILIES),
-                 "program_accuracy": max(np.mean(own == p) for p in set(own)), "paired_preference": 0.5})
+    rows.append(
+        {
+            "audio": "chance (the most common family / program of these clips)",
+            "kind": "floor",
+            "clips": len(own),
+            "family_accuracy": max(np.mean([family_of(p) == f for p in own]) for f in FAMILIES),
+            "program_accuracy": max(np.mean(own == p) for p in set(own)),
+            "paired_preference": 0.5,
+        }
+    )
     codec_clicks = rows[1]["onset_clicks"]
     for result in rows:
         if "onset_clicks" in result:
@@ -369,26 +578,45 @@ def sound_rows(bench: Bench, classifier: SoundClassifier, audio: dict, prompts: 
 
 
 def format_sound_table(rows: list[dict]) -> str:
-    columns = [("family_accuracy", "family acc ↑", "{:.2f}"), ("program_accuracy", "program acc ↑", "{:.2f}"),
-               ("paired_preference", "paired preference ↑", "{:.2f}"),
-               ("accompanied_when_asked", "accompanied, caption asks", "{:.2f}"),
-               ("accompanied_when_solo", "accompanied, caption solo ↓", "{:.2f}"),
-               ("onset_clicks", "onset clicks ↓", "{:.3f}"), ("onset_clicks_vs_codec", "clicks ÷ codec", "{:.2f}")]
-    lines = ["| audio | bound | " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * (2 + len(columns))]
+    columns = [
+        ("family_accuracy", "family acc ↑", "{:.2f}"),
+        ("program_accuracy", "program acc ↑", "{:.2f}"),
+        ("paired_preference", "paired preference ↑", "{:.2f}"),
+        ("accompanied_when_asked", "accompanied, caption asks", "{:.2f}"),
+        ("accompanied_when_solo", "accompanied, caption solo ↓", "{:.2f}"),
+        ("onset_clicks", "onset clicks ↓", "{:.3f}"),
+        ("onset_clicks_vs_codec", "clicks ÷ codec", "{:.2f}"),
+    ]
+    lines = [
+        "| audio | bound | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|" + "---|" * (2 + len(columns)),
+    ]
     for row in rows:
         cells = [form.format(row[key]) if row.get(key) is not None else "–" for key, _, form in columns]
-        lines.append(f"| {row['audio']} | {row['kind'] if row['kind'] != 'model' else '**model**'} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['audio']} | {row['kind'] if row['kind'] != 'model' else '**model**'} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = [("mel_acc", "Mel acc ↑", "{:.3f}"), ("chroma_vs_notes", "chroma-vs-notes ↑", "{:.3f}"),
-               ("chroma_cosine", "chroma cosine ↑", "{:.3f}"), ("fad_clmp", "FAD CLMP ↓", "{:.4f}"),
-               ("fad_spectral", "FAD spectral ↓", "{:.2f}"), ("clmp_score", "CLMP score ↑", "{:.3f}"),
-               ("mel_l1", "mel L1 ↓", "{:.3f}"), ("tempo_half_double", "tempo ±15 % (½×/2×)", "{:.2f}")]
+    columns = [
+        ("mel_acc", "Mel acc ↑", "{:.3f}"),
+        ("chroma_vs_notes", "chroma-vs-notes ↑", "{:.3f}"),
+        ("chroma_cosine", "chroma cosine ↑", "{:.3f}"),
+        ("fad_clmp", "FAD CLMP ↓", "{:.4f}"),
+        ("fad_spectral", "FAD spectral ↓", "{:.2f}"),
+        ("clmp_score", "CLMP score ↑", "{:.3f}"),
+        ("mel_l1", "mel L1 ↓", "{:.3f}"),
+        ("tempo_half_double", "tempo ±15 % (½×/2×)", "{:.2f}"),
+    ]
     columns = [column for column in columns if any(column[0] in row for row in rows)]
-    lines = ["| protocol | audio | bound | " + " | ".join(title for _, title, _ in columns) + " |",
-             "|" + "---|" * (3 + len(columns))]
+    lines = [
+        "| protocol | audio | bound | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|" + "---|" * (3 + len(columns)),
+    ]
     for row in rows:
         cells = [form.format(row[key]) if key in row else "–" for key, _, form in columns]
         bound = {"ceiling": "ceiling", "floor": "floor", "model": "**model**"}[row["kind"]]
@@ -399,11 +627,23 @@ def format_table(rows: list[dict]) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="A saved MG2 pipeline (text + melody condition).")
-    parser.add_argument("--pooled", default=None, help="The pooled-only pipeline (no aligned melody) trained with the same preset and data.")
-    parser.add_argument("--ablation", default=None, help="The caption-only pipeline trained with the same preset, data and steps.")
-    parser.add_argument("--codec_only", action="store_true", help="Only the codec rows (real, vocoder, VAE + vocoder, floor).")
+    parser.add_argument(
+        "--pooled",
+        default=None,
+        help="The pooled-only pipeline (no aligned melody) trained with the same preset and data.",
+    )
+    parser.add_argument(
+        "--ablation", default=None, help="The caption-only pipeline trained with the same preset, data and steps."
+    )
+    parser.add_argument(
+        "--codec_only", action="store_true", help="Only the codec rows (real, vocoder, VAE + vocoder, floor)."
+    )
     parser.add_argument("--vae", default=None, help="Evaluate this VAE folder instead of the model's (codec rows).")
-    parser.add_argument("--vocoder", default=None, help="A SpeechT5HifiGan folder instead of the model's vocoder (default Griffin-Lim).")
+    parser.add_argument(
+        "--vocoder",
+        default=None,
+        help="A SpeechT5HifiGan folder instead of the model's vocoder (default Griffin-Lim).",
+    )
     parser.add_argument("--dataset", default="data/mg2-folk")
     parser.add_argument("--split", default="test")
     parser.add_argument("--output_dir", required=True)
@@ -414,22 +654,32 @@ def parse_args(argv=None):
     parser.add_argument("--ddim_steps", type=int, default=200)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--melody_guidance_scale", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE)
-    parser.add_argument("--guidance_interval", default="0,1",
-                        help="LOW,HIGH: both guidance scales apply only while t / num_train_timesteps is in [LOW, HIGH].")
+    parser.add_argument(
+        "--guidance_interval",
+        default="0,1",
+        help="LOW,HIGH: both guidance scales apply only while t / num_train_timesteps is in [LOW, HIGH].",
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_audio", action="store_true", help="Write every generated clip under OUTPUT/audio/.")
-    parser.add_argument("--prompts", default=DEFAULT_PROMPTS,
-                        help="Instrument prompt templates for the text-adherence rows.")
-    parser.add_argument("--classifier_clips", type=int, default=1500,
-                        help="Real train-split clips the instrument and accompaniment classifiers are fitted on.")
+    parser.add_argument(
+        "--prompts", default=DEFAULT_PROMPTS, help="Instrument prompt templates for the text-adherence rows."
+    )
+    parser.add_argument(
+        "--classifier_clips",
+        type=int,
+        default=1500,
+        help="Real train-split clips the instrument and accompaniment classifiers are fitted on.",
+    )
     args = parser.parse_args(argv)
     try:
         args.guidance_interval = tuple(float(bound) for bound in args.guidance_interval.split(","))
     except ValueError:
         parser.error(f"--guidance_interval must be LOW,HIGH, got {args.guidance_interval!r}")
     if args.split == "train":
-        parser.error("--split train: the sound classifier is fitted on the train split; evaluate on validation or test")
+        parser.error(
+            "--split train: the sound classifier is fitted on the train split; evaluate on validation or test"
+        )
     if args.num_clips < 2:
         parser.error("--num_clips must be >= 2 (FAD needs a covariance, the floor another clip)")
     if not args.model and not (args.codec_only and args.vae):
@@ -451,7 +701,10 @@ def main(argv=None):
     else:
         vocoder = pipe.vocoder if pipe is not None else GriffinLimVocoder()
     rows = [row for row, _ in zip(load_mg2_dataset(args.dataset, args.split), range(args.num_clips))]
-    validation = [load_audio(row["audio"]["bytes"]) for row, _ in zip(load_mg2_dataset(args.dataset, "validation"), range(len(rows)))]
+    validation = [
+        load_audio(row["audio"]["bytes"])
+        for row, _ in zip(load_mg2_dataset(args.dataset, "validation"), range(len(rows)))
+    ]
     bench = Bench(rows, args.seconds, validation, pipe, args.seed)
 
     results, codec_audio = codec_rows(bench, vae.eval(), vocoder.eval())
@@ -460,7 +713,9 @@ def main(argv=None):
     measurable = all(program in FAMILY_OF_PROGRAM for program in bench.programs)
     if measurable:
         try:
-            classifier = SoundClassifier.fit_on_rows(load_mg2_dataset(args.dataset, "train"), args.classifier_clips, args.seed)
+            classifier = SoundClassifier.fit_on_rows(
+                load_mg2_dataset(args.dataset, "train"), args.classifier_clips, args.seed
+            )
             prompts = instrument_prompts(bench, args.prompts)
         except ValueError as error:
             print(f"No sound table: {error}")
@@ -471,12 +726,16 @@ def main(argv=None):
             pooled = MG2Pipeline.from_pretrained(args.pooled)
             pooled.set_progress_bar_config(disable=True)
             if pooled.config.aligned_melody is not None or pooled.config.condition != "text_melody":
-                raise SystemExit(f"--pooled {args.pooled} is not a pooled-only model (aligned_melody={pooled.config.aligned_melody!r}).")
+                raise SystemExit(
+                    f"--pooled {args.pooled} is not a pooled-only model (aligned_melody={pooled.config.aligned_melody!r})."
+                )
         if args.ablation:
             ablation = MG2Pipeline.from_pretrained(args.ablation)
             ablation.set_progress_bar_config(disable=True)
             if ablation.config.condition != "text":
-                raise SystemExit(f"--ablation {args.ablation} is not a caption-only model (condition={ablation.config.condition!r}).")
+                raise SystemExit(
+                    f"--ablation {args.ablation} is not a caption-only model (condition={ablation.config.condition!r})."
+                )
         generated_rows, audio = model_rows(bench, pipe, pooled, ablation, args, prompts)
         results += generated_rows
     if measurable:
@@ -490,36 +749,53 @@ def main(argv=None):
                 save_audio(os.path.join(args.output_dir, "audio", name, f"{index:03d}.wav"), waveform)
     table = format_table(results)
     sound_table = format_sound_table(sound) if sound else ""
-    payload = {"results": results, "sound": sound, "split": args.split, "dataset": args.dataset, "seconds": round(time.perf_counter() - start, 1),
-               "settings": {k: v for k, v in vars(args).items() if k != "output_dir"}}
+    payload = {
+        "results": results,
+        "sound": sound,
+        "split": args.split,
+        "dataset": args.dataset,
+        "seconds": round(time.perf_counter() - start, 1),
+        "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
+    }
     with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
         json.dump(payload, handle, indent=2)
-    markdown = (f"Test split of `{args.dataset}`, first {len(rows)} clips, {args.seconds} s each, "
-                f"{args.steps} DPM-Solver steps, guidance {args.guidance_scale} (text) and {args.melody_guidance_scale} (melody)"
-                f"{'' if args.guidance_interval == (0.0, 1.0) else f' within guidance_interval {args.guidance_interval}'}; "
-                "every row in one run on the same clips.\n\n"
-                f"{table}\n\nMel acc: chroma peaks (261.2 Hz high-pass, chroma_stft) agreeing with the real clip's; chance ≈ 0.08. "
-                "chroma-vs-notes: frames whose chroma peak is the sounding melody note's pitch class. Ceilings are real audio "
-                "and real audio through this model's codec; floors are another clip's melody, melody guidance 0, and the pooled-only "
-                "and caption-only models where given. "
-                f"FAD on {len(rows)} clips is biased upward: compare rows with each other.\n")
+    markdown = (
+        f"Test split of `{args.dataset}`, first {len(rows)} clips, {args.seconds} s each, "
+        f"{args.steps} DPM-Solver steps, guidance {args.guidance_scale} (text) and {args.melody_guidance_scale} (melody)"
+        f"{'' if args.guidance_interval == (0.0, 1.0) else f' within guidance_interval {args.guidance_interval}'}; "
+        "every row in one run on the same clips.\n\n"
+        f"{table}\n\nMel acc: chroma peaks (261.2 Hz high-pass, chroma_stft) agreeing with the real clip's; chance ≈ 0.08. "
+        "chroma-vs-notes: frames whose chroma peak is the sounding melody note's pitch class. Ceilings are real audio "
+        "and real audio through this model's codec; floors are another clip's melody, melody guidance 0, and the pooled-only "
+        "and caption-only models where given. "
+        f"FAD on {len(rows)} clips is biased upward: compare rows with each other.\n"
+    )
     if sound:
-        markdown += (f"\nThe prompt's sound, same clips and run: an instrument classifier and an accompaniment classifier "
-                     f"fitted on {classifier.train_clips} real train-split clips (timbre features, logistic regression; no "
-                     f"CLMP) read each audio. Instrument prompts from `{os.path.basename(args.prompts)}`; another family's "
-                     "prompt uses the same melody, seed and phrasing. Onset clicks: the median over clips of the 2–8 kHz "
-                     "burst at the melody's "
-                     "note onsets relative to the clip's power.\n\n" + sound_table + "\n")
+        markdown += (
+            f"\nThe prompt's sound, same clips and run: an instrument classifier and an accompaniment classifier "
+            f"fitted on {classifier.train_clips} real train-split clips (timbre features, logistic regression; no "
+            f"CLMP) read each audio. Instrument prompts from `{os.path.basename(args.prompts)}`; another family's "
+            "prompt uses the same melody, seed and phrasing. Onset clicks: the median over clips of the 2–8 kHz "
+            "burst at the melody's "
+            "note onsets relative to the clip's power.\n\n" + sound_table + "\n"
+        )
     with open(os.path.join(args.output_dir, "eval_results.md"), "w") as handle:
         handle.write(markdown)
     if not args.codec_only:
-        write_model_card(args.model, evaluation=markdown, datasets=[os.path.basename(os.path.normpath(args.dataset))],
-                         dataset_description=describe_dataset(args.dataset), model_description=describe_mg2_model(args.model, pipe),
-                         limitations=MG2_FOLK_LIMITATIONS)
+        write_model_card(
+            args.model,
+            evaluation=markdown,
+            datasets=[os.path.basename(os.path.normpath(args.dataset))],
+            dataset_description=describe_dataset(args.dataset),
+            model_description=describe_mg2_model(args.model, pipe),
+            limitations=MG2_FOLK_LIMITATIONS,
+        )
     print(table)
     print(sound_table)
-    print(f"Wrote {os.path.join(args.output_dir, 'eval_results.json')} and eval_results.md"
-          + ("" if args.codec_only else f"; model card {args.model}/README.md"))
+    print(
+        f"Wrote {os.path.join(args.output_dir, 'eval_results.json')} and eval_results.md"
+        + ("" if args.codec_only else f"; model card {args.model}/README.md")
+    )
     return payload
 
 

@@ -50,7 +50,9 @@ def fit(retriever: MelodyRetriever, embeddings: torch.Tensor, queries: list[dict
                 counts[name][0] += top.get(name) == query[name]
                 counts[name][1] += 1
             elif query.get(name):  # nothing to find: the hit must not claim the fact
-                counts[f"{name} the index lacks: not claimed"][0] += top.get("matched_facts", {}).get(name) != query[name]
+                counts[f"{name} the index lacks: not claimed"][0] += (
+                    top.get("matched_facts", {}).get(name) != query[name]
+                )
                 counts[f"{name} the index lacks: not claimed"][1] += 1
         if query.get("source"):
             for name in ("collection", f"collection: {query['source']}"):
@@ -68,10 +70,20 @@ def main(argv=None):
 
     rows = load_mg2_dataset(args.dataset, split=args.split).select_columns(["caption", "source", "tune_type", "meter"])
     # A caption asks for its clip's collection, and for its tune type / meter when it names them as the index spells them.
-    sets = {f"{args.split} captions": [
-        {"prompt": row["caption"], "source": row["source"],
-         **{name: row[name] for name in retriever.prompt_facts(row["caption"]) if name in ("tune_type", "meter")}}
-        for row in tqdm(rows, desc=f"Reading {args.split} captions", unit="clip")]}
+    sets = {
+        f"{args.split} captions": [
+            {
+                "prompt": row["caption"],
+                "source": row["source"],
+                **{
+                    name: row[name]
+                    for name in retriever.prompt_facts(row["caption"])
+                    if name in ("tune_type", "meter")
+                },
+            }
+            for row in tqdm(rows, desc=f"Reading {args.split} captions", unit="clip")
+        ]
+    }
     if args.prompts:
         with open(args.prompts) as handle:
             sets["hand-written prompts"] = [json.loads(line) for line in handle if line.strip()]
@@ -79,11 +91,19 @@ def main(argv=None):
     results = {}
     with torch.no_grad():
         for name, queries in sets.items():
-            batches = [processor(text=[query["prompt"] for query in queries[start:start + args.batch_size]], return_tensors="pt")
-                       for start in range(0, len(queries), args.batch_size)]
-            embeddings = torch.cat([model.get_text_features(batch["input_ids"], batch["attention_mask"]) for batch in batches])
-            results[name] = {"nearest melody": fit(retriever, embeddings, queries, match_prompt_facts=False),
-                             "matching the prompt's facts": fit(retriever, embeddings, queries, match_prompt_facts=True)}
+            batches = [
+                processor(
+                    text=[query["prompt"] for query in queries[start : start + args.batch_size]], return_tensors="pt"
+                )
+                for start in range(0, len(queries), args.batch_size)
+            ]
+            embeddings = torch.cat(
+                [model.get_text_features(batch["input_ids"], batch["attention_mask"]) for batch in batches]
+            )
+            results[name] = {
+                "nearest melody": fit(retriever, embeddings, queries, match_prompt_facts=False),
+                "matching the prompt's facts": fit(retriever, embeddings, queries, match_prompt_facts=True),
+            }
     sources = sorted({query["source"] for queries in sets.values() for query in queries if query.get("source")})
     chance = {source: retriever.count({"source": source}) / len(retriever) for source in sources}
     captions = sets[f"{args.split} captions"]
@@ -93,8 +113,14 @@ def main(argv=None):
     for name, by_way in results.items():
         print(f"\n{name}")
         for way, shares in by_way.items():
-            print(f"  {way}: " + (", ".join(f"{key} {value['share']:.3f} (of {value['of']})" for key, value in shares.items())
-                                  if isinstance(shares, dict) else f"{shares:.3f}"))
+            print(
+                f"  {way}: "
+                + (
+                    ", ".join(f"{key} {value['share']:.3f} (of {value['of']})" for key, value in shares.items())
+                    if isinstance(shares, dict)
+                    else f"{shares:.3f}"
+                )
+            )
     if args.output_json:
         with open(args.output_json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -28,14 +28,19 @@ DEMO_PROMPTS = [
     ("reel-flute", "A fast reel on flute at 140 BPM in G major", None),
     ("chorale-organ", "A slow chorale on church organ at 70 BPM, solemn and calm", None),
     ("march-trumpet", "A bright march on trumpet at 110 BPM in 2/4 time", None),
-    ("user-melody-piano", "A simple folk song on piano at 100 BPM",
-     "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6 D4:0.6 G4:0.3 B4:0.3 D5:0.9 B4:0.3 A4:0.9"),
+    (
+        "user-melody-piano",
+        "A simple folk song on piano at 100 BPM",
+        "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6 D4:0.6 G4:0.3 B4:0.3 D5:0.9 B4:0.3 A4:0.9",
+    ),
     ("midi-melody-clarinet", "A calm melody on clarinet at 100 BPM", "ode-to-joy.mid"),
 ]
 # One melody and seed, prompts that differ only in the instrument they name.
 SAME_TUNE_PROMPT = "A slow tune on solo {instrument}"
 SAME_TUNE_INSTRUMENTS = ("piano", "trumpet")
-SAME_TUNE_MELODY = "G4:0.6 A4:0.3 B4:0.6 D5:0.3 E5:0.9 D5:0.6 B4:0.3 A4:0.6 G4:0.3 E4:0.9 D4:0.6 G4:0.3 A4:0.6 B4:0.3 G4:1.2"
+SAME_TUNE_MELODY = (
+    "G4:0.6 A4:0.3 B4:0.6 D5:0.3 E5:0.9 D5:0.6 B4:0.3 A4:0.6 G4:0.3 E4:0.9 D4:0.6 G4:0.3 A4:0.6 B4:0.3 G4:1.2"
+)
 ODE_TO_JOY = "E5:0.4 E5:0.4 F5:0.4 G5:0.4 G5:0.4 F5:0.4 E5:0.4 D5:0.4 C5:0.4 C5:0.4 D5:0.4 E5:0.4 E5:0.6 D5:0.2 D5:0.8"
 
 
@@ -56,20 +61,38 @@ def main(argv=None):
     for index, (name, prompt, melody) in enumerate(DEMO_PROMPTS):
         if melody is not None and melody.endswith(".mid"):
             melody = os.path.join(args.output_dir, melody)
-        output = pipe(prompt, melody=melody, audio_length_in_s=args.seconds, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, melody_guidance_scale=args.melody_guidance_scale,
-                      generator=torch.Generator().manual_seed(args.seed))
+        output = pipe(
+            prompt,
+            melody=melody,
+            audio_length_in_s=args.seconds,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            melody_guidance_scale=args.melody_guidance_scale,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
         stem = os.path.join(args.output_dir, f"{index:02d}-{name}")
         save_audio(f"{stem}.wav", output.audios[0], output.sampling_rate)
         guide = output.melodies[0]
-        source = "your melody" if guide is None or guide.id is None else f"retrieved: {guide.metadata.get('title', '?')} ({guide.score:.2f})"
-        figure = plot_spectrogram(output.audios[0], output.sampling_rate, guide.as_played() if guide else None, f"{prompt} — {source}")
+        source = (
+            "your melody"
+            if guide is None or guide.id is None
+            else f"retrieved: {guide.metadata.get('title', '?')} ({guide.score:.2f})"
+        )
+        figure = plot_spectrogram(
+            output.audios[0], output.sampling_rate, guide.as_played() if guide else None, f"{prompt} — {source}"
+        )
         figure_to_png(figure, f"{stem}.png")
         print(f"{stem}.wav  {stem}.png  ← {prompt!r}, melody {source}")
     prompts = [SAME_TUNE_PROMPT.format(instrument=instrument) for instrument in SAME_TUNE_INSTRUMENTS]
-    output = pipe(prompts, melody=SAME_TUNE_MELODY, audio_length_in_s=args.seconds, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance_scale, melody_guidance_scale=args.melody_guidance_scale,
-                  generator=[torch.Generator().manual_seed(args.seed) for _ in prompts])
+    output = pipe(
+        prompts,
+        melody=SAME_TUNE_MELODY,
+        audio_length_in_s=args.seconds,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        melody_guidance_scale=args.melody_guidance_scale,
+        generator=[torch.Generator().manual_seed(args.seed) for _ in prompts],
+    )
     for instrument, waveform in zip(SAME_TUNE_INSTRUMENTS, output.audios):
         save_audio(os.path.join(args.output_dir, f"same-tune-{instrument}.wav"), waveform, output.sampling_rate)
     guide = output.melodies[0]

@@ -44,17 +44,27 @@ from mg2_pipeline.synth import SoundFontSynth, Track
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data/mg2-folk")
-    parser.add_argument("--max_tunes", type=int, default=3200, help="Tunes drawn (seeded) from the corpus; 0 = all (~13 000).")
-    parser.add_argument("--clips_per_tune", type=int, default=2, help="Renderings per tune, each with its own variation.")
+    parser.add_argument(
+        "--max_tunes", type=int, default=3200, help="Tunes drawn (seeded) from the corpus; 0 = all (~13 000)."
+    )
+    parser.add_argument(
+        "--clips_per_tune", type=int, default=2, help="Renderings per tune, each with its own variation."
+    )
     parser.add_argument("--clip_seconds", type=float, default=10.24)
-    parser.add_argument("--accompaniment_prob", type=float, default=0.5, help="Probability of a bass-and-chords accompaniment.")
-    parser.add_argument("--soundfont", default=None, help="A General MIDI .sf2 (default: TimGM6mb.sf2 from pretty_midi).")
+    parser.add_argument(
+        "--accompaniment_prob", type=float, default=0.5, help="Probability of a bass-and-chords accompaniment."
+    )
+    parser.add_argument(
+        "--soundfont", default=None, help="A General MIDI .sf2 (default: TimGM6mb.sf2 from pretty_midi)."
+    )
     parser.add_argument("--tunes_per_shard", type=int, default=200)
     parser.add_argument("--validation_fraction", type=float, default=0.05)
     parser.add_argument("--test_fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--from_audio", default=None, help="Folder with captions.csv/.jsonl, or a 🤗 dataset (path or Hub id).")
+    parser.add_argument(
+        "--from_audio", default=None, help="Folder with captions.csv/.jsonl, or a 🤗 dataset (path or Hub id)."
+    )
     parser.add_argument("--audio_column", default="audio")
     parser.add_argument("--text_column", default="caption")
     args = parser.parse_args(argv)
@@ -66,7 +76,11 @@ def parse_args(argv=None):
         parser.error(f"--clip_seconds must be in [1, 60], got {args.clip_seconds}")
     if not 0.0 <= args.accompaniment_prob <= 1.0:
         parser.error(f"--accompaniment_prob must be in [0, 1], got {args.accompaniment_prob}")
-    if not (0 <= args.validation_fraction < 1 and 0 <= args.test_fraction < 1 and args.validation_fraction + args.test_fraction < 1):
+    if not (
+        0 <= args.validation_fraction < 1
+        and 0 <= args.test_fraction < 1
+        and args.validation_fraction + args.test_fraction < 1
+    ):
         parser.error("--validation_fraction and --test_fraction must be in [0, 1) and sum to < 1")
     if args.tunes_per_shard < 1 or args.num_workers < 1:
         parser.error("--tunes_per_shard and --num_workers must be >= 1")
@@ -86,36 +100,102 @@ CORPUS_SOURCES = {
     "miscFolk": ("miscFolk", "folk tune", None),
 }
 ESSEN_ORIGINS = [  # keyword of the O: field → origin adjective, first match wins
-    ("China", "Chinese"), ("Irland", "Irish"), ("Luxemburg", "Luxembourgish"), ("Lothringen", "Lorraine"),
-    ("Oesterreich", "Austrian"), ("Schweiz", "Swiss"), ("Niederlande", "Dutch"), ("Ungarn", "Hungarian"),
-    ("Jugoslawien", "Gottschee"), ("Polen", "Silesian"), ("Deutschland", "German"), ("Europa", "European"),
+    ("China", "Chinese"),
+    ("Irland", "Irish"),
+    ("Luxemburg", "Luxembourgish"),
+    ("Lothringen", "Lorraine"),
+    ("Oesterreich", "Austrian"),
+    ("Schweiz", "Swiss"),
+    ("Niederlande", "Dutch"),
+    ("Ungarn", "Hungarian"),
+    ("Jugoslawien", "Gottschee"),
+    ("Polen", "Silesian"),
+    ("Deutschland", "German"),
+    ("Europa", "European"),
 ]
 TUNE_TYPES = [  # R: field pattern → tune type, first match wins
-    (r"slip ?jig", "slip jig"), (r"jig", "jig"), (r"reel", "reel"), (r"hornpipe", "hornpipe"),
-    (r"strathspey", "strathspey"), (r"polka", "polka"), (r"waltz", "waltz"), (r"march", "march"),
-    (r"clog", "clog dance"), (r"fling", "highland fling"), (r"air", "air"), (r"set dance", "set dance"),
-    (r"mazurka", "mazurka"), (r"gavotte", "gavotte"), (r"schottische", "schottische"),
+    (r"slip ?jig", "slip jig"),
+    (r"jig", "jig"),
+    (r"reel", "reel"),
+    (r"hornpipe", "hornpipe"),
+    (r"strathspey", "strathspey"),
+    (r"polka", "polka"),
+    (r"waltz", "waltz"),
+    (r"march", "march"),
+    (r"clog", "clog dance"),
+    (r"fling", "highland fling"),
+    (r"air", "air"),
+    (r"set dance", "set dance"),
+    (r"mazurka", "mazurka"),
+    (r"gavotte", "gavotte"),
+    (r"schottische", "schottische"),
 ]
 TEMPO_RANGES = {  # quarter-note BPM drawn per clip
-    "reel": (100, 150), "hornpipe": (80, 120), "jig": (100, 140), "slip jig": (100, 140), "polka": (110, 150),
-    "strathspey": (70, 100), "air": (55, 85), "chorale": (55, 85), "waltz": (120, 170), "march": (90, 125),
+    "reel": (100, 150),
+    "hornpipe": (80, 120),
+    "jig": (100, 140),
+    "slip jig": (100, 140),
+    "polka": (110, 150),
+    "strathspey": (70, 100),
+    "air": (55, 85),
+    "chorale": (55, 85),
+    "waltz": (120, 170),
+    "march": (90, 125),
 }
 DEFAULT_TEMPO_RANGE = (70, 135)
 
 MELODY_PROGRAMS = {  # GM program → instrument name used in captions
-    0: "piano", 6: "harpsichord", 8: "celesta", 10: "music box", 11: "vibraphone", 12: "marimba", 13: "xylophone",
-    19: "church organ", 21: "accordion", 22: "harmonica", 24: "nylon-string guitar", 25: "steel-string guitar",
-    40: "violin", 41: "viola", 42: "cello", 46: "harp", 48: "string ensemble", 56: "trumpet", 60: "French horn",
-    65: "alto saxophone", 68: "oboe", 70: "bassoon", 71: "clarinet", 73: "flute", 74: "recorder", 75: "pan flute",
-    78: "whistle", 105: "banjo", 109: "bagpipe", 110: "fiddle",
+    0: "piano",
+    6: "harpsichord",
+    8: "celesta",
+    10: "music box",
+    11: "vibraphone",
+    12: "marimba",
+    13: "xylophone",
+    19: "church organ",
+    21: "accordion",
+    22: "harmonica",
+    24: "nylon-string guitar",
+    25: "steel-string guitar",
+    40: "violin",
+    41: "viola",
+    42: "cello",
+    46: "harp",
+    48: "string ensemble",
+    56: "trumpet",
+    60: "French horn",
+    65: "alto saxophone",
+    68: "oboe",
+    70: "bassoon",
+    71: "clarinet",
+    73: "flute",
+    74: "recorder",
+    75: "pan flute",
+    78: "whistle",
+    105: "banjo",
+    109: "bagpipe",
+    110: "fiddle",
 }
 # The melody programs by family of sound (the families evaluate.py's instrument classifier reads).
 INSTRUMENT_FAMILIES = {
-    "keyboard": [0, 6], "mallet/bell": [8, 10, 11, 12, 13], "organ/free reed": [19, 21, 22],
-    "plucked": [24, 25, 46, 105], "bowed": [40, 41, 42, 48, 110], "brass": [56, 60],
-    "reeds": [65, 68, 70, 71, 109], "flutes/pipes": [73, 74, 75, 78],
+    "keyboard": [0, 6],
+    "mallet/bell": [8, 10, 11, 12, 13],
+    "organ/free reed": [19, 21, 22],
+    "plucked": [24, 25, 46, 105],
+    "bowed": [40, 41, 42, 48, 110],
+    "brass": [56, 60],
+    "reeds": [65, 68, 70, 71, 109],
+    "flutes/pipes": [73, 74, 75, 78],
 }
-CHORD_PROGRAMS = {0: "piano", 24: "nylon-string guitar", 25: "steel-string guitar", 46: "harp", 48: "strings", 19: "organ", 21: "accordion"}
+CHORD_PROGRAMS = {
+    0: "piano",
+    24: "nylon-string guitar",
+    25: "steel-string guitar",
+    46: "harp",
+    48: "strings",
+    19: "organ",
+    21: "accordion",
+}
 BASS_PROGRAMS = {32: "acoustic bass", 33: "electric bass", 42: "cello", 43: "double bass"}
 
 
@@ -211,9 +291,13 @@ def list_corpus_tunes() -> list[TuneRef]:
                     tune_origin = origin
                     if source == "essen":
                         place = _abc_field(block, "O")
-                        tune_origin = next((adjective for keyword, adjective in ESSEN_ORIGINS if keyword in place), "European")
+                        tune_origin = next(
+                            (adjective for keyword, adjective in ESSEN_ORIGINS if keyword in place), "European"
+                        )
                     stem = os.path.splitext(name)[0]
-                    tunes.append(TuneRef(f"{source}/{stem}/{number}", source, path, block, title, tune_type, tune_origin))
+                    tunes.append(
+                        TuneRef(f"{source}/{stem}/{number}", source, path, block, title, tune_type, tune_origin)
+                    )
     for path in sorted(os.path.join(root, "bach", name) for name in os.listdir(os.path.join(root, "bach"))):
         if re.fullmatch(r"bwv[\d.]+\.(mxl|xml|krn)", os.path.basename(path)):
             stem = os.path.basename(path).rsplit(".", 1)[0]
@@ -303,7 +387,9 @@ def accompaniment(tune: ParsedTune, melody_notes: np.ndarray, transpose: int) ->
         weights = np.zeros(12)
         for pitch, onset, offset in in_bar:
             weights[int(pitch) % 12] += min(offset, end) - max(onset, start)
-        scores = [sum(weights[(tonic + degree + interval) % 12] for interval in intervals) for degree, intervals in chords]
+        scores = [
+            sum(weights[(tonic + degree + interval) % 12] for interval in intervals) for degree, intervals in chords
+        ]
         degree, intervals = chords[int(np.argmax(scores))]
         root = (tonic + degree) % 12
         bass.append((36 + root, start, end))
@@ -322,10 +408,14 @@ def tempo_words(bpm: float) -> str:
 
 
 MOODS = {
-    ("major", "slow"): ["gentle", "peaceful", "warm"], ("major", "moderate"): ["cheerful", "bright", "easygoing"],
-    ("major", "lively"): ["joyful", "energetic", "bright"], ("major", "fast"): ["exuberant", "spirited", "driving"],
-    ("minor", "slow"): ["melancholic", "mournful", "wistful"], ("minor", "moderate"): ["pensive", "haunting", "bittersweet"],
-    ("minor", "lively"): ["wild", "dark", "restless"], ("minor", "fast"): ["fiery", "urgent", "dark"],
+    ("major", "slow"): ["gentle", "peaceful", "warm"],
+    ("major", "moderate"): ["cheerful", "bright", "easygoing"],
+    ("major", "lively"): ["joyful", "energetic", "bright"],
+    ("major", "fast"): ["exuberant", "spirited", "driving"],
+    ("minor", "slow"): ["melancholic", "mournful", "wistful"],
+    ("minor", "moderate"): ["pensive", "haunting", "bittersweet"],
+    ("minor", "lively"): ["wild", "dark", "restless"],
+    ("minor", "fast"): ["fiery", "urgent", "dark"],
 }
 CAPTION_TEMPLATES = [
     "A {tempo} {tune} in {meter} time played on {instruments}, {bpm} BPM, in {key}. {mood_cap} and {mood2}.",
@@ -344,7 +434,9 @@ def key_name(tonic_pitch_class: int, mode: str) -> str:
     return f"{KEY_NAMES[mode][tonic_pitch_class % 12]} {mode}"
 
 
-def caption_clip(rng: np.random.Generator, tune: TuneRef, key: str, meter: str, bpm: float, instruments: list[str]) -> str:
+def caption_clip(
+    rng: np.random.Generator, tune: TuneRef, key: str, meter: str, bpm: float, instruments: list[str]
+) -> str:
     """One caption from a randomly chosen template: instruments, tempo (BPM and word), key, tune, mood."""
     tempo = tempo_words(bpm)
     mood, mood2 = rng.choice(MOODS[(key.split()[-1], tempo)], size=2, replace=False)
@@ -358,10 +450,20 @@ def caption_clip(rng: np.random.Generator, tune: TuneRef, key: str, meter: str, 
     if "title_cap" in template and not title:
         template = CAPTION_TEMPLATES[0]
     return template.format(
-        tempo=tempo, tempo_cap=tempo.capitalize(), bpm=int(round(bpm)), key=key, meter=meter, mood=mood, mood2=mood2,
-        mood_cap=mood.capitalize(), tune=tune_text, tune_cap=tune_text[0].upper() + tune_text[1:],
-        instruments=instrument_text, instruments_cap=instrument_text[0].upper() + instrument_text[1:],
-        s="s" if len(instruments) == 1 else "", title_part=f' ("{title}")' if title else "",
+        tempo=tempo,
+        tempo_cap=tempo.capitalize(),
+        bpm=int(round(bpm)),
+        key=key,
+        meter=meter,
+        mood=mood,
+        mood2=mood2,
+        mood_cap=mood.capitalize(),
+        tune=tune_text,
+        tune_cap=tune_text[0].upper() + tune_text[1:],
+        instruments=instrument_text,
+        instruments_cap=instrument_text[0].upper() + instrument_text[1:],
+        s="s" if len(instruments) == 1 else "",
+        title_part=f' ("{title}")' if title else "",
         title_cap=f'"{title}", a ' if title else "",
     )
 
@@ -372,7 +474,9 @@ def render_tune(tune: TuneRef, args, synth: SoundFontSynth) -> list[dict]:
     clip_samples = int(round(args.clip_seconds * SAMPLE_RATE))
     rows = []
     for clip_index in range(args.clips_per_tune):
-        rng = np.random.default_rng([args.seed, int(hashlib.md5(tune.tune_id.encode()).hexdigest()[:8], 16), clip_index])
+        rng = np.random.default_rng(
+            [args.seed, int(hashlib.md5(tune.tune_id.encode()).hexdigest()[:8], 16), clip_index]
+        )
         low, high = TEMPO_RANGES.get(tune.tune_type, DEFAULT_TEMPO_RANGE)
         bpm = float(rng.integers(low, high + 1))
         seconds_per_beat = 60.0 / bpm
@@ -383,9 +487,16 @@ def render_tune(tune: TuneRef, args, synth: SoundFontSynth) -> list[dict]:
         velocity = int(rng.integers(70, 116))
 
         # Loop the tune (folk tunes repeat) so that every clip window is filled with music.
-        start_s = clip_index * args.clip_seconds if parsed.length_beats * seconds_per_beat >= (clip_index + 1) * args.clip_seconds else 0.0
+        start_s = (
+            clip_index * args.clip_seconds
+            if parsed.length_beats * seconds_per_beat >= (clip_index + 1) * args.clip_seconds
+            else 0.0
+        )
         repeats = int(math.ceil((start_s + args.clip_seconds) / (parsed.length_beats * seconds_per_beat)))
-        loop = [parsed.notes + np.array([transpose, r * parsed.length_beats, r * parsed.length_beats]) for r in range(repeats)]
+        loop = [
+            parsed.notes + np.array([transpose, r * parsed.length_beats, r * parsed.length_beats])
+            for r in range(repeats)
+        ]
         melody_beats = np.concatenate(loop)
         melody_seconds = melody_beats * np.array([1.0, seconds_per_beat, seconds_per_beat])
         # The clip's window, cut as `Melody.slice` cuts it, before it becomes a Melody: a whole looped tune may last
@@ -400,16 +511,28 @@ def render_tune(tune: TuneRef, args, synth: SoundFontSynth) -> list[dict]:
         programs, instruments = [program], [MELODY_PROGRAMS[program]]
         if rng.random() < args.accompaniment_prob:
             bass, chords = accompaniment(parsed, parsed.notes + np.array([transpose, 0, 0]), transpose)
-            bass_beats, chord_beats = ([(p, on + r * parsed.length_beats, off + r * parsed.length_beats)
-                                        for r in range(repeats) for p, on, off in part] for part in (bass, chords))
+            bass_beats, chord_beats = (
+                [
+                    (p, on + r * parsed.length_beats, off + r * parsed.length_beats)
+                    for r in range(repeats)
+                    for p, on, off in part
+                ]
+                for part in (bass, chords)
+            )
             chord_program = int(rng.choice(list(CHORD_PROGRAMS)))
             bass_program = int(rng.choice(list(BASS_PROGRAMS)))
             for notes, track_program, names, loudness in (
-                (chord_beats, chord_program, CHORD_PROGRAMS, 0.55), (bass_beats, bass_program, BASS_PROGRAMS, 0.75)
+                (chord_beats, chord_program, CHORD_PROGRAMS, 0.55),
+                (bass_beats, bass_program, BASS_PROGRAMS, 0.75),
             ):
-                window = [(p, on * seconds_per_beat - start_s, off * seconds_per_beat - start_s) for p, on, off in notes
-                          if off * seconds_per_beat > start_s and on * seconds_per_beat < start_s + args.clip_seconds]
-                tracks.append(Track([(p, max(on, 0.0), off) for p, on, off in window], track_program, int(velocity * loudness)))
+                window = [
+                    (p, on * seconds_per_beat - start_s, off * seconds_per_beat - start_s)
+                    for p, on, off in notes
+                    if off * seconds_per_beat > start_s and on * seconds_per_beat < start_s + args.clip_seconds
+                ]
+                tracks.append(
+                    Track([(p, max(on, 0.0), off) for p, on, off in window], track_program, int(velocity * loudness))
+                )
                 programs.append(track_program)
                 if names[track_program] not in instruments:
                     instruments.append(names[track_program])
@@ -420,22 +543,24 @@ def render_tune(tune: TuneRef, args, synth: SoundFontSynth) -> list[dict]:
         waveform = waveform / peak * 0.9
         key = key_name(parsed.tonic_pitch_class + transpose, parsed.mode)
         clip_id = f"{tune.tune_id}#{clip_index}"
-        rows.append({
-            "clip_id": clip_id,
-            "audio": {"bytes": encode_flac(waveform), "path": clip_id.replace("/", "_") + ".flac"},
-            "caption": caption_clip(rng, tune, key, parsed.meter, bpm, instruments),
-            "melody_tokens": melody.to_tokens(),
-            "melody_notes": melody.to_list(),
-            "tune_id": tune.tune_id,
-            "title": tune.title,
-            "source": tune.source,
-            "key": key,
-            "tempo_bpm": bpm,
-            "meter": parsed.meter,
-            "tune_type": tune.tune_type,
-            "origin": tune.origin or "",
-            "programs": programs,
-        })
+        rows.append(
+            {
+                "clip_id": clip_id,
+                "audio": {"bytes": encode_flac(waveform), "path": clip_id.replace("/", "_") + ".flac"},
+                "caption": caption_clip(rng, tune, key, parsed.meter, bpm, instruments),
+                "melody_tokens": melody.to_tokens(),
+                "melody_notes": melody.to_list(),
+                "tune_id": tune.tune_id,
+                "title": tune.title,
+                "source": tune.source,
+                "key": key,
+                "tempo_bpm": bpm,
+                "meter": parsed.meter,
+                "tune_type": tune.tune_type,
+                "origin": tune.origin or "",
+                "programs": programs,
+            }
+        )
     return rows
 
 
@@ -458,18 +583,30 @@ class AudioRef:
 
 
 def list_audio_items(path: str, audio_column: str, text_column: str) -> list[AudioRef]:
-    caption_file = next((os.path.join(path, name) for name in CAPTION_FILES if os.path.isfile(os.path.join(path, name))), None)
+    caption_file = next(
+        (os.path.join(path, name) for name in CAPTION_FILES if os.path.isfile(os.path.join(path, name))), None
+    )
     if caption_file is not None:
         import pandas
 
-        table = pandas.read_json(caption_file, lines=True) if caption_file.endswith(".jsonl") else pandas.read_csv(caption_file)
+        table = (
+            pandas.read_json(caption_file, lines=True)
+            if caption_file.endswith(".jsonl")
+            else pandas.read_csv(caption_file)
+        )
         file_column = next((c for c in ("file_name", "file", "path", audio_column) if c in table.columns), None)
         caption_column = next((c for c in (text_column, "caption", "text") if c in table.columns), None)
         if file_column is None or caption_column is None:
-            raise ValueError(f"{caption_file} needs a file column (file_name/file/path) and a caption column ({text_column}/caption/text).")
+            raise ValueError(
+                f"{caption_file} needs a file column (file_name/file/path) and a caption column ({text_column}/caption/text)."
+            )
         return [
-            AudioRef(tune_id=os.path.splitext(str(name))[0], caption=str(caption), path=os.path.join(path, str(name)),
-                     title=os.path.splitext(os.path.basename(str(name)))[0])
+            AudioRef(
+                tune_id=os.path.splitext(str(name))[0],
+                caption=str(caption),
+                path=os.path.join(path, str(name)),
+                title=os.path.splitext(os.path.basename(str(name)))[0],
+            )
             for name, caption in zip(table[file_column], table[caption_column])
         ]
     from datasets import Audio, load_dataset, load_from_disk
@@ -484,15 +621,23 @@ def list_audio_items(path: str, audio_column: str, text_column: str) -> list[Aud
         dataset = concatenate_datasets([dataset[split] for split in dataset])
     missing = [column for column in (audio_column, text_column) if column not in dataset.column_names]
     if missing:
-        raise ValueError(f"The dataset at {path!r} has no column(s) {missing}; columns are {dataset.column_names}. "
-                         "Use --audio_column / --text_column.")
+        raise ValueError(
+            f"The dataset at {path!r} has no column(s) {missing}; columns are {dataset.column_names}. "
+            "Use --audio_column / --text_column."
+        )
     dataset = dataset.cast_column(audio_column, Audio(decode=False))
     items = []
     for index, row in enumerate(dataset):
         audio = row[audio_column]
-        items.append(AudioRef(tune_id=f"{os.path.basename(os.path.normpath(path))}/{index}", caption=str(row[text_column]),
-                              path=audio.get("path") if not audio.get("bytes") else None, audio_bytes=audio.get("bytes"),
-                              title=os.path.splitext(os.path.basename(audio.get("path") or str(index)))[0]))
+        items.append(
+            AudioRef(
+                tune_id=f"{os.path.basename(os.path.normpath(path))}/{index}",
+                caption=str(row[text_column]),
+                path=audio.get("path") if not audio.get("bytes") else None,
+                audio_bytes=audio.get("bytes"),
+                title=os.path.splitext(os.path.basename(audio.get("path") or str(index)))[0],
+            )
+        )
     return items
 
 
@@ -512,28 +657,30 @@ def transcribe_recording(item: AudioRef, args, synth=None) -> list[dict]:
     rows = []
     for clip_index in range(max(1, len(waveform) // clip_samples)):
         start = clip_index * clip_samples
-        clip = waveform[start:start + clip_samples]
+        clip = waveform[start : start + clip_samples]
         try:
             clip_melody = melody.slice(start / SAMPLE_RATE, (start + clip_samples) / SAMPLE_RATE)
         except ValueError:  # no note in this clip
             continue
         clip_id = f"{item.tune_id}#{clip_index}"
-        rows.append({
-            "clip_id": clip_id,
-            "audio": {"bytes": encode_flac(clip), "path": clip_id.replace("/", "_") + ".flac"},
-            "caption": item.caption,
-            "melody_tokens": clip_melody.to_tokens(),
-            "melody_notes": clip_melody.to_list(),
-            "tune_id": item.tune_id,
-            "title": item.title,
-            "source": "user",
-            "key": "",
-            "tempo_bpm": tempo,
-            "meter": "",
-            "tune_type": "",
-            "origin": "",
-            "programs": [],
-        })
+        rows.append(
+            {
+                "clip_id": clip_id,
+                "audio": {"bytes": encode_flac(clip), "path": clip_id.replace("/", "_") + ".flac"},
+                "caption": item.caption,
+                "melody_tokens": clip_melody.to_tokens(),
+                "melody_notes": clip_melody.to_list(),
+                "tune_id": item.tune_id,
+                "title": item.title,
+                "source": "user",
+                "key": "",
+                "tempo_bpm": tempo,
+                "meter": "",
+                "tune_type": "",
+                "origin": "",
+                "programs": [],
+            }
+        )
     return rows
 
 
@@ -567,7 +714,9 @@ def plan_shards(items, args) -> list[tuple[str, int, int, list]]:
     for split, split_items in by_split.items():
         count = math.ceil(len(split_items) / args.tunes_per_shard)
         for index in range(count):
-            plan.append((split, index, count, split_items[index * args.tunes_per_shard:(index + 1) * args.tunes_per_shard]))
+            plan.append(
+                (split, index, count, split_items[index * args.tunes_per_shard : (index + 1) * args.tunes_per_shard])
+            )
     return plan
 
 
@@ -580,8 +729,10 @@ def build(args) -> dict:
             previous = json.load(handle)
         if previous != settings:
             changed = sorted(key for key in settings if previous.get(key) != settings[key])
-            raise SystemExit(f"{args.output_dir} was built with other settings ({', '.join(changed)}); "
-                             "use a new --output_dir or delete it to rebuild.")
+            raise SystemExit(
+                f"{args.output_dir} was built with other settings ({', '.join(changed)}); "
+                "use a new --output_dir or delete it to rebuild."
+            )
     else:
         with open(settings_path, "w") as handle:
             json.dump(settings, handle, indent=2)
@@ -596,8 +747,10 @@ def build(args) -> dict:
     plan = plan_shards(items, args)
     todo = [shard for shard in plan if not os.path.isfile(shard_path(args.output_dir, *shard[:3]))]
     skipped_log = os.path.join(args.output_dir, "skipped.jsonl")
-    print(f"{len(items)} {'recordings' if args.from_audio else 'tunes'} in {len(plan)} shards; "
-          f"{len(plan) - len(todo)} already built, {len(todo)} to build.")
+    print(
+        f"{len(items)} {'recordings' if args.from_audio else 'tunes'} in {len(plan)} shards; "
+        f"{len(plan) - len(todo)} already built, {len(todo)} to build."
+    )
 
     work = [item for shard in todo for item in shard[3]]
     remaining = {id(shard): len(shard[3]) for shard in todo}
@@ -610,7 +763,11 @@ def build(args) -> dict:
         clicks = np.zeros(4 * SAMPLE_RATE, np.float32)
         clicks[:: SAMPLE_RATE // 2] = 1.0
         estimate_tempo(clicks)
-    pool = multiprocessing.Pool(args.num_workers, initializer=_init_worker, initargs=(args,)) if args.num_workers > 1 else None
+    pool = (
+        multiprocessing.Pool(args.num_workers, initializer=_init_worker, initargs=(args,))
+        if args.num_workers > 1
+        else None
+    )
     if pool is None:
         _init_worker(args)
     results = pool.imap(_process, work, chunksize=4) if pool else map(_process, work)
@@ -680,10 +837,16 @@ def summarize(output_dir: str, plan, skipped_log: str, args) -> dict:
 def write_dataset_card(output_dir: str, summary: dict, args) -> None:
     splits = [split for split in SPLITS if summary["clips_per_split"].get(split)]
     configs = "\n".join(f"      - split: {split}\n        path: data/{split}-*.parquet" for split in splits)
-    split_info = "\n".join(f"    - name: {split}\n      num_examples: {summary['clips_per_split'][split]}" for split in splits)
-    origin = f"audio from `{args.from_audio}`, melodies transcribed with basic-pitch" if args.from_audio else (
-        "melodies from the music21 corpus (Essen folk songs, O'Neill's 1850, Ryan's Mammoth Collection, Aird's Airs, "
-        f"Bach chorales), rendered with the `{summary['soundfont']}` General MIDI SoundFont"
+    split_info = "\n".join(
+        f"    - name: {split}\n      num_examples: {summary['clips_per_split'][split]}" for split in splits
+    )
+    origin = (
+        f"audio from `{args.from_audio}`, melodies transcribed with basic-pitch"
+        if args.from_audio
+        else (
+            "melodies from the music21 corpus (Essen folk songs, O'Neill's 1850, Ryan's Mammoth Collection, Aird's Airs, "
+            f"Bach chorales), rendered with the `{summary['soundfont']}` General MIDI SoundFont"
+        )
     )
     card = f"""---
 pretty_name: {os.path.basename(os.path.normpath(output_dir))}
@@ -704,8 +867,8 @@ dataset_info:
 
 # {os.path.basename(os.path.normpath(output_dir))}
 
-An MG2 dataset: {summary['clips']} captioned {args.clip_seconds}-second clips at {SAMPLE_RATE} Hz
-({summary['hours']} hours, {summary['tunes']} tunes), {origin}.
+An MG2 dataset: {summary["clips"]} captioned {args.clip_seconds}-second clips at {SAMPLE_RATE} Hz
+({summary["hours"]} hours, {summary["tunes"]} tunes), {origin}.
 Splits are by tune: no tune has clips in two splits. Built by `training/prepare_data.py` (seed {args.seed}).
 
 | column | content |
@@ -720,7 +883,7 @@ Splits are by tune: no tune has clips in two splits. Built by `training/prepare_
 | `origin` | where the tune comes from, as the caption says it: Irish, Scottish, Irish and Scottish, Chinese, German, … (empty when unknown) |
 | `tune_type` | jig, slip jig, reel, hornpipe, strathspey, polka, waltz, march, air, chorale, folk song, ballad, children's song, …: the ABC `R:` field, else the title, else the collection's kind of tune (empty for transcribed audio) |
 
-Skipped inputs: {summary['skipped']} (listed in `summary.json`).
+Skipped inputs: {summary["skipped"]} (listed in `summary.json`).
 
 ```python
 from mg2_pipeline.data import load_mg2_dataset
@@ -735,8 +898,10 @@ def main(argv=None):
     args = parse_args(argv)
     summary = build(args)
     splits = " / ".join(f"{split} {count}" for split, count in summary["clips_per_split"].items())
-    print(f"{summary['clips']} clips ({splits}), {summary['hours']} hours, {summary['tunes']} tunes, "
-          f"{len(summary['instruments'])} GM programs, {summary['skipped']} inputs skipped.")
+    print(
+        f"{summary['clips']} clips ({splits}), {summary['hours']} hours, {summary['tunes']} tunes, "
+        f"{len(summary['instruments'])} GM programs, {summary['skipped']} inputs skipped."
+    )
     print(f"Dataset written to {args.output_dir}; details in {os.path.join(args.output_dir, 'summary.json')}.")
     return summary
 

@@ -17,21 +17,22 @@ import zlib
 
 import librosa
 import numpy as np
+from prepare_data import INSTRUMENT_FAMILIES, MELODY_PROGRAMS
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from mg2_pipeline.audio import SAMPLE_RATE, load_audio
-from prepare_data import INSTRUMENT_FAMILIES, MELODY_PROGRAMS
 
 FAMILY_OF_PROGRAM = {program: family for family, programs in INSTRUMENT_FAMILIES.items() for program in programs}
 FAMILIES = list(INSTRUMENT_FAMILIES)
 PROGRAMS = sorted(MELODY_PROGRAMS)
 CLICK_BAND_HZ = (2000.0, 8000.0)
 CLICK_HOP = 64  # 4 ms frames
-DEFAULT_PROMPTS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
-                                               "instrument_prompts.json"))
+DEFAULT_PROMPTS = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "instrument_prompts.json")
+)
 
 
 def timbre_features(waveform: np.ndarray) -> np.ndarray:
@@ -39,7 +40,9 @@ def timbre_features(waveform: np.ndarray) -> np.ndarray:
     mean and spread of MFCCs 1–19 and their deltas, of the spectral contrast and flatness, and of the log-mel profile
     relative to the clip's own mean level."""
     magnitude = np.abs(librosa.stft(waveform, n_fft=1024, hop_length=256))
-    log_mel = librosa.power_to_db(librosa.feature.melspectrogram(S=magnitude**2, sr=SAMPLE_RATE, n_mels=64), top_db=None)
+    log_mel = librosa.power_to_db(
+        librosa.feature.melspectrogram(S=magnitude**2, sr=SAMPLE_RATE, n_mels=64), top_db=None
+    )
     level = log_mel.max(0)
     sounding = level > level.max() - 50
     if sounding.sum() < 4:
@@ -50,8 +53,10 @@ def timbre_features(waveform: np.ndarray) -> np.ndarray:
     flatness = np.log(librosa.feature.spectral_flatness(S=magnitude) + 1e-10)
     profile = log_mel[:, sounding] - log_mel[:, sounding].mean()
     parts = [mfcc, delta, contrast, flatness]
-    return np.concatenate([np.concatenate([part[:, sounding].mean(1), part[:, sounding].std(1)]) for part in parts]
-                          + [profile.mean(1), profile.std(1)]).astype(np.float32)
+    return np.concatenate(
+        [np.concatenate([part[:, sounding].mean(1), part[:, sounding].std(1)]) for part in parts]
+        + [profile.mean(1), profile.std(1)]
+    ).astype(np.float32)
 
 
 def family_of(program: int) -> str:
@@ -64,7 +69,9 @@ class SoundClassifier:
 
     def __init__(self, seed: int = 0):
         self.instrument = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000, random_state=seed))
-        self.accompaniment = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000, random_state=seed))
+        self.accompaniment = make_pipeline(
+            StandardScaler(), LogisticRegression(C=0.5, max_iter=3000, random_state=seed)
+        )
 
     @classmethod
     def fit_on_rows(cls, rows, max_clips: int, seed: int = 0) -> "SoundClassifier":
@@ -84,8 +91,10 @@ class SoundClassifier:
             programs.append(row["programs"][0])
             accompanied.append(len(row["programs"]) > 1)
         if len(set(programs)) < 2 or len(set(accompanied)) < 2:
-            raise ValueError(f"The sound classifier needs clips of several instruments, solo and accompanied; got "
-                             f"{len(set(programs))} program(s) and {len(set(accompanied))} kind(s) in {len(features)} clips.")
+            raise ValueError(
+                f"The sound classifier needs clips of several instruments, solo and accompanied; got "
+                f"{len(set(programs))} program(s) and {len(set(accompanied))} kind(s) in {len(features)} clips."
+            )
         classifier = cls(seed)
         classifier.instrument.fit(np.stack(features), programs)
         classifier.accompaniment.fit(np.stack(features), accompanied)
@@ -131,8 +140,8 @@ def onset_click_energy(waveform: np.ndarray, onsets_s: np.ndarray) -> float:
         frame = int(round(onset * SAMPLE_RATE / CLICK_HOP))
         if frame >= len(band):
             continue
-        peak = band[max(0, frame - 2): frame + 7].max()
-        local = np.median(band[max(0, frame - 40): frame + 41])
+        peak = band[max(0, frame - 2) : frame + 7].max()
+        local = np.median(band[max(0, frame - 40) : frame + 41])
         bursts.append(max(0.0, peak - local))
     return float(np.mean(bursts) / mean_power) if bursts else 0.0
 

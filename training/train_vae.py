@@ -26,11 +26,21 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from torch import nn
 from tqdm.auto import tqdm
+from training_utils import (
+    NonFiniteLossGuard,
+    add_common_arguments,
+    create_accelerator,
+    epoch_dataloader,
+    finish_run,
+    parse_arguments,
+    push_output_dir,
+    save_checkpoint,
+    start_run,
+    write_training_summary,
+)
 
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline.presets import PIPELINE_PRESETS, vae_config
-from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, epoch_dataloader, finish_run,
-                            parse_arguments, push_output_dir, save_checkpoint, start_run, write_training_summary)
 
 logger = get_logger(__name__)
 
@@ -39,20 +49,33 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, default_output_dir="checkpoints/vae-small")
     parser.add_argument("--preset", default="small", choices=PIPELINE_PRESETS)
-    parser.add_argument("--clip_seconds", type=float, default=2.56, help="Training crop, drawn at random inside each clip (the VAE is convolutional).")
+    parser.add_argument(
+        "--clip_seconds",
+        type=float,
+        default=2.56,
+        help="Training crop, drawn at random inside each clip (the VAE is convolutional).",
+    )
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
     parser.add_argument("--max_train_steps", type=int, default=400)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=4.5e-4)
     parser.add_argument("--lr_warmup_steps", type=int, default=20)
     parser.add_argument("--kl_weight", type=float, default=1e-6)
-    parser.add_argument("--spectral_weight", type=float, default=0.0, help="Weight of the linear-magnitude spectral convergence term.")
-    parser.add_argument("--disc_start", type=int, default=0, help="Step at which the adversarial term starts; 0 = never.")
+    parser.add_argument(
+        "--spectral_weight", type=float, default=0.0, help="Weight of the linear-magnitude spectral convergence term."
+    )
+    parser.add_argument(
+        "--disc_start", type=int, default=0, help="Step at which the adversarial term starts; 0 = never."
+    )
     parser.add_argument("--disc_weight", type=float, default=0.1)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--scaling_batches", type=int, default=8)
-    return parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps",
-                                                             "gradient_accumulation_steps", "scaling_batches"))
+    return parse_arguments(
+        parser,
+        argv,
+        __file__,
+        positive=("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "scaling_batches"),
+    )
 
 
 class VAEWithLosses(nn.Module):
@@ -75,7 +98,11 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         blocks, width = [nn.Conv2d(1, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)], channels
         for _ in range(layers - 1):
-            blocks += [nn.Conv2d(width, width * 2, 4, stride=2, padding=1), nn.GroupNorm(8, width * 2), nn.LeakyReLU(0.2)]
+            blocks += [
+                nn.Conv2d(width, width * 2, 4, stride=2, padding=1),
+                nn.GroupNorm(8, width * 2),
+                nn.LeakyReLU(0.2),
+            ]
             width *= 2
         blocks.append(nn.Conv2d(width, 1, 3, padding=1))
         self.net = nn.Sequential(*blocks)
@@ -97,17 +124,25 @@ def main(argv=None):
     discriminator = PatchDiscriminator()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
     disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes)
-    model, discriminator, optimizer, disc_optimizer, lr_scheduler = accelerator.prepare(model, discriminator, optimizer, disc_optimizer, lr_scheduler)
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup", optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes
+    )
+    model, discriminator, optimizer, disc_optimizer, lr_scheduler = accelerator.prepare(
+        model, discriminator, optimizer, disc_optimizer, lr_scheduler
+    )
 
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.clip_seconds, random_crop=True, seed=args.seed)
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vae", logger)
-    logger.info(f"***** Training the {args.preset} mel VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
-                f"×{scale}, {vae.config.latent_channels} latent channels *****")
+    logger.info(
+        f"***** Training the {args.preset} mel VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
+        f"×{scale}, {vae.config.latent_channels} latent channels *****"
+    )
 
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     start_time, samples_seen, losses = time.perf_counter(), 0, []
     while global_step < args.max_train_steps:
         for batch in epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch):
@@ -133,7 +168,9 @@ def main(argv=None):
             disc_loss = torch.zeros(())
             if adversarial:
                 disc_optimizer.zero_grad()
-                disc_loss = (F.relu(1 - discriminator(mel)).mean() + F.relu(1 + discriminator(reconstruction.detach())).mean()) / 2
+                disc_loss = (
+                    F.relu(1 - discriminator(mel)).mean() + F.relu(1 + discriminator(reconstruction.detach())).mean()
+                ) / 2
                 accelerator.backward(disc_loss)
                 disc_optimizer.step()
                 disc_optimizer.zero_grad()
@@ -143,13 +180,25 @@ def main(argv=None):
             global_step += 1
             progress_bar.update(1)
             losses.append(l1.item())
-            logs = {"l1": l1.item(), "kl": kl.item(), "spectral_convergence": convergence.item(), "disc_loss": disc_loss.item(), "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_second": samples_seen / (time.perf_counter() - start_time)}
+            logs = {
+                "l1": l1.item(),
+                "kl": kl.item(),
+                "spectral_convergence": convergence.item(),
+                "disc_loss": disc_loss.item(),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "samples_per_second": samples_seen / (time.perf_counter() - start_time),
+            }
             progress_bar.set_postfix(l1=f"{logs['l1']:.4f}", samples_s=f"{logs['samples_per_second']:.1f}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, args.checkpoints_total_limit, global_step,
-                                epoch=epoch, batches_in_epoch=batches_in_epoch)
+                save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    args.checkpoints_total_limit,
+                    global_step,
+                    epoch=epoch,
+                    batches_in_epoch=batches_in_epoch,
+                )
             if global_step >= args.max_train_steps:
                 break
         else:
@@ -164,9 +213,16 @@ def main(argv=None):
         vae.save_pretrained(args.output_dir)
         elapsed = time.perf_counter() - start_time
         summary = write_training_summary(
-            args.output_dir, {"l1": losses}, steps=global_step, samples=samples_seen, seconds=round(elapsed, 1),
-            samples_per_second=round(samples_seen / elapsed, 2), processes=accelerator.num_processes,
-            scaling_factor=scaling_factor, skipped_steps=guard.skipped)
+            args.output_dir,
+            {"l1": losses},
+            steps=global_step,
+            samples=samples_seen,
+            seconds=round(elapsed, 1),
+            samples_per_second=round(samples_seen / elapsed, 2),
+            processes=accelerator.num_processes,
+            scaling_factor=scaling_factor,
+            skipped_steps=guard.skipped,
+        )
         logger.info(f"Saved the VAE to {args.output_dir}: {summary}")
         push_output_dir(args)
     finish_run(accelerator)
@@ -185,7 +241,9 @@ def latent_scaling_factor(vae, loader, frames: int, batches: int, accelerator) -
     for index, batch in enumerate(loader):
         if index >= batches:
             break
-        samples.append(vae.encode(batch["log_mel"][:, :frames].unsqueeze(1).to(accelerator.device)).latent_dist.sample().flatten())
+        samples.append(
+            vae.encode(batch["log_mel"][:, :frames].unsqueeze(1).to(accelerator.device)).latent_dist.sample().flatten()
+        )
     std = accelerator.gather(torch.cat(samples)).float().std().item()
     return 1.0 / std
 

@@ -21,13 +21,23 @@ from accelerate.logging import get_logger
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from tqdm.auto import tqdm
+from training_utils import (
+    NonFiniteLossGuard,
+    add_common_arguments,
+    create_accelerator,
+    epoch_dataloader,
+    finish_run,
+    parse_arguments,
+    push_output_dir,
+    save_checkpoint,
+    start_run,
+    write_training_summary,
+)
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
 from mg2_pipeline.audio import HOP_LENGTH, LogMelSpectrogram
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline.presets import PIPELINE_PRESETS, vocoder_config
-from training_utils import (NonFiniteLossGuard, add_common_arguments, create_accelerator, epoch_dataloader, finish_run,
-                            parse_arguments, push_output_dir, save_checkpoint, start_run, write_training_summary)
 
 logger = get_logger(__name__)
 
@@ -36,7 +46,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, default_output_dir="checkpoints/vocoder-small")
     parser.add_argument("--preset", default="small", choices=PIPELINE_PRESETS)
-    parser.add_argument("--segment_seconds", type=float, default=0.64, help="Training crop, drawn at random inside each clip.")
+    parser.add_argument(
+        "--segment_seconds", type=float, default=0.64, help="Training crop, drawn at random inside each clip."
+    )
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
     parser.add_argument("--max_train_steps", type=int, default=200)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
@@ -52,7 +64,9 @@ class PeriodDiscriminator(nn.Module):
         super().__init__()
         self.period = period
         widths = [1, 32, 128, 256, 512]
-        self.convs = nn.ModuleList(weight_norm(nn.Conv2d(a, b, (5, 1), (3, 1), padding=(2, 0))) for a, b in zip(widths, widths[1:]))
+        self.convs = nn.ModuleList(
+            weight_norm(nn.Conv2d(a, b, (5, 1), (3, 1), padding=(2, 0))) for a, b in zip(widths, widths[1:])
+        )
         self.output = weight_norm(nn.Conv2d(512, 1, (3, 1), padding=(1, 0)))
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -71,8 +85,16 @@ class ScaleDiscriminator(nn.Module):
 
     def __init__(self):
         super().__init__()
-        layers = [(1, 16, 15, 1, 1), (16, 64, 41, 4, 4), (64, 256, 41, 4, 16), (256, 512, 41, 4, 16), (512, 512, 5, 1, 1)]
-        self.convs = nn.ModuleList(weight_norm(nn.Conv1d(i, o, k, s, padding=k // 2, groups=g)) for i, o, k, s, g in layers)
+        layers = [
+            (1, 16, 15, 1, 1),
+            (16, 64, 41, 4, 4),
+            (64, 256, 41, 4, 16),
+            (256, 512, 41, 4, 16),
+            (512, 512, 5, 1, 1),
+        ]
+        self.convs = nn.ModuleList(
+            weight_norm(nn.Conv1d(i, o, k, s, padding=k // 2, groups=g)) for i, o, k, s, g in layers
+        )
         self.output = weight_norm(nn.Conv1d(512, 1, 3, padding=1))
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -98,11 +120,17 @@ class HiFiGANDiscriminators(nn.Module):
         waveform = torch.cat([real, fake])
         outputs = [d(waveform) for d in self.periods]
         for index, discriminator in enumerate(self.scales):
-            pooled = waveform if index == 0 else F.avg_pool1d(waveform.unsqueeze(1), 4 ** index, 2 ** index, padding=2 ** index).squeeze(1)
+            pooled = (
+                waveform
+                if index == 0
+                else F.avg_pool1d(waveform.unsqueeze(1), 4**index, 2**index, padding=2**index).squeeze(1)
+            )
             outputs.append(discriminator(pooled))
         half = len(real)
-        return [((logits[:half], [f[:half] for f in features]), (logits[half:], [f[half:] for f in features]))
-                for logits, features in outputs]
+        return [
+            ((logits[:half], [f[:half] for f in features]), (logits[half:], [f[half:] for f in features]))
+            for logits, features in outputs
+        ]
 
 
 def main(argv=None):
@@ -116,17 +144,23 @@ def main(argv=None):
     samples = frames * HOP_LENGTH
     g_optimizer = torch.optim.AdamW(generator.parameters(), lr=args.learning_rate, betas=(0.8, 0.99))
     d_optimizer = torch.optim.AdamW(discriminators.parameters(), lr=args.learning_rate, betas=(0.8, 0.99))
-    generator, discriminators, g_optimizer, d_optimizer = accelerator.prepare(generator, discriminators, g_optimizer, d_optimizer)
+    generator, discriminators, g_optimizer, d_optimizer = accelerator.prepare(
+        generator, discriminators, g_optimizer, d_optimizer
+    )
 
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.segment_seconds, random_crop=True, seed=args.seed)
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vocoder", logger)
-    logger.info(f"***** Training the {args.preset} HiFi-GAN: generator "
-                f"{sum(p.numel() for p in generator.parameters()) / 1e6:.2f} M, discriminators "
-                f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f} M parameters *****")
+    logger.info(
+        f"***** Training the {args.preset} HiFi-GAN: generator "
+        f"{sum(p.numel() for p in generator.parameters()) / 1e6:.2f} M, discriminators "
+        f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f} M parameters *****"
+    )
 
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     start_time, samples_seen, mel_losses = time.perf_counter(), 0, []
     while global_step < args.max_train_steps:
         for batch in epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch):
@@ -136,8 +170,10 @@ def main(argv=None):
             fake = generator(mel)[:, :samples]
 
             # Discriminators: real → 1, generated → 0 (least squares).
-            d_loss = sum(((1 - real_out) ** 2).mean() + (fake_out ** 2).mean()
-                         for (real_out, _), (fake_out, _) in discriminators(real, fake.detach()))
+            d_loss = sum(
+                ((1 - real_out) ** 2).mean() + (fake_out**2).mean()
+                for (real_out, _), (fake_out, _) in discriminators(real, fake.detach())
+            )
             if guard.should_skip(d_loss):
                 continue
             d_optimizer.zero_grad()
@@ -160,13 +196,23 @@ def main(argv=None):
             global_step += 1
             progress_bar.update(1)
             mel_losses.append(mel_loss.item())
-            logs = {"mel_l1": mel_loss.item(), "generator_loss": g_loss.item(), "discriminator_loss": d_loss.item(),
-                    "samples_per_second": samples_seen / (time.perf_counter() - start_time)}
+            logs = {
+                "mel_l1": mel_loss.item(),
+                "generator_loss": g_loss.item(),
+                "discriminator_loss": d_loss.item(),
+                "samples_per_second": samples_seen / (time.perf_counter() - start_time),
+            }
             progress_bar.set_postfix(mel_l1=f"{logs['mel_l1']:.3f}", samples_s=f"{logs['samples_per_second']:.1f}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, args.checkpoints_total_limit, global_step,
-                                epoch=epoch, batches_in_epoch=batches_in_epoch)
+                save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    args.checkpoints_total_limit,
+                    global_step,
+                    epoch=epoch,
+                    batches_in_epoch=batches_in_epoch,
+                )
             if global_step >= args.max_train_steps:
                 break
         else:
@@ -178,8 +224,15 @@ def main(argv=None):
         vocoder.save_pretrained(args.output_dir)
         elapsed = time.perf_counter() - start_time
         summary = write_training_summary(
-            args.output_dir, {"mel_l1": mel_losses}, steps=global_step, samples=samples_seen, seconds=round(elapsed, 1),
-            samples_per_second=round(samples_seen / elapsed, 2), processes=accelerator.num_processes, skipped_steps=guard.skipped)
+            args.output_dir,
+            {"mel_l1": mel_losses},
+            steps=global_step,
+            samples=samples_seen,
+            seconds=round(elapsed, 1),
+            samples_per_second=round(samples_seen / elapsed, 2),
+            processes=accelerator.num_processes,
+            skipped_steps=guard.skipped,
+        )
         logger.info(f"Saved the vocoder to {args.output_dir}: {summary}")
         push_output_dir(args)
     finish_run(accelerator)

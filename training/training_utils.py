@@ -53,12 +53,20 @@ def describe_mg2_model(model_dir: str, pipe) -> str:
         with open(summary_path) as handle:
             summary = json.load(handle)
         unet_parameters = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
-        clips = f"{summary['samples']} clips" + (f" of {summary['clip_seconds']} s" if "clip_seconds" in summary else "")
-        training = (f"UNet {unet_parameters:.1f} M parameters ({summary['condition']} condition), trained "
-                    f"{summary['steps']} steps on {clips} ({summary['processes']} process(es), "
-                    f"{summary['seconds'] / 60:.1f} min); frozen CLMP, melody index and VAE"
-                    + ("; each clip's melody sketch rendered with its own random sound" if summary.get("sketch_timbre") == "random"
-                       else "") + ".\n\n")
+        clips = f"{summary['samples']} clips" + (
+            f" of {summary['clip_seconds']} s" if "clip_seconds" in summary else ""
+        )
+        training = (
+            f"UNet {unet_parameters:.1f} M parameters ({summary['condition']} condition), trained "
+            f"{summary['steps']} steps on {clips} ({summary['processes']} process(es), "
+            f"{summary['seconds'] / 60:.1f} min); frozen CLMP, melody index and VAE"
+            + (
+                "; each clip's melody sketch rendered with its own random sound"
+                if summary.get("sketch_timbre") == "random"
+                else ""
+            )
+            + ".\n\n"
+        )
     return training + describe_pipeline(pipe)
 
 
@@ -70,21 +78,26 @@ def describe_dataset(dataset: str) -> str:
     with open(summary_path) as handle:
         summary = json.load(handle)
     sources = ", ".join(f"{name} {count}" for name, count in summary.get("sources", {}).items())
-    return (f"`{os.path.basename(os.path.normpath(dataset))}`: {summary['clips']} clips, {summary['hours']} hours, "
-            f"{summary['tunes']} tunes from music21's corpus ({sources}), rendered with a General-MIDI SoundFont; "
-            f"splits by tune: {summary.get('clips_per_split')}.")
+    return (
+        f"`{os.path.basename(os.path.normpath(dataset))}`: {summary['clips']} clips, {summary['hours']} hours, "
+        f"{summary['tunes']} tunes from music21's corpus ({sources}), rendered with a General-MIDI SoundFont; "
+        f"splits by tune: {summary.get('clips_per_split')}."
+    )
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
     """Complete checkpoint folders (`checkpoint-N`, never a `.tmp` being written), oldest first."""
     if not os.path.isdir(output_dir):
         return []
-    names = [d for d in os.listdir(output_dir) if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
-    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
+    names = [
+        d for d in os.listdir(output_dir) if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d[len(CHECKPOINT_PREFIX) :]))]
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, total_limit: int | None, global_step: int,
-                    **training_state) -> str:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, total_limit: int | None, global_step: int, **training_state
+) -> str:
     """`accelerator.save_state` into `checkpoint-N`: written to `checkpoint-N.tmp` and renamed when complete, so a run
     killed mid-write never leaves a folder that `latest` would pick. Then keeps the newest `total_limit`: older ones
     are deleted only once the new one is complete, so a kill at any moment leaves a checkpoint to resume from."""
@@ -146,7 +159,9 @@ class NonFiniteLossGuard:
 
 def add_common_arguments(parser, default_output_dir: str) -> None:
     """The flags every recipe shares: data, output, precision, checkpoints, logging, seed and the Hub."""
-    parser.add_argument("--config", default=None, help="A preset file of defaults (training/configs/*.yaml); flags win.")
+    parser.add_argument(
+        "--config", default=None, help="A preset file of defaults (training/configs/*.yaml); flags win."
+    )
     parser.add_argument("--dataset", default="data/mg2-folk", help="An MG2 dataset folder or Hub dataset id.")
     parser.add_argument("--output_dir", default=default_output_dir)
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
@@ -155,12 +170,17 @@ def add_common_arguments(parser, default_output_dir: str) -> None:
     parser.add_argument("--checkpointing_steps", type=int, default=100)
     parser.add_argument("--checkpoints_total_limit", type=int, default=2)
     parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
-    parser.add_argument("--max_nonfinite_steps", type=int, default=5, help="Abort after this many NaN/inf losses in a row.")
+    parser.add_argument(
+        "--max_nonfinite_steps", type=int, default=5, help="Abort after this many NaN/inf losses in a row."
+    )
     parser.add_argument("--report_to", default="tensorboard")
     parser.add_argument("--logging_dir", default="logs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--push_to_hub", action="store_true",
-                        help="At the end, upload output_dir (without checkpoints and logs) to the Hub.")
+    parser.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="At the end, upload output_dir (without checkpoints and logs) to the Hub.",
+    )
     parser.add_argument("--hub_model_id", default=None, help="The repo to push to (default: output_dir's name).")
     parser.add_argument("--hub_token", default=None, help="A write token (default: HF_TOKEN or the saved login).")
 
@@ -179,9 +199,12 @@ def create_accelerator(args, gradient_accumulation_steps: int = 1) -> Accelerato
     from accelerate.utils import ProjectConfiguration, set_seed
 
     accelerator = Accelerator(
-        gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
         log_with=args.report_to if args.report_to != "none" else None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
@@ -196,8 +219,10 @@ def start_run(accelerator: Accelerator, args, name: str, logger) -> tuple[int, i
     if state:
         logger.info(f"Resumed from {state['checkpoint']} at step {state['global_step']}")
     if accelerator.is_main_process:
-        accelerator.init_trackers(name, config={key: value for key, value in vars(args).items()
-                                                if isinstance(value, (int, float, str, bool))})
+        accelerator.init_trackers(
+            name,
+            config={key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))},
+        )
     return state.get("global_step", 0), state.get("epoch", 0), state.get("batches_in_epoch", 0)
 
 
@@ -205,10 +230,18 @@ def epoch_dataloader(dataset, transform, args, accelerator: Accelerator, epoch: 
     """This process's streamed batches for `epoch`, skipping the first `skip_batches` (resuming mid-epoch)."""
     from mg2_pipeline.data import streaming_dataloader
 
-    loader = streaming_dataloader(dataset, args.train_batch_size, transform, args.shuffle_buffer_size, seed=args.seed,
-                                  rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                  num_workers=args.dataloader_num_workers, skip_examples=skip_batches * args.train_batch_size,
-                                  drop_last=True)
+    loader = streaming_dataloader(
+        dataset,
+        args.train_batch_size,
+        transform,
+        args.shuffle_buffer_size,
+        seed=args.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=args.dataloader_num_workers,
+        skip_examples=skip_batches * args.train_batch_size,
+        drop_last=True,
+    )
     loader.dataset.set_epoch(epoch)
     return loader
 
