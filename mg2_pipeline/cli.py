@@ -14,11 +14,15 @@ import os
 import re
 import sys
 
-DEFAULT_MODEL = "checkpoints/mg2-small"
-DEFAULT_MELODY_GUIDANCE_SCALE = 3.0  # MG2Pipeline's; not imported from it so that `mg2 --help` stays fast
+from .defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_MELODY_GUIDANCE_SCALE,
+    DEFAULT_MODEL,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_STRENGTH,
+    MAX_SEED,
+)
 
-
-MAX_SEED = 2**63 - 1
 # MG2Pipeline's argument names in its error messages → the flags that set them.
 FLAGS = {
     "audio_length_in_s": "--duration",
@@ -192,21 +196,21 @@ def main(argv=None) -> None:
         "--strength",
         type=float,
         default=None,
-        help="With --audio: how much of it is re-generated, in (0, 1] (default 0.8; 1 for a --repaint span).",
+        help=f"With --audio: how much of it is re-generated, in (0, 1] (default {DEFAULT_STRENGTH}; 1 for a --repaint span).",
     )
     gen.add_argument(
         "--repaint", default=None, metavar="START:END", help="With --audio: regenerate this span (seconds)."
     )
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
     gen.add_argument(
         "--duration",
         type=float,
         default=None,
         help="Seconds, up to 600 (default: --audio's length, else the melody's, else the model's window).",
     )
-    gen.add_argument("--guidance", type=float, default=3.0, help="Text guidance scale.")
+    gen.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE, help="Text guidance scale.")
     gen.add_argument(
         "--melody-guidance",
         dest="melody_guidance",

@@ -30,6 +30,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import SpeechT5HifiGan
 
 from .audio import LogMelSpectrogram, load_audio, peak_safe
+from .defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_MELODY_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_STRENGTH,
+)
 from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
 from .modeling_clmp import CLMPModel
@@ -58,11 +64,9 @@ def melody_channels(aligned_melody: str | None, latent_channels: int) -> int:
 # with the length and the memory stays that of one window. Consecutive windows share at least 1/32 of a window.
 MAX_AUDIO_LENGTH_S = 600.0
 WINDOW_OVERLAP = 1 / 32
-DEFAULT_STRENGTH = 0.8  # audio-to-audio, as diffusers' img2img
 # A transcribed melody's rests shorter than this are filled: the model renders rests in the melody sketch as silence.
 TRANSCRIPTION_MAX_GAP_S = 0.5
 MAX_GUIDANCE_SCALE = 100.0
-DEFAULT_MELODY_GUIDANCE_SCALE = 3.0
 # Bounds on the work one call may ask for.
 MAX_INFERENCE_STEPS = 1000
 MAX_WAVEFORMS = 64  # prompts × num_waveforms_per_prompt
@@ -1157,8 +1161,8 @@ class MG2Pipeline(DiffusionPipeline):
         repaint_start_s: float | None = None,
         repaint_end_s: float | None = None,
         audio_length_in_s: float | None = None,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         melody_guidance_scale: float = DEFAULT_MELODY_GUIDANCE_SCALE,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         num_waveforms_per_prompt: int = 1,

@@ -29,19 +29,25 @@ from PIL import Image
 from starlette.middleware import Middleware
 
 from mg2_pipeline import Melody, MG2Pipeline, load_audio
+from mg2_pipeline.defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_MELODY_GUIDANCE_SCALE,
+    DEFAULT_MODEL,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_STRENGTH,
+    MAX_SEED,
+)
 from mg2_pipeline.melody import AUDIO_EXTENSIONS, MAX_MELODY_TEXT_CHARACTERS
-from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE, MAX_PROMPT_CHARACTERS, check_number
+from mg2_pipeline.pipeline_mg2 import MAX_PROMPT_CHARACTERS, check_number
 from mg2_pipeline.plotting import figure_to_png, plot_piano_roll, plot_spectrogram
 from mg2_pipeline.presets import load_pipeline
 
-DEFAULT_MODEL = "checkpoints/mg2-small"
 MODEL = os.environ.get("MG2_MODEL", DEFAULT_MODEL)
 CONCURRENCY = int(os.environ.get("MG2_CONCURRENCY", "1"))
 QUEUE_SIZE = int(os.environ.get("MG2_QUEUE_SIZE", "64"))
 MAX_CANDIDATES = 4
 MAX_TOP_K = 10
 MAX_STEPS = 100
-MAX_SEED = 2**32 - 1
 MAX_FILE_SIZE = "20mb"
 MAX_RECORDING_SECONDS = 60
 MAX_DURATION_SECONDS = 300  # long pieces are denoised window by window; five minutes take a few minutes on CPU
@@ -306,7 +312,7 @@ def generate(
     top_k: float,
     mode: str = MODES[0],
     recording: str | None = None,
-    strength: float = 0.8,
+    strength: float = DEFAULT_STRENGTH,
     repaint_start: float = 0.0,
     repaint_end: float = 0.0,
     whole_melody: bool = False,
@@ -424,7 +430,7 @@ def build_demo() -> gr.Blocks:
                         gr.Slider(
                             0.05,
                             1,
-                            value=0.8,
+                            value=DEFAULT_STRENGTH,
                             step=0.05,
                             label="Strength (re-render: 0 keeps the recording, 1 generates anew)",
                         )
@@ -449,8 +455,19 @@ def build_demo() -> gr.Blocks:
                     whole_melody = gr.Checkbox(
                         False, label="Play the whole melody once (its own length, not Duration)"
                     )
-                    steps = bounded(gr.Slider(1, MAX_STEPS, value=25, step=1, precision=0, label="Denoising steps"))
-                    guidance = bounded(gr.Slider(0, 10, value=3.0, step=0.1, label="Text guidance scale"))
+                    steps = bounded(
+                        gr.Slider(
+                            1,
+                            MAX_STEPS,
+                            value=DEFAULT_NUM_INFERENCE_STEPS,
+                            step=1,
+                            precision=0,
+                            label="Denoising steps",
+                        )
+                    )
+                    guidance = bounded(
+                        gr.Slider(0, 10, value=DEFAULT_GUIDANCE_SCALE, step=0.1, label="Text guidance scale")
+                    )
                     melody_guidance = bounded(
                         gr.Slider(
                             0,

@@ -69,8 +69,12 @@ from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline, load_audio, save_audio
 from mg2_pipeline.audio import SAMPLE_RATE
 from mg2_pipeline.data import load_mg2_dataset
+from mg2_pipeline.defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_MELODY_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+)
 from mg2_pipeline.hub import write_model_card
-from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
 
 CHROMA_FPS = 10
 TEMPO_TOLERANCE = 0.15
@@ -650,9 +654,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_clips", type=int, default=32)
     parser.add_argument("--ddim_clips", type=int, default=0, help="Clips for an extra DDIM row (0 = none).")
     parser.add_argument("--seconds", type=float, default=10.24)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
     parser.add_argument("--ddim_steps", type=int, default=200)
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--melody_guidance_scale", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE)
     parser.add_argument(
         "--guidance_interval",

@@ -18,7 +18,12 @@ import os
 import torch
 
 from mg2_pipeline import Melody, save_audio
-from mg2_pipeline.pipeline_mg2 import DEFAULT_MELODY_GUIDANCE_SCALE
+from mg2_pipeline.defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_MELODY_GUIDANCE_SCALE,
+    DEFAULT_MODEL,
+    DEFAULT_NUM_INFERENCE_STEPS,
+)
 from mg2_pipeline.plotting import figure_to_png, plot_spectrogram, plot_spectrograms
 from mg2_pipeline.presets import load_pipeline
 
@@ -46,11 +51,11 @@ ODE_TO_JOY = "E5:0.4 E5:0.4 F5:0.4 G5:0.4 G5:0.4 F5:0.4 E5:0.4 D5:0.4 C5:0.4 C5:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="checkpoints/mg2-small")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--output_dir", default="samples")
     parser.add_argument("--seconds", type=float, default=10.24)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
+    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--melody_guidance_scale", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
