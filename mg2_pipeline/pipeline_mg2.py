@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet2DCo
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import SpeechT5HifiGan
+from transformers import PreTrainedModel, ProcessorMixin, SpeechT5HifiGan
 
 from .audio import LogMelSpectrogram, load_audio, peak_safe
 from .defaults import (
@@ -38,8 +38,6 @@ from .defaults import (
 )
 from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
-from .modeling_clmp import CLMPModel
-from .processing_clmp import CLMPProcessor
 from .retrieval import MelodyRetriever, RetrievedMelody
 from .vocoder import GriffinLimVocoder
 
@@ -247,8 +245,8 @@ class MG2Pipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        clmp: CLMPModel,
-        processor: CLMPProcessor,
+        clmp: PreTrainedModel,
+        processor: ProcessorMixin,
         retriever: MelodyRetriever | None,
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
@@ -1195,9 +1193,7 @@ class MG2Pipeline(DiffusionPipeline):
                 continuation follows a retrieved melody from where the audio ends. Kept latent frames are the audio's own.
             strength: how much noise is added to the encoded audio before denoising, in (0, 1] (diffusers' img2img):
                 default 0.8 for audio-to-audio; 1 (regenerate from noise) for a repainted span. At 1 audio-to-audio
-                equals text-to-music with the same melody and generator. Measured on the demo models (README): at 0.5
-                the default guidance keeps 0.83–0.84 of the codec's melody accuracy, and the timbre follows a piano or
-                trumpet prompt (less so an organ one); 0.2 keeps more of the recording, 1 less.
+                equals text-to-music with the same melody and generator; lower keeps more of the recording.
             repaint_start_s, repaint_end_s: the span of `audio` to regenerate, both inside it.
             audio_length_in_s: seconds of audio, up to 600: longer than the UNet's window (10.24 s for `small`), it is
                 denoised in windows that overlap by at least 1/32 and are fused at every step (MultiDiffusion). Default: the
@@ -1210,10 +1206,7 @@ class MG2Pipeline(DiffusionPipeline):
                 Equal to `guidance_scale` it is plain classifier-free guidance of both, one UNet pass fewer per step.
             guidance_interval: where in the noise schedule both guidance scales apply, as fractions of the training
                 timesteps (`t / num_train_timesteps` from `low` to `high`); elsewhere both are 1 (Kynkäänniemi et al.,
-                2024). Audio-to-audio with (0.2, 1.0): a light re-rendering (strength ≤ 0.2) keeps the recording's
-                melody and a heavy one (≥ 0.8) follows the transcribed melody better, but middle strengths keep less
-                of it. Text-to-music with (0.2, 1.0) sounds better (FAD spectral 184 against 204) and follows its
-                melody less (Mel acc 0.610 against 0.643; README).
+                2024). `docs/usage.md` has what each setting measures.
             num_waveforms_per_prompt: candidates per prompt (prompts × candidates at most 64), re-ranked best first by
                 CLMP text–audio similarity; with `retrieval_top_k` > 1 they cycle through the top-k retrieved melodies.
             generator, latents: seeding as in diffusers; the same generator gives identical output. `latents` must be

@@ -172,7 +172,7 @@ def vae_config(name: str) -> dict:
     - `small`: (16, 32, 64, 64), ×8, 32 channels: 10.24 s → 32 × 128 × 8, so the UNet works on 4× fewer positions
       than with AudioLDM's ×4 while the latent keeps half the mel's numbers (AudioLDM's ratio). 32 channels instead of
       8 cost the UNet nothing (only its first and last convolution see them) and carry the melody through the codec
-      (`benchmarks/bench_codec.py`, README "Codec"). About 1 M parameters.
+      (`benchmarks/bench_codec.py`, `docs/design.md`). About 1 M parameters.
     - `paper`: AudioLDM's VAE (128, 256, 512), ×4, 8 channels.
     """
     channels, latent_channels = {"tiny": ((8, 16), 4), "small": ((16, 32, 64, 64), 32), "paper": ((128, 256, 512), 8)}[

@@ -22,10 +22,8 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
     float64 from each bin's steady phase advance rather than all-zero phases, and a bin's rebuilt coefficient is
     normalised to unit length only where it holds at least `phase_floor` × the bin's target magnitude. Weaker
     coefficients, whose direction is mostly rounding noise, are scaled by the floor instead, so they cannot swing the
-    waveform. On real clips a 2e-6 change of the log-mel used to move the waveform by 1e-3 of its peak (median; 1.5e-2
-    at worst); now by 5e-5 (1.6e-4 at worst), with the same pitch accuracy. Keep momentum at 0.5 with the floor: at
-    0.7, pitch accuracy through the VAE fell from 0.728 to 0.664 (Mel acc, 24 clips). Items are inverted one at a
-    time: an item's waveform does not depend on its batch, and on CPU a batch of 8 inverted whole took 2.5× as long.
+    waveform. Keep momentum at 0.5 with the floor: higher momentum loses pitch accuracy through the VAE
+    (`docs/design.md`). Items are inverted one at a time, so an item's waveform does not depend on its batch.
     Quality is that of Griffin-Lim (phasey, but pitches and rhythm are right); train `training/train_vocoder.py` for
     a HiFi-GAN.
     """

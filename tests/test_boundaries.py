@@ -332,6 +332,59 @@ def test_every_call_argument_gives_valid_output_or_an_error_naming_it(pipe, argu
     assert np.all(np.isfinite(np.asarray(audio, dtype=np.float32)))
 
 
+def scale_change(text_scale: float, melody_scale: float):
+    """A callback that sets both guidance scales after the first step."""
+
+    def change(pipeline, step, timestep, tensors):
+        if step == 0:
+            pipeline._guidance_scale, pipeline._melody_guidance_scale = text_scale, melody_scale
+        return {}
+
+    return change
+
+
+@st.composite
+def valid_calls(draw):
+    """Valid arguments across every task: text to music, continuation, audio-to-audio and repaint, with or without a
+    melody, with guidance scales a callback may change mid-call."""
+    scales = st.sampled_from([0.0, 1.0, 1.5, 3.0])
+    kwargs = {
+        **BASE,
+        "num_inference_steps": draw(st.integers(1, 3)),
+        "guidance_scale": draw(scales),
+        "melody_guidance_scale": draw(scales),
+        "num_waveforms_per_prompt": draw(st.integers(1, 2)),
+        "output_type": draw(st.sampled_from(["np", "pt"])),
+    }
+    if draw(st.booleans()):
+        kwargs["melody"] = draw(st.sampled_from(["G4:0.25 A4:0.25 B4:0.5", "C5:0.1 R:0.2 E5:0.3"]))
+    if draw(st.booleans()):
+        kwargs["callback_on_step_end"] = scale_change(draw(scales), draw(scales))
+    task = draw(st.sampled_from(["text to music", "continuation", "audio-to-audio", "repaint"]))
+    if task == "continuation":
+        kwargs.update(audio=SINE, audio_length_in_s=draw(st.sampled_from([0.8, 1.28])))
+    elif task == "audio-to-audio":
+        steps = kwargs["num_inference_steps"]
+        kwargs.update(audio=SINE, strength=draw(st.floats(1 / steps, 1)), audio_length_in_s=None)
+    elif task == "repaint":
+        start = draw(st.floats(0, 0.4))
+        kwargs.update(audio=SINE, repaint_start_s=start, repaint_end_s=draw(st.floats(start + 0.1, 0.64)))
+        kwargs["audio_length_in_s"] = None
+    return task, kwargs
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=valid_calls())
+def test_every_valid_call_gives_finite_audio_of_its_length(pipe, call):
+    task, kwargs = call
+    event(task)
+    output = pipe(**kwargs)
+    audio = np.asarray(output.audios, dtype=np.float32)
+    seconds = kwargs["audio_length_in_s"] or len(SINE) / 16000
+    assert audio.shape == (kwargs["num_waveforms_per_prompt"], round(seconds * 16000))
+    assert np.all(np.isfinite(audio)) and np.abs(audio).max() <= 1
+
+
 def test_after_refused_calls_the_pipeline_gives_bit_identical_output(pipe):
     def good():
         return pipe(**BASE, generator=torch.Generator().manual_seed(7)).audios
