@@ -9,8 +9,8 @@ them; the last is the saved pipeline), the checkpoint's EMA weights generate eac
 caption-only model) with a prompt naming the clip's instrument (`benchmarks/instrument_prompts.json`), same seeds as `training/evaluate.py`. The instrument
 classifier of `evaluate.py` (fitted on real train-split clips) reads the family; Mel acc compares chroma peaks with the
 real clip's; onset clicks are `evaluate.py`'s (the median over clips). The real clips and the codec give the ceilings,
-in the same run; chance is 1/8 (family) and ≈ 1/12 (Mel acc). `--guidance_scales 3 8` measures each checkpoint at
-several text guidance scales; `--checkpoints checkpoint-1600` only some checkpoints.
+in the same run; chance is 1/8 (family) and ≈ 1/12 (Mel acc). `--guidance_scales 3 8 7:5` measures each checkpoint at
+several text (and melody) guidance scales; `--checkpoints checkpoint-1600` only some checkpoints.
 """
 
 from __future__ import annotations
@@ -64,15 +64,17 @@ def main(argv=None):
     )
     parser.add_argument(
         "--guidance_scales",
-        type=float,
         nargs="+",
         default=None,
-        help="Text guidance scales to measure each checkpoint at (default: evaluate.py's).",
+        help="Guidance settings to measure each checkpoint at: TEXT or TEXT:MELODY scales (default: evaluate.py's).",
     )
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: steps, guidance, seeds
-    guidance_scales = args.guidance_scales or [settings.guidance_scale]
+    guidance = [
+        tuple(float(scale) for scale in (text.split(":") if ":" in text else (text, settings.melody_guidance_scale)))
+        for text in args.guidance_scales or [str(settings.guidance_scale)]
+    ]
 
     pipe = MG2Pipeline.from_pretrained(args.run)
     pipe.set_progress_bar_config(disable=True)
@@ -114,9 +116,9 @@ def main(argv=None):
     for name in checkpoints:
         load_ema_weights(pipe, os.path.join(args.run, name))
         melodies = None if pipe.config.condition == "text" else bench.melodies
-        for scale in guidance_scales:
-            settings.guidance_scale = scale
-            row = name if len(guidance_scales) == 1 else f"{name}, guidance {scale:g}"
+        for text_scale, melody_scale in guidance:
+            settings.guidance_scale, settings.melody_guidance_scale = text_scale, melody_scale
+            row = name if len(guidance) == 1 else f"{name}, guidance {text_scale:g} / {melody_scale:g}"
             waveforms, _ = generate(pipe, bench, settings, melodies=melodies, prompts=prompts["own"], desc=row)
             results[row] = measure(waveforms)
             print(f"{row}: {results[row]}")
