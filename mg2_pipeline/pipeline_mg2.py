@@ -577,6 +577,23 @@ class MG2Pipeline(DiffusionPipeline):
     ) -> int:
         """Validate every argument before any compute; returns the batch size. Wrong types raise `TypeError`, wrong
         values (non-finite, out of range, mismatched sizes) `ValueError`; each message names the argument."""
+        batch_size = self.check_conditions(
+            prompt, negative_prompt, melody, prompt_embeds, negative_prompt_embeds, melody_embeds
+        )
+        self.check_sampling(
+            batch_size, audio_length_in_s, num_inference_steps, guidance_scale, melody_guidance_scale,
+            guidance_interval, num_waveforms_per_prompt, retrieval_top_k, generator, latents, negative_prompt_embeds,
+        )  # fmt: skip
+        self.check_call_options(
+            output_type, return_dict, match_prompt_facts, cross_attention_kwargs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        return batch_size
+
+    def check_conditions(
+        self, prompt, negative_prompt, melody, prompt_embeds, negative_prompt_embeds, melody_embeds
+    ) -> int:
+        """The prompt, negative prompt and melody, as text or embeddings; returns the batch size."""
         projection_dim = self.unet.config.projection_class_embeddings_input_dim // 2  # [text ‖ melody]
         if prompt is None and prompt_embeds is None:
             raise ValueError("prompt is None: pass a text prompt (or prompt_embeds).")
@@ -630,6 +647,24 @@ class MG2Pipeline(DiffusionPipeline):
             check_embeddings("melody_embeds", melody_embeds, (batch_size, projection_dim))
         if self.config.condition == "text" and (melody is not None or melody_embeds is not None):
             raise ValueError("This is a text-only model (condition='text'): it takes no melody or melody_embeds.")
+        return batch_size
+
+    def check_sampling(
+        self,
+        batch_size,
+        audio_length_in_s,
+        num_inference_steps,
+        guidance_scale,
+        melody_guidance_scale,
+        guidance_interval,
+        num_waveforms_per_prompt,
+        retrieval_top_k,
+        generator,
+        latents,
+        negative_prompt_embeds,
+    ) -> None:
+        """The length, steps, guidance, candidates, generators and starting latents."""
+        without_clmp = self.clmp is None or self.processor is None
         min_length = round(self.frames_multiple * self.hop_length / self.sampling_rate, 2)
         if audio_length_in_s is not None:
             check_number("audio_length_in_s", audio_length_in_s, min_length, MAX_AUDIO_LENGTH_S)
@@ -686,6 +721,17 @@ class MG2Pipeline(DiffusionPipeline):
             largest, bound = latents.abs().max().item(), MAX_LATENT_NOISE * self.scheduler.init_noise_sigma
             if largest > bound:  # the sampler starts from N(0, sigma²) noise: this is no noise, and it diverges
                 raise ValueError(f"latents must be starting noise, at most {bound:g} in magnitude; got {largest:.3g}.")
+
+    def check_call_options(
+        self,
+        output_type,
+        return_dict,
+        match_prompt_facts,
+        cross_attention_kwargs,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        """The output type, flags, attention kwargs and callback."""
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         for name, flag in (("return_dict", return_dict), ("match_prompt_facts", match_prompt_facts)):
@@ -707,7 +753,6 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs {unknown} are not in {self._callback_tensor_inputs}."
             )
-        return batch_size
 
     def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Texts → CLMP's `input_ids` and `attention_mask`, padded to `max_text_length`."""
