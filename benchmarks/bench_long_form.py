@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from evaluate import chroma_peaks, clmp_audio_embeddings, mel_accuracy  # noqa: E402
 
-from mg2_pipeline import LogMelSpectrogram, Melody, MG2Pipeline, load_audio  # noqa: E402
+from mg2_pipeline import LogMelSpectrogram, Melody, MG2AudioToAudioPipeline, MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline.audio import SAMPLE_RATE  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
 from mg2_pipeline.pipeline_mg2 import window_starts  # noqa: E402
@@ -240,6 +240,7 @@ def standard_error(values: np.ndarray) -> float:
 def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
     """One table per prompt of `--a2a_prompts`: the bounds, every guidance setting at every strength, and per setting
     the paired fall of Mel acc from each strength to the next."""
+    audio_to_audio = MG2AudioToAudioPipeline.from_pipe(pipe)
     rows = test[: args.a2a_clips]
     real = [load_audio(row["audio"]["bytes"]) for row in rows]
     references = [chroma_peaks(w) for w in real]
@@ -288,7 +289,7 @@ def a2a_rows(args, pipe: MG2Pipeline, test: list[dict]) -> list[dict]:
                 strengths, desc=f"audio-to-audio, {guidance_scale:g} / {melody_guidance_scale:g}, {prompt!r}"
             ):
                 outputs = [
-                    pipe(
+                    audio_to_audio(
                         prompt,
                         audio=w,
                         strength=strength,

@@ -8,6 +8,8 @@ from .feature_extraction_clmp import CLMPFeatureExtractor
 from .melody import MELODY_VOCAB, Melody
 from .modeling_clmp import CLMPModel, CLMPOutput
 from .pipeline_mg2 import MG2Pipeline, MG2PipelineOutput
+from .pipeline_mg2_audio_to_audio import MG2AudioToAudioPipeline
+from .pipeline_mg2_inpaint import MG2InpaintPipeline
 from .processing_clmp import CLMPProcessor
 from .retrieval import MelodyRetriever, RetrievalOutput, RetrievedMelody
 from .vocoder import GriffinLimVocoder
@@ -23,6 +25,8 @@ __all__ = [
     "CLMPConfig",
     "CLMPFeatureExtractor",
     "GriffinLimVocoder",
+    "MG2AudioToAudioPipeline",
+    "MG2InpaintPipeline",
     "MG2Pipeline",
     "MG2PipelineOutput",
     "CLMPMelodyConfig",

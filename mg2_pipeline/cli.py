@@ -67,8 +67,8 @@ def parse_repaint(text: str | None) -> tuple[float | None, float | None]:
 
 
 def check_continuation(pipe, audio: str, duration: float) -> None:
-    """`--audio` with `--duration` (and neither `--strength` nor `--repaint`) continues the recording: refuse a
-    duration that would not (one that rounds to its mel frames or fewer), rather than re-render it."""
+    """`--audio` with `--duration` continues the recording: a duration that would not (one that rounds to its mel
+    frames or fewer) is refused, naming `--duration`."""
     import soundfile
 
     try:
@@ -86,10 +86,19 @@ def generate(args) -> None:
     import torch
 
     from .audio import save_audio
+    from .pipeline_mg2_audio_to_audio import MG2AudioToAudioPipeline
+    from .pipeline_mg2_inpaint import MG2InpaintPipeline
     from .presets import load_pipeline
 
     check_output(args.output)
     repaint_start_s, repaint_end_s = parse_repaint(args.repaint)
+    if args.audio is None and (args.strength is not None or args.repaint is not None):
+        raise SystemExit("error: --strength and --repaint apply to a recording: pass --audio too.")
+    if args.audio is not None and args.duration is not None and (args.strength is not None or args.repaint):
+        raise SystemExit(
+            "error: with --audio, --duration continues the recording, --strength re-renders it and --repaint "
+            "regenerates a span of it: choose one."
+        )
     if not 0 <= args.seed <= MAX_SEED:
         raise SystemExit(f"error: --seed must be an integer between 0 and {MAX_SEED}, got {args.seed}.")
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
@@ -100,24 +109,35 @@ def generate(args) -> None:
         pipe = load_pipeline(args.model)
     except (OSError, ValueError) as error:  # huggingface_hub's errors derive from these
         raise SystemExit(f"error: could not load --model {args.model!r}: {error}") from None
-    if args.audio and args.duration is not None and args.strength is None and args.repaint is None:
-        check_continuation(pipe, args.audio, args.duration)
+    common = {
+        "negative_prompt": args.negative_prompt,
+        "melody": args.melody,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "melody_guidance_scale": args.melody_guidance,
+        "generator": torch.Generator().manual_seed(args.seed),
+    }
     try:
-        output = pipe(
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            melody=args.melody,
-            audio=args.audio,
-            strength=args.strength,
-            repaint_start_s=repaint_start_s,
-            repaint_end_s=repaint_end_s,
-            audio_length_in_s=args.duration,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            melody_guidance_scale=args.melody_guidance,
-            match_prompt_facts=not args.no_prompt_facts,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
+        if args.audio is None:
+            output = pipe(
+                args.prompt, audio_length_in_s=args.duration, match_prompt_facts=not args.no_prompt_facts, **common
+            )
+        elif args.repaint is not None:
+            output = MG2InpaintPipeline.from_pipe(pipe)(
+                args.prompt, audio=args.audio, repaint_start_s=repaint_start_s, repaint_end_s=repaint_end_s,
+                strength=1.0 if args.strength is None else args.strength, **common,
+            )  # fmt: skip
+        elif args.duration is not None:
+            check_continuation(pipe, args.audio, args.duration)
+            output = MG2InpaintPipeline.from_pipe(pipe)(
+                args.prompt, audio=args.audio, repaint_end_s=args.duration,
+                match_prompt_facts=not args.no_prompt_facts, **common,
+            )  # fmt: skip
+        else:
+            strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+            output = MG2AudioToAudioPipeline.from_pipe(pipe)(
+                args.prompt, audio=args.audio, strength=strength, **common
+            )
     except (ValueError, TypeError) as error:
         raise SystemExit("error: " + FLAG_PATTERN.sub(lambda match: FLAGS[match[1]], str(error))) from None
     waveform = output.audios[0]

@@ -34,7 +34,6 @@ from .defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
-    DEFAULT_STRENGTH,
 )
 from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
@@ -189,6 +188,20 @@ def _copy_module_with_imports(module: str, target_dir: str) -> None:
     os.makedirs(target_dir, exist_ok=True)
     for path in [source, *needed]:
         shutil.copy(path, os.path.join(target_dir, os.path.basename(path)))
+
+
+@dataclass
+class Conditioning:
+    """What one call is conditioned on, one row per waveform: the prompts (as text and CLMP embeddings), the negative
+    prompt's embeddings, the melody's embedding and its time-aligned frames. A callback may replace the embeddings."""
+
+    prompts: list[str] | None
+    negative_prompt: str | list[str] | None
+    num_waveforms_per_prompt: int
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    melody_embeds: torch.Tensor | None = None
+    melody_frames: torch.Tensor | None = None
 
 
 class GuidanceInputs(NamedTuple):
@@ -351,7 +364,8 @@ class MG2Pipeline(DiffusionPipeline):
         with open(index_path) as handle:
             model_index = json.load(handle)
         _copy_module_with_imports("pipeline_mg2", save_directory)
-        model_index["_class_name"] = ["pipeline_mg2", type(self).__name__]
+        # The checkpoint is the model, whichever task class saved it: it loads as MG2Pipeline, and into every task class.
+        model_index["_class_name"] = ["pipeline_mg2", "MG2Pipeline"]
         for name, value in model_index.items():
             if isinstance(value, list) and value[0] and value[0].startswith(f"{__package__}."):
                 module = value[0].rsplit(".", 1)[1]
@@ -546,6 +560,7 @@ class MG2Pipeline(DiffusionPipeline):
         num_inference_steps,
         guidance_scale,
         melody_guidance_scale,
+        guidance_interval,
         num_waveforms_per_prompt,
         retrieval_top_k,
         match_prompt_facts,
@@ -559,14 +574,26 @@ class MG2Pipeline(DiffusionPipeline):
         cross_attention_kwargs,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
-        audio=None,
-        strength=None,
-        repaint_start_s=None,
-        repaint_end_s=None,
-        guidance_interval=(0.0, 1.0),
     ) -> int:
         """Validate every argument before any compute; returns the batch size. Wrong types raise `TypeError`, wrong
         values (non-finite, out of range, mismatched sizes) `ValueError`; each message names the argument."""
+        batch_size = self.check_conditions(
+            prompt, negative_prompt, melody, prompt_embeds, negative_prompt_embeds, melody_embeds
+        )
+        self.check_sampling(
+            batch_size, audio_length_in_s, num_inference_steps, guidance_scale, melody_guidance_scale,
+            guidance_interval, num_waveforms_per_prompt, retrieval_top_k, generator, latents, negative_prompt_embeds,
+        )  # fmt: skip
+        self.check_call_options(
+            output_type, return_dict, match_prompt_facts, cross_attention_kwargs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        return batch_size
+
+    def check_conditions(
+        self, prompt, negative_prompt, melody, prompt_embeds, negative_prompt_embeds, melody_embeds
+    ) -> int:
+        """The prompt, negative prompt and melody, as text or embeddings; returns the batch size."""
         projection_dim = self.unet.config.projection_class_embeddings_input_dim // 2  # [text ‖ melody]
         if prompt is None and prompt_embeds is None:
             raise ValueError("prompt is None: pass a text prompt (or prompt_embeds).")
@@ -620,6 +647,24 @@ class MG2Pipeline(DiffusionPipeline):
             check_embeddings("melody_embeds", melody_embeds, (batch_size, projection_dim))
         if self.config.condition == "text" and (melody is not None or melody_embeds is not None):
             raise ValueError("This is a text-only model (condition='text'): it takes no melody or melody_embeds.")
+        return batch_size
+
+    def check_sampling(
+        self,
+        batch_size,
+        audio_length_in_s,
+        num_inference_steps,
+        guidance_scale,
+        melody_guidance_scale,
+        guidance_interval,
+        num_waveforms_per_prompt,
+        retrieval_top_k,
+        generator,
+        latents,
+        negative_prompt_embeds,
+    ) -> None:
+        """The length, steps, guidance, candidates, generators and starting latents."""
+        without_clmp = self.clmp is None or self.processor is None
         min_length = round(self.frames_multiple * self.hop_length / self.sampling_rate, 2)
         if audio_length_in_s is not None:
             check_number("audio_length_in_s", audio_length_in_s, min_length, MAX_AUDIO_LENGTH_S)
@@ -629,35 +674,6 @@ class MG2Pipeline(DiffusionPipeline):
             )
         check_number("guidance_interval[0]", guidance_interval[0], 0, 1)
         check_number("guidance_interval[1]", guidance_interval[1], guidance_interval[0], 1)
-        if audio is None and (strength is not None or repaint_start_s is not None or repaint_end_s is not None):
-            raise ValueError("strength, repaint_start_s and repaint_end_s apply to a given audio: pass audio= too.")
-        if audio is not None:
-            if not isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
-                raise TypeError(
-                    f"audio must be a path to an audio file or a mono waveform (numpy or torch), got "
-                    f"{type(audio).__name__}."
-                )
-            if latents is not None:
-                raise ValueError(
-                    "Pass either audio or latents, not both: with audio the starting latents are its own."
-                )
-            if strength is not None:
-                check_number("strength", strength, 0, 1)
-                if strength * num_inference_steps < 1:
-                    raise ValueError(
-                        f"strength × num_inference_steps must be at least 1 (one denoising step), got "
-                        f"{strength} × {num_inference_steps}."
-                    )
-            if (repaint_start_s is None) != (repaint_end_s is None):
-                raise ValueError("Pass both repaint_start_s and repaint_end_s (the span to regenerate), or neither.")
-            if repaint_start_s is not None:
-                check_number("repaint_start_s", repaint_start_s, 0, MAX_AUDIO_LENGTH_S)
-                check_number("repaint_end_s", repaint_end_s, 0, MAX_AUDIO_LENGTH_S)
-                if repaint_end_s - repaint_start_s < min_length:
-                    raise ValueError(
-                        f"repaint_end_s must be at least {min_length} s after repaint_start_s, got "
-                        f"{repaint_start_s} to {repaint_end_s}."
-                    )
         check_number(
             "num_inference_steps",
             num_inference_steps,
@@ -705,6 +721,17 @@ class MG2Pipeline(DiffusionPipeline):
             largest, bound = latents.abs().max().item(), MAX_LATENT_NOISE * self.scheduler.init_noise_sigma
             if largest > bound:  # the sampler starts from N(0, sigma²) noise: this is no noise, and it diverges
                 raise ValueError(f"latents must be starting noise, at most {bound:g} in magnitude; got {largest:.3g}.")
+
+    def check_call_options(
+        self,
+        output_type,
+        return_dict,
+        match_prompt_facts,
+        cross_attention_kwargs,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        """The output type, flags, attention kwargs and callback."""
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         for name, flag in (("return_dict", return_dict), ("match_prompt_facts", match_prompt_facts)):
@@ -726,7 +753,6 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs {unknown} are not in {self._callback_tensor_inputs}."
             )
-        return batch_size
 
     def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Texts → CLMP's `input_ids` and `attention_mask`, padded to `max_text_length`."""
@@ -832,30 +858,31 @@ class MG2Pipeline(DiffusionPipeline):
             )
         return torch.from_numpy(np.asarray(waveform, dtype=np.float32).copy())
 
-    def check_audio(self, waveform: torch.Tensor, audio_length_in_s, strength, repaint_start_s, repaint_end_s):
-        """What to do with the given audio: "continuation" (`audio_length_in_s` longer than it), "repaint" (a span) or
-        "audio_to_audio"; returns `(mode, audio_length_in_s, strength)` or a ValueError naming the argument."""
-        given_s = len(waveform) / self.sampling_rate
-        length = given_s if audio_length_in_s is None else audio_length_in_s
-        if self.mel_frames(length) < self.mel_frames(given_s):
-            raise ValueError(
-                f"audio_length_in_s must be at least the audio's length ({given_s:.2f} s) with audio=, got "
-                f"{audio_length_in_s}: cut the audio to re-render part of it."
+    def check_recording(self, audio, strength, num_inference_steps) -> None:
+        """The task pipelines' `audio` (a path or a mono waveform) and `strength` (in (0, 1], at least one step)."""
+        if audio is None:
+            raise ValueError("audio is None: pass the recording to work on (a path or a mono waveform).")
+        if not isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
+            raise TypeError(
+                f"audio must be a path to an audio file or a mono waveform (numpy or torch), got {type(audio).__name__}."
             )
-        if self.mel_frames(length) > self.mel_frames(given_s):
-            if repaint_start_s is not None or strength is not None:
-                raise ValueError(
-                    f"audio_length_in_s {length} s is longer than the audio ({given_s:.2f} s): that continues it, "
-                    "which takes no strength or repaint span; pass one or the other."
-                )
-            return "continuation", length, 1.0
-        if repaint_start_s is not None:
-            if repaint_end_s > given_s:
-                raise ValueError(
-                    f"repaint_end_s must lie inside the audio (at most {given_s:.2f} s), got {repaint_end_s}."
-                )
-            return "repaint", length, 1.0 if strength is None else strength
-        return "audio_to_audio", length, DEFAULT_STRENGTH if strength is None else strength
+        check_number("strength", strength, 0, 1)
+        if strength * num_inference_steps < 1:
+            raise ValueError(
+                f"strength × num_inference_steps must be at least 1 (one denoising step), got {strength} × "
+                f"{num_inference_steps}."
+            )
+
+    def noise_to_strength(
+        self, given_latents: torch.Tensor, latents: torch.Tensor, num_inference_steps: int, strength: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timesteps from `strength` on (diffusers' img2img) and where denoising starts: `given_latents` noised to
+        the first of them with the noise in `latents`; at strength 1 that noise itself."""
+        if strength == 1:
+            return self.scheduler.timesteps, latents
+        timesteps = self.get_timesteps(num_inference_steps, strength)
+        noise = latents / self.scheduler.init_noise_sigma
+        return timesteps, self.scheduler.add_noise(given_latents, noise, timesteps[:1].repeat(len(latents)))
 
     def keep_mask(self, mode: str, latent_frames: int, given_frames: int, repaint_start_s, repaint_end_s, device):
         """`(1, 1, latent_frames, 1)`: 1 on the latent frames of the given audio that are kept, 0 where new audio is
@@ -1016,22 +1043,29 @@ class MG2Pipeline(DiffusionPipeline):
             masks += [batch_mask.repeat_interleave(num_waveforms_per_prompt, dim=0)] * repeats
         return torch.cat(states).to(self.unet.dtype), torch.cat(masks)
 
-    def prepare_guidance_inputs(
-        self,
-        prompts,
-        negative_prompt,
-        num_waveforms_per_prompt: int,
-        prompt_embeds,
-        negative_prompt_embeds,
-        melody_embeds,
-        melody_frames,
-        device,
-    ) -> GuidanceInputs:
+    def encode_condition(
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_waveforms_per_prompt: int, device
+    ) -> Conditioning:
+        """The prompt's and the negative prompt's CLMP embeddings, one row per waveform (`encode_prompt`). The negative
+        ones are made even without text guidance when CLMP can: a callback may turn it on."""
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_waveforms_per_prompt,
+            self.do_classifier_free_guidance or self.clmp is not None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+        )
+        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
+        return Conditioning(prompts, negative_prompt, num_waveforms_per_prompt, prompt_embeds, negative_prompt_embeds)
+
+    def prepare_guidance_inputs(self, condition: Conditioning, device) -> GuidanceInputs:
         """The UNet's inputs for the predictions the current scales need (`guidance_terms`), stacked in their order:
         pooled conditions, text states, and the melody frames (zeros wherever the melody is dropped, as in training)."""
         terms = self.guidance_terms
         ignore_melody, melody_term, text_term = terms
-        if text_term and negative_prompt_embeds is None:
+        if text_term and condition.negative_prompt_embeds is None:
             raise ValueError("guidance_scale > 1 needs negative_prompt_embeds in a pipeline without clmp.")
         if (ignore_melody or melody_term) and self.clmp is None:
             raise ValueError(
@@ -1039,17 +1073,25 @@ class MG2Pipeline(DiffusionPipeline):
                 "without clmp: the melody-free condition is the empty text's CLMP embedding."
             )
         null_embeds = self.encode_text([""], device) if ignore_melody or melody_term else None
-        condition = self.prepare_condition(
-            prompt_embeds, negative_prompt_embeds, melody_embeds, null_embeds, ignore_melody, melody_term, text_term
+        pooled = self.prepare_condition(
+            condition.prompt_embeds,
+            condition.negative_prompt_embeds,
+            condition.melody_embeds,
+            null_embeds,
+            ignore_melody,
+            melody_term,
+            text_term,
         )
         text_states, text_mask = self.prepare_text_states(
-            prompts, negative_prompt, num_waveforms_per_prompt, device, melody_term, text_term
-        )
+            condition.prompts, condition.negative_prompt, condition.num_waveforms_per_prompt, device, melody_term,
+            text_term,
+        )  # fmt: skip
+        melody_frames = condition.melody_frames
         if melody_frames is not None:
             melody_frames = torch.cat(
                 [melody_frames * (not ignore_melody)] + [torch.zeros_like(melody_frames)] * (melody_term + text_term)
             )
-        return GuidanceInputs(terms, condition, text_states, text_mask, melody_frames)
+        return GuidanceInputs(terms, pooled, text_states, text_mask, melody_frames)
 
     @torch.no_grad()
     def encode_waveforms(self, waveforms: torch.Tensor, device) -> torch.Tensor:
@@ -1148,16 +1190,290 @@ class MG2Pipeline(DiffusionPipeline):
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
+    # ----- the steps every task shares -----
+
+    def prepare_melodies(
+        self,
+        prompts: list[str] | None,
+        prompt_embeds: torch.Tensor,
+        melodies: list[Melody] | None,
+        melody_embeds: torch.Tensor | None,
+        num_waveforms_per_prompt: int,
+        retrieval_top_k: int,
+        match_prompt_facts: bool,
+        device,
+        source: str = "user",
+    ) -> tuple[list[RetrievedMelody | None], torch.Tensor]:
+        """One guiding melody and its CLMP embedding per waveform: `melodies` (one per prompt, marked `source`), the
+        given `melody_embeds`, or retrieved (of the tune type, origin, meter and key the prompt names when the index has
+        such melodies, re-timed to the tempo it names). Without any, the melody-dropped condition: the text alone."""
+        num_waveforms = prompt_embeds.shape[0]
+        if self.config.condition == "text":
+            return [None] * num_waveforms, prompt_embeds
+        if melody_embeds is not None:
+            return [None] * num_waveforms, melody_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+        if melodies is not None:
+            guiding = [
+                RetrievedMelody(m, id=None, score=None, metadata={"source": source})
+                for m in melodies
+                for _ in range(num_waveforms_per_prompt)
+            ]
+            embeds = self.encode_melody(melodies, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
+            return guiding, embeds
+        if self.retriever is None:  # nothing to follow: the melody-dropped condition training teaches, text alone
+            logger.warning("No melody given and no retriever to find one: generating from the text alone.")
+            return [None] * num_waveforms, self.encode_text([""], device).expand_as(prompt_embeds)
+        query = prompt_embeds[::num_waveforms_per_prompt]
+        if match_prompt_facts and prompts:
+            hits = self.retriever.search_matching(query, prompts, k=retrieval_top_k)
+        else:
+            hits = self.retriever.search(query, k=retrieval_top_k)
+        choice = [
+            (row, candidate % retrieval_top_k)
+            for row in range(len(query))
+            for candidate in range(num_waveforms_per_prompt)
+        ]
+        guiding = [
+            self.follow_prompt_tempo(hits.melodies[row][rank], prompts[row] if prompts else None)
+            for row, rank in choice
+        ]
+        return guiding, torch.from_numpy(np.stack([hits.embeddings[row, rank] for row, rank in choice])).to(device)
+
+    def place_melodies(
+        self,
+        guiding: list[RetrievedMelody | None],
+        audio_length_in_s: float | None,
+        play_once: bool,
+        melody_start_s: float = 0.0,
+    ) -> tuple[float, list[int], list[Melody | None], list[RetrievedMelody | None]]:
+        """The length (by default the longest time-aligned melody's, else one window), the denoising windows' first
+        latent frames, and each melody as it plays: from `melody_start_s`, once through (`play_once`) or repeated whole
+        to the end. Returns `(audio_length_in_s, window starts, melodies, guides)`."""
+        if audio_length_in_s is None:
+            aligned = self.config.aligned_melody is not None and guiding[0] is not None
+            longest = max(hit.melody.duration for hit in guiding) if aligned else self.default_audio_length_in_s
+            audio_length_in_s = min(MAX_AUDIO_LENGTH_S, longest)
+        height = self.mel_frames(audio_length_in_s)
+        starts = window_starts(
+            height // self.vae_scale_factor,
+            self.window_frames,
+            self.window_overlap,
+            self.frames_multiple // self.vae_scale_factor,
+        )
+        seconds = height * self.hop_length / self.sampling_rate
+        placed = [self.place_melody(hit, melody_start_s, seconds, play_once, starts) for hit in guiding]
+        return audio_length_in_s, starts, [melody for melody, _ in placed], [hit for _, hit in placed]
+
+    def prepare_aligned_melody(
+        self, melodies: list[Melody | None], latents: torch.Tensor, device
+    ) -> torch.Tensor | None:
+        """The time-aligned melody frames for `latents` (None for a model without them); zeros, the dropped
+        melody, where there is no melody to follow."""
+        if self.config.aligned_melody is None:
+            return None
+        if melodies[0] is None:
+            channels = self.unet.config.in_channels - latents.shape[1]
+            return torch.zeros(len(melodies), channels, *latents.shape[2:], device=device, dtype=self.unet.dtype)
+        return self.prepare_melody_frames(melodies, latents.shape[2], device, self.unet.dtype)
+
+    def encode_audio_latents(self, audio: torch.Tensor, latents: torch.Tensor, device) -> torch.Tensor:
+        """The given waveform's latents, cut or padded with silence to the frames of `latents`, one row per waveform."""
+        waveform = torch.zeros(latents.shape[2] * self.vae_scale_factor * self.hop_length)
+        num_given = min(len(audio), len(waveform))
+        waveform[:num_given] = audio[:num_given]
+        return self.encode_waveforms(waveform[None], device).to(self.unet.dtype).expand_as(latents)
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        window_starts: list[int],
+        condition: Conditioning,
+        guidance_interval: tuple[float, float],
+        generator,
+        cross_attention_kwargs: dict | None,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: list[str],
+        keep: torch.Tensor | None = None,
+        given_latents: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The sampling loop. Every window predicts the noise of its frames with text and melody guidance; overlapping
+        predictions are cross-faded (MultiDiffusion), then the scheduler steps the whole latent once. Where `keep` is 1
+        the latents are reset after each step to `given_latents` noised to the next step. A callback may replace the
+        latents and embeddings (updated in `condition`) and change the guidance scales for the following steps."""
+        device = latents.device
+        self._num_timesteps = len(timesteps)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        # Up to three predictions per step: text and melody; text without melody (a melody term of its own); neither
+        # (text guidance). The melody-free condition is the empty text's embedding and zero frames, as in training.
+        guidance = self.prepare_guidance_inputs(condition, device)
+        window = min(self.window_frames, latents.shape[2])
+        ramp = (
+            fade_ramp(window, self.window_overlap, device, latents.dtype)
+            if len(window_starts) > 1
+            else torch.ones(window, device=device, dtype=latents.dtype)
+        )
+        # Only windows with frames to generate run; kept frames outside them are reset after each step.
+        active = [start for start in window_starts if keep is None or keep[0, 0, start : start + window].min() < 1]
+        weights = torch.zeros(latents.shape[2], device=device, dtype=latents.dtype)
+        for start in active:
+            weights[start : start + window] += ramp
+        weights = weights.clamp(min=1e-6)[:, None]
+        with self.progress_bar(total=len(timesteps) * len(active)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                # Outside guidance_interval both scales are 1: the prediction with text and melody, unguided.
+                guided = guidance_interval[0] <= t / self.scheduler.config.num_train_timesteps <= guidance_interval[1]
+                text_scale, melody_scale = (
+                    (max(self._guidance_scale, 1.0), self._melody_guidance_scale) if guided else (1, 1)
+                )
+                noise_pred = torch.zeros_like(latents)
+                for start in active:
+                    frames = slice(start, start + window)
+                    window_pred = self.predict_noise(
+                        latents[:, :, frames], t, guidance, frames, text_scale, melody_scale, cross_attention_kwargs
+                    )
+                    noise_pred[:, :, frames] += window_pred * ramp[:, None]
+                    progress_bar.update()
+                latents = self.scheduler.step(noise_pred / weights, t, latents, **extra_step_kwargs).prev_sample
+                if keep is not None:
+                    last = i == len(timesteps) - 1
+                    known = (
+                        given_latents
+                        if last
+                        else self.scheduler.add_noise(
+                            given_latents, noise, timesteps[i + 1 : i + 2].repeat(len(latents))
+                        )
+                    )
+                    latents = keep * known + (1 - keep) * latents
+                if callback_on_step_end is not None:
+                    latents, changed = self.run_callback(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, condition
+                    )
+                    # New embeddings, or scales that need other predictions (a melody dropped or brought back, a
+                    # guidance term started or stopped), apply from the next step on.
+                    if changed or self.guidance_terms != guidance.terms:
+                        guidance = self.prepare_guidance_inputs(condition, device)
+        return latents
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t,
+        guidance: GuidanceInputs,
+        frames: slice,
+        text_scale: float,
+        melody_scale: float,
+        cross_attention_kwargs: dict | None,
+    ) -> torch.Tensor:
+        """The guided prediction for one window of latents: with text and melody ε(t, m), without the melody
+        ε(t, ∅) and without either ε(∅, ∅), as `guidance.terms` asks:
+        ε(t, ∅) + melody_scale · (ε(t, m) − ε(t, ∅)) + (text_scale − 1) · (ε(t, ∅) − ε(∅, ∅))."""
+        _, do_melody_guidance, do_classifier_free_guidance = guidance.terms
+        num_conditions = 1 + do_melody_guidance + do_classifier_free_guidance
+        latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * num_conditions), t)
+        if guidance.melody_frames is not None:
+            latent_model_input = torch.cat([latent_model_input, guidance.melody_frames[:, :, frames]], dim=1)
+        predictions = self.unet(
+            latent_model_input,
+            t,
+            encoder_hidden_states=guidance.text_states,
+            encoder_attention_mask=guidance.text_mask,
+            class_labels=guidance.condition,
+            cross_attention_kwargs=cross_attention_kwargs,
+        ).sample
+        predictions = list(predictions.chunk(num_conditions))
+        prediction = with_melody = predictions.pop(0)
+        without_melody = with_melody
+        if do_melody_guidance:
+            without_melody = predictions.pop(0)
+            prediction = without_melody + melody_scale * (with_melody - without_melody)
+        if do_classifier_free_guidance:
+            prediction = prediction + (text_scale - 1) * (without_melody - predictions.pop(0))
+        return prediction
+
+    def run_callback(
+        self, callback, tensor_inputs: list[str], step: int, t, latents: torch.Tensor, condition: Conditioning
+    ) -> tuple[torch.Tensor, bool]:
+        """`callback_on_step_end` after a step: returns the latents it gives back and whether it changed an embedding
+        (written into `condition`); what it returns and the scales it sets are checked."""
+        tensors = {
+            "latents": latents,
+            "prompt_embeds": condition.prompt_embeds,
+            "negative_prompt_embeds": condition.negative_prompt_embeds,
+            "melody_embeds": condition.melody_embeds,
+        }
+        outputs = callback(self, step, t, {name: tensors[name] for name in tensor_inputs})
+        if not isinstance(outputs, dict):
+            raise TypeError(
+                f"callback_on_step_end must return a dict of tensors (e.g. {{}} or {{'latents': latents}}), got "
+                f"{type(outputs).__name__}."
+            )
+        for name, value in outputs.items():
+            if name not in tensors or tensors[name] is None:
+                raise ValueError(
+                    f"callback_on_step_end returned {name!r}, which this call does not use "
+                    f"(it uses {[n for n, v in tensors.items() if v is not None]})."
+                )
+            if value is not tensors[name]:
+                check_tensor(f"the {name} callback_on_step_end returned", value, tuple(tensors[name].shape))
+        changed = [name for name in outputs if name != "latents" and outputs[name] is not tensors[name]]
+        if self.config.text_attention and any(name.endswith("prompt_embeds") for name in changed):
+            raise ValueError(
+                "callback_on_step_end changed prompt_embeds or negative_prompt_embeds, which this model "
+                "(text_attention) reads as words it cannot change mid-call."
+            )
+        check_number("the guidance_scale callback_on_step_end set", self._guidance_scale, 0, MAX_GUIDANCE_SCALE)
+        check_number(
+            "the melody_guidance_scale callback_on_step_end set", self._melody_guidance_scale, 0, MAX_GUIDANCE_SCALE
+        )
+        for name in changed:
+            setattr(condition, name, outputs[name])
+        return outputs.get("latents", latents), bool(changed)
+
+    def postprocess(
+        self,
+        latents: torch.Tensor,
+        num_samples: int,
+        guiding: list[RetrievedMelody | None],
+        condition: Conditioning,
+        output_type: str,
+        return_dict: bool,
+    ) -> MG2PipelineOutput | tuple:
+        """Latents → log-mel → waveforms of `num_samples` (window by window for long audio), within ±1; each prompt's
+        candidates re-ranked by CLMP text–audio similarity, best first."""
+        self.check_finite(latents)
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            output = (latents, guiding)
+            return MG2PipelineOutput(*output, sampling_rate=self.sampling_rate) if return_dict else output
+        audio = self.vocode(self.decode_latents(latents)).float()[:, :num_samples]
+        self.check_finite(audio)
+        audio = peak_safe(audio)  # a waveform peaking above 1 is scaled down to peak at 1, so that no file clips
+        per_prompt = condition.num_waveforms_per_prompt
+        if per_prompt > 1:
+            prompt_embeds = condition.prompt_embeds
+            scores = self.score_waveforms(audio, prompt_embeds).view(-1, per_prompt)
+            offsets = per_prompt * torch.arange(scores.shape[0], device=scores.device)[:, None]
+            order = (torch.argsort(scores, dim=1, descending=True) + offsets).reshape(-1).cpu()
+            audio = audio[order.to(audio.device)]
+            guiding = [guiding[i] for i in order.tolist()]
+        self.maybe_free_model_hooks()
+        audio = audio.cpu()
+        if output_type == "np":
+            audio = audio.numpy()
+        if not return_dict:
+            return audio, guiding
+        return MG2PipelineOutput(audios=audio, melodies=guiding, sampling_rate=self.sampling_rate)
+
+    # ----- text to music -----
+
     @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         melody: Any = None,
-        audio: Any = None,
-        strength: float | None = None,
-        repaint_start_s: float | None = None,
-        repaint_end_s: float | None = None,
         audio_length_in_s: float | None = None,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
@@ -1186,19 +1502,10 @@ class MG2Pipeline(DiffusionPipeline):
             melody: guide with this melody instead of retrieving one: a `Melody`, a MIDI/MusicXML/ABC/audio path,
                 a token or note string ("G4:0.5 A4:0.5"), or a 16 kHz waveform to transcribe; one for every prompt
                 or a list with one per prompt.
-            audio: a recording to work on (a path, or a mono waveform at `sampling_rate`), one for every prompt. With
-                `audio_length_in_s` longer than it, the pipeline continues it; with `repaint_start_s`/`repaint_end_s` it
-                regenerates that span and keeps the rest; otherwise it re-renders all of it (audio-to-audio, `strength`).
-                Without `melody`, audio-to-audio and repaint follow the melody transcribed from `audio`, and a
-                continuation follows a retrieved melody from where the audio ends. Kept latent frames are the audio's own.
-            strength: how much noise is added to the encoded audio before denoising, in (0, 1] (diffusers' img2img):
-                default 0.8 for audio-to-audio; 1 (regenerate from noise) for a repainted span. At 1 audio-to-audio
-                equals text-to-music with the same melody and generator; lower keeps more of the recording.
-            repaint_start_s, repaint_end_s: the span of `audio` to regenerate, both inside it.
             audio_length_in_s: seconds of audio, up to 600: longer than the UNet's window (10.24 s for `small`), it is
-                denoised in windows that overlap by at least 1/32 and are fused at every step (MultiDiffusion). Default: the
-                audio's length with `audio`, else the melody's (once through, not looped), else one window. Given
-                explicitly, a shorter melody is repeated whole to fill it. Rounded up to whole latent frames.
+                denoised in windows that overlap by at least 1/32 and are fused at every step (MultiDiffusion).
+                Default: the melody's length (once through, not looped), else one window. Given explicitly, a shorter
+                melody is repeated whole to fill it. Rounded up to whole latent frames.
             num_inference_steps: denoising steps, 1 to 1000.
             guidance_scale: text guidance scale (classifier-free); <= 1 disables it.
             melody_guidance_scale: melody guidance scale, independent of the text's: 0 ignores the melody, 1 takes it
@@ -1206,7 +1513,7 @@ class MG2Pipeline(DiffusionPipeline):
                 Equal to `guidance_scale` it is plain classifier-free guidance of both, one UNet pass fewer per step.
             guidance_interval: where in the noise schedule both guidance scales apply, as fractions of the training
                 timesteps (`t / num_train_timesteps` from `low` to `high`); elsewhere both are 1 (Kynkäänniemi et al.,
-                2024). `docs/usage.md` has what each setting measures.
+                2024).
             num_waveforms_per_prompt: candidates per prompt (prompts × candidates at most 64), re-ranked best first by
                 CLMP text–audio similarity; with `retrieval_top_k` > 1 they cycle through the top-k retrieved melodies.
             generator, latents: seeding as in diffusers; the same generator gives identical output. `latents` must be
@@ -1227,332 +1534,52 @@ class MG2Pipeline(DiffusionPipeline):
 
         Every argument is checked before any compute (`check_inputs`): a wrong type raises `TypeError`, a wrong value
         (NaN, infinity, out of range, mismatched sizes) `ValueError`, each naming the argument and what it accepts.
+        To continue, re-render or repaint a recording, use `MG2InpaintPipeline` or `MG2AudioToAudioPipeline`
+        (`from_pipe(pipe)`).
         """
         # 1. Check inputs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         batch_size = self.check_inputs(
-            prompt,
-            negative_prompt,
-            melody,
-            audio_length_in_s,
-            num_inference_steps,
-            guidance_scale,
-            melody_guidance_scale,
-            num_waveforms_per_prompt,
-            retrieval_top_k,
-            match_prompt_facts,
-            generator,
-            latents,
-            prompt_embeds,
-            negative_prompt_embeds,
-            melody_embeds,
-            output_type,
-            return_dict,
-            cross_attention_kwargs,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            audio,
-            strength,
-            repaint_start_s,
-            repaint_end_s,
-            guidance_interval,
-        )
-        user_melodies = self.read_melodies(melody, batch_size) if melody is not None else None
+            prompt, negative_prompt, melody, audio_length_in_s, num_inference_steps, guidance_scale,
+            melody_guidance_scale, guidance_interval, num_waveforms_per_prompt, retrieval_top_k, match_prompt_facts,
+            generator, latents, prompt_embeds, negative_prompt_embeds, melody_embeds, output_type, return_dict,
+            cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        melodies = self.read_melodies(melody, batch_size) if melody is not None else None
         play_once = audio_length_in_s is None  # no length asked for: melodies play once through, not repeated
-        mode, given_audio = "text_to_music", None
-        if audio is not None:
-            given_audio = self.read_audio(audio)
-            mode, audio_length_in_s, strength = self.check_audio(
-                given_audio, audio_length_in_s, strength, repaint_start_s, repaint_end_s
-            )
-        elif latents is not None and audio_length_in_s is None:
+        if latents is not None and audio_length_in_s is None:
             audio_length_in_s = latents.shape[2] * self.vae_scale_factor * self.hop_length / self.sampling_rate
-        self._guidance_scale = guidance_scale
-        self._melody_guidance_scale = melody_guidance_scale
+        self._guidance_scale, self._melody_guidance_scale = guidance_scale, melody_guidance_scale
         device = self._execution_device
-        num_waveforms = batch_size * num_waveforms_per_prompt
 
         # 2. Encode the prompt (and the negative prompt) with CLMP's text tower, one row per waveform
-        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
-        # The negative embeddings are made even without text guidance when CLMP can: a callback may turn it on.
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_waveforms_per_prompt,
-            self.do_classifier_free_guidance or self.clmp is not None,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
+        condition = self.encode_condition(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_waveforms_per_prompt, device
         )
 
-        # 3. Retrieve a melody per waveform (or take the user's, or transcribe the given audio's), of the tune type, origin,
-        # meter and key the prompt names when the index has such melodies; retrieved ones follow the tempo the prompt names
-        if self.config.condition == "text":
-            guiding = [None] * num_waveforms
-            melody_embeds = prompt_embeds
-        elif melody_embeds is not None:
-            guiding = [None] * num_waveforms
-            melody_embeds = melody_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
-        elif user_melodies is not None or mode in ("audio_to_audio", "repaint"):
-            if user_melodies is None:
-                user_melodies = [self.transcribe(given_audio)] * batch_size
-            source = "user" if melody is not None else "audio"
-            guiding = [
-                RetrievedMelody(m, id=None, score=None, metadata={"source": source})
-                for m in user_melodies
-                for _ in range(num_waveforms_per_prompt)
-            ]
-            melody_embeds = self.encode_melody(user_melodies, device).repeat_interleave(
-                num_waveforms_per_prompt, dim=0
-            )
-        elif self.retriever is None:  # nothing to follow: the melody-dropped condition training teaches, text alone
-            logger.warning("No melody given and no retriever to find one: generating from the text alone.")
-            guiding = [None] * num_waveforms
-            melody_embeds = self.encode_text([""], device).expand_as(prompt_embeds)
-        else:
-            query = prompt_embeds[::num_waveforms_per_prompt]
-            if match_prompt_facts and prompts:
-                hits = self.retriever.search_matching(query, prompts, k=retrieval_top_k)
-            else:
-                hits = self.retriever.search(query, k=retrieval_top_k)
-            choice = [
-                (row, candidate % retrieval_top_k)
-                for row in range(batch_size)
-                for candidate in range(num_waveforms_per_prompt)
-            ]
-            guiding = [
-                self.follow_prompt_tempo(hits.melodies[row][rank], prompts[row] if prompts else None)
-                for row, rank in choice
-            ]
-            melody_embeds = torch.from_numpy(np.stack([hits.embeddings[row, rank] for row, rank in choice])).to(device)
+        # 3. Take the user's melody, or retrieve one per waveform
+        guiding, condition.melody_embeds = self.prepare_melodies(
+            condition.prompts, condition.prompt_embeds, melodies, melody_embeds, num_waveforms_per_prompt,
+            retrieval_top_k, match_prompt_facts, device,
+        )  # fmt: skip
 
-        # 4. Fix the length (by default a time-aligned melody's, played once through) and place each melody in it: from
-        # the start, or from where the given audio ends for a continuation; repeated whole when the length was asked for
-        if audio_length_in_s is None:
-            aligned = self.config.aligned_melody is not None and guiding[0] is not None
-            longest = max(hit.melody.duration for hit in guiding) if aligned else self.default_audio_length_in_s
-            audio_length_in_s = min(MAX_AUDIO_LENGTH_S, longest)
-        height = self.mel_frames(audio_length_in_s)
-        num_samples = int(round(audio_length_in_s * self.sampling_rate))
-        seconds = height * self.hop_length / self.sampling_rate
-        melody_start_s = len(given_audio) / self.sampling_rate if mode == "continuation" and melody is None else 0.0
-        starts = window_starts(
-            height // self.vae_scale_factor,
-            self.window_frames,
-            self.window_overlap,
-            self.frames_multiple // self.vae_scale_factor,
-        )
-        placed = [self.place_melody(hit, melody_start_s, seconds, play_once, starts) for hit in guiding]
-        guiding = [hit for _, hit in placed]
+        # 4. Fix the length and place each melody in it
+        audio_length_in_s, starts, placed, guiding = self.place_melodies(guiding, audio_length_in_s, play_once)
 
-        # 5. Prepare timesteps, latents (noise, or the given audio's latents noised to `strength`) and the melody frames
+        # 5. Prepare timesteps, the starting noise and the time-aligned melody frames
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        latents = self.prepare_latents(num_waveforms, height, self.unet.dtype, device, generator, latents)
-        keep = None
-        if given_audio is not None:
-            noise = latents / self.scheduler.init_noise_sigma
-            num_given = min(len(given_audio), height * self.hop_length)
-            waveform = torch.zeros(height * self.hop_length)
-            waveform[:num_given] = given_audio[:num_given]
-            audio_latents = self.encode_waveforms(waveform[None], device).to(self.unet.dtype).expand_as(latents)
-            if strength < 1:
-                timesteps = self.get_timesteps(num_inference_steps, strength)
-                latents = self.scheduler.add_noise(audio_latents, noise, timesteps[:1].repeat(num_waveforms))
-            if mode != "audio_to_audio":
-                samples_per_latent = self.vae_scale_factor * self.hop_length
-                keep = self.keep_mask(
-                    mode,
-                    latents.shape[2],
-                    len(given_audio) // samples_per_latent,
-                    repaint_start_s,
-                    repaint_end_s,
-                    device,
-                ).to(latents.dtype)
-                latents = (
-                    keep * self.scheduler.add_noise(audio_latents, noise, timesteps[:1].repeat(num_waveforms))
-                    + (1 - keep) * latents
-                )
-        self._num_timesteps = len(timesteps)
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
-        melody_frames = None
-        if self.config.aligned_melody is not None and guiding[0] is not None:
-            melody_frames = self.prepare_melody_frames(
-                [melody for melody, _ in placed], latents.shape[2], device, self.unet.dtype
-            )
-        elif self.config.aligned_melody is not None:
-            channels = self.unet.config.in_channels - latents.shape[1]
-            melody_frames = torch.zeros(
-                num_waveforms, channels, *latents.shape[2:], device=device, dtype=self.unet.dtype
-            )
-        # Up to three predictions per step: text and melody; text without melody (a melody term of its own); neither
-        # (text guidance). The melody-free condition is the empty text's embedding and zero frames, as in training.
-        guidance = self.prepare_guidance_inputs(
-            prompts,
-            negative_prompt,
-            num_waveforms_per_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            melody_embeds,
-            melody_frames,
-            device,
+        latents = self.prepare_latents(
+            len(guiding), self.mel_frames(audio_length_in_s), self.unet.dtype, device, generator, latents
         )
+        condition.melody_frames = self.prepare_aligned_melody(placed, latents, device)
 
-        # 6. Denoise: every window predicts the noise of its frames; overlapping predictions are cross-faded, then the
-        # scheduler steps the whole latent once. Kept frames of the given audio are reset to it, noised to the next step.
-        window = min(self.window_frames, latents.shape[2])
-        ramp = (
-            fade_ramp(window, self.window_overlap, device, latents.dtype)
-            if len(starts) > 1
-            else torch.ones(window, device=device, dtype=latents.dtype)
-        )
-        active = [
-            start for start in starts if keep is None or keep[0, 0, start : start + window].min() < 1
-        ]  # to generate
-        weights = torch.zeros(latents.shape[2], device=device, dtype=latents.dtype)
-        for start in active:
-            weights[start : start + window] += ramp
-        weights = weights.clamp(min=1e-6)[:, None]  # kept frames outside every active window are reset after the step
-        with self.progress_bar(total=len(timesteps) * len(active)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                # Outside guidance_interval both scales are 1: the prediction with text and melody, unguided.
-                guided = guidance_interval[0] <= t / self.scheduler.config.num_train_timesteps <= guidance_interval[1]
-                text_scale, melody_scale = (
-                    (max(self._guidance_scale, 1.0), self._melody_guidance_scale) if guided else (1, 1)
-                )
-                _, do_melody_guidance, do_classifier_free_guidance = guidance.terms
-                num_conditions = 1 + do_melody_guidance + do_classifier_free_guidance
-                noise_pred = torch.zeros_like(latents)
-                for start in active:
-                    frames = slice(start, start + window)
-                    latent_model_input = self.scheduler.scale_model_input(
-                        torch.cat([latents[:, :, frames]] * num_conditions), t
-                    )
-                    if guidance.melody_frames is not None:
-                        latent_model_input = torch.cat(
-                            [latent_model_input, guidance.melody_frames[:, :, frames]], dim=1
-                        )
-                    predictions = self.unet(
-                        latent_model_input,
-                        t,
-                        encoder_hidden_states=guidance.text_states,
-                        encoder_attention_mask=guidance.text_mask,
-                        class_labels=guidance.condition,
-                        cross_attention_kwargs=cross_attention_kwargs,
-                    ).sample
-                    predictions = list(predictions.chunk(num_conditions))
-                    window_pred = with_melody = predictions.pop(0)
-                    if do_melody_guidance:
-                        without_melody = predictions.pop(0)
-                        window_pred = without_melody + melody_scale * (with_melody - without_melody)
-                    else:
-                        without_melody = with_melody
-                    if do_classifier_free_guidance:
-                        window_pred = window_pred + (text_scale - 1) * (without_melody - predictions.pop(0))
-                    noise_pred[:, :, frames] += window_pred * ramp[:, None]
-                    progress_bar.update()
-                latents = self.scheduler.step(noise_pred / weights, t, latents, **extra_step_kwargs).prev_sample
-                if keep is not None:
-                    known = (
-                        audio_latents
-                        if i == len(timesteps) - 1
-                        else self.scheduler.add_noise(
-                            audio_latents, noise, timesteps[i + 1 : i + 2].repeat(num_waveforms)
-                        )
-                    )
-                    latents = keep * known + (1 - keep) * latents
-                if callback_on_step_end is not None:
-                    tensors = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                        "melody_embeds": melody_embeds,
-                    }
-                    outputs = callback_on_step_end(
-                        self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    )
-                    if not isinstance(outputs, dict):
-                        raise TypeError(
-                            f"callback_on_step_end must return a dict of tensors (e.g. {{}} or "
-                            f"{{'latents': latents}}), got {type(outputs).__name__}."
-                        )
-                    for name, value in outputs.items():
-                        if name not in tensors or tensors[name] is None:
-                            raise ValueError(
-                                f"callback_on_step_end returned {name!r}, which this call does not use "
-                                f"(it uses {[n for n, v in tensors.items() if v is not None]})."
-                            )
-                        if value is not tensors[name]:
-                            check_tensor(
-                                f"the {name} callback_on_step_end returned", value, tuple(tensors[name].shape)
-                            )
-                    latents = outputs.get("latents", latents)
-                    changed = [name for name in outputs if name != "latents" and outputs[name] is not tensors[name]]
-                    if self.config.text_attention and any(name.endswith("prompt_embeds") for name in changed):
-                        raise ValueError(
-                            "callback_on_step_end changed prompt_embeds or negative_prompt_embeds, which "
-                            "this model (text_attention) reads as words it cannot change mid-call."
-                        )
-                    check_number(
-                        "the guidance_scale callback_on_step_end set", self._guidance_scale, 0, MAX_GUIDANCE_SCALE
-                    )
-                    check_number(
-                        "the melody_guidance_scale callback_on_step_end set",
-                        self._melody_guidance_scale,
-                        0,
-                        MAX_GUIDANCE_SCALE,
-                    )
-                    # New embeddings, or scales that need other predictions (a melody dropped or brought back, a
-                    # guidance term started or stopped), apply from the next step on.
-                    if changed or self.guidance_terms != guidance.terms:
-                        prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
-                        negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
-                        melody_embeds = outputs.get("melody_embeds", melody_embeds)
-                        guidance = self.prepare_guidance_inputs(
-                            prompts,
-                            negative_prompt,
-                            num_waveforms_per_prompt,
-                            prompt_embeds,
-                            negative_prompt_embeds,
-                            melody_embeds,
-                            melody_frames,
-                            device,
-                        )
+        # 6. Denoise
+        latents = self.denoise(
+            latents, self.scheduler.timesteps, starts, condition, guidance_interval, generator, cross_attention_kwargs,
+            callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
 
-        self.check_finite(latents)
-        if output_type == "latent":
-            self.maybe_free_model_hooks()
-            return (
-                MG2PipelineOutput(audios=latents, melodies=guiding, sampling_rate=self.sampling_rate)
-                if return_dict
-                else (latents, guiding)
-            )
-
-        # 7. Decode latents to log-mel, 8. vocode to waveforms (both window by window for long audio)
-        mel = self.decode_latents(latents)
-        audio = self.vocode(mel).float()[:, :num_samples]
-        self.check_finite(audio)
-        audio = peak_safe(audio)  # a waveform peaking above 1 is scaled down to peak at 1, so that no file clips
-
-        # Re-rank each prompt's candidates by CLMP text–audio similarity, best first.
-        if num_waveforms_per_prompt > 1:
-            scores = self.score_waveforms(audio, prompt_embeds).view(batch_size, num_waveforms_per_prompt)
-            order = (
-                (
-                    torch.argsort(scores, dim=1, descending=True)
-                    + num_waveforms_per_prompt * torch.arange(batch_size, device=scores.device)[:, None]
-                )
-                .reshape(-1)
-                .cpu()
-            )
-            audio = audio[order.to(audio.device)]
-            guiding = [guiding[i] for i in order.tolist()]
-        self.maybe_free_model_hooks()
-
-        audio = audio.cpu()
-        if output_type == "np":
-            audio = audio.numpy()
-        if not return_dict:
-            return audio, guiding
-        return MG2PipelineOutput(audios=audio, melodies=guiding, sampling_rate=self.sampling_rate)
+        # 7. Decode, vocode and re-rank the candidates
+        num_samples = int(round(audio_length_in_s * self.sampling_rate))
+        return self.postprocess(latents, num_samples, guiding, condition, output_type, return_dict)

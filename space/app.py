@@ -28,7 +28,7 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 from starlette.middleware import Middleware
 
-from mg2_pipeline import Melody, MG2Pipeline, load_audio
+from mg2_pipeline import Melody, MG2AudioToAudioPipeline, MG2InpaintPipeline, MG2Pipeline, load_audio
 from mg2_pipeline.defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
@@ -86,18 +86,17 @@ def load_model(model: str) -> MG2Pipeline:
 # Concurrent generations share the CPU cores: each gets its share of threads, so they do not oversubscribe them.
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
 # Loaded once. A pipeline keeps per-call state (the scheduler's step counter, the guidance scale), so each
-# concurrent generation borrows its own pipeline object; they share every model and the index.
+# concurrent generation borrows its own set of task pipelines (one per mode); they share every model and the index.
 PIPE = load_model(MODEL)
-WORKERS: queue.Queue[MG2Pipeline] = queue.Queue()
+TASKS = dict(zip(MODES, (MG2Pipeline, MG2InpaintPipeline, MG2AudioToAudioPipeline, MG2InpaintPipeline)))
+WORKERS: queue.Queue[dict[str, MG2Pipeline]] = queue.Queue()
 for _ in range(CONCURRENCY):
-    worker = MG2Pipeline(
-        **{**PIPE.components, "scheduler": copy.deepcopy(PIPE.scheduler)},
-        condition=PIPE.config.condition,
-        aligned_melody=PIPE.config.aligned_melody,
-        text_attention=PIPE.config.text_attention,
-    )
-    worker.set_progress_bar_config(desc="denoising")
-    WORKERS.put(worker)
+    components = {**PIPE.components, "scheduler": copy.deepcopy(PIPE.scheduler)}
+    settings = {key: PIPE.config[key] for key in ("condition", "aligned_melody", "text_attention")}
+    pipelines = {mode: task(**components, **settings) for mode, task in TASKS.items()}
+    for pipeline in pipelines.values():
+        pipeline.set_progress_bar_config(desc="denoising")
+    WORKERS.put(pipelines)
 MIDI_DIR = tempfile.mkdtemp(prefix="mg2-space-midi-")
 
 
@@ -329,31 +328,35 @@ def generate(
             f"Mode {mode!r} needs a Duration longer than the recording ({len(audio) / PIPE.sampling_rate:.2f} s), "
             f"got {length:g} s."
         )
-    audio_kwargs = {"strength": float(strength)} if mode == MODES[2] else {}
-    if mode == MODES[3]:
-        audio_kwargs = {"repaint_start_s": float(repaint_start), "repaint_end_s": float(repaint_end)}
     candidates = int(candidates)
-    pipe = WORKERS.get()
+    common = {
+        "negative_prompt": (negative_prompt or "").strip() or None,
+        "melody": melody,
+        "num_inference_steps": int(steps),
+        "guidance_scale": float(guidance),
+        "melody_guidance_scale": float(melody_guidance),
+        "num_waveforms_per_prompt": candidates,
+        "generator": torch.Generator().manual_seed(int(seed)),
+    }
+    top_k = {"retrieval_top_k": min(candidates, len(PIPE.retriever)) if PIPE.retriever is not None else 1}
+    pipelines = WORKERS.get()  # this request's own pipeline for each mode
     try:
-        output = pipe(
-            prompt,
-            negative_prompt=(negative_prompt or "").strip() or None,
-            melody=melody,
-            audio=audio,
-            **audio_kwargs,
-            audio_length_in_s=length,
-            num_inference_steps=int(steps),
-            guidance_scale=float(guidance),
-            melody_guidance_scale=float(melody_guidance),
-            num_waveforms_per_prompt=candidates,
-            retrieval_top_k=min(candidates, len(pipe.retriever)) if pipe.retriever is not None else 1,
-            generator=torch.Generator().manual_seed(int(seed)),
-        )
+        pipe = pipelines[mode]
+        if mode == MODES[0]:
+            output = pipe(prompt, audio_length_in_s=length, **top_k, **common)
+        elif mode == MODES[1]:
+            output = pipe(prompt, audio=audio, repaint_end_s=length, **top_k, **common)
+        elif mode == MODES[2]:
+            output = pipe(prompt, audio=audio, strength=float(strength), **common)
+        else:
+            output = pipe(
+                prompt, audio=audio, repaint_start_s=float(repaint_start), repaint_end_s=float(repaint_end), **common
+            )
         table = retrieved_table(prompt, int(top_k))
     except (ValueError, TypeError) as error:
         raise gr.Error(str(error)) from None
     finally:
-        WORKERS.put(pipe)
+        WORKERS.put(pipelines)
     waveform, guide = output.audios[0], output.melodies[0]
     pcm16 = (waveform * 32767).astype(np.int16)  # the pipeline's audio lies within ±1 (a louder one is scaled down)
     if guide is None:  # a text-only model has no melody

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from mg2_pipeline import CLMPFeatureExtractor, Melody, cli, load_audio
+from mg2_pipeline import CLMPFeatureExtractor, Melody, MG2AudioToAudioPipeline, MG2InpaintPipeline, cli, load_audio
 from mg2_pipeline.melody import MAX_MELODY_SECONDS, MAX_NOTE_SECONDS, MAX_NOTES
 from mg2_pipeline.presets import build_pipeline
 
@@ -243,6 +243,13 @@ def pipe():
     return pipeline
 
 
+@pytest.fixture(scope="module")
+def tasks(pipe):
+    """The recording tasks, sharing the text-to-music pipeline's components."""
+    inpaint = MG2InpaintPipeline.from_pipe(pipe)
+    return {"audio-to-audio": MG2AudioToAudioPipeline.from_pipe(pipe), "continuation": inpaint, "repaint": inpaint}
+
+
 BASE = {"prompt": PROMPT, "num_inference_steps": 2, "audio_length_in_s": 0.64}
 LATENT_SHAPE = (1, 4, 32, 32)  # the tiny preset at 0.64 s
 SINE = (0.3 * np.sin(2 * np.pi * 440 * np.arange(10240) / 16000)).astype(np.float32)  # 0.64 s of A4
@@ -307,13 +314,18 @@ def call_arguments():
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(argument=call_arguments())
-def test_every_call_argument_gives_valid_output_or_an_error_naming_it(pipe, argument):
+def test_every_call_argument_gives_valid_output_or_an_error_naming_it(pipe, tasks, argument):
     name, value = argument
     kwargs = {**BASE, name: value}
     if name == "prompt_embeds":
         kwargs["prompt"] = None
-    if name in ("strength", "repaint_start_s", "repaint_end_s"):
-        kwargs["audio"] = SINE
+    task = pipe
+    if name in ("audio", "strength"):  # the recording's arguments go to the task that takes them
+        task, kwargs = tasks["audio-to-audio"], {"audio": SINE, **kwargs}
+    elif name in ("repaint_start_s", "repaint_end_s"):
+        task, kwargs = tasks["repaint"], {"audio": SINE, "repaint_start_s": 0.1, "repaint_end_s": 0.5, **kwargs}
+    if task is not pipe:
+        del kwargs["audio_length_in_s"]
     names = {
         "callback_on_step_end": ("callback_on_step_end",),
         "latents": ("latents",),
@@ -322,7 +334,7 @@ def test_every_call_argument_gives_valid_output_or_an_error_naming_it(pipe, argu
         "generator": ("generator",),
     }.get(name, (name,))
     try:
-        output = pipe(**kwargs)
+        output = task(**kwargs)
     except REFUSED as error:
         event(f"{name}: refused ({type(error).__name__})")
         refused_naming(error, *names)
@@ -361,26 +373,27 @@ def valid_calls(draw):
     if draw(st.booleans()):
         kwargs["callback_on_step_end"] = scale_change(draw(scales), draw(scales))
     task = draw(st.sampled_from(["text to music", "continuation", "audio-to-audio", "repaint"]))
+    if task != "text to music":
+        del kwargs["audio_length_in_s"]
+        kwargs["audio"] = SINE
     if task == "continuation":
-        kwargs.update(audio=SINE, audio_length_in_s=draw(st.sampled_from([0.8, 1.28])))
+        kwargs["repaint_end_s"] = draw(st.sampled_from([0.8, 1.28]))
     elif task == "audio-to-audio":
-        steps = kwargs["num_inference_steps"]
-        kwargs.update(audio=SINE, strength=draw(st.floats(1 / steps, 1)), audio_length_in_s=None)
+        kwargs["strength"] = draw(st.floats(1 / kwargs["num_inference_steps"], 1))
     elif task == "repaint":
         start = draw(st.floats(0, 0.4))
-        kwargs.update(audio=SINE, repaint_start_s=start, repaint_end_s=draw(st.floats(start + 0.1, 0.64)))
-        kwargs["audio_length_in_s"] = None
+        kwargs.update(repaint_start_s=start, repaint_end_s=draw(st.floats(start + 0.1, 0.64)))
     return task, kwargs
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(call=valid_calls())
-def test_every_valid_call_gives_finite_audio_of_its_length(pipe, call):
+def test_every_valid_call_gives_finite_audio_of_its_length(pipe, tasks, call):
     task, kwargs = call
     event(task)
-    output = pipe(**kwargs)
+    output = tasks.get(task, pipe)(**kwargs)
     audio = np.asarray(output.audios, dtype=np.float32)
-    seconds = kwargs["audio_length_in_s"] or len(SINE) / 16000
+    seconds = kwargs.get("audio_length_in_s") or (kwargs["repaint_end_s"] if task == "continuation" else 0.64)
     assert audio.shape == (kwargs["num_waveforms_per_prompt"], round(seconds * 16000))
     assert np.all(np.isfinite(audio)) and np.abs(audio).max() <= 1
 

@@ -6,7 +6,7 @@ import pytest
 import soundfile
 import torch
 
-from mg2_pipeline import Melody, cli
+from mg2_pipeline import Melody, MG2AudioToAudioPipeline, MG2InpaintPipeline, MG2Pipeline, cli
 from mg2_pipeline.pipeline_mg2 import fade_ramp, map_in_windows, window_starts
 from mg2_pipeline.presets import build_pipeline
 
@@ -19,6 +19,16 @@ def pipe():
     pipeline = build_pipeline("tiny", seed=0)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture(scope="module")
+def inpaint(pipe):
+    return MG2InpaintPipeline.from_pipe(pipe)
+
+
+@pytest.fixture(scope="module")
+def audio_to_audio(pipe):
+    return MG2AudioToAudioPipeline.from_pipe(pipe)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +115,8 @@ def test_a_melody_plays_once_through_by_default_and_repeats_when_a_length_is_ask
     )  # ends in the audio
 
 
-def test_continuation_keeps_the_given_audio_and_follows_a_melody_from_where_it_ends(pipe, recording):
-    output = generate(pipe, audio=recording, audio_length_in_s=3.0, output_type="latent")
+def test_continuation_keeps_the_given_audio_and_follows_a_melody_from_where_it_ends(pipe, inpaint, recording):
+    output = generate(inpaint, audio=recording, repaint_end_s=3.0, output_type="latent")
     expected = padded_latents(pipe, recording, 3.0)
     kept = len(recording) // (pipe.vae_scale_factor * pipe.hop_length)
     seam = kept - pipe.window_overlap  # the last frames of the audio cross-fade into the continuation
@@ -117,13 +127,15 @@ def test_continuation_keeps_the_given_audio_and_follows_a_melody_from_where_it_e
     assert guide.id is not None and guide.metadata["audio_span_s"][0] == pytest.approx(2.0)
     played = guide.as_played()
     assert played.onsets[0] >= 2.0 and played.offsets.max() <= 3.0  # from where the recording ends to the end
-    waveform = generate(pipe, audio=recording, audio_length_in_s=3.0).audios
+    waveform = generate(inpaint, audio=recording, repaint_end_s=3.0).audios
     assert waveform.shape == (1, 48000)
-    np.testing.assert_array_equal(waveform, generate(pipe, audio=recording, audio_length_in_s=3.0).audios)
+    np.testing.assert_array_equal(waveform, generate(inpaint, audio=recording, repaint_end_s=3.0).audios)
 
 
-def test_repaint_regenerates_only_the_span(pipe, recording):
-    output = generate(pipe, audio=recording, repaint_start_s=0.6, repaint_end_s=1.2, melody=TUNE, output_type="latent")
+def test_repaint_regenerates_only_the_span(pipe, inpaint, recording):
+    output = generate(
+        inpaint, audio=recording, repaint_start_s=0.6, repaint_end_s=1.2, melody=TUNE, output_type="latent"
+    )
     expected = padded_latents(pipe, recording, 2.0)
     frame_s = pipe.vae_scale_factor * pipe.hop_length / pipe.sampling_rate
     start, end = int(0.6 / frame_s), int(np.ceil(1.2 / frame_s))
@@ -133,17 +145,17 @@ def test_repaint_regenerates_only_the_span(pipe, recording):
     assert output.melodies[0].metadata["source"] == "user"
 
 
-def test_audio_to_audio_strength(pipe, recording):
+def test_audio_to_audio_strength(pipe, audio_to_audio, recording):
     # strength 1 is text-to-music with the same melody and generator
     np.testing.assert_array_equal(
-        generate(pipe, audio=recording, strength=1.0, melody=TUNE).audios,
+        generate(audio_to_audio, audio=recording, strength=1.0, melody=TUNE).audios,
         generate(pipe, audio_length_in_s=2.0, melody=TUNE).audios,
     )
     expected = padded_latents(pipe, recording, 2.0)
     distance = [
         (
             generate(
-                pipe, audio=recording, strength=s, melody=TUNE, num_inference_steps=10, output_type="latent"
+                audio_to_audio, audio=recording, strength=s, melody=TUNE, num_inference_steps=10, output_type="latent"
             ).audios
             - expected
         )
@@ -154,53 +166,68 @@ def test_audio_to_audio_strength(pipe, recording):
     ]
     assert distance[0] < distance[1] < distance[2]
     # without a melody, the melody transcribed from the audio guides it
-    transcribed = generate(pipe, audio=recording, strength=0.5)
+    transcribed = generate(audio_to_audio, audio=recording, strength=0.5)
     assert transcribed.melodies[0].metadata["source"] == "audio" and transcribed.audios.shape == (1, 32000)
     assert transcribed.melodies[0].metadata["repeats"] == 1  # the audio's own melody is not looped to fill it
 
 
+def test_one_checkpoint_loads_into_every_task_and_from_pipe_shares_the_components(pipe, recording, tmp_path):
+    import json
+
+    MG2InpaintPipeline.from_pipe(pipe).save_pretrained(tmp_path / "mg2")  # saved by a task: still the model
+    assert json.loads((tmp_path / "mg2" / "model_index.json").read_text())["_class_name"] == [
+        "pipeline_mg2",
+        "MG2Pipeline",
+    ]
+    for task in (MG2Pipeline, MG2AudioToAudioPipeline, MG2InpaintPipeline):
+        loaded = task.from_pretrained(tmp_path / "mg2")
+        assert type(loaded) is task and loaded.config.aligned_melody == pipe.config.aligned_melody
+    shared = MG2AudioToAudioPipeline.from_pipe(pipe)
+    assert all(getattr(shared, name) is component for name, component in pipe.components.items())
+
+
 @pytest.mark.parametrize(
-    "kwargs, error, match",
+    "task, kwargs, error, match",
     [
-        ({"strength": 0.5}, ValueError, "pass audio= too"),
-        ({"repaint_start_s": 0.1, "repaint_end_s": 0.5}, ValueError, "pass audio= too"),
-        ({"audio": "RECORDING", "strength": 0.0}, ValueError, r"strength × num_inference_steps must be at least 1"),
-        ({"audio": "RECORDING", "strength": 1.5}, ValueError, "strength must be a number between 0 and 1"),
-        ({"audio": "RECORDING", "strength": float("nan")}, ValueError, "strength must be"),
-        ({"audio": "RECORDING", "repaint_start_s": 0.5}, ValueError, "Pass both repaint_start_s and repaint_end_s"),
-        (
-            {"audio": "RECORDING", "repaint_start_s": 1.0, "repaint_end_s": 0.5},
-            ValueError,
-            "repaint_end_s must be at least",
-        ),
-        (
-            {"audio": "RECORDING", "repaint_start_s": 1.0, "repaint_end_s": 2.5},
-            ValueError,
-            "repaint_end_s must lie inside the audio",
-        ),
-        (
-            {"audio": "RECORDING", "audio_length_in_s": 1.0},
-            ValueError,
-            "audio_length_in_s must be at least the audio's length",
-        ),
-        ({"audio": "RECORDING", "audio_length_in_s": 3.0, "strength": 0.5}, ValueError, "continues it"),
-        ({"audio": "RECORDING", "latents": torch.zeros(1, 4, 100, 32)}, ValueError, "either audio or latents"),
-        ({"audio": np.zeros((2, 16000), np.float32)}, ValueError, r"audio must be a mono waveform"),
-        ({"audio": np.zeros(16000, np.int16)}, TypeError, "floating-point samples"),
-        ({"audio": np.full(16000, np.nan, np.float32)}, ValueError, "NaN"),
-        ({"audio": np.zeros(100, np.float32)}, ValueError, "at least"),
-        ({"audio": np.zeros(16000 * 601, np.float32)}, ValueError, "at most 600 s"),
-        ({"audio": [0.0] * 16000}, TypeError, "audio must be a path"),
-        ({"audio": "missing.wav"}, ValueError, "No audio file"),
-        ({"audio_length_in_s": 601}, ValueError, "audio_length_in_s must be a number between"),
+        ("text", {"strength": 0.5}, TypeError, "unexpected keyword argument 'strength'"),
+        ("text", {"audio": "RECORDING"}, TypeError, "unexpected keyword argument 'audio'"),
+        ("a2a", {}, ValueError, "audio is None: pass the recording"),
+        ("a2a", {"audio": "RECORDING", "strength": 0.0}, ValueError, r"strength × num_inference_steps must be at least 1"),
+        ("a2a", {"audio": "RECORDING", "strength": 1.5}, ValueError, "strength must be a number between 0 and 1"),
+        ("a2a", {"audio": "RECORDING", "strength": float("nan")}, ValueError, "strength must be"),
+        ("a2a", {"audio": "RECORDING", "audio_length_in_s": 3.0}, TypeError, "unexpected keyword argument"),
+        ("inpaint", {"audio": "RECORDING"}, ValueError, "repaint_end_s is None"),
+        ("inpaint", {"audio": "RECORDING", "repaint_start_s": 0.5}, ValueError, "repaint_end_s is None"),
+        ("inpaint", {"audio": "RECORDING", "repaint_start_s": 1.0, "repaint_end_s": 0.5}, ValueError,
+         "repaint_end_s must be at least"),
+        ("inpaint", {"audio": "RECORDING", "repaint_start_s": 1.0, "repaint_end_s": 2.5}, ValueError,
+         r"repaint_end_s must be a number between 0 and 2, got 2.5"),
+        ("inpaint", {"audio": "RECORDING", "repaint_start_s": 2.5, "repaint_end_s": 3.0}, ValueError,
+         r"repaint_start_s must be a number between 0 and 2, got 2.5"),
+        # a continuation (no start) must end past the recording: never silently a re-rendering
+        ("inpaint", {"audio": "RECORDING", "repaint_end_s": 2.0}, ValueError,
+         r"repaint_end_s must be past the recording's end \(2.00 s\) to continue it, got 2"),
+        ("inpaint", {"audio": "RECORDING", "repaint_end_s": 1.0}, ValueError, "repaint_end_s must be past"),
+        ("inpaint", {"audio": "RECORDING", "repaint_end_s": 3.0, "strength": 0.5}, ValueError,
+         "strength must be 1 for a continuation"),
+        ("inpaint", {"audio": "RECORDING", "repaint_end_s": 601.0}, ValueError, "repaint_end_s must be a number"),
+        ("a2a", {"audio": np.zeros((2, 16000), np.float32)}, ValueError, r"audio must be a mono waveform"),
+        ("a2a", {"audio": np.zeros(16000, np.int16)}, TypeError, "floating-point samples"),
+        ("a2a", {"audio": np.full(16000, np.nan, np.float32)}, ValueError, "NaN"),
+        ("a2a", {"audio": np.zeros(100, np.float32)}, ValueError, "at least"),
+        ("inpaint", {"audio": np.zeros(16000 * 601, np.float32), "repaint_end_s": 700.0}, ValueError, "at most 600 s"),
+        ("a2a", {"audio": [0.0] * 16000}, TypeError, "audio must be a path"),
+        ("a2a", {"audio": "missing.wav"}, ValueError, "No audio file"),
+        ("text", {"audio_length_in_s": 601}, ValueError, "audio_length_in_s must be a number between"),
     ],
-)
-def test_long_form_arguments_are_checked_before_compute(pipe, recording, kwargs, error, match):
+)  # fmt: skip
+def test_each_task_checks_its_arguments_before_compute(pipe, inpaint, audio_to_audio, recording, task, kwargs, error,
+                                                       match):  # fmt: skip
     kwargs = {
         name: recording if isinstance(value, str) and value == "RECORDING" else value for name, value in kwargs.items()
     }
     with pytest.raises(error, match=match):
-        pipe(PROMPT, num_inference_steps=2, **kwargs)
+        {"text": pipe, "a2a": audio_to_audio, "inpaint": inpaint}[task](PROMPT, num_inference_steps=2, **kwargs)
 
 
 def test_cli_continues_re_renders_and_repaints_a_recording(pipe, recording, monkeypatch, tmp_path, capsys):
@@ -219,7 +246,8 @@ def test_cli_continues_re_renders_and_repaints_a_recording(pipe, recording, monk
     )  # the continuation's retrieved melody
     for bad, message in (
         (["--repaint", "4"], "--repaint must be START:END"),
-        (["--repaint", "0.5:9"], "--repaint end must lie inside the --audio"),
+        (["--repaint", "0.5:9"], "--repaint end must be a number between 0 and 2, got 9"),
+        (["--duration", "3", "--strength", "0.5"], "--duration continues the recording, --strength re-renders it"),
         (["--strength", "2"], "--strength must be a number between 0 and 1"),
         # a duration not longer than the recording continues nothing: refused, not re-rendered
         (["--duration", "2"], r"--duration must be longer than --audio \(2.00 s\) to continue it"),
