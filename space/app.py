@@ -338,14 +338,14 @@ def generate(
         "num_waveforms_per_prompt": candidates,
         "generator": torch.Generator().manual_seed(int(seed)),
     }
-    top_k = {"retrieval_top_k": min(candidates, len(PIPE.retriever)) if PIPE.retriever is not None else 1}
+    retrieval = {"retrieval_top_k": min(candidates, len(PIPE.retriever)) if PIPE.retriever is not None else 1}
     pipelines = WORKERS.get()  # this request's own pipeline for each mode
     try:
         pipe = pipelines[mode]
         if mode == MODES[0]:
-            output = pipe(prompt, audio_length_in_s=length, **top_k, **common)
+            output = pipe(prompt, audio_length_in_s=length, **retrieval, **common)
         elif mode == MODES[1]:
-            output = pipe(prompt, audio=audio, repaint_end_s=length, **top_k, **common)
+            output = pipe(prompt, audio=audio, repaint_end_s=length, **retrieval, **common)
         elif mode == MODES[2]:
             output = pipe(prompt, audio=audio, strength=float(strength), **common)
         else:

@@ -332,6 +332,7 @@ def test_every_call_argument_gives_valid_output_or_an_error_naming_it(pipe, task
         "prompt_embeds": ("prompt_embeds", "prompt"),
         "melody_embeds": ("melody_embeds", "melody"),
         "generator": ("generator",),
+        "repaint_start_s": ("repaint_start_s", "repaint_end_s"),  # no start: a continuation, which needs a later end
     }.get(name, (name,))
     try:
         output = task(**kwargs)

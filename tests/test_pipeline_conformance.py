@@ -298,11 +298,15 @@ def test_callbacks_receive_and_may_return_every_callback_tensor(pipe):
     seen.clear()
     pipe(**inputs(), callback_on_step_end=MultiPipelineCallbacks([RecordMelodyEmbeds()]))
     assert seen == [["melody_embeds"]] * 2
-    with pytest.raises(ValueError, match="'negative_prompt_embeds', which this call does not use"):
-        pipe(
-            **inputs(guidance_scale=1.0),
-            callback_on_step_end=lambda pipeline, step, t, tensors: {"negative_prompt_embeds": torch.zeros(1, 32)},
-        )
+    with pytest.raises(ValueError, match="'noise', which this call does not use"):
+        pipe(**inputs(), callback_on_step_end=lambda pipeline, step, t, tensors: {"noise": torch.zeros(1, 32)})
+    # Without text guidance the negative embeddings are still made (a callback may turn guidance on) and replaceable.
+    unguided = pipe(**inputs(guidance_scale=1.0, melody_guidance_scale=1.0)).audios
+    replaced = pipe(
+        **inputs(guidance_scale=1.0, melody_guidance_scale=1.0),
+        callback_on_step_end=lambda pipeline, step, t, tensors: {"negative_prompt_embeds": torch.zeros(1, 32)},
+    ).audios
+    np.testing.assert_array_equal(replaced, unguided)  # unused until a text term runs
     zeros = pipe.vocoder(pipe.decode_latents(torch.zeros(pipe.latent_shape(1, pipe.mel_frames(0.64))))).numpy()
     np.testing.assert_allclose(out.audios, zeros[:, :10240], atol=1e-5)
 
