@@ -282,8 +282,15 @@ def streaming_dataloader(
     if skip_examples:
         dataset = dataset.skip(skip_examples)
     examples = _SkippingExamples(dataset, example_transform)
+    # The loader draws its workers' seed from its own generator, not the global one: starting a loader mid-run (a
+    # resumed run does) must not move the random state that dropout and the rest of training draw from.
     return torch.utils.data.DataLoader(
-        examples, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers, drop_last=drop_last
+        examples,
+        batch_size=batch_size,
+        collate_fn=collate_examples,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

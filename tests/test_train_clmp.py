@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,19 +62,32 @@ def test_train_checkpoint_resume_and_evaluate(tiny_dataset, tmp_path):
         "--checkpoints_total_limit",
         "2",
     ]
-    accelerate(*common, "--max_train_steps", "4")
-    assert sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
-    first_weights = load_file(os.path.join(output_dir, "model.safetensors"))
+    accelerate(*common, "--max_train_steps", "6", "--checkpoints_total_limit", "3")
+    assert sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    uninterrupted = load_file(os.path.join(output_dir, "model.safetensors"))
+    assert json.load(open(os.path.join(output_dir, "training_summary.json")))["steps"] == 6
 
-    resumed = accelerate(*common, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
-    assert "Resumed from" in resumed.stdout + resumed.stderr
-    assert sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
-    summary = json.load(open(os.path.join(output_dir, "training_summary.json")))
-    assert summary["steps"] == 6
-    assert any(
-        not torch.equal(first_weights[k], v)
-        for k, v in load_file(os.path.join(output_dir, "model.safetensors")).items()
+    # Stopped after step 4 and resumed: the same weights as the uninterrupted run, bit for bit (optimizer, learning
+    # rate schedule, random state and data position all come back).
+    stopped = str(tmp_path / "stopped")
+    shutil.copytree(os.path.join(output_dir, "checkpoint-4"), os.path.join(stopped, "checkpoint-4"))
+    resumed = accelerate(
+        *[stopped if value == output_dir else value for value in common],
+        "--max_train_steps",
+        "6",
+        "--resume_from_checkpoint",
+        "latest",
     )
+    assert "Resumed from" in resumed.stdout + resumed.stderr
+    assert sorted(d for d in os.listdir(stopped) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+    resumed_weights = load_file(os.path.join(stopped, "model.safetensors"))
+    assert resumed_weights.keys() == uninterrupted.keys()
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed_weights[name], value), name
     assert any(
         name.startswith("events.out.tfevents")
         for _, _, files in os.walk(os.path.join(output_dir, "logs"))
