@@ -1,6 +1,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -447,18 +448,30 @@ def test_lora_adapter_changes_the_output_and_reloads_exactly(tiny_dataset, tiny_
     np.testing.assert_array_equal(sample(again), after)
 
 
+def resume_from(checkpoint, output_dir, script: str, *arguments: str):
+    """A run stopped at `checkpoint`: that checkpoint alone in a fresh `output_dir`, resumed with `arguments`."""
+    shutil.copytree(checkpoint, output_dir / os.path.basename(checkpoint))
+    result = accelerate(script, *arguments, "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest")
+    assert "Resumed from" in result.stdout + result.stderr
+    return output_dir
+
+
+def assert_same_weights(expected_dir, actual_dir, filename: str) -> None:
+    expected, actual = load_file(os.path.join(expected_dir, filename)), load_file(os.path.join(actual_dir, filename))
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name
+
+
 def test_vae_training_learns_stores_its_scaling_factor_and_plugs_in(tiny_dataset, tmp_path):
     from diffusers import AutoencoderKL
 
     output_dir = tmp_path / "vae"
-    accelerate(
-        os.path.join(ROOT, "training", "train_vae.py"),
+    arguments = [
         "--preset",
         "tiny",
         "--dataset",
         tiny_dataset,
-        "--output_dir",
-        str(output_dir),
         "--clip_seconds",
         "1.28",
         "--train_batch_size",
@@ -475,12 +488,22 @@ def test_vae_training_learns_stores_its_scaling_factor_and_plugs_in(tiny_dataset
         "2",
         "--shuffle_buffer_size",
         "8",
-    )
+    ]
+    accelerate(os.path.join(ROOT, "training", "train_vae.py"), *arguments, "--output_dir", str(output_dir))
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["l1_last_10"] < summary["l1_first_10"]
     vae = AutoencoderKL.from_pretrained(output_dir)
     assert vae.config.scaling_factor == pytest.approx(summary["scaling_factor"]) and vae.config.scaling_factor != 1.0
     assert [os.path.basename(d) for d in checkpoint_dirs(str(output_dir))] == ["checkpoint-8", "checkpoint-16"]
+
+    # Stopped after step 8 (as the discriminator starts) and resumed: the uninterrupted run's weights, bit for bit.
+    resumed = resume_from(
+        output_dir / "checkpoint-8",
+        tmp_path / "vae-resumed",
+        os.path.join(ROOT, "training", "train_vae.py"),
+        *arguments,
+    )
+    assert_same_weights(output_dir, resumed, "diffusion_pytorch_model.safetensors")
 
 
 def test_vocoder_training_resumes_and_the_result_is_a_pipeline_vocoder(tiny_dataset, tmp_path):
@@ -493,8 +516,6 @@ def test_vocoder_training_resumes_and_the_result_is_a_pipeline_vocoder(tiny_data
         "tiny",
         "--dataset",
         tiny_dataset,
-        "--output_dir",
-        str(output_dir),
         "--segment_seconds",
         "0.32",
         "--train_batch_size",
@@ -504,12 +525,11 @@ def test_vocoder_training_resumes_and_the_result_is_a_pipeline_vocoder(tiny_data
         "--shuffle_buffer_size",
         "8",
     ]
-    accelerate(script, *common, "--max_train_steps", "2")
-    resumed = accelerate(script, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    assert (
-        "Resumed from" in resumed.stderr
-        and json.loads((output_dir / "training_summary.json").read_text())["steps"] == 4
-    )
+    accelerate(script, *common, "--max_train_steps", "4", "--output_dir", str(output_dir))
+    # Stopped after step 2 and resumed: the uninterrupted run's weights, bit for bit.
+    resumed = resume_from(output_dir / "checkpoint-2", tmp_path / "resumed", script, *common, "--max_train_steps", "4")
+    assert json.loads((resumed / "training_summary.json").read_text())["steps"] == 4
+    assert_same_weights(output_dir, resumed, "model.safetensors")
     vocoder = SpeechT5HifiGan.from_pretrained(output_dir)
     assert vocoder.config.model_in_dim == 64 and vocoder.config.sampling_rate == 16000
     with torch.no_grad():
