@@ -424,9 +424,14 @@ def test_lora_adapter_changes_the_output_and_reloads_exactly(tiny_dataset, tiny_
         "100",
         "--learning_rate",
         "1e-2",
+        "--checkpointing_steps",
+        "2",
     )
     args[args.index("--pipeline") + 1] = str(tmp_path / "base")
     accelerate(TRAIN, *args)
+    # Stopped after step 2 and resumed: the uninterrupted run's adapter, bit for bit.
+    resumed = resume_from(adapter_dir / "checkpoint-2", tmp_path / "lora-resumed", TRAIN, *args)
+    assert_same_weights(adapter_dir, resumed, "pytorch_lora_weights.safetensors")
     assert os.path.isfile(adapter_dir / "pytorch_lora_weights.safetensors")
     assert not os.path.isdir(adapter_dir / "unet")  # only the adapter is saved
     adapter = load_file(adapter_dir / "pytorch_lora_weights.safetensors")
