@@ -274,18 +274,31 @@ def post(space_url: str, body: str) -> str:
 GOOD_REQUEST = ["A jig", "", None, None, "", 0.5, 2, 3.0, 2.0, 0, 1, 3, "Text to music", None, 0.8, 0.0, 0.0, False]
 
 
-def test_no_server_path_is_ever_read(client, space_url):
+@pytest.fixture(scope="module")
+def valid_files(tmp_path_factory):
+    """A valid MIDI file and a 0.5 s WAV of the tune, outside the Space's upload folder."""
+    folder = tmp_path_factory.mktemp("outside-uploads")
+    melody = Melody.from_string(NOTES)
+    melody.to_midi(folder / "tune.mid")
+    sf.write(folder / "tune.wav", melody.render_tones(8000), 16000)
+    return {"midi": str(folder / "tune.mid"), "wav": str(folder / "tune.wav")}
+
+
+def test_no_server_path_is_ever_read(client, space_url, valid_files):
     hostname = open("/etc/hostname").read().strip()
     with pytest.raises(
         AppError, match="Could not read your melody \\(notes\\): Malformed note '/etc/hostname'"
     ) as refused:
         generate(client, notes="/etc/hostname")
     assert hostname not in str(refused.value).replace("/etc/hostname", "")
-    for index, path in (
-        (2, os.path.join(ROOT, "samples", "ode-to-joy.mid")),
-        (2, "/etc/hostname"),
-        (3, "/etc/hostname"),
+    # Uploaded, the valid files give music ...
+    for upload in (
+        {"melody_file": handle_file(valid_files["midi"])},
+        {"melody_audio": handle_file(valid_files["wav"])},
     ):
+        assert len(read_wav(generate(client, duration=0.5, **upload)[0])) == 8000
+    # ... named by their server path instead, they are refused unread, like any other server file.
+    for index, path in ((2, valid_files["midi"]), (3, valid_files["wav"]), (2, "/etc/hostname"), (3, "/etc/hostname")):
         data = list(GOOD_REQUEST)
         data[index] = {"path": path, "meta": {"_type": "gradio.FileData"}}
         reply = post(space_url, json.dumps({"data": data}))
@@ -356,6 +369,37 @@ def test_any_field_value_gives_music_or_an_error_naming_the_field(client, field)
         return
     event(f"{name}: music")
     assert np.all(np.isfinite(read_wav(result[0])))
+
+
+@st.composite
+def valid_requests(draw):
+    """Valid values for every control, across the four modes (a recording of 0.5 s where a mode needs one)."""
+    steps = draw(st.integers(1, 3))
+    request = {
+        "duration": draw(st.sampled_from([0.6, 0.8, 1.0])),
+        "steps": steps,
+        "melody_guidance": draw(st.floats(0, 10)),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+        "candidates": draw(st.integers(1, 2)),
+        "top_k": draw(st.integers(1, 10)),
+        "notes": draw(st.sampled_from(["", NOTES])),
+        "mode": draw(st.sampled_from(["Text to music", "Continue a recording", "Re-render a recording",
+                                      "Repaint part of a recording"])),
+        "strength": draw(st.floats(1 / steps, 1)),
+    }  # fmt: skip
+    start = draw(st.floats(0, 0.3))
+    request.update(repaint_start=start, repaint_end=draw(st.floats(start + 0.1, 0.5)))
+    return request
+
+
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=valid_requests())
+def test_valid_values_of_every_control_give_music_of_the_expected_length(client, valid_files, request):
+    event(request["mode"])
+    recording = handle_file(valid_files["wav"]) if request["mode"] != "Text to music" else None
+    audio = read_wav(generate(client, recording=recording, **request)[0])
+    expected = request["duration"] if request["mode"] in ("Text to music", "Continue a recording") else 0.5
+    assert len(audio) == round(expected * 16000) and np.all(np.isfinite(audio))
 
 
 def test_after_refused_requests_the_space_gives_bit_identical_music(client, space_url):
