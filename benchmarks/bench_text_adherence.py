@@ -8,8 +8,8 @@ For every `checkpoint-N` of a `train_mg2.py` output folder (train with `--checkp
 them; the last is the saved pipeline), the checkpoint's EMA weights generate each test clip's melody (none for a
 caption-only model) with a prompt naming the clip's instrument (`benchmarks/instrument_prompts.json`), same seeds as `training/evaluate.py`. The instrument
 classifier of `evaluate.py` (fitted on real train-split clips) reads the family; Mel acc compares chroma peaks with the
-real clip's; onset clicks are `evaluate.py`'s (the median over clips). The real clips and the codec give the ceilings,
-in the same run; chance is 1/8 (family) and ≈ 1/12 (Mel acc). `--guidance_scales 3 8 7:5` measures each checkpoint at
+real clip's; onset clicks are `evaluate.py`'s (the median over clips). The real clips and the codec give the ceilings
+and real clips scored against another clip's family and melody the floor, in the same run. `--guidance_scales 3 8 7:5` measures each checkpoint at
 several text (and melody) guidance scales; `--checkpoints checkpoint-1600` only some checkpoints.
 """
 
@@ -87,20 +87,26 @@ def main(argv=None):
     prompts = instrument_prompts(bench, settings.prompts)
     families = [family_of(program) for program in prompts["own_programs"]]
 
-    def measure(waveforms) -> dict:
+    def measure(waveforms, against: list[int] | None = None) -> dict:
+        """Family accuracy and Mel acc against each clip's own family and melody, or against clip `against[i]`'s
+        (the floor); onset clicks at the clip's own note onsets."""
+        against = against or list(range(len(waveforms)))
         predicted = classifier.family_probabilities(np.stack([timbre_features(w) for w in waveforms])).argmax(1)
+        clicks = [onset_click_energy(w, melody.onsets) for w, melody in zip(waveforms, bench.melodies)]
         return {
-            "family_accuracy": float(np.mean([FAMILIES[p] == f for p, f in zip(predicted, families)])),
+            "family_accuracy": float(np.mean([FAMILIES[p] == families[j] for p, j in zip(predicted, against)])),
             "mel_acc": float(
-                np.mean([mel_accuracy(chroma_peaks(w), real) for w, real in zip(waveforms, bench.real_peaks)])
+                np.mean([mel_accuracy(chroma_peaks(w), bench.real_peaks[j]) for w, j in zip(waveforms, against)])
             ),
-            "onset_clicks": float(
-                np.median([onset_click_energy(w, melody.onsets) for w, melody in zip(waveforms, bench.melodies)])
-            ),
+            "onset_clicks": float(np.median(clicks)),
         }
 
     _, codec_audio = codec_rows(bench, pipe.vae.eval(), pipe.vocoder.eval())
-    results = {"real clips": measure(bench.real), "codec": measure(codec_audio)}
+    results = {
+        "real clips (ceiling)": measure(bench.real),
+        "real clips through the codec (ceiling)": measure(codec_audio),
+        "floor: real clips vs another clip's family and melody": measure(bench.real, against=bench.other),
+    }
     checkpoints = sorted(
         (d for d in os.listdir(args.run) if re.fullmatch(r"checkpoint-\d+", d)), key=lambda d: int(d.split("-")[1])
     )
