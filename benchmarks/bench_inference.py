@@ -23,6 +23,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mg2_pipeline.conditioning import DROPPED_TEXT, melody_frames_condition, pooled_condition
 from mg2_pipeline.presets import load_pipeline
 
 
@@ -145,10 +146,14 @@ def main(argv=None):
         to_latents.append(time.perf_counter() - start)
 
         # the bare loop gets the condition, the melody frames and the initial noise for free
-        text, empty = pipe.encode_text([prompt, ""], pipe.device).chunk(2)
+        text, empty = pipe.encode_text([prompt, DROPPED_TEXT], pipe.device).chunk(2)
         hits = pipe.retriever.search_matching(text, [prompt], k=1)  # the melody the pipeline retrieves
         melody = torch.from_numpy(hits.embeddings[:, 0])
-        conditions = [torch.cat([text, melody], -1), torch.cat([text, empty], -1), torch.cat([empty, empty], -1)]
+        conditions = [
+            pooled_condition(text, melody, empty),
+            pooled_condition(text, None, empty, drop_melody=True),
+            pooled_condition(text, None, empty, drop_text=True, drop_melody=True),
+        ]
         if args.melody_guidance_scale == args.guidance_scale:
             conditions.pop(1)
         condition = torch.cat(conditions)
@@ -162,7 +167,7 @@ def main(argv=None):
                 pipe.device,
                 pipe.unet.dtype,
             )
-            frames = torch.cat([frames] + [torch.zeros_like(frames)] * (len(condition) - 1))
+            frames = torch.cat([frames] + [melody_frames_condition(frames, True)] * (len(condition) - 1))
         noise = torch.randn(latents.shape, generator=generator())
         start = time.perf_counter()
         bare_latents = bare_loop(

@@ -30,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, ProcessorMixin, SpeechT5HifiGan
 
 from .audio import LogMelSpectrogram, load_audio, peak_safe
+from .conditioning import DROPPED_TEXT, melody_frames_condition, pooled_condition
 from .defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
@@ -802,7 +803,7 @@ class MG2Pipeline(DiffusionPipeline):
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
             negative_prompt_embeds = self.encode_text(
-                list(negatives) if negatives is not None else [""] * batch_size, device
+                list(negatives) if negatives is not None else [DROPPED_TEXT] * batch_size, device
             )
         prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
         if negative_prompt_embeds is not None:
@@ -1003,15 +1004,16 @@ class MG2Pipeline(DiffusionPipeline):
         do_melody_guidance: bool,
         do_classifier_free_guidance: bool,
     ) -> torch.Tensor:
-        """The UNet's pooled conditions, stacked in the order the predictions are split: [text ‖ melody] (the empty
-        text's embedding for the melody when it is ignored), [text ‖ empty] with melody guidance, [negative ‖ negative]
-        with text guidance."""
-        melody_half = null_embeds.expand_as(prompt_embeds) if ignore_melody else melody_embeds.to(prompt_embeds.dtype)
-        conditions = [torch.cat([prompt_embeds, melody_half], dim=-1)]
+        """The UNet's pooled conditions, stacked in the order the predictions are split (`conditioning`): [text ‖
+        melody] (melody dropped when it is ignored), [text ‖ dropped] with melody guidance, both dropped with text
+        guidance, where the negative prompt's embedding stands for the dropped text."""
+        conditions = [pooled_condition(prompt_embeds, melody_embeds, null_embeds, drop_melody=ignore_melody)]
         if do_melody_guidance:
-            conditions.append(torch.cat([prompt_embeds, null_embeds.expand_as(prompt_embeds)], dim=-1))
+            conditions.append(pooled_condition(prompt_embeds, None, null_embeds, drop_melody=True))
         if do_classifier_free_guidance:
-            conditions.append(torch.cat([negative_prompt_embeds, negative_prompt_embeds], dim=-1))
+            conditions.append(
+                pooled_condition(prompt_embeds, None, negative_prompt_embeds, drop_text=True, drop_melody=True)
+            )
         return torch.cat(conditions).to(self.unet.dtype)
 
     def prepare_text_states(
@@ -1031,7 +1033,7 @@ class MG2Pipeline(DiffusionPipeline):
         texts = [(prompts, 1 + do_melody_guidance)]
         if do_classifier_free_guidance:
             negatives = (
-                [negative_prompt or ""] * len(prompts)
+                [negative_prompt or DROPPED_TEXT] * len(prompts)
                 if not isinstance(negative_prompt, (list, tuple))
                 else negative_prompt
             )
@@ -1072,7 +1074,7 @@ class MG2Pipeline(DiffusionPipeline):
                 "melody_guidance_scale must equal guidance_scale (1 when guidance_scale ≤ 1) in a pipeline "
                 "without clmp: the melody-free condition is the empty text's CLMP embedding."
             )
-        null_embeds = self.encode_text([""], device) if ignore_melody or melody_term else None
+        null_embeds = self.encode_text([DROPPED_TEXT], device) if ignore_melody or melody_term else None
         pooled = self.prepare_condition(
             condition.prompt_embeds,
             condition.negative_prompt_embeds,
@@ -1089,7 +1091,8 @@ class MG2Pipeline(DiffusionPipeline):
         melody_frames = condition.melody_frames
         if melody_frames is not None:
             melody_frames = torch.cat(
-                [melody_frames * (not ignore_melody)] + [torch.zeros_like(melody_frames)] * (melody_term + text_term)
+                [melody_frames_condition(melody_frames, ignore_melody)]
+                + [melody_frames_condition(melody_frames, True)] * (melody_term + text_term)
             )
         return GuidanceInputs(terms, pooled, text_states, text_mask, melody_frames)
 
@@ -1222,7 +1225,7 @@ class MG2Pipeline(DiffusionPipeline):
             return guiding, embeds
         if self.retriever is None:  # nothing to follow: the melody-dropped condition training teaches, text alone
             logger.warning("No melody given and no retriever to find one: generating from the text alone.")
-            return [None] * num_waveforms, self.encode_text([""], device).expand_as(prompt_embeds)
+            return [None] * num_waveforms, self.encode_text([DROPPED_TEXT], device).expand_as(prompt_embeds)
         query = prompt_embeds[::num_waveforms_per_prompt]
         if match_prompt_facts and prompts:
             hits = self.retriever.search_matching(query, prompts, k=retrieval_top_k)
@@ -1267,13 +1270,14 @@ class MG2Pipeline(DiffusionPipeline):
     def prepare_aligned_melody(
         self, melodies: list[Melody | None], latents: torch.Tensor, device
     ) -> torch.Tensor | None:
-        """The time-aligned melody frames for `latents` (None for a model without them); zeros, the dropped
-        melody, where there is no melody to follow."""
+        """The time-aligned melody frames for `latents` (None for a model without them); the dropped melody where there
+        is no melody to follow."""
         if self.config.aligned_melody is None:
             return None
         if melodies[0] is None:
             channels = self.unet.config.in_channels - latents.shape[1]
-            return torch.zeros(len(melodies), channels, *latents.shape[2:], device=device, dtype=self.unet.dtype)
+            frames = torch.empty(len(melodies), channels, *latents.shape[2:], device=device, dtype=self.unet.dtype)
+            return melody_frames_condition(frames, True)
         return self.prepare_melody_frames(melodies, latents.shape[2], device, self.unet.dtype)
 
     def encode_audio_latents(self, audio: torch.Tensor, latents: torch.Tensor, device) -> torch.Tensor:

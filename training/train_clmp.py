@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.distributed
 import torch.distributed.nn
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from tqdm.auto import tqdm
 from training_utils import (
     NonFiniteLossGuard,
+    TrainingProgress,
     add_common_arguments,
     create_accelerator,
     epoch_dataloader,
     finish_run,
+    optimizer_step,
     parse_arguments,
     push_output_dir,
-    save_checkpoint,
     start_run,
     write_training_summary,
 )
@@ -170,11 +169,9 @@ def main(argv=None):
     logger.info(f"***** Training {'CLMP' if 'melody' in args.modalities else 'CLAP baseline'} ({args.preset}) *****")
     logger.info(f"  Modalities = {args.modalities}; global batch = {global_batch}; steps = {args.max_train_steps}")
 
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
+    progress = TrainingProgress(accelerator, args, global_step)
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
-    start_time, samples_seen, losses = time.perf_counter(), 0, []
+    losses = []
     while global_step < args.max_train_steps:
         model.train()
         for batch in epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch):
@@ -206,36 +203,19 @@ def main(argv=None):
                 if guard.should_skip(loss):
                     optimizer.zero_grad()
                     continue
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            samples_seen += batch["log_mel"].shape[0] * accelerator.num_processes
+                optimizer_step(accelerator, loss, optimizer, lr_scheduler, model.parameters(), args.max_grad_norm)
+            progress.add_samples(batch["log_mel"].shape[0])
 
             if accelerator.sync_gradients:
                 global_step += 1
-                progress_bar.update(1)
                 losses.append(loss.item())
-                elapsed = time.perf_counter() - start_time
                 logs = {
                     "loss": loss.detach().item(),
                     "logit_scale": logit_scale.item(),
                     "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_second": samples_seen / elapsed,
+                    "samples_per_second": progress.samples_per_second(),
                 }
-                progress_bar.set_postfix(loss=f"{logs['loss']:.3f}", samples_s=f"{logs['samples_per_second']:.1f}")
-                accelerator.log(logs, step=global_step)
-                if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                    save_checkpoint(
-                        accelerator,
-                        args.output_dir,
-                        args.checkpoints_total_limit,
-                        global_step,
-                        epoch=epoch,
-                        batches_in_epoch=batches_in_epoch,
-                    )
+                progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch)
                 if global_step >= args.max_train_steps:
                     break
         else:
@@ -250,22 +230,16 @@ def main(argv=None):
         model = accelerator.unwrap_model(model)
         model.save_pretrained(args.output_dir)
         processor.save_pretrained(args.output_dir)
-        elapsed = time.perf_counter() - start_time
-        write_training_summary(
+        summary = write_training_summary(
             args.output_dir,
             {"loss": losses},
-            steps=global_step,
+            **progress.summary(global_step, guard),
             epochs_completed=epoch,
-            samples=samples_seen,
-            seconds=round(elapsed, 1),
-            samples_per_second=round(samples_seen / elapsed, 2),
             modalities=args.modalities,
             preset=args.preset,
-            processes=accelerator.num_processes,
-            skipped_steps=guard.skipped,
             weight_fingerprint_per_process=fingerprints,
         )
-        logger.info(f"Saved {args.output_dir} ({samples_seen / elapsed:.1f} samples/s)")
+        logger.info(f"Saved {args.output_dir}: {summary}")
         push_output_dir(args)
     finish_run(accelerator)
 

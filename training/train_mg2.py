@@ -44,21 +44,28 @@ from tqdm.auto import tqdm
 from training_utils import (
     MG2_FOLK_LIMITATIONS,
     NonFiniteLossGuard,
+    TrainingProgress,
     add_common_arguments,
     create_accelerator,
     describe_dataset,
     describe_mg2_model,
     epoch_dataloader,
     finish_run,
+    optimizer_step,
     parse_arguments,
     push_output_dir,
-    save_checkpoint,
     start_run,
     write_training_summary,
 )
 
 from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.audio import load_audio, save_audio
+from mg2_pipeline.conditioning import (
+    DROPPED_TEXT,
+    melody_frames_condition,
+    pooled_condition,
+    text_states_condition,
+)
 from mg2_pipeline.data import LatentCrop, data_files, load_mg2_dataset, write_shard
 from mg2_pipeline.hub import write_model_card
 from mg2_pipeline.melody import Melody
@@ -381,7 +388,7 @@ def _cache_part_in_worker(rank: int) -> dict:
 def build_condition(pipe, batch: dict, args, empty_text: tuple, generator: torch.Generator, device):
     """The pooled [text ‖ melody] condition, the melody frames (None without an aligned melody) and the caption's token
     states and mask (None without `text_attention`) of a batch of crops, with the text, the melody or both dropped for
-    guidance. The dropped text is the empty text (`empty_text`: its embedding, token states and mask)."""
+    guidance (`mg2_pipeline.conditioning`; `empty_text`: the dropped text's embedding, token states and mask)."""
     empty, empty_states, empty_mask = empty_text
     text = batch["text_embeds"].to(device)
     frames = batch["melody_frames"].to(device) if "melody_frames" in batch else None
@@ -393,7 +400,7 @@ def build_condition(pipe, batch: dict, args, empty_text: tuple, generator: torch
         )
         use_own = (torch.rand(len(text), generator=generator) < args.gt_melody_prob)[:, None].to(device)
         melody = torch.where(use_own, own, batch["retrieved_embeds"].to(device))
-    draw = torch.rand(len(text), generator=generator)[:, None].to(device)
+    draw = torch.rand(len(text), generator=generator).to(device)
     drop_both = draw < args.condition_dropout
     drop_text, drop_melody = drop_both, drop_both
     if args.condition != "text":  # the ablation's melody half is its text: only both can be dropped
@@ -404,15 +411,14 @@ def build_condition(pipe, batch: dict, args, empty_text: tuple, generator: torch
             (draw >= args.condition_dropout + args.text_dropout)
             & (draw < args.condition_dropout + args.text_dropout + args.melody_dropout)
         )
-    empty = empty.expand_as(text)
-    condition = torch.cat([torch.where(drop_text, empty, text), torch.where(drop_melody, empty, melody)], dim=-1)
+    condition = pooled_condition(text, melody, empty, drop_text, drop_melody)
     if frames is not None:
-        frames = torch.where(drop_melody[:, :, None, None], torch.zeros_like(frames), frames)
+        frames = melody_frames_condition(frames, drop_melody)
     states = mask = None
     if pipe.config.text_attention:
-        states, mask = pipe.encode_text_states(batch["caption"], device)
-        states = torch.where(drop_text[:, :, None], empty_states.expand_as(states), states)
-        mask = torch.where(drop_text, empty_mask.expand_as(mask), mask)
+        states, mask = text_states_condition(
+            *pipe.encode_text_states(batch["caption"], device), empty_states, empty_mask, drop_text
+        )
     return condition, frames, states, mask
 
 
@@ -523,7 +529,10 @@ def main(argv=None):
         seed=args.seed,
         max_melody_length=pipe.processor.melody_max_length,
     )
-    empty_text = (pipe.encode_text([""], accelerator.device), *pipe.encode_text_states([""], accelerator.device))
+    empty_text = (
+        pipe.encode_text([DROPPED_TEXT], accelerator.device),
+        *pipe.encode_text_states([DROPPED_TEXT], accelerator.device),
+    )
 
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger)
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
@@ -535,10 +544,8 @@ def main(argv=None):
     # Per-batch randomness (noise, timesteps, melody choice, dropout) comes from a generator seeded by
     # (seed, process, epoch, batch), so a resumed run draws exactly what the uninterrupted one would have.
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    start_time, samples_seen, losses, skipped_rows = time.perf_counter(), 0, [], 0
+    progress = TrainingProgress(accelerator, args, global_step)
+    losses, skipped_rows = [], 0
     while global_step < args.max_train_steps:
         loader = epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch)
         for batch in loader:
@@ -581,37 +588,21 @@ def main(argv=None):
                     logger.warning(f"Non-finite loss at step {global_step}: step skipped ({guard.skipped} so far).")
                     optimizer.zero_grad()
                     continue
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            samples_seen += len(latents) * accelerator.num_processes
+                optimizer_step(accelerator, loss, optimizer, lr_scheduler, unet.parameters(), args.max_grad_norm)
+            progress.add_samples(len(latents))
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
             global_step += 1
-            progress_bar.update(1)
             losses.append(loss.item())
             logs = {
                 "loss": loss.item(),
                 "lr": lr_scheduler.get_last_lr()[0],
                 "skipped_steps": guard.skipped,
-                "samples_per_second": samples_seen / (time.perf_counter() - start_time),
+                "samples_per_second": progress.samples_per_second(),
             }
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", samples_s=f"{logs['samples_per_second']:.1f}")
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    args.checkpoints_total_limit,
-                    global_step,
-                    epoch=epoch,
-                    batches_in_epoch=batches_in_epoch,
-                )
+            progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch)
             if accelerator.is_main_process and (
                 global_step % args.validation_steps == 0 or global_step == args.max_train_steps
             ):
@@ -635,22 +626,17 @@ def main(argv=None):
         else:
             ema.copy_to(pipe.unet.parameters())
             pipe.save_pretrained(args.output_dir)
-        elapsed = time.perf_counter() - start_time
+        figures = progress.summary(global_step, guard)
         summary = write_training_summary(
             args.output_dir,
             {"loss": losses},
-            steps=global_step,
-            samples=samples_seen,
-            seconds=round(elapsed, 1),
-            samples_per_second=round(samples_seen / elapsed, 2),
-            steps_per_second=round(len(losses) / elapsed, 3),
-            processes=accelerator.num_processes,
+            **figures,
+            steps_per_second=round(len(losses) / figures["seconds"], 3),
             condition=args.condition,
             aligned_melody=pipe.config.aligned_melody,
             text_attention=pipe.config.text_attention,
             sketch_timbre=args.sketch_timbre,
             clip_seconds=args.clip_seconds,
-            skipped_steps=guard.skipped,
             skipped_rows_main_process=skipped_rows,
             skipped_rows_latent_cache=cache_info["skipped_rows"],
             latent_cache=cache,

@@ -17,7 +17,6 @@ so diffusion sees unit-variance latents.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +24,16 @@ from accelerate.logging import get_logger
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from torch import nn
-from tqdm.auto import tqdm
 from training_utils import (
     NonFiniteLossGuard,
+    TrainingProgress,
     add_common_arguments,
     create_accelerator,
     epoch_dataloader,
     finish_run,
+    optimizer_step,
     parse_arguments,
     push_output_dir,
-    save_checkpoint,
     start_run,
     write_training_summary,
 )
@@ -140,10 +139,8 @@ def main(argv=None):
     )
 
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    start_time, samples_seen, losses = time.perf_counter(), 0, []
+    progress = TrainingProgress(accelerator, args, global_step)
+    losses = []
     while global_step < args.max_train_steps:
         for batch in epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch):
             batches_in_epoch += 1
@@ -159,12 +156,7 @@ def main(argv=None):
                 if guard.should_skip(loss):
                     optimizer.zero_grad()
                     continue
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                optimizer_step(accelerator, loss, optimizer, lr_scheduler, model.parameters(), args.max_grad_norm)
             disc_loss = torch.zeros(())
             if adversarial:
                 disc_optimizer.zero_grad()
@@ -174,11 +166,10 @@ def main(argv=None):
                 accelerator.backward(disc_loss)
                 disc_optimizer.step()
                 disc_optimizer.zero_grad()
-            samples_seen += len(mel) * accelerator.num_processes
+            progress.add_samples(len(mel))
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            progress_bar.update(1)
             losses.append(l1.item())
             logs = {
                 "l1": l1.item(),
@@ -186,19 +177,9 @@ def main(argv=None):
                 "spectral_convergence": convergence.item(),
                 "disc_loss": disc_loss.item(),
                 "lr": lr_scheduler.get_last_lr()[0],
-                "samples_per_second": samples_seen / (time.perf_counter() - start_time),
+                "samples_per_second": progress.samples_per_second(),
             }
-            progress_bar.set_postfix(l1=f"{logs['l1']:.4f}", samples_s=f"{logs['samples_per_second']:.1f}")
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    args.checkpoints_total_limit,
-                    global_step,
-                    epoch=epoch,
-                    batches_in_epoch=batches_in_epoch,
-                )
+            progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch)
             if global_step >= args.max_train_steps:
                 break
         else:
@@ -211,17 +192,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         vae.register_to_config(scaling_factor=scaling_factor)
         vae.save_pretrained(args.output_dir)
-        elapsed = time.perf_counter() - start_time
         summary = write_training_summary(
-            args.output_dir,
-            {"l1": losses},
-            steps=global_step,
-            samples=samples_seen,
-            seconds=round(elapsed, 1),
-            samples_per_second=round(samples_seen / elapsed, 2),
-            processes=accelerator.num_processes,
-            scaling_factor=scaling_factor,
-            skipped_steps=guard.skipped,
+            args.output_dir, {"l1": losses}, **progress.summary(global_step, guard), scaling_factor=scaling_factor
         )
         logger.info(f"Saved the VAE to {args.output_dir}: {summary}")
         push_output_dir(args)

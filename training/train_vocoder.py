@@ -13,23 +13,21 @@ The CPU presets prove the loop and its resumability; a vocoder that beats Griffi
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
-from tqdm.auto import tqdm
 from training_utils import (
     NonFiniteLossGuard,
+    TrainingProgress,
     add_common_arguments,
     create_accelerator,
     epoch_dataloader,
     finish_run,
     parse_arguments,
     push_output_dir,
-    save_checkpoint,
     start_run,
     write_training_summary,
 )
@@ -158,10 +156,8 @@ def main(argv=None):
     )
 
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    start_time, samples_seen, mel_losses = time.perf_counter(), 0, []
+    progress = TrainingProgress(accelerator, args, global_step)
+    mel_losses = []
     while global_step < args.max_train_steps:
         for batch in epoch_dataloader(dataset, transform, args, accelerator, epoch, batches_in_epoch):
             batches_in_epoch += 1
@@ -192,27 +188,16 @@ def main(argv=None):
             accelerator.backward(g_loss)
             g_optimizer.step()
 
-            samples_seen += len(real) * accelerator.num_processes
+            progress.add_samples(len(real))
             global_step += 1
-            progress_bar.update(1)
             mel_losses.append(mel_loss.item())
             logs = {
                 "mel_l1": mel_loss.item(),
                 "generator_loss": g_loss.item(),
                 "discriminator_loss": d_loss.item(),
-                "samples_per_second": samples_seen / (time.perf_counter() - start_time),
+                "samples_per_second": progress.samples_per_second(),
             }
-            progress_bar.set_postfix(mel_l1=f"{logs['mel_l1']:.3f}", samples_s=f"{logs['samples_per_second']:.1f}")
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    args.checkpoints_total_limit,
-                    global_step,
-                    epoch=epoch,
-                    batches_in_epoch=batches_in_epoch,
-                )
+            progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch)
             if global_step >= args.max_train_steps:
                 break
         else:
@@ -222,16 +207,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         vocoder = accelerator.unwrap_model(generator).eval()
         vocoder.save_pretrained(args.output_dir)
-        elapsed = time.perf_counter() - start_time
         summary = write_training_summary(
-            args.output_dir,
-            {"mel_l1": mel_losses},
-            steps=global_step,
-            samples=samples_seen,
-            seconds=round(elapsed, 1),
-            samples_per_second=round(samples_seen / elapsed, 2),
-            processes=accelerator.num_processes,
-            skipped_steps=guard.skipped,
+            args.output_dir, {"mel_l1": mel_losses}, **progress.summary(global_step, guard)
         )
         logger.info(f"Saved the vocoder to {args.output_dir}: {summary}")
         push_output_dir(args)

@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import torch
 import yaml
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from mg2_pipeline.hub import describe_pipeline, push_folder
 
@@ -155,6 +157,66 @@ class NonFiniteLossGuard:
                 "stopping with the weights of the last good step. Lower --learning_rate or check the data."
             )
         return True
+
+
+def optimizer_step(accelerator: Accelerator, loss, optimizer, lr_scheduler, parameters, max_grad_norm: float) -> None:
+    """Backward, clip the gradient norm when gradients sync, step the optimizer and its schedule, zero the gradients."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+
+
+class TrainingProgress:
+    """What every recipe does around its optimizer steps: the progress bar (main process), samples per second, the
+    trackers, a checkpoint every `--checkpointing_steps` and at the last step, and the figures of the summary."""
+
+    def __init__(self, accelerator: Accelerator, args, global_step: int):
+        self.accelerator, self.args = accelerator, args
+        self.progress_bar = tqdm(
+            range(args.max_train_steps),
+            initial=global_step,
+            desc="Steps",
+            disable=not accelerator.is_local_main_process,
+        )
+        self.start_time, self.samples_seen = time.perf_counter(), 0
+
+    def add_samples(self, batch_size: int) -> None:
+        self.samples_seen += batch_size * self.accelerator.num_processes
+
+    def samples_per_second(self) -> float:
+        return self.samples_seen / (time.perf_counter() - self.start_time)
+
+    def end_step(self, global_step: int, logs: dict, **training_state) -> None:
+        """Show the first figure of `logs` and samples/s, log `logs`, checkpoint `training_state` when due."""
+        shown = next(iter(logs))
+        self.progress_bar.update(1)
+        self.progress_bar.set_postfix(
+            {shown: f"{logs[shown]:.4f}", "samples_s": f"{logs['samples_per_second']:.1f}"}, refresh=False
+        )
+        self.accelerator.log(logs, step=global_step)
+        if global_step % self.args.checkpointing_steps == 0 or global_step == self.args.max_train_steps:
+            save_checkpoint(
+                self.accelerator,
+                self.args.output_dir,
+                self.args.checkpoints_total_limit,
+                global_step,
+                **training_state,
+            )
+
+    def summary(self, global_step: int, guard: NonFiniteLossGuard) -> dict:
+        """The figures every `training_summary.json` reports: steps, samples, time, speed, processes, skipped steps."""
+        elapsed = time.perf_counter() - self.start_time
+        return dict(
+            steps=global_step,
+            samples=self.samples_seen,
+            seconds=round(elapsed, 1),
+            samples_per_second=round(self.samples_seen / elapsed, 2),
+            processes=self.accelerator.num_processes,
+            skipped_steps=guard.skipped,
+        )
 
 
 def add_common_arguments(parser, default_output_dir: str) -> None:
