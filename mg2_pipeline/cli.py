@@ -89,6 +89,7 @@ def generate(args) -> None:
     from .pipeline_mg2_audio_to_audio import MG2AudioToAudioPipeline
     from .pipeline_mg2_inpaint import MG2InpaintPipeline
     from .presets import load_pipeline
+    from .threads import fit_threads
 
     check_output(args.output)
     repaint_start_s, repaint_end_s = parse_repaint(args.repaint)
@@ -109,6 +110,7 @@ def generate(args) -> None:
         pipe = load_pipeline(args.model)
     except (OSError, ValueError) as error:  # huggingface_hub's errors derive from these
         raise SystemExit(f"error: could not load --model {args.model!r}: {error}") from None
+    fit_threads()
     common = {
         "negative_prompt": args.negative_prompt,
         "melody": args.melody,

@@ -302,20 +302,8 @@ class MG2Pipeline(DiffusionPipeline):
                     f"This UNet's attention layers take {attends_to}-wide states, not its own widths "
                     f"{unet.config.block_out_channels}: it attends to text, so pass text_attention=True."
                 )
-        extra_channels = melody_channels(aligned_melody, vae.config.latent_channels) if vae is not None else 0
-        if (
-            unet is not None
-            and vae is not None
-            and (
-                unet.config.in_channels != vae.config.latent_channels + extra_channels
-                or unet.config.out_channels != vae.config.latent_channels
-            )
-        ):
-            raise ValueError(
-                f"The UNet takes {unet.config.in_channels} input and {unet.config.out_channels} output channels; this VAE's "
-                f"latent has {vae.config.latent_channels} and aligned_melody={aligned_melody!r} adds {extra_channels}: "
-                "train the UNet on this VAE and setting (train_mg2.py --vae, --aligned_melody)."
-            )
+        if unet is not None and vae is not None:
+            self.check_channels(unet, vae, aligned_melody)
         self.register_modules(
             clmp=clmp,
             processor=processor,
@@ -331,6 +319,25 @@ class MG2Pipeline(DiffusionPipeline):
         # Components may be None (e.g. a pipeline holding only the text stack for `encode_prompt`).
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else None
         self.mel = LogMelSpectrogram()
+
+    @staticmethod
+    def check_channels(unet: UNet2DConditionModel, vae: AutoencoderKL, aligned_melody: str | None) -> None:
+        """The UNet's input channels are the VAE's latent plus what `aligned_melody` adds; its output, the latent."""
+        latent = vae.config.latent_channels
+        takes = latent + melody_channels(aligned_melody, latent)
+        if unet.config.in_channels == takes and unet.config.out_channels == latent:
+            return
+        fits = [name for name in ALIGNED_MELODY if unet.config.in_channels == latent + melody_channels(name, latent)]
+        remedy = (
+            f"pass aligned_melody={fits[0]!r}, the setting this UNet was trained with"
+            if fits and unet.config.out_channels == latent
+            else "train the UNet on this VAE and setting (train_mg2.py --vae, --aligned_melody)"
+        )
+        raise ValueError(
+            f"The UNet takes {unet.config.in_channels} input and {unet.config.out_channels} output channels; this VAE's "
+            f"latent has {latent} and aligned_melody={aligned_melody!r} adds {takes - latent}: "
+            f"{remedy}."
+        )
 
     # ----- saving and loading -----
 
@@ -636,6 +643,20 @@ class MG2Pipeline(DiffusionPipeline):
             check_embeddings("negative_prompt_embeds", negative_prompt_embeds, (batch_size, projection_dim))
         if melody is not None and melody_embeds is not None:
             raise ValueError("Pass either melody or melody_embeds, not both.")
+        if (
+            without_clmp
+            and melody is None
+            and melody_embeds is None
+            and self.retriever is None
+            and self.config.condition != "text"
+        ):
+            remedy = (
+                "pass melody_embeds" if self.config.aligned_melody is None else "load it with its clmp and processor"
+            )
+            raise ValueError(
+                "This pipeline has no retriever to find a melody and no clmp to embed the empty text that stands "
+                f"for no melody: {remedy}."
+            )
         if isinstance(melody, (list, tuple)) and len(melody) != batch_size:
             raise ValueError(
                 f"melody has {len(melody)} entries but prompt has {batch_size}; pass one melody, or one per prompt."
@@ -757,6 +778,11 @@ class MG2Pipeline(DiffusionPipeline):
 
     def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Texts → CLMP's `input_ids` and `attention_mask`, padded to `max_text_length`."""
+        if self.clmp is None or self.processor is None:
+            raise ValueError(
+                "This pipeline has no clmp/processor (the text tower) to embed text: pass prompt_embeds and "
+                "negative_prompt_embeds."
+            )
         tokens = self.processor.tokenizer(
             texts,
             padding="max_length",

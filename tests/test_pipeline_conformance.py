@@ -351,6 +351,21 @@ def test_encode_prompt_works_in_isolation(pipe):
     for guidance in [{"melody_guidance_scale": 1.0}, {"melody_guidance_scale": 0.0}, {"guidance_scale": 1.0}]:
         with pytest.raises(ValueError, match="melody_guidance_scale must equal guidance_scale"):
             no_text(**{**inputs(), **embeds_only, **guidance})
+    with pytest.raises(ValueError, match="no clmp/processor"):
+        no_text.encode_prompt(PROMPT)
+    # Nothing to find a melody with and no text tower for the melody-dropped condition: refused before any compute.
+    nothing = MG2Pipeline.from_pipe(no_text, retriever=None)
+    with pytest.raises(ValueError, match="no retriever to find a melody and no clmp"):
+        nothing(**{**inputs(), **embeds_only, "callback_on_step_end": lambda *a: pytest.fail("computed")})
+
+
+def test_components_rebuild_the_pipeline_and_a_missing_setting_is_named(pipe):
+    # diffusers' `Pipeline(**pipe.components)`: the UNet's channels tell which aligned melody it takes; the error says so.
+    with pytest.raises(ValueError, match="pass aligned_melody='sketch', the setting this UNet was trained with"):
+        MG2Pipeline(**pipe.components)
+    rebuilt = MG2Pipeline(**pipe.components, aligned_melody="sketch")
+    rebuilt.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(rebuilt(**inputs()).audios, pipe(**inputs()).audios)
 
 
 def test_cross_attention_kwargs_reach_the_attention_processors(pipe):

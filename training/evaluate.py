@@ -75,6 +75,7 @@ from mg2_pipeline.defaults import (
     DEFAULT_NUM_INFERENCE_STEPS,
 )
 from mg2_pipeline.hub import write_model_card
+from mg2_pipeline.threads import fit_threads
 
 CHROMA_FPS = 10
 TEMPO_TOLERANCE = 0.15
@@ -276,6 +277,7 @@ def generate(
     captions = (prompts or bench.captions)[:clips]
     waveforms, guides = [], []
     for start in tqdm(range(0, len(captions), args.batch_size), desc=desc, unit="batch"):
+        fit_threads()
         batch = captions[start : start + args.batch_size]
         output = pipe(
             batch,

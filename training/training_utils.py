@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from mg2_pipeline.hub import describe_pipeline, push_folder
+from mg2_pipeline.threads import FIT_EVERY_STEPS, fit_threads
 
 CHECKPOINT_PREFIX = "checkpoint-"
 MG2_FOLK_LIMITATIONS = (
@@ -171,7 +172,8 @@ def optimizer_step(accelerator: Accelerator, loss, optimizer, lr_scheduler, para
 
 class TrainingProgress:
     """What every recipe does around its optimizer steps: the progress bar (main process), samples per second, the
-    trackers, a checkpoint every `--checkpointing_steps` and at the last step, and the figures of the summary."""
+    trackers, a checkpoint every `--checkpointing_steps` and at the last step, the figures of the summary, and compute
+    threads fitted to the cores other processes leave free (`mg2_pipeline.threads`)."""
 
     def __init__(self, accelerator: Accelerator, args, global_step: int):
         self.accelerator, self.args = accelerator, args
@@ -182,6 +184,7 @@ class TrainingProgress:
             disable=not accelerator.is_local_main_process,
         )
         self.start_time, self.samples_seen = time.perf_counter(), 0
+        fit_threads()
 
     def add_samples(self, batch_size: int) -> None:
         self.samples_seen += batch_size * self.accelerator.num_processes
@@ -197,6 +200,8 @@ class TrainingProgress:
             {shown: f"{logs[shown]:.4f}", "samples_s": f"{logs['samples_per_second']:.1f}"}, refresh=False
         )
         self.accelerator.log(logs, step=global_step)
+        if global_step % FIT_EVERY_STEPS == 0:
+            fit_threads()
         if global_step % self.args.checkpointing_steps == 0 or global_step == self.args.max_train_steps:
             save_checkpoint(
                 self.accelerator,

@@ -1,0 +1,39 @@
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mg2_pipeline import threads
+
+
+def test_runnable_elsewhere_counts_other_processes_threads_only():
+    assert threads.runnable_elsewhere("0.50 0.40 0.30 3/512 1234", ["R", "S", "R"]) == 1
+    assert threads.runnable_elsewhere("0.50 0.40 0.30 2/512 1234", ["R", "R", "S"]) == 0
+    assert threads.runnable_elsewhere("0.50 0.40 0.30 1/512 1234", ["R", "R"]) == 0  # sampled a moment apart
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_busy_process_is_seen():
+    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert threads.busy_elsewhere(samples=20) >= 0.5
+    finally:
+        competitor.kill()
+        competitor.wait()
+
+
+def test_fit_threads_leaves_busy_cores_and_keeps_the_ceiling(monkeypatch):
+    started_with = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_ceiling", 2)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    try:
+        for busy, expected in [(0.0, 2), (0.4, 2), (1.0, 1), (3.0, 1), (0.0, 2)]:
+            monkeypatch.setattr(threads, "busy_elsewhere", lambda: busy)
+            assert threads.fit_threads() == expected == torch.get_num_threads()
+        monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+        assert threads.fit_threads() == 2  # never above what torch started with
+    finally:
+        torch.set_num_threads(started_with)
