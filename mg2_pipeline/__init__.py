@@ -11,7 +11,7 @@ from .pipeline_mg2 import MG2Pipeline, MG2PipelineOutput
 from .pipeline_mg2_audio_to_audio import MG2AudioToAudioPipeline
 from .pipeline_mg2_inpaint import MG2InpaintPipeline
 from .processing_clmp import CLMPProcessor
-from .retrieval import MelodyRetriever, RetrievalOutput, RetrievedMelody
+from .retrieval import GuidingMelody, MelodyRetriever, RetrievalOutput
 from .vocoder import GriffinLimVocoder
 
 __version__ = "0.1.0"
@@ -38,7 +38,7 @@ __all__ = [
     "Melody",
     "MelodyRetriever",
     "RetrievalOutput",
-    "RetrievedMelody",
+    "GuidingMelody",
     "load_audio",
     "save_audio",
 ]

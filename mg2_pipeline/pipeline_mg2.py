@@ -38,7 +38,7 @@ from .defaults import (
 )
 from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
-from .retrieval import MelodyRetriever, RetrievedMelody
+from .retrieval import GuidingMelody, MelodyRetriever
 from .vocoder import GriffinLimVocoder
 
 logger = logging.get_logger(__name__)
@@ -222,7 +222,7 @@ class MG2PipelineOutput(BaseOutput):
     Args:
         audios: `(batch, samples)` waveforms (numpy or torch) within [-1, 1] (one peaking above 1 is scaled down to
             peak at 1, `audio.peak_safe`), or latents for `output_type="latent"`.
-        melodies: per waveform, a `RetrievedMelody` — from the index (id, score, metadata), the user's melody
+        melodies: per waveform, a `GuidingMelody` — from the index (id, score, metadata), the user's melody
             (`id=None`, `metadata["source"] == "user"`) or the one transcribed from `audio` (`"audio"`); its metadata
             also says where it plays (`audio_span_s`), how often (`repeats`) and which span of it guided each
             denoising window (`windows`). None where `melody_embeds` were passed, the model is text-only, or there was no melody to follow.
@@ -230,7 +230,7 @@ class MG2PipelineOutput(BaseOutput):
     """
 
     audios: np.ndarray | torch.Tensor
-    melodies: list[RetrievedMelody | None]
+    melodies: list[GuidingMelody | None]
     sampling_rate: int
 
 
@@ -795,7 +795,8 @@ class MG2Pipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_text(self, texts: list[str], device: torch.device) -> torch.Tensor:
         """CLMP text embeddings `(len(texts), projection_dim)`; the empty string is allowed (the unconditional input)."""
-        return self.clmp.get_text_features(**self.tokenize(texts, device))
+        tokens = self.tokenize(texts, device)
+        return self.clmp.get_text_features(**tokens)
 
     @torch.no_grad()
     def encode_text_states(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -935,14 +936,16 @@ class MG2Pipeline(DiffusionPipeline):
             self.scheduler.set_begin_index(start * self.scheduler.order)
         return self.scheduler.timesteps[start * self.scheduler.order :]
 
-    def prepare_latents(self, batch_size: int, height: int, dtype, device, generator, latents=None) -> torch.Tensor:
+    def prepare_latents(
+        self, batch_size: int, num_mel_frames: int, dtype, device, generator, latents=None
+    ) -> torch.Tensor:
         if latents is None:
             latents = randn_tensor(
-                self.latent_shape(batch_size, height), generator=generator, device=device, dtype=dtype
+                self.latent_shape(batch_size, num_mel_frames), generator=generator, device=device, dtype=dtype
             )
         return latents.to(device, dtype) * self.scheduler.init_noise_sigma
 
-    def follow_prompt_tempo(self, hit: RetrievedMelody, prompt: str | None) -> RetrievedMelody:
+    def follow_prompt_tempo(self, hit: GuidingMelody, prompt: str | None) -> GuidingMelody:
         """A retrieved melody re-timed to the tempo its prompt names ("… 120 BPM") when its own tempo is known;
         the metadata then says both (`tempo_bpm`, `stretched_from_bpm`)."""
         bpm = prompt_bpm(prompt) if prompt else None
@@ -950,7 +953,7 @@ class MG2Pipeline(DiffusionPipeline):
         if bpm is None or not melody_bpm or bpm == melody_bpm:
             return hit
         metadata = {**hit.metadata, "tempo_bpm": bpm, "stretched_from_bpm": melody_bpm}
-        return RetrievedMelody(hit.melody.stretch(melody_bpm / bpm), hit.id, hit.score, metadata)
+        return GuidingMelody(hit.melody.stretch(melody_bpm / bpm), hit.id, hit.score, metadata)
 
     def transcribe(self, waveform: torch.Tensor) -> Melody:
         """The melody of the given audio (basic-pitch, one line, rests under half a second filled), or a ValueError
@@ -961,8 +964,8 @@ class MG2Pipeline(DiffusionPipeline):
             raise ValueError(f"No melody could be transcribed from audio ({error}): pass melody=.") from error
 
     def place_melody(
-        self, hit: RetrievedMelody | None, start_s: float, seconds: float, play_once: bool, starts: list[int]
-    ) -> tuple[Melody | None, RetrievedMelody | None]:
+        self, hit: GuidingMelody | None, start_s: float, seconds: float, play_once: bool, starts: list[int]
+    ) -> tuple[Melody | None, GuidingMelody | None]:
         """The melody as it guides `seconds` of audio: from `start_s`, once through (`play_once`) or repeated whole to
         the end; and the hit with `metadata["audio_span_s"]` (where it plays), `["repeats"]` and `["windows"]` (per
         denoising window, its `audio_s` span and the `melody_s` span of the melody, repeats laid end to end)."""
@@ -988,7 +991,7 @@ class MG2Pipeline(DiffusionPipeline):
             "repeats": repeats,
             "windows": windows,
         }
-        return melody.delay(start_s) if start_s else melody, RetrievedMelody(hit.melody, hit.id, hit.score, metadata)
+        return melody.delay(start_s) if start_s else melody, GuidingMelody(hit.melody, hit.id, hit.score, metadata)
 
     @torch.no_grad()
     def prepare_melody_frames(
@@ -1232,7 +1235,7 @@ class MG2Pipeline(DiffusionPipeline):
         match_prompt_facts: bool,
         device,
         source: str = "user",
-    ) -> tuple[list[RetrievedMelody | None], torch.Tensor]:
+    ) -> tuple[list[GuidingMelody | None], torch.Tensor]:
         """One guiding melody and its CLMP embedding per waveform: `melodies` (one per prompt, marked `source`), the
         given `melody_embeds`, or retrieved (of the tune type, origin, meter and key the prompt names when the index has
         such melodies, re-timed to the tempo it names). Without any, the melody-dropped condition: the text alone."""
@@ -1243,7 +1246,7 @@ class MG2Pipeline(DiffusionPipeline):
             return [None] * num_waveforms, melody_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
         if melodies is not None:
             guiding = [
-                RetrievedMelody(m, id=None, score=None, metadata={"source": source})
+                GuidingMelody(m, id=None, score=None, metadata={"source": source})
                 for m in melodies
                 for _ in range(num_waveforms_per_prompt)
             ]
@@ -1270,11 +1273,11 @@ class MG2Pipeline(DiffusionPipeline):
 
     def place_melodies(
         self,
-        guiding: list[RetrievedMelody | None],
+        guiding: list[GuidingMelody | None],
         audio_length_in_s: float | None,
         play_once: bool,
         melody_start_s: float = 0.0,
-    ) -> tuple[float, list[int], list[Melody | None], list[RetrievedMelody | None]]:
+    ) -> tuple[float, list[int], list[Melody | None], list[GuidingMelody | None]]:
         """The length (by default the longest time-aligned melody's, else one window), the denoising windows' first
         latent frames, and each melody as it plays: from `melody_start_s`, once through (`play_once`) or repeated whole
         to the end. Returns `(audio_length_in_s, window starts, melodies, guides)`."""
@@ -1282,14 +1285,14 @@ class MG2Pipeline(DiffusionPipeline):
             aligned = self.config.aligned_melody is not None and guiding[0] is not None
             longest = max(hit.melody.duration for hit in guiding) if aligned else self.default_audio_length_in_s
             audio_length_in_s = min(MAX_AUDIO_LENGTH_S, longest)
-        height = self.mel_frames(audio_length_in_s)
+        num_mel_frames = self.mel_frames(audio_length_in_s)
         starts = window_starts(
-            height // self.vae_scale_factor,
+            num_mel_frames // self.vae_scale_factor,
             self.window_frames,
             self.window_overlap,
             self.frames_multiple // self.vae_scale_factor,
         )
-        seconds = height * self.hop_length / self.sampling_rate
+        seconds = num_mel_frames * self.hop_length / self.sampling_rate
         placed = [self.place_melody(hit, melody_start_s, seconds, play_once, starts) for hit in guiding]
         return audio_length_in_s, starts, [melody for melody, _ in placed], [hit for _, hit in placed]
 
@@ -1465,7 +1468,7 @@ class MG2Pipeline(DiffusionPipeline):
         self,
         latents: torch.Tensor,
         num_samples: int,
-        guiding: list[RetrievedMelody | None],
+        guiding: list[GuidingMelody | None],
         condition: Conditioning,
         output_type: str,
         return_dict: bool,

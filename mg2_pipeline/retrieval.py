@@ -92,12 +92,13 @@ def _sha256_file(path: str) -> str:
 
 
 @dataclass
-class RetrievedMelody:
-    """One search hit: the melody, its id in the retriever, cosine similarity to the query, metadata."""
+class GuidingMelody:
+    """A melody that guides a generation, with where it came from: a search hit (its id in the retriever, cosine
+    similarity to the query) or the user's own (id and score None, `metadata["source"]`), and metadata."""
 
     melody: Melody
-    id: int
-    score: float
+    id: int | None
+    score: float | None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def as_played(self) -> Melody:
@@ -117,7 +118,7 @@ class RetrievalOutput:
     ids: np.ndarray  # (B, k) int64
     scores: np.ndarray  # (B, k) float32 cosine similarities
     embeddings: np.ndarray  # (B, k, dim) float32, L2-normalised stored melody embeddings
-    melodies: list[list[RetrievedMelody]]
+    melodies: list[list[GuidingMelody]]
 
 
 class _ReadWriteLock:
@@ -301,7 +302,7 @@ class MelodyRetriever(ModelMixin, ConfigMixin):
             notes = [[self._notes[i] for i in row] for row in ids]
         scores = (1.0 - distances).astype(np.float32)
         melodies = [
-            [RetrievedMelody(Melody._from_validated(n), int(i), float(s), m) for n, i, s, m in zip(*row)]
+            [GuidingMelody(Melody._from_validated(n), int(i), float(s), m) for n, i, s, m in zip(*row)]
             for row in zip(notes, ids, scores, metadata)
         ]
         return RetrievalOutput(
