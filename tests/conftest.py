@@ -66,11 +66,7 @@ def accelerate_command(script: str, *arguments: str, processes: int = 1) -> tupl
         return launcher + ["--multi_gpu", "--num_processes", str(processes), script, *arguments], {
             "ACCELERATE_USE_CPU": "true"
         }
-    # accelerate launch gives a CPU process 2 threads unless told; under `make test` the other worker holds a core.
-    threads = (
-        ["--num_cpu_threads_per_process", os.environ["OMP_NUM_THREADS"]] if "OMP_NUM_THREADS" in os.environ else []
-    )
-    return launcher + ["--cpu", "--num_processes", "1", *threads, script, *arguments], {}
+    return launcher + ["--cpu", "--num_processes", "1", script, *arguments], {}
 
 
 def accelerate(script: str, *arguments: str, processes: int = 1, **env) -> subprocess.CompletedProcess:

@@ -233,7 +233,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     # A melody over the token limit is cut after the last whole note that fits (documented), not refused.
     long_melody = Melody.from_notes([(60 + i % 12, i * 0.1, i * 0.1 + 0.1) for i in range(400)])
     assert processor(melody=[long_melody])["melody_attention_mask"].sum() == 1 + 166 * 6
-    assert isinstance(CLMPConfig(), CLMPConfig)
+    assert CLMPConfig().projection_dim > 0 and CLMPConfig().modalities == ["text", "audio", "melody"]
 
 
 def test_contrastive_loss_pair_weights():

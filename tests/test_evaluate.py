@@ -248,6 +248,7 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
             0 <= r[key] <= 1 for key in ("family_accuracy", "program_accuracy", "paired_preference") if key in r
         )
         assert r.get("onset_clicks", 0) >= 0
+    assert sound[1]["onset_clicks"] > 0
     assert (
         1 / 8 <= sound[-1]["family_accuracy"] <= 1 and "onset_clicks" not in sound[7]
     )  # melody guidance 0: no onsets

@@ -214,7 +214,7 @@ def test_one_checkpoint_loads_into_every_task_and_from_pipe_shares_the_component
         ("a2a", {"audio": np.zeros((2, 16000), np.float32)}, ValueError, r"audio must be a mono waveform"),
         ("a2a", {"audio": np.zeros(16000, np.int16)}, TypeError, "floating-point samples"),
         ("a2a", {"audio": np.full(16000, np.nan, np.float32)}, ValueError, "NaN"),
-        ("a2a", {"audio": np.zeros(100, np.float32)}, ValueError, "at least"),
+        ("a2a", {"audio": np.zeros(100, np.float32)}, ValueError, "audio has 100 samples; at least"),
         ("inpaint", {"audio": np.zeros(16000 * 601, np.float32), "repaint_end_s": 700.0}, ValueError, "at most 600 s"),
         ("a2a", {"audio": [0.0] * 16000}, TypeError, "audio must be a path"),
         ("a2a", {"audio": "missing.wav"}, ValueError, "No audio file"),
@@ -226,8 +226,14 @@ def test_each_task_checks_its_arguments_before_compute(pipe, inpaint, audio_to_a
     kwargs = {
         name: recording if isinstance(value, str) and value == "RECORDING" else value for name, value in kwargs.items()
     }
-    with pytest.raises(error, match=match):
-        {"text": pipe, "a2a": audio_to_audio, "inpaint": inpaint}[task](PROMPT, num_inference_steps=2, **kwargs)
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *args: calls.append(1))  # the tasks share the UNet (from_pipe)
+    try:
+        with pytest.raises(error, match=match):
+            {"text": pipe, "a2a": audio_to_audio, "inpaint": inpaint}[task](PROMPT, num_inference_steps=2, **kwargs)
+    finally:
+        hook.remove()
+    assert not calls
 
 
 def test_cli_continues_re_renders_and_repaints_a_recording(pipe, recording, monkeypatch, tmp_path, capsys):

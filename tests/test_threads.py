@@ -25,6 +25,10 @@ def test_a_busy_process_is_seen():
         competitor.wait()
 
 
+def test_the_reading_thread_is_counted_as_its_own():
+    assert "R" in threads._own_thread_states()
+
+
 def test_fit_threads_leaves_busy_cores_and_keeps_the_ceiling(monkeypatch):
     started_with = torch.get_num_threads()
     monkeypatch.setattr(threads, "_ceiling", 2)
