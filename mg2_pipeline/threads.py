@@ -2,10 +2,11 @@
 
 torch starts one OpenMP thread per core, and a thread that finishes its share of an operation spin-waits for the
 others. When another busy process holds one of the cores, the waits stretch to the scheduler's time slices, and a
-training step beside one busy process on 2 cores runs 4–5× slower instead of about 2× (`benchmarks/bench_threads.py`).
+step slows down far more than the lost core explains (`benchmarks/bench_threads.py`, `docs/figures.md`).
 `fit_threads` sets torch's thread count to the cores this process may use (its affinity mask, which `taskset` and
-container cpusets narrow) less those other processes keep busy; the training recipes call it every
-`FIT_EVERY_STEPS` steps and `mg2 generate` before it generates. It never raises the count above what torch started
+container cpusets narrow) less those other processes keep busy; the training recipes call it at the start and every
+`FIT_EVERY_STEPS` steps, `evaluate.py` before each batch and `mg2 generate` before it generates. A changed count
+changes floating-point rounding, so runs are bit-identical only at a fixed count. It never raises the count above what torch started
 with, so `OMP_NUM_THREADS` or `torch.set_num_threads` stay the ceiling.
 """
 
