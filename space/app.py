@@ -14,18 +14,21 @@ calls too), uploads are at most `MAX_FILE_SIZE`, and melodies come only from wha
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import glob
 import hashlib
 import io
 import os
 import queue
 import tempfile
+import time
 
 import gradio as gr
 import numpy as np
+import soundfile
 import torch
 from gradio.utils import get_upload_folder
-from PIL import Image
 from starlette.middleware import Middleware
 
 from mg2_pipeline import Melody, MG2AudioToAudioPipeline, MG2InpaintPipeline, MG2Pipeline, load_audio
@@ -97,7 +100,11 @@ for _ in range(CONCURRENCY):
     for pipeline in pipelines.values():
         pipeline.set_progress_bar_config(desc="denoising")
     WORKERS.put(pipelines)
-MIDI_DIR = tempfile.mkdtemp(prefix="mg2-space-midi-")
+# The audio, pictures and MIDI each request returns, as files named by their content. Gradio copies a returned file into
+# its cache atomically, but writes arrays and images there in place, so two requests with the same result (same prompt
+# and seed) could each be served the other's half-written file.
+OUTPUT_DIR = tempfile.mkdtemp(prefix="mg2-space-")
+CACHE_SECONDS = 3600
 
 
 class RequestSizeLimit:
@@ -278,17 +285,36 @@ def describe_melody(guide) -> str:
     return " · ".join(details)
 
 
-def write_midi(melody: Melody) -> str:
-    """The melody as a MIDI file, named by its content (so one file per distinct melody)."""
-    path = os.path.join(MIDI_DIR, f"melody-{hashlib.sha1(melody.to_tokens().encode()).hexdigest()[:12]}.mid")
-    if not os.path.exists(path):
-        melody.to_midi(path + ".tmp")
-        os.replace(path + ".tmp", path)
+def write_output(data: bytes, name: str) -> str:
+    """`data` as `OUTPUT_DIR/<its hash>/name`, written under a unique name and renamed into place (a concurrent request
+    never sees it half-written). Files not handed out for longer than Gradio's cache keeps its copies are removed."""
+    folder = os.path.join(OUTPUT_DIR, hashlib.sha1(data).hexdigest()[:16])
+    path = os.path.join(folder, name)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        os.utime(path)  # handed out again: not removed for another CACHE_SECONDS
+    except FileNotFoundError:
+        descriptor, staging_path = tempfile.mkstemp(dir=folder, prefix=".staging-")
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.replace(staging_path, path)
+    for old in glob.glob(os.path.join(OUTPUT_DIR, "*", "*")):
+        with contextlib.suppress(FileNotFoundError):  # another request removed it first
+            if time.time() - os.path.getmtime(old) > CACHE_SECONDS:
+                os.remove(old)
     return path
 
 
-def as_image(figure) -> Image.Image:
-    return Image.open(io.BytesIO(figure_to_png(figure)))
+def write_audio(waveform: np.ndarray, sampling_rate: int) -> str:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, waveform, sampling_rate, format="WAV", subtype="PCM_16")
+    return write_output(buffer.getvalue(), "audio.wav")
+
+
+def write_midi(melody: Melody) -> str:
+    buffer = io.BytesIO()
+    melody.to_pretty_midi().write(buffer)
+    return write_output(buffer.getvalue(), "melody.mid")
 
 
 def retrieve(prompt: str, top_k: float):
@@ -358,12 +384,12 @@ def generate(
     finally:
         WORKERS.put(pipelines)
     waveform, guide = output.audios[0], output.melodies[0]
-    pcm16 = (waveform * 32767).astype(np.int16)  # the pipeline's audio lies within ±1 (a louder one is scaled down)
+    audio_path = write_audio(waveform, output.sampling_rate)  # within ±1: the pipeline scales a louder one down
     if guide is None:  # a text-only model has no melody
         spectrogram = plot_spectrogram(waveform, output.sampling_rate, title=prompt[:90])
         return (
-            (output.sampling_rate, pcm16),
-            as_image(spectrogram),
+            audio_path,
+            write_output(figure_to_png(spectrogram), "spectrogram.png"),
             "Text-only model: no guiding melody.",
             None,
             None,
@@ -373,10 +399,10 @@ def generate(
     spectrogram = plot_spectrogram(waveform, output.sampling_rate, guide.as_played(), title=prompt[:90])
     piano_roll = plot_piano_roll(guide.melody, title=guide.metadata.get("title") or "your melody")
     return (
-        (output.sampling_rate, pcm16),
-        as_image(spectrogram),
+        audio_path,
+        write_output(figure_to_png(spectrogram), "spectrogram.png"),
         describe_melody(guide),
-        as_image(piano_roll),
+        write_output(figure_to_png(piano_roll), "piano-roll.png"),
         write_midi(guide.melody),
         table,
     )
@@ -498,12 +524,10 @@ def build_demo() -> gr.Blocks:
                     generate_button = gr.Button("Generate", variant="primary")
                     retrieve_button = gr.Button("Find melodies only")
             with gr.Column():
-                audio = gr.Audio(label="Music", type="numpy", format="wav", interactive=False)
-                spectrogram = gr.Image(
-                    label="Mel spectrogram and guiding melody", type="pil", format="png", interactive=False
-                )
+                audio = gr.Audio(label="Music", type="filepath", interactive=False)
+                spectrogram = gr.Image(label="Mel spectrogram and guiding melody", type="filepath", interactive=False)
                 melody_info = gr.Markdown(label="Guiding melody")
-                piano_roll = gr.Image(label="Guiding melody (piano roll)", type="pil", format="png", interactive=False)
+                piano_roll = gr.Image(label="Guiding melody (piano roll)", type="filepath", interactive=False)
                 midi = gr.File(label="Guiding melody (MIDI)", interactive=False)
         retrieved = gr.Dataframe(
             headers=RETRIEVED_COLUMNS, label="Top retrieved melodies for the prompt", interactive=False

@@ -101,6 +101,18 @@ def test_melody_from_notes_is_valid_or_refused(notes):
     melody_or_refusal(lambda: Melody.from_notes(notes) if isinstance(notes, list) else Melody(notes))
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    notes=st.lists(
+        st.tuples(st.integers(0, 127), st.floats(0, 500), st.floats(0.001, MAX_NOTE_SECONDS)), min_size=1, max_size=6
+    )
+)
+def test_valid_notes_always_give_their_melody(notes):
+    melody = Melody.from_notes([(pitch, onset, onset + duration) for pitch, onset, duration in notes])
+    assert sorted(melody.pitches.tolist()) == sorted(pitch for pitch, _, _ in notes)
+    assert melody.duration == pytest.approx(max(onset + duration for _, onset, duration in notes))
+
+
 note_names = st.sampled_from(["G4", "C#5", "Bb3", "R", "A4", "H9", "c-1", "G", "", "G10"])
 durations = st.one_of(
     floats.map(repr),
@@ -121,6 +133,19 @@ token_strings = st.lists(
     ),
     max_size=5,
 ).map("|".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    notes=st.lists(st.tuples(st.sampled_from(["G4", "A4", "C#5", "Bb3", "R"]), st.floats(0.01, 50)), max_size=6).map(
+        lambda notes: [("D4", 0.5), *notes]
+    )
+)
+def test_valid_note_strings_always_give_their_melody(notes):
+    melody = Melody.from_text(" ".join(f"{name}:{seconds!r}" for name, seconds in notes))
+    ends = np.cumsum([seconds for _, seconds in notes])
+    assert len(melody) == sum(name != "R" for name, _ in notes)
+    assert melody.duration == pytest.approx(max(end for end, (name, _) in zip(ends, notes) if name != "R"), rel=1e-6)
 
 
 @settings(max_examples=300, deadline=None)

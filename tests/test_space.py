@@ -16,16 +16,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import ROOT
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from mg2_pipeline import Melody
 from mg2_pipeline.presets import PRESET_MELODIES
-
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 NOTES = "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6"
@@ -438,8 +436,7 @@ def test_twenty_concurrent_requests_all_return_their_audio(space_url):
 
 
 def test_a_browser_fills_the_prompt_and_gets_audio(space_url, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed and apt-get could not install it (`make test` tries)")
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: `make test` installs Debian's chromium with apt-get"
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

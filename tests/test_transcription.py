@@ -1,3 +1,4 @@
+import librosa
 import numpy as np
 import pytest
 
@@ -14,6 +15,16 @@ def test_basic_pitch_recovers_a_rendered_melody(program):
     transcribed = Melody.from_audio(waveform, 16000)
     # basic-pitch may split a sustained note in two (a re-attack it hears in the timbre), so compare
     # the pitch sequence with repeats collapsed; every note is found near its onset.
+    first_of_run = np.concatenate([[True], np.diff(transcribed.pitches) != 0])
+    assert transcribed.pitches[first_of_run].tolist() == melody.pitches.tolist()
+    assert np.all(np.abs(transcribed.onsets[first_of_run] - melody.onsets) < 0.15)
+
+
+@pytest.mark.parametrize("sample_rate", [8000, 22050, 44100])
+def test_a_recording_at_any_supported_rate_gives_its_melody(sample_rate):
+    melody = Melody.from_string("C5:0.5 E5:0.5 G5:1.0")
+    waveform = SoundFontSynth().render([Track(melody.notes, program=73, velocity=100)], num_samples=int(2.5 * 16000))
+    transcribed = Melody.from_audio(librosa.resample(waveform, orig_sr=16000, target_sr=sample_rate), sample_rate)
     first_of_run = np.concatenate([[True], np.diff(transcribed.pitches) != 0])
     assert transcribed.pitches[first_of_run].tolist() == melody.pitches.tolist()
     assert np.all(np.abs(transcribed.onsets[first_of_run] - melody.onsets) < 0.15)
