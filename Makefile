@@ -23,7 +23,10 @@ install: $(INSTALLED)
 # its last checkpoint. A second `make demo` goes straight to generating the samples.
 DATASET := data/mg2-folk
 SMALL := training/configs/small.yaml
-LAUNCH := ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --cpu --num_processes 1
+# accelerate trains on the GPU when there is one, else on the CPU; MG2's UNet then trains in bf16 autocast and its
+# latent cache is built in one process (forked workers are for CPU cores).
+CUDA = $(shell $(PY) -c "import torch; print('yes' if torch.cuda.is_available() else '')")
+LAUNCH = $(VENV)/bin/accelerate launch --num_processes 1
 DATA_DONE := $(DATASET)/summary.json
 CLMP_DONE := checkpoints/clmp-small/model.safetensors
 INDEX_DONE := checkpoints/melody-index/config.json
@@ -36,8 +39,8 @@ NO_TEXT_ATTENTION_DONE := checkpoints/mg2-small-no-text-attention/eval/eval_resu
 EVAL_DONE := checkpoints/mg2-small/eval/eval_results.json
 ABLATIONS_DONE := checkpoints/mg2-small/eval-ablations/eval_results.json
 # The latent cache is built by one forked process per core, one compute thread each.
-MG2_ARGS := --config $(SMALL) --dataset $(DATASET) --clmp checkpoints/clmp-small --retriever checkpoints/melody-index \
-	--vae checkpoints/vae-small --resume_from_checkpoint latest --latent_cache_workers $(shell nproc)
+MG2_ARGS = --config $(SMALL) --dataset $(DATASET) --clmp checkpoints/clmp-small --retriever checkpoints/melody-index \
+	--vae checkpoints/vae-small --resume_from_checkpoint latest $(if $(CUDA),--latent_cache_workers 1 --mixed_precision bf16,--latent_cache_workers $(shell nproc))
 
 demo: install | $(EVAL_DONE)
 	$(PY) training/generate_samples.py --model checkpoints/mg2-small --output_dir samples

@@ -1,7 +1,7 @@
 """`mg2` command line: generate music from a prompt; push a checkpoint to the Hub and pull one from it.
 
 mg2 generate "a lively Irish jig on fiddle" --output jig.wav [--melody tune.mid | --melody "G4:0.5 A4:0.5"]
-             [--audio in.wav [--strength 0.6 | --repaint 4.0:6.5]] [--seed 0] [--steps 25] [--duration 10.24]
+             [--audio in.wav [--strength 0.6 | --repaint 4.0:6.5]] [--seed 0] [--steps 4] [--duration 10.24]
              [--guidance 3.0] [--melody-guidance 3.0] [--no-prompt-facts] [--model checkpoints/mg2-small]
 mg2 push checkpoints/mg2-small org/mg2-small [--private] [--revision BRANCH]
 mg2 pull org/mg2-small [--revision REV]
@@ -15,6 +15,7 @@ import re
 import sys
 
 from .defaults import (
+    DEFAULT_AUDIO_NUM_INFERENCE_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_MODEL,
@@ -111,10 +112,11 @@ def generate(args) -> None:
     except (OSError, ValueError) as error:  # huggingface_hub's errors derive from these
         raise SystemExit(f"error: could not load --model {args.model!r}: {error}") from None
     fit_threads()
+    default_steps = DEFAULT_NUM_INFERENCE_STEPS if args.audio is None else DEFAULT_AUDIO_NUM_INFERENCE_STEPS
     common = {
         "negative_prompt": args.negative_prompt,
         "melody": args.melody,
-        "num_inference_steps": args.steps,
+        "num_inference_steps": default_steps if args.steps is None else args.steps,
         "guidance_scale": args.guidance,
         "melody_guidance_scale": args.melody_guidance,
         "generator": torch.Generator().manual_seed(args.seed),
@@ -225,7 +227,12 @@ def main(argv=None) -> None:
     )
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
+    gen.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"Denoising steps (default {DEFAULT_NUM_INFERENCE_STEPS}; {DEFAULT_AUDIO_NUM_INFERENCE_STEPS} with --audio).",
+    )
     gen.add_argument(
         "--duration",
         type=float,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoConfig, ClapAudioConfig, ClapTextConfig
 
 from .configuration_clmp import CLMPConfig, CLMPMelodyConfig
-from .pipeline_mg2 import melody_channels
+from .pipeline_mg2 import MG2Pipeline, melody_channels
 
 CLMP_PRESETS = ("tiny", "small", "paper")
 
@@ -221,7 +222,6 @@ def build_pipeline(
     from .feature_extraction_clmp import CLMPFeatureExtractor
     from .melody import Melody
     from .modeling_clmp import CLMPModel
-    from .pipeline_mg2 import MG2Pipeline
     from .processing_clmp import CLMPProcessor
     from .retrieval import MelodyRetriever, clmp_fingerprint
     from .vocoder import GriffinLimVocoder
@@ -297,13 +297,15 @@ def build_pipeline(
     )
 
 
-def load_pipeline(model: str, **kwargs):
-    """`preset:NAME` → `build_pipeline(NAME)`; anything else (a folder or Hub repo id) → `MG2Pipeline.from_pretrained`."""
-    from .pipeline_mg2 import MG2Pipeline
-
-    if model.startswith("preset:"):
-        return build_pipeline(model.split(":", 1)[1])
-    return MG2Pipeline.from_pretrained(model, **kwargs)
+def load_pipeline(model: str, device: str | None = None, **kwargs):
+    """`preset:NAME` → `build_pipeline(NAME)`; anything else (a folder or Hub repo id) → `MG2Pipeline.from_pretrained`;
+    then moved to `device` (default: the GPU when there is one, else the CPU)."""
+    pipe = (
+        build_pipeline(model.split(":", 1)[1])
+        if model.startswith("preset:")
+        else MG2Pipeline.from_pretrained(model, **kwargs)
+    )
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def vocoder_config(name: str) -> dict:

@@ -33,6 +33,7 @@ from starlette.middleware import Middleware
 
 from mg2_pipeline import Melody, MG2AudioToAudioPipeline, MG2InpaintPipeline, MG2Pipeline, load_audio
 from mg2_pipeline.defaults import (
+    DEFAULT_AUDIO_NUM_INFERENCE_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_MODEL,
@@ -82,8 +83,7 @@ def load_model(model: str) -> MG2Pipeline:
             f"No model at {DEFAULT_MODEL}: run `make demo` first, or set MG2_MODEL to a folder, "
             "a Hub repo id, or preset:tiny."
         )
-    pipe = load_pipeline(model)
-    return pipe.to("cuda") if torch.cuda.is_available() else pipe
+    return load_pipeline(model)
 
 
 # Concurrent generations share the CPU cores: each gets its share of threads, so they do not oversubscribe them.
@@ -315,6 +315,11 @@ def write_midi(melody: Melody) -> str:
     buffer = io.BytesIO()
     melody.to_pretty_midi().write(buffer)
     return write_output(buffer.getvalue(), "melody.mid")
+
+
+def default_steps(mode: str) -> int:
+    """The Denoising steps slider follows the mode: text to music has its own, fewer, default steps."""
+    return DEFAULT_NUM_INFERENCE_STEPS if mode == MODES[0] else DEFAULT_AUDIO_NUM_INFERENCE_STEPS
 
 
 def retrieve(prompt: str, top_k: float):
@@ -561,6 +566,7 @@ def build_demo() -> gr.Blocks:
             concurrency_limit=CONCURRENCY,
         )
         retrieve_button.click(retrieve, [prompt, top_k], retrieved, api_name="retrieve", concurrency_limit=4)
+        mode.change(default_steps, mode, steps, api_visibility="private", queue=False)
     return demo.queue(max_size=QUEUE_SIZE)
 
 

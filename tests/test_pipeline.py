@@ -14,7 +14,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline
-from mg2_pipeline.presets import build_pipeline, unet_config, vae_config
+from mg2_pipeline.presets import build_pipeline, load_pipeline, unet_config, vae_config
 
 PROMPT = "a lively Irish jig on fiddle"
 
@@ -653,3 +653,14 @@ def test_retrieval_matches_the_tune_type_and_meter_the_prompt_names_unless_turne
     plain = generate(pipe, prompt="a sea shanty", num_inference_steps=1, match_prompt_facts=False).melodies[0]
     nearest = pipe.retriever.search(pipe.encode_text(["a sea shanty"], pipe.device), k=1).melodies[0][0]
     assert plain.id == nearest.id and "matched_facts" not in plain.metadata
+
+
+def test_load_pipeline_moves_to_the_gpu_when_there_is_one(monkeypatch):
+    moved_to = []
+    monkeypatch.setattr(MG2Pipeline, "to", lambda pipe, device: moved_to.append(device) or pipe)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert isinstance(load_pipeline("preset:tiny"), MG2Pipeline)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    load_pipeline("preset:tiny")
+    load_pipeline("preset:tiny", device="cuda:1")
+    assert moved_to == ["cuda", "cpu", "cuda:1"]

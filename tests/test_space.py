@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mg2_pipeline import Melody
+from mg2_pipeline.defaults import DEFAULT_AUDIO_NUM_INFERENCE_STEPS, DEFAULT_NUM_INFERENCE_STEPS
 from mg2_pipeline.presets import PRESET_MELODIES
 
 CHROMIUM = "/usr/bin/chromium"
@@ -457,6 +458,25 @@ def test_a_browser_fills_the_prompt_and_gets_audio(space_url, tmp_path):
     assert len(read_wav(str(tmp_path / "audio.wav"))) > 0
     with Image.open(screenshot) as image:
         assert image.width == 1280 and image.height > 1000
+
+
+def test_the_steps_slider_follows_the_mode(space_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(space_url)
+        page.get_by_label("Prompt", exact=True).wait_for()
+        page.get_by_text("Settings", exact=True).first.click()  # the accordion (Gradio's footer has a second)
+        steps = page.get_by_label("number input for Denoising steps")
+        expect(steps).to_have_value(str(DEFAULT_NUM_INFERENCE_STEPS))
+        page.get_by_text("Recording (to continue, re-render or repaint)").click()
+        page.get_by_label("Re-render a recording").check()
+        expect(steps).to_have_value(str(DEFAULT_AUDIO_NUM_INFERENCE_STEPS))
+        page.get_by_label("Text to music").check()
+        expect(steps).to_have_value(str(DEFAULT_NUM_INFERENCE_STEPS))
+        browser.close()
 
 
 def test_the_space_gets_basic_pitch_without_its_tensorflow_requirement(tmp_path):

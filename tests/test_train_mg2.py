@@ -586,3 +586,25 @@ def test_accelerate_config_files_load():
         "multi_gpu": "MULTI_GPU",
         "fsdp": "FSDP",
     }
+
+
+@pytest.mark.parametrize("cuda", ["", "yes"])
+def test_make_demo_trains_on_the_gpu_when_there_is_one(cuda):
+    dry_run = subprocess.run(
+        ["make", "-n", "-B", f"CUDA={cuda}", "checkpoints/mg2-small/model_index.json"],  # -B: even after `make demo`
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+    assert dry_run.returncode == 0, dry_run.stderr
+    launches = [line for line in dry_run.stdout.splitlines() if "accelerate launch" in line]
+    (train_mg2,) = [line for line in launches if "train_mg2.py" in line]
+    assert launches and not any("--cpu" in line or "ACCELERATE_USE_CPU" in line for line in launches)
+    if cuda:
+        assert "--mixed_precision bf16" in train_mg2 and "--latent_cache_workers 1 " in train_mg2
+    else:
+        assert (
+            "--mixed_precision" not in train_mg2
+            and f"--latent_cache_workers {len(os.sched_getaffinity(0))} " in train_mg2
+        )
