@@ -38,9 +38,11 @@ PLAIN_SKETCH_DONE := checkpoints/mg2-small-plain-sketch/eval/eval_results.json
 NO_TEXT_ATTENTION_DONE := checkpoints/mg2-small-no-text-attention/eval/eval_results.json
 EVAL_DONE := checkpoints/mg2-small/eval/eval_results.json
 ABLATIONS_DONE := checkpoints/mg2-small/eval-ablations/eval_results.json
-# The latent cache is built by one forked process per core, one compute thread each.
+# The latent cache is built by one forked process per core, one compute thread each (`nproc` would count
+# OMP_NUM_THREADS instead of cores).
+CORES = $(shell $(PY) -c "import os; print(len(os.sched_getaffinity(0)))")
 MG2_ARGS = --config $(SMALL) --dataset $(DATASET) --clmp checkpoints/clmp-small --retriever checkpoints/melody-index \
-	--vae checkpoints/vae-small --resume_from_checkpoint latest $(if $(CUDA),--latent_cache_workers 1 --mixed_precision bf16,--latent_cache_workers $(shell nproc))
+	--vae checkpoints/vae-small --resume_from_checkpoint latest $(if $(CUDA),--latent_cache_workers 1 --mixed_precision bf16,--latent_cache_workers $(CORES))
 
 demo: install | $(EVAL_DONE)
 	$(PY) training/generate_samples.py --model checkpoints/mg2-small --output_dir samples
@@ -103,7 +105,8 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	# The Space's browser test drives Debian's Chromium (never a downloaded browser).
-	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "chromium could not be installed: the Space's browser tests will fail"
 	# Two workers: much of the suite is subprocess start-up (imports are single-threaded), so 2 cores finish ~1/3 sooner.
 	$(PY) -m pytest -n 2 tests
 

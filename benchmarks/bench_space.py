@@ -71,7 +71,7 @@ def main(argv=None):
     parser.add_argument("--output", default="benchmarks/results/bench_space.json")
     args = parser.parse_args(argv)
 
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device="cpu")  # the benchmark builds its tensors on the CPU
     pipe.set_progress_bar_config(disable=True)
     seconds = pipe.default_audio_length_in_s
     direct = []

@@ -1,7 +1,7 @@
 """`mg2` command line: generate music from a prompt; push a checkpoint to the Hub and pull one from it.
 
 mg2 generate "a lively Irish jig on fiddle" --output jig.wav [--melody tune.mid | --melody "G4:0.5 A4:0.5"]
-             [--audio in.wav [--strength 0.6 | --repaint 4.0:6.5]] [--seed 0] [--steps 4] [--duration 10.24]
+             [--audio in.wav [--strength 0.6 | --repaint 4.0:6.5]] [--seed 0] [--steps N] [--duration 10.24]
              [--guidance 3.0] [--melody-guidance 3.0] [--no-prompt-facts] [--model checkpoints/mg2-small]
 mg2 push checkpoints/mg2-small org/mg2-small [--private] [--revision BRANCH]
 mg2 pull org/mg2-small [--revision REV]
@@ -15,12 +15,12 @@ import re
 import sys
 
 from .defaults import (
-    DEFAULT_AUDIO_NUM_INFERENCE_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_MODEL,
     DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_STRENGTH,
+    DEFAULT_X0_NUM_INFERENCE_STEPS,
     MAX_SEED,
 )
 
@@ -112,15 +112,15 @@ def generate(args) -> None:
     except (OSError, ValueError) as error:  # huggingface_hub's errors derive from these
         raise SystemExit(f"error: could not load --model {args.model!r}: {error}") from None
     fit_threads()
-    default_steps = DEFAULT_NUM_INFERENCE_STEPS if args.audio is None else DEFAULT_AUDIO_NUM_INFERENCE_STEPS
     common = {
         "negative_prompt": args.negative_prompt,
         "melody": args.melody,
-        "num_inference_steps": default_steps if args.steps is None else args.steps,
         "guidance_scale": args.guidance,
         "melody_guidance_scale": args.melody_guidance,
         "generator": torch.Generator().manual_seed(args.seed),
     }
+    if args.steps is not None:  # else each task's own default
+        common["num_inference_steps"] = args.steps
     try:
         if args.audio is None:
             output = pipe(
@@ -231,7 +231,8 @@ def main(argv=None) -> None:
         "--steps",
         type=int,
         default=None,
-        help=f"Denoising steps (default {DEFAULT_NUM_INFERENCE_STEPS}; {DEFAULT_AUDIO_NUM_INFERENCE_STEPS} with --audio).",
+        help=f"Denoising steps (default {DEFAULT_X0_NUM_INFERENCE_STEPS} for text to music with an x0-predicting model "
+        f"such as `small`, else {DEFAULT_NUM_INFERENCE_STEPS}).",
     )
     gen.add_argument(
         "--duration",

@@ -8,9 +8,9 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from .defaults import (
-    DEFAULT_AUDIO_NUM_INFERENCE_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_STRENGTH,
 )
 from .pipeline_mg2 import MG2Pipeline, MG2PipelineOutput
@@ -29,7 +29,7 @@ class MG2AudioToAudioPipeline(MG2Pipeline):
         strength: float = DEFAULT_STRENGTH,
         negative_prompt: str | list[str] | None = None,
         melody: Any = None,
-        num_inference_steps: int = DEFAULT_AUDIO_NUM_INFERENCE_STEPS,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         melody_guidance_scale: float = DEFAULT_MELODY_GUIDANCE_SCALE,
         guidance_interval: tuple[float, float] = (0.0, 1.0),

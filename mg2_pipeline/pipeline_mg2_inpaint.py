@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from .defaults import DEFAULT_AUDIO_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE
+from .defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 from .pipeline_mg2 import MAX_AUDIO_LENGTH_S, MG2Pipeline, MG2PipelineOutput, check_number
 
 
@@ -56,7 +56,7 @@ class MG2InpaintPipeline(MG2Pipeline):
         strength: float = 1.0,
         negative_prompt: str | list[str] | None = None,
         melody: Any = None,
-        num_inference_steps: int = DEFAULT_AUDIO_NUM_INFERENCE_STEPS,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         melody_guidance_scale: float = DEFAULT_MELODY_GUIDANCE_SCALE,
         guidance_interval: tuple[float, float] = (0.0, 1.0),

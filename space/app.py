@@ -14,14 +14,15 @@ calls too), uploads are at most `MAX_FILE_SIZE`, and melodies come only from wha
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import glob
 import hashlib
 import io
 import os
 import queue
+import shutil
 import tempfile
+import threading
 import time
 
 import gradio as gr
@@ -33,7 +34,6 @@ from starlette.middleware import Middleware
 
 from mg2_pipeline import Melody, MG2AudioToAudioPipeline, MG2InpaintPipeline, MG2Pipeline, load_audio
 from mg2_pipeline.defaults import (
-    DEFAULT_AUDIO_NUM_INFERENCE_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_MODEL,
@@ -104,7 +104,8 @@ for _ in range(CONCURRENCY):
 # its cache atomically, but writes arrays and images there in place, so two requests with the same result (same prompt
 # and seed) could each be served the other's half-written file.
 OUTPUT_DIR = tempfile.mkdtemp(prefix="mg2-space-")
-CACHE_SECONDS = 3600
+OUTPUT_LOCK = threading.Lock()
+CACHE_SECONDS = 3600  # also how long Gradio keeps its copies
 
 
 class RequestSizeLimit:
@@ -286,22 +287,21 @@ def describe_melody(guide) -> str:
 
 
 def write_output(data: bytes, name: str) -> str:
-    """`data` as `OUTPUT_DIR/<its hash>/name`, written under a unique name and renamed into place (a concurrent request
-    never sees it half-written). Files not handed out for longer than Gradio's cache keeps its copies are removed."""
+    """`data` as `OUTPUT_DIR/<its hash>/name`, written under a unique name and renamed into place, so a concurrent
+    request never sees it half-written. Files not handed out for longer than Gradio keeps its cache are removed."""
     folder = os.path.join(OUTPUT_DIR, hashlib.sha1(data).hexdigest()[:16])
     path = os.path.join(folder, name)
-    os.makedirs(folder, exist_ok=True)
-    try:
-        os.utime(path)  # handed out again: not removed for another CACHE_SECONDS
-    except FileNotFoundError:
-        descriptor, staging_path = tempfile.mkstemp(dir=folder, prefix=".staging-")
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.replace(staging_path, path)
-    for old in glob.glob(os.path.join(OUTPUT_DIR, "*", "*")):
-        with contextlib.suppress(FileNotFoundError):  # another request removed it first
-            if time.time() - os.path.getmtime(old) > CACHE_SECONDS:
-                os.remove(old)
+    with OUTPUT_LOCK:  # a file handed out again is never the one being removed
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.exists(path):
+            descriptor, staging_path = tempfile.mkstemp(dir=folder, prefix=".staging-")
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data)
+            os.replace(staging_path, path)
+        os.utime(folder)  # handed out now: kept for another CACHE_SECONDS
+        for old_folder in glob.glob(os.path.join(OUTPUT_DIR, "*")):
+            if old_folder != folder and time.time() - os.path.getmtime(old_folder) > CACHE_SECONDS:
+                shutil.rmtree(old_folder)
     return path
 
 
@@ -318,8 +318,8 @@ def write_midi(melody: Melody) -> str:
 
 
 def default_steps(mode: str) -> int:
-    """The Denoising steps slider follows the mode: text to music has its own, fewer, default steps."""
-    return DEFAULT_NUM_INFERENCE_STEPS if mode == MODES[0] else DEFAULT_AUDIO_NUM_INFERENCE_STEPS
+    """The Denoising steps slider follows the mode: text to music has the model's own default (fewer for `small`)."""
+    return PIPE.default_num_inference_steps if mode == MODES[0] else DEFAULT_NUM_INFERENCE_STEPS
 
 
 def retrieve(prompt: str, top_k: float):
@@ -415,7 +415,7 @@ def generate(
 
 def build_demo() -> gr.Blocks:
     min_seconds = PIPE.frames_multiple * PIPE.hop_length / PIPE.sampling_rate
-    with gr.Blocks(title="MG2: melody-guided music generation", delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(title="MG2: melody-guided music generation", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown(
             "# MG2: melody-guided text-to-music\nDescribe the music. MG2 finds the melody in its index that "
             "best fits your words (or takes yours) and generates audio that follows it. "
@@ -493,7 +493,7 @@ def build_demo() -> gr.Blocks:
                         gr.Slider(
                             1,
                             MAX_STEPS,
-                            value=DEFAULT_NUM_INFERENCE_STEPS,
+                            value=PIPE.default_num_inference_steps,
                             step=1,
                             precision=0,
                             label="Denoising steps",

@@ -8,12 +8,21 @@ import pytest
 import soundfile
 import torch
 from conftest import BLOCK_MG2_PIPELINE, ROOT, SUBPROCESS_TIMEOUT
-from diffusers import AutoencoderKL, ConfigMixin, DDIMScheduler, DiffusionPipeline, ModelMixin, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ConfigMixin,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    ModelMixin,
+    UNet2DConditionModel,
+)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline
+from mg2_pipeline.defaults import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_X0_NUM_INFERENCE_STEPS
 from mg2_pipeline.presets import build_pipeline, load_pipeline, unet_config, vae_config
 
 PROMPT = "a lively Irish jig on fiddle"
@@ -664,3 +673,23 @@ def test_load_pipeline_moves_to_the_gpu_when_there_is_one(monkeypatch):
     load_pipeline("preset:tiny")
     load_pipeline("preset:tiny", device="cuda:1")
     assert moved_to == ["cuda", "cpu", "cuda:1"]
+
+
+def test_text_to_music_takes_few_steps_by_default_only_with_an_x0_model():
+    pipe = build_pipeline("tiny", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    steps = []
+
+    def count_steps(pipeline, step, timestep, tensors):
+        steps.append(step)
+        return tensors
+
+    def default_steps_taken(pipeline) -> int:
+        steps.clear()
+        pipeline("a jig", melody="G4:0.5 A4:0.5", audio_length_in_s=0.64, callback_on_step_end=count_steps)
+        return len(steps)
+
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert default_steps_taken(pipe) == DEFAULT_NUM_INFERENCE_STEPS
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    assert default_steps_taken(pipe) == DEFAULT_X0_NUM_INFERENCE_STEPS < DEFAULT_NUM_INFERENCE_STEPS

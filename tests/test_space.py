@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import ROOT
+from diffusers import DPMSolverMultistepScheduler
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from hypothesis import HealthCheck, event, given, settings
@@ -23,8 +24,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mg2_pipeline import Melody
-from mg2_pipeline.defaults import DEFAULT_AUDIO_NUM_INFERENCE_STEPS, DEFAULT_NUM_INFERENCE_STEPS
-from mg2_pipeline.presets import PRESET_MELODIES
+from mg2_pipeline.defaults import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_X0_NUM_INFERENCE_STEPS
+from mg2_pipeline.presets import PRESET_MELODIES, build_pipeline
 
 CHROMIUM = "/usr/bin/chromium"
 NOTES = "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6"
@@ -38,11 +39,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def space_url(tmp_path_factory):
-    """`python space/app.py` with a random tiny pipeline on a free loopback port; two generations at once."""
+    """`python space/app.py` with a random tiny pipeline on a free loopback port; two generations at once. The pipeline
+    is saved with an x₀-predicting scheduler, as trained `small` models are, so text to music has its few default
+    steps."""
+    model = tmp_path_factory.mktemp("model")
+    pipe = build_pipeline("tiny")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    pipe.save_pretrained(model)
     port = free_port()
     env = {
         **os.environ,
-        "MG2_MODEL": "preset:tiny",
+        "MG2_MODEL": str(model),
         "MG2_CONCURRENCY": "2",
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
@@ -470,12 +477,12 @@ def test_the_steps_slider_follows_the_mode(space_url):
         page.get_by_label("Prompt", exact=True).wait_for()
         page.get_by_text("Settings", exact=True).first.click()  # the accordion (Gradio's footer has a second)
         steps = page.get_by_label("number input for Denoising steps")
-        expect(steps).to_have_value(str(DEFAULT_NUM_INFERENCE_STEPS))
+        expect(steps).to_have_value(str(DEFAULT_X0_NUM_INFERENCE_STEPS))
         page.get_by_text("Recording (to continue, re-render or repaint)").click()
         page.get_by_label("Re-render a recording").check()
-        expect(steps).to_have_value(str(DEFAULT_AUDIO_NUM_INFERENCE_STEPS))
-        page.get_by_label("Text to music").check()
         expect(steps).to_have_value(str(DEFAULT_NUM_INFERENCE_STEPS))
+        page.get_by_label("Text to music").check()
+        expect(steps).to_have_value(str(DEFAULT_X0_NUM_INFERENCE_STEPS))
         browser.close()
 
 

@@ -72,7 +72,6 @@ from mg2_pipeline.data import load_mg2_dataset
 from mg2_pipeline.defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
-    DEFAULT_NUM_INFERENCE_STEPS,
 )
 from mg2_pipeline.hub import write_model_card
 from mg2_pipeline.threads import fit_threads
@@ -656,7 +655,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_clips", type=int, default=32)
     parser.add_argument("--ddim_clips", type=int, default=0, help="Clips for an extra DDIM row (0 = none).")
     parser.add_argument("--seconds", type=float, default=10.24)
-    parser.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
+    parser.add_argument("--steps", type=int, default=None, help="Default: the pipeline's default_num_inference_steps.")
     parser.add_argument("--ddim_steps", type=int, default=200)
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--melody_guidance_scale", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE)
@@ -699,6 +698,8 @@ def main(argv=None):
     pipe = MG2Pipeline.from_pretrained(args.model) if args.model else None
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
+        if args.steps is None:
+            args.steps = pipe.default_num_inference_steps
     vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else pipe.vae
     if args.vocoder:
         from transformers import SpeechT5HifiGan

@@ -22,7 +22,6 @@ from mg2_pipeline.defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_MODEL,
-    DEFAULT_NUM_INFERENCE_STEPS,
 )
 from mg2_pipeline.plotting import figure_to_png, plot_spectrogram, plot_spectrograms
 from mg2_pipeline.presets import load_pipeline
@@ -54,7 +53,7 @@ def main(argv=None):
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--output_dir", default="samples")
     parser.add_argument("--seconds", type=float, default=10.24)
-    parser.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
+    parser.add_argument("--steps", type=int, default=None, help="Default: the pipeline's default_num_inference_steps.")
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--melody_guidance_scale", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=0)
