@@ -68,9 +68,11 @@ def main(argv=None):
         default=None,
         help="Guidance settings to measure each checkpoint at: TEXT or TEXT:MELODY scales (default: evaluate.py's).",
     )
+    parser.add_argument("--steps", type=int, default=None, help="Sampling steps (default: the pipeline's).")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
-    settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: steps, guidance, seeds
+    settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: guidance, seeds
+    settings.steps = args.steps
     guidance = [
         tuple(float(scale) for scale in (text.split(":") if ":" in text else (text, settings.melody_guidance_scale)))
         for text in args.guidance_scales or [str(settings.guidance_scale)]

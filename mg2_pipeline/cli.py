@@ -232,7 +232,7 @@ def main(argv=None) -> None:
         type=int,
         default=None,
         help=f"Denoising steps (default {DEFAULT_X0_NUM_INFERENCE_STEPS} for text to music with an x0-predicting model "
-        f"such as `small`, else {DEFAULT_NUM_INFERENCE_STEPS}).",
+        f"such as make demo's, else {DEFAULT_NUM_INFERENCE_STEPS}).",
     )
     gen.add_argument(
         "--duration",

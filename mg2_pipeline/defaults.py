@@ -3,7 +3,7 @@ evaluation. Torch-free, so that `mg2 --help` stays fast."""
 
 DEFAULT_MODEL = "checkpoints/mg2-small"  # where `make demo` saves the model it trains
 DEFAULT_NUM_INFERENCE_STEPS = 25
-# Text to music with an x₀-predicting UNet (the `small` preset): 4 steps keep Mel acc and FAD within 5 % of 25 and the
+# Text to music with an x₀-predicting UNet (`make demo`'s model): 4 steps keep Mel acc and FAD within 5 % of 25 and the
 # instrument no lower (docs/evaluation.md, few-step sampling). Noise-predicting models and a recording's tasks keep 25.
 DEFAULT_X0_NUM_INFERENCE_STEPS = 4
 DEFAULT_GUIDANCE_SCALE = 3.0  # text (classifier-free) guidance

@@ -128,8 +128,9 @@ class Melody:
                 f"Negative or zero duration at note {index}: onset {onsets[index]} s, offset {offsets[index]} s "
                 "(offset must be after onset)."
             )
-        if np.any(durations > MAX_NOTE_SECONDS):
-            index = int(np.argmax(durations > MAX_NOTE_SECONDS))
+        too_long = durations > MAX_NOTE_SECONDS + 1e-9  # a note of exactly the limit, whose offset − onset rounds up
+        if np.any(too_long):
+            index = int(np.argmax(too_long))
             raise ValueError(
                 f"Note {index} lasts {durations[index]:.6g} s; a note may last at most {MAX_NOTE_SECONDS:g} s."
             )

@@ -1504,8 +1504,8 @@ class MG2Pipeline(DiffusionPipeline):
 
     @property
     def default_num_inference_steps(self) -> int:
-        """Text to music's default steps for this model: few for a UNet that predicts x₀, which holds its quality there."""
-        if self.scheduler.config.prediction_type == "sample":
+        """This task's default steps for this model: few for a UNet that predicts x₀, which holds its quality there."""
+        if self.scheduler.config.get("prediction_type") == "sample":
             return DEFAULT_X0_NUM_INFERENCE_STEPS
         return DEFAULT_NUM_INFERENCE_STEPS
 

@@ -21,6 +21,11 @@ class MG2AudioToAudioPipeline(MG2Pipeline):
     melody, by default the one transcribed from the recording. The same components as `MG2Pipeline`: load any MG2
     checkpoint with `from_pretrained`, or share a loaded pipeline's with `MG2AudioToAudioPipeline.from_pipe(pipe)`."""
 
+    @property
+    def default_num_inference_steps(self) -> int:
+        """A recording's task keeps the full schedule: `strength` takes its share of it."""
+        return DEFAULT_NUM_INFERENCE_STEPS
+
     @torch.no_grad()
     def __call__(
         self,

@@ -46,6 +46,11 @@ class MG2InpaintPipeline(MG2Pipeline):
             )
         return False
 
+    @property
+    def default_num_inference_steps(self) -> int:
+        """A recording's task keeps the full schedule: `strength` takes its share of it."""
+        return DEFAULT_NUM_INFERENCE_STEPS
+
     @torch.no_grad()
     def __call__(
         self,

@@ -37,7 +37,6 @@ from mg2_pipeline.defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_MODEL,
-    DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_STRENGTH,
     MAX_SEED,
 )
@@ -100,6 +99,7 @@ for _ in range(CONCURRENCY):
     for pipeline in pipelines.values():
         pipeline.set_progress_bar_config(desc="denoising")
     WORKERS.put(pipelines)
+DEFAULT_STEPS = {mode: pipeline.default_num_inference_steps for mode, pipeline in pipelines.items()}
 # The audio, pictures and MIDI each request returns, as files named by their content. Gradio copies a returned file into
 # its cache atomically, but writes arrays and images there in place, so two requests with the same result (same prompt
 # and seed) could each be served the other's half-written file.
@@ -287,8 +287,8 @@ def describe_melody(guide) -> str:
 
 
 def write_output(data: bytes, name: str) -> str:
-    """`data` as `OUTPUT_DIR/<its hash>/name`, written under a unique name and renamed into place, so a concurrent
-    request never sees it half-written. Files not handed out for longer than Gradio keeps its cache are removed."""
+    """`data` as `OUTPUT_DIR/<its hash>/name`: requests with the same result share one file, written whole before any
+    of them sees it. Files not handed out for longer than Gradio keeps its cache are removed."""
     folder = os.path.join(OUTPUT_DIR, hashlib.sha1(data).hexdigest()[:16])
     path = os.path.join(folder, name)
     with OUTPUT_LOCK:  # a file handed out again is never the one being removed
@@ -301,7 +301,7 @@ def write_output(data: bytes, name: str) -> str:
         os.utime(folder)  # handed out now: kept for another CACHE_SECONDS
         for old_folder in glob.glob(os.path.join(OUTPUT_DIR, "*")):
             if old_folder != folder and time.time() - os.path.getmtime(old_folder) > CACHE_SECONDS:
-                shutil.rmtree(old_folder)
+                shutil.rmtree(old_folder, ignore_errors=True)
     return path
 
 
@@ -318,8 +318,8 @@ def write_midi(melody: Melody) -> str:
 
 
 def default_steps(mode: str) -> int:
-    """The Denoising steps slider follows the mode: text to music has the model's own default (fewer for `small`)."""
-    return PIPE.default_num_inference_steps if mode == MODES[0] else DEFAULT_NUM_INFERENCE_STEPS
+    """The Denoising steps slider follows the mode: each task pipeline's own default for this model."""
+    return DEFAULT_STEPS[mode]
 
 
 def retrieve(prompt: str, top_k: float):
@@ -493,7 +493,7 @@ def build_demo() -> gr.Blocks:
                         gr.Slider(
                             1,
                             MAX_STEPS,
-                            value=PIPE.default_num_inference_steps,
+                            value=DEFAULT_STEPS[MODES[0]],
                             step=1,
                             precision=0,
                             label="Denoising steps",

@@ -104,7 +104,7 @@ def test_melody_from_notes_is_valid_or_refused(notes):
 @settings(max_examples=200, deadline=None)
 @given(
     notes=st.lists(
-        st.tuples(st.integers(0, 127), st.floats(0, 500), st.floats(0.001, MAX_NOTE_SECONDS - 1)),
+        st.tuples(st.integers(0, 127), st.floats(0, 500), st.floats(0.001, MAX_NOTE_SECONDS)),
         min_size=1,
         max_size=6,
     )

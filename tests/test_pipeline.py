@@ -21,7 +21,14 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
-from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline
+from mg2_pipeline import (
+    GriffinLimVocoder,
+    LogMelSpectrogram,
+    Melody,
+    MG2AudioToAudioPipeline,
+    MG2InpaintPipeline,
+    MG2Pipeline,
+)
 from mg2_pipeline.defaults import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_X0_NUM_INFERENCE_STEPS
 from mg2_pipeline.presets import build_pipeline, load_pipeline, unet_config, vae_config
 
@@ -675,21 +682,36 @@ def test_load_pipeline_moves_to_the_gpu_when_there_is_one(monkeypatch):
     assert moved_to == ["cuda", "cpu", "cuda:1"]
 
 
-def test_text_to_music_takes_few_steps_by_default_only_with_an_x0_model():
+def test_only_text_to_music_with_an_x0_model_takes_few_steps_by_default():
     pipe = build_pipeline("tiny", seed=0)
     pipe.set_progress_bar_config(disable=True)
+    recording = np.sin(2 * np.pi * 440 * np.arange(int(1.28 * pipe.sampling_rate)) / pipe.sampling_rate)
     steps = []
 
     def count_steps(pipeline, step, timestep, tensors):
         steps.append(step)
         return tensors
 
-    def default_steps_taken(pipeline) -> int:
+    def default_steps_taken(pipeline, **task) -> int:
         steps.clear()
-        pipeline("a jig", melody="G4:0.5 A4:0.5", audio_length_in_s=0.64, callback_on_step_end=count_steps)
+        pipeline("a jig", melody="G4:0.5 A4:0.5", callback_on_step_end=count_steps, **task)
+        assert len(steps) == pipeline.default_num_inference_steps
         return len(steps)
 
+    def steps_by_task() -> list[int]:
+        return [
+            default_steps_taken(pipe, audio_length_in_s=0.64),
+            default_steps_taken(MG2AudioToAudioPipeline.from_pipe(pipe), audio=recording, strength=1.0),
+            default_steps_taken(
+                MG2InpaintPipeline.from_pipe(pipe), audio=recording, repaint_start_s=0.64, repaint_end_s=1.28
+            ),
+        ]
+
     assert pipe.scheduler.config.prediction_type == "epsilon"
-    assert default_steps_taken(pipe) == DEFAULT_NUM_INFERENCE_STEPS
+    assert steps_by_task() == [DEFAULT_NUM_INFERENCE_STEPS] * 3
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
-    assert default_steps_taken(pipe) == DEFAULT_X0_NUM_INFERENCE_STEPS < DEFAULT_NUM_INFERENCE_STEPS
+    assert steps_by_task() == [
+        DEFAULT_X0_NUM_INFERENCE_STEPS,
+        DEFAULT_NUM_INFERENCE_STEPS,
+        DEFAULT_NUM_INFERENCE_STEPS,
+    ]

@@ -766,10 +766,14 @@ def main(argv=None):
     }
     with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
         json.dump(payload, handle, indent=2)
-    markdown = (
-        f"Test split of `{args.dataset}`, first {len(rows)} clips, {args.seconds} s each, "
+    sampling = (
         f"{args.steps} DPM-Solver steps, guidance {args.guidance_scale} (text) and {args.melody_guidance_scale} (melody)"
         f"{'' if args.guidance_interval == (0.0, 1.0) else f' within guidance_interval {args.guidance_interval}'}; "
+        if pipe is not None
+        else ""
+    )
+    markdown = (
+        f"Test split of `{args.dataset}`, first {len(rows)} clips, {args.seconds} s each, {sampling}"
         "every row in one run on the same clips.\n\n"
         f"{table}\n\nMel acc: chroma peaks (261.2 Hz high-pass, chroma_stft) agreeing with the real clip's; chance ≈ 0.08. "
         "chroma-vs-notes: frames whose chroma peak is the sounding melody note's pitch class. Ceilings are real audio "

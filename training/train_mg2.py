@@ -160,7 +160,7 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
     parser.add_argument("--validation_steps", type=int, default=100)
     parser.add_argument("--validation_prompt", default="a lively Irish jig on fiddle, 120 BPM")
-    parser.add_argument("--validation_inference_steps", type=int, default=25)
+    parser.add_argument("--validation_inference_steps", type=int, default=None, help="Default: the pipeline's.")
     args = parse_arguments(
         parser,
         argv,
