@@ -140,9 +140,8 @@ def main(argv=None):
         timing = ("–", "–") if r["seconds_per_clip"] is None else (f"{r['seconds_per_clip']:.2f}", "–")
         if r["seconds_per_clip"] is not None and reference:
             timing = (timing[0], f"{r['seconds_per_clip'] / reference:.2f}")
-        lines.append(
-            f"| {name} | {r['mel_acc']:.3f} | {r['family_accuracy']:.2f} | {'–' if r['fad_clmp'] is None else format(r['fad_clmp'], '.3f')} | {' | '.join(timing)} |"
-        )
+        fad = "–" if r["fad_clmp"] is None else f"{r['fad_clmp']:.3f}"
+        lines.append(f"| {name} | {r['mel_acc']:.3f} | {r['family_accuracy']:.2f} | {fad} | {' | '.join(timing)} |")
     lines.append(f"| chance (uniform over the families) | – | {1 / len(FAMILIES):.3f} | – | – | – |")
     print("\n".join(lines))
     if args.output_json:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from gradio_client import Client
 
+from mg2_pipeline.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.presets import load_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +82,8 @@ def main(argv=None):
             PROMPT,
             audio_length_in_s=seconds,
             num_inference_steps=args.steps,
-            guidance_scale=3.0,
+            guidance_scale=DEFAULT_GUIDANCE_SCALE,
+            melody_guidance_scale=DEFAULT_MELODY_GUIDANCE_SCALE,
             generator=torch.Generator().manual_seed(seed),
         )
         direct.append(time.perf_counter() - start)
@@ -90,7 +92,8 @@ def main(argv=None):
 
     def request(client: Client, seed: int) -> float:
         start = time.perf_counter()
-        client.predict(PROMPT, "", None, None, "", seconds, args.steps, 3.0, 2.0, seed, 1, 5, api_name="/generate")
+        guidance = (DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE)  # the same UNet passes as the direct call
+        client.predict(PROMPT, "", None, None, "", seconds, args.steps, *guidance, seed, 1, 5, api_name="/generate")
         return time.perf_counter() - start
 
     results = {

@@ -6,11 +6,13 @@ per checkpoint.
 
 For every `checkpoint-N` of a `train_mg2.py` output folder (train with `--checkpoints_total_limit` large enough to keep
 them; the last is the saved pipeline), the checkpoint's EMA weights generate each test clip's melody (none for a
-caption-only model) with a prompt naming the clip's instrument (`benchmarks/instrument_prompts.json`), same seeds as `training/evaluate.py`. The instrument
-classifier of `evaluate.py` (fitted on real train-split clips) reads the family; Mel acc compares chroma peaks with the
-real clip's; onset clicks are `evaluate.py`'s (the median over clips). The real clips and the codec give the ceilings
-and real clips scored against another clip's family and melody the floor, in the same run. `--guidance_scales 3 8 7:5` measures each checkpoint at
-several text (and melody) guidance scales; `--checkpoints checkpoint-1600` only some checkpoints.
+caption-only model) with a prompt naming the clip's instrument (`benchmarks/instrument_prompts.json`), same seeds as
+`training/evaluate.py`. The instrument classifier of `evaluate.py` (fitted on real train-split clips) reads the
+family; Mel acc compares chroma peaks with the real clip's; onset clicks are `evaluate.py`'s (the median over clips).
+The real clips and the codec give the ceilings and real clips scored against another clip's family and melody the
+floor, in the same run. `--guidance_scales 3 8 7:5` measures each checkpoint at several text (and melody) guidance
+scales; `--checkpoints checkpoint-1600` only some checkpoints; `--steps 25` samples with 25 steps instead of the
+pipeline's default.
 """
 
 from __future__ import annotations
