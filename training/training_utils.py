@@ -107,6 +107,8 @@ def save_checkpoint(
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
     temporary = final + ".tmp"
     accelerator.save_state(temporary)
+    # Every process writes its own random state into the folder: it is complete only when all have.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(temporary, "training_state.json"), "w") as handle:
             json.dump({"global_step": global_step, **training_state}, handle)
