@@ -13,6 +13,7 @@ from .pipeline_mg2_inpaint import MG2InpaintPipeline
 from .processing_clmp import CLMPProcessor
 from .retrieval import GuidingMelody, MelodyRetriever, RetrievalOutput
 from .vocoder import GriffinLimVocoder
+from .vocos_vocoder import VocosVocoder
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "Melody",
     "MelodyRetriever",
     "RetrievalOutput",
+    "VocosVocoder",
     "GuidingMelody",
     "load_audio",
     "save_audio",

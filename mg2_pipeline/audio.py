@@ -78,6 +78,26 @@ class LogMelSpectrogram(nn.Module):
         return log_mel.reshape(*batch_shape, *log_mel.shape[-2:])
 
 
+def multi_resolution_stft_distance(
+    estimate: torch.Tensor, reference: torch.Tensor, resolutions: tuple[tuple[int, int], ...]
+) -> torch.Tensor:
+    """Per item of `(batch, samples)`: spectral convergence plus log-magnitude L1 between the STFTs of `estimate` and
+    `reference`, averaged over `resolutions` (`(n_fft, hop_length)` pairs, Hann windows): Parallel WaveGAN's
+    multi-resolution STFT loss. A waveform whose phases disagree across frames differs at every resolution but the
+    one it was built at. 0 when the two are equal."""
+    distances = []
+    for n_fft, hop_length in resolutions:
+        stft = dict(n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft, device=estimate.device))
+        estimated = torch.stft(estimate.float(), return_complex=True, **stft).abs()
+        real = torch.stft(reference.float(), return_complex=True, **stft).abs()
+        convergence = torch.linalg.norm(real - estimated, dim=(1, 2)) / torch.linalg.norm(real, dim=(1, 2)).clamp(
+            min=LOG_FLOOR
+        )
+        log_magnitude = (real.clamp(min=LOG_FLOOR).log() - estimated.clamp(min=LOG_FLOOR).log()).abs().mean((1, 2))
+        distances.append(convergence + log_magnitude)
+    return torch.stack(distances).mean(0)
+
+
 def load_audio(
     source: str | os.PathLike | bytes, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None
 ) -> np.ndarray:

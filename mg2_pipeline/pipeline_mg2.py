@@ -1163,15 +1163,20 @@ class MG2Pipeline(DiffusionPipeline):
     def vocode(self, mel: torch.Tensor) -> torch.Tensor:
         """Log-mel `(batch, frames, mels)` → waveforms `(batch, frames × hop_length)`; window by window when longer
         than one."""
-        scale = self.vae_scale_factor
+        scale, hop_length = self.vae_scale_factor, self.hop_length
+
+        def vocode_window(window: torch.Tensor) -> torch.Tensor:
+            # A HiFi-GAN's transposed convolutions give a few samples more than frames × hop_length.
+            return self.vocoder(window)[..., : window.shape[1] * hop_length]
+
         return map_in_windows(
-            self.vocoder,
+            vocode_window,
             mel.to(self.vocoder.dtype),
             1,
             self.window_frames * scale,
             self.window_overlap * scale,
             self.frames_multiple,
-            self.hop_length,
+            hop_length,
         )
 
     @torch.no_grad()

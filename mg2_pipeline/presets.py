@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from transformers import AutoConfig, ClapAudioConfig, ClapTextConfig
 
@@ -329,3 +332,25 @@ def vocoder_config(name: str) -> dict:
         resblock_dilation_sizes=dilations,
         normalize_before=False,
     )
+
+
+def vocos_config(name: str) -> dict:
+    """`VocosVocoder` kwargs: ConvNeXt width, MLP width and depth. `paper` is Vocos' published size."""
+    widths = {"tiny": (32, 96, 2), "small": (256, 768, 8), "paper": (512, 1536, 8)}
+    if name not in widths:
+        raise ValueError(f"Unknown vocoder preset {name!r}; choose one of {tuple(widths)}.")
+    dim, intermediate_dim, num_layers = widths[name]
+    return dict(dim=dim, intermediate_dim=intermediate_dim, num_layers=num_layers)
+
+
+def load_vocoder(path: str):
+    """A saved vocoder folder: `VocosVocoder`, `GriffinLimVocoder` (diffusers configs) or `SpeechT5HifiGan`."""
+    from transformers import SpeechT5HifiGan
+
+    from .vocoder import GriffinLimVocoder
+    from .vocos_vocoder import VocosVocoder
+
+    with open(os.path.join(path, "config.json")) as handle:
+        class_name = json.load(handle).get("_class_name")
+    classes = {"VocosVocoder": VocosVocoder, "GriffinLimVocoder": GriffinLimVocoder}
+    return classes.get(class_name, SpeechT5HifiGan).from_pretrained(path)

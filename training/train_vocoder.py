@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Train a HiFi-GAN vocoder (transformers' `SpeechT5HifiGan`, AudioLDM's vocoder class) from MG2 log-mels to 16 kHz audio.
+"""Train a vocoder from MG2 log-mels to 16 kHz audio: a Vocos (`VocosVocoder`, ConvNeXt blocks at the frame rate and an
+inverse STFT) or a HiFi-GAN (transformers' `SpeechT5HifiGan`, AudioLDM's vocoder class).
 
-    accelerate launch training/train_vocoder.py --preset small --dataset data/mg2-folk --output_dir checkpoints/vocoder-small
+    accelerate launch training/train_vocoder.py --config training/configs/small.yaml --output_dir checkpoints/vocoder-small
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 training/train_vocoder.py ...
 
-The HiFi-GAN recipe: multi-period (periods 2, 3, 5, 7, 11) and multi-scale (3 scales) discriminators,
-least-squares adversarial losses, feature matching (×2) and mel L1 (×45); AdamW 2e-4, betas (0.8, 0.99).
-The CPU presets prove the loop and its resumability; a vocoder that beats Griffin-Lim needs GPU hours
-(the original HiFi-GAN trains for 2.5 M steps).
+The HiFi-GAN recipe, which Vocos trains with too: multi-period (periods 2, 3, 5, 7, 11) and multi-scale (3 scales)
+discriminators, least-squares adversarial losses, feature matching (×2) and mel L1 (×45); AdamW 2e-4, betas
+(0.8, 0.99). `--stft_weight` adds Parallel WaveGAN's multi-resolution STFT loss (STFTs of 512, 1024 and 2048 samples),
+which constrains phase where the discriminators have not yet learnt to; `--adversarial_weight 0` trains without the
+discriminators (what a CPU budget affords: they cost more than a Vocos generator and pay only after many steps).
 """
 
 from __future__ import annotations
@@ -33,17 +35,21 @@ from training_utils import (
 )
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
-from mg2_pipeline.audio import HOP_LENGTH, LogMelSpectrogram
+from mg2_pipeline import VocosVocoder
+from mg2_pipeline.audio import HOP_LENGTH, LogMelSpectrogram, multi_resolution_stft_distance
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
-from mg2_pipeline.presets import PIPELINE_PRESETS, vocoder_config
+from mg2_pipeline.presets import PIPELINE_PRESETS, vocoder_config, vocos_config
 
 logger = get_logger(__name__)
+# Resolutions of the STFT loss; training/evaluate.py judges vocoders at others, so the loss is not the measure.
+STFT_LOSS_RESOLUTIONS = ((512, 128), (1024, 256), (2048, 512))
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, default_output_dir="checkpoints/vocoder-small")
     parser.add_argument("--preset", default="small", choices=PIPELINE_PRESETS)
+    parser.add_argument("--architecture", default="vocos", choices=("vocos", "hifigan"))
     parser.add_argument(
         "--segment_seconds", type=float, default=0.64, help="Training crop, drawn at random inside each clip."
     )
@@ -52,7 +58,15 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--mel_weight", type=float, default=45.0)
     parser.add_argument("--feature_matching_weight", type=float, default=2.0)
-    return parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps"))
+    parser.add_argument(
+        "--adversarial_weight", type=float, default=1.0, help="0 trains without the discriminators (and their cost)."
+    )
+    parser.add_argument("--stft_weight", type=float, default=0.0, help="Multi-resolution STFT loss weight.")
+    args = parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps"))
+    for name in ("mel_weight", "feature_matching_weight", "adversarial_weight", "stft_weight"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    return args
 
 
 class PeriodDiscriminator(nn.Module):
@@ -135,24 +149,28 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = create_accelerator(args)
 
-    generator = SpeechT5HifiGan(SpeechT5HifiGanConfig(**vocoder_config(args.preset)))
-    discriminators = HiFiGANDiscriminators()
+    if args.architecture == "vocos":
+        generator = VocosVocoder(**vocos_config(args.preset))
+    else:
+        generator = SpeechT5HifiGan(SpeechT5HifiGanConfig(**vocoder_config(args.preset)))
     mel_transform = LogMelSpectrogram().to(accelerator.device)
     frames = int(round(args.segment_seconds * 100))
     samples = frames * HOP_LENGTH
     g_optimizer = torch.optim.AdamW(generator.parameters(), lr=args.learning_rate, betas=(0.8, 0.99))
-    d_optimizer = torch.optim.AdamW(discriminators.parameters(), lr=args.learning_rate, betas=(0.8, 0.99))
-    generator, discriminators, g_optimizer, d_optimizer = accelerator.prepare(
-        generator, discriminators, g_optimizer, d_optimizer
-    )
+    generator, g_optimizer = accelerator.prepare(generator, g_optimizer)
+    adversarial = args.adversarial_weight > 0
+    discriminators = HiFiGANDiscriminators() if adversarial else None
+    if adversarial:
+        d_optimizer = torch.optim.AdamW(discriminators.parameters(), lr=args.learning_rate, betas=(0.8, 0.99))
+        discriminators, d_optimizer = accelerator.prepare(discriminators, d_optimizer)
 
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.segment_seconds, random_crop=True, seed=args.seed)
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vocoder", logger)
     logger.info(
-        f"***** Training the {args.preset} HiFi-GAN: generator "
-        f"{sum(p.numel() for p in generator.parameters()) / 1e6:.2f} M, discriminators "
-        f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f} M parameters *****"
+        f"***** Training the {args.preset} {args.architecture}: generator "
+        f"{sum(p.numel() for p in generator.parameters()) / 1e6:.2f} M parameters, discriminators "
+        + (f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f} M *****" if adversarial else "off *****")
     )
 
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
@@ -165,23 +183,32 @@ def main(argv=None):
             mel = batch["log_mel"][:, :frames].to(accelerator.device)
             fake = generator(mel)[:, :samples]
 
-            # Discriminators: real → 1, generated → 0 (least squares).
-            d_loss = sum(
-                ((1 - real_out) ** 2).mean() + (fake_out**2).mean()
-                for (real_out, _), (fake_out, _) in discriminators(real, fake.detach())
-            )
-            if guard.should_skip(d_loss):
-                continue
-            d_optimizer.zero_grad()
-            accelerator.backward(d_loss)
-            d_optimizer.step()
+            d_loss = torch.zeros((), device=accelerator.device)
+            if adversarial:
+                # Discriminators: real → 1, generated → 0 (least squares).
+                d_loss = sum(
+                    ((1 - real_out) ** 2).mean() + (fake_out**2).mean()
+                    for (real_out, _), (fake_out, _) in discriminators(real, fake.detach())
+                )
+                if guard.should_skip(d_loss):
+                    continue
+                d_optimizer.zero_grad()
+                accelerator.backward(d_loss)
+                d_optimizer.step()
 
-            # Generator: fool the discriminators, match their features on real audio, match the mel.
+            # Generator: match the mel (and the STFTs), fool the discriminators, match their features on real audio.
             mel_loss = F.l1_loss(mel_transform(fake), mel)
-            outputs = discriminators(real, fake)
-            adversarial = sum(((1 - fake_out) ** 2).mean() for _, (fake_out, _) in outputs)
-            feature_matching = sum(F.l1_loss(f, r.detach()) for (_, rf), (_, ff) in outputs for r, f in zip(rf, ff))
-            g_loss = adversarial + args.feature_matching_weight * feature_matching + args.mel_weight * mel_loss
+            g_loss = args.mel_weight * mel_loss
+            if args.stft_weight:
+                stft_loss = multi_resolution_stft_distance(fake, real, STFT_LOSS_RESOLUTIONS).mean()
+                g_loss = g_loss + args.stft_weight * stft_loss
+            if adversarial:
+                outputs = discriminators(real, fake)
+                fooled = sum(((1 - fake_out) ** 2).mean() for _, (fake_out, _) in outputs)
+                feature_matching = sum(
+                    F.l1_loss(f, r.detach()) for (_, rf), (_, ff) in outputs for r, f in zip(rf, ff)
+                )
+                g_loss = g_loss + args.adversarial_weight * fooled + args.feature_matching_weight * feature_matching
             if guard.should_skip(g_loss):
                 continue
             g_optimizer.zero_grad()
