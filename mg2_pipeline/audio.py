@@ -79,21 +79,24 @@ class LogMelSpectrogram(nn.Module):
 
 
 def multi_resolution_stft_distance(
-    estimate: torch.Tensor, reference: torch.Tensor, resolutions: tuple[tuple[int, int], ...]
+    estimate: torch.Tensor, reference: torch.Tensor, resolutions: tuple[tuple[int, int], ...], per_item: bool = True
 ) -> torch.Tensor:
-    """Per item of `(batch, samples)`: spectral convergence plus log-magnitude L1 between the STFTs of `estimate` and
-    `reference`, averaged over `resolutions` (`(n_fft, hop_length)` pairs, Hann windows): Parallel WaveGAN's
-    multi-resolution STFT loss. A waveform whose phases disagree across frames differs at every resolution but the
-    one it was built at. 0 when the two are equal."""
+    """Spectral convergence plus log-magnitude L1 between the STFTs of `estimate` and `reference` `(batch, samples)`,
+    averaged over `resolutions` (`(n_fft, hop_length)` pairs, Hann windows): Parallel WaveGAN's multi-resolution STFT
+    loss. A waveform whose phases disagree across frames differs at every resolution but the one it was built at.
+
+    Per item (`(batch,)`, 0 where the two are equal), or as a training loss (`per_item=False`, a scalar): spectral
+    convergence over the whole batch, so a silent crop cannot divide by its own near-zero norm."""
     distances = []
+    dims = (1, 2) if per_item else (0, 1, 2)
     for n_fft, hop_length in resolutions:
         stft = dict(n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft, device=estimate.device))
         estimated = torch.stft(estimate.float(), return_complex=True, **stft).abs()
         real = torch.stft(reference.float(), return_complex=True, **stft).abs()
-        convergence = torch.linalg.norm(real - estimated, dim=(1, 2)) / torch.linalg.norm(real, dim=(1, 2)).clamp(
-            min=LOG_FLOOR
-        )
-        log_magnitude = (real.clamp(min=LOG_FLOOR).log() - estimated.clamp(min=LOG_FLOOR).log()).abs().mean((1, 2))
+        convergence = torch.linalg.vector_norm(real - estimated, dim=dims) / torch.linalg.vector_norm(
+            real, dim=dims
+        ).clamp(min=LOG_FLOOR)
+        log_magnitude = (real.clamp(min=LOG_FLOOR).log() - estimated.clamp(min=LOG_FLOOR).log()).abs().mean(dims)
         distances.append(convergence + log_magnitude)
     return torch.stack(distances).mean(0)
 

@@ -4,7 +4,14 @@ import pytest
 import soundfile
 import torch
 
-from mg2_pipeline.audio import LogMelSpectrogram, encode_flac, load_audio, save_audio
+from mg2_pipeline import VocosVocoder
+from mg2_pipeline.audio import (
+    LogMelSpectrogram,
+    encode_flac,
+    load_audio,
+    multi_resolution_stft_distance,
+    save_audio,
+)
 
 
 def test_log_mel_matches_audioldm_front_end_reference():
@@ -61,3 +68,45 @@ def test_unreadable_audio_raises_value_error(tmp_path):
         load_audio(tmp_path / "noise.wav")
     with pytest.raises(ValueError, match="Unreadable audio"):
         load_audio(b"\x00\x01garbage")
+
+
+def harmonic_tone(seconds: float = 1.0) -> torch.Tensor:
+    time = torch.arange(int(16000 * seconds)) / 16000
+    return sum(torch.sin(2 * torch.pi * 220 * k * time) / k for k in range(1, 6)) * 0.2
+
+
+def test_stft_distance_is_zero_for_the_same_audio_and_sees_phase_the_magnitudes_hide():
+    resolutions = ((128, 32), (256, 64), (4096, 1024))
+    tone = harmonic_tone()[None]
+    assert multi_resolution_stft_distance(tone, tone, resolutions).tolist() == [0.0]
+    # The same STFT magnitudes at the vocoders' resolution (1 024 / 160) with each frame's phases drawn at random.
+    stft = dict(n_fft=1024, hop_length=160, window=torch.hann_window(1024))
+    spectrum = torch.stft(tone, return_complex=True, **stft)
+    scrambled_phase = torch.polar(
+        spectrum.abs(), torch.rand(spectrum.shape, generator=torch.Generator().manual_seed(0)) * 6.3
+    )
+    scrambled = torch.istft(scrambled_phase, length=tone.shape[-1], **stft)
+    quieter = tone * 0.9
+    distances = multi_resolution_stft_distance(torch.cat([scrambled, quieter]), torch.cat([tone, tone]), resolutions)
+    assert distances.shape == (2,) and distances[0] > 2 * distances[1] > 0
+    # As a training loss: one scalar over the batch, finite with a silent reference crop.
+    silent_batch = torch.stack([tone[0], torch.zeros_like(tone[0])])
+    loss = multi_resolution_stft_distance(silent_batch + 1e-3, silent_batch, resolutions, per_item=False)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_vocos_vocoder_gives_frames_times_hop_samples_and_its_inverse_stft_inverts_the_analysis():
+    vocoder = VocosVocoder(dim=32, intermediate_dim=96, num_layers=2).eval()
+    log_mel = LogMelSpectrogram()(harmonic_tone())
+    with torch.no_grad():
+        batched = vocoder(torch.stack([log_mel, log_mel.flip(0)]))
+        single = vocoder(log_mel)
+    assert batched.shape == (2, 16000) and single.shape == (16000,)
+    torch.testing.assert_close(batched[0], single, rtol=0, atol=1e-5)
+    # Framed as LogMelSpectrogram frames (reflect padding, no centring), the overlap-add gives the waveform back.
+    tone, n_fft, hop = harmonic_tone()[None], 640, 160
+    padded = torch.nn.functional.pad(tone[:, None], ((n_fft - hop) // 2,) * 2, mode="reflect")[:, 0]
+    spectrum = torch.stft(padded, n_fft, hop, window=torch.hann_window(n_fft), center=False, return_complex=True)
+    torch.testing.assert_close(vocoder.inverse_stft(spectrum.transpose(1, 2)), tone, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"spectrogram must have shape \(batch, frames, 64\)"):
+        vocoder(torch.zeros(1, 10, 80))

@@ -70,7 +70,7 @@ from mg2_pipeline.data import LatentCrop, data_files, load_mg2_dataset, write_sh
 from mg2_pipeline.hub import write_model_card
 from mg2_pipeline.melody import Melody
 from mg2_pipeline.pipeline_mg2 import CONDITIONS
-from mg2_pipeline.presets import build_pipeline
+from mg2_pipeline.presets import build_pipeline, load_vocoder
 from mg2_pipeline.retrieval import clmp_fingerprint
 
 logger = get_logger(__name__)
@@ -87,6 +87,9 @@ def parse_args(argv=None):
         "--retriever", default=None, help="Replace the pipeline's retriever with this build_index.py folder."
     )
     parser.add_argument("--vae", default=None, help="Replace the pipeline's VAE with this train_vae.py folder.")
+    parser.add_argument(
+        "--vocoder", default=None, help="Replace the pipeline's vocoder with this train_vocoder.py folder."
+    )
     parser.add_argument("--condition", default="text_melody", choices=CONDITIONS)
     parser.add_argument(
         "--aligned_melody",
@@ -456,6 +459,8 @@ def main(argv=None):
         parts["retriever"] = MelodyRetriever.from_pretrained(args.retriever)
     if args.vae:
         parts["vae"] = AutoencoderKL.from_pretrained(args.vae)
+    if args.vocoder:
+        parts["vocoder"] = load_vocoder(args.vocoder)
     pipe = MG2Pipeline(
         **parts,
         condition=args.condition,

@@ -200,7 +200,7 @@ def main(argv=None):
             mel_loss = F.l1_loss(mel_transform(fake), mel)
             g_loss = args.mel_weight * mel_loss
             if args.stft_weight:
-                stft_loss = multi_resolution_stft_distance(fake, real, STFT_LOSS_RESOLUTIONS).mean()
+                stft_loss = multi_resolution_stft_distance(fake, real, STFT_LOSS_RESOLUTIONS, per_item=False)
                 g_loss = g_loss + args.stft_weight * stft_loss
             if adversarial:
                 outputs = discriminators(real, fake)
