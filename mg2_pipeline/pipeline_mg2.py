@@ -41,6 +41,7 @@ from .hub import describe_pipeline, push_folder, write_model_card
 from .melody import Melody
 from .retrieval import GuidingMelody, MelodyRetriever
 from .vocoder import GriffinLimVocoder
+from .vocos_vocoder import VocosVocoder
 
 logger = logging.get_logger(__name__)
 
@@ -246,7 +247,7 @@ class MG2Pipeline(DiffusionPipeline):
             `text_attention`, by cross-attention to the prompt's token states from CLMP's text tower.
         scheduler: any diffusers scheduler (default `DPMSolverMultistepScheduler`).
         vae (`AutoencoderKL`): 1-channel log-mel images ↔ latents.
-        vocoder (`SpeechT5HifiGan` or `GriffinLimVocoder`): log-mel → waveform.
+        vocoder (`GriffinLimVocoder`, `VocosVocoder` or `SpeechT5HifiGan`): log-mel → waveform.
     Setting:
         condition: "text_melody" (MG2), or "text" for the text-only ablation, whose melody half is the text embedding again.
         aligned_melody: how the melody reaches the UNet in time (see `ALIGNED_MELODY`), None for the pooled condition only.
@@ -266,7 +267,7 @@ class MG2Pipeline(DiffusionPipeline):
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
         vae: AutoencoderKL,
-        vocoder: GriffinLimVocoder | SpeechT5HifiGan,
+        vocoder: GriffinLimVocoder | VocosVocoder | SpeechT5HifiGan,
         condition: str = "text_melody",
         aligned_melody: str | None = None,
         text_attention: bool = False,

@@ -311,7 +311,7 @@ def load_pipeline(model: str, device: str | None = None, **kwargs):
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def vocoder_config(name: str) -> dict:
+def hifigan_config(name: str) -> dict:
     """`SpeechT5HifiGanConfig` kwargs: 64 log-mel bins in, ×160 up (10 ms hop), 16 kHz out — AudioLDM's vocoder
     interface. `small` is a CPU-trainable HiFi-GAN (128 initial channels); `paper` is AudioLDM's (1024)."""
     widths = {

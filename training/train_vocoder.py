@@ -38,7 +38,7 @@ from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 from mg2_pipeline import VocosVocoder
 from mg2_pipeline.audio import HOP_LENGTH, LogMelSpectrogram, multi_resolution_stft_distance
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
-from mg2_pipeline.presets import PIPELINE_PRESETS, vocoder_config, vocos_config
+from mg2_pipeline.presets import PIPELINE_PRESETS, hifigan_config, vocos_config
 
 logger = get_logger(__name__)
 # Resolutions of the STFT loss; training/evaluate.py judges vocoders at others, so the loss is not the measure.
@@ -152,7 +152,7 @@ def main(argv=None):
     if args.architecture == "vocos":
         generator = VocosVocoder(**vocos_config(args.preset))
     else:
-        generator = SpeechT5HifiGan(SpeechT5HifiGanConfig(**vocoder_config(args.preset)))
+        generator = SpeechT5HifiGan(SpeechT5HifiGanConfig(**hifigan_config(args.preset)))
     mel_transform = LogMelSpectrogram().to(accelerator.device)
     frames = int(round(args.segment_seconds * 100))
     samples = frames * HOP_LENGTH
