@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from evaluate import chroma_peaks, mel_accuracy, stft_distance  # noqa: E402
 
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, load_audio  # noqa: E402
-from mg2_pipeline.audio import SAMPLE_RATE  # noqa: E402
+from mg2_pipeline.audio import HOP_LENGTH, SAMPLE_RATE  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
 from mg2_pipeline.presets import load_vocoder  # noqa: E402
 
@@ -50,12 +50,14 @@ def conditioning(vocoder, mels: torch.Tensor) -> float:
 def measure(vocoder, name: str, mels: list[torch.Tensor], clips: list[np.ndarray], to_mel) -> dict:
     start, waveforms = time.perf_counter(), []
     for mel in tqdm(mels, desc=name, unit="clip"):
-        waveforms.append(vocoder(mel[None])[0])
+        waveforms.append(vocoder(mel[None])[0][: mel.shape[0] * HOP_LENGTH])  # a HiFi-GAN gives a few samples more
     seconds = (time.perf_counter() - start) / len(mels)
     noise_generator = torch.Generator().manual_seed(0)
     changes = [
         (
-            (vocoder((mel + 2e-6 * torch.randn(mel.shape, generator=noise_generator))[None])[0] - w).abs().max()
+            (vocoder((mel + 2e-6 * torch.randn(mel.shape, generator=noise_generator))[None])[0][: len(w)] - w)
+            .abs()
+            .max()
             / w.abs().max()
         ).item()
         for mel, w in zip(mels, waveforms)

@@ -78,6 +78,16 @@ class LogMelSpectrogram(nn.Module):
         return log_mel.reshape(*batch_shape, *log_mel.shape[-2:])
 
 
+def log_mel_batch(spectrogram: torch.Tensor, num_mels: int) -> tuple[torch.Tensor, bool]:
+    """A vocoder's input as `(batch, frames, num_mels)`, and whether it came unbatched `(frames, num_mels)`."""
+    unbatched = spectrogram.ndim == 2
+    if unbatched:
+        spectrogram = spectrogram.unsqueeze(0)
+    if spectrogram.ndim != 3 or spectrogram.shape[-1] != num_mels:
+        raise ValueError(f"spectrogram must have shape (batch, frames, {num_mels}), got {tuple(spectrogram.shape)}.")
+    return spectrogram, unbatched
+
+
 def multi_resolution_stft_distance(
     estimate: torch.Tensor, reference: torch.Tensor, resolutions: tuple[tuple[int, int], ...], per_item: bool = True
 ) -> torch.Tensor:

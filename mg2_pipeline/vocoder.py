@@ -12,7 +12,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from .audio import F_MAX, F_MIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH
+from .audio import F_MAX, F_MIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH, log_mel_batch
 
 
 class GriffinLimVocoder(ModelMixin, ConfigMixin):
@@ -60,13 +60,7 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         """Log-mel `(batch, frames, model_in_dim)` or `(frames, model_in_dim)` → waveform in the input's dtype."""
-        unbatched = spectrogram.ndim == 2
-        if unbatched:
-            spectrogram = spectrogram.unsqueeze(0)
-        if spectrogram.ndim != 3 or spectrogram.shape[-1] != self.config.model_in_dim:
-            raise ValueError(
-                f"spectrogram must have shape (batch, frames, {self.config.model_in_dim}), got {tuple(spectrogram.shape)}."
-            )
+        spectrogram, unbatched = log_mel_batch(spectrogram, self.config.model_in_dim)
         waveform = torch.stack([self.invert(item) for item in spectrogram.double()]).to(spectrogram.dtype)
         return waveform[0] if unbatched else waveform
 

@@ -14,7 +14,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from .audio import HOP_LENGTH, N_MELS, SAMPLE_RATE
+from .audio import HOP_LENGTH, N_MELS, SAMPLE_RATE, log_mel_batch
 
 
 class ConvNeXtBlock(nn.Module):
@@ -67,13 +67,7 @@ class VocosVocoder(ModelMixin, ConfigMixin):
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         """Log-mel `(batch, frames, model_in_dim)` or `(frames, model_in_dim)` → waveform in the input's dtype."""
-        unbatched = spectrogram.ndim == 2
-        if unbatched:
-            spectrogram = spectrogram.unsqueeze(0)
-        if spectrogram.ndim != 3 or spectrogram.shape[-1] != self.config.model_in_dim:
-            raise ValueError(
-                f"spectrogram must have shape (batch, frames, {self.config.model_in_dim}), got {tuple(spectrogram.shape)}."
-            )
+        spectrogram, unbatched = log_mel_batch(spectrogram, self.config.model_in_dim)
         hidden = self.norm(self.embed(spectrogram.transpose(1, 2)).transpose(1, 2)).transpose(1, 2)
         for block in self.blocks:
             hidden = block(hidden)
