@@ -9,7 +9,7 @@ The HiFi-GAN recipe, which Vocos trains with too: multi-period (periods 2, 3, 5,
 discriminators, least-squares adversarial losses, feature matching (×2) and mel L1 (×45); AdamW 2e-4, betas
 (0.8, 0.99). `--stft_weight` adds Parallel WaveGAN's multi-resolution STFT loss (STFTs of 512, 1024 and 2048 samples),
 which constrains phase where the discriminators have not yet learnt to; `--adversarial_weight 0` trains without the
-discriminators (what a CPU budget affords: they cost more than a Vocos generator and pay only after many steps).
+discriminators, what a CPU budget affords (their cost: `docs/training.md`).
 """
 
 from __future__ import annotations
