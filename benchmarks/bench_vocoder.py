@@ -9,7 +9,8 @@ after the VAE (encode, decode: the codec):
 - STFT distance: multi-resolution STFT distance to the real waveform (`training/evaluate.py`'s, at STFTs of 128,
   256 and 4 096 samples, which neither the vocoders' own STFT nor the vocoder's training loss use). It sees phase:
   frames whose phases disagree smear and beat. 0 is the real audio; the floor is another clip.
-- log-mel L1: mean absolute difference between the clip's log-mel and that of its vocoded waveform.
+- log-mel L1: mean absolute difference between the vocoder's input (the clip's log-mel, or the VAE's decoded one)
+  and the log-mel of its waveform: how well it draws what it is given.
 - Mel acc: chroma peaks against the real clip's (`training/evaluate.py`); the ceiling is 1, the floor another clip.
 - batched vs single: largest difference between vocoding 4 clips as a batch and one by one, relative to the peak.
 - after 2e-6 log-mel noise: the waveform's largest change relative to its peak, the median over clips (a UNet's

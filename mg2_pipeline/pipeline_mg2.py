@@ -479,7 +479,7 @@ class MG2Pipeline(DiffusionPipeline):
 
     @property
     def hop_length(self) -> int:
-        """Waveform samples per mel frame (a HiFi-GAN's upsampling product, or the Griffin-Lim hop)."""
+        """Waveform samples per mel frame (a HiFi-GAN's upsampling product, or the vocoder's `hop_length`)."""
         config = self.vocoder.config
         return int(config.hop_length if hasattr(config, "hop_length") else np.prod(config.upsample_rates))
 

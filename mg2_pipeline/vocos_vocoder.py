@@ -2,8 +2,9 @@
 
 ConvNeXt blocks at the mel frame rate predict each frame's STFT magnitude and phase; an inverse STFT turns them into
 the waveform. Nothing runs at the sample rate, so it is far cheaper than a HiFi-GAN of the same width. It has the call
-signature of transformers' `SpeechT5HifiGan` and of `GriffinLimVocoder` — a log-mel `(batch, frames, 64)` or
-`(frames, 64)` in, a waveform `(batch, frames × hop_length)` or `(samples,)` out — so a pipeline takes any of the three.
+signature of transformers' `SpeechT5HifiGan` and of `GriffinLimVocoder` (a log-mel `(batch, frames, 64)` or
+`(frames, 64)` in, a waveform `(batch, frames × hop_length)` or `(samples,)` out), so a pipeline takes any of the
+three.
 Train it with `training/train_vocoder.py --architecture vocos`.
 """
 
@@ -54,8 +55,12 @@ class VocosVocoder(ModelMixin, ConfigMixin):
         num_layers: int = 8,
     ):
         super().__init__()
-        if n_fft < hop_length or (n_fft - hop_length) % 2:
-            raise ValueError(f"n_fft must be at least hop_length and differ from it by an even number, got {n_fft}.")
+        if n_fft < 2 * hop_length or (n_fft - hop_length) % 2:
+            # Below 2 × hop_length the Hann windows' overlap-add has near-zero gaps to divide by.
+            raise ValueError(
+                f"n_fft must be at least 2 × hop_length ({2 * hop_length}) and differ from hop_length by an even "
+                f"number, got {n_fft}."
+            )
         self.embed = nn.Conv1d(model_in_dim, dim, kernel_size=7, padding=3)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.blocks = nn.ModuleList(
@@ -82,9 +87,10 @@ class VocosVocoder(ModelMixin, ConfigMixin):
         n_fft, hop = self.config.n_fft, self.config.hop_length
         frames = spectrum.shape[1]
         length = (frames - 1) * hop + n_fft
-        segments = torch.fft.irfft(spectrum, n=n_fft, dim=-1) * self.window  # (batch, frames, n_fft)
+        window = self.window.float()  # in half precision the normaliser's floor would round to 0
+        segments = torch.fft.irfft(spectrum, n=n_fft, dim=-1) * window  # (batch, frames, n_fft)
         fold = dict(output_size=(1, length), kernel_size=(1, n_fft), stride=(1, hop))
         waveform = nn.functional.fold(segments.transpose(1, 2), **fold)[:, 0, 0]
-        envelope = nn.functional.fold(self.window.square().expand(1, frames, -1).transpose(1, 2), **fold)[0, 0, 0]
+        envelope = nn.functional.fold(window.square().expand(1, frames, -1).transpose(1, 2), **fold)[0, 0, 0]
         trim = (n_fft - hop) // 2
         return (waveform / envelope.clamp(min=1e-11))[:, trim : length - trim]

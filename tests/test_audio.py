@@ -89,10 +89,11 @@ def test_stft_distance_is_zero_for_the_same_audio_and_sees_phase_the_magnitudes_
     quieter = tone * 0.9
     distances = multi_resolution_stft_distance(torch.cat([scrambled, quieter]), torch.cat([tone, tone]), resolutions)
     assert distances.shape == (2,) and distances[0] > 2 * distances[1] > 0
-    # As a training loss: one scalar over the batch, finite with a silent reference crop.
+    # As a training loss: one scalar over the batch, which a silent reference crop does not blow up (per crop it does).
     silent_batch = torch.stack([tone[0], torch.zeros_like(tone[0])])
     loss = multi_resolution_stft_distance(silent_batch + 1e-3, silent_batch, resolutions, per_item=False)
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    per_crop = multi_resolution_stft_distance(silent_batch + 1e-3, silent_batch, resolutions).mean()
+    assert loss.ndim == 0 and loss < 1 and per_crop > 1000
 
 
 def test_vocos_vocoder_gives_frames_times_hop_samples_and_its_inverse_stft_inverts_the_analysis():

@@ -549,6 +549,24 @@ def test_vocoder_training_resumes_and_the_result_is_a_pipeline_vocoder(tiny_data
     assert json.loads((resumed / "training_summary.json").read_text())["steps"] == 4
     weights = "diffusion_pytorch_model.safetensors" if architecture == "vocos" else "model.safetensors"
     assert_same_weights(output_dir, resumed, weights)
+    # Resumed with the discriminators switched (on for the Vocos run, off for the HiFi-GAN's): refused by name.
+    switched = "1" if architecture == "vocos" else "0"
+    command, env = accelerate_command(
+        script,
+        *common,
+        "--max_train_steps",
+        "4",
+        "--output_dir",
+        str(resumed),
+        "--resume_from_checkpoint",
+        "latest",
+        "--adversarial_weight",
+        switched,
+    )
+    refused = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=SUBPROCESS_TIMEOUT
+    )
+    assert refused.returncode != 0 and "adversarial" in refused.stdout + refused.stderr
 
     vocoder = load_vocoder(str(output_dir))
     assert isinstance(vocoder, VocosVocoder) == (architecture == "vocos")

@@ -34,6 +34,8 @@ classifier fitted on real train-split clips only (logistic regressions on timbre
 - **accompaniment**: how often the output sounds accompanied when its caption names accompaniment, and when not.
 - **onset clicks**: on audio that follows the given melody, the 2–8 kHz burst at its note onsets relative to the
   clip's power, the median over clips (lower is cleaner).
+The codec rows add an **STFT distance** to the real waveform at STFT sizes no vocoder is built or trained at, which
+sees phase (`HEARD_STFT_RESOLUTIONS`).
 FAD is computed on the CLMP audio tower and on a training-free spectral feature; VGGish/PANNs FAD as in the
 paper needs their weights (run `fadtk`/`audioldm_eval` on the WAVs `--save_audio` writes). Small N biases
 FAD upward: compare rows, not papers.
@@ -82,8 +84,9 @@ TEMPO_TOLERANCE = 0.15
 MEL_ACC_HOP = 256
 _HIGHPASS = scipy.signal.butter(2, 261.2, btype="highpass", fs=SAMPLE_RATE, output="sos")
 _MEL = LogMelSpectrogram()
-# Unlike the vocoders' own STFT (1 024 / 160) and the vocoder's training loss (512 to 2 048): phases that disagree
-# between frames smear transients in short windows and beat in long ones, which no magnitude at 1 024 shows.
+# Unlike the mel analysis (1 024 / 160), Vocos' frames (640 / 160) and the vocoder's training loss (512 to 2 048):
+# phases that disagree between frames smear transients in short windows and beat in long ones, which no magnitude at
+# 1 024 shows.
 HEARD_STFT_RESOLUTIONS = ((128, 32), (256, 64), (4096, 1024))
 
 

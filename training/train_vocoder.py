@@ -2,7 +2,7 @@
 """Train a vocoder from MG2 log-mels to 16 kHz audio: a Vocos (`VocosVocoder`, ConvNeXt blocks at the frame rate and an
 inverse STFT) or a HiFi-GAN (transformers' `SpeechT5HifiGan`, AudioLDM's vocoder class).
 
-    accelerate launch training/train_vocoder.py --config training/configs/small.yaml --output_dir checkpoints/vocoder-small
+    accelerate launch training/train_vocoder.py --config training/configs/small.yaml --output_dir checkpoints/vocoder
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 training/train_vocoder.py ...
 
 The HiFi-GAN recipe, which Vocos trains with too: multi-period (periods 2, 3, 5, 7, 11) and multi-scale (3 scales)
@@ -63,6 +63,8 @@ def parse_args(argv=None):
     )
     parser.add_argument("--stft_weight", type=float, default=0.0, help="Multi-resolution STFT loss weight.")
     args = parse_arguments(parser, argv, __file__, positive=("train_batch_size", "max_train_steps"))
+    if args.architecture not in ("vocos", "hifigan"):  # a config file's value skips argparse's choices
+        parser.error(f"--architecture must be vocos or hifigan, got {args.architecture!r}")
     for name in ("mel_weight", "feature_matching_weight", "adversarial_weight", "stft_weight"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -166,7 +168,9 @@ def main(argv=None):
 
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.segment_seconds, random_crop=True, seed=args.seed)
-    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vocoder", logger)
+    # A resumed run must build the same models: a checkpoint without discriminators cannot feed them.
+    recipe = {"architecture": args.architecture, "adversarial": adversarial}
+    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vocoder", logger, recipe)
     logger.info(
         f"***** Training the {args.preset} {args.architecture}: generator "
         f"{sum(p.numel() for p in generator.parameters()) / 1e6:.2f} M parameters, discriminators "
@@ -183,7 +187,6 @@ def main(argv=None):
             mel = batch["log_mel"][:, :frames].to(accelerator.device)
             fake = generator(mel)[:, :samples]
 
-            d_loss = torch.zeros((), device=accelerator.device)
             if adversarial:
                 # Discriminators: real → 1, generated → 0 (least squares).
                 d_loss = sum(
@@ -218,13 +221,11 @@ def main(argv=None):
             progress.add_samples(len(real))
             global_step += 1
             mel_losses.append(mel_loss.item())
-            logs = {
-                "mel_l1": mel_loss.item(),
-                "generator_loss": g_loss.item(),
-                "discriminator_loss": d_loss.item(),
-                "samples_per_second": progress.samples_per_second(),
-            }
-            progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch)
+            logs = {"mel_l1": mel_loss.item(), "generator_loss": g_loss.item()}
+            if adversarial:
+                logs["discriminator_loss"] = d_loss.item()
+            logs["samples_per_second"] = progress.samples_per_second()
+            progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch, **recipe)
             if global_step >= args.max_train_steps:
                 break
         else:

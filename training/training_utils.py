@@ -123,9 +123,12 @@ def save_checkpoint(
     return final
 
 
-def resume(accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None) -> dict:
+def resume(
+    accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None, recipe: dict | None = None
+) -> dict:
     """Load `resume_from_checkpoint` (a folder, or `latest` in `output_dir`) and return its training state
-    plus `checkpoint` (its path); `{}` when there is nothing to resume."""
+    plus `checkpoint` (its path); `{}` when there is nothing to resume. A setting of `recipe` that the checkpoint saved
+    with another value is refused before anything loads."""
     if not resume_from_checkpoint:
         return {}
     path = resume_from_checkpoint
@@ -134,9 +137,16 @@ def resume(accelerator: Accelerator, output_dir: str, resume_from_checkpoint: st
         if not existing:
             return {}
         path = existing[-1]
-    accelerator.load_state(path)
     with open(os.path.join(path, "training_state.json")) as handle:
-        return {**json.load(handle), "checkpoint": path}
+        state = json.load(handle)
+    for key, value in (recipe or {}).items():
+        if key in state and state[key] != value:
+            raise SystemExit(
+                f"{path} was trained with {key}={state[key]!r}, this run has {value!r}: resume with the same "
+                "settings, or start a new --output_dir."
+            )
+    accelerator.load_state(path)
+    return {**state, "checkpoint": path}
 
 
 class NonFiniteLossGuard:
@@ -282,9 +292,10 @@ def create_accelerator(args, gradient_accumulation_steps: int = 1) -> Accelerato
     return accelerator
 
 
-def start_run(accelerator: Accelerator, args, name: str, logger) -> tuple[int, int, int]:
-    """Resume if asked, start the trackers; returns `(global_step, epoch, batches_in_epoch)`."""
-    state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+def start_run(accelerator: Accelerator, args, name: str, logger, recipe: dict | None = None) -> tuple[int, int, int]:
+    """Resume if asked, start the trackers; returns `(global_step, epoch, batches_in_epoch)`. `recipe`: settings a
+    resumed run must share with its checkpoint (save them with it: `TrainingProgress.end_step(..., **recipe)`)."""
+    state = resume(accelerator, args.output_dir, args.resume_from_checkpoint, recipe)
     if state:
         logger.info(f"Resumed from {state['checkpoint']} at step {state['global_step']}")
     if accelerator.is_main_process:
