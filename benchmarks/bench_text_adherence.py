@@ -12,12 +12,14 @@ family; Mel acc compares chroma peaks with the real clip's; onset clicks are `ev
 The real clips and the codec give the ceilings and real clips scored against another clip's family and melody the
 floor, in the same run. `--guidance_scales 3 8 7:5` measures each checkpoint at several text (and melody) guidance
 scales; `--checkpoints checkpoint-1600` only some checkpoints; `--steps 25` samples with 25 steps instead of the
-pipeline's default.
+pipeline's default; `--sketch_envelopes 10:10 40:50` renders the melody sketch that guides generation with each of
+these attack and release times in milliseconds instead of the default's.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -32,6 +34,7 @@ from evaluate import Bench, chroma_peaks, codec_rows, generate, instrument_promp
 from sound_measures import FAMILIES, SoundClassifier, family_of, onset_click_energy, timbre_features  # noqa: E402
 
 from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
+from mg2_pipeline import melody as melody_module  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
 
 
@@ -71,6 +74,12 @@ def main(argv=None):
         help="Guidance settings to measure each checkpoint at: TEXT or TEXT:MELODY scales (default: evaluate.py's).",
     )
     parser.add_argument("--steps", type=int, default=None, help="Sampling steps (default: the pipeline's).")
+    parser.add_argument(
+        "--sketch_envelopes",
+        nargs="+",
+        default=None,
+        help="Attack and release of the guiding sketch's notes, ATTACK_MS:RELEASE_MS (default: the pipeline's).",
+    )
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: guidance, seeds
@@ -79,6 +88,12 @@ def main(argv=None):
         tuple(float(scale) for scale in (text.split(":") if ":" in text else (text, settings.melody_guidance_scale)))
         for text in args.guidance_scales or [str(settings.guidance_scale)]
     ]
+    default_envelope = (melody_module.PLAIN_SKETCH_ATTACK_S * 1000, melody_module.PLAIN_SKETCH_RELEASE_S * 1000)
+    envelopes = [
+        tuple(float(ms) for ms in text.split(":")) for text in args.sketch_envelopes or ["%g:%g" % default_envelope]
+    ]
+    if not all(len(envelope) == 2 and min(envelope) > 0 for envelope in envelopes):
+        raise SystemExit(f"--sketch_envelopes takes ATTACK_MS:RELEASE_MS pairs above 0, got {args.sketch_envelopes}.")
 
     pipe = MG2Pipeline.from_pretrained(args.run)
     pipe.set_progress_bar_config(disable=True)
@@ -127,9 +142,16 @@ def main(argv=None):
     for name in checkpoints:
         load_ema_weights(pipe, os.path.join(args.run, name))
         melodies = None if pipe.config.condition == "text" else bench.melodies
-        for text_scale, melody_scale in guidance:
+        for (text_scale, melody_scale), (attack_ms, release_ms) in itertools.product(guidance, envelopes):
             settings.guidance_scale, settings.melody_guidance_scale = text_scale, melody_scale
-            row = name if len(guidance) == 1 else f"{name}, guidance {text_scale:g} / {melody_scale:g}"
+            # The pipeline renders the plain sketch with these module settings, read at each call.
+            melody_module.PLAIN_SKETCH_ATTACK_S, melody_module.PLAIN_SKETCH_RELEASE_S = (
+                attack_ms / 1000,
+                release_ms / 1000,
+            )
+            row = name
+            row += f", guidance {text_scale:g} / {melody_scale:g}" if len(guidance) > 1 else ""
+            row += f", sketch attack / release {attack_ms:g} / {release_ms:g} ms" if len(envelopes) > 1 else ""
             waveforms, _ = generate(pipe, bench, settings, melodies=melodies, prompts=prompts["own"], desc=row)
             results[row] = measure(waveforms)
             print(f"{row}: {results[row]}")

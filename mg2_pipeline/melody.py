@@ -31,6 +31,13 @@ MAX_MELODY_SECONDS = 600.0
 MAX_NOTES = 10_000
 MAX_MELODY_TEXT_CHARACTERS = 200_000  # 10 000 notes as tokens
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+# The melody sketch's envelope. Training draws each clip's attack and release from these ranges (`timbre_seed`); the
+# plain sketch that guides generation takes their centre: with 10 ms fades, the sharp end of the ranges, the generated
+# audio clicked at every note change.
+SKETCH_ATTACK_RANGE_S = (0.002, 0.08)
+SKETCH_RELEASE_RANGE_S = (0.005, 0.1)
+PLAIN_SKETCH_ATTACK_S = 0.04
+PLAIN_SKETCH_RELEASE_S = 0.05
 # The vocabulary has pitch tokens for octaves -1..9 (C-1 = MIDI 0 ... B9 = 131); only 0..127 are MIDI pitches.
 MAX_MIDI_PITCH = 127
 
@@ -593,8 +600,9 @@ class Melody:
         """The melody as harmonic tones, `num_samples` float32 samples; notes past the end are cut. This is the
         "melody sketch" MG2's aligned condition is made from.
 
-        By default every partial k has amplitude 1/k and every note 10 ms fades. With `timbre_seed` the sound is drawn
-        at random, one sound for the whole melody: the partials' spectral tilt and gains, the attack, decay and release.
+        By default every partial k has amplitude 1/k, every note a 40 ms attack and a 50 ms release. With `timbre_seed`
+        the sound is drawn at random, one sound for the whole melody: the partials' spectral tilt and gains, the attack,
+        decay and release.
         Training renders each clip's sketch with a seed of its own, which makes the sketch's sound uninformative: the
         UNet can take pitch and timing from it, but has to draw the instrument the text names.
         """
@@ -602,12 +610,12 @@ class Melody:
         _check_count("num_samples", num_samples, int(MAX_MELODY_SECONDS * sample_rate))
         _check_count("harmonics", harmonics, 64)
         partials = np.arange(1, harmonics + 1)
-        gains, attack_s, release_s, decay_per_s = 1.0 / partials, 0.01, 0.01, 0.0
+        gains, attack_s, release_s, decay_per_s = 1.0 / partials, PLAIN_SKETCH_ATTACK_S, PLAIN_SKETCH_RELEASE_S, 0.0
         if timbre_seed is not None:
             rng = np.random.default_rng(timbre_seed)
             gains = partials ** -rng.uniform(0.3, 2.5) * rng.uniform(0.2, 1.0, harmonics)
             gains[0] = max(gains[0], gains.max() * 0.5)  # the fundamental stays audible: it carries the pitch
-            attack_s, release_s = rng.uniform(0.002, 0.08), rng.uniform(0.005, 0.1)
+            attack_s, release_s = rng.uniform(*SKETCH_ATTACK_RANGE_S), rng.uniform(*SKETCH_RELEASE_RANGE_S)
             decay_per_s = rng.choice([0.0, rng.uniform(0.5, 4.0)])
         audio = np.zeros(num_samples, dtype=np.float64)
         for pitch, onset, offset in self.notes:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from mg2_pipeline.melody import (
     MELODY_VOCAB,
     MELODY_VOCAB_SIZE,
+    SKETCH_RELEASE_RANGE_S,
     Melody,
     bin_to_seconds,
     encode_melody_tokens,
@@ -306,6 +307,27 @@ def test_a_random_timbre_keeps_pitch_and_time_and_changes_only_the_sound():
     spectra = [np.abs(np.fft.rfft(audio[8000:24000]))[[440, 880, 1320, 1760]] for audio in [plain] + sounds]
     partials = [spectrum / spectrum[0] for spectrum in spectra]
     assert min(np.abs(a - b).max() for i, a in enumerate(partials) for b in partials[:i]) > 0.05  # every sound its own
+
+
+def test_the_plain_sketch_starts_and_ends_its_notes_like_a_typical_training_sketch():
+    # Generation is guided by the plain sketch; training sees random envelopes. At their sharp end (10 ms fades) the
+    # generated audio clicked at every note change, so the plain sketch's must sit in the middle of training's.
+    melody = Melody.from_string("R:0.5 A4:1")
+    window = 80  # 5 ms: two periods of A4
+
+    def rise_and_fall_s(audio):
+        level = np.sqrt(np.convolve(audio.astype(np.float64) ** 2, np.ones(window) / window, mode="same"))
+        note = level[8000:24000]
+        rise = np.argmax(note >= 0.9 * note[:4000].max()) / 16000
+        fall = (len(note) - np.nonzero(note >= 0.9 * note[-4000:-2400].max())[0][-1]) / 16000
+        return rise, fall
+
+    plain_rise, plain_fall = rise_and_fall_s(melody.render_tones(32000))
+    random_rises = [rise_and_fall_s(melody.render_tones(32000, timbre_seed=seed))[0] for seed in range(40)]
+    assert np.percentile(random_rises, 25) <= plain_rise <= np.percentile(random_rises, 75)
+    low, high = SKETCH_RELEASE_RANGE_S
+    quartiles = low + (high - low) * np.array([0.25, 0.75])  # of the uniform release training draws
+    assert 0.9 * quartiles[0] <= plain_fall <= 0.9 * quartiles[1] + window / 16000
 
 
 def test_pitch_class_roll_marks_the_sounding_pitch_class_and_height():
