@@ -161,6 +161,22 @@ def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(
         pipe(prompt_embeds=pipe.encode_text(["a jig"], pipe.device), melody="G4:0.5", num_inference_steps=2)
 
 
+def test_a_cache_of_plain_sketches_is_keyed_on_their_envelope(tmp_path, monkeypatch):
+    import train_mg2
+
+    from mg2_pipeline.presets import build_pipeline
+
+    pipe = build_pipeline("tiny")
+    plain, random = (
+        train_mg2.parse_args(["--dataset", "user/tunes", "--output_dir", str(tmp_path), "--sketch_timbre", timbre])
+        for timbre in ("plain", "random")
+    )
+    keys = [train_mg2.latent_cache_dir(pipe, args) for args in (plain, random)]
+    monkeypatch.setattr(train_mg2, "PLAIN_SKETCH_RELEASE_S", 0.01)
+    # Sketches rendered with another envelope are another cache; random sketches do not use the plain envelope.
+    assert train_mg2.latent_cache_dir(pipe, plain) != keys[0] and train_mg2.latent_cache_dir(pipe, random) == keys[1]
+
+
 def test_the_latent_cache_is_built_once_per_key_and_holds_whole_clips(tiny_dataset, tiny_generator_parts, tmp_path):
     import pyarrow.parquet as pq
 

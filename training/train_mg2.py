@@ -68,7 +68,7 @@ from mg2_pipeline.conditioning import (
 )
 from mg2_pipeline.data import LatentCrop, data_files, load_mg2_dataset, write_shard
 from mg2_pipeline.hub import write_model_card
-from mg2_pipeline.melody import Melody
+from mg2_pipeline.melody import PLAIN_SKETCH_ATTACK_S, PLAIN_SKETCH_RELEASE_S, Melody
 from mg2_pipeline.pipeline_mg2 import CONDITIONS
 from mg2_pipeline.presets import build_pipeline, load_vocoder
 from mg2_pipeline.retrieval import clmp_fingerprint
@@ -189,7 +189,7 @@ def parse_args(argv=None):
 
 def latent_cache_dir(pipe, args) -> str:
     """`--latent_cache/KEY`: KEY hashes the VAE and CLMP weights, the index, the aligned-melody setting (and the sketch's
-    timbre), the text length and the dataset."""
+    timbre, and a plain sketch's envelope), the text length and the dataset."""
     files = data_files(args.dataset).get("train", []) if os.path.isdir(args.dataset) else []
     identity = {
         "vae": clmp_fingerprint(pipe.vae)["float16"],
@@ -201,6 +201,8 @@ def latent_cache_dir(pipe, args) -> str:
         "dataset": [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
         or args.dataset,
     }
+    if identity["sketch_timbre"] == "plain":  # a cache of plain sketches holds their envelope
+        identity["plain_sketch_envelope_s"] = [PLAIN_SKETCH_ATTACK_S, PLAIN_SKETCH_RELEASE_S]
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     if args.latent_cache:
         return os.path.join(args.latent_cache, key)
