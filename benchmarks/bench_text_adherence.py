@@ -88,15 +88,27 @@ def main(argv=None):
         tuple(float(scale) for scale in (text.split(":") if ":" in text else (text, settings.melody_guidance_scale)))
         for text in args.guidance_scales or [str(settings.guidance_scale)]
     ]
-    default_envelope = (melody_module.PLAIN_SKETCH_ATTACK_S * 1000, melody_module.PLAIN_SKETCH_RELEASE_S * 1000)
-    envelopes = [
-        tuple(float(ms) for ms in text.split(":")) for text in args.sketch_envelopes or ["%g:%g" % default_envelope]
-    ]
-    if not all(len(envelope) == 2 and min(envelope) > 0 for envelope in envelopes):
-        raise SystemExit(f"--sketch_envelopes takes ATTACK_MS:RELEASE_MS pairs above 0, got {args.sketch_envelopes}.")
+    envelopes = [(melody_module.PLAIN_SKETCH_ATTACK_S * 1000, melody_module.PLAIN_SKETCH_RELEASE_S * 1000)]
+    if args.sketch_envelopes:
+        try:
+            envelopes = [tuple(float(ms) for ms in text.split(":")) for text in args.sketch_envelopes]
+        except ValueError:
+            envelopes = []
+        if not envelopes or not all(
+            len(envelope) == 2 and all(0 < ms < 1000 for ms in envelope) for envelope in envelopes
+        ):
+            raise SystemExit(
+                f"--sketch_envelopes takes ATTACK_MS:RELEASE_MS pairs of milliseconds in (0, 1000), "
+                f"got {args.sketch_envelopes}."
+            )
 
     pipe = MG2Pipeline.from_pretrained(args.run)
     pipe.set_progress_bar_config(disable=True)
+    if args.sketch_envelopes and pipe.config.aligned_melody != "sketch":
+        raise SystemExit(
+            f"--sketch_envelopes: {args.run} is not guided by a melody sketch (aligned_melody "
+            f"{pipe.config.aligned_melody!r})."
+        )
     rows = [row for row, _ in zip(load_mg2_dataset(args.dataset, "test"), range(args.num_clips))]
     validation = [
         load_audio(row["audio"]["bytes"]) for row, _ in zip(load_mg2_dataset(args.dataset, "validation"), range(2))
@@ -139,6 +151,7 @@ def main(argv=None):
         raise SystemExit(
             f"{args.run} has no checkpoint-N folders: train with --checkpoints_total_limit large enough to keep them."
         )
+    plain_envelope_s = melody_module.PLAIN_SKETCH_ATTACK_S, melody_module.PLAIN_SKETCH_RELEASE_S
     for name in checkpoints:
         load_ema_weights(pipe, os.path.join(args.run, name))
         melodies = None if pipe.config.condition == "text" else bench.melodies
@@ -151,10 +164,11 @@ def main(argv=None):
             )
             row = name
             row += f", guidance {text_scale:g} / {melody_scale:g}" if len(guidance) > 1 else ""
-            row += f", sketch attack / release {attack_ms:g} / {release_ms:g} ms" if len(envelopes) > 1 else ""
+            row += f", sketch attack / release {attack_ms:g} / {release_ms:g} ms" if args.sketch_envelopes else ""
             waveforms, _ = generate(pipe, bench, settings, melodies=melodies, prompts=prompts["own"], desc=row)
             results[row] = measure(waveforms)
             print(f"{row}: {results[row]}")
+    melody_module.PLAIN_SKETCH_ATTACK_S, melody_module.PLAIN_SKETCH_RELEASE_S = plain_envelope_s
     lines = ["| audio | family acc ↑ | Mel acc ↑ | onset clicks ↓ |", "|---|---|---|---|"]
     lines += [
         f"| {name} | {r['family_accuracy']:.2f} | {r['mel_acc']:.3f} | "

@@ -600,10 +600,9 @@ class Melody:
         """The melody as harmonic tones, `num_samples` float32 samples; notes past the end are cut. This is the
         "melody sketch" MG2's aligned condition is made from.
 
-        By default every partial k has amplitude 1/k, every note a 40 ms attack and a 50 ms release. With `timbre_seed`
-        the sound is drawn at random, one sound for the whole melody: the partials' spectral tilt and gains, the attack,
-        decay and release.
-        Training renders each clip's sketch with a seed of its own, which makes the sketch's sound uninformative: the
+        By default every partial k has amplitude 1/k, every note a 40 ms attack and a 50 ms release. With
+        `timbre_seed` the sound is drawn at random, one sound for the whole melody: the partials' spectral tilt and
+        gains, the attack, decay and release. Training renders each clip's sketch with a seed of its own, which makes the sketch's sound uninformative: the
         UNet can take pitch and timing from it, but has to draw the instrument the text names.
         """
         _check_count("sample_rate", sample_rate, 384_000)
