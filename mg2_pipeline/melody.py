@@ -602,8 +602,9 @@ class Melody:
 
         By default every partial k has amplitude 1/k, every note a 40 ms attack and a 50 ms release. With
         `timbre_seed` the sound is drawn at random, one sound for the whole melody: the partials' spectral tilt and
-        gains, the attack, decay and release. Training renders each clip's sketch with a seed of its own, which makes the sketch's sound uninformative: the
-        UNet can take pitch and timing from it, but has to draw the instrument the text names.
+        gains, the attack, decay and release. Training renders each clip's sketch with a seed of its own, which makes
+        the sketch's sound uninformative: the UNet can take pitch and timing from it, but has to draw the instrument
+        the text names.
         """
         _check_count("sample_rate", sample_rate, 384_000)
         _check_count("num_samples", num_samples, int(MAX_MELODY_SECONDS * sample_rate))

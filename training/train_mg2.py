@@ -188,8 +188,8 @@ def parse_args(argv=None):
 
 
 def latent_cache_dir(pipe, args) -> str:
-    """`--latent_cache/KEY`: KEY hashes the VAE and CLMP weights, the index, the aligned-melody setting (and the sketch's
-    timbre, and a plain sketch's envelope), the text length and the dataset."""
+    """`--latent_cache/KEY`: KEY hashes the VAE and CLMP weights, the index, the aligned-melody setting (and the
+    sketch's timbre, and a plain sketch's envelope), the text length and the dataset."""
     files = data_files(args.dataset).get("train", []) if os.path.isdir(args.dataset) else []
     identity = {
         "vae": clmp_fingerprint(pipe.vae)["float16"],
