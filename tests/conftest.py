@@ -8,7 +8,7 @@ import pytest
 # Tests never reach a hub: everything they load is built here or shipped inside a package.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-# `make test` runs 3 workers on 2 cores: one compute thread each (and in the processes they start). Two threads per
+# `make test` runs 2 workers on 2 cores: one compute thread each (and in the processes they start). Two threads per
 # worker make the tiny models' many small ops wait on each other's spinning threads.
 # Each worker also keeps its own numba cache: two processes compiling librosa's cached gufuncs at once can write
 # mismatched cache files and segfault (numba/numba#10128), as on a fresh machine where no cache exists yet.
