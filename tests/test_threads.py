@@ -1,6 +1,5 @@
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,9 +15,13 @@ def test_runnable_elsewhere_counts_other_processes_threads_only():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_busy_process_is_seen():
-    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # The competitor says when its busy loop starts: from then on it is runnable at every sample, however slow the
+    # machine, so nothing here waits on the clock.
+    competitor = subprocess.Popen(
+        [sys.executable, "-c", "print('spinning', flush=True)\nwhile True: pass"], stdout=subprocess.PIPE, text=True
+    )
     try:
-        time.sleep(0.5)
+        assert competitor.stdout.readline().strip() == "spinning"
         assert threads.busy_elsewhere(samples=20) >= 0.5
     finally:
         competitor.kill()
