@@ -276,7 +276,9 @@ def streaming_dataloader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if shuffle_buffer_size > 0:
-        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        # One shard at a time feeds the buffer (the shard order is shuffled). More would read them in a thread pool
+        # that competes with training for the cores and that `datasets` waits 5 s after every pass to shut down.
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size, max_buffer_input_shards=1)
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     if skip_examples:
