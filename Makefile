@@ -24,9 +24,10 @@ install: $(INSTALLED)
 DATASET := data/mg2-folk
 SMALL := training/configs/small.yaml
 # accelerate trains on the GPU when there is one, else on the CPU; MG2's UNet then trains in bf16 autocast and its
-# latent cache is built in one process (forked workers are for CPU cores).
+# latent cache is built in one process (forked workers are for CPU cores). Without `--num_cpu_threads_per_process`
+# (or `--cpu`), accelerate sets OMP_NUM_THREADS=1 and a CPU run computes on one core.
 CUDA = $(shell $(PY) -c "import torch; print('yes' if torch.cuda.is_available() else '')")
-LAUNCH = $(VENV)/bin/accelerate launch --num_processes 1
+LAUNCH = $(VENV)/bin/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(CORES)
 DATA_DONE := $(DATASET)/summary.json
 CLMP_DONE := checkpoints/clmp-small/model.safetensors
 INDEX_DONE := checkpoints/melody-index/config.json

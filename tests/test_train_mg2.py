@@ -638,7 +638,7 @@ def test_accelerate_config_files_load():
 
 
 @pytest.mark.parametrize("cuda", ["", "yes"])
-def test_make_demo_trains_on_the_gpu_when_there_is_one(cuda):
+def test_make_demo_trains_on_the_gpu_when_there_is_one_else_on_every_core(cuda):
     dry_run = subprocess.run(
         ["make", "-n", "-B", f"CUDA={cuda}", "checkpoints/mg2-small/model_index.json"],  # -B: even after `make demo`
         capture_output=True,
@@ -650,6 +650,9 @@ def test_make_demo_trains_on_the_gpu_when_there_is_one(cuda):
     launches = [line for line in dry_run.stdout.splitlines() if "accelerate launch" in line]
     (train_mg2,) = [line for line in launches if "train_mg2.py" in line]
     assert launches and not any("--cpu" in line or "ACCELERATE_USE_CPU" in line for line in launches)
+    # accelerate would otherwise set OMP_NUM_THREADS=1: one compute thread on a CPU.
+    cores = len(os.sched_getaffinity(0))
+    assert all(f"--num_cpu_threads_per_process {cores}" in line for line in launches)
     if cuda:
         assert "--mixed_precision bf16" in train_mg2 and "--latent_cache_workers 1 " in train_mg2
     else:
