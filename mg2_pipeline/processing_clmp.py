@@ -60,16 +60,21 @@ class CLMPProcessor(ProcessorMixin):
         return BatchFeature(dict(data), tensor_type=return_tensors)
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        # The feature extractor is this module's own class: load it directly. Through AutoFeatureExtractor,
-        # a processor loaded as remote code (e.g. inside a DiffusionPipeline) would need trust_remote_code twice.
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The feature extractor is this module's own class and loads directly: through `AutoFeatureExtractor`, a
+        processor loaded as remote code (e.g. inside a `DiffusionPipeline`) would need `trust_remote_code` twice."""
         from transformers import AutoTokenizer
 
         kwargs.pop("trust_remote_code", None)
-        return [
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        settings = {
+            key: processor_dict[key] for key in ("melody_max_length", "max_text_length") if key in processor_dict
+        }
+        return cls(
             CLMPFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs),
             AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
-        ]
+            **settings,
+        )
 
     def encode_melody(self, melody: Melody | str) -> dict[str, np.ndarray]:
         if isinstance(melody, Melody):
