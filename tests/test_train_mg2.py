@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -268,18 +267,20 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
 
     killed = tmp_path / "killed"
     command, env = accelerate_command(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, killed, *common))
+    # Killed as soon as the run says step 4's checkpoint is complete: nothing here waits on the clock. `timeout` bounds
+    # the run like every other subprocess of the suite, so a hang ends the read loop too.
     process = subprocess.Popen(
-        command,
+        ["timeout", str(SUBPROCESS_TIMEOUT), *command],
         cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
-    for _ in range(SUBPROCESS_TIMEOUT * 20):  # polled every 50 ms until step 4's checkpoint is complete; bounded
-        if os.path.isdir(killed / "checkpoint-4") or process.poll() is not None:
+    for line in process.stdout:
+        if f"Saved checkpoint {killed / 'checkpoint-4'}" in line:
             break
-        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert os.path.isdir(killed / "checkpoint-4") and not os.path.isfile(killed / "training_summary.json")

@@ -115,6 +115,7 @@ def save_checkpoint(
         if os.path.isdir(final):  # the same step saved again (a resumed run): the new one replaces it
             shutil.rmtree(final)
         os.replace(temporary, final)
+        logging.getLogger(__name__).info(f"Saved checkpoint {final}")
         if total_limit:
             existing = checkpoint_dirs(output_dir)
             for old in existing[: max(0, len(existing) - total_limit)]:
