@@ -41,6 +41,7 @@ def training_rows(pipe, drop: str) -> tuple:
         "retrieved_embeds": torch.randn(2, pipe.clmp.config.projection_dim, generator=seeded),
         "caption": CAPTIONS,
     }
+    batch["text_states"], batch["text_mask"] = pipe.encode_text_states(CAPTIONS, "cpu")
     rates = {"both": (1.0, 0.0, 0.0), "melody": (0.0, 0.0, 1.0), "none": (0.0, 0.0, 0.0)}[drop]
     args = SimpleNamespace(
         condition="text_melody",

@@ -14,7 +14,7 @@ from conftest import ROOT, SUBPROCESS_TIMEOUT, accelerate, accelerate_command
 from safetensors.torch import load_file
 
 from mg2_pipeline import MG2Pipeline
-from mg2_pipeline.data import load_mg2_dataset
+from mg2_pipeline.data import LatentCrop, load_mg2_dataset
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
 from training_utils import NonFiniteLossGuard, checkpoint_dirs  # noqa: E402
@@ -139,6 +139,17 @@ def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(
     pipe = MG2Pipeline.from_pretrained(tmp_path / "mg2")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.text_attention and pipe.unet.config.cross_attention_dim == pipe.clmp.text_hidden_size
+    # The caption's token states are cached (not in the plain run's cache: it has no text attention), so that training
+    # never runs the text tower: the pipeline's own, to float16, zero-padded beside their mask.
+    states, mask = pipe.encode_text_states([random[0]["caption"]], "cpu")
+    crop = LatentCrop(8, 0.02, max_text_length=pipe.processor.max_text_length)(random[0])
+    torch.testing.assert_close(crop["text_mask"], mask[0])
+    torch.testing.assert_close(
+        crop["text_states"] * mask[0, :, None], states[0] * mask[0, :, None], atol=2e-2, rtol=1e-3
+    )
+    longer = LatentCrop(8, 0.02, max_text_length=int(mask.sum()) + 4)(random[0])
+    assert longer["text_mask"][-4:].sum() == 0 and longer["text_states"][-4:].abs().sum() == 0
+    assert all(row["text_states"] is None for row in plain)
 
     def generate(prompt):
         return pipe(

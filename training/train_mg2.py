@@ -189,7 +189,8 @@ def parse_args(argv=None):
 
 def latent_cache_dir(pipe, args) -> str:
     """`--latent_cache/KEY`: KEY hashes the VAE and CLMP weights, the index, the aligned-melody setting (and the
-    sketch's timbre, and a plain sketch's envelope), the text length and the dataset."""
+    sketch's timbre, and a plain sketch's envelope), whether it holds token states (`text_attention`), the text length
+    and the dataset."""
     files = data_files(args.dataset).get("train", []) if os.path.isdir(args.dataset) else []
     identity = {
         "vae": clmp_fingerprint(pipe.vae)["float16"],
@@ -197,6 +198,7 @@ def latent_cache_dir(pipe, args) -> str:
         "index": [len(pipe.retriever), pipe.retriever.config.clmp_fingerprint],
         "aligned_melody": pipe.config.aligned_melody,
         "sketch_timbre": args.sketch_timbre if pipe.config.aligned_melody == "sketch" else None,
+        "text_attention": pipe.config.text_attention,
         "max_text_length": pipe.processor.max_text_length,
         "dataset": [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
         or args.dataset,
@@ -216,23 +218,22 @@ def latent_cache_dir(pipe, args) -> str:
 @torch.no_grad()
 def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> list[dict]:
     """Cache rows for dataset rows: the whole clip's VAE latents (posterior mode, scaled) and melody frames as float16
-    (the sketch in its `sketch_timbre`, seeded by the clip id), its caption and CLMP text embedding, and the embedding
-    of the nearest other melody in the index."""
-    tokens = pipe.processor.tokenizer(
-        [row["caption"] for row in rows],
-        padding="max_length",
-        truncation=True,
-        max_length=pipe.processor.max_text_length,
-        return_tensors="pt",
-    )
-    text = pipe.clmp.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    (the sketch in its `sketch_timbre`, seeded by the clip id), its caption, CLMP text embedding and, for a
+    `text_attention` UNet, the caption's token states (float16, its tokens only), and the embedding of the nearest
+    other melody in the index. The frozen text tower then runs once per clip, not once per training crop."""
+    captions = [row["caption"] for row in rows]
+    text = pipe.encode_text(captions, device)
+    states = lengths = None
+    if pipe.config.text_attention:
+        states, mask = pipe.encode_text_states(captions, device)
+        lengths = mask.sum(1).tolist()
     own_ids = [pipe.retriever.id_of(row["melody_tokens"]) for row in rows]
     retrieved = pipe.retriever.search(
         text, k=1, exclude_ids=[[i] if i is not None else [] for i in own_ids]
     ).embeddings[:, 0]
     unit = pipe.vae_scale_factor * pipe.hop_length
     cached = []
-    for row, text_embeds, retrieved_embeds in zip(rows, text.cpu().numpy(), retrieved):
+    for index, (row, text_embeds, retrieved_embeds) in enumerate(zip(rows, text.cpu().numpy(), retrieved)):
         waveform = load_audio(row["audio"]["bytes"] if row["audio"].get("bytes") else row["audio"]["path"])
         waveform = torch.from_numpy(np.pad(waveform, (0, -len(waveform) % unit)))
         log_mel = pipe.mel(waveform)[None, None].to(device, pipe.vae.dtype)
@@ -252,7 +253,12 @@ def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> 
             "retrieved_embeds": retrieved_embeds.tolist(),
             "melody_frames": None,
             "melody_frames_shape": None,
+            "text_states": None,
+            "text_states_shape": None,
         }
+        if states is not None:
+            tokens = states[index, : lengths[index]]
+            entry.update(text_states=tokens.half().cpu().numpy().tobytes(), text_states_shape=list(tokens.shape))
         if pipe.config.aligned_melody is not None:
             seeds = (
                 [int(hashlib.md5(row["clip_id"].encode()).hexdigest()[:8], 16)] if sketch_timbre == "random" else None
@@ -333,6 +339,8 @@ def cache_part(
             ("retrieved_embeds", pa.list_(pa.float32())),
             ("melody_frames", pa.binary()),
             ("melody_frames_shape", pa.list_(pa.int32())),
+            ("text_states", pa.binary()),
+            ("text_states_shape", pa.list_(pa.int32())),
         ]
     )
     shard, counts = [], {"rows": 0, "skipped_rows": 0, "shards": 0}
@@ -422,7 +430,7 @@ def build_condition(pipe, batch: dict, args, empty_text: tuple, generator: torch
     states = mask = None
     if pipe.config.text_attention:
         states, mask = text_states_condition(
-            *pipe.encode_text_states(batch["caption"], device), empty_states, empty_mask, drop_text
+            batch["text_states"].to(device), batch["text_mask"].to(device), empty_states, empty_mask, drop_text
         )
     return condition, frames, states, mask
 
@@ -535,6 +543,7 @@ def main(argv=None):
         frame_seconds,
         seed=args.seed,
         max_melody_length=pipe.processor.melody_max_length,
+        max_text_length=pipe.processor.max_text_length,
     )
     empty_text = (
         pipe.encode_text([DROPPED_TEXT], accelerator.device),
