@@ -191,9 +191,9 @@ class MG2Example:
 
 class LatentCrop:
     """Turns one row of a latent cache (`train_mg2.py` writes it: the whole clip's VAE latents and melody frames, its
-    CLMP text and retrieved-melody embeddings, the caption's token states) into a random `crop_frames`-frame training
-    example, as `MG2Example` crops audio: same seeded windows, the melody sliced to the window for the pooled condition.
-    Token states are padded with zeros to `max_text_length` beside their attention mask."""
+    CLMP text and retrieved-melody embeddings, the caption's token states) into a random `crop_frames`-frame
+    training example, as `MG2Example` crops audio: same seeded windows, the melody sliced to the window for the pooled
+    condition. Token states are padded with zeros to `max_text_length` beside their attention mask."""
 
     def __init__(
         self,
@@ -242,12 +242,12 @@ class LatentCrop:
         if row.get("melody_frames"):
             example["melody_frames"] = self._crop(row, "melody_frames", start)
         if row.get("text_states"):
-            if self.max_text_length is None:
-                raise ValueError("This cache holds token states: pass max_text_length (the processor's).")
-            tokens, width = row["text_states_shape"]
-            states = np.frombuffer(row["text_states"], dtype=np.float16).reshape(tokens, width).astype(np.float32)
-            example["text_states"] = torch.from_numpy(np.pad(states, ((0, self.max_text_length - tokens), (0, 0))))
-            example["text_mask"] = (torch.arange(self.max_text_length) < tokens).long()
+            if self.max_text_length is None:  # not a ValueError: the loader skips rows that raise one
+                raise TypeError("This cache holds token states: LatentCrop needs max_text_length (the processor's).")
+            length, width = row["text_states_shape"]
+            states = np.frombuffer(row["text_states"], dtype=np.float16).reshape(length, width).astype(np.float32)
+            example["text_states"] = torch.from_numpy(np.pad(states, ((0, self.max_text_length - length), (0, 0))))
+            example["text_mask"] = (torch.arange(self.max_text_length) < length).long()
         return example
 
 

@@ -3,6 +3,7 @@
 import os
 import sys
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -51,9 +52,11 @@ def training_rows(pipe, drop: str) -> tuple:
         melody_dropout=rates[2],
     )
     empty_text = (pipe.encode_text([DROPPED_TEXT], "cpu"), *pipe.encode_text_states([DROPPED_TEXT], "cpu"))
-    condition, dropped_frames, states, mask = build_condition(
-        pipe, batch, args, empty_text, torch.Generator().manual_seed(0), "cpu"
-    )
+    # Training reads the caption's token states from its cache: it never runs the text tower.
+    with mock.patch.object(pipe.clmp, "get_text_hidden_states", side_effect=AssertionError("text tower run")):
+        condition, dropped_frames, states, mask = build_condition(
+            pipe, batch, args, empty_text, torch.Generator().manual_seed(0), "cpu"
+        )
     return batch, pipe.encode_melody(melodies, "cpu"), condition, dropped_frames, states, mask
 
 

@@ -187,6 +187,42 @@ def test_a_cache_of_plain_sketches_is_keyed_on_their_envelope(tmp_path, monkeypa
     assert train_mg2.latent_cache_dir(pipe, plain) != keys[0] and train_mg2.latent_cache_dir(pipe, random) == keys[1]
 
 
+def test_a_cache_for_text_attention_holds_each_captions_own_token_states(tiny_dataset, tiny_generator_parts):
+    import train_mg2
+
+    from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever
+    from mg2_pipeline.presets import build_pipeline
+
+    preset = build_pipeline("tiny", text_attention=True)
+    parts = dict(preset.components)
+    parts.update(
+        clmp=CLMPModel.from_pretrained(tiny_generator_parts["clmp"]).eval(),
+        processor=CLMPProcessor.from_pretrained(tiny_generator_parts["clmp"]),
+        retriever=MelodyRetriever.from_pretrained(tiny_generator_parts["retriever"]),
+    )
+    pipe = MG2Pipeline(**parts, aligned_melody=preset.config.aligned_melody, text_attention=True)
+    captions = ["a jig", "a slow air on a wooden flute", "reel"]
+    rows = [dict(row, caption=caption) for row, caption in zip(load_mg2_dataset(tiny_dataset, "train"), captions)]
+    cached = train_mg2.cache_rows(pipe, rows, "cpu")
+    states, mask = pipe.encode_text_states(captions, "cpu")
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) == 3 and lengths.max() < pipe.processor.max_text_length
+    for row, row_states, row_mask, length in zip(cached, states, mask, lengths):
+        crop = LatentCrop(8, 0.02, max_text_length=pipe.processor.max_text_length)(row)
+        assert row["text_states_shape"] == [length, pipe.clmp.text_hidden_size]
+        torch.testing.assert_close(crop["text_mask"], row_mask)
+        torch.testing.assert_close(crop["text_states"][:length], row_states[:length], atol=2e-2, rtol=1e-3)
+        assert crop["text_states"][length:].abs().sum() == 0
+    # Only a cache for text attention holds token states, and it has its own key.
+    without = MG2Pipeline(
+        **dict(parts, unet=build_pipeline("tiny", text_attention=False).unet),
+        aligned_melody=pipe.config.aligned_melody,
+    )
+    assert all(row["text_states"] is None for row in train_mg2.cache_rows(without, rows[:1], "cpu"))
+    args = train_mg2.parse_args(["--dataset", "user/tunes", "--output_dir", "unused"])
+    assert train_mg2.latent_cache_dir(pipe, args) != train_mg2.latent_cache_dir(without, args)
+
+
 def test_the_latent_cache_is_built_once_per_key_and_holds_whole_clips(tiny_dataset, tiny_generator_parts, tmp_path):
     import pyarrow.parquet as pq
 

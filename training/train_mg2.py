@@ -17,8 +17,9 @@ With `--sketch_timbre random` each clip's melody sketch is rendered with its own
 gives the UNet pitch and timing but no instrument to copy.
 
 Everything that does not change between epochs (audio decoding, log-mel, VAE encoding, the melody frames,
-CLMP text embeddings and retrieval) is computed once into a latent cache under `--latent_cache`, keyed by the
-VAE, CLMP, index, setting and dataset, so a changed one builds a new cache; training streams random crops of it.
+CLMP text embeddings, with `--text_attention on` the caption's token states, and retrieval) is computed once into a
+latent cache under `--latent_cache`, keyed by the VAE, CLMP, index, setting and dataset, so a changed one builds a new
+cache; training streams random crops of it and runs no frozen model but the melody tower.
 """
 
 from __future__ import annotations
@@ -198,13 +199,14 @@ def latent_cache_dir(pipe, args) -> str:
         "index": [len(pipe.retriever), pipe.retriever.config.clmp_fingerprint],
         "aligned_melody": pipe.config.aligned_melody,
         "sketch_timbre": args.sketch_timbre if pipe.config.aligned_melody == "sketch" else None,
-        "text_attention": pipe.config.text_attention,
         "max_text_length": pipe.processor.max_text_length,
         "dataset": [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
         or args.dataset,
     }
     if identity["sketch_timbre"] == "plain":  # a cache of plain sketches holds their envelope
         identity["plain_sketch_envelope_s"] = [PLAIN_SKETCH_ATTACK_S, PLAIN_SKETCH_RELEASE_S]
+    if pipe.config.text_attention:  # a cache for text attention holds the captions' token states
+        identity["text_states"] = "float16"
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     if args.latent_cache:
         return os.path.join(args.latent_cache, key)
@@ -220,11 +222,15 @@ def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> 
     """Cache rows for dataset rows: the whole clip's VAE latents (posterior mode, scaled) and melody frames as float16
     (the sketch in its `sketch_timbre`, seeded by the clip id), its caption, CLMP text embedding and, for a
     `text_attention` UNet, the caption's token states (float16, its tokens only), and the embedding of the nearest
-    other melody in the index. The frozen text tower then runs once per clip, not once per training crop."""
+    other melody in the index. Training then never runs the frozen text tower."""
     captions = [row["caption"] for row in rows]
     text = pipe.encode_text(captions, device)
     states = lengths = None
     if pipe.config.text_attention:
+        if pipe.processor.tokenizer.padding_side != "right":
+            raise ValueError(
+                "The latent cache keeps each caption's first tokens: the tokenizer must pad on the right."
+            )
         states, mask = pipe.encode_text_states(captions, device)
         lengths = mask.sum(1).tolist()
     own_ids = [pipe.retriever.id_of(row["melody_tokens"]) for row in rows]
@@ -257,8 +263,10 @@ def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> 
             "text_states_shape": None,
         }
         if states is not None:
-            tokens = states[index, : lengths[index]]
-            entry.update(text_states=tokens.half().cpu().numpy().tobytes(), text_states_shape=list(tokens.shape))
+            row_states = states[index, : lengths[index]]
+            entry.update(
+                text_states=row_states.half().cpu().numpy().tobytes(), text_states_shape=list(row_states.shape)
+            )
         if pipe.config.aligned_melody is not None:
             seeds = (
                 [int(hashlib.md5(row["clip_id"].encode()).hexdigest()[:8], 16)] if sketch_timbre == "random" else None
