@@ -227,10 +227,6 @@ def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> 
     text = pipe.encode_text(captions, device)
     states = lengths = None
     if pipe.config.text_attention:
-        if pipe.processor.tokenizer.padding_side != "right":
-            raise ValueError(
-                "The latent cache keeps each caption's first tokens: the tokenizer must pad on the right."
-            )
         states, mask = pipe.encode_text_states(captions, device)
         lengths = mask.sum(1).tolist()
     own_ids = [pipe.retriever.id_of(row["melody_tokens"]) for row in rows]
@@ -283,6 +279,8 @@ def build_latent_cache(pipe, args, folder: str, device) -> None:
     """Write the train split's cache rows as Parquet shards into `folder`, atomically (built in a temporary folder,
     renamed when complete; a concurrent builder of the same key may win). With `--latent_cache_workers` > 1 (CPU),
     forked processes each cache their part of the rows. Bad rows are skipped and counted in `cache_info.json`."""
+    if pipe.config.text_attention and pipe.processor.tokenizer.padding_side != "right":
+        raise ValueError("The latent cache keeps each caption's first tokens: the tokenizer must pad on the right.")
     temporary = f"{folder}.tmp-{os.getpid()}"
     start_time = time.perf_counter()
     workers = args.latent_cache_workers
