@@ -1,5 +1,6 @@
 """The Gradio Space (space/app.py), served as a user would run it and driven through gradio_client and Chromium."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ROOT
+from conftest import ROOT, SUBPROCESS_TIMEOUT
 from diffusers import DPMSolverMultistepScheduler
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -29,6 +30,23 @@ from mg2_pipeline.presets import PRESET_MELODIES, build_pipeline
 
 CHROMIUM = "/usr/bin/chromium"
 NOTES = "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6"
+
+
+@contextlib.contextmanager
+def browser_page(**page_options):
+    """A Chromium page whose waits and `expect` assertions are bounded only by the hang bound every subprocess gets,
+    not by Playwright's 5–30 s defaults: a slow machine is not a failure."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(**page_options)
+        page.set_default_timeout(SUBPROCESS_TIMEOUT * 1000)
+        expect.set_options(timeout=SUBPROCESS_TIMEOUT * 1000)
+        try:
+            yield page
+        finally:
+            browser.close()
 
 
 def free_port() -> int:
@@ -77,7 +95,7 @@ def space_url(tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     yield url
     server.terminate()
-    server.wait(timeout=30)
+    server.wait(timeout=SUBPROCESS_TIMEOUT)
     log.close()
 
 
@@ -273,8 +291,9 @@ def post(space_url: str, body: str) -> str:
     request = urllib.request.Request(
         space_url + "gradio_api/call/generate", data=body.encode(), headers={"Content-Type": "application/json"}
     )
-    event_id = json.load(urllib.request.urlopen(request, timeout=60))["event_id"]
-    return urllib.request.urlopen(f"{space_url}gradio_api/call/generate/{event_id}", timeout=120).read().decode()
+    event_id = json.load(urllib.request.urlopen(request, timeout=SUBPROCESS_TIMEOUT))["event_id"]
+    stream = urllib.request.urlopen(f"{space_url}gradio_api/call/generate/{event_id}", timeout=SUBPROCESS_TIMEOUT)
+    return stream.read().decode()
 
 
 GOOD_REQUEST = ["A jig", "", None, None, "", 0.5, 2, 3.0, 2.0, 0, 1, 3, "Text to music", None, 0.8, 0.0, 0.0, False]
@@ -323,7 +342,7 @@ def test_numbers_json_cannot_carry_safely_are_refused_by_name(space_url):
 def test_oversized_requests_are_refused_before_they_are_read(space_url):
     host, port = urllib.parse.urlsplit(space_url).hostname, urllib.parse.urlsplit(space_url).port
     for path in ("/gradio_api/call/generate", "/gradio_api/upload"):
-        connection = http.client.HTTPConnection(host, port, timeout=60)
+        connection = http.client.HTTPConnection(host, port, timeout=SUBPROCESS_TIMEOUT)
         connection.putrequest("POST", path)
         connection.putheader("Content-Type", "application/json")
         connection.putheader("Content-Length", str(24 * 2**20))
@@ -445,22 +464,17 @@ def test_twenty_concurrent_requests_all_return_their_audio(space_url):
 
 def test_a_browser_fills_the_prompt_and_gets_audio(space_url, tmp_path):
     assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: `make test` installs Debian's chromium with apt-get"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    with browser_page(viewport={"width": 1280, "height": 1400}) as page:
         page.goto(space_url)
         page.get_by_label("Prompt", exact=True).fill("A lively Irish jig on fiddle")
         page.get_by_role("button", name="Generate").click()
         download = page.locator("a[download='audio.wav']")
-        download.wait_for(timeout=120_000)
-        page.get_by_text("retrieved melody #").wait_for(timeout=30_000)
+        download.wait_for()
+        page.get_by_text("retrieved melody #").wait_for()
         screenshot = tmp_path / "space.png"
         page.screenshot(path=str(screenshot), full_page=True)
-        with urllib.request.urlopen(download.get_attribute("href")) as response:
+        with urllib.request.urlopen(download.get_attribute("href"), timeout=SUBPROCESS_TIMEOUT) as response:
             (tmp_path / "audio.wav").write_bytes(response.read())
-        browser.close()
     print(f"screenshot: {screenshot}")
     assert len(read_wav(str(tmp_path / "audio.wav"))) > 0
     with Image.open(screenshot) as image:
@@ -468,11 +482,9 @@ def test_a_browser_fills_the_prompt_and_gets_audio(space_url, tmp_path):
 
 
 def test_the_steps_slider_follows_the_mode(space_url):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page()
+    with browser_page() as page:
         page.goto(space_url)
         page.get_by_label("Prompt", exact=True).wait_for()
         page.get_by_text("Settings", exact=True).first.click()  # the accordion (Gradio's footer has a second)
@@ -483,7 +495,6 @@ def test_the_steps_slider_follows_the_mode(space_url):
         expect(steps).to_have_value(str(DEFAULT_NUM_INFERENCE_STEPS))
         page.get_by_label("Text to music").check()
         expect(steps).to_have_value(str(DEFAULT_X0_NUM_INFERENCE_STEPS))
-        browser.close()
 
 
 def test_the_space_gets_basic_pitch_without_its_tensorflow_requirement(tmp_path):
