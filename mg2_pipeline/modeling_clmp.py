@@ -173,23 +173,29 @@ class CLMPModel(CLMPPreTrainedModel):
             raise ValueError("attention_mask has a row with no tokens: empty text cannot be embedded.")
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask), attention_mask
 
-    def get_text_hidden_states(
+    def get_text_outputs(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Tokenized captions `(batch, length)` → the text tower's last token states `(batch, length, text_hidden_size)`."""
-        return self._run_text_model(input_ids, attention_mask)[0].last_hidden_state
-
-    def get_text_features(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Tokenized captions `(batch, length)` → L2-normalised `(batch, projection_dim)`."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both text outputs from one pass of the tower: `(get_text_features, get_text_hidden_states)`."""
         outputs, attention_mask = self._run_text_model(input_ids, attention_mask)
         if self.config.text_pooling == "pooler":
             pooled = outputs.pooler_output
         else:
             mask = attention_mask.unsqueeze(-1).to(outputs.last_hidden_state.dtype)
             pooled = (outputs.last_hidden_state * mask).sum(1) / mask.sum(1)
-        return F.normalize(self.text_projection(pooled), dim=-1)
+        return F.normalize(self.text_projection(pooled), dim=-1), outputs.last_hidden_state
+
+    def get_text_hidden_states(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tokenized captions `(batch, length)` → the text tower's last token states `(batch, length, text_hidden_size)`."""
+        return self.get_text_outputs(input_ids, attention_mask)[1]
+
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tokenized captions `(batch, length)` → L2-normalised `(batch, projection_dim)`."""
+        return self.get_text_outputs(input_ids, attention_mask)[0]
 
     def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
         """Log-mel `(batch, frames, 64)` from `LogMelSpectrogram` → L2-normalised `(batch, projection_dim)`."""

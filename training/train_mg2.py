@@ -223,12 +223,9 @@ def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> 
     (the sketch in its `sketch_timbre`, seeded by the clip id), its caption, CLMP text embedding and, for a
     `text_attention` UNet, the caption's token states (float16, its tokens only), and the embedding of the nearest
     other melody in the index. Training then never runs the frozen text tower."""
-    captions = [row["caption"] for row in rows]
-    text = pipe.encode_text(captions, device)
-    states = lengths = None
-    if pipe.config.text_attention:
-        states, mask = pipe.encode_text_states(captions, device)
-        lengths = mask.sum(1).tolist()
+    tokens = pipe.tokenize([row["caption"] for row in rows], device)
+    text, states = pipe.clmp.get_text_outputs(**tokens)  # one pass of the text tower for both
+    lengths = tokens["attention_mask"].sum(1).tolist()
     own_ids = [pipe.retriever.id_of(row["melody_tokens"]) for row in rows]
     retrieved = pipe.retriever.search(
         text, k=1, exclude_ids=[[i] if i is not None else [] for i in own_ids]
@@ -258,7 +255,7 @@ def cache_rows(pipe, rows: list[dict], device, sketch_timbre: str = "plain") -> 
             "text_states": None,
             "text_states_shape": None,
         }
-        if states is not None:
+        if pipe.config.text_attention:
             row_states = states[index, : lengths[index]]
             entry.update(
                 text_states=row_states.half().cpu().numpy().tobytes(), text_states_shape=list(row_states.shape)
