@@ -655,6 +655,39 @@ def test_preset_config_files_set_defaults_and_flags_win(tmp_path):
         train_vae.parse_args(["--config", str(config)])
 
 
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_warmup_stable_decay_holds_the_learning_rate_then_decays_it_to_zero_over_the_last_steps(num_processes, capsys):
+    import train_mg2
+
+    base = ["--pipeline", "preset:tiny", "--dataset", "-", "--output_dir", "-", "--learning_rate", "1e-3"]
+    args = train_mg2.parse_args(
+        base
+        + ["--max_train_steps", "10", "--lr_warmup_steps", "2", "--lr_scheduler", "warmup_stable_decay"]
+        + ["--lr_decay_steps", "4"]
+    )
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    schedule = train_mg2.learning_rate_schedule(args, optimizer, num_processes)
+    rates = []
+    for _ in range(args.max_train_steps):  # what a prepared scheduler does: one step per process per optimizer step
+        rates.append(schedule.get_last_lr()[0])
+        for _ in range(num_processes):
+            optimizer.step()
+            schedule.step()
+    rates.append(schedule.get_last_lr()[0])
+    assert rates[:2] == pytest.approx([0, 5e-4])  # warmup
+    assert rates[2:7] == pytest.approx([1e-3] * 5)  # stable
+    assert rates[6:] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4, 0])  # linear decay over the last 4 steps
+
+    for flags, named in [
+        (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps", "0"], "--lr_decay_steps must be in [1, 8]"),
+        (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps", "9"], "--lr_decay_steps must be in [1, 8]"),
+        (["--lr_decay_steps", "4"], "--lr_decay_steps applies to --lr_scheduler warmup_stable_decay"),
+    ]:
+        with pytest.raises(SystemExit):
+            train_mg2.parse_args(base + ["--max_train_steps", "10", "--lr_warmup_steps", "2", *flags])
+        assert named in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
 def test_every_preset_file_is_valid_for_every_script(preset):
     import train_clmp

@@ -58,6 +58,7 @@ from training_utils import (
     start_run,
     write_training_summary,
 )
+from transformers import get_wsd_schedule
 
 from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.audio import load_audio, save_audio
@@ -141,7 +142,13 @@ def parse_args(argv=None):
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--lr_scheduler", default="constant_with_warmup")
+    parser.add_argument(
+        "--lr_scheduler",
+        default="constant_with_warmup",
+        help="A diffusers schedule, or warmup_stable_decay: constant after the warmup, then a linear decay to 0 over "
+        "the last --lr_decay_steps (transformers' get_wsd_schedule).",
+    )
+    parser.add_argument("--lr_decay_steps", type=int, default=0, help="With warmup_stable_decay: the decay's steps.")
     parser.add_argument("--lr_warmup_steps", type=int, default=20)
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -185,7 +192,35 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.condition_dropout + args.text_dropout + args.melody_dropout > 1:
         parser.error("--condition_dropout + --text_dropout + --melody_dropout must be at most 1")
+    if args.lr_scheduler == "warmup_stable_decay" and not (
+        1 <= args.lr_decay_steps <= args.max_train_steps - args.lr_warmup_steps
+    ):
+        parser.error(
+            f"--lr_decay_steps must be in [1, {args.max_train_steps - args.lr_warmup_steps}] (--max_train_steps minus "
+            f"--lr_warmup_steps) with --lr_scheduler warmup_stable_decay, got {args.lr_decay_steps}"
+        )
+    if args.lr_scheduler != "warmup_stable_decay" and args.lr_decay_steps:
+        parser.error(f"--lr_decay_steps applies to --lr_scheduler warmup_stable_decay, not {args.lr_scheduler}")
     return args
+
+
+def learning_rate_schedule(args, optimizer, num_processes: int):
+    """`--lr_scheduler` for `optimizer`, counted in prepared-scheduler steps: every process steps it once per
+    optimizer step."""
+    if args.lr_scheduler == "warmup_stable_decay":
+        return get_wsd_schedule(
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps * num_processes,
+            num_decay_steps=args.lr_decay_steps * num_processes,
+            num_training_steps=args.max_train_steps * num_processes,
+            decay_type="linear",
+        )
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
 
 
 def latent_cache_dir(pipe, args) -> str:
@@ -521,12 +556,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(
         [p for p in unet.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.adam_weight_decay
     )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    lr_scheduler = learning_rate_schedule(args, optimizer, accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
