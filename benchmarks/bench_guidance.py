@@ -37,6 +37,7 @@ from evaluate import (  # noqa: E402
 )
 from sound_measures import (  # noqa: E402
     FAMILIES,
+    FAMILY_OF_PROGRAM,
     SoundClassifier,
     family_of,
     onset_click_energy,
@@ -56,6 +57,11 @@ def guidance_pair(text: str) -> tuple[float, float]:
     return text_scale, melody_scale
 
 
+def share(heard: np.ndarray | None, clips: np.ndarray) -> float | None:
+    """The share of `clips` (a mask) heard as accompanied; None without audio or without such clips."""
+    return None if heard is None or not clips.any() else float(heard[clips].mean())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A saved MG2 pipeline.")
@@ -67,6 +73,10 @@ def main(argv=None):
     parser.add_argument("--pairs", type=guidance_pair, nargs="+", default=[(3.0, 3.0), (4.0, 4.0), (3.0, 5.0)])
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
+    if args.num_clips < 2:
+        parser.error("--num_clips must be >= 2 (FAD needs a covariance)")
+    if len(set(args.pairs)) < len(args.pairs):
+        parser.error(f"--pairs has a pair twice: {args.pairs}")
     settings = parse_args(["--model", args.model, "--output_dir", "-"])  # evaluate.py's seeds, length, batch
 
     pipe = MG2Pipeline.from_pretrained(args.model)
@@ -78,7 +88,9 @@ def main(argv=None):
         load_audio(row["audio"]["bytes"])
         for row, _ in zip(load_mg2_dataset(args.dataset, reference_split), range(args.num_clips))
     ]
-    bench = Bench(rows, settings.seconds, reference, pipe, settings.seed)
+    bench = Bench(rows, settings.seconds, reference, pipe, settings.seed)  # `bench.validation`: the reference clips
+    if not all(program in FAMILY_OF_PROGRAM for program in bench.programs):
+        parser.error(f"{args.dataset} does not name every clip's melody instrument: no family to measure")
     classifier = SoundClassifier.fit_on_rows(load_mg2_dataset(args.dataset, "train"), args.classifier_clips)
     prompts = instrument_prompts(bench, settings.prompts)
     own = [family_of(program) for program in prompts["own_programs"]]
@@ -102,8 +114,8 @@ def main(argv=None):
             if other_family is None
             else paired_preference(own_probabilities, probabilities(other_family), own, other),
             "fad_clmp": frechet_distance(bench.real_clmp, clmp_audio_embeddings(pipe, fad_against or waveforms)),
-            "accompanied_when_asked": None if accompanied is None else float(accompanied[bench.accompanied].mean()),
-            "accompanied_when_solo": None if accompanied is None else float(accompanied[~bench.accompanied].mean()),
+            "accompanied_when_asked": share(accompanied, bench.accompanied),
+            "accompanied_when_solo": share(accompanied, ~bench.accompanied),
             "onset_clicks": float(
                 np.median([onset_click_energy(w, m.onsets) for w, m in zip(waveforms, bench.melodies)])
             ),
@@ -111,9 +123,16 @@ def main(argv=None):
         }
 
     def generated(prompt_set, text_scale, melody_scale, desc):
-        settings.guidance_scale, settings.melody_guidance_scale = text_scale, melody_scale
+        scales = argparse.Namespace(**{**vars(settings), "guidance_scale": text_scale})
         waveforms, _ = generate(
-            pipe, bench, settings, melodies=bench.melodies, steps=steps, prompts=prompt_set, desc=desc
+            pipe,
+            bench,
+            scales,
+            melodies=bench.melodies,
+            steps=steps,
+            melody_guidance_scale=melody_scale,
+            prompts=prompt_set,
+            desc=desc,
         )
         return waveforms
 

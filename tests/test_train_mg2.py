@@ -655,37 +655,69 @@ def test_preset_config_files_set_defaults_and_flags_win(tmp_path):
         train_vae.parse_args(["--config", str(config)])
 
 
-@pytest.mark.parametrize("num_processes", [1, 2])
-def test_warmup_stable_decay_holds_the_learning_rate_then_decays_it_to_zero_over_the_last_steps(num_processes, capsys):
+def wsd_args(*flags: str):
     import train_mg2
 
     base = ["--pipeline", "preset:tiny", "--dataset", "-", "--output_dir", "-", "--learning_rate", "1e-3"]
-    args = train_mg2.parse_args(
-        base
-        + ["--max_train_steps", "10", "--lr_warmup_steps", "2", "--lr_scheduler", "warmup_stable_decay"]
-        + ["--lr_decay_steps", "4"]
-    )
+    return train_mg2.parse_args([*base, "--lr_warmup_steps", "2", "--lr_scheduler", "warmup_stable_decay", *flags])
+
+
+def stepped_schedule(args, steps: int, num_processes: int = 1):
+    """The learning rate before each of `steps` optimizer steps, and the schedule after them, stepped as a prepared
+    scheduler is: once per process per optimizer step."""
+    import train_mg2
+
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
     schedule = train_mg2.learning_rate_schedule(args, optimizer, num_processes)
     rates = []
-    for _ in range(args.max_train_steps):  # what a prepared scheduler does: one step per process per optimizer step
+    for _ in range(steps):
         rates.append(schedule.get_last_lr()[0])
         for _ in range(num_processes):
             optimizer.step()
             schedule.step()
-    rates.append(schedule.get_last_lr()[0])
+    return rates + [schedule.get_last_lr()[0]], schedule
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_warmup_stable_decay_holds_the_learning_rate_then_decays_it_to_zero_over_the_last_steps(num_processes, capsys):
+    args = wsd_args("--max_train_steps", "10", "--lr_decay_fraction", "0.4")
+    rates, _ = stepped_schedule(args, 10, num_processes)
     assert rates[:2] == pytest.approx([0, 5e-4])  # warmup
     assert rates[2:7] == pytest.approx([1e-3] * 5)  # stable
     assert rates[6:] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4, 0])  # linear decay over the last 4 steps
-
-    for flags, named in [
-        (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps", "0"], "--lr_decay_steps must be in [1, 8]"),
-        (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps", "9"], "--lr_decay_steps must be in [1, 8]"),
-        (["--lr_decay_steps", "4"], "--lr_decay_steps applies to --lr_scheduler warmup_stable_decay"),
-    ]:
+    # a short run of the same preset still decays over its own last share
+    rates, _ = stepped_schedule(wsd_args("--max_train_steps", "20", "--lr_decay_fraction", "0.4"), 20)
+    assert rates[12:] == pytest.approx([1e-3 * (8 - i) / 8 for i in range(9)])
+    for fraction in ("0", "1.5"):
         with pytest.raises(SystemExit):
-            train_mg2.parse_args(base + ["--max_train_steps", "10", "--lr_warmup_steps", "2", *flags])
-        assert named in capsys.readouterr().err
+            wsd_args("--max_train_steps", "10", "--lr_decay_fraction", fraction)
+        assert f"--lr_decay_fraction must be in (0, 1], got {float(fraction)}" in capsys.readouterr().err
+
+
+def test_a_resumed_run_must_continue_its_checkpoints_learning_rate_schedule():
+    sys.path.insert(0, os.path.join(ROOT, "training"))
+    import train_mg2
+    from training_utils import check_schedule_continues
+
+    constant = train_mg2.parse_args(
+        ["--pipeline", "preset:tiny", "--dataset", "-", "--output_dir", "-", "--max_train_steps", "10"]
+    )
+    _, checkpoint = stepped_schedule(wsd_args("--max_train_steps", "10", "--lr_decay_fraction", "0.4"), 8)
+    _, before_the_decay = stepped_schedule(wsd_args("--max_train_steps", "10", "--lr_decay_fraction", "0.4"), 5)
+    cases = [
+        (wsd_args("--max_train_steps", "10", "--lr_decay_fraction", "0.4"), checkpoint, True),  # the same run
+        (wsd_args("--max_train_steps", "20", "--lr_decay_fraction", "0.4"), checkpoint, False),  # the decay moved
+        (constant, checkpoint, False),  # another schedule
+        (wsd_args("--max_train_steps", "20", "--lr_decay_fraction", "0.4"), before_the_decay, True),  # train further
+    ]
+    for args, saved, continues in cases:
+        _, resumed = stepped_schedule(args, 0)
+        resumed.load_state_dict(saved.state_dict())
+        if continues:
+            check_schedule_continues(resumed, "checkpoint-N")
+        else:
+            with pytest.raises(SystemExit, match="checkpoint-N trained at learning rate"):
+                check_schedule_continues(resumed, "checkpoint-N")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "paper"])

@@ -164,7 +164,9 @@ def main(argv=None):
     pair_weights = {"text_melody": args.text_melody_loss_weight} if "melody" in args.modalities else None
 
     # Checkpoints hold the accelerate state plus where the data stream was.
-    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_clmp", logger)
+    global_step, epoch, batches_in_epoch = start_run(
+        accelerator, args, "train_clmp", logger, lr_scheduler=lr_scheduler
+    )
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Training {'CLMP' if 'melody' in args.modalities else 'CLAP baseline'} ({args.preset}) *****")
     logger.info(f"  Modalities = {args.modalities}; global batch = {global_batch}; steps = {args.max_train_steps}")

@@ -146,9 +146,14 @@ def parse_args(argv=None):
         "--lr_scheduler",
         default="constant_with_warmup",
         help="A diffusers schedule, or warmup_stable_decay: constant after the warmup, then a linear decay to 0 over "
-        "the last --lr_decay_steps (transformers' get_wsd_schedule).",
+        "the last --lr_decay_fraction of --max_train_steps (transformers' get_wsd_schedule).",
     )
-    parser.add_argument("--lr_decay_steps", type=int, default=0, help="With warmup_stable_decay: the decay's steps.")
+    parser.add_argument(
+        "--lr_decay_fraction",
+        type=float,
+        default=0.25,
+        help="warmup_stable_decay: the share of the steps over which the rate decays (other schedules ignore it).",
+    )
     parser.add_argument("--lr_warmup_steps", type=int, default=20)
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -192,15 +197,8 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.condition_dropout + args.text_dropout + args.melody_dropout > 1:
         parser.error("--condition_dropout + --text_dropout + --melody_dropout must be at most 1")
-    if args.lr_scheduler == "warmup_stable_decay" and not (
-        1 <= args.lr_decay_steps <= args.max_train_steps - args.lr_warmup_steps
-    ):
-        parser.error(
-            f"--lr_decay_steps must be in [1, {args.max_train_steps - args.lr_warmup_steps}] (--max_train_steps minus "
-            f"--lr_warmup_steps) with --lr_scheduler warmup_stable_decay, got {args.lr_decay_steps}"
-        )
-    if args.lr_scheduler != "warmup_stable_decay" and args.lr_decay_steps:
-        parser.error(f"--lr_decay_steps applies to --lr_scheduler warmup_stable_decay, not {args.lr_scheduler}")
+    if not 0 < args.lr_decay_fraction <= 1:
+        parser.error(f"--lr_decay_fraction must be in (0, 1], got {args.lr_decay_fraction}")
     return args
 
 
@@ -211,7 +209,7 @@ def learning_rate_schedule(args, optimizer, num_processes: int):
         return get_wsd_schedule(
             optimizer,
             num_warmup_steps=args.lr_warmup_steps * num_processes,
-            num_decay_steps=args.lr_decay_steps * num_processes,
+            num_decay_steps=max(1, round(args.lr_decay_fraction * args.max_train_steps)) * num_processes,
             num_training_steps=args.max_train_steps * num_processes,
             decay_type="linear",
         )
@@ -583,7 +581,7 @@ def main(argv=None):
         *pipe.encode_text_states([DROPPED_TEXT], accelerator.device),
     )
 
-    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger)
+    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger, lr_scheduler=lr_scheduler)
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
     logger.info(
         f"  UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters; global batch "

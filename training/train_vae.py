@@ -132,7 +132,7 @@ def main(argv=None):
 
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.clip_seconds, random_crop=True, seed=args.seed)
-    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vae", logger)
+    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vae", logger, lr_scheduler=lr_scheduler)
     logger.info(
         f"***** Training the {args.preset} mel VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
         f"×{scale}, {vae.config.latent_channels} latent channels *****"

@@ -293,11 +293,16 @@ def create_accelerator(args, gradient_accumulation_steps: int = 1) -> Accelerato
     return accelerator
 
 
-def start_run(accelerator: Accelerator, args, name: str, logger, recipe: dict | None = None) -> tuple[int, int, int]:
+def start_run(
+    accelerator: Accelerator, args, name: str, logger, recipe: dict | None = None, lr_scheduler=None
+) -> tuple[int, int, int]:
     """Resume if asked, start the trackers; returns `(global_step, epoch, batches_in_epoch)`. `recipe`: settings a
-    resumed run must share with its checkpoint (save them with it: `TrainingProgress.end_step(..., **recipe)`)."""
+    resumed run must share with its checkpoint (save them with it: `TrainingProgress.end_step(..., **recipe)`).
+    `lr_scheduler`: the prepared schedule, which a resumed run must continue (`check_schedule_continues`)."""
     state = resume(accelerator, args.output_dir, args.resume_from_checkpoint, recipe)
     if state:
+        if lr_scheduler is not None:
+            check_schedule_continues(lr_scheduler, state["checkpoint"])
         logger.info(f"Resumed from {state['checkpoint']} at step {state['global_step']}")
     if accelerator.is_main_process:
         accelerator.init_trackers(
@@ -305,6 +310,22 @@ def start_run(accelerator: Accelerator, args, name: str, logger, recipe: dict | 
             config={key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))},
         )
     return state.get("global_step", 0), state.get("epoch", 0), state.get("batches_in_epoch", 0)
+
+
+def check_schedule_continues(lr_scheduler, checkpoint: str) -> None:
+    """Refuse a resumed run whose learning-rate schedule gives another rate at the checkpoint's step than the one the
+    checkpoint trained with: another schedule, another process count, or a decay that a new `--max_train_steps`
+    moved would otherwise change the rate without a word."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
+    saved = scheduler.get_last_lr()
+    scheduled = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    if any(abs(a - b) > 1e-9 * max(abs(a), abs(b)) for a, b in zip(saved, scheduled)):
+        raise SystemExit(
+            f"{checkpoint} trained at learning rate {saved[0]:.3g} at its step; this run's schedule gives "
+            f"{scheduled[0]:.3g} there (another --lr_scheduler, number of processes, or a learning-rate decay moved by "
+            "--max_train_steps): resume from a checkpoint before the decay, with the same settings, into a new "
+            "--output_dir."
+        )
 
 
 def epoch_dataloader(dataset, transform, args, accelerator: Accelerator, epoch: int, skip_batches: int):
