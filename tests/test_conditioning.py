@@ -53,7 +53,7 @@ def training_rows(pipe, drop: str) -> tuple:
     )
     empty_text = (pipe.encode_text([DROPPED_TEXT], "cpu"), *pipe.encode_text_states([DROPPED_TEXT], "cpu"))
     # Training reads the caption's token states from its cache: it never runs the text tower.
-    with mock.patch.object(pipe.clmp, "get_text_hidden_states", side_effect=AssertionError("text tower run")):
+    with mock.patch.object(pipe.clmp, "_run_text_model", side_effect=AssertionError("text tower run")):
         condition, dropped_frames, states, mask = build_condition(
             pipe, batch, args, empty_text, torch.Generator().manual_seed(0), "cpu"
         )

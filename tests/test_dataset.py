@@ -82,11 +82,15 @@ def test_build_is_deterministic_and_resumable(tiny_dataset, tmp_path):
     lost = shards[1]
     reference = pq.read_table(lost)
     os.remove(lost)
-    kept_times = {p: os.path.getmtime(p) for p in shards if p != lost}
+    # Kept shards get a fixed, long-past modification time: any rewrite would give them another, whatever the clock.
+    for path in shards:
+        if path != lost:
+            os.utime(path, ns=(10**18, 10**18))
+    kept_times = {p: (os.stat(p).st_mtime_ns, os.stat(p).st_ino) for p in shards if p != lost}
     result = run_prepare_data("--output_dir", output_dir, *TINY_BUILD_ARGS)
     assert f"{len(shards) - 1} already built, 1 to build" in result.stdout
     assert pq.read_table(lost).equals(reference)
-    assert all(os.path.getmtime(p) == t for p, t in kept_times.items())
+    assert all((os.stat(p).st_mtime_ns, os.stat(p).st_ino) == t for p, t in kept_times.items())
 
     # Other settings into the same folder are refused instead of mixing two datasets.
     refused = subprocess.run(
