@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""What a VAE shape costs: its own training step, and the `small` UNet's training step on its latents,
-as ratios to the previous `small` VAE (×8, 8 latent channels) in the same run.
+"""What a VAE shape costs: its own training step, encoding and decoding a 10.24 s clip (the latent cache and the
+pipeline), and the `small` UNet's training step on its latents, as ratios to the previous `small` VAE (×8, 32 latent
+channels, no fold) in the same run.
 
     python benchmarks/bench_codec.py [--threads 2]
 
 Each step is forward + backward + AdamW on a batch of 8 crops of 2.56 s (random data: cost does not
-depend on the values); the figure is the median of `--steps` after 2 warm-up steps. The codec's
+depend on the values); the figure is the median of `--steps` after 2 warm-up steps (encode and decode: of 5 after 1).
+The codec's
 quality rows come from `training/evaluate.py --codec_only --vae DIR`.
 """
 
@@ -16,18 +18,26 @@ import statistics
 import time
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
+from mg2_pipeline import MelAutoencoderKL
 from mg2_pipeline.presets import unet_config, vae_config
 
-BASELINE = ("previous small: ×8, 8 latent channels", {"latent_channels": 8})
+BASELINE = (
+    "previous small: ×8, 32 latent channels",
+    {
+        "block_out_channels": (16, 32, 64, 64),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "latent_fold": 1,
+    },
+)
 CANDIDATES = [
-    ("small preset now", {}),
-    ("×8, 16 latent channels", {"latent_channels": 16}),
-    ("×8, 32 latent channels", {"latent_channels": 32}),
-    # AutoencoderKL downsamples both axes alike: these rows only price the UNet on other latent grids.
-    ("×8 time, ×4 frequency (UNet only)", {"latent_channels": 8, "latent_grid": (1 / 8, 1 / 4)}),
-    ("×4 time and frequency (UNet only)", {"latent_channels": 8, "latent_grid": (1 / 4, 1 / 4)}),
+    ("small preset now: ×4, 8 channels, 2 × 2 folded into 32", {}),
+    ("the same without the mid-block attention", {"mid_block_add_attention": False}),
+    ("×4, 8 channels, not folded", {"latent_channels": 8, "latent_fold": 1}),
+    # MelAutoencoderKL downsamples both axes alike: this row only prices the UNet on another latent grid.
+    ("×8 time, ×4 frequency (UNet only)", {"latent_channels": 8, "latent_fold": 1, "latent_grid": (1 / 8, 1 / 4)}),
 ]
 
 
@@ -43,13 +53,28 @@ def median_step_seconds(model: torch.nn.Module, make_loss, steps: int) -> float:
     return statistics.median(times[2:])
 
 
-def measure(overrides: dict, batch: int, frames: int, steps: int) -> tuple[float | None, float]:
+def median_seconds(run, repeats: int = 5) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(overrides: dict, batch: int, frames: int, steps: int) -> dict[str, float | None]:
+    """Seconds of a VAE training step, a 10.24 s encode and decode, and a UNet training step on the VAE's latents."""
     latent_grid = overrides.pop("latent_grid", None)
-    vae = AutoencoderKL(**{**vae_config("small"), **overrides})
+    vae = MelAutoencoderKL(**{**vae_config("small"), **overrides})
     mel = torch.randn(batch, 1, frames, 64)
     vae_seconds = median_step_seconds(vae, lambda: (vae(mel).sample - mel).abs().mean(), steps)
     with torch.no_grad():
         latents = vae.encode(mel).latent_dist.mode()
+        clip = torch.randn(1, 1, 1024, 64)
+        clip_latent = vae.encode(clip).latent_dist.mode()
+        encode = median_seconds(lambda: vae.encode(clip))
+        decode = median_seconds(lambda: vae.decode(clip_latent))
     if latent_grid:
         latents = torch.randn(batch, latents.shape[1], int(frames * latent_grid[0]), int(64 * latent_grid[1]))
     channels = latents.shape[1]
@@ -64,7 +89,9 @@ def measure(overrides: dict, batch: int, frames: int, steps: int) -> tuple[float
         ),
         steps,
     )
-    return (None if latent_grid else vae_seconds), unet_seconds
+    if latent_grid:
+        return {"vae": None, "encode": None, "decode": None, "unet": unet_seconds}
+    return {"vae": vae_seconds, "encode": encode, "decode": decode, "unet": unet_seconds}
 
 
 def main(argv=None):
@@ -77,13 +104,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     frames = int(round(args.clip_seconds * 100))
-    base_vae, base_unet = measure(dict(BASELINE[1]), args.batch_size, frames, args.steps)
-    print("| VAE | VAE step s | × | UNet step s on its latents | × |\n|---|---|---|---|---|")
-    print(f"| {BASELINE[0]} | {base_vae:.3f} | 1.00 | {base_unet:.3f} | 1.00 |")
-    for name, overrides in CANDIDATES:
-        vae_seconds, unet_seconds = measure(dict(overrides), args.batch_size, frames, args.steps)
-        vae_cells = f"{vae_seconds:.3f} | {vae_seconds / base_vae:.2f}" if vae_seconds else "– | –"
-        print(f"| {name} | {vae_cells} | {unet_seconds:.3f} | {unet_seconds / base_unet:.2f} |")
+    columns = ("vae", "encode", "decode", "unet")
+    base = measure(dict(BASELINE[1]), args.batch_size, frames, args.steps)
+    print(
+        "| VAE | VAE step s (×) | encode 10.24 s (×) | decode 10.24 s (×) | UNet step s on its latents (×) |\n"
+        "|---|---|---|---|---|"
+    )
+    for name, overrides in [BASELINE, *CANDIDATES]:
+        seconds = base if overrides is BASELINE[1] else measure(dict(overrides), args.batch_size, frames, args.steps)
+        cells = [f"{seconds[c]:.3f} ({seconds[c] / base[c]:.2f})" if seconds[c] else "–" for c in columns]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
@@ -38,7 +37,7 @@ from evaluate import chroma_peaks, mel_accuracy, stft_distance  # noqa: E402
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, load_audio  # noqa: E402
 from mg2_pipeline.audio import HOP_LENGTH, SAMPLE_RATE  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
-from mg2_pipeline.presets import load_vocoder  # noqa: E402
+from mg2_pipeline.presets import load_vae, load_vocoder  # noqa: E402
 
 
 def conditioning(vocoder, mels: torch.Tensor) -> float:
@@ -98,7 +97,7 @@ def main(argv=None):
     with torch.no_grad():
         inputs = {"log-mel": [to_mel(torch.from_numpy(clip)) for clip in clips]}
         if args.vae:
-            vae = AutoencoderKL.from_pretrained(args.vae).eval()
+            vae = load_vae(args.vae).eval()
             inputs["log-mel → VAE"] = [
                 vae.decode(vae.encode(mel[None, None]).latent_dist.mode()).sample[0, 0] for mel in inputs["log-mel"]
             ]

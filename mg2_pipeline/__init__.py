@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor
 
 from .audio import LogMelSpectrogram, load_audio, save_audio
+from .autoencoder_mel import MelAutoencoderKL
 from .configuration_clmp import CLMPConfig, CLMPMelodyConfig
 from .feature_extraction_clmp import CLMPFeatureExtractor
 from .melody import MELODY_VOCAB, Melody
@@ -36,6 +37,7 @@ __all__ = [
     "CLMPProcessor",
     "LogMelSpectrogram",
     "MELODY_VOCAB",
+    "MelAutoencoderKL",
     "Melody",
     "MelodyRetriever",
     "RetrievalOutput",

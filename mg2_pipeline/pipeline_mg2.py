@@ -30,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, ProcessorMixin, SpeechT5HifiGan
 
 from .audio import LogMelSpectrogram, load_audio, peak_safe
+from .autoencoder_mel import vae_scale_factor
 from .conditioning import DROPPED_TEXT, melody_frames_condition, pooled_condition
 from .defaults import (
     DEFAULT_GUIDANCE_SCALE,
@@ -246,7 +247,7 @@ class MG2Pipeline(DiffusionPipeline):
         unet (`UNet2DConditionModel`): denoiser conditioned by FiLM on [text ‖ melody] (`class_labels`) and, with
             `text_attention`, by cross-attention to the prompt's token states from CLMP's text tower.
         scheduler: any diffusers scheduler (default `DPMSolverMultistepScheduler`).
-        vae (`AutoencoderKL`): 1-channel log-mel images ↔ latents.
+        vae (`MelAutoencoderKL` or `AutoencoderKL`): 1-channel log-mel images ↔ latents.
         vocoder (`GriffinLimVocoder`, `VocosVocoder` or `SpeechT5HifiGan`): log-mel → waveform.
     Setting:
         condition: "text_melody" (MG2), or "text" for the text-only ablation, whose melody half is the text embedding again.
@@ -319,7 +320,7 @@ class MG2Pipeline(DiffusionPipeline):
             condition=condition, aligned_melody=aligned_melody, text_attention=bool(text_attention)
         )
         # Components may be None (e.g. a pipeline holding only the text stack for `encode_prompt`).
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else None
+        self.vae_scale_factor = vae_scale_factor(vae) if vae is not None else None
         self.mel = LogMelSpectrogram()
 
     @staticmethod

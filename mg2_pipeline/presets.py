@@ -170,22 +170,25 @@ def unet_config(
 
 
 def vae_config(name: str) -> dict:
-    """`AutoencoderKL` kwargs on 1-channel log-mel images `(1, frames, 64)`.
+    """`MelAutoencoderKL` kwargs on 1-channel log-mel images `(1, frames, 64)`.
 
     - `tiny`: ×2 (4 latent channels).
-    - `small`: (16, 32, 64, 64), ×8, 32 channels: 10.24 s → 32 × 128 × 8, so the UNet works on 4× fewer positions
-      than with AudioLDM's ×4 while the latent keeps half the mel's numbers (AudioLDM's ratio). 32 channels instead of
-      8 cost the UNet nothing (only its first and last convolution see them) and carry the melody through the codec
-      (`benchmarks/bench_codec.py`, `docs/design.md`). About 1 M parameters.
+    - `small`: (16, 32, 64), ×4 with 8 channels, each 2 × 2 latent patch folded into channels: 10.24 s → 32 × 128 × 8,
+      so the UNet works on 4× fewer positions than with AudioLDM's ×4 while the latent keeps half the mel's numbers
+      (AudioLDM's ratio). The encoder and decoder work on a ×4 grid, which keeps the melody's pitch where a ×8 one
+      merges neighbouring mel bins (`docs/design.md`). About 0.8 M parameters.
     - `paper`: AudioLDM's VAE (128, 256, 512), ×4, 8 channels.
     """
-    channels, latent_channels = {"tiny": ((8, 16), 4), "small": ((16, 32, 64, 64), 32), "paper": ((128, 256, 512), 8)}[
-        name
-    ]
+    channels, latent_channels, latent_fold = {
+        "tiny": ((8, 16), 4, 1),
+        "small": ((16, 32, 64), 32, 2),
+        "paper": ((128, 256, 512), 8, 1),
+    }[name]
     return dict(
         in_channels=1,
         out_channels=1,
         latent_channels=latent_channels,
+        latent_fold=latent_fold,
         block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
@@ -219,9 +222,10 @@ def build_pipeline(
     given.
     """
     import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer
 
+    from .autoencoder_mel import MelAutoencoderKL
     from .feature_extraction_clmp import CLMPFeatureExtractor
     from .melody import Melody
     from .modeling_clmp import CLMPModel
@@ -250,7 +254,7 @@ def build_pipeline(
             preset, clmp.config.projection_dim, aligned_melody, clmp.text_hidden_size if text_attention else None
         )
     )
-    vae = AutoencoderKL(**vae_config(preset))
+    vae = MelAutoencoderKL(**vae_config(preset))
     # Untrained, the decoder's log-mels sit around 0, which Griffin-Lim turns into full-scale noise (peak ≈ 11, far
     # outside ±1). Centre them on music's mean instead, so that a random pipeline makes noise as loud as music.
     with torch.no_grad():
@@ -341,6 +345,17 @@ def vocos_config(name: str) -> dict:
         raise ValueError(f"Unknown vocoder preset {name!r}; choose one of {tuple(widths)}.")
     dim, intermediate_dim, num_layers = widths[name]
     return dict(dim=dim, intermediate_dim=intermediate_dim, num_layers=num_layers)
+
+
+def load_vae(path: str):
+    """A saved VAE folder: `MelAutoencoderKL` or diffusers' `AutoencoderKL`, as its config names."""
+    from diffusers import AutoencoderKL
+
+    from .autoencoder_mel import MelAutoencoderKL
+
+    with open(os.path.join(path, "config.json")) as handle:
+        class_name = json.load(handle).get("_class_name")
+    return (MelAutoencoderKL if class_name == "MelAutoencoderKL" else AutoencoderKL).from_pretrained(path)
 
 
 def load_vocoder(path: str):

@@ -60,12 +60,19 @@ def run(command: list[str], **env) -> subprocess.CompletedProcess:
 
 
 def accelerate_command(script: str, *arguments: str, processes: int = 1) -> tuple[list[str], dict]:
-    """`accelerate launch` on CPU with 1 or N processes (N > 1: `--multi_gpu` with ACCELERATE_USE_CPU)."""
+    """`accelerate launch` on CPU with 1 or N processes (N > 1: `--multi_gpu` with ACCELERATE_USE_CPU, on a port the
+    system chooses: two tests launched at once by `pytest -n 2` would otherwise both take 29500, and the second fail)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes > 1:
-        return launcher + ["--multi_gpu", "--num_processes", str(processes), script, *arguments], {
-            "ACCELERATE_USE_CPU": "true"
-        }
+        return launcher + [
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            "0",
+            script,
+            *arguments,
+        ], {"ACCELERATE_USE_CPU": "true"}
     return launcher + ["--cpu", "--num_processes", "1", script, *arguments], {}
 
 

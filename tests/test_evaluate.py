@@ -258,11 +258,13 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
 
 
 def test_codec_only_evaluates_any_vae_without_a_pipeline(tiny_dataset, tmp_path):
-    from diffusers import AutoencoderKL
-
+    from mg2_pipeline import MelAutoencoderKL
     from mg2_pipeline.presets import vae_config
 
-    AutoencoderKL(**vae_config("tiny")).save_pretrained(tmp_path / "vae")
+    # a folded latent: evaluate must load the VAE's own class and its ×4 scale
+    MelAutoencoderKL(**{**vae_config("tiny"), "latent_channels": 16, "latent_fold": 2}).save_pretrained(
+        tmp_path / "vae"
+    )
     printed = run(
         [
             sys.executable,

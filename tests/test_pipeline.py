@@ -24,6 +24,7 @@ from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 from mg2_pipeline import (
     GriffinLimVocoder,
     LogMelSpectrogram,
+    MelAutoencoderKL,
     Melody,
     MG2AudioToAudioPipeline,
     MG2InpaintPipeline,
@@ -566,7 +567,7 @@ def test_a_fingerprint_mismatch_between_clmp_and_index_is_refused(pipe):
 
 
 def test_a_vae_whose_latent_the_unet_does_not_take_is_refused(pipe):
-    other_vae = AutoencoderKL(**{**vae_config("tiny"), "latent_channels": 8})
+    other_vae = MelAutoencoderKL(**{**vae_config("tiny"), "latent_channels": 8})
     with pytest.raises(ValueError, match="UNet takes 8 input and 4 output channels; this VAE's latent has 8"):
         MG2Pipeline(**{**pipe.components, "vae": other_vae})
 

@@ -538,7 +538,8 @@ def assert_same_weights(expected_dir, actual_dir, filename: str) -> None:
 
 
 def test_vae_training_learns_stores_its_scaling_factor_and_plugs_in(tiny_dataset, tmp_path):
-    from diffusers import AutoencoderKL
+    from mg2_pipeline import MelAutoencoderKL
+    from mg2_pipeline.presets import load_vae
 
     output_dir = tmp_path / "vae"
     arguments = [
@@ -566,7 +567,8 @@ def test_vae_training_learns_stores_its_scaling_factor_and_plugs_in(tiny_dataset
     accelerate(os.path.join(ROOT, "training", "train_vae.py"), *arguments, "--output_dir", str(output_dir))
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["l1_last_10"] < summary["l1_first_10"]
-    vae = AutoencoderKL.from_pretrained(output_dir)
+    vae = load_vae(str(output_dir))
+    assert isinstance(vae, MelAutoencoderKL)
     assert vae.config.scaling_factor == pytest.approx(summary["scaling_factor"]) and vae.config.scaling_factor != 1.0
     assert [os.path.basename(d) for d in checkpoint_dirs(str(output_dir))] == ["checkpoint-8", "checkpoint-16"]
 

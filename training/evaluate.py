@@ -70,13 +70,14 @@ from training_utils import MG2_FOLK_LIMITATIONS, describe_dataset, describe_mg2_
 
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeline, load_audio, save_audio
 from mg2_pipeline.audio import SAMPLE_RATE, multi_resolution_stft_distance
+from mg2_pipeline.autoencoder_mel import vae_scale_factor
 from mg2_pipeline.data import load_mg2_dataset
 from mg2_pipeline.defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
 )
 from mg2_pipeline.hub import write_model_card
-from mg2_pipeline.presets import load_vocoder
+from mg2_pipeline.presets import load_vae, load_vocoder
 from mg2_pipeline.threads import fit_threads
 
 CHROMA_FPS = 10
@@ -235,7 +236,7 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], l
     """Ceilings and floor that need no generator: real clips, through the vocoder, through VAE + vocoder (whose audio
     is returned too)."""
     real_mels = torch.stack([_MEL(torch.from_numpy(w)) for w in bench.real])  # (clips, frames, 64)
-    multiple = 2 ** (len(vae.config.block_out_channels) - 1)
+    multiple = vae_scale_factor(vae)
     if real_mels.shape[1] % multiple:
         raise SystemExit(f"--seconds gives {real_mels.shape[1]} mel frames; the VAE needs a multiple of {multiple}.")
     vocoded, reconstructed, through_vae = [], [], []
@@ -731,7 +732,7 @@ def main(argv=None):
         pipe.set_progress_bar_config(disable=True)
         if args.steps is None:
             args.steps = pipe.default_num_inference_steps
-    vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else pipe.vae
+    vae = load_vae(args.vae) if args.vae else pipe.vae
     if args.vocoder:
         vocoder = load_vocoder(args.vocoder)
     else:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from datasets import load_dataset
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
@@ -72,7 +72,7 @@ from mg2_pipeline.data import LatentCrop, data_files, load_mg2_dataset, write_sh
 from mg2_pipeline.hub import write_model_card
 from mg2_pipeline.melody import PLAIN_SKETCH_ATTACK_S, PLAIN_SKETCH_RELEASE_S, Melody
 from mg2_pipeline.pipeline_mg2 import CONDITIONS
-from mg2_pipeline.presets import build_pipeline, load_vocoder
+from mg2_pipeline.presets import build_pipeline, load_vae, load_vocoder
 from mg2_pipeline.retrieval import clmp_fingerprint
 
 logger = get_logger(__name__)
@@ -504,7 +504,7 @@ def main(argv=None):
     if args.retriever:
         parts["retriever"] = MelodyRetriever.from_pretrained(args.retriever)
     if args.vae:
-        parts["vae"] = AutoencoderKL.from_pretrained(args.vae)
+        parts["vae"] = load_vae(args.vae)
     if args.vocoder:
         parts["vocoder"] = load_vocoder(args.vocoder)
     pipe = MG2Pipeline(

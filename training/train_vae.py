@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train MG2's mel VAE: `AutoencoderKL` on 1-channel log-mel images, as AudioLDM's.
+"""Train MG2's mel VAE: `MelAutoencoderKL` (diffusers' `AutoencoderKL`, latent folded) on 1-channel log-mel images.
 
     accelerate launch training/train_vae.py --preset small --dataset data/mg2-folk --output_dir checkpoints/vae-small
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 training/train_vae.py ...
@@ -21,7 +21,6 @@ import argparse
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from torch import nn
 from training_utils import (
@@ -38,6 +37,7 @@ from training_utils import (
     write_training_summary,
 )
 
+from mg2_pipeline.autoencoder_mel import MelAutoencoderKL, vae_scale_factor
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline.presets import PIPELINE_PRESETS, vae_config
 
@@ -80,7 +80,7 @@ def parse_args(argv=None):
 class VAEWithLosses(nn.Module):
     """The VAE's training forward (reconstruction and KL) as one module, so DDP wraps and syncs it."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: MelAutoencoderKL):
         super().__init__()
         self.vae = vae
 
@@ -114,9 +114,9 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = create_accelerator(args, args.gradient_accumulation_steps)
 
-    vae = AutoencoderKL(**vae_config(args.preset))
+    vae = MelAutoencoderKL(**vae_config(args.preset))
     model = VAEWithLosses(vae)
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = vae_scale_factor(vae)
     frames = int(round(args.clip_seconds * 100))
     if frames % scale:
         raise SystemExit(f"--clip_seconds gives {frames} mel frames; the VAE needs a multiple of {scale}.")
