@@ -169,21 +169,30 @@ def unet_config(
     )
 
 
-def vae_config(name: str) -> dict:
+def vae_config(name: str, latent_fold: int = 1) -> dict:
     """`MelAutoencoderKL` kwargs on 1-channel log-mel images `(1, frames, 64)`.
 
     - `tiny`: ×2 (4 latent channels).
-    - `small`: (16, 32, 64), ×4 with 8 channels, each 2 × 2 latent patch folded into channels: 10.24 s → 32 × 128 × 8,
-      so the UNet works on 4× fewer positions than with AudioLDM's ×4 while the latent keeps half the mel's numbers
-      (AudioLDM's ratio). The encoder and decoder work on a ×4 grid, which keeps the melody's pitch where a ×8 one
-      merges neighbouring mel bins (`docs/design.md`). About 0.8 M parameters.
+    - `small`: (16, 32, 64, 64), ×8, 32 channels: 10.24 s → 32 × 128 × 8, so the UNet works on 4× fewer positions
+      than with AudioLDM's ×4 while the latent keeps half the mel's numbers (AudioLDM's ratio). 32 channels instead of
+      8 cost the UNet nothing (only its first and last convolution see them) and carry the melody through the codec
+      (`benchmarks/bench_codec.py`, `docs/design.md`). About 1 M parameters.
     - `paper`: AudioLDM's VAE (128, 256, 512), ×4, 8 channels.
+
+    `latent_fold` (2, 4, …) keeps the latent's shape but replaces the last log2(latent_fold) down-samplings by folding
+    each `latent_fold × latent_fold` patch into channels: `small` with 2 is a ×4 autoencoder with 8 channels whose
+    2 × 2 patches make the same 32 × 128 × 8 latent (`docs/evaluation.md#a-folded-latent`).
     """
-    channels, latent_channels, latent_fold = {
-        "tiny": ((8, 16), 4, 1),
-        "small": ((16, 32, 64), 32, 2),
-        "paper": ((128, 256, 512), 8, 1),
-    }[name]
+    channels, latent_channels = {"tiny": ((8, 16), 4), "small": ((16, 32, 64, 64), 32), "paper": ((128, 256, 512), 8)}[
+        name
+    ]
+    folds = latent_fold.bit_length() - 1
+    if latent_fold < 1 or latent_fold != 2**folds or folds >= len(channels) or latent_channels % latent_fold**2:
+        raise ValueError(
+            f"latent_fold must be a power of 2 of at most {2 ** (len(channels) - 1)} whose square divides the "
+            f"{latent_channels} latent channels of the {name!r} VAE, got {latent_fold}."
+        )
+    channels = channels[: len(channels) - folds]
     return dict(
         in_channels=1,
         out_channels=1,

@@ -80,3 +80,17 @@ def test_a_pipeline_with_a_folded_vae_generates_the_requested_length_and_reloads
         "a jig", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0)
     )
     np.testing.assert_array_equal(again.audios, out.audios)
+
+
+def test_a_preset_folded_keeps_its_latent_shape_from_a_finer_grid():
+    mel = torch.randn(1, 1, 256, 64)
+    with torch.no_grad():
+        shapes = {
+            fold: MelAutoencoderKL(**vae_config("small", latent_fold=fold)).encode(mel).latent_dist.mode().shape
+            for fold in (1, 2)
+        }
+    assert shapes[1] == shapes[2] == (1, 32, 32, 8)
+    assert vae_config("small", latent_fold=2)["block_out_channels"] == (16, 32, 64)
+    for fold in (0, 3, 8):
+        with pytest.raises(ValueError, match=f"latent_fold must be a power of 2 of at most 8 .* got {fold}"):
+            vae_config("small", latent_fold=fold)

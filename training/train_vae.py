@@ -54,6 +54,13 @@ def parse_args(argv=None):
         default=2.56,
         help="Training crop, drawn at random inside each clip (the VAE is convolutional).",
     )
+    parser.add_argument(
+        "--latent_fold",
+        type=int,
+        default=1,
+        help="Fold each latent_fold × latent_fold latent patch into channels in place of the last down-samplings: the "
+        "same latent shape from a finer grid (`MelAutoencoderKL`; 2, 4, …).",
+    )
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
     parser.add_argument("--max_train_steps", type=int, default=400)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -114,7 +121,10 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = create_accelerator(args, args.gradient_accumulation_steps)
 
-    vae = MelAutoencoderKL(**vae_config(args.preset))
+    try:
+        vae = MelAutoencoderKL(**vae_config(args.preset, args.latent_fold))
+    except ValueError as error:
+        raise SystemExit(f"--latent_fold: {error}")
     model = VAEWithLosses(vae)
     scale = vae_scale_factor(vae)
     frames = int(round(args.clip_seconds * 100))
@@ -135,7 +145,7 @@ def main(argv=None):
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vae", logger, lr_scheduler=lr_scheduler)
     logger.info(
         f"***** Training the {args.preset} mel VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
-        f"×{scale}, {vae.config.latent_channels} latent channels *****"
+        f"×{scale}, {vae.config.latent_channels} latent channels, latent_fold {vae.config.latent_fold} *****"
     )
 
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
