@@ -563,12 +563,14 @@ def test_vae_training_learns_stores_its_scaling_factor_and_plugs_in(tiny_dataset
         "2",
         "--shuffle_buffer_size",
         "8",
+        "--latent_fold",
+        "2",
     ]
     accelerate(os.path.join(ROOT, "training", "train_vae.py"), *arguments, "--output_dir", str(output_dir))
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["l1_last_10"] < summary["l1_first_10"]
     vae = load_vae(str(output_dir))
-    assert isinstance(vae, MelAutoencoderKL)
+    assert isinstance(vae, MelAutoencoderKL) and vae.config.latent_fold == 2 and vae.config.latent_channels == 4
     assert vae.config.scaling_factor == pytest.approx(summary["scaling_factor"]) and vae.config.scaling_factor != 1.0
     assert [os.path.basename(d) for d in checkpoint_dirs(str(output_dir))] == ["checkpoint-8", "checkpoint-16"]
 
