@@ -1,14 +1,13 @@
 #!/usr/bin/env python
 """What a VAE shape costs: its own training step, encoding and decoding a 10.24 s clip (the latent cache and the
-pipeline), and the `small` UNet's training step on its latents, as ratios to the previous `small` VAE (×8, 32 latent
-channels, no fold) in the same run.
+pipeline), and the `small` UNet's training step on its latents, as ratios to the `small` VAE (×8, 32 latent channels)
+in the same run.
 
     python benchmarks/bench_codec.py [--threads 2]
 
 Each step is forward + backward + AdamW on a batch of 8 crops of 2.56 s (random data: cost does not
 depend on the values); the figure is the median of `--steps` after 2 warm-up steps (encode and decode: of 5 after 1).
-The codec's
-quality rows come from `training/evaluate.py --codec_only --vae DIR`.
+The codec's quality rows come from `training/evaluate.py --codec_only --vae DIR`.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 
-from mg2_pipeline import MelAutoencoderKL
-from mg2_pipeline.presets import unet_config, vae_config
+from mg2_pipeline.presets import build_vae, unet_config, vae_config
 
 SMALL, FOLDED = vae_config("small"), vae_config("small", latent_fold=2)
 BASELINE = ("small: ×8, 32 latent channels", SMALL)
@@ -60,23 +58,26 @@ def median_seconds(run, repeats: int = 5) -> float:
 
 
 def measure(config: dict, batch: int, frames: int, steps: int) -> dict[str, float | None]:
-    """Seconds of a VAE training step, a 10.24 s encode and decode, and a UNet training step on the VAE's latents."""
+    """Seconds of a VAE training step, a 10.24 s encode and decode, and a UNet training step on the VAE's latents
+    (only the UNet's for a `latent_grid` row, on random latents of that grid)."""
     latent_grid = config.pop("latent_grid", None)
-    vae = MelAutoencoderKL(**config)
-    mel = torch.randn(batch, 1, frames, 64)
-    vae_seconds = median_step_seconds(vae, lambda: (vae(mel).sample - mel).abs().mean(), steps)
-    with torch.no_grad():
-        latents = vae.encode(mel).latent_dist.mode()
-        clip = torch.randn(1, 1, 1024, 64)
-        clip_latent = vae.encode(clip).latent_dist.mode()
-        encode = median_seconds(lambda: vae.encode(clip))
-        decode = median_seconds(lambda: vae.decode(clip_latent))
+    seconds = {"vae": None, "encode": None, "decode": None}
     if latent_grid:
-        latents = torch.randn(batch, latents.shape[1], int(frames * latent_grid[0]), int(64 * latent_grid[1]))
+        latents = torch.randn(batch, config["latent_channels"], int(frames * latent_grid[0]), int(64 * latent_grid[1]))
+    else:
+        vae = build_vae(config)
+        mel = torch.randn(batch, 1, frames, 64)
+        seconds["vae"] = median_step_seconds(vae, lambda: (vae(mel).sample - mel).abs().mean(), steps)
+        with torch.no_grad():
+            latents = vae.encode(mel).latent_dist.mode()
+            clip = torch.randn(1, 1, 1024, 64)
+            clip_latent = vae.encode(clip).latent_dist.mode()
+            seconds["encode"] = median_seconds(lambda: vae.encode(clip))
+            seconds["decode"] = median_seconds(lambda: vae.decode(clip_latent))
     channels = latents.shape[1]
     unet = UNet2DConditionModel(**{**unet_config("small", 512), "in_channels": channels, "out_channels": channels})
     condition, timesteps = torch.randn(batch, 1024), torch.randint(0, 1000, (batch,))
-    unet_seconds = median_step_seconds(
+    seconds["unet"] = median_step_seconds(
         unet,
         lambda: (
             (unet(latents, timesteps, encoder_hidden_states=None, class_labels=condition).sample - latents)
@@ -85,9 +86,7 @@ def measure(config: dict, batch: int, frames: int, steps: int) -> dict[str, floa
         ),
         steps,
     )
-    if latent_grid:
-        return {"vae": None, "encode": None, "decode": None, "unet": unet_seconds}
-    return {"vae": vae_seconds, "encode": encode, "decode": decode, "unet": unet_seconds}
+    return seconds
 
 
 def main(argv=None):

@@ -20,7 +20,8 @@ class MelAutoencoderKL(AutoencoderKL):
     encoder and decoder keep every second mel frame and bin apart where a ×8 one merges them. With `latent_fold=1`
     it is an `AutoencoderKL`.
 
-    Parameters: those of `AutoencoderKL`, and `latent_fold` (int, default 1).
+    Parameters: those of `AutoencoderKL` (defaults for 1-channel log-mels: 1 channel in and out, `sample_size` 1024),
+    and `latent_fold` (int, default 1). `presets.build_vae` makes a plain `AutoencoderKL` when nothing is folded.
     """
 
     @register_to_config
@@ -46,8 +47,8 @@ class MelAutoencoderKL(AutoencoderKL):
         mid_block_add_attention: bool = True,
         latent_fold: int = 1,
     ):
-        if latent_fold < 1:
-            raise ValueError(f"latent_fold must be >= 1, got {latent_fold}.")
+        if not isinstance(latent_fold, int) or latent_fold < 1:
+            raise ValueError(f"latent_fold must be an integer >= 1, got {latent_fold!r}.")
         if latent_channels % latent_fold**2:
             raise ValueError(
                 f"latent_channels ({latent_channels}) must be a multiple of latent_fold² ({latent_fold**2}): each "
@@ -76,18 +77,19 @@ class MelAutoencoderKL(AutoencoderKL):
         # AutoencoderKL's own registration recorded the unfolded count; the config states the latent the UNet sees.
         self.register_to_config(latent_channels=latent_channels)
 
-    def enable_tiling(self) -> None:
-        if self.config.latent_fold > 1:
+    def _check_not_tiled(self) -> None:
+        if self.use_tiling and self.config.latent_fold > 1:
             raise ValueError("MelAutoencoderKL with latent_fold > 1 does not tile; decode in windows instead.")
-        super().enable_tiling()
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_not_tiled()
         # The moments are [mean ‖ log-variance]: fold each half so the posterior's channels stay paired.
         mean, logvar = super()._encode(x).chunk(2, dim=1)
         fold = self.config.latent_fold
         return torch.cat([F.pixel_unshuffle(mean, fold), F.pixel_unshuffle(logvar, fold)], dim=1)
 
     def _decode(self, z: torch.Tensor, return_dict: bool = True):
+        self._check_not_tiled()
         return super()._decode(F.pixel_shuffle(z, self.config.latent_fold), return_dict=return_dict)
 
 

@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, ProcessorMixin, SpeechT5HifiGan
 
 from .audio import LogMelSpectrogram, load_audio, peak_safe
-from .autoencoder_mel import vae_scale_factor
+from .autoencoder_mel import MelAutoencoderKL, vae_scale_factor
 from .conditioning import DROPPED_TEXT, melody_frames_condition, pooled_condition
 from .defaults import (
     DEFAULT_GUIDANCE_SCALE,
@@ -267,7 +267,7 @@ class MG2Pipeline(DiffusionPipeline):
         retriever: MelodyRetriever | None,
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | MelAutoencoderKL,
         vocoder: GriffinLimVocoder | VocosVocoder | SpeechT5HifiGan,
         condition: str = "text_melody",
         aligned_melody: str | None = None,

@@ -170,13 +170,13 @@ def unet_config(
 
 
 def vae_config(name: str, latent_fold: int = 1) -> dict:
-    """`MelAutoencoderKL` kwargs on 1-channel log-mel images `(1, frames, 64)`.
+    """VAE kwargs on 1-channel log-mel images `(1, frames, 64)`, for `build_vae`.
 
     - `tiny`: ×2 (4 latent channels).
     - `small`: (16, 32, 64, 64), ×8, 32 channels: 10.24 s → 32 × 128 × 8, so the UNet works on 4× fewer positions
       than with AudioLDM's ×4 while the latent keeps half the mel's numbers (AudioLDM's ratio). 32 channels instead of
       8 cost the UNet nothing (only its first and last convolution see them) and carry the melody through the codec
-      (`benchmarks/bench_codec.py`, `docs/design.md`). About 1 M parameters.
+      (`docs/history.md#vae-shape-and-training-steps`). About 1 M parameters.
     - `paper`: AudioLDM's VAE (128, 256, 512), ×4, 8 channels.
 
     `latent_fold` (2, 4, …) keeps the latent's shape but replaces the last log2(latent_fold) down-samplings by folding
@@ -186,13 +186,10 @@ def vae_config(name: str, latent_fold: int = 1) -> dict:
     channels, latent_channels = {"tiny": ((8, 16), 4), "small": ((16, 32, 64, 64), 32), "paper": ((128, 256, 512), 8)}[
         name
     ]
-    folds = latent_fold.bit_length() - 1
-    if latent_fold < 1 or latent_fold != 2**folds or folds >= len(channels) or latent_channels % latent_fold**2:
-        raise ValueError(
-            f"latent_fold must be a power of 2 of at most {2 ** (len(channels) - 1)} whose square divides the "
-            f"{latent_channels} latent channels of the {name!r} VAE, got {latent_fold}."
-        )
-    channels = channels[: len(channels) - folds]
+    allowed = [2**folds for folds in range(len(channels)) if latent_channels % 4**folds == 0]
+    if latent_fold not in allowed:
+        raise ValueError(f"latent_fold must be one of {allowed} for the {name!r} VAE, got {latent_fold!r}.")
+    channels = channels[: len(channels) - (latent_fold.bit_length() - 1)]
     return dict(
         in_channels=1,
         out_channels=1,
@@ -234,7 +231,6 @@ def build_pipeline(
     from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer
 
-    from .autoencoder_mel import MelAutoencoderKL
     from .feature_extraction_clmp import CLMPFeatureExtractor
     from .melody import Melody
     from .modeling_clmp import CLMPModel
@@ -263,7 +259,7 @@ def build_pipeline(
             preset, clmp.config.projection_dim, aligned_melody, clmp.text_hidden_size if text_attention else None
         )
     )
-    vae = MelAutoencoderKL(**vae_config(preset))
+    vae = build_vae(vae_config(preset))
     # Untrained, the decoder's log-mels sit around 0, which Griffin-Lim turns into full-scale noise (peak ≈ 11, far
     # outside ±1). Centre them on music's mean instead, so that a random pipeline makes noise as loud as music.
     with torch.no_grad():
@@ -354,6 +350,17 @@ def vocos_config(name: str) -> dict:
         raise ValueError(f"Unknown vocoder preset {name!r}; choose one of {tuple(widths)}.")
     dim, intermediate_dim, num_layers = widths[name]
     return dict(dim=dim, intermediate_dim=intermediate_dim, num_layers=num_layers)
+
+
+def build_vae(config: dict):
+    """The VAE of `vae_config`'s kwargs: diffusers' `AutoencoderKL`, or a `MelAutoencoderKL` when its latent is folded."""
+    from diffusers import AutoencoderKL
+
+    from .autoencoder_mel import MelAutoencoderKL
+
+    if config.get("latent_fold", 1) > 1:
+        return MelAutoencoderKL(**config)
+    return AutoencoderKL(**{key: value for key, value in config.items() if key != "latent_fold"})
 
 
 def load_vae(path: str):

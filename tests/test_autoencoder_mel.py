@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from mg2_pipeline import MelAutoencoderKL, MG2Pipeline
+from mg2_pipeline import MelAutoencoderKL, MG2InpaintPipeline, MG2Pipeline
 from mg2_pipeline.autoencoder_mel import vae_scale_factor
-from mg2_pipeline.presets import build_pipeline, load_vae, unet_config, vae_config
+from mg2_pipeline.presets import build_pipeline, build_vae, load_vae, unet_config, vae_config
 
 FOLDED_TINY = {**vae_config("tiny"), "latent_channels": 16, "latent_fold": 2}
 
@@ -18,8 +18,7 @@ def folded_tiny_vae(seed: int = 0) -> MelAutoencoderKL:
 
 def test_the_folded_latent_is_the_autoencoders_latent_with_each_patch_in_channels():
     vae = folded_tiny_vae()
-    unfolded_config = {key: value for key, value in FOLDED_TINY.items() if key != "latent_fold"}
-    plain = AutoencoderKL(**{**unfolded_config, "latent_channels": 4}).eval()
+    plain = build_vae({**FOLDED_TINY, "latent_channels": 4, "latent_fold": 1}).eval()
     plain.load_state_dict(vae.state_dict())
     mel = torch.randn(2, 1, 40, 64)
     with torch.no_grad():
@@ -40,20 +39,24 @@ def test_a_saved_folded_vae_loads_with_its_fold_and_the_latent_the_unet_sees(tmp
     latent = torch.randn(1, 16, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode(latent).sample, vae.decode(latent).sample)
-    AutoencoderKL(**{key: value for key, value in vae_config("tiny").items() if key != "latent_fold"}).save_pretrained(
-        tmp_path / "plain"
-    )
+    build_vae(vae_config("tiny")).save_pretrained(tmp_path / "plain")
     assert type(load_vae(str(tmp_path / "plain"))) is AutoencoderKL
 
 
 def test_a_fold_that_does_not_divide_the_channels_or_tiling_is_refused():
     with pytest.raises(ValueError, match=r"latent_channels \(10\) must be a multiple of latent_fold²"):
         MelAutoencoderKL(**{**FOLDED_TINY, "latent_channels": 10})
-    with pytest.raises(ValueError, match="latent_fold must be >= 1, got 0"):
-        MelAutoencoderKL(**{**FOLDED_TINY, "latent_fold": 0})
-    with pytest.raises(ValueError, match="does not tile"):
-        folded_tiny_vae().enable_tiling()
-    MelAutoencoderKL(**vae_config("tiny")).enable_tiling()  # unfolded, it tiles as AutoencoderKL does
+    for fold in (0, 2.0):
+        with pytest.raises(ValueError, match=f"latent_fold must be an integer >= 1, got {fold}"):
+            MelAutoencoderKL(**{**FOLDED_TINY, "latent_fold": fold})
+    vae = folded_tiny_vae()
+    vae.enable_tiling()
+    for run in (lambda: vae.encode(torch.randn(1, 1, 40, 64)), lambda: vae.decode(torch.randn(1, 16, 10, 16))):
+        with pytest.raises(ValueError, match="does not tile"):
+            run()
+    unfolded = MelAutoencoderKL(**vae_config("tiny"))
+    unfolded.enable_tiling()
+    unfolded.encode(torch.randn(1, 1, 40, 64))  # unfolded, it tiles as AutoencoderKL does
 
 
 def test_a_pipeline_with_a_folded_vae_generates_the_requested_length_and_reloads(tmp_path):
@@ -80,6 +83,7 @@ def test_a_pipeline_with_a_folded_vae_generates_the_requested_length_and_reloads
         "a jig", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0)
     )
     np.testing.assert_array_equal(again.audios, out.audios)
+    assert MG2InpaintPipeline.from_pipe(reloaded).vae is reloaded.vae  # the task pipelines take a folded VAE too
 
 
 def test_a_preset_folded_keeps_its_latent_shape_from_a_finer_grid():
@@ -91,6 +95,10 @@ def test_a_preset_folded_keeps_its_latent_shape_from_a_finer_grid():
         }
     assert shapes[1] == shapes[2] == (1, 32, 32, 8)
     assert vae_config("small", latent_fold=2)["block_out_channels"] == (16, 32, 64)
+    assert type(build_vae(vae_config("small"))) is AutoencoderKL  # nothing folded: diffusers' own class
+    assert isinstance(build_vae(vae_config("small", latent_fold=2)), MelAutoencoderKL)
     for fold in (0, 3, 8):
-        with pytest.raises(ValueError, match=f"latent_fold must be a power of 2 of at most 8 .* got {fold}"):
+        with pytest.raises(
+            ValueError, match=rf"latent_fold must be one of \[1, 2, 4\] for the 'small' VAE, got {fold}"
+        ):
             vae_config("small", latent_fold=fold)

@@ -1,11 +1,12 @@
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import soundfile
-from conftest import ROOT, run
+from conftest import ROOT, SUBPROCESS_TIMEOUT, run
 
 from mg2_pipeline import CLMPModel, CLMPProcessor, Melody, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.presets import build_pipeline
@@ -293,6 +294,16 @@ def test_codec_only_evaluates_any_vae_without_a_pipeline(tiny_dataset, tmp_path)
         "fad_clmp" not in results[0] and results[1]["mel_acc"] > results[2]["mel_acc"]
     )  # an untrained VAE loses the melody
     assert "model card" not in printed
+    # 2.54 s is 254 mel frames: a multiple of the unfolded ×2, not of the folded ×4
+    result = subprocess.run(
+        [sys.executable, EVALUATE, "--codec_only", "--vae", str(tmp_path / "vae"), "--dataset", tiny_dataset]
+        + ["--output_dir", str(tmp_path / "short"), "--num_clips", "3", "--seconds", "2.54"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+    assert result.returncode != 0 and "gives 254 mel frames; the VAE needs a multiple of 4" in result.stderr
 
 
 def test_generate_samples_writes_wavs_and_spectrograms(tmp_path):

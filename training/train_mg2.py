@@ -236,6 +236,8 @@ def latent_cache_dir(pipe, args) -> str:
         "dataset": [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
         or args.dataset,
     }
+    if pipe.vae.config.get("latent_fold", 1) > 1:  # a folded and an unfolded VAE can share weight shapes
+        identity["latent_fold"] = pipe.vae.config.latent_fold
     if identity["sketch_timbre"] == "plain":  # a cache of plain sketches holds their envelope
         identity["plain_sketch_envelope_s"] = [PLAIN_SKETCH_ATTACK_S, PLAIN_SKETCH_RELEASE_S]
     if pipe.config.text_attention:  # a cache for text attention holds the captions' token states

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train MG2's mel VAE: `MelAutoencoderKL` (diffusers' `AutoencoderKL`, latent folded) on 1-channel log-mel images.
+"""Train MG2's mel VAE: diffusers' `AutoencoderKL` on 1-channel log-mel images, as AudioLDM's (with `--latent_fold`,
+a `MelAutoencoderKL`, whose latent patches are folded into channels).
 
     accelerate launch training/train_vae.py --preset small --dataset data/mg2-folk --output_dir checkpoints/vae-small
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 training/train_vae.py ...
@@ -37,9 +38,9 @@ from training_utils import (
     write_training_summary,
 )
 
-from mg2_pipeline.autoencoder_mel import MelAutoencoderKL, vae_scale_factor
+from mg2_pipeline.autoencoder_mel import vae_scale_factor
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
-from mg2_pipeline.presets import PIPELINE_PRESETS, vae_config
+from mg2_pipeline.presets import PIPELINE_PRESETS, build_vae, vae_config
 
 logger = get_logger(__name__)
 
@@ -59,7 +60,7 @@ def parse_args(argv=None):
         type=int,
         default=1,
         help="Fold each latent_fold × latent_fold latent patch into channels in place of the last down-samplings: the "
-        "same latent shape from a finer grid (`MelAutoencoderKL`; 2, 4, …).",
+        "same latent shape from a finer grid (`MelAutoencoderKL`; 1, 2 or 4 at the small preset).",
     )
     parser.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
     parser.add_argument("--max_train_steps", type=int, default=400)
@@ -76,18 +77,23 @@ def parse_args(argv=None):
     parser.add_argument("--disc_weight", type=float, default=0.1)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--scaling_batches", type=int, default=8)
-    return parse_arguments(
+    args = parse_arguments(
         parser,
         argv,
         __file__,
         positive=("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "scaling_batches"),
     )
+    try:
+        vae_config(args.preset, args.latent_fold)
+    except ValueError as error:
+        parser.error(f"--{error}")
+    return args
 
 
 class VAEWithLosses(nn.Module):
     """The VAE's training forward (reconstruction and KL) as one module, so DDP wraps and syncs it."""
 
-    def __init__(self, vae: MelAutoencoderKL):
+    def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
 
@@ -121,10 +127,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = create_accelerator(args, args.gradient_accumulation_steps)
 
-    try:
-        vae = MelAutoencoderKL(**vae_config(args.preset, args.latent_fold))
-    except ValueError as error:
-        raise SystemExit(f"--latent_fold: {error}")
+    vae = build_vae(vae_config(args.preset, args.latent_fold))
     model = VAEWithLosses(vae)
     scale = vae_scale_factor(vae)
     frames = int(round(args.clip_seconds * 100))
@@ -142,10 +145,13 @@ def main(argv=None):
 
     dataset = load_mg2_dataset(args.dataset, split="train")
     transform = MG2Example(clip_seconds=args.clip_seconds, random_crop=True, seed=args.seed)
-    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_vae", logger, lr_scheduler=lr_scheduler)
+    recipe = {"latent_fold": args.latent_fold}
+    global_step, epoch, batches_in_epoch = start_run(
+        accelerator, args, "train_vae", logger, recipe, lr_scheduler=lr_scheduler
+    )
     logger.info(
         f"***** Training the {args.preset} mel VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
-        f"×{scale}, {vae.config.latent_channels} latent channels, latent_fold {vae.config.latent_fold} *****"
+        f"×{scale}, {vae.config.latent_channels} latent channels, latent_fold {args.latent_fold} *****"
     )
 
     guard = NonFiniteLossGuard(accelerator, args.max_nonfinite_steps)
@@ -189,7 +195,7 @@ def main(argv=None):
                 "lr": lr_scheduler.get_last_lr()[0],
                 "samples_per_second": progress.samples_per_second(),
             }
-            progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch)
+            progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch, **recipe)
             if global_step >= args.max_train_steps:
                 break
         else:
