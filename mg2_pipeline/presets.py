@@ -352,6 +352,12 @@ def vocos_config(name: str) -> dict:
     return dict(dim=dim, intermediate_dim=intermediate_dim, num_layers=num_layers)
 
 
+def saved_class_name(path: str) -> str | None:
+    """The `_class_name` a saved diffusers component's `config.json` records (None for a transformers model)."""
+    with open(os.path.join(path, "config.json")) as handle:
+        return json.load(handle).get("_class_name")
+
+
 def build_vae(config: dict):
     """The VAE of `vae_config`'s kwargs: diffusers' `AutoencoderKL`, or a `MelAutoencoderKL` when its latent is folded."""
     from diffusers import AutoencoderKL
@@ -369,9 +375,7 @@ def load_vae(path: str):
 
     from .autoencoder_mel import MelAutoencoderKL
 
-    with open(os.path.join(path, "config.json")) as handle:
-        class_name = json.load(handle).get("_class_name")
-    return (MelAutoencoderKL if class_name == "MelAutoencoderKL" else AutoencoderKL).from_pretrained(path)
+    return (MelAutoencoderKL if saved_class_name(path) == "MelAutoencoderKL" else AutoencoderKL).from_pretrained(path)
 
 
 def load_vocoder(path: str):
@@ -381,7 +385,5 @@ def load_vocoder(path: str):
     from .vocoder import GriffinLimVocoder
     from .vocos_vocoder import VocosVocoder
 
-    with open(os.path.join(path, "config.json")) as handle:
-        class_name = json.load(handle).get("_class_name")
     classes = {"VocosVocoder": VocosVocoder, "GriffinLimVocoder": GriffinLimVocoder}
-    return classes.get(class_name, SpeechT5HifiGan).from_pretrained(path)
+    return classes.get(saved_class_name(path), SpeechT5HifiGan).from_pretrained(path)

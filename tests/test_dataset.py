@@ -82,15 +82,16 @@ def test_build_is_deterministic_and_resumable(tiny_dataset, tmp_path):
     lost = shards[1]
     reference = pq.read_table(lost)
     os.remove(lost)
-    # Kept shards get a fixed, long-past modification time: any rewrite would give them another, whatever the clock.
-    for path in shards:
-        if path != lost:
-            os.utime(path, ns=(10**18, 10**18))
-    kept_times = {p: (os.stat(p).st_mtime_ns, os.stat(p).st_ino) for p in shards if p != lost}
+    # A hard link to each kept shard: a rerun that replaced one would leave the link on the old file; one that wrote
+    # into it would change its bytes. No clock is read.
+    links = {path: str(tmp_path / f"kept-{os.path.basename(path)}") for path in shards if path != lost}
+    for path, link in links.items():
+        os.link(path, link)
+    kept_bytes = {path: open(path, "rb").read() for path in links}
     result = run_prepare_data("--output_dir", output_dir, *TINY_BUILD_ARGS)
     assert f"{len(shards) - 1} already built, 1 to build" in result.stdout
     assert pq.read_table(lost).equals(reference)
-    assert all((os.stat(p).st_mtime_ns, os.stat(p).st_ino) == t for p, t in kept_times.items())
+    assert all(os.path.samefile(p, link) and open(p, "rb").read() == kept_bytes[p] for p, link in links.items())
 
     # Other settings into the same folder are refused instead of mixing two datasets.
     refused = subprocess.run(
