@@ -1,8 +1,10 @@
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 
+import psutil
 import pytest
 
 # Tests never reach a hub: everything they load is built here or shipped inside a package.
@@ -50,11 +52,33 @@ sys.meta_path.insert(0, Block())
 """
 
 
-def run(command: list[str], **env) -> subprocess.CompletedProcess:
-    """Run a command from the repository root; fails the test with its output on error."""
-    result = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=SUBPROCESS_TIMEOUT
+def run(command: list[str], timeout: float = SUBPROCESS_TIMEOUT, **env) -> subprocess.CompletedProcess:
+    """Run a command from the repository root; fails the test with its output on error. A command still running
+    after `timeout` seconds fails the test with the Python stacks of every process it started (torchrun's workers
+    run in sessions of their own, so killing the command alone would leave them behind)."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1", **env},
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        command_process = psutil.Process(process.pid)
+        tree = [command_process, *command_process.children(recursive=True)]
+        for member in reversed(tree):  # the faulthandler prints each one's stacks as it aborts
+            member.send_signal(signal.SIGABRT)
+        psutil.wait_procs(tree, timeout=30)
+        for member in tree:
+            if member.is_running():
+                member.kill()
+        stdout, stderr = process.communicate()
+        stacks = "\n".join(line for line in stderr.splitlines() if not line.startswith("Extension modules:"))
+        pytest.fail(f"{command} still ran after {timeout} s; its output and stacks:\n{stdout[-2000:]}{stacks[-8000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -76,9 +100,11 @@ def accelerate_command(script: str, *arguments: str, processes: int = 1) -> tupl
     return launcher + ["--cpu", "--num_processes", "1", script, *arguments], {}
 
 
-def accelerate(script: str, *arguments: str, processes: int = 1, **env) -> subprocess.CompletedProcess:
+def accelerate(
+    script: str, *arguments: str, processes: int = 1, timeout: float = SUBPROCESS_TIMEOUT, **env
+) -> subprocess.CompletedProcess:
     command, launch_env = accelerate_command(script, *arguments, processes=processes)
-    return run(command, **launch_env, **env)
+    return run(command, timeout=timeout, **launch_env, **env)
 
 
 TINY_BUILD_ARGS = (

@@ -6,10 +6,44 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT
+from conftest import ROOT, accelerate
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
 from training_utils import checkpoint_dirs, resume, save_checkpoint  # noqa: E402
+
+# Two processes end a run while one of them has an all-reduce in flight on the group its DDP model uses. Gloo's
+# worker thread releases that tensor only after the other process joins, and releasing it runs Python for a
+# second: if the model still held the group when the script ends, gloo would join that thread holding the GIL.
+LEAVE_WITH_WORK_IN_FLIGHT = """
+import sys, time
+sys.path.insert(0, {training!r})
+import torch
+from accelerate import Accelerator
+from torch.nn.parallel import DistributedDataParallel
+from training_utils import finish_run
+
+
+class SlowRelease:
+    def __del__(self):
+        time.sleep(1)
+
+
+def main():
+    accelerator = Accelerator()
+    group = torch.distributed.new_group(backend="gloo")
+    model = DistributedDataParallel(torch.nn.Linear(3, 2), process_group=group)
+    tensor = torch.ones(1)
+    tensor.release = SlowRelease()
+    if accelerator.is_main_process:
+        time.sleep(1)
+    torch.distributed.all_reduce(tensor, group=group, async_op=True)
+    del tensor
+    finish_run(accelerator, model)
+
+
+main()
+print("exited", flush=True)
+"""
 
 
 class Killed(BaseException):
@@ -83,3 +117,12 @@ def test_a_checkpoint_holds_every_process_state_when_another_process_writes_late
     save_checkpoint(accelerator, str(tmp_path / "run"), 1, 1)
     assert os.listdir(tmp_path / "run") == ["checkpoint-1"]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(tmp_path / "run" / "checkpoint-1"))
+
+
+def test_every_process_exits_when_a_run_ends_with_gloo_still_releasing_a_tensor(tmp_path):
+    """`finish_run` frees the process group from every DDP model before destroying it: left to the model's end, gloo
+    waits for its threads holding the GIL, which a thread releasing a tensor needs, and both processes hang."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_WITH_WORK_IN_FLIGHT.format(training=os.path.join(ROOT, "training")))
+    result = accelerate(str(script), processes=2, timeout=120)
+    assert result.stdout.count("exited") == 2

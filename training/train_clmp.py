@@ -229,8 +229,7 @@ def main(argv=None):
     fingerprints = accelerator.gather(fingerprint.reshape(1).to(accelerator.device)).tolist()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model)
-        model.save_pretrained(args.output_dir)
+        accelerator.unwrap_model(model).save_pretrained(args.output_dir)
         processor.save_pretrained(args.output_dir)
         summary = write_training_summary(
             args.output_dir,
@@ -243,7 +242,7 @@ def main(argv=None):
         )
         logger.info(f"Saved {args.output_dir}: {summary}")
         push_output_dir(args)
-    finish_run(accelerator)
+    finish_run(accelerator, model)
 
 
 if __name__ == "__main__":

@@ -701,7 +701,7 @@ def main(argv=None):
             )
         logger.info(f"Saved the pipeline to {args.output_dir}: {summary}")
         push_output_dir(args)
-    finish_run(accelerator)
+    finish_run(accelerator, unet)
 
 
 @torch.no_grad()

@@ -213,7 +213,7 @@ def main(argv=None):
         )
         logger.info(f"Saved the VAE to {args.output_dir}: {summary}")
         push_output_dir(args)
-    finish_run(accelerator)
+    finish_run(accelerator, model, discriminator)
 
 
 def spectral_convergence(reconstruction: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:

@@ -240,7 +240,7 @@ def main(argv=None):
         )
         logger.info(f"Saved the vocoder to {args.output_dir}: {summary}")
         push_output_dir(args)
-    finish_run(accelerator)
+    finish_run(accelerator, generator, discriminators)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 import torch
 import yaml
 from accelerate import Accelerator
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mg2_pipeline.hub import describe_pipeline, push_folder
@@ -348,9 +349,17 @@ def epoch_dataloader(dataset, transform, args, accelerator: Accelerator, epoch: 
     return loader
 
 
-def finish_run(accelerator: Accelerator) -> None:
+def finish_run(accelerator: Accelerator, *models: torch.nn.Module) -> None:
+    """End the trackers and the process group, every process together. `models` are what `accelerator.prepare`
+    returned: none of them may still hold the process group when it is destroyed."""
     # Every process leaves together: ending while the main process still saves can hang the process group.
     accelerator.wait_for_everyone()
+    # A DDP model keeps the process group alive through its reducer. Destroyed last by it, at the script's end, gloo
+    # joins its worker threads holding the GIL, and deadlocks when one of them is still releasing a tensor that needs
+    # the GIL (pytorch/pytorch#56297). Released here, the group dies in `destroy_process_group`, which lets it go.
+    for model in models:
+        if isinstance(model, DistributedDataParallel):
+            del model.logger, model.reducer, model.process_group
     accelerator.end_training()
 
 
