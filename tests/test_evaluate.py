@@ -266,7 +266,7 @@ def test_codec_only_evaluates_any_vae_without_a_pipeline(tiny_dataset, tmp_path)
     MelAutoencoderKL(**{**vae_config("tiny"), "latent_channels": 16, "latent_fold": 2}).save_pretrained(
         tmp_path / "vae"
     )
-    printed = run(
+    codec_run = run(
         [
             sys.executable,
             EVALUATE,
@@ -282,7 +282,10 @@ def test_codec_only_evaluates_any_vae_without_a_pipeline(tiny_dataset, tmp_path)
             "--seconds",
             "2.56",
         ]
-    ).stdout
+    )
+    printed = codec_run.stdout
+    # the codec rows' long stage shows its progress, clip by clip
+    assert "codec: vocoder and VAE + vocoder: 100%" in codec_run.stderr and "3/3" in codec_run.stderr
     results = json.loads((tmp_path / "codec" / "eval_results.json").read_text())["results"]
     assert [r["audio"] for r in results] == [
         "real clip (FAD: test vs validation clips)",

@@ -261,4 +261,10 @@ def test_cli_continues_re_renders_and_repaints_a_recording(pipe, recording, monk
     ):
         with pytest.raises(SystemExit, match=message):
             cli.main([*base, "--output", str(tmp_path / "bad.wav"), *bad])
+    # longer than a 1.99 s recording, but the same mel frames once rounded: it would continue nothing
+    shorter = tmp_path / "shorter.wav"
+    soundfile.write(shorter, recording[: int(1.99 * 16000)], 16000)
+    assert pipe.mel_frames(2.0) == pipe.mel_frames(1.99)
+    with pytest.raises(SystemExit, match=r"--duration must be longer than --audio \(1.99 s\) to continue it"):
+        cli.main([*base[:-1], str(shorter), "--output", str(tmp_path / "bad.wav"), "--duration", "2"])
     assert not (tmp_path / "bad.wav").exists()

@@ -338,6 +338,8 @@ def test_loud_output_is_scaled_to_full_scale_and_no_written_file_clips(tmp_path)
     loud.vocode = lambda mel: vocode(mel) * 4 / np.abs(quiet).max()  # peaks at 4
     out = generate(loud).audios
     np.testing.assert_allclose(out, quiet / np.abs(quiet).max(), atol=1e-6)
+    loud.vocode = lambda mel: vocode(mel) * 0.5 / np.abs(quiet).max()  # peaks at 0.5: left as it is
+    np.testing.assert_allclose(generate(loud).audios, 0.5 * quiet / np.abs(quiet).max(), atol=1e-6)
     save_audio(tmp_path / "loud.wav", out[0])
     written, _ = soundfile.read(tmp_path / "loud.wav")
     assert np.sum(np.abs(written) >= 32767 / 32768) <= 1
