@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,15 +32,7 @@ PREPARE_DATA = os.path.join(ROOT, "training", "prepare_data.py")
 
 def run_prepare_data(*arguments: str) -> subprocess.CompletedProcess:
     """Run training/prepare_data.py as a user would; fails the test with its output on error."""
-    result = subprocess.run(
-        [sys.executable, PREPARE_DATA, *arguments],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=SUBPROCESS_TIMEOUT,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run([sys.executable, PREPARE_DATA, *arguments])
 
 
 # Prepended to a `python -c` script: makes `import mg2_pipeline` fail, as on a machine without the package.
@@ -69,15 +62,22 @@ def run(command: list[str], timeout: float = SUBPROCESS_TIMEOUT, **env) -> subpr
     except subprocess.TimeoutExpired:
         command_process = psutil.Process(process.pid)
         tree = [command_process, *command_process.children(recursive=True)]
-        for member in reversed(tree):  # the faulthandler prints each one's stacks as it aborts
-            member.send_signal(signal.SIGABRT)
-        psutil.wait_procs(tree, timeout=30)
-        for member in tree:
-            if member.is_running():
+        for member in tree:  # the faulthandler prints each one's stacks as it aborts (and writes no core file)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.rlimit(psutil.RLIMIT_CORE, (0, 0))
+                member.send_signal(signal.SIGABRT)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()
-        stdout, stderr = process.communicate()
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # a process started after the listing still holds the pipes
+            stdout, stderr = "", "(no output: a process it started still holds its pipes)"
         stacks = "\n".join(line for line in stderr.splitlines() if not line.startswith("Extension modules:"))
-        pytest.fail(f"{command} still ran after {timeout} s; its output and stacks:\n{stdout[-2000:]}{stacks[-8000:]}")
+        pytest.fail(
+            f"{command} still ran after {timeout} s; its output and stacks:\n{stdout[-2000:]}\n{stacks[-12000:]}"
+        )
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result

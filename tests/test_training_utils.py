@@ -30,7 +30,7 @@ class SlowRelease:
 
 def main():
     accelerator = Accelerator()
-    group = torch.distributed.new_group(backend="gloo")
+    group = torch.distributed.new_group(backend="gloo")  # its Python object outlives finish_run, as it may in a script
     model = DistributedDataParallel(torch.nn.Linear(3, 2), process_group=group)
     tensor = torch.ones(1)
     tensor.release = SlowRelease()

@@ -349,15 +349,17 @@ def epoch_dataloader(dataset, transform, args, accelerator: Accelerator, epoch: 
     return loader
 
 
-def finish_run(accelerator: Accelerator, *models: torch.nn.Module) -> None:
+def finish_run(accelerator: Accelerator, *models: torch.nn.Module | None) -> None:
     """End the trackers and the process group, every process together. `models` are what `accelerator.prepare`
     returned: none of them may still hold the process group when it is destroyed."""
     # Every process leaves together: ending while the main process still saves can hang the process group.
     accelerator.wait_for_everyone()
-    # A DDP model keeps the process group alive through its reducer. Destroyed last by it, at the script's end, gloo
-    # joins its worker threads holding the GIL, and deadlocks when one of them is still releasing a tensor that needs
-    # the GIL (pytorch/pytorch#56297). Released here, the group dies in `destroy_process_group`, which lets it go.
+    # A DDP model's reducer holds the process group. Left to die with the model, the group's destructor joins gloo's
+    # threads while holding the GIL, and deadlocks if one of them is releasing a tensor, which needs the GIL
+    # (pytorch/pytorch#56297). Without the model's references, the group's last owner is its Python object, whose
+    # destructor releases the GIL.
     for model in models:
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
         if isinstance(model, DistributedDataParallel):
             del model.logger, model.reducer, model.process_group
     accelerator.end_training()
