@@ -45,9 +45,9 @@ sys.meta_path.insert(0, Block())
 """
 
 
-def run(command: list[str], timeout: float = SUBPROCESS_TIMEOUT, **env) -> subprocess.CompletedProcess:
+def run(command: list[str], **env) -> subprocess.CompletedProcess:
     """Run a command from the repository root; fails the test with its output on error. A command still running
-    after `timeout` seconds fails the test with the Python stacks of every process it started (torchrun's workers
+    after `SUBPROCESS_TIMEOUT` seconds (a hang) fails the test with the Python stacks of every process it started (torchrun's workers
     run in sessions of their own, so killing the command alone would leave them behind)."""
     process = subprocess.Popen(
         command,
@@ -58,7 +58,7 @@ def run(command: list[str], timeout: float = SUBPROCESS_TIMEOUT, **env) -> subpr
         env={**os.environ, "PYTHONFAULTHANDLER": "1", **env},
     )
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
+        stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT)
     except subprocess.TimeoutExpired:
         command_process = psutil.Process(process.pid)
         tree = [command_process, *command_process.children(recursive=True)]
@@ -76,7 +76,7 @@ def run(command: list[str], timeout: float = SUBPROCESS_TIMEOUT, **env) -> subpr
             stdout, stderr = "", "(no output: a process it started still holds its pipes)"
         stacks = "\n".join(line for line in stderr.splitlines() if not line.startswith("Extension modules:"))
         pytest.fail(
-            f"{command} still ran after {timeout} s; its output and stacks:\n{stdout[-2000:]}\n{stacks[-12000:]}"
+            f"{command} still ran after {SUBPROCESS_TIMEOUT} s; its output and stacks:\n{stdout[-2000:]}\n{stacks[-12000:]}"
         )
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -100,11 +100,9 @@ def accelerate_command(script: str, *arguments: str, processes: int = 1) -> tupl
     return launcher + ["--cpu", "--num_processes", "1", script, *arguments], {}
 
 
-def accelerate(
-    script: str, *arguments: str, processes: int = 1, timeout: float = SUBPROCESS_TIMEOUT, **env
-) -> subprocess.CompletedProcess:
+def accelerate(script: str, *arguments: str, processes: int = 1, **env) -> subprocess.CompletedProcess:
     command, launch_env = accelerate_command(script, *arguments, processes=processes)
-    return run(command, timeout=timeout, **launch_env, **env)
+    return run(command, **launch_env, **env)
 
 
 TINY_BUILD_ARGS = (

@@ -124,5 +124,5 @@ def test_every_process_exits_when_a_run_ends_with_gloo_still_releasing_a_tensor(
     waits for its threads holding the GIL, which a thread releasing a tensor needs, and both processes hang."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVE_WITH_WORK_IN_FLIGHT.format(training=os.path.join(ROOT, "training")))
-    result = accelerate(str(script), processes=2, timeout=120)
+    result = accelerate(str(script), processes=2)
     assert result.stdout.count("exited") == 2
