@@ -10,6 +10,9 @@ caption. Reported per pair: Mel acc against the real clip, family accuracy and p
 instrument classifier, fitted on real train-split clips), FAD (CLMP) to the real clips, accompaniment when the caption
 asks for it and when it does not, onset clicks, and seconds per clip as a ratio against the first pair. In the same
 run: the ceilings (real clips; real clips through the codec) and the floors (melody guidance 0; chance).
+
+`--checkpoints checkpoint-4800 checkpoint-6400`, when `--model` is a `train_mg2.py` output folder, measures those
+checkpoints' EMA weights too, at every pair and on the same clips and seeds: how the figures grow with training steps.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from sound_measures import (  # noqa: E402
     paired_preference,
     timbre_features,
 )
+from training_utils import checkpoint_dirs, load_ema_weights  # noqa: E402
 
 from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
@@ -71,12 +75,19 @@ def main(argv=None):
     parser.add_argument("--classifier_clips", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=None, help="Default: the pipeline's default_num_inference_steps.")
     parser.add_argument("--pairs", type=guidance_pair, nargs="+", default=[(3.0, 3.0), (4.0, 4.0), (3.0, 5.0)])
+    parser.add_argument(
+        "--checkpoints", nargs="+", default=[], help="checkpoint-N folders of --model to measure too (EMA weights)."
+    )
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     if args.num_clips < 2:
         parser.error("--num_clips must be >= 2 (FAD needs a covariance)")
     if len(set(args.pairs)) < len(args.pairs):
         parser.error(f"--pairs has a pair twice: {args.pairs}")
+    available = [os.path.basename(d) for d in checkpoint_dirs(args.model)]
+    missing = sorted(set(args.checkpoints) - set(available))
+    if missing:
+        parser.error(f"--checkpoints: {args.model} has no {missing} (it has {available or 'no checkpoints'})")
     settings = parse_args(["--model", args.model, "--output_dir", "-"])  # evaluate.py's seeds, length, batch
 
     pipe = MG2Pipeline.from_pretrained(args.model)
@@ -147,18 +158,22 @@ def main(argv=None):
     results[f"floor: guidance {floor_text:g} / melody 0"] = measure(
         generated(prompts["own"], floor_text, 0.0, "floor: melody guidance 0")
     )
-    for text_scale, melody_scale in args.pairs:
-        name = f"guidance {text_scale:g} / melody {melody_scale:g}"
-        start = time.perf_counter()
-        waveforms = generated(prompts["own"], text_scale, melody_scale, name)
-        seconds = (time.perf_counter() - start) / len(waveforms)
-        results[name] = measure(
-            waveforms,
-            other_family=generated(prompts["other"], text_scale, melody_scale, f"{name}, another family"),
-            captioned=generated(bench.captions, text_scale, melody_scale, f"{name}, captions"),
-            seconds=seconds,
-        )
-        print(f"{name}: {results[name]}", flush=True)
+    for checkpoint in [None, *args.checkpoints]:  # the saved model, then each checkpoint's EMA weights
+        if checkpoint is not None:
+            load_ema_weights(pipe.unet, os.path.join(args.model, checkpoint))
+        for text_scale, melody_scale in args.pairs:
+            name = f"guidance {text_scale:g} / melody {melody_scale:g}"
+            name = name if checkpoint is None else f"{checkpoint}, {name}"
+            start = time.perf_counter()
+            waveforms = generated(prompts["own"], text_scale, melody_scale, name)
+            seconds = (time.perf_counter() - start) / len(waveforms)
+            results[name] = measure(
+                waveforms,
+                other_family=generated(prompts["other"], text_scale, melody_scale, f"{name}, another family"),
+                captioned=generated(bench.captions, text_scale, melody_scale, f"{name}, captions"),
+                seconds=seconds,
+            )
+            print(f"{name}: {results[name]}", flush=True)
 
     first = results[f"guidance {args.pairs[0][0]:g} / melody {args.pairs[0][1]:g}"]["seconds_per_clip"]
     columns = ["Mel acc ↑", "family acc ↑", "paired ↑", "FAD CLMP ↓", "acc. asked ↑", "acc. solo ↓", "clicks ↓"]

@@ -26,34 +26,16 @@ import re
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
 
 from evaluate import Bench, chroma_peaks, codec_rows, generate, instrument_prompts, mel_accuracy, parse_args  # noqa: E402
 from sound_measures import FAMILIES, SoundClassifier, family_of, onset_click_energy, timbre_features  # noqa: E402
+from training_utils import load_ema_weights  # noqa: E402
 
 from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline import melody as melody_module  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
-
-
-def load_ema_weights(pipe: MG2Pipeline, checkpoint: str) -> None:
-    """Copy the EMA weights `train_mg2.py` checkpointed (accelerate's first custom object) into `pipe.unet`."""
-    path = os.path.join(checkpoint, "custom_checkpoint_0.pkl")
-    if not os.path.isfile(path):
-        raise SystemExit(
-            f"{checkpoint} holds no EMA weights ({path}): a LoRA run keeps none; measure its saved adapter."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    parameters = list(pipe.unet.parameters())
-    if len(state["shadow_params"]) != len(parameters):
-        raise ValueError(
-            f"{checkpoint} holds {len(state['shadow_params'])} EMA tensors; this UNet has {len(parameters)}."
-        )
-    with torch.no_grad():
-        for parameter, shadow in zip(parameters, state["shadow_params"]):
-            parameter.copy_(shadow)
 
 
 def main(argv=None):
@@ -153,7 +135,7 @@ def main(argv=None):
         )
     plain_envelope_s = melody_module.PLAIN_SKETCH_ATTACK_S, melody_module.PLAIN_SKETCH_RELEASE_S
     for name in checkpoints:
-        load_ema_weights(pipe, os.path.join(args.run, name))
+        load_ema_weights(pipe.unet, os.path.join(args.run, name))
         melodies = None if pipe.config.condition == "text" else bench.melodies
         for (text_scale, melody_scale), (attack_ms, release_ms) in itertools.product(guidance, envelopes):
             settings.guidance_scale, settings.melody_guidance_scale = text_scale, melody_scale

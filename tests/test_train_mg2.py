@@ -17,7 +17,7 @@ from mg2_pipeline import MG2Pipeline
 from mg2_pipeline.data import LatentCrop, load_mg2_dataset
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
-from training_utils import NonFiniteLossGuard, checkpoint_dirs  # noqa: E402
+from training_utils import NonFiniteLossGuard, checkpoint_dirs, load_ema_weights  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "training", "train_mg2.py")
 
@@ -92,6 +92,13 @@ def test_training_learns_checkpoints_validates_and_saves_a_loadable_pipeline(
         "a jig on fiddle", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator().manual_seed(0)
     )
     assert out.audios.shape == (1, 20480) and np.all(np.isfinite(out.audios)) and out.melodies[0].metadata["title"]
+
+    # A checkpoint's EMA weights (what the benchmarks measure per checkpoint): the last one's are the saved UNet's.
+    saved = unet_weights(output_dir)
+    for checkpoint, equal in (("checkpoint-8", False), ("checkpoint-12", True)):
+        load_ema_weights(pipe.unet, output_dir / checkpoint)
+        loaded = {name: parameter.detach() for name, parameter in pipe.unet.named_parameters()}
+        assert all(torch.equal(loaded[name], saved[name]) for name in loaded) == equal
 
 
 def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(

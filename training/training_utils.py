@@ -151,6 +151,24 @@ def resume(
     return {**state, "checkpoint": path}
 
 
+def load_ema_weights(model: torch.nn.Module, checkpoint: str) -> None:
+    """Copy the EMA weights a checkpoint of `train_mg2.py` holds (accelerate's first custom object) into `model`."""
+    path = os.path.join(checkpoint, "custom_checkpoint_0.pkl")
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"{checkpoint} holds no EMA weights ({path}): a LoRA run keeps none; measure its saved adapter."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    parameters = list(model.parameters())
+    if len(state["shadow_params"]) != len(parameters):
+        raise ValueError(
+            f"{checkpoint} holds {len(state['shadow_params'])} EMA tensors; the model has {len(parameters)}."
+        )
+    with torch.no_grad():
+        for parameter, shadow in zip(parameters, state["shadow_params"]):
+            parameter.copy_(shadow)
+
+
 class NonFiniteLossGuard:
     """Skips steps whose loss is NaN/inf on any process, and aborts after `patience` in a row."""
 
