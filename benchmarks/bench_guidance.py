@@ -47,7 +47,7 @@ from sound_measures import (  # noqa: E402
     paired_preference,
     timbre_features,
 )
-from training_utils import checkpoint_dirs, load_ema_weights  # noqa: E402
+from training_utils import checkpoint_dirs, ema_weights_path, load_ema_weights  # noqa: E402
 
 from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
@@ -88,6 +88,13 @@ def main(argv=None):
     missing = sorted(set(args.checkpoints) - set(available))
     if missing:
         parser.error(f"--checkpoints: {args.model} has no {missing} (it has {available or 'no checkpoints'})")
+    if len(set(args.checkpoints)) < len(args.checkpoints):
+        parser.error(f"--checkpoints names a checkpoint twice: {args.checkpoints}")
+    without_ema = [
+        name for name in args.checkpoints if not os.path.isfile(ema_weights_path(os.path.join(args.model, name)))
+    ]
+    if without_ema:
+        parser.error(f"--checkpoints: {without_ema} hold no EMA weights (a LoRA run keeps none)")
     settings = parse_args(["--model", args.model, "--output_dir", "-"])  # evaluate.py's seeds, length, batch
 
     pipe = MG2Pipeline.from_pretrained(args.model)

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from evaluate import Bench, chroma_peaks, codec_rows, generate, instrument_prompts, mel_accuracy, parse_args  # noqa: E402
 from sound_measures import FAMILIES, SoundClassifier, family_of, onset_click_energy, timbre_features  # noqa: E402
-from training_utils import load_ema_weights  # noqa: E402
+from training_utils import ema_weights_path, load_ema_weights  # noqa: E402
 
 from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline import melody as melody_module  # noqa: E402
@@ -129,6 +129,9 @@ def main(argv=None):
         if missing:
             raise SystemExit(f"--checkpoints: {args.run} has no {missing} (it has {checkpoints}).")
         checkpoints = [name for name in checkpoints if name in args.checkpoints]
+    without_ema = [name for name in checkpoints if not os.path.isfile(ema_weights_path(os.path.join(args.run, name)))]
+    if without_ema:
+        raise SystemExit(f"{without_ema} hold no EMA weights (a LoRA run keeps none): measure its saved adapter.")
     if not checkpoints:
         raise SystemExit(
             f"{args.run} has no checkpoint-N folders: train with --checkpoints_total_limit large enough to keep them."

@@ -151,13 +151,16 @@ def resume(
     return {**state, "checkpoint": path}
 
 
+def ema_weights_path(checkpoint: str) -> str:
+    """Where a checkpoint folder of `train_mg2.py` keeps its EMA weights (accelerate's first custom object)."""
+    return os.path.join(checkpoint, "custom_checkpoint_0.pkl")
+
+
 def load_ema_weights(model: torch.nn.Module, checkpoint: str) -> None:
-    """Copy the EMA weights a checkpoint of `train_mg2.py` holds (accelerate's first custom object) into `model`."""
-    path = os.path.join(checkpoint, "custom_checkpoint_0.pkl")
+    """Copy the EMA weights a checkpoint folder of `train_mg2.py` holds into `model`."""
+    path = ema_weights_path(checkpoint)
     if not os.path.isfile(path):
-        raise SystemExit(
-            f"{checkpoint} holds no EMA weights ({path}): a LoRA run keeps none; measure its saved adapter."
-        )
+        raise FileNotFoundError(f"{checkpoint} holds no EMA weights ({path}): a LoRA run keeps none.")
     state = torch.load(path, map_location="cpu", weights_only=False)
     parameters = list(model.parameters())
     if len(state["shadow_params"]) != len(parameters):
