@@ -169,23 +169,31 @@ def unet_config(
     )
 
 
-def vae_config(name: str, latent_fold: int = 1) -> dict:
+# How many latent patches each preset's VAE folds into channels (`vae_config`).
+DEFAULT_LATENT_FOLD = {"tiny": 1, "small": 2, "paper": 1}
+
+
+def vae_config(name: str, latent_fold: int | None = None) -> dict:
     """VAE kwargs on 1-channel log-mel images `(1, frames, 64)`, for `build_vae`.
 
     - `tiny`: ×2 (4 latent channels).
-    - `small`: (16, 32, 64, 64), ×8, 32 channels: 10.24 s → 32 × 128 × 8, so the UNet works on 4× fewer positions
-      than with AudioLDM's ×4 while the latent keeps half the mel's numbers (AudioLDM's ratio). 32 channels instead of
-      8 cost the UNet nothing (only its first and last convolution see them) and carry the melody through the codec
-      (`docs/history.md#vae-shape-and-training-steps`). About 1 M parameters.
+    - `small`: a 32-channel ×8 latent, 10.24 s → 32 × 128 × 8, so the UNet works on 4× fewer positions than with
+      AudioLDM's ×4 while the latent keeps half the mel's numbers (AudioLDM's ratio). 32 channels instead of 8 cost the
+      UNet nothing (only its first and last convolution see them) and carry the melody through the codec
+      (`docs/history.md#vae-shape-and-training-steps`). Folded by 2: a (16, 32, 64) ×4 autoencoder with 8 channels;
+      with `latent_fold=1`, (16, 32, 64, 64) ×8 with 32.
     - `paper`: AudioLDM's VAE (128, 256, 512), ×4, 8 channels.
 
-    `latent_fold` (2, 4, …) keeps the latent's shape but replaces the last log2(latent_fold) down-samplings by folding
-    each `latent_fold × latent_fold` patch into channels: `small` with 2 is a ×4 autoencoder with 8 channels whose
-    2 × 2 patches make the same 32 × 128 × 8 latent (`docs/evaluation.md#a-folded-latent`).
+    `latent_fold` (2, 4, …; default: the preset's, `DEFAULT_LATENT_FOLD`) keeps the latent's shape but replaces the
+    last log2(latent_fold) down-samplings by folding each `latent_fold × latent_fold` patch into channels: `small`
+    folds 2, a ×4 autoencoder with 8 channels whose 2 × 2 patches make the same 32 × 128 × 8 latent, which keeps more
+    pitch. A folded VAE has no mid-block attention: on latent_fold² times the positions it would cost the encoder more
+    than the rest of it (`docs/evaluation.md#the-codec`).
     """
     channels, latent_channels = {"tiny": ((8, 16), 4), "small": ((16, 32, 64, 64), 32), "paper": ((128, 256, 512), 8)}[
         name
     ]
+    latent_fold = DEFAULT_LATENT_FOLD[name] if latent_fold is None else latent_fold
     allowed = [2**folds for folds in range(len(channels)) if latent_channels % 4**folds == 0]
     if latent_fold not in allowed:
         raise ValueError(f"latent_fold must be one of {allowed} for the {name!r} VAE, got {latent_fold!r}.")
@@ -201,6 +209,7 @@ def vae_config(name: str, latent_fold: int = 1) -> dict:
         layers_per_block=1 if name != "paper" else 2,
         norm_num_groups=min(32, channels[0]),
         sample_size=1024,
+        mid_block_add_attention=latent_fold == 1,
     )
 
 

@@ -95,8 +95,12 @@ def test_a_preset_folded_keeps_its_latent_shape_from_a_finer_grid():
         }
     assert shapes[1] == shapes[2] == (1, 32, 32, 8)
     assert vae_config("small", latent_fold=2)["block_out_channels"] == (16, 32, 64)
-    assert type(build_vae(vae_config("small"))) is AutoencoderKL  # nothing folded: diffusers' own class
-    assert isinstance(build_vae(vae_config("small", latent_fold=2)), MelAutoencoderKL)
+    assert type(build_vae(vae_config("small", latent_fold=1))) is AutoencoderKL  # nothing folded: diffusers' own class
+    assert vae_config("small")["latent_fold"] == 2 and vae_config("tiny")["latent_fold"] == 1  # the presets' own
+    folded = build_vae(vae_config("small"))
+    assert isinstance(folded, MelAutoencoderKL)
+    mid_blocks = (folded.encoder.mid_block, folded.decoder.mid_block)
+    assert all(attention is None for block in mid_blocks for attention in block.attentions)
     for fold in (0, 3, 8):
         with pytest.raises(
             ValueError, match=rf"latent_fold must be one of \[1, 2, 4\] for the 'small' VAE, got {fold}"

@@ -1,5 +1,6 @@
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from conftest import ROOT, SUBPROCESS_TIMEOUT, accelerate, accelerate_command
 from safetensors.torch import load_file
 
 from mg2_pipeline import MG2Pipeline
+from mg2_pipeline.audio import LOG_FLOOR
 from mg2_pipeline.data import LatentCrop, load_mg2_dataset
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
@@ -572,6 +574,10 @@ def test_vae_training_learns_stores_its_scaling_factor_and_plugs_in(tiny_dataset
         "8",
         "--latent_fold",
         "2",
+        "--lr_scheduler",
+        "warmup_stable_decay",
+        "--silence_probability",
+        "0.5",
     ]
     accelerate(os.path.join(ROOT, "training", "train_vae.py"), *arguments, "--output_dir", str(output_dir))
     summary = json.loads((output_dir / "training_summary.json").read_text())
@@ -589,6 +595,51 @@ def test_vae_training_learns_stores_its_scaling_factor_and_plugs_in(tiny_dataset
         *arguments,
     )
     assert_same_weights(output_dir, resumed, "diffusion_pytorch_model.safetensors")
+
+
+def test_vae_crops_get_a_span_of_digital_silence_and_nothing_else_changes():
+    from train_vae import insert_silence
+
+    mel = torch.randn(6, 64, 8)
+    assert torch.equal(insert_silence(mel, 0.0), mel)
+    silenced = insert_silence(mel, 1.0)
+    floor = math.log(LOG_FLOOR)
+    for before, after in zip(mel, silenced):
+        changed = (after != before).any(1)
+        span = torch.nonzero(changed).flatten()
+        assert 8 <= len(span) <= 32 and torch.equal(span, torch.arange(span[0], span[-1] + 1))
+        assert (after[changed] == floor).all()
+    assert not (mel == floor).any()  # the batch itself is left alone
+    torch.manual_seed(0)
+    silenced_crops = (insert_silence(torch.randn(64, 64, 8), 0.25) == floor).any(2).any(1).sum().item()
+    assert 4 <= silenced_crops <= 32  # about a quarter of the crops
+
+
+def test_vae_training_refuses_silence_it_cannot_insert_and_a_decay_outside_the_run(capsys):
+    import train_vae
+
+    base = ["--dataset", "-", "--output_dir", "-"]
+    for flags, message in [
+        (["--silence_probability", "1.5"], "--silence_probability must be in [0, 1], got 1.5"),
+        (["--silence_probability", "0.5", "--clip_seconds", "0.08"], "needs crops of at least 0.16 s (16 frames)"),
+        (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0"], "must be in (0, 1], got 0.0"),
+    ]:
+        with pytest.raises(SystemExit):
+            train_vae.parse_args(base + flags)
+        assert message in capsys.readouterr().err
+    assert train_vae.parse_args(base + ["--silence_probability", "0.5", "--clip_seconds", "0.16"]).latent_fold == 2
+
+
+def test_the_vaes_adversarial_term_is_weighed_by_the_gradient_norms_at_the_decoders_last_layer():
+    from train_vae import adaptive_weight
+
+    last_layer = torch.nn.Parameter(torch.ones(3))
+    reconstruction_loss = (3 * last_layer).sum()  # gradient 3 per weight
+    generator_loss = (last_layer**2).sum() / 2  # gradient 1 per weight
+    weight = adaptive_weight(reconstruction_loss, generator_loss, last_layer)
+    assert weight.item() == pytest.approx(3.0, rel=1e-3) and not weight.requires_grad
+    # an adversarial term whose gradient vanishes is weighed at the clamp, not at infinity
+    assert adaptive_weight(reconstruction_loss, 0 * last_layer.sum(), last_layer).item() == pytest.approx(1e4)
 
 
 @pytest.mark.parametrize(
@@ -676,10 +727,10 @@ def wsd_args(*flags: str):
 def stepped_schedule(args, steps: int, num_processes: int = 1):
     """The learning rate before each of `steps` optimizer steps, and the schedule after them, stepped as a prepared
     scheduler is: once per process per optimizer step."""
-    import train_mg2
+    from training_utils import learning_rate_schedule
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
-    schedule = train_mg2.learning_rate_schedule(args, optimizer, num_processes)
+    schedule = learning_rate_schedule(args, optimizer, num_processes)
     rates = []
     for _ in range(steps):
         rates.append(schedule.get_last_lr()[0])

@@ -23,16 +23,18 @@ from training_utils import (
     NonFiniteLossGuard,
     TrainingProgress,
     add_common_arguments,
+    add_schedule_arguments,
     create_accelerator,
     epoch_dataloader,
     finish_run,
+    learning_rate_schedule,
     optimizer_step,
     parse_arguments,
     push_output_dir,
     start_run,
     write_training_summary,
 )
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer
 
 from mg2_pipeline.data import MG2Example, load_mg2_dataset
 from mg2_pipeline.feature_extraction_clmp import CLMPFeatureExtractor
@@ -81,8 +83,7 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--text_learning_rate", type=float, default=3e-5, help="For the pretrained text tower.")
     parser.add_argument("--weight_decay", type=float, default=0.01)
-    parser.add_argument("--lr_scheduler", default="cosine")
-    parser.add_argument("--lr_warmup_steps", type=int, default=50)
+    add_schedule_arguments(parser, default_scheduler="cosine", default_warmup_steps=50)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument(
         "--record_data_order",
@@ -153,12 +154,7 @@ def main(argv=None):
     if text_parameters:
         parameter_groups.append({"params": text_parameters, "lr": args.text_learning_rate})
     optimizer = torch.optim.AdamW(parameter_groups, weight_decay=args.weight_decay)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    lr_scheduler = learning_rate_schedule(args, optimizer, accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
     pair_weights = {"text_melody": args.text_melody_loss_weight} if "melody" in args.modalities else None

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from datasets import load_dataset
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 from training_utils import (
@@ -47,18 +46,19 @@ from training_utils import (
     NonFiniteLossGuard,
     TrainingProgress,
     add_common_arguments,
+    add_schedule_arguments,
     create_accelerator,
     describe_dataset,
     describe_mg2_model,
     epoch_dataloader,
     finish_run,
+    learning_rate_schedule,
     optimizer_step,
     parse_arguments,
     push_output_dir,
     start_run,
     write_training_summary,
 )
-from transformers import get_wsd_schedule
 
 from mg2_pipeline import CLMPModel, CLMPProcessor, MelodyRetriever, MG2Pipeline
 from mg2_pipeline.audio import load_audio, save_audio
@@ -142,19 +142,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument(
-        "--lr_scheduler",
-        default="constant_with_warmup",
-        help="A diffusers schedule, or warmup_stable_decay: constant after the warmup, then a linear decay to 0 over "
-        "the last --lr_decay_fraction of --max_train_steps (transformers' get_wsd_schedule).",
-    )
-    parser.add_argument(
-        "--lr_decay_fraction",
-        type=float,
-        default=0.25,
-        help="warmup_stable_decay: the share of the steps over which the rate decays (other schedules ignore it).",
-    )
-    parser.add_argument("--lr_warmup_steps", type=int, default=20)
+    add_schedule_arguments(parser)
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--ema_decay", type=float, default=0.999)
@@ -197,28 +185,7 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.condition_dropout + args.text_dropout + args.melody_dropout > 1:
         parser.error("--condition_dropout + --text_dropout + --melody_dropout must be at most 1")
-    if not 0 < args.lr_decay_fraction <= 1:
-        parser.error(f"--lr_decay_fraction must be in (0, 1], got {args.lr_decay_fraction}")
     return args
-
-
-def learning_rate_schedule(args, optimizer, num_processes: int):
-    """`--lr_scheduler` for `optimizer`, counted in prepared-scheduler steps: every process steps it once per
-    optimizer step."""
-    if args.lr_scheduler == "warmup_stable_decay":
-        return get_wsd_schedule(
-            optimizer,
-            num_warmup_steps=args.lr_warmup_steps * num_processes,
-            num_decay_steps=max(1, round(args.lr_decay_fraction * args.max_train_steps)) * num_processes,
-            num_training_steps=args.max_train_steps * num_processes,
-            decay_type="linear",
-        )
-    return get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=args.max_train_steps * num_processes,
-    )
 
 
 def latent_cache_dir(pipe, args) -> str:

@@ -12,8 +12,10 @@ import time
 import torch
 import yaml
 from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+from transformers import get_wsd_schedule
 
 from mg2_pipeline.hub import describe_pipeline, push_folder
 from mg2_pipeline.threads import FIT_EVERY_STEPS, fit_threads
@@ -287,12 +289,51 @@ def add_common_arguments(parser, default_output_dir: str) -> None:
     parser.add_argument("--hub_token", default=None, help="A write token (default: HF_TOKEN or the saved login).")
 
 
+def add_schedule_arguments(parser, default_scheduler: str = "constant_with_warmup", default_warmup_steps: int = 20):
+    """`--lr_scheduler`, `--lr_decay_fraction` and `--lr_warmup_steps`, for `learning_rate_schedule`."""
+    parser.add_argument(
+        "--lr_scheduler",
+        default=default_scheduler,
+        help="A diffusers schedule, or warmup_stable_decay: constant after the warmup, then a linear decay to 0 over "
+        "the last --lr_decay_fraction of --max_train_steps (transformers' get_wsd_schedule).",
+    )
+    parser.add_argument(
+        "--lr_decay_fraction",
+        type=float,
+        default=0.25,
+        help="warmup_stable_decay: the share of the steps over which the rate decays (other schedules ignore it).",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=default_warmup_steps)
+
+
+def learning_rate_schedule(args, optimizer, num_processes: int):
+    """`--lr_scheduler` for `optimizer`, counted in prepared-scheduler steps: every process steps it once per
+    optimizer step."""
+    if args.lr_scheduler == "warmup_stable_decay":
+        return get_wsd_schedule(
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps * num_processes,
+            num_decay_steps=max(1, round(args.lr_decay_fraction * args.max_train_steps)) * num_processes,
+            num_training_steps=args.max_train_steps * num_processes,
+            decay_type="linear",
+        )
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
+
+
 def parse_arguments(parser, argv, script_file: str, positive: tuple[str, ...] = ()):
-    """`parse_args` with `--config` defaults; every name in `positive` must be >= 1."""
+    """`parse_args` with `--config` defaults; every name in `positive` must be >= 1, and a `--lr_decay_fraction`
+    (`add_schedule_arguments`) in (0, 1]."""
     args = parser.parse_args(load_config_defaults(parser, argv, script_file))
     for name in ("checkpointing_steps", *positive):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < getattr(args, "lr_decay_fraction", 1) <= 1:
+        parser.error(f"--lr_decay_fraction must be in (0, 1], got {args.lr_decay_fraction}")
     return args
 
 
