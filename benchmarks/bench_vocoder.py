@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Griffin-Lim (`GriffinLimVocoder`, the default) against trained vocoders, same run, same clips: what is heard, pitch,
-conditioning and speed.
+"""Griffin-Lim (`GriffinLimVocoder`, the default) against its earlier setting (32 iterations from each bin's
+centre-frequency phase) and trained vocoders, same run, same clips: what is heard, pitch, conditioning and speed.
 
     python benchmarks/bench_vocoder.py --vocoder checkpoints/vocoder-small --vae checkpoints/vae-small --num_clips 32
 
@@ -91,7 +91,10 @@ def main(argv=None):
     for row in load_mg2_dataset(args.dataset, split="test").take(args.num_clips):
         waveform = load_audio(row["audio"]["bytes"])[:samples]
         clips.append(np.pad(waveform, (0, samples - len(waveform))).astype(np.float32))
-    vocoders = {"Griffin-Lim": GriffinLimVocoder()}
+    vocoders = {
+        "Griffin-Lim": GriffinLimVocoder(),
+        "GL bins, 32 iter": GriffinLimVocoder(n_iter=32, phase_init="bins"),  # the default until phase locking
+    }
     vocoders.update({os.path.basename(os.path.normpath(path)): load_vocoder(path).eval() for path in args.vocoder})
     results = {}
     with torch.no_grad():

@@ -206,6 +206,10 @@ class Conditioning:
     negative_prompt_embeds: torch.Tensor | None
     melody_embeds: torch.Tensor | None = None
     melody_frames: torch.Tensor | None = None
+    # With `text_attention`: (token states, attention mask) of the prompts and of the negative prompts, one row per
+    # prompt, from the same pass of the text tower as their embeddings.
+    text_states: tuple[torch.Tensor, torch.Tensor] | None = None
+    negative_text_states: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class GuidanceInputs(NamedTuple):
@@ -805,8 +809,23 @@ class MG2Pipeline(DiffusionPipeline):
     def encode_text_states(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """What a `text_attention` UNet attends to: CLMP's text-tower token states `(len(texts), max_text_length, width)`
         and their attention mask `(len(texts), max_text_length)`. The empty string is the dropped text."""
+        return self.encode_text_outputs(texts, device)[1:]
+
+    @torch.no_grad()
+    def encode_text_outputs(
+        self, texts: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`encode_text` and `encode_text_states` from one pass of the text tower: embeddings, states, mask."""
         tokens = self.tokenize(texts, device)
-        return self.clmp.get_text_hidden_states(**tokens), tokens["attention_mask"]
+        embeds, states = self.clmp.get_text_outputs(**tokens)
+        return embeds, states, tokens["attention_mask"]
+
+    @staticmethod
+    def negative_texts(negative_prompt, batch_size: int) -> list[str]:
+        """The negative prompt as one text per prompt: the empty (dropped) text when None."""
+        if isinstance(negative_prompt, (list, tuple)):
+            return list(negative_prompt)
+        return [DROPPED_TEXT if negative_prompt is None else negative_prompt] * batch_size
 
     @torch.no_grad()
     def encode_prompt(
@@ -831,10 +850,7 @@ class MG2Pipeline(DiffusionPipeline):
             prompt_embeds = self.encode_text([prompt] if isinstance(prompt, str) else list(prompt), device)
         batch_size = prompt_embeds.shape[0]
         if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-            negative_prompt_embeds = self.encode_text(
-                list(negatives) if negatives is not None else [DROPPED_TEXT] * batch_size, device
-            )
+            negative_prompt_embeds = self.encode_text(self.negative_texts(negative_prompt, batch_size), device)
         prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_waveforms_per_prompt, dim=0)
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(
@@ -1049,50 +1065,49 @@ class MG2Pipeline(DiffusionPipeline):
         return torch.cat(conditions).to(self.unet.dtype)
 
     def prepare_text_states(
-        self,
-        prompts: list[str],
-        negative_prompt,
-        num_waveforms_per_prompt: int,
-        device,
-        do_melody_guidance: bool,
-        do_classifier_free_guidance: bool,
+        self, condition: Conditioning, do_melody_guidance: bool, do_classifier_free_guidance: bool
     ):
         """With `text_attention`, the token states the UNet attends to and their mask, stacked in the order of
         `prepare_condition`: the prompt's (again for the melody-free prediction), the negative prompt's (the empty
-        text's when None) with text guidance. `(None, None)` otherwise."""
-        if not self.config.text_attention:
+        text's when None) with text guidance; one row per waveform. `(None, None)` otherwise."""
+        if condition.text_states is None:
             return None, None
-        texts = [(prompts, 1 + do_melody_guidance)]
+        parts = [condition.text_states] * (1 + do_melody_guidance)
         if do_classifier_free_guidance:
-            negatives = (
-                [negative_prompt or DROPPED_TEXT] * len(prompts)
-                if not isinstance(negative_prompt, (list, tuple))
-                else negative_prompt
-            )
-            texts.append((list(negatives), 1))
-        states, masks = [], []
-        for batch, repeats in texts:
-            batch_states, batch_mask = self.encode_text_states(batch, device)
-            states += [batch_states.repeat_interleave(num_waveforms_per_prompt, dim=0)] * repeats
-            masks += [batch_mask.repeat_interleave(num_waveforms_per_prompt, dim=0)] * repeats
-        return torch.cat(states).to(self.unet.dtype), torch.cat(masks)
+            parts.append(condition.negative_text_states)
+        states, masks = (
+            torch.cat([part[i].repeat_interleave(condition.num_waveforms_per_prompt, dim=0) for part in parts])
+            for i in (0, 1)
+        )
+        return states.to(self.unet.dtype), masks
 
     def encode_condition(
         self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_waveforms_per_prompt: int, device
     ) -> Conditioning:
         """The prompt's and the negative prompt's CLMP embeddings, one row per waveform (`encode_prompt`). The negative
-        ones are made even without text guidance when CLMP can: a callback may turn it on."""
+        ones are made even without text guidance when CLMP can: a callback may turn it on. With `text_attention`, also
+        their token states, from the same pass of the text tower."""
+        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
+        text_states = negative_text_states = None
+        if self.config.text_attention:  # check_conditions allows only text prompts here
+            prompt_embeds, *text_states = self.encode_text_outputs(prompts, device)
+            negative_prompt_embeds, *negative_text_states = self.encode_text_outputs(
+                self.negative_texts(negative_prompt, len(prompts)), device
+            )
+            text_states, negative_text_states = tuple(text_states), tuple(negative_text_states)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
+            None if self.config.text_attention else prompt,
             device,
             num_waveforms_per_prompt,
             self.do_classifier_free_guidance or self.clmp is not None,
-            negative_prompt,
+            None if self.config.text_attention else negative_prompt,
             prompt_embeds,
             negative_prompt_embeds,
         )
-        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
-        return Conditioning(prompts, negative_prompt, num_waveforms_per_prompt, prompt_embeds, negative_prompt_embeds)
+        return Conditioning(
+            prompts, negative_prompt, num_waveforms_per_prompt, prompt_embeds, negative_prompt_embeds,
+            text_states=text_states, negative_text_states=negative_text_states,
+        )  # fmt: skip
 
     def prepare_guidance_inputs(self, condition: Conditioning, device) -> GuidanceInputs:
         """The UNet's inputs for the predictions the current scales need (`guidance_terms`), stacked in their order:
@@ -1116,10 +1131,7 @@ class MG2Pipeline(DiffusionPipeline):
             melody_term,
             text_term,
         )
-        text_states, text_mask = self.prepare_text_states(
-            condition.prompts, condition.negative_prompt, condition.num_waveforms_per_prompt, device, melody_term,
-            text_term,
-        )  # fmt: skip
+        text_states, text_mask = self.prepare_text_states(condition, melody_term, text_term)
         melody_frames = condition.melody_frames
         if melody_frames is not None:
             melody_frames = torch.cat(

@@ -12,21 +12,28 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from .audio import F_MAX, F_MIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH, log_mel_batch
+from .audio import F_MAX, F_MIN, HOP_LENGTH, LOG_FLOOR, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH, log_mel_batch
 
 
 class GriffinLimVocoder(ModelMixin, ConfigMixin):
     """Inverts `LogMelSpectrogram`: exp → least-squares mel inversion → fast Griffin-Lim (momentum `momentum`).
 
-    Conditioned so that a tiny change of the input stays tiny (`benchmarks/bench_vocoder.py`): the iterations run in
-    float64 from each bin's steady phase advance rather than all-zero phases, and a bin's rebuilt coefficient is
-    normalised to unit length only where it holds at least `phase_floor` × the bin's target magnitude. Weaker
-    coefficients, whose direction is mostly rounding noise, are scaled by the floor instead, so they cannot swing the
-    waveform. Keep momentum at 0.5 with the floor: higher momentum loses pitch accuracy through the VAE
-    (`docs/design.md`). Items are inverted one at a time, so an item's waveform does not depend on its batch.
-    Quality is that of Griffin-Lim (phasey, but pitches and rhythm are right); `training/train_vocoder.py` trains a
-    `VocosVocoder` or a HiFi-GAN.
+    The iterations start from a phase-locked estimate (`phase_init="peaks"`, Laroche and Dolson's identity phase
+    locking): each frame's spectral peaks advance at their frequency, interpolated on the log magnitude, and every bin
+    takes the phase of its nearest peak, π apart from its neighbours as in a Hann window's main lobe. Partials start
+    coherent, so a few iterations give what many give from `phase_init="bins"` (each bin advancing at its centre
+    frequency, input-independent).
+
+    Conditioned so that a tiny change of the input stays small (`benchmarks/bench_vocoder.py`): the iterations run in
+    float64, and a bin's rebuilt coefficient is normalised to unit length only where it holds at least `phase_floor` ×
+    the bin's target magnitude. Weaker coefficients, whose direction is mostly rounding noise, are scaled by the floor
+    instead, so they cannot swing the waveform. Keep momentum at 0.5 with the floor: higher momentum loses pitch
+    accuracy through the VAE (`docs/design.md`). Items are inverted one at a time, so an item's waveform does not
+    depend on its batch. Quality is that of Griffin-Lim (phasey, but pitches and rhythm are right);
+    `training/train_vocoder.py` trains a `VocosVocoder` or a HiFi-GAN.
     """
+
+    phase_inits = ("peaks", "bins")
 
     @register_to_config
     def __init__(
@@ -38,9 +45,10 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         win_length: int = WIN_LENGTH,
         f_min: float = F_MIN,
         f_max: float = F_MAX,
-        n_iter: int = 32,
+        n_iter: int = 8,
         momentum: float = 0.5,
-        phase_floor: float = 0.5,
+        phase_floor: float = 0.3,
+        phase_init: str = "peaks",
     ):
         super().__init__()
         import librosa
@@ -52,6 +60,8 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         if not 0 <= phase_floor <= 0.5:
             # Above 0.5 the scaled coefficients lose energy iteration after iteration: on real clips 0.6 fades the waveform.
             raise ValueError(f"phase_floor must be in [0, 0.5], got {phase_floor}.")
+        if phase_init not in self.phase_inits:
+            raise ValueError(f"phase_init must be one of {self.phase_inits}, got {phase_init!r}.")
         mel_basis = torch.from_numpy(
             librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=model_in_dim, fmin=f_min, fmax=f_max)
         )
@@ -76,21 +86,44 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
             win_length=self.config.win_length,
             window=self.window.double(),
         )
-        # Start each bin at the phase a steady sinusoid at its centre frequency reaches by that frame: coherent across
-        # frames like all-zero phases (which keep pitch best), but not degenerate.
-        bins = torch.arange(magnitude.shape[0], dtype=torch.float64, device=magnitude.device)[:, None]
-        frames = torch.arange(magnitude.shape[1], dtype=torch.float64, device=magnitude.device)[None]
-        start = torch.polar(
-            torch.ones_like(magnitude), 2 * torch.pi * bins * frames * self.config.hop_length / self.config.n_fft
-        )
+        coefficients = torch.polar(magnitude, self.initial_phase(magnitude))
         floor = (self.config.phase_floor * magnitude).clamp(min=torch.finfo(torch.float64).tiny)
-        angles, previous = start, torch.zeros_like(start)
+        previous = torch.zeros_like(coefficients)
         momentum = self.config.momentum / (1 + self.config.momentum)
         for _ in range(self.config.n_iter):
-            rebuilt = torch.stft(
-                torch.istft(magnitude * angles, length=num_samples, **stft), return_complex=True, **stft
-            )
-            accelerated = rebuilt - momentum * previous
-            angles = accelerated / torch.maximum(accelerated.abs(), floor)
+            rebuilt = torch.stft(torch.istft(coefficients, length=num_samples, **stft), return_complex=True, **stft)
+            accelerated = torch.sub(rebuilt, previous, alpha=momentum)
+            # The target magnitude with the accelerated phase: scaling the real view avoids complex multiplications.
+            scale = magnitude / torch.maximum(accelerated.abs(), floor)
+            coefficients = torch.view_as_complex(torch.view_as_real(accelerated) * scale[..., None])
             previous = rebuilt
-        return torch.istft(magnitude * angles, length=num_samples, **stft)
+        return torch.istft(coefficients, length=num_samples, **stft)
+
+    def initial_phase(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """The phases Griffin-Lim starts from, `(bins, frames)` float64 like `magnitude`."""
+        num_bins, num_frames = magnitude.shape
+        phase_per_bin_and_hop = 2 * torch.pi * self.config.hop_length / self.config.n_fft
+        bins = torch.arange(num_bins, device=magnitude.device)[:, None].expand(num_bins, num_frames)
+        if self.config.phase_init == "bins":
+            # The phase a steady sinusoid at each bin's centre frequency reaches by each frame: coherent across frames
+            # like all-zero phases (which keep pitch best), but not degenerate.
+            frames = torch.arange(num_frames, dtype=torch.float64, device=magnitude.device)[None]
+            return phase_per_bin_and_hop * bins.double() * frames
+        is_peak = torch.zeros_like(magnitude, dtype=torch.bool)
+        is_peak[1:-1] = (magnitude[1:-1] > magnitude[:-2]) & (magnitude[1:-1] >= magnitude[2:])
+        # A peak's frequency in bins: the vertex of the parabola through its log magnitude and its neighbours'.
+        log_magnitude = magnitude.clamp(min=LOG_FLOOR).log()  # below the log-mel's floor no shape is known
+        below, at, above = log_magnitude[:-2], log_magnitude[1:-1], log_magnitude[2:]
+        curvature = below - 2 * at + above
+        vertex = torch.zeros_like(magnitude)
+        vertex[1:-1] = torch.where(is_peak[1:-1] & (curvature < 0), 0.5 * (below - above) / curvature, 0.0)
+        frequency = bins.double() + vertex.clamp(-0.5, 0.5)
+        # Each bin's nearest peak in its frame (itself in a frame without peaks).
+        previous_peak = torch.where(is_peak, bins, -num_bins).cummax(0).values
+        next_peak = torch.where(is_peak, bins, 2 * num_bins).flip(0).cummin(0).values.flip(0)
+        nearest = torch.where(bins - previous_peak <= next_peak - bins, previous_peak, next_peak)
+        nearest = torch.where((0 <= nearest) & (nearest < num_bins), nearest, bins)
+        # Every bin advances at its nearest peak's frequency; each bin then takes its nearest peak's phase.
+        advance = phase_per_bin_and_hop * frequency.gather(0, nearest)
+        accumulated = advance.cumsum(1) - advance[:, :1]
+        return accumulated.gather(0, nearest) + torch.pi * (bins - nearest).double()

@@ -11,7 +11,6 @@ from conftest import ROOT
 
 from mg2_pipeline.conditioning import DROPPED_TEXT, drop_rows, pooled_condition
 from mg2_pipeline.melody import Melody
-from mg2_pipeline.pipeline_mg2 import Conditioning
 from mg2_pipeline.presets import build_pipeline
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
@@ -62,8 +61,8 @@ def training_rows(pipe, drop: str) -> tuple:
 
 def inference_rows(pipe, melody_embeds, frames, guidance_scale: float, melody_guidance_scale: float):
     pipe._guidance_scale, pipe._melody_guidance_scale = guidance_scale, melody_guidance_scale
-    prompt_embeds, negative_embeds = pipe.encode_prompt(CAPTIONS, "cpu")
-    condition = Conditioning(CAPTIONS, None, 1, prompt_embeds, negative_embeds, melody_embeds, frames)
+    condition = pipe.encode_condition(CAPTIONS, None, None, None, 1, "cpu")
+    condition.melody_embeds, condition.melody_frames = melody_embeds, frames
     return pipe.prepare_guidance_inputs(condition, "cpu")
 
 

@@ -587,6 +587,32 @@ def test_griffin_lim_vocoder_keeps_the_pitch():
     assert abs(np.argmax(spectrum) - 440) < 40  # 1 Hz per bin for one second
 
 
+@pytest.mark.parametrize("phase_init", ["peaks", "bins"])
+def test_griffin_lim_starts_a_tone_between_bins_at_its_own_phase_advance(phase_init):
+    t = np.arange(16000) / 16000
+    tone = torch.from_numpy(0.5 * np.sin(2 * np.pi * 445.3 * t))  # 28.5 bins of 15.625 Hz
+    window = torch.hann_window(1024, dtype=torch.float64)
+    spectrum = torch.stft(tone, 1024, 160, 1024, window=window, return_complex=True)[:, 10:90]
+    start = GriffinLimVocoder(phase_init=phase_init).initial_phase(spectrum.abs())
+    peak = int(spectrum.abs()[:, 0].argmax())
+
+    def wrapped(phase):
+        return torch.angle(torch.polar(torch.ones_like(phase), phase))
+
+    # Frame to frame at the peak and its neighbours, and from the peak to its neighbour, as in the tone's own STFT.
+    advance_error = [
+        wrapped(start[b, 1:] - start[b, :-1] - spectrum[b, 1:].angle() + spectrum[b, :-1].angle()).abs().max()
+        for b in (peak - 1, peak, peak + 1)
+    ]
+    neighbour_error = (
+        wrapped(start[peak + 1] - start[peak] - spectrum[peak + 1].angle() + spectrum[peak].angle()).abs().max()
+    )
+    if phase_init == "peaks":
+        assert max(advance_error) < 1e-3 and neighbour_error < 1e-3
+    else:  # each bin at its own centre frequency, half a bin from the tone's
+        assert min(advance_error) > 0.4 and neighbour_error > 3
+
+
 def test_paper_preset_unet_has_416m_parameters():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config("paper", 512))
