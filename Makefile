@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo ablations test bench space clean
+.PHONY: install demo ablations distill test bench space clean
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -100,6 +100,17 @@ checkpoints/mg2-small-%/eval/eval_results.json: | checkpoints/mg2-small-%/model_
 ablations: install | $(ABLATIONS_DONE) $(PLAIN_SKETCH_DONE) $(NO_TEXT_ATTENTION_DONE)
 	@echo "Evaluation with the ablations: checkpoints/mg2-small/eval-ablations/eval_results.md and" \
 		"checkpoints/mg2-small-{plain-sketch,no-text-attention}/eval/eval_results.md"
+
+# `make distill`: after `make demo`, a student UNet learns the demo model's guided prediction (text and melody
+# guidance 3), so it generates with one UNet pass per step instead of two; then the same evaluation.
+checkpoints/mg2-small-distilled/model_index.json: | $(MG2_DONE)
+	$(LAUNCH) training/train_mg2.py --config $(SMALL) --dataset $(DATASET) --pipeline checkpoints/mg2-small \
+		--distill_guidance 3 --condition_dropout 0 --text_dropout 0 --melody_dropout 0 --max_train_steps 1600 \
+		--learning_rate 1e-4 --resume_from_checkpoint latest --output_dir checkpoints/mg2-small-distilled \
+		$(if $(CUDA),--mixed_precision bf16,)
+
+distill: install | checkpoints/mg2-small-distilled/eval/eval_results.json
+	@echo "Evaluation of the one-pass model: checkpoints/mg2-small-distilled/eval/eval_results.md"
 
 test: install
 	# Lint and format as diffusers does (pyproject.toml [tool.ruff]: 119 columns).

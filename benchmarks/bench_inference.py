@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mg2_pipeline import GriffinLimVocoder
 from mg2_pipeline.conditioning import DROPPED_TEXT, melody_frames_condition, pooled_condition
+from mg2_pipeline.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.presets import load_pipeline
 
 
@@ -68,12 +69,15 @@ def bare_loop(
     text: tuple,
     latents: torch.Tensor,
     steps: int,
+    terms: tuple[bool, bool, bool],
     guidance_scale: float,
     melody_guidance_scale: float,
 ) -> torch.Tensor:
     """The textbook diffusers loop with MG2's text and melody guidance terms: what any pipeline must at least do.
-    Equal scales are plain classifier-free guidance (two passes); otherwise the melody-free prediction runs too.
-    `text`: the token states the UNet attends to and their mask ((None, None) without `text_attention`)."""
+    `terms` are the pipeline's `guidance_terms` (equal scales are plain classifier-free guidance, two passes; unequal
+    ones add the melody-free prediction; scales of 1 need one pass). `text`: the token states the UNet attends to and
+    their mask ((None, None) without `text_attention`)."""
+    _, melody_term, text_term = terms
     pipe.scheduler.set_timesteps(steps)
     latents = latents * pipe.scheduler.init_noise_sigma
     for t in pipe.scheduler.timesteps:
@@ -84,16 +88,13 @@ def bare_loop(
             encoder_attention_mask=text[1],
             class_labels=condition,
         ).sample
-        if len(condition) == 2:
-            full, unconditional = prediction.chunk(2)
-            guided = unconditional + guidance_scale * (full - unconditional)
-        else:
-            full, no_melody, unconditional = prediction.chunk(3)
-            guided = (
-                no_melody
-                + melody_guidance_scale * (full - no_melody)
-                + (guidance_scale - 1) * (no_melody - unconditional)
-            )
+        predictions = list(prediction.chunk(len(condition)))
+        guided = no_melody = predictions.pop(0)
+        if melody_term:
+            no_melody = predictions.pop(0)
+            guided = no_melody + melody_guidance_scale * (guided - no_melody)
+        if text_term:
+            guided = guided + (guidance_scale - 1) * (no_melody - predictions.pop(0))
         latents = pipe.scheduler.step(guided, t, latents).prev_sample
     return latents
 
@@ -103,8 +104,8 @@ def main(argv=None):
     parser.add_argument("--model", default="preset:small")
     parser.add_argument("--seconds", type=float, default=10.24)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
-    parser.add_argument("--melody_guidance_scale", type=float, default=3.0)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--melody_guidance_scale", type=float, default=None, help="Default: the pipeline's.")
     parser.add_argument(
         "--reference_steps",
         type=int,
@@ -117,6 +118,9 @@ def main(argv=None):
 
     pipe = load_pipeline(args.model, device="cpu")  # the benchmark builds its tensors on the CPU
     pipe.set_progress_bar_config(disable=True)
+    args.guidance_scale, args.melody_guidance_scale = pipe.guidance_scales(
+        args.guidance_scale, args.melody_guidance_scale
+    )
     prompt = "a lively Irish jig on fiddle, 120 BPM"
     timer = StageTimer()
     pipe.encode_condition = timer.wrap("CLMP text encoding", pipe.encode_condition)
@@ -134,8 +138,8 @@ def main(argv=None):
         pipe(
             prompt,
             num_inference_steps=args.reference_steps,
-            guidance_scale=args.guidance_scale,
-            melody_guidance_scale=args.melody_guidance_scale,
+            guidance_scale=DEFAULT_GUIDANCE_SCALE,  # a guided model's defaults, also for a distilled one
+            melody_guidance_scale=DEFAULT_MELODY_GUIDANCE_SCALE,
             audio_length_in_s=args.seconds,
             generator=generator(),
         )
@@ -170,16 +174,15 @@ def main(argv=None):
         text, empty = pipe.encode_text([prompt, DROPPED_TEXT], pipe.device).chunk(2)
         hits = pipe.retriever.search_matching(text, [prompt], k=1)  # the melody the pipeline retrieves
         melody = torch.from_numpy(hits.embeddings[:, 0])
-        conditions = [
-            pooled_condition(text, melody, empty),
-            pooled_condition(text, None, empty, drop_melody=True),
-            pooled_condition(text, None, empty, drop_text=True, drop_melody=True),
-        ]
-        if args.melody_guidance_scale == args.guidance_scale:
-            conditions.pop(1)
+        terms = pipe.guidance_terms  # the pipeline's, for the scales of the call it just made
+        conditions = [pooled_condition(text, melody, empty)]
+        if terms[1]:
+            conditions.append(pooled_condition(text, None, empty, drop_melody=True))
+        if terms[2]:
+            conditions.append(pooled_condition(text, None, empty, drop_text=True, drop_melody=True))
         condition = torch.cat(conditions)
         text_states = pipe.prepare_text_states(
-            pipe.encode_condition(prompt, None, None, None, 1, pipe.device), len(conditions) == 3, True
+            pipe.encode_condition(prompt, None, None, None, 1, pipe.device), terms[1], terms[2]
         )
         frames = None
         if pipe.config.aligned_melody is not None:
@@ -194,7 +197,15 @@ def main(argv=None):
         noise = torch.randn(latents.shape, generator=generator())
         start = time.perf_counter()
         bare_latents = bare_loop(
-            pipe, condition, frames, text_states, noise, args.steps, args.guidance_scale, args.melody_guidance_scale
+            pipe,
+            condition,
+            frames,
+            text_states,
+            noise,
+            args.steps,
+            terms,
+            args.guidance_scale,
+            args.melody_guidance_scale,
         )
         bare.append(time.perf_counter() - start)
     # same computation up to float rounding (the pipeline encodes prompt and empty text in separate batches)

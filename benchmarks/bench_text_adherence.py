@@ -36,6 +36,7 @@ from training_utils import ema_weights_path, load_ema_weights  # noqa: E402
 from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline import melody as melody_module  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
+from mg2_pipeline.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE  # noqa: E402
 
 
 def main(argv=None):
@@ -64,8 +65,10 @@ def main(argv=None):
     )
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
-    settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: guidance, seeds
+    settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: seeds, batch
     settings.steps = args.steps
+    # A training run's checkpoints are guided models: the guided defaults (a distilled model's would be 1).
+    settings.guidance_scale, settings.melody_guidance_scale = DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE
     guidance = [
         tuple(float(scale) for scale in (text.split(":") if ":" in text else (text, settings.melody_guidance_scale)))
         for text in args.guidance_scales or [str(settings.guidance_scale)]

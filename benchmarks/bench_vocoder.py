@@ -93,7 +93,7 @@ def main(argv=None):
         clips.append(np.pad(waveform, (0, samples - len(waveform))).astype(np.float32))
     vocoders = {
         "Griffin-Lim": GriffinLimVocoder(),
-        "GL bins, 32 iter": GriffinLimVocoder(n_iter=32, phase_init="bins"),  # the default until phase locking
+        "GL bins, 32 iter": GriffinLimVocoder(n_iter=32, phase_floor=0.5, phase_init="bins"),  # the previous default
     }
     vocoders.update({os.path.basename(os.path.normpath(path)): load_vocoder(path).eval() for path in args.vocoder})
     results = {}

@@ -240,13 +240,19 @@ def main(argv=None) -> None:
         default=None,
         help="Seconds, up to 600 (default: --audio's length, else the melody's, else the model's window).",
     )
-    gen.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE, help="Text guidance scale.")
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"Text guidance scale (default: the model's, {DEFAULT_GUIDANCE_SCALE:g} or 1 for a guidance-distilled one).",
+    )
     gen.add_argument(
         "--melody-guidance",
         dest="melody_guidance",
         type=float,
-        default=DEFAULT_MELODY_GUIDANCE_SCALE,
-        help="Melody guidance scale: 0 ignores the melody, larger follows it more tightly.",
+        default=None,
+        help="Melody guidance scale: 0 ignores the melody, larger follows it more tightly (default: the model's, "
+        f"{DEFAULT_MELODY_GUIDANCE_SCALE:g} or 1 for a guidance-distilled one).",
     )
     gen.add_argument(
         "--no-prompt-facts",

@@ -257,6 +257,8 @@ class MG2Pipeline(DiffusionPipeline):
         condition: "text_melody" (MG2), or "text" for the text-only ablation, whose melody half is the text embedding again.
         aligned_melody: how the melody reaches the UNet in time (see `ALIGNED_MELODY`), None for the pooled condition only.
         text_attention: whether the UNet's attention blocks attend to the prompt's token states (else to the latent itself).
+        distilled_guidance_scale: for a guidance-distilled UNet (`train_mg2.py --distill_guidance`), the text and
+            melody scale whose guided prediction it gives in one pass; the scales then default to 1. None otherwise.
     """
 
     model_cpu_offload_seq = "clmp->unet->vae->vocoder"
@@ -276,8 +278,13 @@ class MG2Pipeline(DiffusionPipeline):
         condition: str = "text_melody",
         aligned_melody: str | None = None,
         text_attention: bool = False,
+        distilled_guidance_scale: float | None = None,
     ):
         super().__init__()
+        if distilled_guidance_scale is not None and not 1 < distilled_guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise ValueError(
+                f"distilled_guidance_scale must be None or in (1, {MAX_GUIDANCE_SCALE:g}], got {distilled_guidance_scale}."
+            )
         if condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
         if aligned_melody not in ALIGNED_MELODY:
@@ -321,7 +328,10 @@ class MG2Pipeline(DiffusionPipeline):
             vocoder=vocoder,
         )
         self.register_to_config(
-            condition=condition, aligned_melody=aligned_melody, text_attention=bool(text_attention)
+            condition=condition,
+            aligned_melody=aligned_melody,
+            text_attention=bool(text_attention),
+            distilled_guidance_scale=distilled_guidance_scale,
         )
         # Components may be None (e.g. a pipeline holding only the text stack for `encode_prompt`).
         self.vae_scale_factor = vae_scale_factor(vae) if vae is not None else None
@@ -1522,6 +1532,22 @@ class MG2Pipeline(DiffusionPipeline):
     # ----- text to music -----
 
     @property
+    def default_guidance_scales(self) -> tuple[float, float]:
+        """The text and melody guidance scales by default: `DEFAULT_GUIDANCE_SCALE` and `DEFAULT_MELODY_GUIDANCE_SCALE`,
+        or 1 and 1 (one UNet pass per step) for a UNet distilled to give the guided prediction itself."""
+        if self.config.get("distilled_guidance_scale") is not None:
+            return 1.0, 1.0
+        return DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE
+
+    def guidance_scales(self, guidance_scale: float | None, melody_guidance_scale: float | None) -> tuple:
+        """The scales a call asked for, each defaulting to `default_guidance_scales`."""
+        default_text, default_melody = self.default_guidance_scales
+        return (
+            default_text if guidance_scale is None else guidance_scale,
+            default_melody if melody_guidance_scale is None else melody_guidance_scale,
+        )
+
+    @property
     def default_num_inference_steps(self) -> int:
         """This task's default steps for this model: few for a UNet that predicts x₀, which holds its quality there."""
         if self.scheduler.config.get("prediction_type") == "sample":
@@ -1536,8 +1562,8 @@ class MG2Pipeline(DiffusionPipeline):
         melody: Any = None,
         audio_length_in_s: float | None = None,
         num_inference_steps: int | None = None,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        melody_guidance_scale: float = DEFAULT_MELODY_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
+        melody_guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         num_waveforms_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -1568,10 +1594,12 @@ class MG2Pipeline(DiffusionPipeline):
                 melody is repeated whole to fill it. Rounded up to whole latent frames.
             num_inference_steps: denoising steps, 1 to 1000 (default `default_num_inference_steps`: 4 for an
                 x₀-predicting model, else 25).
-            guidance_scale: text guidance scale (classifier-free); <= 1 disables it.
+            guidance_scale: text guidance scale (classifier-free); <= 1 disables it. Default: `default_guidance_scales`
+                (3, or 1 for a guidance-distilled model).
             melody_guidance_scale: melody guidance scale, independent of the text's: 0 ignores the melody, 1 takes it
                 without guidance, larger follows it more tightly (the melody term of InstructPix2Pix-style guidance).
                 Equal to `guidance_scale` it is plain classifier-free guidance of both, one UNet pass fewer per step.
+                Default: as `guidance_scale`'s.
             guidance_interval: where in the noise schedule both guidance scales apply, as fractions of the training
                 timesteps (`t / num_train_timesteps` from `low` to `high`); elsewhere both are 1 (Kynkäänniemi et al.,
                 2024).
@@ -1601,6 +1629,7 @@ class MG2Pipeline(DiffusionPipeline):
         # 1. Check inputs
         if num_inference_steps is None:
             num_inference_steps = self.default_num_inference_steps
+        guidance_scale, melody_guidance_scale = self.guidance_scales(guidance_scale, melody_guidance_scale)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         batch_size = self.check_inputs(

@@ -8,8 +8,6 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from .defaults import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_STRENGTH,
 )
@@ -35,8 +33,8 @@ class MG2AudioToAudioPipeline(MG2Pipeline):
         negative_prompt: str | list[str] | None = None,
         melody: Any = None,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        melody_guidance_scale: float = DEFAULT_MELODY_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
+        melody_guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         num_waveforms_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -60,6 +58,7 @@ class MG2AudioToAudioPipeline(MG2Pipeline):
         The other arguments are `MG2Pipeline.__call__`'s.
         """
         # 1. Check inputs
+        guidance_scale, melody_guidance_scale = self.guidance_scales(guidance_scale, melody_guidance_scale)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         batch_size = self.check_inputs(

@@ -34,8 +34,6 @@ from starlette.middleware import Middleware
 
 from mg2_pipeline import Melody, MG2AudioToAudioPipeline, MG2InpaintPipeline, MG2Pipeline, load_audio
 from mg2_pipeline.defaults import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_MODEL,
     DEFAULT_STRENGTH,
     MAX_SEED,
@@ -94,12 +92,16 @@ TASKS = dict(zip(MODES, (MG2Pipeline, MG2InpaintPipeline, MG2AudioToAudioPipelin
 WORKERS: queue.Queue[dict[str, MG2Pipeline]] = queue.Queue()
 for _ in range(CONCURRENCY):
     components = {**PIPE.components, "scheduler": copy.deepcopy(PIPE.scheduler)}
-    settings = {key: PIPE.config[key] for key in ("condition", "aligned_melody", "text_attention")}
+    settings = {
+        key: PIPE.config.get(key)
+        for key in ("condition", "aligned_melody", "text_attention", "distilled_guidance_scale")
+    }
     pipelines = {mode: task(**components, **settings) for mode, task in TASKS.items()}
     for pipeline in pipelines.values():
         pipeline.set_progress_bar_config(desc="denoising")
     WORKERS.put(pipelines)
 DEFAULT_STEPS = {mode: pipeline.default_num_inference_steps for mode, pipeline in pipelines.items()}
+DEFAULT_GUIDANCE, DEFAULT_MELODY_GUIDANCE = PIPE.default_guidance_scales
 # The audio, pictures and MIDI each request returns, as files named by their content. Gradio copies a returned file into
 # its cache atomically, but writes arrays and images there in place, so two requests with the same result (same prompt
 # and seed) could each be served the other's half-written file.
@@ -499,14 +501,12 @@ def build_demo() -> gr.Blocks:
                             label="Denoising steps",
                         )
                     )
-                    guidance = bounded(
-                        gr.Slider(0, 10, value=DEFAULT_GUIDANCE_SCALE, step=0.1, label="Text guidance scale")
-                    )
+                    guidance = bounded(gr.Slider(0, 10, value=DEFAULT_GUIDANCE, step=0.1, label="Text guidance scale"))
                     melody_guidance = bounded(
                         gr.Slider(
                             0,
                             10,
-                            value=DEFAULT_MELODY_GUIDANCE_SCALE,
+                            value=DEFAULT_MELODY_GUIDANCE,
                             step=0.1,
                             label="Melody strength (0 ignores the melody; higher follows it more tightly)",
                         )

@@ -14,7 +14,7 @@ from mg2_pipeline.melody import Melody
 from mg2_pipeline.presets import build_pipeline
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
-from train_mg2 import build_condition  # noqa: E402
+from train_mg2 import build_condition, guided_target  # noqa: E402
 
 CAPTIONS = ["a jig on fiddle", "a slow air on flute"]
 
@@ -93,6 +93,19 @@ def test_the_melody_free_prediction_sees_what_training_drops(pipe):
     torch.testing.assert_close(guidance.melody_frames[:2], kept_frames)
     torch.testing.assert_close(guidance.text_states[:2], kept_states)
     assert not torch.equal(kept, condition)
+
+
+@torch.no_grad()
+def test_guidance_distillation_targets_the_prediction_inference_guides(pipe):
+    batch, melody_embeds, condition, frames, states, mask = training_rows(pipe, "none")
+    empty_text = (pipe.encode_text([DROPPED_TEXT], "cpu"), *pipe.encode_text_states([DROPPED_TEXT], "cpu"))
+    latents = torch.randn(2, pipe.unet.config.out_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([500, 500])
+    target = guided_target(pipe, latents, t, condition, frames, states, mask, empty_text, 3.0)
+    guidance = inference_rows(pipe, melody_embeds, batch["melody_frames"], 3.0, 3.0)
+    torch.testing.assert_close(target, pipe.predict_noise(latents, 500, guidance, slice(0, 8), 3.0, 3.0, None))
+    conditional = pipe.predict_noise(latents, 500, guidance, slice(0, 8), 1.0, 1.0, None)
+    assert not torch.allclose(target, conditional, atol=1e-3)
 
 
 def test_drop_rows_replaces_only_the_rows_asked():

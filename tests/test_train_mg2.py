@@ -102,6 +102,24 @@ def test_training_learns_checkpoints_validates_and_saves_a_loadable_pipeline(
         loaded = {name: parameter.detach() for name, parameter in pipe.unet.named_parameters()}
         assert all(torch.equal(loaded[name], saved[name]) for name in loaded) == equal
 
+    # Guidance distillation from it: the student learns the teacher's guided prediction and generates in one pass.
+    distilled_dir = tmp_path / "mg2-distilled"
+    accelerate(
+        TRAIN,
+        *tiny_args(tiny_dataset, tiny_generator_parts, distilled_dir, "--max_train_steps", "20"),
+        *("--pipeline", str(output_dir), "--distill_guidance", "3"),
+        *("--condition_dropout", "0", "--text_dropout", "0", "--melody_dropout", "0", "--validation_steps", "20"),
+    )
+    summary = json.loads((distilled_dir / "training_summary.json").read_text())
+    assert summary["distilled_guidance_scale"] == 3 and summary["loss_last_10"] < summary["loss_first_10"]
+    student = MG2Pipeline.from_pretrained(distilled_dir)
+    assert student.config.distilled_guidance_scale == 3 and student.default_guidance_scales == (1.0, 1.0)
+    assert not all(torch.equal(saved[name], weight) for name, weight in unet_weights(distilled_dir).items())
+    passes = []
+    student.unet.register_forward_hook(lambda module, inputs, output: passes.append(len(inputs[0])))
+    student("a jig on fiddle", num_inference_steps=2, audio_length_in_s=1.28, generator=torch.Generator())
+    assert passes == [1, 1]  # one UNet pass per step, one row each
+
 
 def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(
     tiny_dataset, tiny_generator_parts, tmp_path
@@ -703,6 +721,25 @@ def test_vocoder_training_resumes_and_the_result_is_a_pipeline_vocoder(tiny_data
     assert type(reloaded.vocoder) is type(vocoder)
     audio = reloaded("a tune", num_inference_steps=2, audio_length_in_s=1.0, output_type="np").audios
     assert audio.shape == (1, 16000) and np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+
+def test_guidance_distillation_refuses_a_fresh_model_lora_and_dropped_conditions(capsys):
+    import train_mg2
+
+    no_dropout = ["--condition_dropout", "0", "--text_dropout", "0", "--melody_dropout", "0"]
+    for argv, message in (
+        (["--distill_guidance", "3", *no_dropout], "--distill_guidance trains a saved pipeline"),
+        (["--pipeline", "x", "--use_lora", "--distill_guidance", "3", *no_dropout], "no --use_lora"),
+        (["--pipeline", "x", "--distill_guidance", "1", *no_dropout], "--distill_guidance must be in (1, 100]"),
+        (["--pipeline", "x", "--distill_guidance", "3"], "pass --condition_dropout 0"),
+    ):
+        with pytest.raises(SystemExit):
+            train_mg2.parse_args(["--dataset", "d", "--output_dir", "o", *argv])
+        assert message in capsys.readouterr().err
+    args = train_mg2.parse_args(
+        ["--dataset", "d", "--output_dir", "o", "--pipeline", "x", "--distill_guidance", "3", *no_dropout]
+    )
+    assert args.distill_guidance == 3
 
 
 def test_preset_config_files_set_defaults_and_flags_win(tmp_path):

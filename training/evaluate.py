@@ -72,10 +72,6 @@ from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, Melody, MG2Pipeli
 from mg2_pipeline.audio import SAMPLE_RATE, multi_resolution_stft_distance
 from mg2_pipeline.autoencoder_mel import vae_scale_factor
 from mg2_pipeline.data import load_mg2_dataset
-from mg2_pipeline.defaults import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_MELODY_GUIDANCE_SCALE,
-)
 from mg2_pipeline.hub import write_model_card
 from mg2_pipeline.presets import load_vae, load_vocoder
 from mg2_pipeline.threads import fit_threads
@@ -689,8 +685,8 @@ def parse_args(argv=None):
     parser.add_argument("--seconds", type=float, default=10.24)
     parser.add_argument("--steps", type=int, default=None, help="Default: the pipeline's default_num_inference_steps.")
     parser.add_argument("--ddim_steps", type=int, default=200)
-    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    parser.add_argument("--melody_guidance_scale", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--melody_guidance_scale", type=float, default=None, help="Default: the pipeline's.")
     parser.add_argument(
         "--guidance_interval",
         default="0,1",
@@ -732,6 +728,9 @@ def main(argv=None):
         pipe.set_progress_bar_config(disable=True)
         if args.steps is None:
             args.steps = pipe.default_num_inference_steps
+        args.guidance_scale, args.melody_guidance_scale = pipe.guidance_scales(
+            args.guidance_scale, args.melody_guidance_scale
+        )
     vae = load_vae(args.vae) if args.vae else pipe.vae
     if args.vocoder:
         vocoder = load_vocoder(args.vocoder)

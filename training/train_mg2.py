@@ -25,6 +25,7 @@ cache; training streams random crops of it and runs no frozen model but the melo
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import hashlib
 import json
@@ -71,7 +72,7 @@ from mg2_pipeline.conditioning import (
 from mg2_pipeline.data import LatentCrop, data_files, load_mg2_dataset, write_shard
 from mg2_pipeline.hub import write_model_card
 from mg2_pipeline.melody import PLAIN_SKETCH_ATTACK_S, PLAIN_SKETCH_RELEASE_S, Melody
-from mg2_pipeline.pipeline_mg2 import CONDITIONS
+from mg2_pipeline.pipeline_mg2 import CONDITIONS, MAX_GUIDANCE_SCALE, GuidanceInputs
 from mg2_pipeline.presets import build_pipeline, load_vae, load_vocoder
 from mg2_pipeline.retrieval import clmp_fingerprint
 
@@ -162,6 +163,15 @@ def parse_args(argv=None):
         "--use_lora", action="store_true", help="Fine-tune a saved pipeline with a LoRA adapter on its UNet."
     )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
+    parser.add_argument(
+        "--distill_guidance",
+        type=float,
+        default=None,
+        metavar="SCALE",
+        help="Guidance distillation: the saved --pipeline's UNet, frozen, guided at text and melody scale SCALE is the "
+        "target, so the trained UNet gives that guided prediction in one pass (the pipeline then defaults to guidance "
+        "1). Needs no condition dropout.",
+    )
     parser.add_argument("--validation_steps", type=int, default=100)
     parser.add_argument("--validation_prompt", default="a lively Irish jig on fiddle, 120 BPM")
     parser.add_argument("--validation_inference_steps", type=int, default=None, help="Default: the pipeline's.")
@@ -185,6 +195,16 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.condition_dropout + args.text_dropout + args.melody_dropout > 1:
         parser.error("--condition_dropout + --text_dropout + --melody_dropout must be at most 1")
+    if args.distill_guidance is not None:
+        if args.pipeline.startswith("preset:") or args.use_lora:
+            parser.error("--distill_guidance trains a saved pipeline's whole UNet: pass --pipeline DIR, no --use_lora")
+        if not 1 < args.distill_guidance <= MAX_GUIDANCE_SCALE:
+            parser.error(f"--distill_guidance must be in (1, {MAX_GUIDANCE_SCALE:g}], got {args.distill_guidance}")
+        if args.condition_dropout or args.text_dropout or args.melody_dropout:
+            parser.error(
+                "--distill_guidance learns the guided prediction of the full condition: pass --condition_dropout 0 "
+                "--text_dropout 0 --melody_dropout 0"
+            )
     return args
 
 
@@ -440,6 +460,37 @@ def build_condition(pipe, batch: dict, args, empty_text: tuple, generator: torch
     return condition, frames, states, mask
 
 
+@torch.no_grad()
+def guided_target(
+    teacher: MG2Pipeline,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    condition: torch.Tensor,
+    melody_frames: torch.Tensor | None,
+    text_states: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+    empty_text: tuple,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The teacher's prediction guided as the pipeline guides it at equal text and melody scales (its
+    `predict_noise`): the full condition against the one with text and melody dropped."""
+    empty, empty_states, empty_mask = empty_text
+    half = condition.shape[1] // 2
+    dropped = pooled_condition(condition[:, :half], condition[:, half:], empty, drop_text=True, drop_melody=True)
+    if text_states is not None:
+        dropped_states, dropped_mask = text_states_condition(text_states, text_mask, empty_states, empty_mask, True)
+        text_states, text_mask = torch.cat([text_states, dropped_states]), torch.cat([text_mask, dropped_mask])
+    if melody_frames is not None:
+        melody_frames = torch.cat([melody_frames, melody_frames_condition(melody_frames, True)])
+    guidance = GuidanceInputs(
+        (False, False, True), torch.cat([condition, dropped]), text_states, text_mask, melody_frames
+    )
+    window = slice(0, noisy_latents.shape[2])
+    return teacher.predict_noise(
+        noisy_latents, torch.cat([timesteps] * 2), guidance, window, guidance_scale, guidance_scale, None
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     accelerator = create_accelerator(args, args.gradient_accumulation_steps)
@@ -481,8 +532,17 @@ def main(argv=None):
         condition=args.condition,
         aligned_melody=pipe.config.aligned_melody,
         text_attention=pipe.config.text_attention,
+        distilled_guidance_scale=args.distill_guidance,
     )
     pipe.set_progress_bar_config(disable=True)
+    teacher = None
+    if args.distill_guidance is not None:
+        teacher = MG2Pipeline(
+            **{**parts, "unet": copy.deepcopy(pipe.unet).requires_grad_(False).eval().to(accelerator.device)},
+            condition=args.condition,
+            aligned_melody=pipe.config.aligned_melody,
+            text_attention=pipe.config.text_attention,
+        )
     for frozen in (pipe.clmp, pipe.vae, pipe.vocoder):
         frozen.requires_grad_(False).eval().to(accelerator.device)
     unet = pipe.unet
@@ -578,6 +638,12 @@ def main(argv=None):
                 0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator
             ).to(latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            guided = None
+            if teacher is not None:
+                guided = guided_target(
+                    teacher, noisy, timesteps, condition, melody_frames, text_states, text_mask, empty_text,
+                    args.distill_guidance,
+                )  # fmt: skip
             if melody_frames is not None:
                 noisy = torch.cat([noisy, melody_frames], dim=1)
             with accelerator.accumulate(unet):
@@ -588,7 +654,7 @@ def main(argv=None):
                     encoder_attention_mask=text_mask,
                     class_labels=condition,
                 ).sample
-                target = {"epsilon": noise, "sample": latents}.get(prediction_type)
+                target = {"epsilon": noise, "sample": latents}.get(prediction_type) if guided is None else guided
                 if target is None:
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -651,6 +717,7 @@ def main(argv=None):
             condition=args.condition,
             aligned_melody=pipe.config.aligned_melody,
             text_attention=pipe.config.text_attention,
+            distilled_guidance_scale=args.distill_guidance,
             sketch_timbre=args.sketch_timbre,
             clip_seconds=args.clip_seconds,
             skipped_rows_main_process=skipped_rows,
