@@ -4,8 +4,9 @@
     python benchmarks/bench_inference.py                         # the `small` preset, random weights
     python benchmarks/bench_inference.py --model checkpoints/mg2-small
 
-For 10.24 s of audio (25 DPM-Solver steps, text and melody guidance 3: two UNet passes per step, three when the scales
-differ): wall time of CLMP text encoding, retrieval, the
+For 10.24 s of audio (`--steps` DPM-Solver steps at the pipeline's default guidance: two UNet passes per step at text
+and melody guidance 3, three when the scales differ, one for a guidance-distilled model at 1): wall time of CLMP text
+encoding (`encode_condition`: the prompt's and the negative prompt's embeddings and token states), retrieval, the
 denoising loop, VAE decoding and the vocoder; the real-time factor; the same log-mel through Griffin-Lim's previous
 default (32 iterations from each bin's centre-frequency phase, phase floor 0.5), and the whole pipeline at
 `--reference_steps` with that vocoder, as a ratio; MG2's prompt → latents time over a

@@ -36,7 +36,6 @@ from training_utils import ema_weights_path, load_ema_weights  # noqa: E402
 from mg2_pipeline import MG2Pipeline, load_audio  # noqa: E402
 from mg2_pipeline import melody as melody_module  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
-from mg2_pipeline.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE  # noqa: E402
 
 
 def main(argv=None):
@@ -67,12 +66,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     settings = parse_args(["--model", args.run, "--output_dir", "-"])  # evaluate.py's defaults: seeds, batch
     settings.steps = args.steps
-    # A training run's checkpoints are guided models: the guided defaults (a distilled model's would be 1).
-    settings.guidance_scale, settings.melody_guidance_scale = DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE
+    # TEXT or TEXT:MELODY; a scale left out is the pipeline's default, filled in once it is loaded
     guidance = [
-        tuple(float(scale) for scale in (text.split(":") if ":" in text else (text, settings.melody_guidance_scale)))
-        for text in args.guidance_scales or [str(settings.guidance_scale)]
-    ]
+        tuple(float(scale) for scale in text.split(":")) if ":" in text else (float(text), None)
+        for text in args.guidance_scales or []
+    ] or [(None, None)]
     envelopes = [(melody_module.PLAIN_SKETCH_ATTACK_S * 1000, melody_module.PLAIN_SKETCH_RELEASE_S * 1000)]
     if args.sketch_envelopes:
         try:
@@ -89,6 +87,7 @@ def main(argv=None):
 
     pipe = MG2Pipeline.from_pretrained(args.run)
     pipe.set_progress_bar_config(disable=True)
+    guidance = [pipe.guidance_scales(text, melody) for text, melody in guidance]
     if args.sketch_envelopes and pipe.config.aligned_melody != "sketch":
         raise SystemExit(
             f"--sketch_envelopes: {args.run} is not guided by a melody sketch (aligned_melody "

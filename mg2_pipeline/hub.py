@@ -65,7 +65,7 @@ def describe_pipeline(pipe) -> str:
         f"{pipe.default_audio_length_in_s:.2f} s."
         + (
             f" Guidance-distilled: one UNet pass per step gives the prediction guided at scale "
-            f"{pipe.config.distilled_guidance_scale:g}, so guidance defaults to 1."
+            f"{pipe.config.get('distilled_guidance_scale'):g}, so guidance defaults to 1."
             if pipe.config.get("distilled_guidance_scale") is not None
             else ""
         ),

@@ -1080,15 +1080,16 @@ class MG2Pipeline(DiffusionPipeline):
         """With `text_attention`, the token states the UNet attends to and their mask, stacked in the order of
         `prepare_condition`: the prompt's (again for the melody-free prediction), the negative prompt's (the empty
         text's when None) with text guidance; one row per waveform. `(None, None)` otherwise."""
-        if condition.text_states is None:
+        if not self.config.text_attention:
             return None, None
+        if condition.text_states is None or condition.negative_text_states is None:
+            raise ValueError("A text_attention model needs the token states of encode_condition's Conditioning.")
         parts = [condition.text_states] * (1 + do_melody_guidance)
         if do_classifier_free_guidance:
             parts.append(condition.negative_text_states)
-        states, masks = (
-            torch.cat([part[i].repeat_interleave(condition.num_waveforms_per_prompt, dim=0) for part in parts])
-            for i in (0, 1)
-        )
+        repeats = condition.num_waveforms_per_prompt
+        states = torch.cat([states.repeat_interleave(repeats, dim=0) for states, _ in parts])
+        masks = torch.cat([mask.repeat_interleave(repeats, dim=0) for _, mask in parts])
         return states.to(self.unet.dtype), masks
 
     def encode_condition(
@@ -1100,11 +1101,11 @@ class MG2Pipeline(DiffusionPipeline):
         prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
         text_states = negative_text_states = None
         if self.config.text_attention:  # check_conditions allows only text prompts here
-            prompt_embeds, *text_states = self.encode_text_outputs(prompts, device)
-            negative_prompt_embeds, *negative_text_states = self.encode_text_outputs(
+            prompt_embeds, states, mask = self.encode_text_outputs(prompts, device)
+            negative_prompt_embeds, negative_states, negative_mask = self.encode_text_outputs(
                 self.negative_texts(negative_prompt, len(prompts)), device
             )
-            text_states, negative_text_states = tuple(text_states), tuple(negative_text_states)
+            text_states, negative_text_states = (states, mask), (negative_states, negative_mask)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             None if self.config.text_attention else prompt,
             device,
@@ -1539,7 +1540,9 @@ class MG2Pipeline(DiffusionPipeline):
             return 1.0, 1.0
         return DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE
 
-    def guidance_scales(self, guidance_scale: float | None, melody_guidance_scale: float | None) -> tuple:
+    def guidance_scales(
+        self, guidance_scale: float | None, melody_guidance_scale: float | None
+    ) -> tuple[float, float]:
         """The scales a call asked for, each defaulting to `default_guidance_scales`."""
         default_text, default_melody = self.default_guidance_scales
         return (

@@ -19,8 +19,6 @@ import torch
 
 from mg2_pipeline import Melody, save_audio
 from mg2_pipeline.defaults import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_MODEL,
 )
 from mg2_pipeline.plotting import figure_to_png, plot_spectrogram, plot_spectrograms
@@ -54,8 +52,8 @@ def main(argv=None):
     parser.add_argument("--output_dir", default="samples")
     parser.add_argument("--seconds", type=float, default=10.24)
     parser.add_argument("--steps", type=int, default=None, help="Default: the pipeline's default_num_inference_steps.")
-    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    parser.add_argument("--melody_guidance_scale", type=float, default=DEFAULT_MELODY_GUIDANCE_SCALE)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--melody_guidance_scale", type=float, default=None, help="Default: the pipeline's.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -516,6 +516,11 @@ def main(argv=None):
                 f"{args.pipeline} has text_attention={pipe.config.text_attention}; its UNet cannot change: "
                 "start from a preset (--pipeline preset:NAME)."
             )
+    if pipe.config.get("distilled_guidance_scale") is not None and not args.use_lora:
+        raise SystemExit(
+            f"{args.pipeline} is guidance-distilled: its UNet gives a guided prediction, not the data. Train (or "
+            "distil) from the model it was distilled from."
+        )
     parts = dict(pipe.components)
     if args.clmp:
         parts.update(
@@ -568,6 +573,11 @@ def main(argv=None):
             f"frames ({frames_multiple * pipe.hop_length / pipe.sampling_rate:.2f} s)."
         )
     if args.prediction_type is not None:
+        if teacher is not None and args.prediction_type != pipe.scheduler.config.prediction_type:
+            raise SystemExit(
+                f"--prediction_type {args.prediction_type}: the student learns its teacher's prediction, which is "
+                f"{pipe.scheduler.config.prediction_type!r}; leave --prediction_type out."
+            )
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
