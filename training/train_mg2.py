@@ -542,8 +542,10 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)
     teacher = None
     if args.distill_guidance is not None:
+        # DDPM's scale_model_input is the identity for any batch of timesteps, as in training.
+        teacher_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval().to(accelerator.device)
         teacher = MG2Pipeline(
-            **{**parts, "unet": copy.deepcopy(pipe.unet).requires_grad_(False).eval().to(accelerator.device)},
+            **{**parts, "unet": teacher_unet, "scheduler": DDPMScheduler.from_config(pipe.scheduler.config)},
             condition=args.condition,
             aligned_melody=pipe.config.aligned_melody,
             text_attention=pipe.config.text_attention,
