@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from gradio_client import Client
 
-from mg2_pipeline.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.presets import load_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +74,7 @@ def main(argv=None):
     pipe = load_pipeline(args.model, device="cpu")  # the benchmark builds its tensors on the CPU
     pipe.set_progress_bar_config(disable=True)
     seconds = pipe.default_audio_length_in_s
+    guidance = pipe.default_guidance_scales  # what the Space's sliders start at; the same UNet passes both ways
     direct = []
     for seed in range(args.requests + 1):  # the first call warms up
         start = time.perf_counter()
@@ -82,8 +82,8 @@ def main(argv=None):
             PROMPT,
             audio_length_in_s=seconds,
             num_inference_steps=args.steps,
-            guidance_scale=DEFAULT_GUIDANCE_SCALE,
-            melody_guidance_scale=DEFAULT_MELODY_GUIDANCE_SCALE,
+            guidance_scale=guidance[0],
+            melody_guidance_scale=guidance[1],
             generator=torch.Generator().manual_seed(seed),
         )
         direct.append(time.perf_counter() - start)
@@ -92,7 +92,6 @@ def main(argv=None):
 
     def request(client: Client, seed: int) -> float:
         start = time.perf_counter()
-        guidance = (DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE)  # the same UNet passes as the direct call
         client.predict(PROMPT, "", None, None, "", seconds, args.steps, *guidance, seed, 1, 5, api_name="/generate")
         return time.perf_counter() - start
 

@@ -21,6 +21,7 @@ from evaluate import (
     melody_adherence,  # noqa: E402
     tempo_matches,
 )
+from evaluate import main as evaluate_main  # noqa: E402
 from sound_measures import (
     FAMILIES,
     InstrumentPrompts,
@@ -257,6 +258,12 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
     assert "| real clips | ceiling |" in table and "paired preference" in table
     audio, rate = soundfile.read(output_dir / "audio" / "given" / "000.wav")
     assert rate == 16000 and len(audio) == 20480
+
+    # A guidance-distilled comparison model defaults to other scales than --model's: refused unless they are given.
+    MG2Pipeline(**pooled_parts, distilled_guidance_scale=3.0).save_pretrained(tmp_path / "pooled-distilled")
+    argv = ["--model", str(tmp_path / "mg2"), "--pooled", str(tmp_path / "pooled-distilled"), "--output_dir", "-"]
+    with pytest.raises(SystemExit, match="--pooled .* default to different guidance"):
+        evaluate_main(argv)
 
 
 def test_codec_only_evaluates_any_vae_without_a_pipeline(tiny_dataset, tmp_path):

@@ -728,6 +728,15 @@ def main(argv=None):
         pipe.set_progress_bar_config(disable=True)
         if args.steps is None:
             args.steps = pipe.default_num_inference_steps
+        # The comparison models are generated at --model's scales: refuse defaults that differ (a distilled one's).
+        for flag, path in (("--pooled", args.pooled), ("--ablation", args.ablation)):
+            distilled = MG2Pipeline.load_config(path).get("distilled_guidance_scale") if path else None
+            scales_given = args.guidance_scale is not None and args.melody_guidance_scale is not None
+            if path and distilled != pipe.config.get("distilled_guidance_scale") and not scales_given:
+                raise SystemExit(
+                    f"{flag} {path} and --model {args.model} default to different guidance (one is guidance-"
+                    "distilled): pass --guidance_scale and --melody_guidance_scale to compare them at the same scales."
+                )
         args.guidance_scale, args.melody_guidance_scale = pipe.guidance_scales(
             args.guidance_scale, args.melody_guidance_scale
         )
