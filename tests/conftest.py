@@ -25,8 +25,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Every process a test starts is given this long: a hang fails the test in minutes rather than eating CI's time.
-SUBPROCESS_TIMEOUT = 600
 PREPARE_DATA = os.path.join(ROOT, "training", "prepare_data.py")
 
 
@@ -46,9 +44,10 @@ sys.meta_path.insert(0, Block())
 
 
 def run(command: list[str], **env) -> subprocess.CompletedProcess:
-    """Run a command from the repository root; fails the test with its output on error. A command still running
-    after `SUBPROCESS_TIMEOUT` seconds (a hang) fails the test with the Python stacks of every process it started (torchrun's workers
-    run in sessions of their own, so killing the command alone would leave them behind)."""
+    """Run a command from the repository root; fails the test with its output on error. Tests put no bound on time:
+    a hang is ended by the runner (`timeout` in pyproject's pytest options), and then every process the command
+    started is aborted and its Python stacks shown (torchrun's workers run in sessions of their own, so killing the
+    command alone would leave them behind)."""
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -58,8 +57,8 @@ def run(command: list[str], **env) -> subprocess.CompletedProcess:
         env={**os.environ, "PYTHONFAULTHANDLER": "1", **env},
     )
     try:
-        stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT)
-    except subprocess.TimeoutExpired:
+        stdout, stderr = process.communicate()
+    except BaseException:  # the runner's hang bound, or an interrupt
         command_process = psutil.Process(process.pid)
         tree = [command_process, *command_process.children(recursive=True)]
         for member in tree:  # the faulthandler prints each one's stacks as it aborts (and writes no core file)
@@ -70,14 +69,9 @@ def run(command: list[str], **env) -> subprocess.CompletedProcess:
         for member in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()
-        try:
-            stdout, stderr = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # a process started after the listing still holds the pipes
-            stdout, stderr = "", "(no output: a process it started still holds its pipes)"
+        stdout, stderr = process.communicate()
         stacks = "\n".join(line for line in stderr.splitlines() if not line.startswith("Extension modules:"))
-        pytest.fail(
-            f"{command} still ran after {SUBPROCESS_TIMEOUT} s; its output and stacks:\n{stdout[-2000:]}\n{stacks[-12000:]}"
-        )
+        pytest.fail(f"{command} was stopped; its output and stacks:\n{stdout[-2000:]}\n{stacks[-12000:]}")
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result

@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import BLOCK_MG2_PIPELINE, SUBPROCESS_TIMEOUT
+from conftest import BLOCK_MG2_PIPELINE
 from torch.nn import functional as F
 from transformers import (
     AutoModel,
@@ -147,7 +147,6 @@ def test_saved_folder_loads_with_remote_code_without_the_package(tmp_path):
         capture_output=True,
         text=True,
         env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
-        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-code transformers_modules" in result.stdout

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import soundfile
 import torch
-from conftest import PREPARE_DATA, ROOT, SUBPROCESS_TIMEOUT, TINY_BUILD_ARGS, run_prepare_data
+from conftest import PREPARE_DATA, ROOT, TINY_BUILD_ARGS, run_prepare_data
 
 from mg2_pipeline.audio import HOP_LENGTH, encode_flac, load_audio
 from mg2_pipeline.data import (
@@ -98,7 +98,6 @@ def test_build_is_deterministic_and_resumable(tiny_dataset, tmp_path):
         [sys.executable, PREPARE_DATA, "--output_dir", output_dir, *TINY_BUILD_ARGS, "--clips_per_tune", "1"],
         capture_output=True,
         text=True,
-        timeout=SUBPROCESS_TIMEOUT,
     )
     assert refused.returncode != 0 and "clips_per_tune" in refused.stderr
 

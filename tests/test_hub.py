@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import BLOCK_MG2_PIPELINE, ROOT, SUBPROCESS_TIMEOUT, accelerate, run
+from conftest import BLOCK_MG2_PIPELINE, ROOT, accelerate, run
 from hub_server import MiniHub
 from test_train_mg2 import TRAIN, tiny_args
 
@@ -194,7 +194,6 @@ def test_cli_push_to_a_private_branch_and_pull_it(saved_tiny_pipeline, tmp_path)
             text=True,
             cwd=ROOT,
             env={**os.environ, **anonymous},
-            timeout=SUBPROCESS_TIMEOUT,
         )
         assert refused.returncode != 0 and "could not pull tester/private-tiny" in refused.stderr
         assert "Repository Not Found" in refused.stderr
@@ -209,7 +208,6 @@ def test_pushing_without_a_token_fails_clearly(saved_tiny_pipeline, tmp_path):
             text=True,
             cwd=ROOT,
             env=env,
-            timeout=SUBPROCESS_TIMEOUT,
         )
         assert result.returncode != 0
         assert "a write token is needed" in result.stderr and "HF_TOKEN" in result.stderr

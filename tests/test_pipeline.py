@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import BLOCK_MG2_PIPELINE, ROOT, SUBPROCESS_TIMEOUT
+from conftest import BLOCK_MG2_PIPELINE, ROOT
 from diffusers import (
     AutoencoderKL,
     ConfigMixin,
@@ -504,7 +504,6 @@ def test_remote_code_loads_without_the_package(pipe, tmp_path):
         capture_output=True,
         text=True,
         env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
-        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-code diffusers_modules.local.pipeline_mg2 diffusers_modules.local.retrieval" in result.stdout
@@ -647,7 +646,6 @@ def test_cli_writes_a_playable_wav(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Melody: yours" in result.stdout and "Wrote" in result.stdout
@@ -658,7 +656,6 @@ def test_cli_writes_a_playable_wav(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=SUBPROCESS_TIMEOUT,
     )
     assert bad.returncode != 0 and "prompt is empty" in bad.stderr
 

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SUBPROCESS_TIMEOUT
+from conftest import ROOT
 
 from mg2_pipeline import CLMPModel, CLMPProcessor, Melody
 from mg2_pipeline.feature_extraction_clmp import CLMPFeatureExtractor
@@ -235,7 +235,6 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output_dir / "build_summary.json").read_text())
@@ -283,7 +282,6 @@ def test_build_index_embeds_deduplicates_and_searches_a_dataset(tiny_dataset, tm
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=SUBPROCESS_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     fit = json.loads((tmp_path / "fit.json").read_text())

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SUBPROCESS_TIMEOUT, run
+from conftest import ROOT, run
 from conftest import accelerate as accelerate_script
 from safetensors.torch import load_file
 
@@ -206,6 +206,5 @@ def test_text_trainable_layers_freeze_the_lower_text_tower(tiny_dataset, tmp_pat
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=SUBPROCESS_TIMEOUT,
     )
     assert refused.returncode != 0 and "--text_trainable_layers must be in [0, 2]" in refused.stderr
