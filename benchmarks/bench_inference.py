@@ -4,11 +4,11 @@
     python benchmarks/bench_inference.py                         # the `small` preset, random weights
     python benchmarks/bench_inference.py --model checkpoints/mg2-small
 
-For 10.24 s of audio (`--steps` DPM-Solver steps at the pipeline's default guidance: two UNet passes per step at text
+For 10.24 s of audio (`--steps` DPM-Solver steps, by default the pipeline's, at its default guidance: two UNet passes per step at text
 and melody guidance 3, three when the scales differ, one for a guidance-distilled model at 1): wall time of CLMP text
 encoding (`encode_condition`: the prompt's and the negative prompt's embeddings and token states), retrieval, the
 denoising loop, VAE decoding and the vocoder; the real-time factor; the same log-mel through Griffin-Lim's previous
-default (32 iterations from each bin's centre-frequency phase, phase floor 0.5), and the whole pipeline at
+default (32 iterations from each bin's centre-frequency phase, phase floor 0.5, float64), and the whole pipeline at
 `--reference_steps` with that vocoder, as a ratio; MG2's prompt → latents time over a
 bare loop (precomputed condition and melody frames, same latents, same scheduler) — the overhead the pipeline adds; and
 the UNet's achieved FLOP/s against this machine's fp32 matmul peak, measured in the same run.
@@ -24,9 +24,9 @@ import statistics
 import time
 
 import torch
+from bench_vocoder import PreviousGriffinLim
 from torch.utils.flop_counter import FlopCounterMode
 
-from mg2_pipeline import GriffinLimVocoder
 from mg2_pipeline.conditioning import DROPPED_TEXT, melody_frames_condition, pooled_condition
 from mg2_pipeline.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_MELODY_GUIDANCE_SCALE
 from mg2_pipeline.presets import load_pipeline
@@ -104,7 +104,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="preset:small")
     parser.add_argument("--seconds", type=float, default=10.24)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=None, help="Default: the pipeline's default_num_inference_steps.")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
     parser.add_argument("--melody_guidance_scale", type=float, default=None, help="Default: the pipeline's.")
     parser.add_argument(
@@ -119,6 +119,7 @@ def main(argv=None):
 
     pipe = load_pipeline(args.model, device="cpu")  # the benchmark builds its tensors on the CPU
     pipe.set_progress_bar_config(disable=True)
+    args.steps = args.steps or pipe.default_num_inference_steps
     args.guidance_scale, args.melody_guidance_scale = pipe.guidance_scales(
         args.guidance_scale, args.melody_guidance_scale
     )
@@ -209,13 +210,12 @@ def main(argv=None):
             args.melody_guidance_scale,
         )
         bare.append(time.perf_counter() - start)
-    # same computation up to float rounding (the pipeline encodes prompt and empty text in separate batches)
+    # same computation up to float rounding
     assert (bare_latents - latents).abs().max() <= 1e-4 * latents.abs().max(), (
         "the bare loop must compute what the pipeline computes"
     )
 
-    # The same log-mel through Griffin-Lim's previous default: 32 iterations from each bin's centre-frequency phase.
-    peer_vocoder = GriffinLimVocoder(n_iter=32, phase_floor=0.5, phase_init="bins")
+    peer_vocoder = PreviousGriffinLim()
     log_mel = pipe.decode_latents(latents)
     peer_vocoder_s = []
     for _ in range(args.repeats):
@@ -272,7 +272,7 @@ def main(argv=None):
         print(f"| {name} | {seconds:.3f} |")
     print(f"| **total** | **{full_s:.3f}** (real-time factor {results['real_time_factor']:.3f}) |")
     print(
-        f"the same log-mel through the previous Griffin-Lim (32 iterations from bin phases): {peer_vocoder_s:.3f} s "
+        f"the same log-mel through the previous Griffin-Lim (32 iterations from bin phases, float64): {peer_vocoder_s:.3f} s "
         f"({peer_vocoder_s / stage_medians['vocoder']:.2f} × the vocoder's time); {args.reference_steps} steps with "
         f"it: {reference_s:.3f} s (real-time factor {reference_s / args.seconds:.3f}); this setting takes "
         f"{results['time_over_reference']:.3f} × that"

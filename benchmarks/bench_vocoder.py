@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Griffin-Lim (`GriffinLimVocoder`, the default) against its earlier setting (32 iterations from each bin's
-centre-frequency phase) and trained vocoders, same run, same clips: what is heard, pitch, conditioning and speed.
+"""Griffin-Lim (`GriffinLimVocoder`, the default) against its earlier default (32 iterations from each bin's
+centre-frequency phase, in float64) and trained vocoders, same run, same clips: what is heard, pitch, conditioning and speed.
 
     python benchmarks/bench_vocoder.py --vocoder checkpoints/vocoder-small --vae checkpoints/vae-small --num_clips 32
 
@@ -38,6 +38,17 @@ from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, load_audio  # noq
 from mg2_pipeline.audio import HOP_LENGTH, SAMPLE_RATE  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
 from mg2_pipeline.presets import load_vae, load_vocoder  # noqa: E402
+
+
+class PreviousGriffinLim(GriffinLimVocoder):
+    """Griffin-Lim's default until 2026-12-04, the peer: 32 iterations from each bin's centre-frequency phase at phase
+    floor 0.5, computed in float64."""
+
+    def __init__(self):
+        super().__init__(n_iter=32, phase_floor=0.5, phase_init="bins")
+
+    def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        return super().forward(spectrogram.double()).to(spectrogram.dtype)
 
 
 def conditioning(vocoder, mels: torch.Tensor) -> float:
@@ -93,7 +104,7 @@ def main(argv=None):
         clips.append(np.pad(waveform, (0, samples - len(waveform))).astype(np.float32))
     vocoders = {
         "Griffin-Lim": GriffinLimVocoder(),
-        "GL bins, 32 iter": GriffinLimVocoder(n_iter=32, phase_floor=0.5, phase_init="bins"),  # the previous default
+        "GL previous default": PreviousGriffinLim(),
     }
     vocoders.update({os.path.basename(os.path.normpath(path)): load_vocoder(path).eval() for path in args.vocoder})
     results = {}

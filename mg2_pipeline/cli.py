@@ -15,6 +15,7 @@ import re
 import sys
 
 from .defaults import (
+    DEFAULT_DISTILLED_NUM_INFERENCE_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_MODEL,
@@ -232,7 +233,8 @@ def main(argv=None) -> None:
         type=int,
         default=None,
         help=f"Denoising steps (default {DEFAULT_X0_NUM_INFERENCE_STEPS} for text to music with an x0-predicting model "
-        f"such as make demo's, else {DEFAULT_NUM_INFERENCE_STEPS}).",
+        f"such as make demo's, {DEFAULT_DISTILLED_NUM_INFERENCE_STEPS} if it is guidance-distilled, else "
+        f"{DEFAULT_NUM_INFERENCE_STEPS}).",
     )
     gen.add_argument(
         "--duration",

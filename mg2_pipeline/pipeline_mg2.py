@@ -33,6 +33,7 @@ from .audio import LogMelSpectrogram, load_audio, peak_safe
 from .autoencoder_mel import MelAutoencoderKL, vae_scale_factor
 from .conditioning import DROPPED_TEXT, melody_frames_condition, pooled_condition
 from .defaults import (
+    DEFAULT_DISTILLED_NUM_INFERENCE_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_MELODY_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
@@ -1097,15 +1098,15 @@ class MG2Pipeline(DiffusionPipeline):
     ) -> Conditioning:
         """The prompt's and the negative prompt's CLMP embeddings, one row per waveform (`encode_prompt`). The negative
         ones are made even without text guidance when CLMP can: a callback may turn it on. With `text_attention`, also
-        their token states, from the same pass of the text tower."""
+        their token states, from one pass of the text tower over both."""
         prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
         text_states = negative_text_states = None
         if self.config.text_attention:  # check_conditions allows only text prompts here
-            prompt_embeds, states, mask = self.encode_text_outputs(prompts, device)
-            negative_prompt_embeds, negative_states, negative_mask = self.encode_text_outputs(
-                self.negative_texts(negative_prompt, len(prompts)), device
-            )
-            text_states, negative_text_states = (states, mask), (negative_states, negative_mask)
+            texts = prompts + self.negative_texts(negative_prompt, len(prompts))
+            embeds, states, mask = self.encode_text_outputs(texts, device)
+            batch = len(prompts)
+            prompt_embeds, negative_prompt_embeds = embeds[:batch], embeds[batch:]
+            text_states, negative_text_states = (states[:batch], mask[:batch]), (states[batch:], mask[batch:])
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             None if self.config.text_attention else prompt,
             device,
@@ -1552,10 +1553,13 @@ class MG2Pipeline(DiffusionPipeline):
 
     @property
     def default_num_inference_steps(self) -> int:
-        """This task's default steps for this model: few for a UNet that predicts x₀, which holds its quality there."""
-        if self.scheduler.config.get("prediction_type") == "sample":
-            return DEFAULT_X0_NUM_INFERENCE_STEPS
-        return DEFAULT_NUM_INFERENCE_STEPS
+        """This task's default steps for this model: few for a UNet that predicts x₀, which holds its quality there,
+        fewer for one also distilled to give the guided prediction."""
+        if self.scheduler.config.get("prediction_type") != "sample":
+            return DEFAULT_NUM_INFERENCE_STEPS
+        if self.config.get("distilled_guidance_scale") is not None:
+            return DEFAULT_DISTILLED_NUM_INFERENCE_STEPS
+        return DEFAULT_X0_NUM_INFERENCE_STEPS
 
     @torch.no_grad()
     def __call__(
@@ -1596,7 +1600,7 @@ class MG2Pipeline(DiffusionPipeline):
                 Default: the melody's length (once through, not looped), else one window. Given explicitly, a shorter
                 melody is repeated whole to fill it. Rounded up to whole latent frames.
             num_inference_steps: denoising steps, 1 to 1000 (default `default_num_inference_steps`: 4 for an
-                x₀-predicting model, else 25).
+                x₀-predicting model, 3 if it is also guidance-distilled, else 25).
             guidance_scale: text guidance scale (classifier-free); <= 1 disables it. Default: `default_guidance_scales`
                 (3, or 1 for a guidance-distilled model).
             melody_guidance_scale: melody guidance scale, independent of the text's: 0 ignores the melody, 1 takes it

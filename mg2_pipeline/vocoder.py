@@ -24,8 +24,9 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
     coherent, so a few iterations give what many give from `phase_init="bins"` (each bin advancing at its centre
     frequency, input-independent).
 
-    Conditioned so that a tiny change of the input stays small (`benchmarks/bench_vocoder.py`): the iterations run in
-    float64, and a bin's rebuilt coefficient is normalised to unit length only where it holds at least `phase_floor` ×
+    Conditioned so that a tiny change of the input stays small (`benchmarks/bench_vocoder.py`): the starting phases are
+    summed over the frames in float64 (in float32 their rounding alone would swing the waveform), and a bin's rebuilt
+    coefficient is normalised to unit length only where it holds at least `phase_floor` ×
     the bin's target magnitude. Weaker coefficients, whose direction is mostly rounding noise, are scaled by the floor
     instead, so they cannot swing the waveform. Keep momentum at 0.5 with the floor: higher momentum loses pitch
     accuracy through the VAE (`docs/design.md`). Items are inverted one at a time, so an item's waveform does not
@@ -69,14 +70,16 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         self.register_buffer("window", torch.hann_window(win_length))
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
-        """Log-mel `(batch, frames, model_in_dim)` or `(frames, model_in_dim)` → waveform in the input's dtype."""
+        """Log-mel `(batch, frames, model_in_dim)` or `(frames, model_in_dim)` → waveform in the input's dtype, computed
+        in float32 (float64 for a float64 input)."""
         spectrogram, unbatched = log_mel_batch(spectrogram, self.config.model_in_dim)
-        waveform = torch.stack([self.invert(item) for item in spectrogram.double()]).to(spectrogram.dtype)
+        compute_dtype = torch.promote_types(spectrogram.dtype, torch.float32)
+        waveform = torch.stack([self.invert(item) for item in spectrogram.to(compute_dtype)]).to(spectrogram.dtype)
         return waveform[0] if unbatched else waveform
 
     def invert(self, log_mel: torch.Tensor) -> torch.Tensor:
-        """One float64 log-mel `(frames, model_in_dim)` → its float64 waveform."""
-        magnitude = torch.clamp(self.inverse_mel_basis.double() @ log_mel.exp().T, min=0.0)  # (bins, frames)
+        """One log-mel `(frames, model_in_dim)` → its waveform, computed in the log-mel's dtype."""
+        magnitude = torch.clamp(self.inverse_mel_basis.to(log_mel.dtype) @ log_mel.exp().T, min=0.0)  # (bins, frames)
         # torch.stft with center=True gives frames + 1 columns for frames * hop samples: repeat the last frame.
         magnitude = torch.cat([magnitude, magnitude[:, -1:]], dim=-1)
         num_samples = log_mel.shape[0] * self.config.hop_length
@@ -84,10 +87,10 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
             n_fft=self.config.n_fft,
             hop_length=self.config.hop_length,
             win_length=self.config.win_length,
-            window=self.window.double(),
+            window=self.window.to(log_mel.dtype),
         )
         coefficients = torch.polar(magnitude, self.initial_phase(magnitude))
-        floor = (self.config.phase_floor * magnitude).clamp(min=torch.finfo(torch.float64).tiny)
+        floor = (self.config.phase_floor * magnitude).clamp(min=torch.finfo(magnitude.dtype).tiny)
         previous = torch.zeros_like(coefficients)
         momentum = self.config.momentum / (1 + self.config.momentum)
         for _ in range(self.config.n_iter):
@@ -100,7 +103,7 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         return torch.istft(coefficients, length=num_samples, **stft)
 
     def initial_phase(self, magnitude: torch.Tensor) -> torch.Tensor:
-        """The phases Griffin-Lim starts from, `(bins, frames)` float64 like `magnitude`."""
+        """The phases Griffin-Lim starts from, `(bins, frames)` in `magnitude`'s dtype, in [0, 2π)."""
         num_bins, num_frames = magnitude.shape
         phase_per_bin_and_hop = 2 * torch.pi * self.config.hop_length / self.config.n_fft
         bins = torch.arange(num_bins, device=magnitude.device)[:, None].expand(num_bins, num_frames)
@@ -108,7 +111,7 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
             # The phase a steady sinusoid at each bin's centre frequency reaches by each frame: coherent across frames
             # like all-zero phases (which keep pitch best), but not degenerate.
             frames = torch.arange(num_frames, dtype=torch.float64, device=magnitude.device)[None]
-            return phase_per_bin_and_hop * bins.double() * frames
+            return (phase_per_bin_and_hop * bins.double() * frames).remainder(2 * torch.pi).to(magnitude.dtype)
         is_peak = torch.zeros_like(magnitude, dtype=torch.bool)
         is_peak[1:-1] = (magnitude[1:-1] > magnitude[:-2]) & (magnitude[1:-1] >= magnitude[2:])
         # A peak's frequency in bins: the vertex of the parabola through its log magnitude and its neighbours'.
@@ -117,7 +120,7 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         curvature = below - 2 * at + above
         vertex = torch.zeros_like(magnitude)
         vertex[1:-1] = torch.where(is_peak[1:-1] & (curvature < 0), 0.5 * (below - above) / curvature, 0.0)
-        frequency = bins.double() + vertex.clamp(-0.5, 0.5)
+        frequency = bins.double() + vertex.clamp(-0.5, 0.5)  # float64: summed over the frames below
         # Each bin's nearest peak in its frame (itself in a frame without peaks).
         previous_peak = torch.where(is_peak, bins, -num_bins).cummax(0).values
         next_peak = torch.where(is_peak, bins, 2 * num_bins).flip(0).cummin(0).values.flip(0)
@@ -126,4 +129,5 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         # Every bin advances at its nearest peak's frequency; each bin then takes its nearest peak's phase.
         advance = phase_per_bin_and_hop * frequency.gather(0, nearest)
         accumulated = advance.cumsum(1) - advance[:, :1]
-        return accumulated.gather(0, nearest) + torch.pi * (bins - nearest).double()
+        phase = accumulated.gather(0, nearest) + torch.pi * (bins - nearest).double()
+        return phase.remainder(2 * torch.pi).to(magnitude.dtype)

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import re
@@ -14,11 +15,13 @@ from mg2_pipeline.presets import build_pipeline
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
 from evaluate import (
+    Bench,
     chroma_note_share,
     chroma_peaks,
     frechet_distance,
     mel_accuracy,
     melody_adherence,  # noqa: E402
+    melody_led_summary,
     tempo_matches,
 )
 from evaluate import main as evaluate_main  # noqa: E402
@@ -78,6 +81,33 @@ def tones(melody: Melody, seconds: float, partials, fade_s: float, bass: bool = 
     if bass:
         waveform += 0.8 * np.sin(2 * np.pi * 65.4 * t)
     return (0.3 * waveform / np.abs(waveform).max()).astype(np.float32)
+
+
+def test_mel_acc_is_split_by_whether_the_real_clip_is_led_by_its_melody():
+    melody = Melody.from_string("C4:0.5 E4:0.5 G4:0.5 C5:0.5 " * 2)
+    plain = synth_melody(melody, 4.0)
+    t = np.arange(len(plain)) / 16000
+    # Each note with a third harmonic 3 × as strong, as a clarinet's: the chroma peaks are the notes' fifths.
+    reedy = sum(
+        np.where((t >= onset) & (t < offset), np.sin(2 * np.pi * 440 * 2 ** ((pitch - 69) / 12) * k * t) * weight, 0)
+        for pitch, onset, offset in melody.notes
+        for k, weight in ((1, 0.1), (3, 0.3))
+    ).astype(np.float32)
+
+    def row(waveform):
+        encoded = io.BytesIO()
+        soundfile.write(encoded, waveform, 16000, format="WAV")
+        return {"audio": {"bytes": encoded.getvalue()}, "melody_notes": melody.to_list(), "caption": "a tune"}
+
+    bench = Bench([row(plain), row(reedy)], 4.0, [plain], pipe=None, seed=0)
+    assert bench.melody_led.tolist() == [True, False]
+    # The plain tune played for both clips: right on the melody-led clip, wrong against the reedy one's peaks.
+    result = bench.row("given melody", "MG2", "model", [plain, plain], [melody] * 2, fad=False)
+    assert result["mel_acc_melody_led"] == 1.0
+    assert result["mel_acc_not_melody_led"] == mel_accuracy(chroma_peaks(plain), chroma_peaks(reedy)) < 0.2
+    codec = bench.row("codec", "log-mel → VAE → vocoder", "ceiling", [plain, reedy], [melody] * 2, fad=False)
+    assert "1 melody-led clips" in melody_led_summary(bench, [codec, result])
+    assert f"{result['mel_acc_not_melody_led']:.3f} (" in melody_led_summary(bench, [codec, result])
 
 
 def test_onset_clicks_grow_with_hard_note_changes():

@@ -30,7 +30,11 @@ from mg2_pipeline import (
     MG2InpaintPipeline,
     MG2Pipeline,
 )
-from mg2_pipeline.defaults import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_X0_NUM_INFERENCE_STEPS
+from mg2_pipeline.defaults import (
+    DEFAULT_DISTILLED_NUM_INFERENCE_STEPS,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_X0_NUM_INFERENCE_STEPS,
+)
 from mg2_pipeline.presets import build_pipeline, load_pipeline, unet_config, vae_config
 
 PROMPT = "a lively Irish jig on fiddle"
@@ -738,6 +742,12 @@ def test_only_text_to_music_with_an_x0_model_takes_few_steps_by_default():
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
     assert steps_by_task() == [
         DEFAULT_X0_NUM_INFERENCE_STEPS,
+        DEFAULT_NUM_INFERENCE_STEPS,
+        DEFAULT_NUM_INFERENCE_STEPS,
+    ]
+    pipe.register_to_config(distilled_guidance_scale=3.0)
+    assert steps_by_task() == [
+        DEFAULT_DISTILLED_NUM_INFERENCE_STEPS,
         DEFAULT_NUM_INFERENCE_STEPS,
         DEFAULT_NUM_INFERENCE_STEPS,
     ]
