@@ -4,8 +4,9 @@
     python benchmarks/bench_inference.py                         # the `small` preset, random weights
     python benchmarks/bench_inference.py --model checkpoints/mg2-small
 
-For 10.24 s of audio (`--steps` DPM-Solver steps, by default the pipeline's, at its default guidance: two UNet passes per step at text
-and melody guidance 3, three when the scales differ, one for a guidance-distilled model at 1): wall time of CLMP text
+For 10.24 s of audio (`--steps` DPM-Solver steps, by default the pipeline's, at its default guidance: two UNet
+passes per step at text and melody guidance 3, three when the scales differ, one for a guidance-distilled model at
+1): wall time of CLMP text
 encoding (`encode_condition`: the prompt's and the negative prompt's embeddings and token states), retrieval, the
 denoising loop, VAE decoding and the vocoder; the real-time factor; the same log-mel through Griffin-Lim's previous
 default (32 iterations from each bin's centre-frequency phase, phase floor 0.5, float64), and the whole pipeline at
@@ -24,7 +25,7 @@ import statistics
 import time
 
 import torch
-from bench_vocoder import PreviousGriffinLim
+from previous_vocoder import PreviousGriffinLim
 from torch.utils.flop_counter import FlopCounterMode
 
 from mg2_pipeline.conditioning import DROPPED_TEXT, melody_frames_condition, pooled_condition
@@ -119,7 +120,8 @@ def main(argv=None):
 
     pipe = load_pipeline(args.model, device="cpu")  # the benchmark builds its tensors on the CPU
     pipe.set_progress_bar_config(disable=True)
-    args.steps = args.steps or pipe.default_num_inference_steps
+    if args.steps is None:
+        args.steps = pipe.default_num_inference_steps
     args.guidance_scale, args.melody_guidance_scale = pipe.guidance_scales(
         args.guidance_scale, args.melody_guidance_scale
     )
@@ -272,8 +274,8 @@ def main(argv=None):
         print(f"| {name} | {seconds:.3f} |")
     print(f"| **total** | **{full_s:.3f}** (real-time factor {results['real_time_factor']:.3f}) |")
     print(
-        f"the same log-mel through the previous Griffin-Lim (32 iterations from bin phases, float64): {peer_vocoder_s:.3f} s "
-        f"({peer_vocoder_s / stage_medians['vocoder']:.2f} × the vocoder's time); {args.reference_steps} steps with "
+        "the same log-mel through the previous Griffin-Lim (32 iterations from bin phases, float64): "
+        f"{peer_vocoder_s:.3f} s ({peer_vocoder_s / stage_medians['vocoder']:.2f} × the vocoder's time); {args.reference_steps} steps with "
         f"it: {reference_s:.3f} s (real-time factor {reference_s / args.seconds:.3f}); this setting takes "
         f"{results['time_over_reference']:.3f} × that"
     )

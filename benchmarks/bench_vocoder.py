@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Griffin-Lim (`GriffinLimVocoder`, the default) against its earlier default (32 iterations from each bin's
-centre-frequency phase, in float64) and trained vocoders, same run, same clips: what is heard, pitch, conditioning and speed.
+centre-frequency phase, in float64) and trained vocoders, same run, same clips: what is heard, pitch, conditioning
+and speed.
 
     python benchmarks/bench_vocoder.py --vocoder checkpoints/vocoder-small --vae checkpoints/vae-small --num_clips 32
 
@@ -33,22 +34,12 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
 
 from evaluate import chroma_peaks, mel_accuracy, stft_distance  # noqa: E402
+from previous_vocoder import PreviousGriffinLim  # noqa: E402
 
 from mg2_pipeline import GriffinLimVocoder, LogMelSpectrogram, load_audio  # noqa: E402
 from mg2_pipeline.audio import HOP_LENGTH, SAMPLE_RATE  # noqa: E402
 from mg2_pipeline.data import load_mg2_dataset  # noqa: E402
 from mg2_pipeline.presets import load_vae, load_vocoder  # noqa: E402
-
-
-class PreviousGriffinLim(GriffinLimVocoder):
-    """Griffin-Lim's default until 2026-12-04, the peer: 32 iterations from each bin's centre-frequency phase at phase
-    floor 0.5, computed in float64."""
-
-    def __init__(self):
-        super().__init__(n_iter=32, phase_floor=0.5, phase_init="bins")
-
-    def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
-        return super().forward(spectrogram.double()).to(spectrogram.dtype)
 
 
 def conditioning(vocoder, mels: torch.Tensor) -> float:
@@ -59,6 +50,7 @@ def conditioning(vocoder, mels: torch.Tensor) -> float:
 
 
 def measure(vocoder, name: str, mels: list[torch.Tensor], clips: list[np.ndarray], to_mel) -> dict:
+    vocoder(mels[0][None])  # warm-up, untimed
     start, waveforms = time.perf_counter(), []
     for mel in tqdm(mels, desc=name, unit="clip"):
         waveforms.append(vocoder(mel[None])[0][: mel.shape[0] * HOP_LENGTH])  # a HiFi-GAN gives a few samples more

@@ -62,7 +62,7 @@ def describe_pipeline(pipe) -> str:
         + (f" with the time-aligned melody `{aligned}`" if aligned else pooled_only)
         + (", the UNet attending to the prompt's token states" if pipe.config.get("text_attention") else "")
         + f", {pipe.scheduler.config.prediction_type} prediction; {pipe.sampling_rate} Hz audio, trained length "
-        f"{pipe.default_audio_length_in_s:.2f} s, {pipe.default_num_inference_steps} steps by default."
+        f"{pipe.default_audio_length_in_s:.2f} s, {pipe.default_num_inference_steps} steps by default for its task."
         + (
             f" Guidance-distilled: one UNet pass per step gives the prediction guided at scale "
             f"{pipe.config.get('distilled_guidance_scale'):g}, so guidance defaults to 1."

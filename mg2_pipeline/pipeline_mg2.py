@@ -259,7 +259,8 @@ class MG2Pipeline(DiffusionPipeline):
         aligned_melody: how the melody reaches the UNet in time (see `ALIGNED_MELODY`), None for the pooled condition only.
         text_attention: whether the UNet's attention blocks attend to the prompt's token states (else to the latent itself).
         distilled_guidance_scale: for a guidance-distilled UNet (`train_mg2.py --distill_guidance`), the text and
-            melody scale whose guided prediction it gives in one pass; the scales then default to 1. None otherwise.
+            melody scale whose guided prediction it gives in one pass; the scales then default to 1, and the steps of
+            text to music with an x₀-predicting UNet to `DEFAULT_DISTILLED_NUM_INFERENCE_STEPS`. None otherwise.
     """
 
     model_cpu_offload_seq = "clmp->unet->vae->vocoder"

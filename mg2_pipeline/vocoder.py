@@ -26,12 +26,12 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
 
     Conditioned so that a tiny change of the input stays small (`benchmarks/bench_vocoder.py`): the starting phases are
     summed over the frames in float64 (in float32 their rounding alone would swing the waveform), and a bin's rebuilt
-    coefficient is normalised to unit length only where it holds at least `phase_floor` ×
-    the bin's target magnitude. Weaker coefficients, whose direction is mostly rounding noise, are scaled by the floor
-    instead, so they cannot swing the waveform. Keep momentum at 0.5 with the floor: higher momentum loses pitch
-    accuracy through the VAE (`docs/design.md`). Items are inverted one at a time, so an item's waveform does not
-    depend on its batch. Quality is that of Griffin-Lim (phasey, but pitches and rhythm are right);
-    `training/train_vocoder.py` trains a `VocosVocoder` or a HiFi-GAN.
+    coefficient is normalised to unit length only where it holds at least `phase_floor` × the bin's target magnitude.
+    Weaker coefficients, whose direction is mostly rounding noise, are scaled by the floor instead, so they cannot swing
+    the waveform. Keep momentum at 0.5 with the floor: higher momentum loses pitch accuracy through the VAE
+    (`docs/design.md`). Items are inverted one at a time, so an item's waveform does not depend on its batch. Quality
+    is that of Griffin-Lim (phasey, but pitches and rhythm are right); `training/train_vocoder.py` trains a
+    `VocosVocoder` or a HiFi-GAN.
     """
 
     phase_inits = ("peaks", "bins")
@@ -70,8 +70,8 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         self.register_buffer("window", torch.hann_window(win_length))
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
-        """Log-mel `(batch, frames, model_in_dim)` or `(frames, model_in_dim)` → waveform in the input's dtype, computed
-        in float32 (float64 for a float64 input)."""
+        """Log-mel `(batch, frames, model_in_dim)` or `(frames, model_in_dim)` → waveform in the input's dtype,
+        computed in float32 (float64 for a float64 input)."""
         spectrogram, unbatched = log_mel_batch(spectrogram, self.config.model_in_dim)
         compute_dtype = torch.promote_types(spectrogram.dtype, torch.float32)
         waveform = torch.stack([self.invert(item) for item in spectrogram.to(compute_dtype)]).to(spectrogram.dtype)

@@ -15,6 +15,7 @@ from mg2_pipeline.presets import build_pipeline
 
 sys.path.insert(0, os.path.join(ROOT, "training"))
 from evaluate import (
+    CODEC_ROW,
     Bench,
     chroma_note_share,
     chroma_peaks,
@@ -105,9 +106,12 @@ def test_mel_acc_is_split_by_whether_the_real_clip_is_led_by_its_melody():
     result = bench.row("given melody", "MG2", "model", [plain, plain], [melody] * 2, fad=False)
     assert result["mel_acc_melody_led"] == 1.0
     assert result["mel_acc_not_melody_led"] == mel_accuracy(chroma_peaks(plain), chroma_peaks(reedy)) < 0.2
-    codec = bench.row("codec", "log-mel → VAE → vocoder", "ceiling", [plain, reedy], [melody] * 2, fad=False)
-    assert "1 melody-led clips" in melody_led_summary(bench, [codec, result])
-    assert f"{result['mel_acc_not_melody_led']:.3f} (" in melody_led_summary(bench, [codec, result])
+    codec = bench.row("codec", CODEC_ROW, "ceiling", [plain, reedy], [melody] * 2, fad=False)
+    summary = melody_led_summary(bench, [codec, result])
+    assert "melody-led clips (1 of 2" in summary and "1.000 and 1.000 (1.00 × the codec)" in summary
+    assert f"1.000 and {result['mel_acc_not_melody_led']:.3f} (" in summary
+    bench.melody_led[:] = False
+    assert melody_led_summary(bench, [codec, result]) == "None of the 2 clips are melody-led."
 
 
 def test_onset_clicks_grow_with_hard_note_changes():

@@ -751,3 +751,5 @@ def test_only_text_to_music_with_an_x0_model_takes_few_steps_by_default():
         DEFAULT_NUM_INFERENCE_STEPS,
         DEFAULT_NUM_INFERENCE_STEPS,
     ]
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    assert steps_by_task() == [DEFAULT_NUM_INFERENCE_STEPS] * 3  # few steps only where x₀ is predicted

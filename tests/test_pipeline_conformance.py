@@ -208,9 +208,13 @@ def test_griffin_lim_keeps_a_tiny_input_change_tiny():
     assert change(GriffinLimVocoder(phase_floor=0.0)) > 3e-2  # the floor is what keeps the change small
     # A float32 log-mel is inverted in float32 from phases summed in float64: summed in float32, their rounding alone
     # would move this waveform by a fifth of its peak.
-    single, double = GriffinLimVocoder()(log_mel), GriffinLimVocoder()(log_mel.double())
-    assert single.dtype == torch.float32 and double.dtype == torch.float64
-    assert (single - double).abs().max() < 1e-2 * double.abs().max()
+    vocoder, computed_in = GriffinLimVocoder(), []
+    invert = vocoder.invert
+    vocoder.invert = lambda item: computed_in.append(item.dtype) or invert(item)
+    single, double, half = vocoder(log_mel), vocoder(log_mel.double()), vocoder(log_mel.half())
+    assert computed_in == [torch.float32, torch.float64, torch.float32]
+    assert (single.dtype, double.dtype, half.dtype) == (torch.float32, torch.float64, torch.float16)
+    assert (single - double).abs().max() < 1e-2 * double.abs().max() and torch.isfinite(half).all()
     with pytest.raises(ValueError, match="phase_floor"):
         GriffinLimVocoder(phase_floor=0.6)
     with pytest.raises(ValueError, match="phase_init must be one of"):

@@ -82,6 +82,7 @@ MEL_ACC_HOP = 256
 # A real clip is "melody-led" when its own chroma peak is its melody's note in this share of frames; in the others the
 # instrument's overtones and the accompaniment also move the peaks Mel acc compares, so there it reads timbre too.
 MELODY_LED_SHARE = 0.9
+CODEC_ROW = "log-mel → VAE → vocoder"  # the codec ceiling's row
 _HIGHPASS = scipy.signal.butter(2, 261.2, btype="highpass", fs=SAMPLE_RATE, output="sos")
 _MEL = LogMelSpectrogram()
 # Unlike the mel analysis (1 024 / 160), Vocos' frames (640 / 160) and the vocoder's training loss (512 to 2 048):
@@ -279,7 +280,7 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], l
         ),
         bench.row(
             "codec",
-            "log-mel → VAE → vocoder",
+            CODEC_ROW,
             "ceiling",
             through_vae,
             bench.melodies,
@@ -301,11 +302,12 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], l
 
 def melody_led_summary(bench: Bench, results: list[dict]) -> str:
     """Mel acc through the codec and of MG2 given the clip's melody, on the melody-led clips and on the others."""
-    led = int(bench.melody_led.sum())
-    parts = [row for row in results if row["audio"] == "log-mel → VAE → vocoder"]
+    led, clips = int(bench.melody_led.sum()), len(bench.melody_led)
+    if not 0 < led < clips:
+        return f"{'All' if led else 'None'} of the {clips} clips are melody-led."
+    parts = [row for row in results if row["audio"] == CODEC_ROW]
     parts += [row for row in results if row["protocol"] == "given melody" and row["kind"] == "model"]
-    if not 0 < led < len(bench.melody_led):
-        return f"All {len(bench.melody_led)} clips are {'' if led else 'not '}melody-led."
+    parts = [row for row in parts if row["clips"] == clips]
 
     def figures(key: str) -> str:
         values = [row[key] for row in parts]
@@ -314,10 +316,9 @@ def melody_led_summary(bench: Bench, results: list[dict]) -> str:
 
     names = "the codec and MG2 given the clip's melody" if len(parts) == 2 else "the codec"
     return (
-        f"Mel acc of {names} on the {led} melody-led clips (whose own chroma peak is the melody's note in ≥ "
-        f"{MELODY_LED_SHARE:.0%} of frames): {figures('mel_acc_melody_led')}; on the other "
-        f"{len(bench.melody_led) - led}, where overtones and accompaniment also move the peaks: "
-        f"{figures('mel_acc_not_melody_led')}."
+        f"Mel acc of {names} on the melody-led clips ({led} of {clips}, whose own chroma peak is the melody's note "
+        f"in ≥ {MELODY_LED_SHARE * 100:.0f} % of frames): {figures('mel_acc_melody_led')}; on the other clips, "
+        f"where overtones and accompaniment also move the peaks: {figures('mel_acc_not_melody_led')}."
     )
 
 
@@ -851,7 +852,8 @@ def main(argv=None):
         "chroma-vs-notes: frames whose chroma peak is the sounding melody note's pitch class. Ceilings are real audio "
         "and real audio through this model's codec; floors are another clip's melody, melody guidance 0, and the pooled-only "
         "and caption-only models where given. "
-        f"FAD on {len(rows)} clips is biased upward: compare rows with each other. {melody_led_summary(bench, results)}\n"
+        f"FAD on {len(rows)} clips is biased upward: compare rows with each other. "
+        f"{melody_led_summary(bench, results)}\n"
     )
     if sound:
         markdown += (
