@@ -6,13 +6,12 @@
 
 For 10.24 s of audio (`--steps` DPM-Solver steps, by default the pipeline's, at its default guidance: two UNet
 passes per step at text and melody guidance 3, three when the scales differ, one for a guidance-distilled model at
-1): wall time of CLMP text
-encoding (`encode_condition`: the prompt's and the negative prompt's embeddings and token states), retrieval, the
-denoising loop, VAE decoding and the vocoder; the real-time factor; the same log-mel through Griffin-Lim's previous
-default (32 iterations from each bin's centre-frequency phase, phase floor 0.5, float64), and the whole pipeline at
-`--reference_steps` with that vocoder, as a ratio; MG2's prompt → latents time over a
-bare loop (precomputed condition and melody frames, same latents, same scheduler) — the overhead the pipeline adds; and
-the UNet's achieved FLOP/s against this machine's fp32 matmul peak, measured in the same run.
+1): wall time of CLMP text encoding (`encode_condition`: the prompt's and the negative prompt's embeddings and token
+states), retrieval, the denoising loop, VAE decoding and the vocoder; the real-time factor; the same log-mel through
+Griffin-Lim's previous default (`previous_vocoder.PreviousGriffinLim`), and the whole pipeline at `--reference_steps`
+with that vocoder, as a ratio; MG2's prompt → latents time over a bare loop (precomputed condition and melody frames,
+same latents, same scheduler) — the overhead the pipeline adds; and the UNet's achieved FLOP/s against this machine's
+fp32 matmul peak, measured in the same run.
 Medians over --repeats runs, the two contenders interleaved.
 """
 
@@ -275,8 +274,8 @@ def main(argv=None):
     print(f"| **total** | **{full_s:.3f}** (real-time factor {results['real_time_factor']:.3f}) |")
     print(
         "the same log-mel through the previous Griffin-Lim (32 iterations from bin phases, float64): "
-        f"{peer_vocoder_s:.3f} s ({peer_vocoder_s / stage_medians['vocoder']:.2f} × the vocoder's time); {args.reference_steps} steps with "
-        f"it: {reference_s:.3f} s (real-time factor {reference_s / args.seconds:.3f}); this setting takes "
+        f"{peer_vocoder_s:.3f} s ({peer_vocoder_s / stage_medians['vocoder']:.2f} × the vocoder's time); "
+        f"{args.reference_steps} steps with it: {reference_s:.3f} s (real-time factor {reference_s / args.seconds:.3f}); this setting takes "
         f"{results['time_over_reference']:.3f} × that"
     )
     print(
