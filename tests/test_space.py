@@ -35,7 +35,7 @@ NOTES = "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6"
 @contextlib.contextmanager
 def browser_page(**page_options):
     """A Chromium page whose waits and `expect` assertions have no time limit (0), not Playwright's 5–30 s defaults: a
-    slow machine is not a failure; a hang is ended by the runner (`timeout` in pyproject's pytest options)."""
+    slow machine is not a failure."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:

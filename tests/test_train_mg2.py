@@ -347,7 +347,7 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
     killed = tmp_path / "killed"
     command, env = accelerate_command(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, killed, *common))
     # Killed as soon as the run says step 4's checkpoint is complete: nothing here waits on the clock. Its process
-    # group is killed however the read loop ends (the runner's hang bound included).
+    # group is killed however the read loop ends (an interrupt included).
     process = subprocess.Popen(
         command,
         cwd=ROOT,
