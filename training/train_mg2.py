@@ -537,7 +537,8 @@ def main(argv=None):
         condition=args.condition,
         aligned_melody=pipe.config.aligned_melody,
         text_attention=pipe.config.text_attention,
-        distilled_guidance_scale=args.distill_guidance,
+        # a LoRA on a distilled UNet keeps its one-pass guidance
+        distilled_guidance_scale=args.distill_guidance or pipe.config.get("distilled_guidance_scale"),
     )
     pipe.set_progress_bar_config(disable=True)
     teacher = None
@@ -729,7 +730,7 @@ def main(argv=None):
             condition=args.condition,
             aligned_melody=pipe.config.aligned_melody,
             text_attention=pipe.config.text_attention,
-            distilled_guidance_scale=args.distill_guidance,
+            distilled_guidance_scale=pipe.config.get("distilled_guidance_scale"),
             sketch_timbre=args.sketch_timbre,
             clip_seconds=args.clip_seconds,
             skipped_rows_main_process=skipped_rows,
