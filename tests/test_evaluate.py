@@ -23,6 +23,7 @@ from evaluate import (
     mel_accuracy,
     melody_adherence,  # noqa: E402
     melody_led_summary,
+    semitone_misses,
     tempo_matches,
 )
 from evaluate import main as evaluate_main  # noqa: E402
@@ -110,8 +111,23 @@ def test_mel_acc_is_split_by_whether_the_real_clip_is_led_by_its_melody():
     summary = melody_led_summary(bench, [codec, result])
     assert "melody-led clips (1 of 2" in summary and "1.000 and 1.000 (1.00 × the codec)" in summary
     assert f"1.000 and {result['mel_acc_not_melody_led']:.3f} (" in summary
+    assert "read a semitone off (a partial drawn between two notes) in 0.000 and 0.000" in summary
     bench.melody_led[:] = False
-    assert melody_led_summary(bench, [codec, result]) == "None of the 2 clips are melody-led."
+    assert melody_led_summary(bench, [codec, result]).startswith("None of the 2 clips are melody-led. Of the frames")
+
+
+def test_semitone_misses_count_a_melody_drawn_a_semitone_off_and_nothing_else():
+    melody = Melody.from_string("C4:0.5 E4:0.5 G4:0.5 C5:0.5 " * 2)
+    real = chroma_peaks(synth_melody(melody, 4.0))
+
+    def shifted(semitones):
+        return chroma_peaks(synth_melody(Melody(melody.notes + np.array([semitones, 0.0, 0.0])), 4.0))
+
+    assert semitone_misses(real, real, melody) == 0.0
+    assert semitone_misses(shifted(1), real, melody) > 0.9
+    assert semitone_misses(shifted(-1), real, melody) > 0.9
+    assert semitone_misses(shifted(2), real, melody) < 0.1  # a wrong note, not a partial between two
+    assert semitone_misses(shifted(7), real, melody) < 0.1
 
 
 def test_onset_clicks_grow_with_hard_note_changes():

@@ -150,6 +150,18 @@ def chroma_note_share(peaks: np.ndarray, melody: Melody) -> float:
     return float(np.mean(classes[peaks, np.arange(len(peaks))][sounding]))
 
 
+def semitone_misses(peaks: np.ndarray, reference_peaks: np.ndarray, melody: Melody) -> float:
+    """Of the frames where the reference's chroma peak is the sounding melody note's pitch class, the share whose peak
+    is a semitone from it: a partial drawn between two notes rather than a wrong note or an overtone."""
+    frames = min(len(peaks), len(reference_peaks))
+    classes = melody_pitch_classes(melody, SAMPLE_RATE / MEL_ACC_HOP, frames)
+    peaks, reference_peaks = peaks[:frames], reference_peaks[:frames]
+    playing = classes[reference_peaks, np.arange(frames)]
+    if not playing.any():
+        return 0.0
+    return float(np.mean(np.isin((peaks - reference_peaks) % 12, (1, 11))[playing]))
+
+
 def melody_adherence(waveform: np.ndarray, melody: Melody) -> float:
     """Mean cosine similarity of audio chroma to the melody's pitch class, over frames where the melody sounds."""
     chroma = librosa.feature.chroma_stft(y=waveform, sr=SAMPLE_RATE, n_fft=2048, hop_length=SAMPLE_RATE // CHROMA_FPS)
@@ -226,6 +238,9 @@ class Bench:
             led = self.melody_led[: len(waveforms)]
             result["mel_acc_melody_led"] = float(accuracies[led].mean()) if led.any() else None
             result["mel_acc_not_melody_led"] = float(accuracies[~led].mean()) if not led.all() else None
+            result["semitone_misses"] = float(
+                np.mean([semitone_misses(p, self.real_peaks[i], self.melodies[i]) for i, p in enumerate(peaks)])
+            )
         if melodies is not None:
             result["chroma_vs_notes"] = float(np.mean([chroma_note_share(p, m) for p, m in zip(peaks, melodies)]))
             result["chroma_cosine"] = float(np.mean([melody_adherence(w, m) for w, m in zip(waveforms, melodies)]))
@@ -301,24 +316,29 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], l
 
 
 def melody_led_summary(bench: Bench, results: list[dict]) -> str:
-    """Mel acc through the codec and of MG2 given the clip's melody, on the melody-led clips and on the others."""
+    """Mel acc through the codec and of MG2 given the clip's melody, on the melody-led clips and on the others, and
+    how often each reads a semitone off where the real clip plays its melody's note."""
     led, clips = int(bench.melody_led.sum()), len(bench.melody_led)
-    if not 0 < led < clips:
-        return f"{'All' if led else 'None'} of the {clips} clips are melody-led."
     parts = [row for row in results if row["audio"] == CODEC_ROW]
     parts += [row for row in results if row["protocol"] == "given melody" and row["kind"] == "model"]
     parts = [row for row in parts if row["clips"] == clips]
+    names = "the codec and MG2 given the clip's melody" if len(parts) == 2 else "the codec"
 
     def figures(key: str) -> str:
         values = [row[key] for row in parts]
         ratio = f" ({values[1] / values[0]:.2f} × the codec)" if len(values) == 2 and values[0] else ""
         return " and ".join(f"{value:.3f}" for value in values) + ratio
 
-    names = "the codec and MG2 given the clip's melody" if len(parts) == 2 else "the codec"
+    semitones = (
+        f"Of the frames where the real clip's peak is its melody's note, {names} read a semitone off (a partial drawn "
+        f"between two notes) in {figures('semitone_misses')}."
+    )
+    if not 0 < led < clips:
+        return f"{'All' if led else 'None'} of the {clips} clips are melody-led. {semitones}"
     return (
         f"Mel acc of {names} on the melody-led clips ({led} of {clips}, whose own chroma peak is the melody's note "
         f"in ≥ {MELODY_LED_SHARE * 100:.0f} % of frames): {figures('mel_acc_melody_led')}; on the other clips, "
-        f"where overtones and accompaniment also move the peaks: {figures('mel_acc_not_melody_led')}."
+        f"where overtones and accompaniment also move the peaks: {figures('mel_acc_not_melody_led')}. {semitones}"
     )
 
 
