@@ -11,6 +11,8 @@ Melody adherence, three ways (each row says against what):
 - **chroma-vs-notes**: on the same chroma, the share of frames where a melody note sounds whose chroma
   peak is that note's pitch class.
 - **chroma cosine**: frame-wise cosine of the (unfiltered, 10 frames/s) chroma to the sounding pitch class.
+Under the table, Mel acc on the clips led by their melody and on the others, and the **semitone miss share**: of the
+frames where the real clip's chroma peak is its melody's note, the share read one chroma bin from it.
 
 Rows, for the first `--num_clips` test clips:
 - ceilings: the real clip (FAD: test against as many validation clips, the best a model can reach at this
@@ -150,16 +152,21 @@ def chroma_note_share(peaks: np.ndarray, melody: Melody) -> float:
     return float(np.mean(classes[peaks, np.arange(len(peaks))][sounding]))
 
 
-def semitone_misses(peaks: np.ndarray, reference_peaks: np.ndarray, melody: Melody) -> float:
-    """Of the frames where the reference's chroma peak is the sounding melody note's pitch class, the share whose peak
-    is a semitone from it: a partial drawn between two notes rather than a wrong note or an overtone."""
-    frames = min(len(peaks), len(reference_peaks))
-    classes = melody_pitch_classes(melody, SAMPLE_RATE / MEL_ACC_HOP, frames)
-    peaks, reference_peaks = peaks[:frames], reference_peaks[:frames]
-    playing = classes[reference_peaks, np.arange(frames)]
-    if not playing.any():
-        return 0.0
-    return float(np.mean(np.isin((peaks - reference_peaks) % 12, (1, 11))[playing]))
+def semitone_miss_share(
+    peaks: list[np.ndarray], reference_peaks: list[np.ndarray], melodies: list[Melody]
+) -> float | None:
+    """Of all frames where the reference clip's chroma peak is its sounding melody note's pitch class, the share whose
+    peak is one chroma bin from it: a pitch drawn between two semitones, or a note a semitone wrong. None if no
+    frame qualifies."""
+    misses = frames_playing = 0
+    for clip_peaks, clip_reference, melody in zip(peaks, reference_peaks, melodies):
+        frames = min(len(clip_peaks), len(clip_reference))
+        classes = melody_pitch_classes(melody, SAMPLE_RATE / MEL_ACC_HOP, frames)
+        clip_peaks, clip_reference = clip_peaks[:frames], clip_reference[:frames]
+        playing = classes[clip_reference, np.arange(frames)]
+        misses += int(np.isin((clip_peaks - clip_reference) % 12, (1, 11))[playing].sum())
+        frames_playing += int(playing.sum())
+    return misses / frames_playing if frames_playing else None
 
 
 def melody_adherence(waveform: np.ndarray, melody: Melody) -> float:
@@ -222,8 +229,8 @@ class Bench:
         **extra,
     ) -> dict:
         """One table row: adherence of `waveforms` to `melodies` (chroma) and to the real clips `mel_acc_against`
-        (indices; None = each its own clip, with Mel acc also on the melody-led clips and on the others), FAD to the
-        real test clips, CLMP score against the captions."""
+        (indices; None = each its own clip, with Mel acc also on the melody-led clips and on the others, and the
+        semitone miss share), FAD to the real test clips, CLMP score against the captions."""
         peaks = [chroma_peaks(w) for w in waveforms]
         against = mel_acc_against if mel_acc_against is not None else range(len(waveforms))
         accuracies = np.array([mel_accuracy(p, self.real_peaks[i]) for p, i in zip(peaks, against)])
@@ -238,9 +245,7 @@ class Bench:
             led = self.melody_led[: len(waveforms)]
             result["mel_acc_melody_led"] = float(accuracies[led].mean()) if led.any() else None
             result["mel_acc_not_melody_led"] = float(accuracies[~led].mean()) if not led.all() else None
-            result["semitone_misses"] = float(
-                np.mean([semitone_misses(p, self.real_peaks[i], self.melodies[i]) for i, p in enumerate(peaks)])
-            )
+            result["semitone_miss_share"] = semitone_miss_share(peaks, self.real_peaks, self.melodies)
         if melodies is not None:
             result["chroma_vs_notes"] = float(np.mean([chroma_note_share(p, m) for p, m in zip(peaks, melodies)]))
             result["chroma_cosine"] = float(np.mean([melody_adherence(w, m) for w, m in zip(waveforms, melodies)]))
@@ -317,7 +322,7 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], l
 
 def melody_led_summary(bench: Bench, results: list[dict]) -> str:
     """Mel acc through the codec and of MG2 given the clip's melody, on the melody-led clips and on the others, and
-    how often each reads a semitone off where the real clip plays its melody's note."""
+    how often each reads one chroma bin off where the real clip's peak is its melody's note."""
     led, clips = int(bench.melody_led.sum()), len(bench.melody_led)
     parts = [row for row in results if row["audio"] == CODEC_ROW]
     parts += [row for row in results if row["protocol"] == "given melody" and row["kind"] == "model"]
@@ -329,16 +334,19 @@ def melody_led_summary(bench: Bench, results: list[dict]) -> str:
         ratio = f" ({values[1] / values[0]:.2f} × the codec)" if len(values) == 2 and values[0] else ""
         return " and ".join(f"{value:.3f}" for value in values) + ratio
 
-    semitones = (
-        f"Of the frames where the real clip's peak is its melody's note, {names} read a semitone off (a partial drawn "
-        f"between two notes) in {figures('semitone_misses')}."
-    )
+    semitones = ""
+    if all(row["semitone_miss_share"] is not None for row in parts):
+        semitones = (
+            f" Of the frames where the real clip's chroma peak is its melody's note, {names} read one chroma bin from "
+            f"it (a pitch between two semitones, or a note a semitone wrong) in {figures('semitone_miss_share')} of "
+            "them."
+        )
     if not 0 < led < clips:
-        return f"{'All' if led else 'None'} of the {clips} clips are melody-led. {semitones}"
+        return f"{'All' if led else 'None'} of the {clips} clips are melody-led.{semitones}"
     return (
         f"Mel acc of {names} on the melody-led clips ({led} of {clips}, whose own chroma peak is the melody's note "
         f"in ≥ {MELODY_LED_SHARE * 100:.0f} % of frames): {figures('mel_acc_melody_led')}; on the other clips, "
-        f"where overtones and accompaniment also move the peaks: {figures('mel_acc_not_melody_led')}. {semitones}"
+        f"where overtones and accompaniment also move the peaks: {figures('mel_acc_not_melody_led')}.{semitones}"
     )
 
 
