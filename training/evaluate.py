@@ -339,7 +339,7 @@ def melody_led_summary(bench: Bench, results: list[dict]) -> str:
         semitones = (
             f" Of the frames where the real clip's chroma peak is its melody's note, {names} read one chroma bin from "
             f"it (a pitch between two semitones, or a note a semitone wrong) in {figures('semitone_miss_share')} of "
-            "them."
+            "them; a chroma peak at random would be in 2 of 12."
         )
     if not 0 < led < clips:
         return f"{'All' if led else 'None'} of the {clips} clips are melody-led.{semitones}"
