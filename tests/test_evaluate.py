@@ -112,7 +112,7 @@ def test_mel_acc_is_split_by_whether_the_real_clip_is_led_by_its_melody():
     assert "melody-led clips (1 of 2" in summary and "1.000 and 1.000 (1.00 × the codec)" in summary
     assert f"1.000 and {result['mel_acc_not_melody_led']:.3f} (" in summary
     assert "in 0.000 and 0.000 of them" in summary  # neither reads a semitone off where the real peak is the note
-    # MG2 drawing the first clip a semitone sharp: its misses are counted over the frames the codec drew right.
+    # MG2 drawing the first clip a semitone sharp: a miss in nearly every frame where the real clip's peak is the note.
     sharp = synth_melody(Melody(melody.notes + np.array([1.0, 0.0, 0.0])), 4.0)
     off = bench.row("given melody", "MG2", "model", [sharp, plain], [melody] * 2, fad=False)
     assert off["semitone_miss_share"] > 0.9
@@ -131,12 +131,18 @@ def test_semitone_miss_share_counts_only_frames_where_the_real_peak_is_the_melod
     generated = (real + 1) % 12  # one chroma bin from the real peak everywhere, the rest included
     generated[e_starts:] = 5  # during E: F, a semitone from the melody's note but not from the real peak
     assert semitone_miss_share([generated], [real], [melody]) == 1.0  # only the C frames count
-    generated[: int(frames_per_second / 2)] = 0  # the first half of the C drawn right
+    half_c = int(frames_per_second / 2)
+    generated[:half_c] = 0  # the first half of the C drawn right
     assert semitone_miss_share([generated], [real], [melody]) == pytest.approx(0.5, abs=0.02)
-    generated[: int(frames_per_second / 2)] = 2  # a whole tone off is a wrong note, not a semitone miss
+    generated[:half_c] = 2  # a whole tone off is a wrong note, not a semitone miss
     assert semitone_miss_share([generated], [real], [melody]) == pytest.approx(0.5, abs=0.02)
-    # Frames are pooled over clips: a second clip drawn right halves the share.
-    assert semitone_miss_share([generated, real], [real, real], [melody] * 2) == pytest.approx(0.25, abs=0.02)
+    generated[:half_c] = 11  # B: a semitone below C, across the octave's wrap
+    assert semitone_miss_share([generated], [real], [melody]) == 1.0
+    # Frames are pooled over clips, not clips averaged: a second clip with twice as many C frames, all drawn right,
+    # brings the share to a third.
+    long_c, real_c = Melody(np.array([[60, 0.0, 2.0]])), np.zeros_like(real)
+    pooled = semitone_miss_share([generated, real_c], [real, real_c], [melody, long_c])
+    assert pooled == pytest.approx(1 / 3, abs=0.02)
     assert semitone_miss_share([generated], [np.full_like(real, 11)], [melody]) is None  # no frame qualifies
 
 
