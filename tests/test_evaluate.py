@@ -273,6 +273,7 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
         ("codec", "ceiling"),
         ("codec", "ceiling"),
         ("codec", "ceiling"),
+        ("codec", "reference"),
         ("codec", "floor"),
         ("given melody", "model"),
         *[("given melody", "floor")] * 4,
@@ -280,9 +281,10 @@ def test_evaluate_writes_the_bounded_table_and_fills_the_model_card(tiny_dataset
         *[("retrieved melody", "floor")] * 3,
         ("retrieved melody", "model"),
     ]
-    real, vocoded, through_vae, floor = results[:4]
+    real, vocoded, through_vae, sketch, floor = results[:5]
     assert real["mel_acc"] == 1.0 and real["fad_clmp"] >= 0 and real["fad_spectral"] >= 0  # test vs validation clips
     assert 0 < through_vae["mel_l1"] and "fad_clmp" in vocoded and "fad_clmp" not in floor
+    assert "sketch" in sketch["audio"] and "fad_clmp" not in sketch
     for r in results:
         assert r["clips"] == (2 if "DDIM" in r["audio"] else 4)
         assert 0 <= r["mel_acc"] <= 1 and 0 <= r["chroma_vs_notes"] <= 1 and 0 <= r["chroma_cosine"] <= 1
@@ -365,6 +367,7 @@ def test_codec_only_evaluates_any_vae_without_a_pipeline(tiny_dataset, tmp_path)
         "real clip (FAD: test vs validation clips)",
         "log-mel → vocoder",
         "log-mel → VAE → vocoder",
+        "melody sketch (as MG2 is given it) → VAE → vocoder",
         "real clip vs another clip's melody / audio",
     ]
     assert (

@@ -17,6 +17,8 @@ frames where the real clip's chroma peak is its melody's note, the share read on
 Rows, for the first `--num_clips` test clips:
 - ceilings: the real clip (FAD: test against as many validation clips, the best a model can reach at this
   N); its log-mel through the vocoder; through VAE (encode, decode) + vocoder.
+- reference: the melody sketch MG2 is given (the clip's melody as plain tones) through VAE + vocoder, what the
+  condition itself draws.
 - floor: the real clip against another test clip's melody (and, for Mel acc, another clip's audio).
 - **given melody**: each clip's own melody passed as `melody=` with its caption; Mel acc against the real
   clip. Floors: MG2's output for another clip against this one; the same model with melody guidance 0; the
@@ -263,16 +265,23 @@ class Bench:
 @torch.no_grad()
 def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], list[np.ndarray]]:
     """Ceilings and floor that need no generator: real clips, through the vocoder, through VAE + vocoder (whose audio
-    is returned too)."""
+    is returned too); and for reference what the melody condition itself draws: the plain melody sketch MG2 is given,
+    through VAE + vocoder."""
     real_mels = torch.stack([_MEL(torch.from_numpy(w)) for w in bench.real])  # (clips, frames, 64)
     multiple = vae_scale_factor(vae)
     if real_mels.shape[1] % multiple:
         raise SystemExit(f"--seconds gives {real_mels.shape[1]} mel frames; the VAE needs a multiple of {multiple}.")
-    vocoded, reconstructed, through_vae = [], [], []
-    for mel in tqdm(real_mels, desc="codec: vocoder and VAE + vocoder", unit="clip"):
+    vocoded, reconstructed, through_vae, sketches = [], [], [], []
+    progress = tqdm(
+        zip(real_mels, bench.melodies), desc="codec: vocoder and VAE + vocoder", unit="clip", total=len(real_mels)
+    )
+    for mel, melody in progress:
         vocoded.append(vocoder(mel[None])[0].cpu().numpy()[: bench.samples])
         reconstructed.append(vae.decode(vae.encode(mel[None, None]).latent_dist.mode()).sample[0, 0])
         through_vae.append(vocoder(reconstructed[-1][None])[0].cpu().numpy()[: bench.samples])
+        sketch_mel = _MEL(torch.from_numpy(melody.render_tones(bench.samples, SAMPLE_RATE)))
+        sketch_mel = vae.decode(vae.encode(sketch_mel[None, None]).latent_dist.mode()).sample[0, 0]
+        sketches.append(vocoder(sketch_mel[None])[0].cpu().numpy()[: bench.samples])
     reconstructed = torch.stack(reconstructed)
     real = bench.row(
         "codec",
@@ -306,6 +315,14 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], l
             bench.melodies,
             mel_l1=float((reconstructed - real_mels).abs().mean()),
             stft_distance=stft_distance(through_vae, bench.real),
+        ),
+        bench.row(
+            "codec",
+            "melody sketch (as MG2 is given it) → VAE → vocoder",
+            "reference",
+            sketches,
+            bench.melodies,
+            fad=False,
         ),
         bench.row(
             "codec",
@@ -715,7 +732,7 @@ def format_table(rows: list[dict]) -> str:
     ]
     for row in rows:
         cells = [form.format(row[key]) if key in row else "–" for key, _, form in columns]
-        bound = {"ceiling": "ceiling", "floor": "floor", "model": "**model**"}[row["kind"]]
+        bound = {"ceiling": "ceiling", "reference": "reference", "floor": "floor", "model": "**model**"}[row["kind"]]
         lines.append(f"| {row['protocol']} | {row['audio']} | {bound} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -879,7 +896,8 @@ def main(argv=None):
         f"{table}\n\nMel acc: chroma peaks (261.2 Hz high-pass, chroma_stft) agreeing with the real clip's; chance ≈ 0.08. "
         "chroma-vs-notes: frames whose chroma peak is the sounding melody note's pitch class. Ceilings are real audio "
         "and real audio through this model's codec; floors are another clip's melody, melody guidance 0, and the pooled-only "
-        "and caption-only models where given. "
+        "and caption-only models where given. The reference is the melody sketch MG2 is given (plain tones) through the "
+        "codec: the pitch its condition draws. "
         f"FAD on {len(rows)} clips is biased upward: compare rows with each other. "
         f"{melody_led_summary(bench, results)}\n"
     )
