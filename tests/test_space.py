@@ -99,9 +99,14 @@ def space_url(tmp_path_factory):
     log.close()
 
 
+def space_client(url: str) -> Client:
+    """A Gradio client with no time limit on its HTTP calls (httpx's default is 5 s): a slow machine is not a failure."""
+    return Client(url, verbose=False, httpx_kwargs={"timeout": None})
+
+
 @pytest.fixture(scope="module")
 def client(space_url):
-    return Client(space_url, verbose=False)
+    return space_client(space_url)
 
 
 def generate(
@@ -447,9 +452,7 @@ def test_after_refused_requests_the_space_gives_bit_identical_music(client, spac
 def test_twenty_concurrent_requests_all_return_their_audio(space_url):
     seeds = [index % 4 for index in range(20)]
     with ThreadPoolExecutor(max_workers=20) as pool:
-        results = list(
-            pool.map(lambda seed: generate(Client(space_url, verbose=False), seed=seed, duration=0.8), seeds)
-        )
+        results = list(pool.map(lambda seed: generate(space_client(space_url), seed=seed, duration=0.8), seeds))
     waveforms = [read_wav(result[0]) for result in results]
     assert all(len(waveform) == 12800 for waveform in waveforms)
     # Two pipelines ran side by side without disturbing each other: a seed gives its audio whatever ran beside it, up to
