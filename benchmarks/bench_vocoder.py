@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Griffin-Lim (`GriffinLimVocoder`, the default) against its earlier default (32 iterations from each bin's
-centre-frequency phase, in float64) and trained vocoders, same run, same clips: what is heard, pitch, conditioning
-and speed.
+"""Griffin-Lim (`GriffinLimVocoder`, the default) against the same on the mel filters' pseudo-inverse (`nnls_iter=0`),
+its earlier default (32 iterations from each bin's centre-frequency phase, in float64) and trained vocoders, same run,
+same clips: what is heard, pitch, conditioning and speed.
 
     python benchmarks/bench_vocoder.py --vocoder checkpoints/vocoder-small --vae checkpoints/vae-small --num_clips 32
 
@@ -96,6 +96,7 @@ def main(argv=None):
         clips.append(np.pad(waveform, (0, samples - len(waveform))).astype(np.float32))
     vocoders = {
         "Griffin-Lim": GriffinLimVocoder(),
+        "GL pseudo-inverse": GriffinLimVocoder(nnls_iter=0),
         "GL previous default": PreviousGriffinLim(),
     }
     vocoders.update({os.path.basename(os.path.normpath(path)): load_vocoder(path).eval() for path in args.vocoder})

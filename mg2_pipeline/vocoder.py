@@ -15,8 +15,24 @@ from diffusers.configuration_utils import register_to_config
 from .audio import F_MAX, F_MIN, HOP_LENGTH, LOG_FLOOR, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH, log_mel_batch
 
 
+# A spectral peak (`GriffinLimVocoder.initial_phase`): the largest of this many bins on either side, up to a tie (in log
+# magnitude: far above float32 rounding), and this far above the smallest of them (0.1 nepers, 0.9 dB; a Hann window's
+# main lobe falls far more over two bins).
+PEAK_NEIGHBOURS = 2
+PEAK_TIE = 1e-3
+PEAK_PROMINENCE = 0.1
+
+
 class GriffinLimVocoder(ModelMixin, ConfigMixin):
-    """Inverts `LogMelSpectrogram`: exp → least-squares mel inversion → fast Griffin-Lim (momentum `momentum`).
+    """Inverts `LogMelSpectrogram`: exp → non-negative least-squares mel inversion → fast Griffin-Lim (momentum
+    `momentum`).
+
+    The mel inversion starts from the pseudo-inverse's solution, clipped at zero, and takes `nnls_iter` multiplicative
+    updates towards the non-negative least-squares one (Lee and Seung's; librosa's `mel_to_stft` solves the same
+    problem with L-BFGS-B on the CPU). Below 1 kHz the mel filters are 67 Hz apart, up to four semitones: the
+    pseudo-inverse spreads a partial over its filter and moves its peak towards the filter's centre, while the
+    non-negative solution keeps it narrow where the neighbouring filters' ratio places it (`nnls_iter=0`: the
+    pseudo-inverse alone).
 
     The iterations start from a phase-locked estimate (`phase_init="peaks"`, Laroche and Dolson's identity phase
     locking): each frame's spectral peaks advance at their frequency, interpolated on the log magnitude, and every bin
@@ -50,6 +66,7 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         momentum: float = 0.5,
         phase_floor: float = 0.3,
         phase_init: str = "peaks",
+        nnls_iter: int = 100,
     ):
         super().__init__()
         import librosa
@@ -61,12 +78,15 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         if not 0 <= phase_floor <= 0.5:
             # Above 0.5 the scaled coefficients lose energy iteration after iteration: on real clips 0.6 fades the waveform.
             raise ValueError(f"phase_floor must be in [0, 0.5], got {phase_floor}.")
+        if nnls_iter < 0:
+            raise ValueError(f"nnls_iter must be >= 0, got {nnls_iter}.")
         if phase_init not in self.phase_inits:
             raise ValueError(f"phase_init must be one of {self.phase_inits}, got {phase_init!r}.")
         mel_basis = torch.from_numpy(
             librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=model_in_dim, fmin=f_min, fmax=f_max)
         )
         self.register_buffer("inverse_mel_basis", torch.linalg.pinv(mel_basis.double()).float())
+        self.register_buffer("mel_basis", mel_basis.float(), persistent=False)  # rebuilt from the config
         self.register_buffer("window", torch.hann_window(win_length))
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
@@ -79,7 +99,7 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
 
     def invert(self, log_mel: torch.Tensor) -> torch.Tensor:
         """One log-mel `(frames, model_in_dim)` → its waveform, computed in the log-mel's dtype."""
-        magnitude = torch.clamp(self.inverse_mel_basis.to(log_mel.dtype) @ log_mel.exp().T, min=0.0)  # (bins, frames)
+        magnitude = self.mel_to_magnitude(log_mel.exp().T)  # (bins, frames)
         # torch.stft with center=True gives frames + 1 columns for frames * hop samples: repeat the last frame.
         magnitude = torch.cat([magnitude, magnitude[:, -1:]], dim=-1)
         num_samples = log_mel.shape[0] * self.config.hop_length
@@ -102,6 +122,20 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
             previous = rebuilt
         return torch.istft(coefficients, length=num_samples, **stft)
 
+    def mel_to_magnitude(self, mel: torch.Tensor) -> torch.Tensor:
+        """Mel magnitudes `(model_in_dim, frames)` → linear magnitudes `(n_fft // 2 + 1, frames)`, in `mel`'s dtype."""
+        basis = self.mel_basis.to(mel.dtype)
+        magnitude = torch.clamp(self.inverse_mel_basis.to(mel.dtype) @ mel, min=0.0)
+        if self.config.nnls_iter == 0:
+            return magnitude
+        # A multiplicative update leaves a zero at zero: start every bin slightly above it.
+        magnitude = magnitude + 1e-3 * magnitude.mean()
+        numerator = basis.T @ mel
+        tiny = torch.finfo(mel.dtype).tiny
+        for _ in range(self.config.nnls_iter):
+            magnitude = magnitude * numerator / (basis.T @ (basis @ magnitude)).clamp(min=tiny)
+        return magnitude
+
     def initial_phase(self, magnitude: torch.Tensor) -> torch.Tensor:
         """The phases Griffin-Lim starts from, `(bins, frames)` in `magnitude`'s dtype, in [0, 2π)."""
         num_bins, num_frames = magnitude.shape
@@ -112,22 +146,33 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
             # like all-zero phases (which keep pitch best), but not degenerate.
             frames = torch.arange(num_frames, dtype=torch.float64, device=magnitude.device)[None]
             return (phase_per_bin_and_hop * bins.double() * frames).remainder(2 * torch.pi).to(magnitude.dtype)
-        is_peak = torch.zeros_like(magnitude, dtype=torch.bool)
-        is_peak[1:-1] = (magnitude[1:-1] > magnitude[:-2]) & (magnitude[1:-1] >= magnitude[2:])
-        # A peak's frequency in bins: the vertex of the parabola through its log magnitude and its neighbours'.
         log_magnitude = magnitude.clamp(min=LOG_FLOOR).log()  # below the log-mel's floor no shape is known
         below, at, above = log_magnitude[:-2], log_magnitude[1:-1], log_magnitude[2:]
-        curvature = below - 2 * at + above
+        # A peak is within PEAK_TIE of the largest of its PEAK_NEIGHBOURS on either side, which stands PEAK_PROMINENCE
+        # above their smallest, and the lowest such bin of a level top. Where a wide mel filter's non-negative inversion
+        # is level or a gentle ramp, rounding alone would make, unmake and move bare local maxima, and each change
+        # moves the phases of every frame after it.
+        columns = log_magnitude.T[:, None]  # (frames, 1, bins)
+        window = dict(kernel_size=2 * PEAK_NEIGHBOURS + 1, stride=1, padding=PEAK_NEIGHBOURS)
+        local_max = torch.nn.functional.max_pool1d(columns, **window)[:, 0].T
+        local_min = -torch.nn.functional.max_pool1d(-columns, **window)[:, 0].T
+        is_top = (log_magnitude >= local_max - PEAK_TIE) & (local_max - local_min > PEAK_PROMINENCE)
+        is_peak = is_top.clone()
+        is_peak[1:] &= ~is_top[:-1]
+        # A peak's frequency in bins: the vertex of the parabola through its log magnitude and its neighbours'. A level
+        # top's parabola has no curvature to speak of: bounding it keeps the vertex a continuous function of the bins.
+        curvature = torch.minimum(below - 2 * at + above, torch.full_like(at, -PEAK_TIE))
         vertex = torch.zeros_like(magnitude)
-        vertex[1:-1] = torch.where(is_peak[1:-1] & (curvature < 0), 0.5 * (below - above) / curvature, 0.0)
+        vertex[1:-1] = torch.where(is_peak[1:-1], 0.5 * (below - above) / curvature, 0.0)
         frequency = bins.double() + vertex.clamp(-0.5, 0.5)  # float64: summed over the frames below
         # Each bin's nearest peak in its frame (itself in a frame without peaks).
         previous_peak = torch.where(is_peak, bins, -num_bins).cummax(0).values
         next_peak = torch.where(is_peak, bins, 2 * num_bins).flip(0).cummin(0).values.flip(0)
         nearest = torch.where(bins - previous_peak <= next_peak - bins, previous_peak, next_peak)
         nearest = torch.where((0 <= nearest) & (nearest < num_bins), nearest, bins)
-        # Every bin advances at its nearest peak's frequency; each bin then takes its nearest peak's phase.
+        # Every bin advances at its nearest peak's frequency; each bin then takes its nearest peak's phase, π apart per
+        # bin from the peak's frequency (not its bin, so that a partial's phases do not flip when its peak moves a bin).
         advance = phase_per_bin_and_hop * frequency.gather(0, nearest)
         accumulated = advance.cumsum(1) - advance[:, :1]
-        phase = accumulated.gather(0, nearest) + torch.pi * (bins - nearest).double()
+        phase = accumulated.gather(0, nearest) + torch.pi * (bins.double() - frequency.gather(0, nearest))
         return phase.remainder(2 * torch.pi).to(magnitude.dtype)

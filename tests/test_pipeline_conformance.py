@@ -204,8 +204,9 @@ def test_griffin_lim_keeps_a_tiny_input_change_tiny():
         waveform = vocoder(log_mel)
         return ((vocoder(log_mel + nudge) - waveform).abs().max() / waveform.abs().max()).item()
 
-    assert change(GriffinLimVocoder()) < 1e-2
-    assert change(GriffinLimVocoder(phase_floor=0.0)) > 3e-2  # the floor is what keeps the change small
+    # The pseudo-inverse's smoother magnitudes move by 0.9 % here, the non-negative inversion's by 1.5 %.
+    assert change(GriffinLimVocoder()) < 2e-2 and change(GriffinLimVocoder(nnls_iter=0)) < 2e-2
+    assert change(GriffinLimVocoder(phase_floor=0.0)) > 1e-1  # the floor is what keeps the change small (36 %)
     # A float32 log-mel is inverted in float32 from phases summed in float64: summed in float32, their rounding alone
     # would move this waveform by a fifth of its peak.
     vocoder, computed_in = GriffinLimVocoder(), []
