@@ -14,7 +14,6 @@ from diffusers.configuration_utils import register_to_config
 
 from .audio import F_MAX, F_MIN, HOP_LENGTH, LOG_FLOOR, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH, log_mel_batch
 
-
 # A spectral peak (`GriffinLimVocoder.initial_phase`): the largest of this many bins on either side, up to a tie (in log
 # magnitude: far above float32 rounding), and this far above the smallest of them (0.1 nepers, 0.9 dB; a Hann window's
 # main lobe falls far more over two bins).
