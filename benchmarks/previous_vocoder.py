@@ -6,8 +6,8 @@ from mg2_pipeline import GriffinLimVocoder
 
 
 class PreviousGriffinLim(GriffinLimVocoder):
-    """32 iterations from each bin's centre-frequency phase at phase floor 0.5, computed in float64, on the mel filters'
-    pseudo-inverse."""
+    """32 iterations from each bin's centre-frequency phase at phase floor 0.5, computed in float64, on the mel
+    filters' pseudo-inverse."""
 
     def __init__(self):
         super().__init__(n_iter=32, phase_floor=0.5, phase_init="bins", nnls_iter=0)

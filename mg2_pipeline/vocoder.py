@@ -14,9 +14,9 @@ from diffusers.configuration_utils import register_to_config
 
 from .audio import F_MAX, F_MIN, HOP_LENGTH, LOG_FLOOR, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH, log_mel_batch
 
-# A spectral peak (`GriffinLimVocoder.initial_phase`): the largest of this many bins on either side, up to a tie (in log
-# magnitude: far above float32 rounding), and this far above the smallest of them (0.1 nepers, 0.9 dB; a Hann window's
-# main lobe falls far more over two bins).
+# A spectral peak (`GriffinLimVocoder.initial_phase`): the largest of this many bins on either side, up to a tie (in
+# log magnitude: far above float32 rounding), and this far above the smallest of them (0.1 nepers, 0.9 dB; a Hann
+# window's main lobe falls far more over two bins).
 PEAK_NEIGHBOURS = 2
 PEAK_TIE = 1e-3
 PEAK_PROMINENCE = 0.1
@@ -28,8 +28,8 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
 
     The mel inversion starts from the pseudo-inverse's solution, clipped at zero, and takes `nnls_iter` multiplicative
     updates towards the non-negative least-squares one (Lee and Seung's; librosa's `mel_to_stft` solves the same
-    problem with L-BFGS-B on the CPU). Below 1 kHz the mel filters are 67 Hz apart, up to four semitones: the
-    pseudo-inverse spreads a partial over its filter and moves its peak towards the filter's centre, while the
+    problem with L-BFGS-B on the CPU). Below 1 kHz the 64 filters' centres are 46 Hz apart, three semitones at middle
+    C: the pseudo-inverse spreads a partial over its filters and moves its peak towards a filter's centre, while the
     non-negative solution keeps it narrow where the neighbouring filters' ratio places it (`nnls_iter=0`: the
     pseudo-inverse alone).
 
@@ -123,12 +123,12 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
 
     def mel_to_magnitude(self, mel: torch.Tensor) -> torch.Tensor:
         """Mel magnitudes `(model_in_dim, frames)` → linear magnitudes `(n_fft // 2 + 1, frames)`, in `mel`'s dtype."""
-        basis = self.mel_basis.to(mel.dtype)
-        magnitude = torch.clamp(self.inverse_mel_basis.to(mel.dtype) @ mel, min=0.0)
+        basis = self.mel_basis.to(mel)
+        magnitude = torch.clamp(self.inverse_mel_basis.to(mel) @ mel, min=0.0)
         if self.config.nnls_iter == 0:
             return magnitude
-        # A multiplicative update leaves a zero at zero: start every bin slightly above it.
-        magnitude = magnitude + 1e-3 * magnitude.mean()
+        # A multiplicative update leaves a zero at zero: start every bin of a frame slightly above it.
+        magnitude = magnitude + 1e-3 * magnitude.mean(0, keepdim=True)
         numerator = basis.T @ mel
         tiny = torch.finfo(mel.dtype).tiny
         for _ in range(self.config.nnls_iter):
@@ -147,10 +147,10 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
             return (phase_per_bin_and_hop * bins.double() * frames).remainder(2 * torch.pi).to(magnitude.dtype)
         log_magnitude = magnitude.clamp(min=LOG_FLOOR).log()  # below the log-mel's floor no shape is known
         below, at, above = log_magnitude[:-2], log_magnitude[1:-1], log_magnitude[2:]
-        # A peak is within PEAK_TIE of the largest of its PEAK_NEIGHBOURS on either side, which stands PEAK_PROMINENCE
-        # above their smallest, and the lowest such bin of a level top. Where a wide mel filter's non-negative inversion
-        # is level or a gentle ramp, rounding alone would make, unmake and move bare local maxima, and each change
-        # moves the phases of every frame after it.
+        # A peak is within PEAK_TIE of the largest of its PEAK_NEIGHBOURS on either side, which stands
+        # PEAK_PROMINENCE above their smallest, and the lowest such bin of a level top. Where a wide mel filter's
+        # non-negative inversion is level or a gentle ramp, rounding alone would make, unmake and move bare local
+        # maxima, and each change moves the phases of every frame after it.
         columns = log_magnitude.T[:, None]  # (frames, 1, bins)
         window = dict(kernel_size=2 * PEAK_NEIGHBOURS + 1, stride=1, padding=PEAK_NEIGHBOURS)
         local_max = torch.nn.functional.max_pool1d(columns, **window)[:, 0].T
@@ -158,9 +158,9 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         is_top = (log_magnitude >= local_max - PEAK_TIE) & (local_max - local_min > PEAK_PROMINENCE)
         is_peak = is_top.clone()
         is_peak[1:] &= ~is_top[:-1]
-        # A peak's frequency in bins: the vertex of the parabola through its log magnitude and its neighbours'. A level
-        # top's parabola has no curvature to speak of: bounding it keeps the vertex a continuous function of the bins.
-        curvature = torch.minimum(below - 2 * at + above, torch.full_like(at, -PEAK_TIE))
+        # A peak's frequency in bins: the vertex of the parabola through its log magnitude and its neighbours'. Bounded
+        # at the prominence a peak needs, a flat top's curvature cannot turn rounding into a large move of its vertex.
+        curvature = torch.minimum(below - 2 * at + above, torch.full_like(at, -PEAK_PROMINENCE))
         vertex = torch.zeros_like(magnitude)
         vertex[1:-1] = torch.where(is_peak[1:-1], 0.5 * (below - above) / curvature, 0.0)
         frequency = bins.double() + vertex.clamp(-0.5, 0.5)  # float64: summed over the frames below
@@ -169,9 +169,10 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         next_peak = torch.where(is_peak, bins, 2 * num_bins).flip(0).cummin(0).values.flip(0)
         nearest = torch.where(bins - previous_peak <= next_peak - bins, previous_peak, next_peak)
         nearest = torch.where((0 <= nearest) & (nearest < num_bins), nearest, bins)
-        # Every bin advances at its nearest peak's frequency; each bin then takes its nearest peak's phase, π apart per
-        # bin from the peak's frequency (not its bin, so that a partial's phases do not flip when its peak moves a bin).
+        # Every bin advances at its nearest peak's frequency and takes that peak's phase at the frame's centre.
+        # torch.stft measures phase from the frame's start, n_fft / 2 before its centre, so a partial's bins are π
+        # apart whatever its frequency.
         advance = phase_per_bin_and_hop * frequency.gather(0, nearest)
         accumulated = advance.cumsum(1) - advance[:, :1]
-        phase = accumulated.gather(0, nearest) + torch.pi * (bins.double() - frequency.gather(0, nearest))
+        phase = accumulated.gather(0, nearest) + torch.pi * bins.double()
         return phase.remainder(2 * torch.pi).to(magnitude.dtype)
