@@ -169,10 +169,10 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         next_peak = torch.where(is_peak, bins, 2 * num_bins).flip(0).cummin(0).values.flip(0)
         nearest = torch.where(bins - previous_peak <= next_peak - bins, previous_peak, next_peak)
         nearest = torch.where((0 <= nearest) & (nearest < num_bins), nearest, bins)
-        # Every bin advances at its nearest peak's frequency and takes that peak's phase at the frame's centre.
-        # torch.stft measures phase from the frame's start, n_fft / 2 before its centre, so a partial's bins are π
-        # apart whatever its frequency.
+        # Every bin advances at its nearest peak's frequency and takes that peak's phase, π apart per bin as in a Hann
+        # window's main lobe, less π × the peak's frequency in bins: an offset that differs from partial to partial.
+        # Partials that all start in phase add up to clicks at note onsets.
         advance = phase_per_bin_and_hop * frequency.gather(0, nearest)
         accumulated = advance.cumsum(1) - advance[:, :1]
-        phase = accumulated.gather(0, nearest) + torch.pi * bins.double()
+        phase = accumulated.gather(0, nearest) + torch.pi * (bins.double() - frequency.gather(0, nearest))
         return phase.remainder(2 * torch.pi).to(magnitude.dtype)

@@ -190,7 +190,7 @@ def test_batch_consistent_and_batch_single_identical(pipeline, output_type, requ
     else:
         # Music-loud (the preset) or scaled to full scale (the assembled VAE's log-mels give Griffin-Lim a peak far
         # above 1). Griffin-Lim's phase-locked start sums each peak's frequency over the frames, so the UNet's 1e-6
-        # rounding reaches the waveform as up to ~3e-4 of full scale here (1e-3 on 10 s clips): within -60 dB.
+        # rounding reaches the waveform as up to ~1e-4 of full scale here (1e-3 on 10 s clips): within -60 dB.
         assert 1e-2 < np.abs(single).max() <= 1
         assert np.abs(batched - single).max() < 1e-3
 
@@ -204,8 +204,11 @@ def test_griffin_lim_keeps_a_tiny_input_change_tiny():
         waveform = vocoder(log_mel)
         return ((vocoder(log_mel + nudge) - waveform).abs().max() / waveform.abs().max()).item()
 
-    assert change(GriffinLimVocoder()) < 1e-2 and change(GriffinLimVocoder(nnls_iter=0)) < 1e-2
-    assert change(GriffinLimVocoder(phase_floor=0.0)) > 3e-2  # the floor is what keeps the change small
+    # Within 2 % (-34 dB; here 1.4 % for the non-negative inversion, 1.0 % for the pseudo-inverse): each partial's
+    # starting phase follows its peak's interpolated frequency, which spreads the partials' phases and halves the
+    # onset clicks, and a tiny change of the magnitudes moves it a little.
+    assert change(GriffinLimVocoder()) < 2e-2 and change(GriffinLimVocoder(nnls_iter=0)) < 2e-2
+    assert change(GriffinLimVocoder(phase_floor=0.0)) > 1e-1  # the floor is what keeps the change small (40 %)
     # A float32 log-mel is inverted in float32 from phases summed in float64: summed in float32, their rounding alone
     # would move this waveform by a fifth of its peak.
     vocoder, computed_in = GriffinLimVocoder(), []
