@@ -44,7 +44,7 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
     coefficient is normalised to unit length only where it holds at least `phase_floor` × the bin's target magnitude.
     Weaker coefficients, whose direction is mostly rounding noise, are scaled by the floor instead, so they cannot swing
     the waveform. Keep momentum at 0.5 with the floor: higher momentum loses pitch accuracy through the VAE
-    (`docs/design.md`). Items are inverted one at a time, so an item's waveform does not depend on its batch. Quality
+    (`docs/history.md`). Items are inverted one at a time, so an item's waveform does not depend on its batch. Quality
     is that of Griffin-Lim (phasey, but pitches and rhythm are right); `training/train_vocoder.py` trains a
     `VocosVocoder` or a HiFi-GAN.
     """
