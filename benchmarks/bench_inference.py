@@ -10,8 +10,8 @@ passes per step at text and melody guidance 3, three when the scales differ, one
 states), retrieval, the denoising loop, VAE decoding and the vocoder; the real-time factor; the same log-mel through
 Griffin-Lim as shipped until 2026-12-04 (`previous_vocoder.PreviousGriffinLim`), and the whole pipeline at
 `--reference_steps` with that vocoder, as a ratio; MG2's prompt → latents time over a bare loop (precomputed condition
-and melody frames, same latents, same scheduler) — the overhead the pipeline adds; and the UNet's achieved FLOP/s against this machine's
-fp32 matmul peak, measured in the same run.
+and melody frames, same latents, same scheduler) — the overhead the pipeline adds; and the UNet's achieved FLOP/s
+against this machine's fp32 matmul peak, measured in the same run.
 Medians over --repeats runs, the two contenders interleaved.
 """
 

@@ -637,7 +637,7 @@ def test_griffin_lim_start_does_not_move_with_rounding_where_the_spectrum_is_lev
     start, moved = vocoder.initial_phase(magnitude), vocoder.initial_phase(noisy)
     difference = torch.angle(torch.polar(torch.ones_like(start), start - moved)).abs()
     assert difference[magnitude > 0.1].max() < 1e-3
-    # The plain peak's bins are π apart, and it advances at its own frequency, the middle bin's.
+    # The plain peak's bins are π apart: its offset is the same for all of them.
     assert torch.allclose(
         torch.angle(torch.polar(torch.ones(2, dtype=torch.float64), start[201:203, 0] - start[200:202, 0])).abs(),
         torch.full((2,), torch.pi, dtype=torch.float64),
