@@ -7,6 +7,7 @@ import tempfile
 
 import psutil
 import pytest
+from hypothesis import HealthCheck, settings
 
 # Tests never reach a hub: everything they load is built here or shipped inside a package.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -23,6 +24,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+# Tests put no bound on time: property tests have no per-example deadline (Hypothesis's default fails an example after
+# 200 ms) and no "too slow" health check (which fails a test whose inputs take long to generate).
+settings.register_profile("mg2", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mg2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARE_DATA = os.path.join(ROOT, "training", "prepare_data.py")

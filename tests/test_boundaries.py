@@ -91,7 +91,7 @@ plausible_notes = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     notes=st.one_of(
         plausible_notes, st.lists(st.tuples(numbers, numbers, numbers), max_size=6), st.lists(junk, max_size=4), junk
@@ -101,7 +101,7 @@ def test_melody_from_notes_is_valid_or_refused(notes):
     melody_or_refusal(lambda: Melody.from_notes(notes) if isinstance(notes, list) else Melody(notes))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(
     notes=st.lists(
         st.tuples(st.integers(0, 127), st.floats(0, 500), st.floats(0.001, MAX_NOTE_SECONDS)),
@@ -137,7 +137,7 @@ token_strings = st.lists(
 ).map("|".join)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(
     notes=st.lists(st.tuples(st.sampled_from(["G4", "A4", "C#5", "Bb3", "R"]), st.floats(0.01, 50)), max_size=6).map(
         lambda notes: [("D4", 0.5), *notes]
@@ -150,7 +150,7 @@ def test_valid_note_strings_always_give_their_melody(notes):
     assert melody.duration == pytest.approx(max(end for end, (name, _) in zip(ends, notes) if name != "R"), rel=1e-6)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     text=st.one_of(
         plausible_note_strings,
@@ -169,7 +169,7 @@ def test_melody_from_text_never_reads_a_file_and_is_valid_or_refused(text):
         melody_or_refusal(lambda: Melody.from_text(text))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(
     source=st.one_of(
         junk,
@@ -182,7 +182,7 @@ def test_melody_load_is_valid_or_refused(source):
     melody_or_refusal(lambda: Melody.load(source))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     method=st.sampled_from(
         ["fit_to", "stretch", "transpose", "to_piano_roll", "slice", "render_tones", "to_pitch_class_roll"]
@@ -219,7 +219,7 @@ def test_melody_methods_refuse_bad_arguments_by_name(method, value, other):
 # ----- audio inputs -----
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60)
 @given(
     samples=st.lists(floats.map(np.float32), min_size=1, max_size=40).map(
         lambda v: np.resize(np.array(v, np.float32), 4000)
@@ -239,7 +239,7 @@ def test_audio_waveforms_with_nan_or_bad_rates_are_refused(samples, sample_rate)
     assert np.all(np.isfinite(samples)) and np.all(np.isfinite(melody.notes))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(payload=st.one_of(st.binary(max_size=64), st.lists(floats, min_size=1, max_size=64)))
 def test_audio_files_are_read_finite_or_refused(payload):
     if isinstance(payload, list):  # a float WAV, possibly holding NaN or infinity
@@ -339,7 +339,7 @@ def call_arguments():
     return st.sampled_from(sorted(own)).flatmap(lambda name: st.tuples(st.just(name), st.one_of(own[name], junk)))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400)
 @given(argument=call_arguments())
 def test_every_call_argument_gives_valid_output_or_an_error_naming_it(pipe, tasks, argument):
     name, value = argument
@@ -414,7 +414,7 @@ def valid_calls(draw):
     return task, kwargs
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40)
 @given(call=valid_calls())
 def test_every_valid_call_gives_finite_audio_of_its_length(pipe, tasks, call):
     task, kwargs = call
@@ -460,7 +460,10 @@ def test_an_unreadable_prompt_is_refused_and_a_partly_unknown_one_warned(pipe, c
 # ----- the CLI -----
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(
     flag=st.sampled_from(
         [

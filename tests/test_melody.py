@@ -79,7 +79,7 @@ pitch_tokens = st.integers(0, 127).map(lambda p: f"<{pitch_to_name(p)}>")
 triplets = st.tuples(pitch_tokens, st.integers(80, 511), st.integers(0, 511))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.lists(triplets, min_size=1, max_size=40))
 def test_tokens_to_melody_to_tokens_is_identity(notes):
     tokens, previous_onset, previous_offset = [], -1.0, 0.0
@@ -99,7 +99,7 @@ notes_strategy = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(notes_strategy)
 def test_melody_to_tokens_to_melody_within_bin_quantisation(spec):
     notes, time = [], 0.0

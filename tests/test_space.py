@@ -387,7 +387,10 @@ LABELS = {
 }
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(field=st.sampled_from(sorted(fields)).flatmap(lambda name: st.tuples(st.just(name), fields[name])))
 def test_any_field_value_gives_music_or_an_error_naming_the_field(client, field):
     name, value = field
@@ -422,7 +425,10 @@ def valid_requests(draw):
     return request
 
 
-@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=16,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(request=valid_requests())
 def test_valid_values_of_every_control_give_music_of_the_expected_length(client, valid_files, request):
     event(request["mode"])
