@@ -271,17 +271,24 @@ def codec_rows(bench: Bench, vae: AutoencoderKL, vocoder) -> tuple[list[dict], l
     multiple = vae_scale_factor(vae)
     if real_mels.shape[1] % multiple:
         raise SystemExit(f"--seconds gives {real_mels.shape[1]} mel frames; the VAE needs a multiple of {multiple}.")
+
+    def through_the_vae(mel: torch.Tensor) -> torch.Tensor:
+        return vae.decode(vae.encode(mel[None, None]).latent_dist.mode()).sample[0, 0]
+
+    def vocode(mel: torch.Tensor) -> np.ndarray:
+        return vocoder(mel[None])[0].cpu().numpy()[: bench.samples]
+
     vocoded, reconstructed, through_vae, sketches = [], [], [], []
     progress = tqdm(
         zip(real_mels, bench.melodies), desc="codec: vocoder and VAE + vocoder", unit="clip", total=len(real_mels)
     )
     for mel, melody in progress:
-        vocoded.append(vocoder(mel[None])[0].cpu().numpy()[: bench.samples])
-        reconstructed.append(vae.decode(vae.encode(mel[None, None]).latent_dist.mode()).sample[0, 0])
-        through_vae.append(vocoder(reconstructed[-1][None])[0].cpu().numpy()[: bench.samples])
-        sketch_mel = _MEL(torch.from_numpy(melody.render_tones(bench.samples, SAMPLE_RATE)))
-        sketch_mel = vae.decode(vae.encode(sketch_mel[None, None]).latent_dist.mode()).sample[0, 0]
-        sketches.append(vocoder(sketch_mel[None])[0].cpu().numpy()[: bench.samples])
+        vocoded.append(vocode(mel))
+        reconstructed.append(through_the_vae(mel))
+        through_vae.append(vocode(reconstructed[-1]))
+        sketches.append(
+            vocode(through_the_vae(_MEL(torch.from_numpy(melody.render_tones(bench.samples, SAMPLE_RATE)))))
+        )
     reconstructed = torch.stack(reconstructed)
     real = bench.row(
         "codec",
@@ -732,7 +739,7 @@ def format_table(rows: list[dict]) -> str:
     ]
     for row in rows:
         cells = [form.format(row[key]) if key in row else "–" for key, _, form in columns]
-        bound = {"ceiling": "ceiling", "reference": "reference", "floor": "floor", "model": "**model**"}[row["kind"]]
+        bound = "**model**" if row["kind"] == "model" else row["kind"]
         lines.append(f"| {row['protocol']} | {row['audio']} | {bound} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
