@@ -496,7 +496,7 @@ def test_the_steps_slider_follows_the_mode(space_url):
     with browser_page() as page:
         page.goto(space_url)
         page.get_by_label("Prompt", exact=True).wait_for()
-        page.get_by_text("Settings", exact=True).first.click()  # the accordion (Gradio's footer has a second)
+        page.get_by_role("main").get_by_role("button", name="Settings").click()  # not the footer's Settings dialog
         steps = page.get_by_label("number input for Denoising steps")
         expect(steps).to_have_value(str(DEFAULT_X0_NUM_INFERENCE_STEPS))
         page.get_by_text("Recording (to continue, re-render or repaint)").click()
