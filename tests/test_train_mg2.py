@@ -745,6 +745,36 @@ def test_guidance_distillation_refuses_a_fresh_model_lora_and_dropped_conditions
     assert args.distill_guidance == 3
 
 
+def test_the_decoded_spectral_loss_compares_the_vaes_decodings_and_trains_only_the_prediction(capsys):
+    import train_mg2
+    from training_utils import spectral_convergence
+
+    from mg2_pipeline.presets import build_vae, vae_config
+
+    torch.manual_seed(0)
+    vae = build_vae(vae_config("tiny")).requires_grad_(False).eval()
+    vae.register_to_config(scaling_factor=0.5)
+    target = torch.randn(2, 4, 8, 32)  # the tiny VAE's ×2 latent of 16 frames × 64 mels
+    prediction = (target + 0.3 * torch.randn_like(target)).requires_grad_()
+    loss = train_mg2.decoded_spectral_convergence(vae, prediction, target)
+    # The UNet's latents are scaled: both are decoded as the pipeline decodes them.
+    expected = spectral_convergence(vae.decode(prediction / 0.5).sample, vae.decode(target / 0.5).sample)
+    torch.testing.assert_close(loss, expected)
+    assert loss > 0 and train_mg2.decoded_spectral_convergence(vae, target, target) == 0
+    loss.backward()
+    assert prediction.grad.abs().sum() > 0 and all(parameter.grad is None for parameter in vae.parameters())
+
+    for argv, message in (
+        (["--decoded_spectral_weight", "-1"], "--decoded_spectral_weight must be >= 0"),
+        (["--decoded_spectral_weight", "1", "--prediction_type", "epsilon"], "needs --prediction_type sample"),
+    ):
+        with pytest.raises(SystemExit):
+            train_mg2.parse_args(["--dataset", "d", "--output_dir", "o", *argv])
+        assert message in capsys.readouterr().err
+    args = ["--dataset", "d", "--output_dir", "o", "--decoded_spectral_weight", "1", "--prediction_type", "sample"]
+    assert train_mg2.parse_args(args).decoded_spectral_weight == 1
+
+
 def test_preset_config_files_set_defaults_and_flags_win(tmp_path):
     config = tmp_path / "preset.yaml"
     config.write_text("train_vae:\n  max_train_steps: 7\n  kl_weight: 0.5\ntrain_mg2:\n  max_train_steps: 9\n")

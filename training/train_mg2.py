@@ -57,6 +57,7 @@ from training_utils import (
     optimizer_step,
     parse_arguments,
     push_output_dir,
+    spectral_convergence,
     start_run,
     write_training_summary,
 )
@@ -160,6 +161,14 @@ def parse_args(argv=None):
         help="Min-SNR-γ loss weighting (Hang et al. 2023), as diffusers' examples; 5.0 is their recommendation.",
     )
     parser.add_argument(
+        "--decoded_spectral_weight",
+        type=float,
+        default=0.0,
+        help="Weight of the spectral convergence between the frozen VAE's decodings of the predicted and the target "
+        "latents (linear mel magnitudes: it weighs the loud partials whose filter ratios carry pitch). Needs "
+        "--prediction_type sample.",
+    )
+    parser.add_argument(
         "--use_lora", action="store_true", help="Fine-tune a saved pipeline with a LoRA adapter on its UNet."
     )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
@@ -188,6 +197,10 @@ def parse_args(argv=None):
             "latent_cache_workers",
         ),
     )
+    if args.decoded_spectral_weight < 0:
+        parser.error(f"--decoded_spectral_weight must be >= 0, got {args.decoded_spectral_weight}")
+    if args.decoded_spectral_weight and args.prediction_type not in (None, "sample"):
+        parser.error(f"--decoded_spectral_weight needs --prediction_type sample, not {args.prediction_type}")
     if args.use_lora and (args.pipeline.startswith("preset:") or args.rank < 1):
         parser.error("--use_lora fine-tunes a saved pipeline: pass --pipeline DIR and --rank >= 1")
     for name in ("gt_melody_prob", "condition_dropout", "text_dropout", "melody_dropout"):
@@ -584,6 +597,11 @@ def main(argv=None):
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
+    if args.decoded_spectral_weight and prediction_type != "sample":
+        raise SystemExit(
+            f"--decoded_spectral_weight decodes the predicted latents: it needs --prediction_type sample; "
+            f"{args.pipeline} predicts {prediction_type!r}."
+        )
     # EMA of the full UNet; a LoRA run trains a small adapter and keeps none (as diffusers' LoRA examples).
     ema = (
         None
@@ -679,6 +697,9 @@ def main(argv=None):
                         / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
                     )
                 loss = loss.mean()
+                if args.decoded_spectral_weight:
+                    decoded_loss = decoded_spectral_convergence(pipe.vae, prediction.float(), target.float())
+                    loss = loss + args.decoded_spectral_weight * decoded_loss
                 if guard.should_skip(loss):
                     logger.warning(f"Non-finite loss at step {global_step}: step skipped ({guard.skipped} so far).")
                     optimizer.zero_grad()
@@ -697,6 +718,8 @@ def main(argv=None):
                 "skipped_steps": guard.skipped,
                 "samples_per_second": progress.samples_per_second(),
             }
+            if args.decoded_spectral_weight:
+                logs["decoded_spectral_convergence"] = decoded_loss.item()
             progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch)
             if accelerator.is_main_process and (
                 global_step % args.validation_steps == 0 or global_step == args.max_train_steps
@@ -749,6 +772,14 @@ def main(argv=None):
         logger.info(f"Saved the pipeline to {args.output_dir}: {summary}")
         push_output_dir(args)
     finish_run(accelerator, unet)
+
+
+def decoded_spectral_convergence(vae, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Spectral convergence between the frozen VAE's log-mel decodings of predicted and target latents (scaled as the
+    UNet sees them); gradients reach the prediction only."""
+    with torch.no_grad():
+        target_mel = vae.decode(target / vae.config.scaling_factor).sample
+    return spectral_convergence(vae.decode(prediction / vae.config.scaling_factor).sample, target_mel)
 
 
 @torch.no_grad()

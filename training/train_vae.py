@@ -39,6 +39,7 @@ from training_utils import (
     optimizer_step,
     parse_arguments,
     push_output_dir,
+    spectral_convergence,
     start_run,
     write_training_summary,
 )
@@ -256,12 +257,6 @@ def insert_silence(mel: torch.Tensor, probability: float) -> torch.Tensor:
         start = int(torch.randint(0, frames - length + 1, ()))
         mel[crop, start : start + length] = math.log(LOG_FLOOR)
     return mel
-
-
-def spectral_convergence(reconstruction: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
-    """‖exp(mel) − exp(reconstruction)‖_F / ‖exp(mel)‖_F per example, averaged (log-mels in, linear magnitudes compared)."""
-    target, estimate = mel.exp(), reconstruction.clamp(max=mel.max().item() + 2).exp()
-    return ((target - estimate).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp(min=1e-5)).mean()
 
 
 def adaptive_weight(reconstruction_loss: torch.Tensor, generator_loss: torch.Tensor, last_layer: torch.Tensor):
