@@ -197,7 +197,7 @@ def parse_args(argv=None):
             "latent_cache_workers",
         ),
     )
-    if args.decoded_spectral_weight < 0:
+    if not args.decoded_spectral_weight >= 0:
         parser.error(f"--decoded_spectral_weight must be >= 0, got {args.decoded_spectral_weight}")
     if args.decoded_spectral_weight and args.prediction_type not in (None, "sample"):
         parser.error(f"--decoded_spectral_weight needs --prediction_type sample, not {args.prediction_type}")
@@ -504,6 +504,14 @@ def guided_target(
     )
 
 
+def decoded_spectral_convergence(vae, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Spectral convergence between the frozen VAE's log-mel decodings of predicted and target latents (scaled as the
+    UNet sees them); gradients reach the prediction only."""
+    with torch.no_grad():
+        target_mel = vae.decode(target / vae.config.scaling_factor).sample
+    return spectral_convergence(vae.decode(prediction / vae.config.scaling_factor).sample, target_mel)
+
+
 def main(argv=None):
     args = parse_args(argv)
     accelerator = create_accelerator(args, args.gradient_accumulation_steps)
@@ -533,6 +541,11 @@ def main(argv=None):
         raise SystemExit(
             f"{args.pipeline} is guidance-distilled: its UNet gives a guided prediction, not the data. Train (or "
             "distil) from the model it was distilled from."
+        )
+    if args.decoded_spectral_weight and (args.prediction_type or pipe.scheduler.config.prediction_type) != "sample":
+        raise SystemExit(
+            "--decoded_spectral_weight decodes the predicted latents: it needs --prediction_type sample; "
+            f"{args.pipeline} predicts {pipe.scheduler.config.prediction_type!r}."
         )
     parts = dict(pipe.components)
     if args.clmp:
@@ -597,11 +610,6 @@ def main(argv=None):
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
-    if args.decoded_spectral_weight and prediction_type != "sample":
-        raise SystemExit(
-            f"--decoded_spectral_weight decodes the predicted latents: it needs --prediction_type sample; "
-            f"{args.pipeline} predicts {prediction_type!r}."
-        )
     # EMA of the full UNet; a LoRA run trains a small adapter and keeps none (as diffusers' LoRA examples).
     ema = (
         None
@@ -772,14 +780,6 @@ def main(argv=None):
         logger.info(f"Saved the pipeline to {args.output_dir}: {summary}")
         push_output_dir(args)
     finish_run(accelerator, unet)
-
-
-def decoded_spectral_convergence(vae, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Spectral convergence between the frozen VAE's log-mel decodings of predicted and target latents (scaled as the
-    UNet sees them); gradients reach the prediction only."""
-    with torch.no_grad():
-        target_mel = vae.decode(target / vae.config.scaling_factor).sample
-    return spectral_convergence(vae.decode(prediction / vae.config.scaling_factor).sample, target_mel)
 
 
 @torch.no_grad()

@@ -439,6 +439,7 @@ def write_training_summary(output_dir: str, losses: dict[str, list[float]], **va
 
 
 def spectral_convergence(reconstruction: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
-    """‖exp(mel) − exp(reconstruction)‖_F / ‖exp(mel)‖_F per example, averaged (log-mels in, linear magnitudes compared)."""
+    """‖exp(mel) − exp(reconstruction)‖_F / ‖exp(mel)‖_F per example, averaged (log-mels in, linear magnitudes
+    compared)."""
     target, estimate = mel.exp(), reconstruction.clamp(max=mel.max().item() + 2).exp()
     return ((target - estimate).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp(min=1e-5)).mean()
