@@ -12,6 +12,9 @@ from hypothesis import HealthCheck, settings
 # Tests never reach a hub: everything they load is built here or shipped inside a package.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# The tests' own Hub on loopback (hub_server.py) gets a day, in effect no time limit: huggingface_hub's downloads and
+# metadata requests otherwise give up after 10 s, a bound on time that a slow machine would fail.
+os.environ["HF_HUB_ETAG_TIMEOUT"] = os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = str(24 * 3600)
 # `make test` runs 2 workers on 2 cores: one compute thread each (and in the processes they start). Two threads per
 # worker make the tiny models' many small ops wait on each other's spinning threads.
 # Each worker also keeps its own numba cache: two processes compiling librosa's cached gufuncs at once can write

@@ -34,15 +34,14 @@ NOTES = "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6"
 
 @contextlib.contextmanager
 def browser_page(**page_options):
-    """A Chromium page whose waits and `expect` assertions have no time limit (0), not Playwright's 5–30 s defaults: a
-    slow machine is not a failure."""
-    from playwright.sync_api import expect, sync_playwright
+    """A Chromium page whose waits have no time limit (0), not Playwright's 30 s default: a slow machine is not a
+    failure. `expect` takes `timeout=0` per call: its global option reads 0 as unset and falls back to 5 s."""
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         page = browser.new_page(**page_options)
         page.set_default_timeout(0)
-        expect.set_options(timeout=0)
         try:
             yield page
         finally:
@@ -498,12 +497,12 @@ def test_the_steps_slider_follows_the_mode(space_url):
         page.get_by_label("Prompt", exact=True).wait_for()
         page.get_by_role("main").get_by_role("button", name="Settings").click()  # not the footer's Settings dialog
         steps = page.get_by_label("number input for Denoising steps")
-        expect(steps).to_have_value(str(DEFAULT_X0_NUM_INFERENCE_STEPS))
+        expect(steps).to_have_value(str(DEFAULT_X0_NUM_INFERENCE_STEPS), timeout=0)
         page.get_by_text("Recording (to continue, re-render or repaint)").click()
         page.get_by_label("Re-render a recording").check()
-        expect(steps).to_have_value(str(DEFAULT_NUM_INFERENCE_STEPS))
+        expect(steps).to_have_value(str(DEFAULT_NUM_INFERENCE_STEPS), timeout=0)
         page.get_by_label("Text to music").check()
-        expect(steps).to_have_value(str(DEFAULT_X0_NUM_INFERENCE_STEPS))
+        expect(steps).to_have_value(str(DEFAULT_X0_NUM_INFERENCE_STEPS), timeout=0)
 
 
 def test_the_space_gets_basic_pitch_without_its_tensorflow_requirement(tmp_path):
