@@ -121,6 +121,19 @@ def test_training_learns_checkpoints_validates_and_saves_a_loadable_pipeline(
     assert passes and set(passes) == {1}  # one row per UNet call: no guidance batch (a guided model stacks 2)
 
 
+def logged_steps(output_dir, tag: str) -> list[int]:
+    """The steps at which a run's tensorboard logs hold a scalar `tag`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for path in glob.glob(os.path.join(output_dir, "logs", "**", "events.out.tfevents.*"), recursive=True):
+        events = EventAccumulator(path)
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            steps += [event.step for event in events.Scalars(tag)]
+    return sorted(steps)
+
+
 def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(
     tiny_dataset, tiny_generator_parts, tmp_path
 ):
@@ -128,8 +141,19 @@ def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(
 
     cache_root = tmp_path / "cache"
     common = ["--max_train_steps", "4", "--validation_steps", "100", "--latent_cache", str(cache_root)]
-    plain = ("--max_train_steps", "1", "--prediction_type", "sample", "--decoded_spectral_weight", "1")
-    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "plain", *common, *plain))
+    # The plain run adds the decoded-mel term in the learning-rate decay only: the second of its two steps.
+    plain = ("--max_train_steps", "2", "--prediction_type", "sample", "--decoded_spectral_weight", "1")
+    decay = (
+        "--lr_scheduler",
+        "warmup_stable_decay",
+        "--lr_decay_fraction",
+        "0.5",
+        "--decoded_spectral_steps",
+        "decay",
+    )
+    accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "plain", *common, *plain, *decay))
+    assert logged_steps(tmp_path / "plain", "loss") == [1, 2]
+    assert logged_steps(tmp_path / "plain", "decoded_spectral_convergence") == [2]
     accelerate(
         TRAIN,
         *tiny_args(
@@ -766,6 +790,7 @@ def test_the_decoded_spectral_loss_compares_the_vaes_decodings_and_trains_only_t
     for argv, message in (
         (["--decoded_spectral_weight", "-1"], "--decoded_spectral_weight must be >= 0"),
         (["--decoded_spectral_weight", "1", "--prediction_type", "epsilon"], "needs --prediction_type sample"),
+        (["--decoded_spectral_steps", "decay", "--lr_scheduler", "constant"], "needs --lr_scheduler warmup_stable"),
     ):
         with pytest.raises(SystemExit):
             train_mg2.parse_args(["--dataset", "d", "--output_dir", "o", *argv])

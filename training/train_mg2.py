@@ -49,6 +49,7 @@ from training_utils import (
     add_common_arguments,
     add_schedule_arguments,
     create_accelerator,
+    decay_steps,
     describe_dataset,
     describe_mg2_model,
     epoch_dataloader,
@@ -169,6 +170,13 @@ def parse_args(argv=None):
         "--prediction_type sample.",
     )
     parser.add_argument(
+        "--decoded_spectral_steps",
+        choices=["all", "decay"],
+        default="all",
+        help="The steps that add the --decoded_spectral_weight term: all, or those of warmup_stable_decay's "
+        "learning-rate decay (the last --lr_decay_fraction).",
+    )
+    parser.add_argument(
         "--use_lora", action="store_true", help="Fine-tune a saved pipeline with a LoRA adapter on its UNet."
     )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
@@ -201,6 +209,10 @@ def parse_args(argv=None):
         parser.error(f"--decoded_spectral_weight must be >= 0, got {args.decoded_spectral_weight}")
     if args.decoded_spectral_weight and args.prediction_type not in (None, "sample"):
         parser.error(f"--decoded_spectral_weight needs --prediction_type sample, not {args.prediction_type}")
+    if args.decoded_spectral_steps == "decay" and args.lr_scheduler != "warmup_stable_decay":
+        parser.error(
+            f"--decoded_spectral_steps decay needs --lr_scheduler warmup_stable_decay, not {args.lr_scheduler}"
+        )
     if args.use_lora and (args.pipeline.startswith("preset:") or args.rank < 1):
         parser.error("--use_lora fine-tunes a saved pipeline: pass --pipeline DIR and --rank >= 1")
     for name in ("gt_melody_prob", "condition_dropout", "text_dropout", "melody_dropout"):
@@ -650,6 +662,7 @@ def main(argv=None):
     )
 
     global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger, lr_scheduler=lr_scheduler)
+    decoded_spectral_start = {"all": 0, "decay": args.max_train_steps - decay_steps(args)}[args.decoded_spectral_steps]
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
     logger.info(
         f"  UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters; global batch "
@@ -705,7 +718,7 @@ def main(argv=None):
                         / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
                     )
                 loss = loss.mean()
-                if args.decoded_spectral_weight:
+                if decoding := args.decoded_spectral_weight > 0 and global_step >= decoded_spectral_start:
                     decoded_loss = decoded_spectral_convergence(pipe.vae, prediction.float(), target.float())
                     loss = loss + args.decoded_spectral_weight * decoded_loss
                 if guard.should_skip(loss):
@@ -726,7 +739,7 @@ def main(argv=None):
                 "skipped_steps": guard.skipped,
                 "samples_per_second": progress.samples_per_second(),
             }
-            if args.decoded_spectral_weight:
+            if decoding:
                 logs["decoded_spectral_convergence"] = decoded_loss.item()
             progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch)
             if accelerator.is_main_process and (

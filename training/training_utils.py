@@ -306,6 +306,11 @@ def add_schedule_arguments(parser, default_scheduler: str = "constant_with_warmu
     parser.add_argument("--lr_warmup_steps", type=int, default=default_warmup_steps)
 
 
+def decay_steps(args) -> int:
+    """How many of the `--max_train_steps` optimizer steps warmup_stable_decay's learning rate decays over: the last."""
+    return max(1, round(args.lr_decay_fraction * args.max_train_steps))
+
+
 def learning_rate_schedule(args, optimizer, num_processes: int):
     """`--lr_scheduler` for `optimizer`, counted in prepared-scheduler steps: every process steps it once per
     optimizer step."""
@@ -313,7 +318,7 @@ def learning_rate_schedule(args, optimizer, num_processes: int):
         return get_wsd_schedule(
             optimizer,
             num_warmup_steps=args.lr_warmup_steps * num_processes,
-            num_decay_steps=max(1, round(args.lr_decay_fraction * args.max_train_steps)) * num_processes,
+            num_decay_steps=decay_steps(args) * num_processes,
             num_training_steps=args.max_train_steps * num_processes,
             decay_type="linear",
         )
