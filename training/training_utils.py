@@ -71,6 +71,12 @@ def describe_mg2_model(model_dir: str, pipe) -> str:
                 if summary.get("sketch_timbre") == "random"
                 else ""
             )
+            + (
+                f"; from step {summary['decoded_spectral_from_step']} on, plus {summary['decoded_spectral_weight']} × "
+                "the spectral convergence between the VAE's decodings of the predicted and the target latents"
+                if summary.get("decoded_spectral_weight")
+                else ""
+            )
             + ".\n\n"
         )
     return training + describe_pipeline(pipe)
