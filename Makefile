@@ -104,8 +104,8 @@ ablations: install | $(ABLATIONS_DONE) $(PLAIN_SKETCH_DONE) $(NO_TEXT_ATTENTION_
 # `make distill`: after `make demo`, a student UNet learns the demo model's guided prediction (text and melody
 # guidance 3), so it generates with one UNet pass per step instead of two; then the same evaluation. 4 800 steps: at
 # 1 600 family accuracy was 3.2 % below the guided 25 steps on 320 clips, at 4 800 0.6 % (within noise, a wider
-# margin; docs/evaluation.md#few-step-sampling); without the demo's decoded-mel term, as measured. A student from an
-# earlier `make distill` is kept: remove checkpoints/mg2-small-distilled to train this one.
+# margin; docs/evaluation.md#few-step-sampling). The student trains without small.yaml's decoded-mel term, as measured.
+# A student from an earlier `make distill` is kept: remove checkpoints/mg2-small-distilled to train this one.
 checkpoints/mg2-small-distilled/model_index.json: | $(MG2_DONE)
 	$(LAUNCH) training/train_mg2.py --config $(SMALL) --dataset $(DATASET) --pipeline checkpoints/mg2-small \
 		--distill_guidance 3 --condition_dropout 0 --text_dropout 0 --melody_dropout 0 --max_train_steps 4800 \

@@ -154,7 +154,7 @@ def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(
     accelerate(TRAIN, *tiny_args(tiny_dataset, tiny_generator_parts, tmp_path / "plain", *common, *plain, *decay))
     assert logged_steps(tmp_path / "plain", "loss") == [1, 2]
     assert logged_steps(tmp_path / "plain", "decoded_spectral_convergence") == [2]
-    assert "from step 1 on, plus 1.0 × the spectral convergence" in (tmp_path / "plain" / "README.md").read_text()
+    assert "in steps 2–2, plus 1.0 × the spectral convergence" in (tmp_path / "plain" / "README.md").read_text()
     accelerate(
         TRAIN,
         *tiny_args(

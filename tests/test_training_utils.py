@@ -93,6 +93,25 @@ def test_the_newest_checkpoints_are_kept_and_a_rewritten_step_replaces_its_folde
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
 
 
+def test_a_resumed_run_must_have_trained_by_the_checkpoints_step_what_the_checkpoint_saved(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = prepared_model(accelerator)
+    train_step(model, optimizer)
+    save_checkpoint(accelerator, str(tmp_path), 2, 2, decoded_spectral=None)  # a term that starts after step 2
+    save_checkpoint(accelerator, str(tmp_path), 2, 3, decoded_spectral=[0.3, 2])
+
+    def trained(start):
+        return lambda step: {"decoded_spectral": [0.3, start] if step > start else None}
+
+    assert resume(accelerator, str(tmp_path), "latest", trained(2))["global_step"] == 3
+    # A longer run starts the term later: checkpoint-2, from before it, still fits; checkpoint-3 does not.
+    assert resume(accelerator, str(tmp_path), str(tmp_path / "checkpoint-2"), trained(6))["global_step"] == 2
+    with pytest.raises(
+        SystemExit, match=r"checkpoint-3 was trained with decoded_spectral=\[0.3, 2\], this run has None"
+    ):
+        resume(accelerator, str(tmp_path), "latest", trained(6))
+
+
 def test_a_checkpoint_holds_every_process_state_when_another_process_writes_late(tmp_path, monkeypatch):
     """Another process writes its random state into the checkpoint folder at its own pace; all a process may count on
     is that it has done so by the barrier. Modelled here: process 1's file is written when the barrier is reached."""

@@ -209,7 +209,11 @@ def parse_args(argv=None):
         parser.error(f"--decoded_spectral_weight must be >= 0, got {args.decoded_spectral_weight}")
     if args.decoded_spectral_weight and args.prediction_type not in (None, "sample"):
         parser.error(f"--decoded_spectral_weight needs --prediction_type sample, not {args.prediction_type}")
-    if args.decoded_spectral_steps == "decay" and args.lr_scheduler != "warmup_stable_decay":
+    if (
+        args.decoded_spectral_weight
+        and args.decoded_spectral_steps == "decay"
+        and args.lr_scheduler != "warmup_stable_decay"
+    ):
         parser.error(
             f"--decoded_spectral_steps decay needs --lr_scheduler warmup_stable_decay, not {args.lr_scheduler}"
         )
@@ -661,8 +665,17 @@ def main(argv=None):
         *pipe.encode_text_states([DROPPED_TEXT], accelerator.device),
     )
 
-    global_step, epoch, batches_in_epoch = start_run(accelerator, args, "train_mg2", logger, lr_scheduler=lr_scheduler)
     decoded_spectral_start = {"all": 0, "decay": args.max_train_steps - decay_steps(args)}[args.decoded_spectral_steps]
+
+    def decoded_spectral_trained(step: int) -> dict:
+        """The decoded-mel term the steps before `step` trained with: saved with each checkpoint, and a resumed run
+        must agree with it."""
+        trained = args.decoded_spectral_weight > 0 and step > decoded_spectral_start
+        return {"decoded_spectral": [args.decoded_spectral_weight, decoded_spectral_start] if trained else None}
+
+    global_step, epoch, batches_in_epoch = start_run(
+        accelerator, args, "train_mg2", logger, decoded_spectral_trained, lr_scheduler=lr_scheduler
+    )
     logger.info(f"***** Training the MG2 UNet ({args.condition}) *****")
     logger.info(
         f"  UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters; global batch "
@@ -698,6 +711,7 @@ def main(argv=None):
                 )  # fmt: skip
             if melody_frames is not None:
                 noisy = torch.cat([noisy, melody_frames], dim=1)
+            decoding = args.decoded_spectral_weight > 0 and global_step >= decoded_spectral_start
             with accelerator.accumulate(unet):
                 prediction = unet(
                     noisy,
@@ -718,7 +732,7 @@ def main(argv=None):
                         / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
                     )
                 loss = loss.mean()
-                if decoding := args.decoded_spectral_weight > 0 and global_step >= decoded_spectral_start:
+                if decoding:
                     decoded_loss = decoded_spectral_convergence(pipe.vae, prediction.float(), target.float())
                     loss = loss + args.decoded_spectral_weight * decoded_loss
                 if guard.should_skip(loss):
@@ -741,7 +755,13 @@ def main(argv=None):
             }
             if decoding:
                 logs["decoded_spectral_convergence"] = decoded_loss.item()
-            progress.end_step(global_step, logs, epoch=epoch, batches_in_epoch=batches_in_epoch)
+            progress.end_step(
+                global_step,
+                logs,
+                epoch=epoch,
+                batches_in_epoch=batches_in_epoch,
+                **decoded_spectral_trained(global_step),
+            )
             if accelerator.is_main_process and (
                 global_step % args.validation_steps == 0 or global_step == args.max_train_steps
             ):
@@ -776,8 +796,14 @@ def main(argv=None):
             text_attention=pipe.config.text_attention,
             distilled_guidance_scale=pipe.config.get("distilled_guidance_scale"),
             sketch_timbre=args.sketch_timbre,
-            decoded_spectral_weight=args.decoded_spectral_weight,
-            decoded_spectral_from_step=decoded_spectral_start,
+            **(
+                dict(
+                    decoded_spectral_weight=args.decoded_spectral_weight,
+                    decoded_spectral_from_step=decoded_spectral_start,
+                )
+                if args.decoded_spectral_weight > 0
+                else {}
+            ),
             clip_seconds=args.clip_seconds,
             skipped_rows_main_process=skipped_rows,
             skipped_rows_latent_cache=cache_info["skipped_rows"],

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 
 import torch
 import yaml
@@ -72,8 +73,9 @@ def describe_mg2_model(model_dir: str, pipe) -> str:
                 else ""
             )
             + (
-                f"; from step {summary['decoded_spectral_from_step']} on, plus {summary['decoded_spectral_weight']} × "
-                "the spectral convergence between the VAE's decodings of the predicted and the target latents"
+                f"; in steps {summary['decoded_spectral_from_step'] + 1}–{summary['steps']}, plus "
+                f"{summary['decoded_spectral_weight']} × the spectral convergence between the VAE's decodings of the "
+                "predicted and the target latents"
                 if summary.get("decoded_spectral_weight")
                 else ""
             )
@@ -134,11 +136,15 @@ def save_checkpoint(
 
 
 def resume(
-    accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None, recipe: dict | None = None
+    accelerator: Accelerator,
+    output_dir: str,
+    resume_from_checkpoint: str | None,
+    recipe: dict | Callable[[int], dict] | None = None,
 ) -> dict:
     """Load `resume_from_checkpoint` (a folder, or `latest` in `output_dir`) and return its training state
-    plus `checkpoint` (its path); `{}` when there is nothing to resume. A setting of `recipe` that the checkpoint saved
-    with another value is refused before anything loads."""
+    plus `checkpoint` (its path); `{}` when there is nothing to resume. A setting of `recipe` (or of `recipe(step)`,
+    the settings a run has trained with by the checkpoint's step) that the checkpoint saved with another value is
+    refused before anything loads."""
     if not resume_from_checkpoint:
         return {}
     path = resume_from_checkpoint
@@ -149,7 +155,8 @@ def resume(
         path = existing[-1]
     with open(os.path.join(path, "training_state.json")) as handle:
         state = json.load(handle)
-    for key, value in (recipe or {}).items():
+    expected = recipe(state["global_step"]) if callable(recipe) else recipe or {}
+    for key, value in expected.items():
         if key in state and state[key] != value:
             raise SystemExit(
                 f"{path} was trained with {key}={state[key]!r}, this run has {value!r}: resume with the same "
@@ -368,10 +375,16 @@ def create_accelerator(args, gradient_accumulation_steps: int = 1) -> Accelerato
 
 
 def start_run(
-    accelerator: Accelerator, args, name: str, logger, recipe: dict | None = None, lr_scheduler=None
+    accelerator: Accelerator,
+    args,
+    name: str,
+    logger,
+    recipe: dict | Callable[[int], dict] | None = None,
+    lr_scheduler=None,
 ) -> tuple[int, int, int]:
     """Resume if asked, start the trackers; returns `(global_step, epoch, batches_in_epoch)`. `recipe`: settings a
-    resumed run must share with its checkpoint (save them with it: `TrainingProgress.end_step(..., **recipe)`).
+    resumed run must share with its checkpoint, or a function of the step giving those trained with by then (save them
+    with it: `TrainingProgress.end_step(..., **recipe)`).
     `lr_scheduler`: the prepared schedule, which a resumed run must continue (`check_schedule_continues`)."""
     state = resume(accelerator, args.output_dir, args.resume_from_checkpoint, recipe)
     if state:
