@@ -791,7 +791,10 @@ def test_the_decoded_spectral_loss_compares_the_vaes_decodings_and_trains_only_t
     for argv, message in (
         (["--decoded_spectral_weight", "-1"], "--decoded_spectral_weight must be >= 0"),
         (["--decoded_spectral_weight", "1", "--prediction_type", "epsilon"], "needs --prediction_type sample"),
-        (["--decoded_spectral_steps", "decay", "--lr_scheduler", "constant"], "needs --lr_scheduler warmup_stable"),
+        (
+            ["--decoded_spectral_weight", "1", "--decoded_spectral_steps", "decay", "--lr_scheduler", "constant"],
+            "needs --lr_scheduler warmup_stable",
+        ),
     ):
         with pytest.raises(SystemExit):
             train_mg2.parse_args(["--dataset", "d", "--output_dir", "o", *argv])
