@@ -155,6 +155,8 @@ def test_text_attention_and_random_sketch_timbre_train_and_follow_the_prompt(
     assert logged_steps(tmp_path / "plain", "loss") == [1, 2]
     assert logged_steps(tmp_path / "plain", "decoded_spectral_convergence") == [2]
     assert "in steps 2–2, plus 1.0 × the spectral convergence" in (tmp_path / "plain" / "README.md").read_text()
+    state = json.loads((tmp_path / "plain" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["decoded_spectral"] == [1.0, 1]  # what a run resuming from it must have trained with
     accelerate(
         TRAIN,
         *tiny_args(
