@@ -34,12 +34,12 @@ NOTES = "D4:0.3 G4:0.3 G4:0.3 A4:0.3 B4:0.6 A4:0.3 G4:0.3 E4:0.6"
 
 @contextlib.contextmanager
 def browser_page(**page_options):
-    """A Chromium page whose waits have no time limit (0), not Playwright's 30 s default: a slow machine is not a
-    failure. `expect` takes `timeout=0` per call: its global option reads 0 as unset and falls back to 5 s."""
+    """A Chromium page whose launch and waits have no time limit (0), not Playwright's 30 s default: a slow machine is
+    not a failure. `expect` takes `timeout=0` per call: its global option reads 0 as unset and falls back to 5 s."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"], timeout=0)
         page = browser.new_page(**page_options)
         page.set_default_timeout(0)
         try:
